@@ -1,0 +1,267 @@
+package caddyoauthbroker
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("mcp_oauth", parseCaddyfile)
+	// The auth slot: before handle, route, respond and reverse_proxy, so no `order` line is needed.
+	httpcaddyfile.RegisterDirectiveOrder("mcp_oauth", httpcaddyfile.After, "basic_auth")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	mcp_oauth [<matcher>] {
+//		mode              hybrid|progressive
+//		issuer            <url>
+//		public_issuer     <url>
+//		client_id         <id>
+//		client_secret     <secret>
+//		resource          <url>
+//		audience          <aud...>
+//		scopes            <scope...>
+//		encryption_key    <base64 of 32 bytes> [<older>...]
+//		client <client_id> {
+//			name          <display name>
+//			redirect_uri  <uri...>
+//			scopes        <scope...>
+//		}
+//		registration      on|off
+//		delegation        token_exchange|refresh|none {
+//			audience       <aud>
+//			scopes         <scope...>
+//			subject_header <header>
+//		}
+//		tool_scope        <tool name or glob> <scope...>
+//		session_ttl       <duration>
+//		code_ttl          <duration>
+//		access_token_ttl  <duration>
+//		refresh_token_ttl <duration>
+//		max_body_bytes    <bytes>
+//		storage           <module> { ... }
+//	}
+//
+// Secrets may be written as `{env.NAME}` or `{file./path}` placeholders.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "mode", "issuer", "public_issuer", "client_id", "client_secret", "resource":
+			if err := h.unmarshalString(d); err != nil {
+				return err
+			}
+		case "audience":
+			if h.Audience = d.RemainingArgs(); len(h.Audience) == 0 {
+				return d.ArgErr()
+			}
+		case "scopes":
+			if h.Scopes = d.RemainingArgs(); len(h.Scopes) == 0 {
+				return d.ArgErr()
+			}
+		case "encryption_key":
+			if h.EncryptionKeys = d.RemainingArgs(); len(h.EncryptionKeys) == 0 {
+				return d.ArgErr()
+			}
+		case "client":
+			c, err := unmarshalClient(d)
+			if err != nil {
+				return err
+			}
+			h.Clients = append(h.Clients, c)
+		case "registration":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			switch d.Val() {
+			case "on":
+				h.DisableRegistration = false
+			case "off":
+				h.DisableRegistration = true
+			default:
+				return d.Errf("registration: want on or off, got %q", d.Val())
+			}
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "delegation":
+			del, err := unmarshalDelegation(d)
+			if err != nil {
+				return err
+			}
+			h.Delegation = del
+		case "tool_scope":
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return d.Err("tool_scope: want a tool name or glob and at least one scope")
+			}
+			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: args[0], Scopes: args[1:]})
+		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl":
+			if err := h.unmarshalDuration(d); err != nil {
+				return err
+			}
+		case "max_body_bytes":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			n, err := strconv.ParseInt(d.Val(), 10, 64)
+			if err != nil {
+				return d.Errf("max_body_bytes: want a number of bytes, got %q", d.Val())
+			}
+			h.MaxBodyBytes = n
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "storage":
+			raw, err := unmarshalStorage(d)
+			if err != nil {
+				return err
+			}
+			h.StorageRaw = raw
+		default:
+			return d.Errf("unrecognized subdirective %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func (h *Handler) unmarshalString(d *caddyfile.Dispenser) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	switch name {
+	case "mode":
+		h.Mode = v
+	case "issuer":
+		h.Issuer = v
+	case "public_issuer":
+		h.PublicIssuer = v
+	case "client_id":
+		h.ClientID = v
+	case "client_secret":
+		h.ClientSecret = v
+	case "resource":
+		h.Resource = v
+	}
+	return nil
+}
+
+func (h *Handler) unmarshalDuration(d *caddyfile.Dispenser) error {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil {
+		return d.Errf("%s: %v", name, err)
+	}
+	switch name {
+	case "session_ttl":
+		h.SessionTTL = caddy.Duration(dur)
+	case "code_ttl":
+		h.CodeTTL = caddy.Duration(dur)
+	case "access_token_ttl":
+		h.AccessTokenTTL = caddy.Duration(dur)
+	case "refresh_token_ttl":
+		h.RefreshTokenTTL = caddy.Duration(dur)
+	}
+	return nil
+}
+
+func unmarshalClient(d *caddyfile.Dispenser) (*Client, error) {
+	c := new(Client)
+	if !d.AllArgs(&c.ClientID) {
+		return nil, d.Err("client: want exactly one client id")
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "name":
+			if !d.AllArgs(&c.Name) {
+				return nil, d.ArgErr()
+			}
+		case "redirect_uri":
+			uris := d.RemainingArgs()
+			if len(uris) == 0 {
+				return nil, d.ArgErr()
+			}
+			c.RedirectURIs = append(c.RedirectURIs, uris...)
+		case "scopes":
+			if c.Scopes = d.RemainingArgs(); len(c.Scopes) == 0 {
+				return nil, d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("client: unrecognized subdirective %q", d.Val())
+		}
+	}
+	return c, nil
+}
+
+func unmarshalDelegation(d *caddyfile.Dispenser) (*Delegation, error) {
+	del := new(Delegation)
+	if d.NextArg() {
+		del.Mode = d.Val()
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "audience":
+			if !d.AllArgs(&del.Audience) {
+				return nil, d.ArgErr()
+			}
+		case "scopes":
+			if del.Scopes = d.RemainingArgs(); len(del.Scopes) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "subject_header":
+			if !d.AllArgs(&del.SubjectHeader) {
+				return nil, d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("delegation: unrecognized subdirective %q", d.Val())
+		}
+	}
+	return del, nil
+}
+
+// unmarshalStorage reads `storage <module> { ... }` the way Caddy's global storage option
+// does, into the module's JSON.
+func unmarshalStorage(d *caddyfile.Dispenser) ([]byte, error) {
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	name := d.Val()
+	unm, err := caddyfile.UnmarshalModule(d, "caddy.storage."+name)
+	if err != nil {
+		return nil, err
+	}
+	st, ok := unm.(caddy.StorageConverter)
+	if !ok {
+		return nil, d.Errf("storage: module %q is not a storage module", name)
+	}
+	return caddyconfig.JSONModuleObject(st, "module", name, nil), nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

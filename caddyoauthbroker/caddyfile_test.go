@@ -1,0 +1,164 @@
+package caddyoauthbroker
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden adapt files")
+
+// TestCaddyfileAdapt adapts every testdata/adapt/*.caddyfile and compares the JSON with its
+// golden .json twin (go test -run TestCaddyfileAdapt -update rewrites them).
+func TestCaddyfileAdapt(t *testing.T) {
+	files, err := filepath.Glob("testdata/adapt/*.caddyfile")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no golden inputs: %v", err)
+	}
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	for _, f := range files {
+		name := strings.TrimSuffix(filepath.Base(f), ".caddyfile")
+		t.Run(name, func(t *testing.T) {
+			in, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, warnings, err := adapter.Adapt(in, map[string]any{"filename": f})
+			if err != nil {
+				t.Fatalf("adapting: %v", err)
+			}
+			if len(warnings) > 0 {
+				t.Errorf("warnings: %v", warnings)
+			}
+			var pretty bytes.Buffer
+			if err := json.Indent(&pretty, out, "", "\t"); err != nil {
+				t.Fatal(err)
+			}
+			pretty.WriteByte('\n')
+			golden := strings.TrimSuffix(f, ".caddyfile") + ".json"
+			if *update {
+				if err := os.WriteFile(golden, pretty.Bytes(), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("reading golden file (run with -update to create it): %v", err)
+			}
+			if !bytes.Equal(pretty.Bytes(), want) {
+				t.Errorf("adapted JSON differs from %s:\n%s", golden, pretty.String())
+			}
+		})
+	}
+}
+
+// TestCaddyfileAdaptedJSONIsTheConfig proves the Caddyfile fills exactly the JSON fields:
+// the handler JSON from the full example decodes into the struct without unknown fields.
+func TestCaddyfileAdaptedJSONIsTheConfig(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`mcp_oauth {
+		mode progressive
+		issuer https://cloud.example.com
+		public_issuer https://public.example.com
+		client_id broker
+		client_secret s3cret
+		resource https://mcp.example.com/mcp
+		audience a b
+		scopes openid notes:read
+		encryption_key k1 k2
+		client c1 {
+			name "Client One"
+			redirect_uri http://127.0.0.1/cb
+			redirect_uri https://app.example.com/cb
+			scopes notes:read
+		}
+		registration off
+		delegation none {
+			subject_header X-User
+		}
+		tool_scope "notes_*" notes:write
+		code_ttl 30s
+		max_body_bytes 1024
+	}`)
+	var h Handler
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := json.Marshal(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"mode":"progressive","issuer":"https://cloud.example.com","public_issuer":"https://public.example.com",` +
+		`"client_id":"broker","client_secret":"s3cret","resource":"https://mcp.example.com/mcp","audience":["a","b"],` +
+		`"scopes":["openid","notes:read"],"encryption_keys":["k1","k2"],"clients":[{"client_id":"c1","name":"Client One",` +
+		`"redirect_uris":["http://127.0.0.1/cb","https://app.example.com/cb"],"scopes":["notes:read"]}],` +
+		`"disable_registration":true,"delegation":{"mode":"none","subject_header":"X-User"},` +
+		`"tool_scopes":[{"tool":"notes_*","scopes":["notes:write"]}],"code_ttl":30000000000,"max_body_bytes":1024}`
+	if string(raw) != want {
+		t.Errorf("got  %s\nwant %s", raw, want)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	var back Handler
+	if err := dec.Decode(&back); err != nil {
+		t.Errorf("round trip: %v", err)
+	}
+}
+
+func TestCaddyfileErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, input, want string
+	}{
+		{"argument on the directive line is refused", `mcp_oauth extra`, "wrong argument count"},
+		{"unknown subdirective is named", `mcp_oauth {
+			colour blue
+		}`, `unrecognized subdirective "colour"`},
+		{"issuer takes one value", `mcp_oauth {
+			issuer a b
+		}`, "wrong argument count"},
+		{"registration is on or off", `mcp_oauth {
+			registration maybe
+		}`, `registration: want on or off, got "maybe"`},
+		{"tool_scope needs a scope", `mcp_oauth {
+			tool_scope notes_write
+		}`, "tool_scope: want a tool name or glob and at least one scope"},
+		{"bad duration names the field", `mcp_oauth {
+			code_ttl soon
+		}`, "code_ttl:"},
+		{"client takes one id", `mcp_oauth {
+			client a b {
+			}
+		}`, "client: want exactly one client id"},
+		{"unknown client subdirective", `mcp_oauth {
+			client a {
+				logo x.png
+			}
+		}`, `client: unrecognized subdirective "logo"`},
+		{"unknown delegation subdirective", `mcp_oauth {
+			delegation token_exchange {
+				actor me
+			}
+		}`, `delegation: unrecognized subdirective "actor"`},
+		{"unknown storage module", `mcp_oauth {
+			storage nowhere
+		}`, "caddy.storage.nowhere"},
+		{"max_body_bytes is a number", `mcp_oauth {
+			max_body_bytes lots
+		}`, `max_body_bytes: want a number of bytes, got "lots"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}

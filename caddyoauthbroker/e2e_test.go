@@ -1,0 +1,220 @@
+package caddyoauthbroker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/modelcontextprotocol/go-sdk/auth"
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"github.com/modelcontextprotocol/go-sdk/oauthex"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+)
+
+func TestMain(m *testing.M) {
+	// The example OP logs every request at INFO through slog's default logger.
+	slog.SetLogLoggerLevel(slog.LevelWarn)
+	os.Exit(m.Run())
+}
+
+// freePort finds a loopback port nobody listens on.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startCaddy runs a whole Caddy in this process with handler in front of a reverse
+// proxy to upstream, on a loopback port, with its own file storage. It returns the
+// site's base URL.
+func startCaddy(t *testing.T, port int, handler map[string]any, upstream string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "mcp_oauth-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	up, _ := url.Parse(upstream)
+	handler["handler"] = "mcp_oauth"
+	cfg := map[string]any{
+		"admin":   map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
+		"storage": map[string]any{"module": "file_system", "root": dir},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"mcp": map[string]any{
+			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
+			"automatic_https": map[string]any{"disable": true},
+			"routes": []any{map[string]any{"handle": []any{
+				handler,
+				map[string]any{"handler": "reverse_proxy", "upstreams": []any{map[string]any{"dial": up.Host}}},
+			}}},
+		}}}},
+	}
+	raw, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(raw, true); err != nil {
+		t.Fatalf("loading Caddy config: %v", err)
+	}
+	t.Cleanup(func() { caddy.Stop() })
+	return fmt.Sprintf("http://127.0.0.1:%d", port)
+}
+
+// fetcherFor logs test-user in at o wherever the client is sent, and hands back the code.
+func fetcherFor(o *testenv.OP, visited *[]string) auth.AuthorizationCodeFetcher {
+	return func(ctx context.Context, args *auth.AuthorizationArgs) (*auth.AuthorizationResult, error) {
+		*visited = append(*visited, args.URL)
+		cb, err := o.Login(ctx, args.URL)
+		if err != nil {
+			return nil, err
+		}
+		q := cb.Query()
+		return &auth.AuthorizationResult{Code: q.Get("code"), State: q.Get("state"), Iss: q.Get("iss")}, nil
+	}
+}
+
+// TestProgressiveEndToEnd: a go-sdk MCP client with its OAuth handler, knowing only the
+// MCP URL, discovers the IdP through the broker, logs in there directly (Flow 1), lists
+// and calls tools through Caddy, steps up for a write tool, and the upstream never sees
+// its token.
+func TestProgressiveEndToEnd(t *testing.T) {
+	o := testenv.StartOP(t)
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	port := freePort(t)
+	resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+	base := startCaddy(t, port, map[string]any{
+		"mode":            "progressive",
+		"issuer":          o.Issuer,
+		"client_id":       testenv.BrokerClientID,
+		"client_secret":   testenv.BrokerClientSecret,
+		"resource":        resource,
+		"scopes":          []string{"openid", "notes:read", "notes:write"},
+		"encryption_keys": []string{testKey},
+		"clients":         []any{map[string]any{"client_id": testenv.NativeClientID, "redirect_uris": []string{"http://127.0.0.1/callback"}}},
+		"delegation":      map[string]any{"mode": "none"},
+		"tool_scopes":     []any{map[string]any{"tool": "notes_write", "scopes": []string{"notes:write"}}},
+	}, up.URL)
+
+	var visited []string
+	handler, err := auth.NewAuthorizationCodeHandler(&auth.AuthorizationCodeHandlerConfig{
+		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: testenv.NativeClientID},
+		RedirectURL:              "http://127.0.0.1:49152/callback",
+		AuthorizationCodeFetcher: fetcherFor(o, &visited),
+		// Start read-only, so that the write tool needs a step-up; then take what is challenged.
+		ScopeFilter: func(discovered []string) []string {
+			if len(visited) == 0 {
+				return []string{"openid", "notes:read"}
+			}
+			return discovered
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil)
+	session, err := client.Connect(t.Context(), &mcp.StreamableClientTransport{
+		Endpoint: base + "/mcp", OAuthHandler: handler, DisableStandaloneSSE: true,
+	}, nil)
+	if err != nil {
+		t.Fatalf("connecting through Caddy: %v", err)
+	}
+	defer session.Close()
+
+	if len(visited) != 1 || !strings.HasPrefix(visited[0], o.AuthorizationEndpoint+"?") {
+		t.Fatalf("the client was sent to %v, want the IdP's authorization endpoint", visited)
+	}
+	if q, _ := url.Parse(visited[0]); q.Query().Get("resource") != resource {
+		t.Errorf("the client asked for resource %q, want %q", q.Query().Get("resource"), resource)
+	}
+	tools, err := session.ListTools(t.Context(), nil)
+	if err != nil || len(tools.Tools) == 0 {
+		t.Fatalf("tools/list: %v", err)
+	}
+	res, err := session.CallTool(t.Context(), &mcp.CallToolParams{Name: "whoami"})
+	if err != nil || res.IsError {
+		t.Fatalf("whoami: %v", err)
+	}
+	var who testenv.Identity
+	if err := json.Unmarshal([]byte(res.Content[0].(*mcp.TextContent).Text), &who); err != nil {
+		t.Fatal(err)
+	}
+	if who.Subject != o.User.Subject {
+		t.Errorf("upstream saw %q, want %q", who.Subject, o.User.Subject)
+	}
+
+	// The write tool: 403 insufficient_scope, the SDK re-authorizes with the union, retries.
+	res, err = session.CallTool(t.Context(), &mcp.CallToolParams{Name: "notes_write", Arguments: map[string]any{"text": "hi"}})
+	if err != nil || res.IsError {
+		t.Fatalf("notes_write after step-up: %v %+v", err, res)
+	}
+	if len(visited) != 2 {
+		t.Fatalf("want one step-up authorization, got %d logins", len(visited))
+	}
+	if q, _ := url.Parse(visited[1]); !strings.Contains(q.Query().Get("scope"), "notes:write") {
+		t.Errorf("step-up asked for %q", q.Query().Get("scope"))
+	}
+
+	for _, r := range up.Seen() {
+		if r.Header.Get("Authorization") != "" {
+			t.Errorf("upstream received an Authorization header (%s %s)", r.Method, r.RPCMethod)
+		}
+		if r.SubjectHeader != o.User.Subject {
+			t.Errorf("upstream subject header %q", r.SubjectHeader)
+		}
+	}
+}
+
+// TestProgressiveAuthorizeThroughCaddy: the broker's own Flow 1 endpoint, reached through
+// Caddy, sends the browser to the IdP and refuses W1's redirect URI.
+func TestProgressiveAuthorizeThroughCaddy(t *testing.T) {
+	o := testenv.StartOP(t)
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	port := freePort(t)
+	base := startCaddy(t, port, map[string]any{
+		"mode":            "progressive",
+		"issuer":          o.Issuer,
+		"public_issuer":   "https://cloud.example.com",
+		"client_id":       testenv.BrokerClientID,
+		"client_secret":   testenv.BrokerClientSecret,
+		"resource":        fmt.Sprintf("http://127.0.0.1:%d/mcp", port),
+		"encryption_keys": []string{testKey},
+		"clients":         []any{map[string]any{"client_id": testenv.NativeClientID, "redirect_uris": []string{"http://127.0.0.1/callback"}}},
+		"delegation":      map[string]any{"mode": "none"},
+	}, up.URL)
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	q := url.Values{
+		"response_type": {"code"}, "client_id": {testenv.NativeClientID}, "state": {"s"},
+		"code_challenge": {"E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"}, "code_challenge_method": {"S256"},
+	}
+	q.Set("redirect_uri", "http://localhost:@evil.com/cb")
+	resp, err := noRedirect.Get(base + "/oauth/authorize?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Location") != "" {
+		t.Errorf("W1 redirect: %s to %q", resp.Status, resp.Header.Get("Location"))
+	}
+	q.Set("redirect_uri", "http://127.0.0.1:5000/callback")
+	resp, err = noRedirect.Get(base + "/oauth/authorize?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if loc := resp.Header.Get("Location"); resp.StatusCode != http.StatusFound || !strings.HasPrefix(loc, "https://cloud.example.com/") {
+		t.Errorf("good request: %s to %q", resp.Status, loc)
+	}
+}

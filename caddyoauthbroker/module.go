@@ -1,0 +1,450 @@
+// Package caddyoauthbroker is the Caddy glue of mcp_oauth: module registration, the JSON
+// configuration, Caddyfile parsing, and the hand-off of requests to package flows.
+package caddyoauthbroker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"path"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/flows"
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler puts OAuth 2.1 in front of an MCP server. It serves the protected-resource and
+// authorization-server endpoints of the MCP authorization spec, authenticates every other
+// request it matches, and hands the next handler a delegated upstream token instead of the
+// client's own.
+type Handler struct {
+	// How MCP clients obtain tokens. `hybrid`: the broker is the clients' authorization
+	// server and issues its own tokens after the user logs in at the IdP. `progressive`:
+	// clients log in at the IdP directly and the broker validates their tokens.
+	// Default: hybrid.
+	Mode string `json:"mode,omitempty"`
+
+	// The upstream identity provider's issuer URL, as the broker reaches it. OIDC discovery
+	// is fetched from here lazily and cached. Required.
+	Issuer string `json:"issuer,omitempty"`
+
+	// The IdP's base URL as browsers reach it, when it differs from `issuer` (an IdP on an
+	// internal container address). Every browser redirect to the IdP uses it. Default: `issuer`.
+	PublicIssuer string `json:"public_issuer,omitempty"`
+
+	// The broker's own confidential client at the IdP. Required.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The secret of `client_id`. Supports `{env.*}` and `{file.*}` placeholders.
+	ClientSecret string `json:"client_secret,omitempty"`
+
+	// The canonical URL of the protected MCP endpoint, e.g. `https://mcp.example.com/mcp`:
+	// an absolute https URL (http only on a loopback host), without query or fragment.
+	// It is the `resource` of the protected-resource metadata and the audience of the
+	// broker's tokens. Required.
+	Resource string `json:"resource,omitempty"`
+
+	// The `aud` values accepted in client tokens in progressive mode, besides `resource`.
+	// Default: none (only `resource`).
+	Audience []string `json:"audience,omitempty"`
+
+	// The scopes the broker asks the IdP for and advertises to MCP clients. `openid` is
+	// always requested from the IdP. Default: `openid profile email`.
+	Scopes []string `json:"scopes,omitempty"`
+
+	// AES-256 keys, base64 of 32 bytes each, that seal secrets at rest. The first encrypts;
+	// all decrypt, so a new key goes first and old ones stay until their records expire.
+	// Supports `{env.*}` and `{file.*}` placeholders. Required.
+	EncryptionKeys []string `json:"encryption_keys,omitempty"`
+
+	// MCP clients registered in configuration. Default: none.
+	Clients []*Client `json:"clients,omitempty"`
+
+	// Turns off RFC 7591 dynamic client registration at `/oauth/register`.
+	// Default: false (registration is on).
+	DisableRegistration bool `json:"disable_registration,omitempty"`
+
+	// How the upstream MCP server is given a token of its own. Default: token exchange
+	// (RFC 8693) where the IdP advertises it, otherwise the refresh-grant fallback.
+	Delegation *Delegation `json:"delegation,omitempty"`
+
+	// Per-tool scope requirements, checked on every JSON-RPC `tools/call`.
+	// The first rule whose tool pattern matches applies. Default: none.
+	ToolScopes []*ToolScope `json:"tool_scopes,omitempty"`
+
+	// How long an authenticated session (the IdP grant behind the broker's tokens) lives
+	// without use. Default: 720h (30 days).
+	SessionTTL caddy.Duration `json:"session_ttl,omitempty"`
+
+	// How long an authorization code stays redeemable. Default: 60s.
+	CodeTTL caddy.Duration `json:"code_ttl,omitempty"`
+
+	// The lifetime of broker-issued access tokens. Default: 1h.
+	AccessTokenTTL caddy.Duration `json:"access_token_ttl,omitempty"`
+
+	// The lifetime of broker-issued refresh tokens. Default: 720h (30 days).
+	RefreshTokenTTL caddy.Duration `json:"refresh_token_ttl,omitempty"`
+
+	// The largest request body read to find a JSON-RPC `tools/call`; larger bodies of
+	// requests that need that check are refused with 413. Default: 1 MiB.
+	MaxBodyBytes int64 `json:"max_body_bytes,omitempty"`
+
+	// Storage for this handler's records, overriding Caddy's configured storage.
+	// Default: Caddy's storage.
+	StorageRaw json.RawMessage `json:"storage,omitempty" caddy:"namespace=caddy.storage inline_key=module"`
+
+	broker  *flows.Broker
+	records *storage.Records
+	logger  *zap.Logger
+	bg      *background
+}
+
+// background is the work that starts with the first request and stops in Cleanup.
+type background struct {
+	once    sync.Once
+	mu      sync.Mutex // guards the fields below against a Cleanup during the first request
+	closed  bool
+	janitor *storage.Janitor
+	cancel  context.CancelFunc
+}
+
+// Client is an MCP client registered in the configuration.
+type Client struct {
+	// The client's identifier. Required.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The name shown on the consent page. Default: the client id.
+	Name string `json:"name,omitempty"`
+
+	// The redirect URIs the client may use: https, or http on a loopback host
+	// (any port matches at run time, RFC 8252 §7.3). At least one is required.
+	RedirectURIs []string `json:"redirect_uris,omitempty"`
+
+	// The scopes this client may ask for. Default: all of the handler's `scopes`.
+	Scopes []string `json:"scopes,omitempty"`
+}
+
+// Delegation configures the token the upstream MCP server receives.
+type Delegation struct {
+	// `token_exchange` (RFC 8693 at the IdP), `refresh` (the refresh grant on the
+	// session's IdP grant, for IdPs without RFC 8693), or `none` (no token at all: the
+	// authenticated subject goes in `subject_header`). Default: token_exchange when the
+	// IdP's discovery advertises it, otherwise refresh.
+	Mode string `json:"mode,omitempty"`
+
+	// The audience requested for delegated tokens, e.g. `nextcloud`. Default: none.
+	Audience string `json:"audience,omitempty"`
+
+	// The scopes of a delegated token when no `tool_scopes` rule applies.
+	// Default: the handler's `scopes`.
+	Scopes []string `json:"scopes,omitempty"`
+
+	// The request header that carries the authenticated subject to the upstream when
+	// mode is `none`. Default: `X-Auth-Subject`.
+	SubjectHeader string `json:"subject_header,omitempty"`
+}
+
+// ToolScope demands scopes for MCP tools whose name matches Tool.
+type ToolScope struct {
+	// A tool name, or a glob over tool names (`notes_*`, path.Match syntax).
+	Tool string `json:"tool,omitempty"`
+
+	// The scopes a `tools/call` of a matching tool needs.
+	Scopes []string `json:"scopes,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.mcp_oauth",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision resolves placeholders, loads the storage and builds the broker. It neither
+// writes to storage nor waits for the IdP, because it also runs for `caddy adapt --validate`
+// and `caddy validate`.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	h.resolvePlaceholders()
+	if err := h.Validate(); err != nil {
+		return err
+	}
+
+	var st certmagic.Storage
+	if h.StorageRaw != nil {
+		mod, err := ctx.LoadModule(h, "StorageRaw")
+		if err != nil {
+			return fmt.Errorf("loading storage module: %w", err)
+		}
+		converter, ok := mod.(caddy.StorageConverter)
+		if !ok {
+			return fmt.Errorf("storage: module %T is not a caddy.StorageConverter", mod)
+		}
+		if st, err = converter.CertMagicStorage(); err != nil {
+			return fmt.Errorf("creating storage: %w", err)
+		}
+	} else {
+		st = ctx.Storage()
+	}
+
+	ring, err := storage.ParseKeyRing(h.EncryptionKeys...)
+	if err != nil {
+		return err
+	}
+	h.records = storage.New(st, ring, storage.WithLogger(h.logger.Named("storage")))
+	h.bg = new(background)
+
+	cfg, err := h.flowsConfig()
+	if err != nil {
+		return err
+	}
+	cfg.Records = h.records
+	cfg.Logger = h.logger
+	if h.broker, err = flows.New(cfg); err != nil {
+		return err
+	}
+	return nil
+}
+
+// resolvePlaceholders replaces `{env.*}` and `{file.*}` in every field that may hold a
+// secret or a deployment-specific address.
+func (h *Handler) resolvePlaceholders() {
+	repl := caddy.NewReplacer()
+	for _, s := range []*string{&h.Issuer, &h.PublicIssuer, &h.ClientID, &h.ClientSecret, &h.Resource} {
+		*s = repl.ReplaceKnown(*s, "")
+	}
+	for i := range h.EncryptionKeys {
+		h.EncryptionKeys[i] = repl.ReplaceKnown(h.EncryptionKeys[i], "")
+	}
+}
+
+// ServeHTTP answers the broker's own endpoints, authenticates every other request and
+// passes it on with a delegated token.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	h.bg.once.Do(h.startBackground)
+	pass, who := h.broker.Handle(w, r)
+	if pass == nil {
+		return nil
+	}
+	if who != nil {
+		repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		repl.Set("http.auth.user.id", who.Subject)
+		repl.Set("http.auth.user.scopes", who.ScopeString())
+		repl.Set("http.auth.user.client_id", who.ClientID)
+	}
+	return next.ServeHTTP(w, pass)
+}
+
+// startBackground starts the storage janitor with the first request rather than in
+// Provision, which must not write to storage.
+func (h *Handler) startBackground() {
+	bg := h.bg
+	bg.mu.Lock()
+	defer bg.mu.Unlock()
+	if bg.closed {
+		return
+	}
+	var ctx context.Context
+	ctx, bg.cancel = context.WithCancel(context.Background())
+	bg.janitor = h.records.StartJanitor(ctx, janitorInterval)
+}
+
+// janitorInterval is how often one node of a cluster sweeps expired records.
+const janitorInterval = 10 * time.Minute
+
+// Cleanup stops the janitor and the broker's background work. It copes with a Provision
+// that failed half way.
+func (h *Handler) Cleanup() error {
+	if bg := h.bg; bg != nil {
+		bg.mu.Lock()
+		bg.closed = true
+		cancel, janitor := bg.cancel, bg.janitor
+		bg.mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+		if janitor != nil {
+			janitor.Stop()
+		}
+	}
+	if h.broker != nil {
+		h.broker.Close()
+	}
+	return nil
+}
+
+// Validate refuses a configuration that cannot work, naming the field and the fix.
+func (h *Handler) Validate() error {
+	switch h.Mode {
+	case "", flows.ModeHybrid, flows.ModeProgressive:
+	default:
+		return fmt.Errorf("mode: unknown mode %q; want hybrid or progressive", h.Mode)
+	}
+	if h.Issuer == "" {
+		return errors.New("issuer: required; set it to the IdP's issuer URL, e.g. https://cloud.example.com")
+	}
+	if err := checkAbsoluteURL(h.Issuer); err != nil {
+		return fmt.Errorf("issuer: %w", err)
+	}
+	if h.PublicIssuer != "" {
+		if err := checkAbsoluteURL(h.PublicIssuer); err != nil {
+			return fmt.Errorf("public_issuer: %w", err)
+		}
+	}
+	if h.ClientID == "" {
+		return errors.New("client_id: required; register the broker as a confidential client at the IdP and set its id")
+	}
+	if h.Resource == "" {
+		return errors.New("resource: required; set it to the public URL of the MCP endpoint, e.g. https://mcp.example.com/mcp")
+	}
+	if err := checkResource(h.Resource); err != nil {
+		return fmt.Errorf("resource: %w", err)
+	}
+	if len(h.EncryptionKeys) == 0 {
+		return errors.New("encryption_key: required; generate one with `head -c 32 /dev/urandom | base64`")
+	}
+	if _, err := storage.ParseKeyRing(h.EncryptionKeys...); err != nil {
+		return err
+	}
+	seen := make(map[string]bool, len(h.Clients))
+	for i, c := range h.Clients {
+		if c == nil || c.ClientID == "" {
+			return fmt.Errorf("client[%d]: client_id required", i)
+		}
+		if seen[c.ClientID] {
+			return fmt.Errorf("client %q: defined twice; each client_id may appear once", c.ClientID)
+		}
+		seen[c.ClientID] = true
+		if len(c.RedirectURIs) == 0 {
+			return fmt.Errorf("client %q: redirect_uri required", c.ClientID)
+		}
+		for _, u := range c.RedirectURIs {
+			if err := flows.CheckRedirectURI(u); err != nil {
+				return fmt.Errorf("client %q: redirect_uri %q: %w", c.ClientID, u, err)
+			}
+		}
+	}
+	if d := h.Delegation; d != nil {
+		switch d.Mode {
+		case "", flows.DelegationTokenExchange, flows.DelegationRefresh, flows.DelegationNone:
+		default:
+			return fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh or none", d.Mode)
+		}
+	}
+	for i, t := range h.ToolScopes {
+		if t == nil || t.Tool == "" || len(t.Scopes) == 0 {
+			return fmt.Errorf("tool_scope[%d]: want a tool name or glob and at least one scope", i)
+		}
+		if _, err := path.Match(t.Tool, ""); err != nil {
+			return fmt.Errorf("tool_scope %q: bad glob: %w", t.Tool, err)
+		}
+	}
+	for name, d := range map[string]caddy.Duration{
+		"session_ttl": h.SessionTTL, "code_ttl": h.CodeTTL,
+		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
+	} {
+		if d < 0 {
+			return fmt.Errorf("%s: must not be negative, got %s", name, time.Duration(d))
+		}
+	}
+	if h.MaxBodyBytes < 0 {
+		return fmt.Errorf("max_body_bytes: must not be negative, got %d", h.MaxBodyBytes)
+	}
+	return nil
+}
+
+// checkAbsoluteURL accepts an http or https URL with a host.
+func checkAbsoluteURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("want an absolute http(s) URL, got %q", raw)
+	}
+	return nil
+}
+
+// checkResource accepts the canonical form MCP clients compare against: absolute https
+// (http only on a loopback host), lowercase scheme and host, no query, no fragment.
+func checkResource(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || u.User != nil {
+		return fmt.Errorf("want an absolute https URL such as https://mcp.example.com/mcp, got %q", raw)
+	}
+	loopback := u.Scheme == "http" && isLoopback(u.Hostname())
+	if u.Scheme != "https" && !loopback {
+		return fmt.Errorf("want https (http only on a loopback host), got %q", raw)
+	}
+	if u.RawQuery != "" || u.Fragment != "" || strings.Contains(raw, "#") {
+		return fmt.Errorf("must not carry a query or fragment, got %q", raw)
+	}
+	if strings.HasSuffix(u.Path, "/") || strings.ToLower(u.Scheme+"://"+u.Host) != u.Scheme+"://"+u.Host {
+		return fmt.Errorf("want the canonical form: lowercase scheme and host, no trailing slash, got %q", raw)
+	}
+	return nil
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// flowsConfig turns the JSON configuration into the broker's.
+func (h *Handler) flowsConfig() (flows.Config, error) {
+	cfg := flows.Config{
+		Mode:            h.Mode,
+		Issuer:          h.Issuer,
+		PublicIssuer:    h.PublicIssuer,
+		ClientID:        h.ClientID,
+		ClientSecret:    h.ClientSecret,
+		Resource:        h.Resource,
+		Audience:        h.Audience,
+		Scopes:          h.Scopes,
+		Registration:    !h.DisableRegistration,
+		MaxBodyBytes:    h.MaxBodyBytes,
+		SessionTTL:      time.Duration(h.SessionTTL),
+		CodeTTL:         time.Duration(h.CodeTTL),
+		AccessTokenTTL:  time.Duration(h.AccessTokenTTL),
+		RefreshTokenTTL: time.Duration(h.RefreshTokenTTL),
+	}
+	for _, c := range h.Clients {
+		cfg.Clients = append(cfg.Clients, flows.ClientConfig{
+			ClientID: c.ClientID, Name: c.Name, RedirectURIs: c.RedirectURIs, Scopes: c.Scopes,
+		})
+	}
+	if d := h.Delegation; d != nil {
+		cfg.DelegationMode = d.Mode
+		cfg.DelegationAudience = d.Audience
+		cfg.DelegationScopes = d.Scopes
+		cfg.SubjectHeader = d.SubjectHeader
+	}
+	for _, t := range h.ToolScopes {
+		cfg.ToolScopes = append(cfg.ToolScopes, flows.ToolScopeRule{Tool: t.Tool, Scopes: t.Scopes})
+	}
+	return cfg, nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,84 @@
+package caddyoauthbroker
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+const testKey = "YWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWE=" // 32 bytes of 'a'
+
+func validHandler() *Handler {
+	return &Handler{
+		Mode:           "progressive",
+		Issuer:         "https://cloud.example.com",
+		ClientID:       "mcp-broker",
+		Resource:       "https://mcp.example.com/mcp",
+		EncryptionKeys: []string{testKey},
+		Clients: []*Client{{
+			ClientID:     "claude",
+			RedirectURIs: []string{"http://127.0.0.1/callback", "https://claude.ai/api/mcp/auth_callback"},
+		}},
+		Delegation: &Delegation{Mode: "none"},
+		ToolScopes: []*ToolScope{{Tool: "notes_*", Scopes: []string{"notes:write"}}},
+	}
+}
+
+func TestValidateAcceptsAGoodConfig(t *testing.T) {
+	if err := validHandler().Validate(); err != nil {
+		t.Fatal(err)
+	}
+	h := validHandler()
+	h.Resource = "http://127.0.0.1:8080/mcp"
+	if err := h.Validate(); err != nil {
+		t.Fatalf("http resource on loopback: %v", err)
+	}
+}
+
+func TestValidateErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(h *Handler)
+		want   string
+	}{
+		{"unknown mode", func(h *Handler) { h.Mode = "magic" }, `mode: unknown mode "magic"; want hybrid or progressive`},
+		{"missing issuer", func(h *Handler) { h.Issuer = "" }, "issuer: required"},
+		{"relative issuer", func(h *Handler) { h.Issuer = "cloud.example.com" }, `issuer: want an absolute http(s) URL, got "cloud.example.com"`},
+		{"bad public issuer", func(h *Handler) { h.PublicIssuer = "ftp://x" }, "public_issuer: want an absolute http(s) URL"},
+		{"missing client_id", func(h *Handler) { h.ClientID = "" }, "client_id: required"},
+		{"missing resource", func(h *Handler) { h.Resource = "" }, "resource: required"},
+		{"http resource off loopback", func(h *Handler) { h.Resource = "http://mcp.example.com/mcp" }, "resource: want https (http only on a loopback host)"},
+		{"relative resource", func(h *Handler) { h.Resource = "/mcp" }, "resource: want an absolute https URL"},
+		{"resource with fragment", func(h *Handler) { h.Resource = "https://mcp.example.com/mcp#x" }, "resource: must not carry a query or fragment"},
+		{"resource with query", func(h *Handler) { h.Resource = "https://mcp.example.com/mcp?a=b" }, "resource: must not carry a query or fragment"},
+		{"resource with trailing slash", func(h *Handler) { h.Resource = "https://mcp.example.com/mcp/" }, "resource: want the canonical form"},
+		{"resource with uppercase host", func(h *Handler) { h.Resource = "https://MCP.example.com/mcp" }, "resource: want the canonical form"},
+		{"missing key", func(h *Handler) { h.EncryptionKeys = nil }, "encryption_key: required"},
+		{"short key", func(h *Handler) { h.EncryptionKeys = []string{"YWFhYQ=="} }, "encryption_key[0]: want 32 bytes"},
+		{"short older key", func(h *Handler) { h.EncryptionKeys = []string{testKey, "YWFhYQ=="} }, "encryption_key[1]: want 32 bytes"},
+		{"key not base64", func(h *Handler) { h.EncryptionKeys = []string{"not base64!"} }, "encryption_key[0]"},
+		{"duplicate client", func(h *Handler) {
+			h.Clients = append(h.Clients, &Client{ClientID: "claude", RedirectURIs: []string{"https://x.example/cb"}})
+		},
+			`client "claude": defined twice`},
+		{"client without redirect", func(h *Handler) { h.Clients[0].RedirectURIs = nil }, `client "claude": redirect_uri required`},
+		{"client with http redirect off loopback", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"http://evil.example/cb"} },
+			`client "claude": redirect_uri "http://evil.example/cb": redirect_uri must be https, or http on a loopback host`},
+		{"client redirect with userinfo", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"http://localhost:@evil.com/cb"} },
+			"redirect_uri must not contain userinfo"},
+		{"unknown delegation", func(h *Handler) { h.Delegation = &Delegation{Mode: "passthrough"} }, `delegation: unknown mode "passthrough"`},
+		{"tool_scope without scopes", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "x"}} }, "tool_scope[0]: want a tool name or glob and at least one scope"},
+		{"tool_scope bad glob", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "[", Scopes: []string{"s"}}} }, `tool_scope "[": bad glob`},
+		{"negative ttl", func(h *Handler) { h.CodeTTL = caddy.Duration(-1) }, "code_ttl: must not be negative"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := validHandler()
+			tc.change(h)
+			err := h.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}

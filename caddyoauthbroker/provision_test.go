@@ -1,0 +1,134 @@
+package caddyoauthbroker
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// provisionContext is a Caddy context whose storage is a fresh folder, as Caddy builds it
+// from a configuration.
+func provisionContext(t *testing.T) (caddy.Context, string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "mcp_oauth-provision-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	raw, _ := json.Marshal(map[string]any{"module": "file_system", "root": dir})
+	pctx, err := caddy.ProvisionContext(&caddy.Config{StorageRaw: raw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(pctx)
+	t.Cleanup(cancel)
+	return ctx, dir
+}
+
+// load provisions and validates the handler JSON as Caddy does.
+func load(t *testing.T, ctx caddy.Context, cfg map[string]any) (*Handler, error) {
+	t.Helper()
+	raw, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mod, err := ctx.LoadModuleByID("http.handlers.mcp_oauth", raw)
+	if err != nil {
+		return nil, err
+	}
+	h := mod.(*Handler)
+	t.Cleanup(func() { h.Cleanup() })
+	return h, nil
+}
+
+func progressiveConfig() map[string]any {
+	return map[string]any{
+		// Nothing listens on port 9: Provision must not need the IdP.
+		"issuer":          "http://127.0.0.1:9",
+		"mode":            "progressive",
+		"client_id":       "mcp-broker",
+		"resource":        "https://mcp.example.com/mcp",
+		"encryption_keys": []string{testKey},
+		"delegation":      map[string]any{"mode": "none"},
+	}
+}
+
+func TestProvisionNeitherWritesStorageNorWaitsForTheIdP(t *testing.T) {
+	ctx, dir := provisionContext(t)
+	if _, err := load(t, ctx, progressiveConfig()); err != nil {
+		t.Fatalf("provisioning with an unreachable IdP: %v", err)
+	}
+	var files []string
+	filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			files = append(files, p)
+		}
+		return nil
+	})
+	if len(files) != 0 {
+		t.Errorf("Provision wrote to storage: %v", files)
+	}
+}
+
+func TestProvisionResolvesPlaceholders(t *testing.T) {
+	keyFile := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(keyFile, []byte(testKey+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("MCP_TEST_SECRET", "s3cret")
+	t.Setenv("MCP_TEST_ISSUER", "https://cloud.example.com")
+	cfg := progressiveConfig()
+	cfg["client_secret"] = "{env.MCP_TEST_SECRET}"
+	cfg["issuer"] = "{env.MCP_TEST_ISSUER}"
+	cfg["encryption_keys"] = []string{"{file." + keyFile + "}"}
+
+	ctx, _ := provisionContext(t)
+	h, err := load(t, ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.ClientSecret != "s3cret" || h.Issuer != "https://cloud.example.com" || h.EncryptionKeys[0] != testKey {
+		t.Errorf("placeholders left: secret %q issuer %q key %q", h.ClientSecret, h.Issuer, h.EncryptionKeys[0])
+	}
+
+	t.Setenv("MCP_TEST_KEY", "YWFhYQ==")
+	cfg["encryption_keys"] = []string{"{env.MCP_TEST_KEY}"}
+	if _, err := load(t, ctx, cfg); err == nil || !strings.Contains(err.Error(), "encryption_key[0]: want 32 bytes") {
+		t.Errorf("short key from the environment: %v", err)
+	}
+	if _, err := load(t, ctx, cfg); err != nil && strings.Contains(err.Error(), "YWFhYQ") {
+		t.Errorf("the error repeats the key: %v", err)
+	}
+}
+
+func TestProvisionRefusesWhatThisBuildCannotDo(t *testing.T) {
+	ctx, _ := provisionContext(t)
+	for _, tc := range []struct {
+		name   string
+		change func(map[string]any)
+		want   string
+	}{
+		{"hybrid mode", func(c map[string]any) { c["mode"] = "hybrid" }, "mode hybrid: not available"},
+		{"token exchange", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "token_exchange"} }, "delegation: only `none`"},
+		{"default delegation", func(c map[string]any) { delete(c, "delegation") }, "delegation: only `none`"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := progressiveConfig()
+			tc.change(cfg)
+			if _, err := load(t, ctx, cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v, want %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestCleanupAfterAFailedProvision(t *testing.T) {
+	var h Handler
+	if err := h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+}

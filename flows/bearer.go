@@ -1,0 +1,544 @@
+package flows
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+)
+
+// ErrInvalidToken means an access token was refused: malformed, badly signed, expired, not
+// yet valid, issued by someone else, meant for another audience, or inactive. It maps to
+// 401 invalid_token.
+var ErrInvalidToken = errors.New("invalid token")
+
+// VerifierConfig configures a TokenVerifier. Zero values take the documented defaults.
+type VerifierConfig struct {
+	// IdP is the upstream identity provider whose tokens are accepted. Its discovery
+	// document names the issuer, the JWKS and the introspection endpoint.
+	IdP *IdP
+	// Audiences are the accepted `aud` values (the resource URL and configured
+	// audiences); a token's `aud` must contain at least one. Empty accepts no token.
+	Audiences []string
+	// ClientID and ClientSecret are the broker's credentials at the IdP, sent with
+	// client_secret_basic to the RFC 7662 introspection endpoint.
+	ClientID, ClientSecret string
+	// HTTPClient makes the JWKS and introspection requests. Default: a client with a
+	// 10s timeout.
+	HTTPClient *http.Client
+	// CacheEntries bounds the number of cached verdicts. Default: 10000.
+	CacheEntries int
+	// InactiveTTL is how long a refusal (or an active opaque token without `exp`) is
+	// cached. Default: 10s.
+	InactiveTTL time.Duration
+	// Leeway is the clock skew allowed past `exp`. Default: 30s; negative means none.
+	// On a JWT's `nbf`, go-oidc allows 5 minutes of its own, less Leeway (it is given a
+	// clock running Leeway behind).
+	Leeway time.Duration
+	// Now is the clock. Default: time.Now.
+	Now func() time.Time
+}
+
+// Defaults of VerifierConfig.
+const (
+	defaultVerifierCacheEntries = 10000
+	defaultInactiveTTL          = 10 * time.Second
+	defaultLeeway               = 30 * time.Second
+	defaultVerifierTimeout      = 10 * time.Second
+
+	// maxTokenLength refuses absurd tokens before hashing or sending them anywhere.
+	maxTokenLength = 16 << 10
+	// maxIntrospectionBytes bounds the introspection response read.
+	maxIntrospectionBytes = 64 << 10
+	// evictionSample is how many entries a full cache looks at to choose a victim.
+	evictionSample = 8
+)
+
+// supportedSigningAlgs is every asymmetric JWS algorithm go-oidc verifies (W19): never
+// `none`, never HMAC.
+var supportedSigningAlgs = []string{
+	oidc.RS256, oidc.RS384, oidc.RS512,
+	oidc.PS256, oidc.PS384, oidc.PS512,
+	oidc.ES256, oidc.ES384, oidc.ES512,
+	oidc.EdDSA,
+}
+
+// TokenVerifier checks the access tokens presented to the protected MCP endpoint: JWTs
+// with go-oidc against the IdP's JWKS, anything else by RFC 7662 introspection. Verdicts
+// are cached by the SHA-256 of the token, so a warm request costs a hash and a map read.
+// It is safe for concurrent use.
+type TokenVerifier struct {
+	cfg VerifierConfig
+
+	mu    sync.RWMutex
+	cache map[[sha256.Size]byte]verdict
+
+	flightMu sync.Mutex
+	flights  map[[sha256.Size]byte]*flight
+
+	jwt atomic.Pointer[jwtVerifier]
+}
+
+// verdict is a cached result: a principal or a refusal, good until expires (Unix ns).
+type verdict struct {
+	principal *Principal
+	err       error
+	expires   int64
+}
+
+// flight is a cold verification in progress; callers presenting the same token wait
+// for it instead of verifying again.
+type flight struct {
+	done      chan struct{}
+	principal *Principal
+	err       error
+	// abandoned says the leader's caller went away before the answer: its error says
+	// nothing about the token, so waiters try again.
+	abandoned bool
+}
+
+// jwtVerifier is go-oidc's verifier for one discovery document, with its key set.
+type jwtVerifier struct {
+	provider *oidc.Provider
+	verifier *oidc.IDTokenVerifier
+}
+
+// NewTokenVerifier builds a verifier. It does not touch the network.
+func NewTokenVerifier(cfg VerifierConfig) *TokenVerifier {
+	if cfg.CacheEntries <= 0 {
+		cfg.CacheEntries = defaultVerifierCacheEntries
+	}
+	if cfg.InactiveTTL <= 0 {
+		cfg.InactiveTTL = defaultInactiveTTL
+	}
+	switch {
+	case cfg.Leeway == 0:
+		cfg.Leeway = defaultLeeway
+	case cfg.Leeway < 0:
+		cfg.Leeway = 0
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.HTTPClient == nil {
+		cfg.HTTPClient = &http.Client{Timeout: defaultVerifierTimeout}
+	}
+	cfg.Audiences = append([]string(nil), cfg.Audiences...)
+	return &TokenVerifier{
+		cfg:     cfg,
+		cache:   make(map[[sha256.Size]byte]verdict),
+		flights: make(map[[sha256.Size]byte]*flight),
+	}
+}
+
+// Verify returns the principal a valid access token speaks for, or an error wrapping
+// ErrInvalidToken (refuse with 401) or ErrIdPUnavailable (answer 503; nothing is cached).
+// The principal is shared by every caller presenting the same token: read it, never
+// modify it. Errors never contain the token.
+func (v *TokenVerifier) Verify(ctx context.Context, raw string) (*Principal, error) {
+	if raw == "" || len(raw) > maxTokenLength {
+		return nil, errTokenSize
+	}
+	key := tokenKey(raw)
+	if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
+		return vd.principal, vd.err
+	}
+	return v.verifyCold(ctx, key, raw)
+}
+
+var errTokenSize = fmt.Errorf("checking access token size: %w", ErrInvalidToken)
+
+// tokenKey is the cache key of a token: its SHA-256, never the token itself. A token that
+// fits is hashed from a copy on the stack, which spares the warm path a heap allocation.
+func tokenKey(raw string) [sha256.Size]byte {
+	if len(raw) <= 4096 {
+		var buf [4096]byte
+		return sha256.Sum256(buf[:copy(buf[:], raw)])
+	}
+	return sha256.Sum256([]byte(raw))
+}
+
+// lookup returns the cached verdict for key, if one is still good at now.
+func (v *TokenVerifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
+	v.mu.RLock()
+	vd, ok := v.cache[key]
+	v.mu.RUnlock()
+	if !ok || now >= vd.expires {
+		return verdict{}, false
+	}
+	return vd, true
+}
+
+// verifyCold verifies a token not in the cache, once for all concurrent callers.
+func (v *TokenVerifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw string) (*Principal, error) {
+	for {
+		v.flightMu.Lock()
+		if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
+			v.flightMu.Unlock()
+			return vd.principal, vd.err
+		}
+		f, waiting := v.flights[key]
+		if !waiting {
+			f = &flight{done: make(chan struct{})}
+			v.flights[key] = f
+		}
+		v.flightMu.Unlock()
+
+		if !waiting {
+			return v.lead(ctx, key, raw, f)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: waiting for token verification: %w", ErrIdPUnavailable, ctx.Err())
+		case <-f.done:
+		}
+		if f.abandoned && ctx.Err() == nil {
+			continue
+		}
+		return f.principal, f.err
+	}
+}
+
+// lead runs the verification of flight f and publishes its result.
+func (v *TokenVerifier) lead(ctx context.Context, key [sha256.Size]byte, raw string, f *flight) (p *Principal, err error) {
+	defer func() {
+		if p == nil && err == nil { // verify panicked: waiters must not read a nil principal as valid
+			err = fmt.Errorf("%w: verifying access token: verification aborted", ErrIdPUnavailable)
+		}
+		f.principal, f.err, f.abandoned = p, err, err != nil && ctx.Err() != nil
+		v.flightMu.Lock()
+		delete(v.flights, key)
+		v.flightMu.Unlock()
+		close(f.done)
+	}()
+	if err = ctx.Err(); err != nil {
+		return nil, fmt.Errorf("%w: verifying access token: %w", ErrIdPUnavailable, err)
+	}
+	p, err = v.verify(ctx, raw)
+	now := v.cfg.Now()
+	switch {
+	case err == nil:
+		if p.Expiry.After(now) {
+			v.store(key, verdict{principal: p, expires: p.Expiry.UnixNano()}, now.UnixNano())
+		}
+	case errors.Is(err, ErrInvalidToken) && !errors.Is(err, ErrIdPUnavailable):
+		v.store(key, verdict{err: err, expires: now.Add(v.cfg.InactiveTTL).UnixNano()}, now.UnixNano())
+	}
+	return p, err
+}
+
+// store caches vd under key, evicting an entry when the cache is full.
+func (v *TokenVerifier) store(key [sha256.Size]byte, vd verdict, now int64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if _, ok := v.cache[key]; !ok && len(v.cache) >= v.cfg.CacheEntries {
+		v.evictLocked(now)
+	}
+	v.cache[key] = vd
+}
+
+// evictLocked removes one entry among a few taken from the map's randomized iteration
+// order: the first that has expired or is a refusal, else the one expiring soonest. A
+// flood of bad tokens thus evicts its own refusals before any valid entry.
+func (v *TokenVerifier) evictLocked(now int64) {
+	var victim [sha256.Size]byte
+	soonest, n := int64(math.MaxInt64), 0
+	for k, vd := range v.cache {
+		if now >= vd.expires || vd.err != nil {
+			victim = k
+			break
+		}
+		if vd.expires < soonest {
+			victim, soonest = k, vd.expires
+		}
+		if n++; n >= evictionSample {
+			break
+		}
+	}
+	delete(v.cache, victim)
+}
+
+// verify checks raw against the IdP, without the cache.
+func (v *TokenVerifier) verify(ctx context.Context, raw string) (*Principal, error) {
+	if v.cfg.IdP == nil {
+		return nil, fmt.Errorf("%w: verifying access token: no identity provider configured", ErrIdPUnavailable)
+	}
+	d, err := v.cfg.IdP.Discovery(ctx)
+	if err != nil {
+		if errors.Is(err, ErrIdPUnavailable) {
+			return nil, fmt.Errorf("verifying access token: %w", err)
+		}
+		return nil, fmt.Errorf("%w: verifying access token: %w", ErrIdPUnavailable, err)
+	}
+	if looksLikeJWS(raw) {
+		return v.verifyJWT(ctx, d, raw)
+	}
+	return v.introspect(ctx, d, raw)
+}
+
+// looksLikeJWS tells whether raw has the shape of a compact JWS: three base64url parts
+// whose first decodes to a JSON object. Such a token is only ever checked as a JWT.
+func looksLikeJWS(raw string) bool {
+	header, rest, ok := strings.Cut(raw, ".")
+	if !ok {
+		return false
+	}
+	payload, sig, ok := strings.Cut(rest, ".")
+	if !ok || strings.Contains(sig, ".") || payload == "" {
+		return false
+	}
+	h, err := base64.RawURLEncoding.DecodeString(header)
+	if err != nil {
+		return false
+	}
+	var obj map[string]json.RawMessage
+	return json.Unmarshal(h, &obj) == nil
+}
+
+// verifierFor returns go-oidc's verifier for discovery d, built once per document so
+// its key set (and the cached JWKS) is reused.
+func (v *TokenVerifier) verifierFor(d *Discovery) *oidc.IDTokenVerifier {
+	if jv := v.jwt.Load(); jv != nil && jv.provider == d.Provider {
+		return jv.verifier
+	}
+	keys := &observedKeySet{remote: oidc.NewRemoteKeySet(oidc.ClientContext(context.Background(), v.cfg.HTTPClient), d.JWKSURI)}
+	leeway := v.cfg.Leeway
+	now := v.cfg.Now
+	jv := &jwtVerifier{
+		provider: d.Provider,
+		verifier: oidc.NewVerifier(d.Issuer, keys, &oidc.Config{
+			SkipClientIDCheck:    true, // the audience is checked against Audiences below
+			SupportedSigningAlgs: supportedSigningAlgs,
+			// go-oidc allows no skew on exp: looking from Leeway ago allows it.
+			Now: func() time.Time { return now().Add(-leeway) },
+		}),
+	}
+	v.jwt.Store(jv)
+	return jv.verifier
+}
+
+// observedKeySet is go-oidc's remote key set, watched for failures to fetch the JWKS:
+// go-oidc flattens that error into text, and a down IdP must not read as a bad token.
+type observedKeySet struct {
+	remote *oidc.RemoteKeySet
+}
+
+type keyFetchErrorKey struct{}
+
+func (k *observedKeySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error) {
+	payload, err := k.remote.VerifySignature(ctx, jwt)
+	// RemoteKeySet wraps (%w) exactly one error: the failure to fetch the keys. A
+	// signature no key verifies is a plain error.
+	if err != nil && errors.Unwrap(err) != nil {
+		if slot, ok := ctx.Value(keyFetchErrorKey{}).(*error); ok {
+			*slot = err
+		}
+	}
+	return payload, err
+}
+
+// accessTokenClaims are the claims of a JWT access token beyond those go-oidc checks.
+type accessTokenClaims struct {
+	Scope    *scopeList `json:"scope"`
+	Scp      *scopeList `json:"scp"`
+	ClientID string     `json:"client_id"`
+	Azp      string     `json:"azp"`
+}
+
+func (v *TokenVerifier) verifyJWT(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
+	var fetchErr error
+	tok, err := v.verifierFor(d).Verify(context.WithValue(ctx, keyFetchErrorKey{}, &fetchErr), raw)
+	if fetchErr != nil {
+		return nil, fmt.Errorf("%w: fetching the IdP's signing keys: %w", ErrIdPUnavailable, fetchErr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("verifying JWT access token: %w: %v", ErrInvalidToken, err)
+	}
+	if tok.Subject == "" {
+		return nil, fmt.Errorf("verifying JWT access token: %w: no sub", ErrInvalidToken)
+	}
+	if !v.audienceAccepted(tok.Audience) {
+		return nil, fmt.Errorf("verifying JWT access token: %w: aud %q names none of the accepted audiences", ErrInvalidToken, tok.Audience)
+	}
+	var c accessTokenClaims
+	if err := tok.Claims(&c); err != nil {
+		return nil, fmt.Errorf("verifying JWT access token: %w: decoding claims: %v", ErrInvalidToken, err)
+	}
+	p := &Principal{
+		Subject:  tok.Subject,
+		ClientID: c.ClientID,
+		Audience: tok.Audience,
+		Expiry:   tok.Expiry,
+	}
+	if p.ClientID == "" {
+		p.ClientID = c.Azp
+	}
+	switch {
+	case c.Scope != nil:
+		p.Scopes = *c.Scope
+	case c.Scp != nil:
+		p.Scopes = *c.Scp
+	}
+	return p, nil
+}
+
+// audienceAccepted tells whether aud names one of the accepted audiences.
+func (v *TokenVerifier) audienceAccepted(aud []string) bool {
+	for _, a := range aud {
+		for _, want := range v.cfg.Audiences {
+			if a == want {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// introspectionResponse is the RFC 7662 §2.2 answer.
+type introspectionResponse struct {
+	Active    bool       `json:"active"`
+	Scope     *scopeList `json:"scope"`
+	ClientID  string     `json:"client_id"`
+	TokenType string     `json:"token_type"`
+	Exp       *float64   `json:"exp"`
+	Nbf       *float64   `json:"nbf"`
+	Sub       string     `json:"sub"`
+	Aud       audience   `json:"aud"`
+	Iss       string     `json:"iss"`
+}
+
+// introspect asks the IdP about an opaque token (RFC 7662).
+func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
+	if d.IntrospectionEndpoint == "" {
+		return nil, fmt.Errorf("verifying opaque access token: %w: the IdP advertises no introspection endpoint", ErrInvalidToken)
+	}
+	form := url.Values{"token": {raw}, "token_type_hint": {"access_token"}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.IntrospectionEndpoint, strings.NewReader(form.Encode()))
+	if err != nil {
+		return nil, fmt.Errorf("%w: building introspection request: %w", ErrIdPUnavailable, err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	// RFC 6749 §2.3.1: the credentials are form-encoded before Basic encoding.
+	req.SetBasicAuth(url.QueryEscape(v.cfg.ClientID), url.QueryEscape(v.cfg.ClientSecret))
+	resp, err := v.cfg.HTTPClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrIdPUnavailable, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxIntrospectionBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("%w: reading introspection response: %w", ErrIdPUnavailable, err)
+	}
+	// RFC 7662 answers 200 for every token, active or not; anything else is the IdP's
+	// trouble or the broker's credentials, never the token's.
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%w: introspecting access token: the IdP answered %d", ErrIdPUnavailable, resp.StatusCode)
+	}
+	if len(body) > maxIntrospectionBytes {
+		return nil, fmt.Errorf("%w: introspecting access token: response larger than %d bytes", ErrIdPUnavailable, maxIntrospectionBytes)
+	}
+	var ir introspectionResponse
+	if err := json.Unmarshal(body, &ir); err != nil {
+		return nil, fmt.Errorf("%w: decoding introspection response: %w", ErrIdPUnavailable, err)
+	}
+
+	const doing = "introspecting access token"
+	now := v.cfg.Now()
+	switch {
+	case !ir.Active:
+		return nil, fmt.Errorf("%s: %w: inactive", doing, ErrInvalidToken)
+	case ir.Sub == "":
+		return nil, fmt.Errorf("%s: %w: no sub", doing, ErrInvalidToken)
+	case ir.Iss != "" && ir.Iss != d.Issuer:
+		return nil, fmt.Errorf("%s: %w: issued by %q, not %q", doing, ErrInvalidToken, ir.Iss, d.Issuer)
+	case ir.TokenType != "" && !strings.EqualFold(ir.TokenType, "Bearer"):
+		return nil, fmt.Errorf("%s: %w: token_type %q is not a bearer access token", doing, ErrInvalidToken, ir.TokenType)
+	case !v.audienceAccepted(ir.Aud):
+		return nil, fmt.Errorf("%s: %w: aud %q names none of the accepted audiences", doing, ErrInvalidToken, []string(ir.Aud))
+	case ir.Nbf != nil && unixTime(*ir.Nbf).After(now.Add(v.cfg.Leeway)):
+		return nil, fmt.Errorf("%s: %w: not valid before %v", doing, ErrInvalidToken, unixTime(*ir.Nbf))
+	}
+	// Without exp the answer is trusted only briefly; with it, never past it.
+	expiry := now.Add(v.cfg.InactiveTTL)
+	if ir.Exp != nil {
+		exp := unixTime(*ir.Exp)
+		if !exp.Add(v.cfg.Leeway).After(now) {
+			return nil, fmt.Errorf("%s: %w: expired at %v", doing, ErrInvalidToken, exp)
+		}
+		expiry = exp
+	}
+	p := &Principal{
+		Subject:  ir.Sub,
+		ClientID: ir.ClientID,
+		Audience: ir.Aud,
+		Expiry:   expiry,
+	}
+	if ir.Scope != nil {
+		p.Scopes = *ir.Scope
+	}
+	return p, nil
+}
+
+// unixTime reads a NumericDate (RFC 7519 §2), which may have a fraction.
+func unixTime(secs float64) time.Time {
+	whole, frac := math.Modf(secs)
+	return time.Unix(int64(whole), int64(frac*float64(time.Second)))
+}
+
+// scopeList reads a scope claim written as a space-separated string (`scope`, RFC 8693
+// §4.2, RFC 7662) or as an array (`scp`).
+type scopeList []string
+
+func (s *scopeList) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		*s = nil
+		return nil
+	}
+	if len(b) > 0 && b[0] == '"' {
+		var str string
+		if err := json.Unmarshal(b, &str); err != nil {
+			return err
+		}
+		*s = strings.Fields(str)
+		return nil
+	}
+	var list []string
+	if err := json.Unmarshal(b, &list); err != nil {
+		return fmt.Errorf("scope: want a string or an array of strings: %w", err)
+	}
+	*s = list
+	return nil
+}
+
+// audience reads `aud`, a string or an array of strings (RFC 7519 §4.1.3).
+type audience []string
+
+func (a *audience) UnmarshalJSON(b []byte) error {
+	if len(b) > 0 && b[0] == '"' {
+		var str string
+		if err := json.Unmarshal(b, &str); err != nil {
+			return err
+		}
+		*a = audience{str}
+		return nil
+	}
+	var list []string
+	if err := json.Unmarshal(b, &list); err != nil {
+		return fmt.Errorf("aud: want a string or an array of strings: %w", err)
+	}
+	*a = list
+	return nil
+}

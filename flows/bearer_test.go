@@ -1,0 +1,868 @@
+package flows
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+	"golang.org/x/oauth2"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+)
+
+// verifierResource is the protected resource the tokens of these tests are meant for.
+const verifierResource = "https://mcp.example.test/mcp"
+
+// verifierCallback is a redirect URI nobody listens on: Login stops before it.
+const verifierCallback = "http://127.0.0.1:49152/callback"
+
+var (
+	verifierOPOnce sync.Once
+	verifierOPVal  *testenv.OP
+	verifierOPErr  error
+)
+
+// verifierOP is the OP shared by the tests that neither count its requests nor take it
+// down, started once per package.
+func verifierOP(t testing.TB) *testenv.OP {
+	t.Helper()
+	verifierOPOnce.Do(func() { verifierOPVal, verifierOPErr = testenv.NewOP() })
+	if verifierOPErr != nil {
+		t.Fatalf("starting OP: %v", verifierOPErr)
+	}
+	return verifierOPVal
+}
+
+// newVerifierFor builds a TokenVerifier for o's tokens meant for verifierResource, with
+// the broker's credentials, after applying change to its configuration.
+func newVerifierFor(o *testenv.OP, change func(*VerifierConfig)) *TokenVerifier {
+	cfg := VerifierConfig{
+		IdP:          NewIdP(o.Issuer, "", http.DefaultClient),
+		Audiences:    []string{verifierResource},
+		ClientID:     testenv.BrokerClientID,
+		ClientSecret: testenv.BrokerClientSecret,
+		HTTPClient:   http.DefaultClient,
+	}
+	if change != nil {
+		change(&cfg)
+	}
+	return NewTokenVerifier(cfg)
+}
+
+// loginAccessToken signs test-user in on o's login form as client and redeems the code,
+// with PKCE; resources, if any, become the access token's audience.
+func loginAccessToken(t *testing.T, o *testenv.OP, clientID, secret string, scopes []string, resources ...string) string {
+	t.Helper()
+	cfg := oauth2.Config{
+		ClientID:     clientID,
+		ClientSecret: secret,
+		Endpoint:     o.Endpoint(),
+		RedirectURL:  verifierCallback,
+		Scopes:       scopes,
+	}
+	verifier := oauth2.GenerateVerifier()
+	opts := []oauth2.AuthCodeOption{oauth2.S256ChallengeOption(verifier)}
+	for _, r := range resources {
+		opts = append(opts, oauth2.SetAuthURLParam("resource", r))
+	}
+	callback, err := o.Login(t.Context(), cfg.AuthCodeURL("state", opts...))
+	if err != nil {
+		t.Fatalf("logging in: %v", err)
+	}
+	tok, err := cfg.Exchange(t.Context(), callback.Query().Get("code"), oauth2.VerifierOption(verifier))
+	if err != nil {
+		t.Fatalf("exchanging code: %v", err)
+	}
+	return tok.AccessToken
+}
+
+// compactJWS assembles header.payload.signature by hand, for what go-jose refuses to sign.
+func compactJWS(t *testing.T, header, claims map[string]any, sign func(signingInput []byte) []byte) string {
+	t.Helper()
+	h, err := json.Marshal(header)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := json.Marshal(claims)
+	if err != nil {
+		t.Fatal(err)
+	}
+	input := base64.RawURLEncoding.EncodeToString(h) + "." + base64.RawURLEncoding.EncodeToString(c)
+	var sig []byte
+	if sign != nil {
+		sig = sign([]byte(input))
+	}
+	return input + "." + base64.RawURLEncoding.EncodeToString(sig)
+}
+
+var (
+	attackerKeyOnce sync.Once
+	attackerKeyVal  *rsa.PrivateKey
+)
+
+// attackerKey is an RSA key the OP never published.
+func attackerKey(t *testing.T) *rsa.PrivateKey {
+	t.Helper()
+	attackerKeyOnce.Do(func() {
+		k, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			panic(err)
+		}
+		attackerKeyVal = k
+	})
+	return attackerKeyVal
+}
+
+// signWithKey signs claims with go-jose under kid, as an OP would, with key.
+func signWithKey(t *testing.T, key any, alg jose.SignatureAlgorithm, kid string, claims map[string]any) string {
+	t.Helper()
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: alg, Key: jose.JSONWebKey{Key: key, KeyID: kid}},
+		(&jose.SignerOptions{}).WithType("JWT"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, err := json.Marshal(claims)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jws, err := signer.Sign(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := jws.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func randomKID() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// revokedOpaqueToken is an opaque token of o that its client has revoked.
+func revokedOpaqueToken(t *testing.T, o *testenv.OP) string {
+	t.Helper()
+	tok := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, o.RevocationEndpoint,
+		strings.NewReader(url.Values{"token": {tok}}.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.SetBasicAuth(testenv.OpaqueClientID, testenv.OpaqueClientSecret)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("revoking: %s", resp.Status)
+	}
+	return tok
+}
+
+func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
+	o := verifierOP(t)
+	for _, tc := range []struct {
+		name         string
+		token        func(t *testing.T) string
+		wantClientID string
+		wantScopes   []string
+	}{
+		{
+			name: "JWT from a real login speaks for the user with its scopes",
+			token: func(t *testing.T) string {
+				return loginAccessToken(t, o, testenv.BrokerClientID, testenv.BrokerClientSecret,
+					[]string{"openid", "notes:read"}, verifierResource)
+			},
+			wantClientID: testenv.BrokerClientID,
+			wantScopes:   []string{"openid", "notes:read"},
+		},
+		{
+			name: "opaque token from a real login is accepted by introspection",
+			token: func(t *testing.T) string {
+				tok := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret,
+					[]string{"openid", "notes:write"}, verifierResource)
+				if looksLikeJWS(tok) {
+					t.Fatalf("opaque client got a JWT")
+				}
+				return tok
+			},
+			wantClientID: testenv.OpaqueClientID,
+			wantScopes:   []string{"openid", "notes:write"},
+		},
+		{
+			name: "scp array is read as the scopes and azp as the client",
+			token: func(t *testing.T) string {
+				c := o.AccessTokenClaims(o.User.Subject, verifierResource)
+				c["scp"] = []string{"notes:read", "notes:write"}
+				c["azp"] = "some-client"
+				return o.MintJWT(c)
+			},
+			wantClientID: "some-client",
+			wantScopes:   []string{"notes:read", "notes:write"},
+		},
+		{
+			name: "aud as a plain string naming the resource is accepted",
+			token: func(t *testing.T) string {
+				c := o.AccessTokenClaims(o.User.Subject)
+				c["aud"] = verifierResource
+				c["client_id"] = "cid"
+				c["scope"] = "a b"
+				return o.MintJWT(c)
+			},
+			wantClientID: "cid",
+			wantScopes:   []string{"a", "b"},
+		},
+		{
+			name: "token expired less than the leeway ago is accepted",
+			token: func(t *testing.T) string {
+				c := o.AccessTokenClaims(o.User.Subject, verifierResource)
+				c["exp"] = time.Now().Add(-10 * time.Second).Unix()
+				return o.MintJWT(c)
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw := tc.token(t)
+			v := newVerifierFor(o, nil)
+			p, err := v.Verify(t.Context(), raw)
+			if err != nil {
+				t.Fatalf("Verify: %v", err)
+			}
+			if p.Subject != o.User.Subject {
+				t.Errorf("Subject = %q, want %q", p.Subject, o.User.Subject)
+			}
+			if p.ClientID != tc.wantClientID {
+				t.Errorf("ClientID = %q, want %q", p.ClientID, tc.wantClientID)
+			}
+			if !slices.Equal(p.Scopes, tc.wantScopes) {
+				t.Errorf("Scopes = %q, want %q", p.Scopes, tc.wantScopes)
+			}
+			if !slices.Contains(p.Audience, verifierResource) {
+				t.Errorf("Audience = %q, want it to contain %q", p.Audience, verifierResource)
+			}
+			if p.Expiry.IsZero() {
+				t.Error("Expiry is zero")
+			}
+		})
+	}
+}
+
+func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
+	o := verifierOP(t)
+	opKey := o.SigningKey()
+	valid := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
+
+	for _, tc := range []struct {
+		name  string
+		token func(t *testing.T) string
+	}{
+		{
+			name: "alg none is refused",
+			token: func(t *testing.T) string {
+				return compactJWS(t, map[string]any{"alg": "none", "typ": "JWT", "kid": opKey.KeyID}, valid(), nil)
+			},
+		},
+		{
+			name: "HS256 keyed with the OP's public key is refused",
+			token: func(t *testing.T) string {
+				pub, err := x509.MarshalPKIXPublicKey(opKey.Public().Key)
+				if err != nil {
+					t.Fatal(err)
+				}
+				secret := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub})
+				return compactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(),
+					func(in []byte) []byte {
+						m := hmac.New(sha256.New, secret)
+						m.Write(in)
+						return m.Sum(nil)
+					})
+			},
+		},
+		{
+			name: "HS256 keyed with the OP's JWK is refused",
+			token: func(t *testing.T) string {
+				secret, err := opKey.Public().MarshalJSON()
+				if err != nil {
+					t.Fatal(err)
+				}
+				return compactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(),
+					func(in []byte) []byte {
+						m := hmac.New(sha256.New, secret)
+						m.Write(in)
+						return m.Sum(nil)
+					})
+			},
+		},
+		{
+			name: "unpublished key under the OP's kid is refused",
+			token: func(t *testing.T) string {
+				return signWithKey(t, attackerKey(t), jose.RS256, opKey.KeyID, valid())
+			},
+		},
+		{
+			name: "unpublished key under a new kid is refused",
+			token: func(t *testing.T) string {
+				return signWithKey(t, attackerKey(t), jose.RS256, randomKID(), valid())
+			},
+		},
+		{
+			name: "unpublished key without a kid is refused",
+			token: func(t *testing.T) string {
+				return signWithKey(t, attackerKey(t), jose.PS256, "", valid())
+			},
+		},
+		{
+			name: "wrong issuer is refused",
+			token: func(t *testing.T) string {
+				c := valid()
+				c["iss"] = "https://idp.evil.example"
+				return o.MintJWT(c)
+			},
+		},
+		{
+			name: "wrong audience is refused",
+			token: func(t *testing.T) string {
+				c := valid()
+				c["aud"] = []string{"https://other.example/mcp", "mcp-server"}
+				return o.MintJWT(c)
+			},
+		},
+		{
+			name: "JWT of a real login by another client for itself is refused",
+			token: func(t *testing.T) string {
+				return loginAccessToken(t, o, testenv.BrokerClientID, testenv.BrokerClientSecret, []string{"openid"})
+			},
+		},
+		{
+			name: "expired token is refused",
+			token: func(t *testing.T) string {
+				c := valid()
+				c["iat"] = time.Now().Add(-2 * time.Hour).Unix()
+				c["nbf"] = time.Now().Add(-2 * time.Hour).Unix()
+				c["exp"] = time.Now().Add(-time.Hour).Unix()
+				return o.MintJWT(c)
+			},
+		},
+		{
+			name: "token without exp is refused",
+			token: func(t *testing.T) string {
+				c := valid()
+				delete(c, "exp")
+				return o.MintJWT(c)
+			},
+		},
+		{
+			name: "nbf an hour ahead is refused",
+			token: func(t *testing.T) string {
+				c := valid()
+				c["nbf"] = time.Now().Add(time.Hour).Unix()
+				c["exp"] = time.Now().Add(2 * time.Hour).Unix()
+				return o.MintJWT(c)
+			},
+		},
+		{
+			name: "token without sub is refused",
+			token: func(t *testing.T) string {
+				c := valid()
+				delete(c, "sub")
+				return o.MintJWT(c)
+			},
+		},
+		{
+			name: "malformed scope claim is refused",
+			token: func(t *testing.T) string {
+				c := valid()
+				c["scope"] = 42
+				return o.MintJWT(c)
+			},
+		},
+		{
+			name: "opaque token of another client, for itself, is refused (cross-client)",
+			token: func(t *testing.T) string {
+				return loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"})
+			},
+		},
+		{
+			name:  "revoked opaque token is refused as inactive",
+			token: func(t *testing.T) string { return revokedOpaqueToken(t, o) },
+		},
+		{
+			name:  "garbage opaque token is refused as inactive",
+			token: func(t *testing.T) string { return "not-a-token-" + randomKID() },
+		},
+		{
+			name:  "JWE-shaped token is refused as inactive",
+			token: func(t *testing.T) string { return "a.b.c.d.e" },
+		},
+		{
+			name:  "oversized token is refused without a request",
+			token: func(t *testing.T) string { return strings.Repeat("a", maxTokenLength+1) },
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw := tc.token(t)
+			v := newVerifierFor(o, nil)
+			p, err := v.Verify(t.Context(), raw)
+			if !errors.Is(err, ErrInvalidToken) || errors.Is(err, ErrIdPUnavailable) {
+				t.Fatalf("Verify = %+v, %v; want ErrInvalidToken alone", p, err)
+			}
+			if p != nil {
+				t.Errorf("principal %+v returned with an error", p)
+			}
+			if strings.Contains(err.Error(), raw) {
+				t.Errorf("error contains the token: %v", err)
+			}
+			t.Logf("refused: %v", err)
+		})
+	}
+}
+
+func TestTokenVerifierRefusesOpaqueTokensWithoutIntrospection(t *testing.T) {
+	o := verifierOP(t)
+	v := newVerifierFor(o, nil)
+	d, err := v.cfg.IdP.Discovery(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	noIntrospection := *d
+	noIntrospection.IntrospectionEndpoint = ""
+	_, err = v.introspect(t.Context(), &noIntrospection, "opaque-token")
+	if !errors.Is(err, ErrInvalidToken) {
+		t.Fatalf("introspect without an endpoint = %v, want ErrInvalidToken", err)
+	}
+}
+
+func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
+	o := testenv.StartOP(t)
+	v := newVerifierFor(o, nil)
+	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
+
+	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	if n := o.Count(testenv.CountJWKS); n != 1 {
+		t.Errorf("a kid not yet cached took %d JWKS fetches, want 1", n)
+	}
+
+	o.ResetCounts()
+	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	if n := o.Count(testenv.CountJWKS); n != 0 {
+		t.Errorf("a known kid took %d JWKS fetches, want 0", n)
+	}
+
+	o.ResetCounts()
+	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+	for range 3 {
+		if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify(forged) = %v, want ErrInvalidToken", err)
+		}
+	}
+	if n := o.Count(testenv.CountJWKS); n != 1 {
+		t.Errorf("an unknown kid presented 3 times took %d JWKS fetches, want 1 (then the refusal is cached)", n)
+	}
+}
+
+func TestTokenVerifierCache(t *testing.T) {
+	t.Run("second Verify of an opaque token does not call the IdP", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		v := newVerifierFor(o, nil)
+		first, err := v.Verify(t.Context(), raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		second, err := v.Verify(t.Context(), raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if first != second {
+			t.Error("the second Verify did not answer from the cache")
+		}
+		if n := o.Count(testenv.CountIntrospect); n != 1 {
+			t.Errorf("introspected %d times, want 1", n)
+		}
+	})
+
+	t.Run("second Verify of a JWT does not call the IdP or verify again", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
+		v := newVerifierFor(o, nil)
+		first, err := v.Verify(t.Context(), raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.SetDown(true)
+		second, err := v.Verify(t.Context(), raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if first != second {
+			t.Error("the second Verify did not answer from the cache")
+		}
+		if n := o.Count(testenv.CountJWKS); n != 1 {
+			t.Errorf("fetched the JWKS %d times, want 1", n)
+		}
+	})
+
+	t.Run("valid entry lasts until the token's exp, no longer", func(t *testing.T) {
+		o := verifierOP(t)
+		exp := time.Now().Add(90 * time.Second).Truncate(time.Second)
+		c := o.AccessTokenClaims(o.User.Subject, verifierResource)
+		c["exp"] = exp.Unix()
+		raw := o.MintJWT(c)
+		v := newVerifierFor(o, nil)
+		if _, err := v.Verify(t.Context(), raw); err != nil {
+			t.Fatal(err)
+		}
+		vd, ok := v.cache[tokenKey(raw)]
+		if !ok {
+			t.Fatal("valid token not cached")
+		}
+		if got := time.Unix(0, vd.expires); !got.Equal(exp) {
+			t.Errorf("cached until %v, want the token's exp %v", got, exp)
+		}
+	})
+
+	t.Run("expired cached JWT is verified again and refused", func(t *testing.T) {
+		o := verifierOP(t)
+		var now atomic.Pointer[time.Time]
+		start := time.Now()
+		now.Store(&start)
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = func() time.Time { return *now.Load() } })
+		c := o.AccessTokenClaims(o.User.Subject, verifierResource)
+		c["exp"] = start.Add(time.Minute).Unix()
+		raw := o.MintJWT(c)
+		if _, err := v.Verify(t.Context(), raw); err != nil {
+			t.Fatal(err)
+		}
+		later := start.Add(time.Minute + v.cfg.Leeway + time.Second)
+		now.Store(&later)
+		if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify after exp = %v, want ErrInvalidToken", err)
+		}
+	})
+
+	t.Run("expired cached opaque token is introspected again and refused", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		var now atomic.Pointer[time.Time]
+		start := time.Now()
+		now.Store(&start)
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = func() time.Time { return *now.Load() } })
+		p, err := v.Verify(t.Context(), raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		later := p.Expiry.Add(v.cfg.Leeway + time.Second)
+		now.Store(&later)
+		if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify after exp = %v, want ErrInvalidToken", err)
+		}
+		if n := o.Count(testenv.CountIntrospect); n != 2 {
+			t.Errorf("introspected %d times, want 2", n)
+		}
+	})
+
+	t.Run("refusal is cached for InactiveTTL only", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		var now atomic.Pointer[time.Time]
+		start := time.Now()
+		now.Store(&start)
+		v := newVerifierFor(o, func(c *VerifierConfig) {
+			c.Now = func() time.Time { return *now.Load() }
+			c.InactiveTTL = 5 * time.Second
+		})
+		raw := "garbage-" + randomKID()
+		for range 2 {
+			if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrInvalidToken) {
+				t.Fatalf("Verify = %v, want ErrInvalidToken", err)
+			}
+		}
+		if n := o.Count(testenv.CountIntrospect); n != 1 {
+			t.Errorf("within InactiveTTL: introspected %d times, want 1", n)
+		}
+		later := start.Add(5 * time.Second)
+		now.Store(&later)
+		if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrInvalidToken", err)
+		}
+		if n := o.Count(testenv.CountIntrospect); n != 2 {
+			t.Errorf("after InactiveTTL: introspected %d times, want 2", n)
+		}
+	})
+
+	t.Run("cache stays within CacheEntries", func(t *testing.T) {
+		o := verifierOP(t)
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 3 })
+		for i := range 10 {
+			if _, err := v.Verify(t.Context(), o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))); err != nil {
+				t.Fatalf("token %d: %v", i, err)
+			}
+			if _, err := v.Verify(t.Context(), "garbage-"+randomKID()); !errors.Is(err, ErrInvalidToken) {
+				t.Fatalf("garbage %d: %v", i, err)
+			}
+			if n := len(v.cache); n > 3 {
+				t.Fatalf("after %d tokens the cache holds %d entries, want at most 3", 2*(i+1), n)
+			}
+		}
+	})
+
+	t.Run("a flood of refusals does not evict a valid entry", func(t *testing.T) {
+		o := verifierOP(t)
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 4 })
+		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
+		if _, err := v.Verify(t.Context(), raw); err != nil {
+			t.Fatal(err)
+		}
+		for range 20 {
+			if _, err := v.Verify(t.Context(), "garbage-"+randomKID()); !errors.Is(err, ErrInvalidToken) {
+				t.Fatal(err)
+			}
+		}
+		if _, ok := v.cache[tokenKey(raw)]; !ok {
+			t.Error("the valid entry was evicted by refusals")
+		}
+		if n := len(v.cache); n > 4 {
+			t.Errorf("the cache holds %d entries, want at most 4", n)
+		}
+	})
+
+	t.Run("a full cache evicts the valid entry expiring soonest", func(t *testing.T) {
+		o := verifierOP(t)
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 3 })
+		var tokens []string
+		for i := range 4 { // the first expires soonest
+			c := o.AccessTokenClaims(o.User.Subject, verifierResource)
+			c["exp"] = time.Now().Add(time.Duration(2+i) * time.Minute).Unix()
+			tokens = append(tokens, o.MintJWT(c))
+			if _, err := v.Verify(t.Context(), tokens[i]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, ok := v.cache[tokenKey(tokens[0])]; ok {
+			t.Error("the entry expiring soonest is still cached")
+		}
+		for _, raw := range tokens[1:] {
+			if _, ok := v.cache[tokenKey(raw)]; !ok {
+				t.Error("an entry expiring later was evicted")
+			}
+		}
+	})
+
+	t.Run("cache is keyed by the token's hash", func(t *testing.T) {
+		o := verifierOP(t)
+		v := newVerifierFor(o, nil)
+		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
+		if _, err := v.Verify(t.Context(), raw); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := v.cache[sha256.Sum256([]byte(raw))]; !ok {
+			t.Error("no entry under the token's SHA-256")
+		}
+	})
+}
+
+func TestTokenVerifierIdPUnavailable(t *testing.T) {
+	t.Run("IdP down before discovery is unavailable, not invalid", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
+		o.SetDown(true)
+		v := newVerifierFor(o, nil)
+		_, err := v.Verify(t.Context(), raw)
+		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		}
+		if strings.Contains(err.Error(), raw) {
+			t.Errorf("error contains the token: %v", err)
+		}
+	})
+
+	t.Run("introspection down is unavailable and not cached", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		v := newVerifierFor(o, nil)
+		if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		o.SetDown(true)
+		_, err := v.Verify(t.Context(), raw)
+		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		}
+		if strings.Contains(err.Error(), raw) {
+			t.Errorf("error contains the token: %v", err)
+		}
+		o.SetDown(false)
+		if _, err := v.Verify(t.Context(), raw); err != nil {
+			t.Fatalf("Verify once the IdP is back = %v, want success", err)
+		}
+	})
+
+	t.Run("JWKS down for an unknown kid is unavailable", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		v := newVerifierFor(o, nil)
+		claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
+		if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
+			t.Fatal(err)
+		}
+		o.SetDown(true)
+		forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+		_, err := v.Verify(t.Context(), forged)
+		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		}
+		o.SetDown(false)
+		if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify once the IdP is back = %v, want ErrInvalidToken", err)
+		}
+	})
+
+	t.Run("stalled introspection gives up at the client timeout", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.HTTPClient = &http.Client{Timeout: 100 * time.Millisecond} })
+		if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		o.SetLatency(5 * time.Second)
+		start := time.Now()
+		_, err := v.Verify(t.Context(), raw)
+		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Errorf("Verify took %v against a stalled IdP", d)
+		}
+	})
+
+	t.Run("known signing keys keep working while the IdP is down", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		v := newVerifierFor(o, nil)
+		claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
+		if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
+			t.Fatal(err)
+		}
+		o.SetDown(true)
+		if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
+			t.Fatalf("Verify of a new token under a known kid = %v, want success", err)
+		}
+	})
+}
+
+func TestTokenVerifierSingleFlight(t *testing.T) {
+	o := testenv.StartOP(t)
+	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	v := newVerifierFor(o, nil)
+	if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	o.SetLatency(200 * time.Millisecond)
+	const callers = 16
+	var wg sync.WaitGroup
+	principals := make([]*Principal, callers)
+	errs := make([]error, callers)
+	for i := range callers {
+		wg.Go(func() { principals[i], errs[i] = v.Verify(t.Context(), raw) })
+	}
+	wg.Wait()
+	for i := range callers {
+		if errs[i] != nil || principals[i] != principals[0] {
+			t.Fatalf("caller %d: %p, %v; want the shared principal %p", i, principals[i], errs[i], principals[0])
+		}
+	}
+	if n := o.Count(testenv.CountIntrospect); n != 1 {
+		t.Errorf("%d concurrent callers made %d introspection requests, want 1", callers, n)
+	}
+}
+
+func TestTokenVerifierWaiterOutlivesCanceledLeader(t *testing.T) {
+	o := testenv.StartOP(t)
+	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	v := newVerifierFor(o, nil)
+	if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	o.SetLatency(300 * time.Millisecond)
+	leaderCtx, cancel := context.WithCancel(t.Context())
+	leaderDone := make(chan error, 1)
+	go func() {
+		_, err := v.Verify(leaderCtx, raw)
+		leaderDone <- err
+	}()
+	// Let the leader start its introspection, then join it and cancel it.
+	for flightsOf(v) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	waiterDone := make(chan error, 1)
+	go func() {
+		_, err := v.Verify(t.Context(), raw)
+		waiterDone <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+	if err := <-leaderDone; !errors.Is(err, ErrIdPUnavailable) {
+		t.Errorf("canceled leader: %v, want ErrIdPUnavailable", err)
+	}
+	if err := <-waiterDone; err != nil {
+		t.Errorf("waiter: %v, want success on its own retry", err)
+	}
+}
+
+// flightsOf counts the cold verifications v has in progress.
+func flightsOf(v *TokenVerifier) int {
+	v.flightMu.Lock()
+	defer v.flightMu.Unlock()
+	return len(v.flights)
+}
+
+func TestTokenVerifierDecodesScopeAndAudience(t *testing.T) {
+	for _, tc := range []struct {
+		name, in  string
+		wantScope []string
+		wantErr   bool
+	}{
+		{"space-separated string", `"a  b c"`, []string{"a", "b", "c"}, false},
+		{"array", `["a","b"]`, []string{"a", "b"}, false},
+		{"null", `null`, nil, false},
+		{"number is refused", `7`, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var s scopeList
+			err := json.Unmarshal([]byte(tc.in), &s)
+			if (err != nil) != tc.wantErr || !slices.Equal(s, tc.wantScope) {
+				t.Errorf("scopeList(%s) = %q, %v", tc.in, s, err)
+			}
+		})
+	}
+	var a audience
+	if err := json.Unmarshal([]byte(`"x"`), &a); err != nil || !slices.Equal(a, audience{"x"}) {
+		t.Errorf("audience(string) = %q, %v", a, err)
+	}
+	if err := json.Unmarshal([]byte(`["x","y"]`), &a); err != nil || !slices.Equal(a, audience{"x", "y"}) {
+		t.Errorf("audience(array) = %q, %v", a, err)
+	}
+}

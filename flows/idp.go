@@ -1,0 +1,160 @@
+package flows
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+)
+
+// GrantTypeTokenExchange is the RFC 8693 grant type.
+const GrantTypeTokenExchange = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+// ErrIdPUnavailable means the IdP could not be reached or answered with a server error.
+var ErrIdPUnavailable = errors.New("identity provider unavailable")
+
+// Discovery is the part of the IdP's OIDC discovery document the broker uses, with the
+// go-oidc provider that caches its JWKS.
+type Discovery struct {
+	Provider *oidc.Provider
+
+	// Issuer is the `issuer` the document names, which tokens carry in `iss`.
+	Issuer string
+
+	// BrowserAuthorizationEndpoint is the authorization endpoint rewritten onto the
+	// public issuer, for redirects of browsers.
+	BrowserAuthorizationEndpoint string
+
+	TokenEndpoint         string   `json:"token_endpoint"`
+	IntrospectionEndpoint string   `json:"introspection_endpoint"`
+	RevocationEndpoint    string   `json:"revocation_endpoint"`
+	JWKSURI               string   `json:"jwks_uri"`
+	GrantTypesSupported   []string `json:"grant_types_supported"`
+}
+
+// SupportsTokenExchange tells whether the IdP advertises the RFC 8693 grant.
+func (d *Discovery) SupportsTokenExchange() bool {
+	for _, g := range d.GrantTypesSupported {
+		if g == GrantTypeTokenExchange {
+			return true
+		}
+	}
+	return false
+}
+
+// IdP is the upstream identity provider, discovered lazily: construction never touches the
+// network, so provisioning a configuration never waits for the IdP.
+type IdP struct {
+	issuer       string
+	publicIssuer string
+	client       *http.Client
+	now          func() time.Time
+
+	mu        sync.Mutex // held during a fetch, so concurrent callers share one
+	cached    *Discovery
+	fetchedAt time.Time
+	failedAt  time.Time
+	lastErr   error
+}
+
+const (
+	// discoveryMaxAge is how long a discovery document is used before it is fetched again;
+	// keys rotate through go-oidc's JWKS refetch on an unknown kid, not through this.
+	discoveryMaxAge = 12 * time.Hour
+	// discoveryRetryAfter spaces out fetches after a failure, so a down IdP is not hammered.
+	discoveryRetryAfter = 5 * time.Second
+)
+
+// NewIdP describes the IdP at issuer (the back-channel address) whose browser-facing
+// base is publicIssuer (empty when the same).
+func NewIdP(issuer, publicIssuer string, client *http.Client) *IdP {
+	return &IdP{issuer: issuer, publicIssuer: publicIssuer, client: client, now: time.Now}
+}
+
+// Discovery returns the cached discovery document, fetching it when absent or stale. A
+// stale document stays in use while the IdP is unreachable.
+func (i *IdP) Discovery(ctx context.Context) (*Discovery, error) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	now := i.now()
+	if i.cached != nil && now.Sub(i.fetchedAt) < discoveryMaxAge {
+		return i.cached, nil
+	}
+	if i.lastErr != nil && now.Sub(i.failedAt) < discoveryRetryAfter {
+		if i.cached != nil {
+			return i.cached, nil
+		}
+		return nil, i.lastErr
+	}
+	d, err := i.fetch(ctx)
+	if err != nil {
+		i.lastErr, i.failedAt = fmt.Errorf("loading OIDC discovery from %s: %w", i.issuer, err), now
+		if i.cached != nil {
+			return i.cached, nil
+		}
+		return nil, i.lastErr
+	}
+	i.cached, i.fetchedAt, i.lastErr = d, now, nil
+	return d, nil
+}
+
+func (i *IdP) fetch(ctx context.Context) (*Discovery, error) {
+	ctx = oidc.ClientContext(ctx, i.client)
+	p, err := oidc.NewProvider(ctx, i.issuer)
+	var mismatch *oidc.IssuerMismatchError
+	if errors.As(err, &mismatch) && i.acceptsIssuer(mismatch.Discovered) {
+		// An IdP behind two addresses names its public one; tokens carry that.
+		p, err = oidc.NewProvider(oidc.InsecureIssuerURLContext(ctx, mismatch.Discovered), i.issuer)
+	}
+	if err != nil {
+		if errors.As(err, &mismatch) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %v", ErrIdPUnavailable, err)
+	}
+	d := &Discovery{Provider: p}
+	if err := p.Claims(d); err != nil {
+		return nil, fmt.Errorf("decoding discovery document: %w", err)
+	}
+	var iss struct {
+		Issuer string `json:"issuer"`
+	}
+	_ = p.Claims(&iss)
+	d.Issuer = iss.Issuer
+	d.BrowserAuthorizationEndpoint = i.browserURL(p.Endpoint().AuthURL)
+	return d, nil
+}
+
+// acceptsIssuer allows a discovered issuer that differs from the configured back-channel
+// address only when it is the configured public address.
+func (i *IdP) acceptsIssuer(discovered string) bool {
+	return i.publicIssuer != "" && strings.TrimSuffix(discovered, "/") == strings.TrimSuffix(i.publicIssuer, "/")
+}
+
+// browserURL moves an IdP endpoint from the back-channel address onto the public one, as
+// the seed's NEXTCLOUD_PUBLIC_ISSUER_URL did: by prefix when the endpoint lives under the
+// issuer, else by origin when it is on the issuer's host.
+func (i *IdP) browserURL(endpoint string) string {
+	if i.publicIssuer == "" {
+		return endpoint
+	}
+	internal := strings.TrimSuffix(i.issuer, "/")
+	public := strings.TrimSuffix(i.publicIssuer, "/")
+	if rest, ok := strings.CutPrefix(endpoint, internal); ok && (rest == "" || rest[0] == '/' || rest[0] == '?') {
+		return public + rest
+	}
+	e, err1 := url.Parse(endpoint)
+	in, err2 := url.Parse(internal)
+	pub, err3 := url.Parse(public)
+	if err1 != nil || err2 != nil || err3 != nil || !strings.EqualFold(e.Host, in.Host) {
+		return endpoint
+	}
+	e.Scheme, e.Host = pub.Scheme, pub.Host
+	return e.String()
+}

@@ -1,0 +1,11 @@
+// Package testenv runs the real parts the broker's tests talk to, in-process
+// on loopback ports: zitadel/oidc's example OpenID Provider ([OP]) and an MCP
+// server built with the go-sdk ([Upstream]) that checks the tokens it is sent
+// and reports what it saw. Production code never imports it.
+//
+// A package's tests share one OP, started in TestMain with [NewOP]; a test
+// that needs its own (with options, or for exact counts) uses [StartOP].
+//
+// The example OP logs every request through slog's default logger at info
+// level; a TestMain may raise that logger's level to keep failures readable.
+package testenv

@@ -1,0 +1,395 @@
+package storage
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// ErrNotFound is returned for a record that is missing or expired. It also
+// matches fs.ErrNotExist under errors.Is.
+var ErrNotFound error = &notFoundError{}
+
+type notFoundError struct{}
+
+func (*notFoundError) Error() string        { return "record not found" }
+func (*notFoundError) Is(target error) bool { return target == fs.ErrNotExist }
+
+var errInvalidKey = errors.New("invalid record key: build it with storage.Key")
+
+// Native is the optional fast path a backend may offer (a Redis storage
+// module will): native TTL and atomic get-and-delete. When the
+// certmagic.Storage passed to New also implements Native, Put uses StoreTTL
+// and TakeOnce uses LoadAndDelete without taking any lock.
+type Native interface {
+	// StoreTTL stores value at key; the backend may drop it after ttl.
+	StoreTTL(ctx context.Context, key string, value []byte, ttl time.Duration) error
+	// LoadAndDelete atomically returns and removes the value at key;
+	// fs.ErrNotExist when missing.
+	LoadAndDelete(ctx context.Context, key string) ([]byte, error)
+}
+
+// Records stores typed, expiring records in a certmagic.Storage. It is safe
+// for concurrent use.
+type Records struct {
+	store  certmagic.Storage
+	native Native // nil unless store implements it
+	ring   *KeyRing
+	now    func() time.Time
+	logger *zap.Logger
+	local  keyedLocks // in front of storage locks; see TakeOnce
+}
+
+// Option configures Records.
+type Option func(*Records)
+
+// WithClock injects the clock used for expiry. Default: time.Now.
+func WithClock(now func() time.Time) Option {
+	return func(r *Records) {
+		if now != nil {
+			r.now = now
+		}
+	}
+}
+
+// WithLogger sets the logger. Default: zap.NewNop().
+func WithLogger(l *zap.Logger) Option {
+	return func(r *Records) {
+		if l != nil {
+			r.logger = l
+		}
+	}
+}
+
+// New returns Records over s. ring may be nil when nothing is sealed; Seal
+// and Open then return an error.
+func New(s certmagic.Storage, ring *KeyRing, opts ...Option) *Records {
+	r := &Records{
+		store:  s,
+		ring:   ring,
+		now:    time.Now,
+		logger: zap.NewNop(),
+	}
+	r.native, _ = s.(Native)
+	for _, o := range opts {
+		o(r)
+	}
+	return r
+}
+
+// Ring returns the key ring given to New.
+func (r *Records) Ring() *KeyRing { return r.ring }
+
+// Seal seals plaintext for the record at key; see KeyRing.Seal.
+func (r *Records) Seal(key string, plaintext []byte) (string, error) {
+	return r.ring.Seal(key, plaintext)
+}
+
+// Open opens a value sealed for the record at key; see KeyRing.Open.
+func (r *Records) Open(key, sealed string) ([]byte, error) {
+	return r.ring.Open(key, sealed)
+}
+
+// envelope is what is stored: the expiry lives inside the value because
+// certmagic storage has no TTL.
+type envelope struct {
+	ExpiresAt time.Time       `json:"expires_at"`
+	Value     json.RawMessage `json:"value"`
+}
+
+func (r *Records) expired(e *envelope) bool {
+	return !r.now().Before(e.ExpiresAt)
+}
+
+// Put stores v as JSON at key for ttl, replacing any record there.
+func (r *Records) Put(ctx context.Context, key string, v any, ttl time.Duration) error {
+	if !validKey(key, true) {
+		return errInvalidKey
+	}
+	if ttl <= 0 {
+		return fmt.Errorf("storing record: ttl must be positive, got %s", ttl)
+	}
+	value, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encoding record: %w", err)
+	}
+	data, err := json.Marshal(envelope{ExpiresAt: r.now().Add(ttl).UTC(), Value: value})
+	if err != nil {
+		return fmt.Errorf("encoding record: %w", err)
+	}
+	if r.native != nil {
+		err = r.native.StoreTTL(ctx, key, data, ttl)
+	} else {
+		err = r.store.Store(ctx, key, data)
+	}
+	if err != nil {
+		return fmt.Errorf("storing record: %w", err)
+	}
+	return nil
+}
+
+// Get decodes the record at key into v. A missing or expired record is
+// ErrNotFound. Expired records are left for the janitor rather than deleted
+// here, so that a Get never races a concurrent Put of the same key.
+func (r *Records) Get(ctx context.Context, key string, v any) error {
+	if !validKey(key, true) {
+		return errInvalidKey
+	}
+	env, err := r.load(ctx, key)
+	if err != nil {
+		return err
+	}
+	if r.expired(env) {
+		return ErrNotFound
+	}
+	return decodeValue(env, v)
+}
+
+// Delete removes the record at key; a missing record is not an error.
+func (r *Records) Delete(ctx context.Context, key string) error {
+	if !validKey(key, true) {
+		return errInvalidKey
+	}
+	if err := r.store.Delete(ctx, key); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("deleting record: %w", err)
+	}
+	return nil
+}
+
+// List returns the keys of live records anywhere under prefix (recursive),
+// in the order the backend returns them. Expired records are excluded, which
+// costs one read per key; so are entries that are not records (directories,
+// files being written). A missing prefix yields an empty list.
+func (r *Records) List(ctx context.Context, prefix string) ([]string, error) {
+	if !validKey(prefix, false) {
+		return nil, errInvalidKey
+	}
+	keys, err := r.listRecords(ctx, prefix)
+	if err != nil {
+		return nil, err
+	}
+	live := keys[:0]
+	for _, k := range keys {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("listing records: %w", err)
+		}
+		env, err := r.load(ctx, k)
+		if err != nil {
+			// Deleted meanwhile, or not a record: either way not listed.
+			continue
+		}
+		if !r.expired(env) {
+			live = append(live, k)
+		}
+	}
+	return live, nil
+}
+
+// listRecords lists candidate record keys under prefix without reading them.
+func (r *Records) listRecords(ctx context.Context, prefix string) ([]string, error) {
+	var (
+		keys []string
+		err  error
+	)
+	// FileStorage aborts a walk with fs.ErrNotExist when a file vanishes
+	// mid-walk (a concurrent delete), so retry a few times before giving up.
+	for range 3 {
+		keys, err = r.store.List(ctx, prefix, true)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("listing records: %w", err)
+		}
+		if !r.store.Exists(ctx, prefix) {
+			return nil, nil
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listing records: %w", err)
+	}
+	// A recursive list includes directories; drop any key that is the parent
+	// of another, which needs no extra reads.
+	parents := make(map[string]struct{})
+	for _, k := range keys {
+		for i := len(k) - 1; i > 0; i-- {
+			if k[i] == '/' {
+				parents[k[:i]] = struct{}{}
+			}
+		}
+	}
+	out := make([]string, 0, len(keys))
+	for _, k := range keys {
+		if _, isParent := parents[k]; !isParent && k != prefix {
+			out = append(out, k)
+		}
+	}
+	return out, nil
+}
+
+// TakeOnce reads and deletes the record at key atomically: among all callers
+// sharing the storage, in this process or any other, exactly one gets the
+// value and the rest get ErrNotFound. An expired record is ErrNotFound.
+//
+// With a Native backend this is LoadAndDelete. Otherwise the storage lock is
+// held around load+delete; an in-process lock per key sits in front of it so
+// that goroutines of one process queue in memory instead of polling the
+// storage lock (FileStorage polls once a second).
+func (r *Records) TakeOnce(ctx context.Context, key string, v any) error {
+	if !validKey(key, true) {
+		return errInvalidKey
+	}
+	var data []byte
+	if r.native != nil {
+		var err error
+		data, err = r.native.LoadAndDelete(ctx, key)
+		if errors.Is(err, fs.ErrNotExist) {
+			return ErrNotFound
+		}
+		if err != nil {
+			return fmt.Errorf("taking record: %w", err)
+		}
+	} else {
+		unlock, err := r.lock(ctx, "take", key)
+		if err != nil {
+			return fmt.Errorf("taking record: %w", err)
+		}
+		data, err = r.store.Load(ctx, key)
+		if err == nil {
+			// The value is handed out only once the delete succeeded, so a
+			// failed delete can never let a second caller take it too.
+			err = r.store.Delete(ctx, key)
+		}
+		unlock()
+		if errors.Is(err, fs.ErrNotExist) {
+			return ErrNotFound
+		}
+		if err != nil {
+			return fmt.Errorf("taking record: %w", err)
+		}
+	}
+	env, err := decodeEnvelope(data)
+	if err != nil {
+		return err
+	}
+	if r.expired(env) {
+		return ErrNotFound
+	}
+	return decodeValue(env, v)
+}
+
+// Lock takes the cluster-wide storage lock for name and returns the func that
+// releases it (safe to call more than once). Names are namespaced and hashed,
+// so any string is safe and never collides with TakeOnce or Caddy's own locks.
+func (r *Records) Lock(ctx context.Context, name string) (unlock func(), err error) {
+	unlock, err = r.lock(ctx, "lock", name)
+	if err != nil {
+		return nil, fmt.Errorf("acquiring lock: %w", err)
+	}
+	return unlock, nil
+}
+
+// lock takes the in-process lock for kind+name, then the storage lock.
+func (r *Records) lock(ctx context.Context, kind, name string) (func(), error) {
+	storageName := lockName(kind, name)
+	release, err := r.local.lock(ctx, storageName)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.store.Lock(ctx, storageName); err != nil {
+		release()
+		return nil, err
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			// The caller's ctx may be cancelled by now; unlocking must still happen.
+			if err := r.store.Unlock(context.WithoutCancel(ctx), storageName); err != nil {
+				r.logger.Error("releasing storage lock", zap.String("lock", storageName), zap.Error(err))
+			}
+			release()
+		})
+	}, nil
+}
+
+func (r *Records) load(ctx context.Context, key string) (*envelope, error) {
+	data, err := r.store.Load(ctx, key)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("loading record: %w", err)
+	}
+	return decodeEnvelope(data)
+}
+
+func decodeEnvelope(data []byte) (*envelope, error) {
+	var env envelope
+	if err := json.Unmarshal(data, &env); err != nil {
+		return nil, fmt.Errorf("decoding record: %w", err)
+	}
+	if env.ExpiresAt.IsZero() {
+		return nil, errors.New("decoding record: no expires_at")
+	}
+	return &env, nil
+}
+
+func decodeValue(env *envelope, v any) error {
+	if err := json.Unmarshal(env.Value, v); err != nil {
+		return fmt.Errorf("decoding record value: %w", err)
+	}
+	return nil
+}
+
+// keyedLocks is an in-process lock per name. Entries exist only while held
+// or awaited, so the map stays bounded by the number of concurrent callers.
+type keyedLocks struct {
+	mu sync.Mutex
+	m  map[string]*keyedLock
+}
+
+type keyedLock struct {
+	sem  chan struct{} // capacity 1; a send acquires
+	refs int           // holders + waiters, guarded by keyedLocks.mu
+}
+
+func (k *keyedLocks) lock(ctx context.Context, name string) (release func(), err error) {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = make(map[string]*keyedLock)
+	}
+	l := k.m[name]
+	if l == nil {
+		l = &keyedLock{sem: make(chan struct{}, 1)}
+		k.m[name] = l
+	}
+	l.refs++
+	k.mu.Unlock()
+
+	select {
+	case l.sem <- struct{}{}:
+	case <-ctx.Done():
+		k.drop(name, l)
+		return nil, ctx.Err()
+	}
+	return func() {
+		<-l.sem
+		k.drop(name, l)
+	}, nil
+}
+
+func (k *keyedLocks) drop(name string, l *keyedLock) {
+	k.mu.Lock()
+	l.refs--
+	if l.refs == 0 {
+		delete(k.m, name)
+	}
+	k.mu.Unlock()
+}

@@ -1,0 +1,138 @@
+package storage
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// KeySize is the length in bytes of an AES-256 key.
+const KeySize = 32
+
+// maxSealedLen bounds the input Open will decode; sealed values may arrive
+// from clients.
+const maxSealedLen = 1 << 20
+
+// ErrUnsealable is returned by Open for any sealed value it cannot open:
+// tampered, sealed under a key the ring does not hold, or sealed for a
+// different record key. It deliberately says no more.
+var ErrUnsealable = errors.New("sealed value cannot be opened")
+
+// KeyRing seals with its newest key and opens with any of its keys, so keys
+// can be rotated by prepending a new one and dropping the old one once
+// nothing sealed under it is still alive.
+type KeyRing struct {
+	keys []ringKey // keys[0] seals
+}
+
+type ringKey struct {
+	id   string // first 8 hex chars of SHA-256 of the key
+	aead cipher.AEAD
+}
+
+// NewKeyRing takes raw 32-byte AES-256 keys; the first encrypts, all decrypt.
+func NewKeyRing(keys ...[]byte) (*KeyRing, error) {
+	if len(keys) == 0 {
+		return nil, errors.New("encryption_key: at least one key is required")
+	}
+	ring := &KeyRing{keys: make([]ringKey, 0, len(keys))}
+	for i, k := range keys {
+		if len(k) != KeySize {
+			return nil, fmt.Errorf("encryption_key[%d]: want %d bytes, got %d", i, KeySize, len(k))
+		}
+		block, err := aes.NewCipher(k)
+		if err != nil {
+			return nil, fmt.Errorf("encryption_key[%d]: %w", i, err)
+		}
+		// The random-nonce GCM prepends a fresh 96-bit nonce to every
+		// ciphertext, so callers cannot get nonce handling wrong.
+		aead, err := cipher.NewGCMWithRandomNonce(block)
+		if err != nil {
+			return nil, fmt.Errorf("encryption_key[%d]: %w", i, err)
+		}
+		sum := sha256.Sum256(k)
+		ring.keys = append(ring.keys, ringKey{id: hex.EncodeToString(sum[:4]), aead: aead})
+	}
+	return ring, nil
+}
+
+// ParseKeyRing takes base64 keys as users write them in config: standard or
+// URL alphabet, padded or not, surrounding whitespace ignored.
+func ParseKeyRing(encoded ...string) (*KeyRing, error) {
+	if len(encoded) == 0 {
+		return nil, errors.New("encryption_key: at least one key is required")
+	}
+	raw := make([][]byte, len(encoded))
+	for i, e := range encoded {
+		k, err := decodeKey(e)
+		if err != nil {
+			return nil, fmt.Errorf("encryption_key[%d]: want %d bytes of base64, got invalid base64", i, KeySize)
+		}
+		if len(k) != KeySize {
+			return nil, fmt.Errorf("encryption_key[%d]: want %d bytes of base64, got %d", i, KeySize, len(k))
+		}
+		raw[i] = k
+	}
+	return NewKeyRing(raw...)
+}
+
+func decodeKey(s string) ([]byte, error) {
+	s = strings.TrimSpace(s)
+	s = strings.TrimRight(s, "=")
+	s = strings.NewReplacer("-", "+", "_", "/").Replace(s)
+	return base64.RawStdEncoding.DecodeString(s)
+}
+
+// Seal encrypts plaintext with the newest key. recordKey is bound as
+// associated data, so a sealed value copied into another record fails to
+// open. The result is printable: "<key id>.<base64url(nonce||ciphertext)>".
+func (k *KeyRing) Seal(recordKey string, plaintext []byte) (string, error) {
+	if k == nil || len(k.keys) == 0 {
+		return "", errors.New("sealing: no encryption key configured")
+	}
+	key := k.keys[0]
+	ct := key.aead.Seal(nil, nil, plaintext, []byte(recordKey))
+	return key.id + "." + base64.RawURLEncoding.EncodeToString(ct), nil
+}
+
+// Open reverses Seal for the same recordKey. Every failure to open is
+// ErrUnsealable; neither errors nor logs ever carry plaintext or keys.
+func (k *KeyRing) Open(recordKey, sealed string) ([]byte, error) {
+	if k == nil || len(k.keys) == 0 {
+		return nil, errors.New("opening: no encryption key configured")
+	}
+	if len(sealed) > maxSealedLen {
+		return nil, ErrUnsealable
+	}
+	id, body, ok := strings.Cut(sealed, ".")
+	if !ok {
+		return nil, ErrUnsealable
+	}
+	ct, err := base64.RawURLEncoding.DecodeString(body)
+	if err != nil {
+		return nil, ErrUnsealable
+	}
+	for _, key := range k.keys {
+		if key.id != id {
+			continue
+		}
+		// Two keys may share an id by chance (32 bits), so try each match.
+		if pt, err := key.aead.Open(nil, nil, ct, []byte(recordKey)); err == nil {
+			return pt, nil
+		}
+	}
+	return nil, ErrUnsealable
+}
+
+// KeyID returns the id of the key that Seal uses, for logs and metrics.
+func (k *KeyRing) KeyID() string {
+	if k == nil || len(k.keys) == 0 {
+		return ""
+	}
+	return k.keys[0].id
+}
