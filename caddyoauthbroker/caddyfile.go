@@ -50,6 +50,15 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		code_ttl          <duration>
 //		access_token_ttl  <duration>
 //		refresh_token_ttl <duration>
+//		refresh_grace     <duration>
+//		idp_timeout       <duration>
+//		registration_rate <per minute>
+//		client_metadata_allow_private
+//		provisioning {
+//			scopes        <scope...>
+//			tools         <tool name or glob...>
+//		}
+//		background_client <id> <secret>
 //		max_body_bytes    <bytes>
 //		storage           <module> { ... }
 //	}
@@ -111,22 +120,39 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("tool_scope: want a tool name or glob and at least one scope")
 			}
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: args[0], Scopes: args[1:]})
-		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl":
+		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl", "refresh_grace", "idp_timeout":
 			if err := h.unmarshalDuration(d); err != nil {
 				return err
 			}
 		case "max_body_bytes":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			n, err := strconv.ParseInt(d.Val(), 10, 64)
+			n, err := unmarshalInt(d)
 			if err != nil {
-				return d.Errf("max_body_bytes: want a number of bytes, got %q", d.Val())
+				return err
 			}
 			h.MaxBodyBytes = n
+		case "registration_rate":
+			n, err := unmarshalInt(d)
+			if err != nil {
+				return err
+			}
+			h.RegistrationRate = int(n)
+		case "client_metadata_allow_private":
 			if d.NextArg() {
 				return d.ArgErr()
 			}
+			h.ClientMetadataAllowPrivate = true
+		case "provisioning":
+			p, err := unmarshalProvisioning(d)
+			if err != nil {
+				return err
+			}
+			h.Provisioning = p
+		case "background_client":
+			c := new(BackgroundClient)
+			if !d.AllArgs(&c.ClientID, &c.ClientSecret) {
+				return d.Err("background_client: want an id and a secret")
+			}
+			h.BackgroundClients = append(h.BackgroundClients, c)
 		case "storage":
 			raw, err := unmarshalStorage(d)
 			if err != nil {
@@ -182,8 +208,48 @@ func (h *Handler) unmarshalDuration(d *caddyfile.Dispenser) error {
 		h.AccessTokenTTL = caddy.Duration(dur)
 	case "refresh_token_ttl":
 		h.RefreshTokenTTL = caddy.Duration(dur)
+	case "refresh_grace":
+		h.RefreshGrace = caddy.Duration(dur)
+	case "idp_timeout":
+		h.IdPTimeout = caddy.Duration(dur)
 	}
 	return nil
+}
+
+// unmarshalInt reads the one whole-number argument of the current subdirective.
+func unmarshalInt(d *caddyfile.Dispenser) (int64, error) {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return 0, d.ArgErr()
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		return 0, d.Errf("%s: want a whole number, got %q", name, v)
+	}
+	return n, nil
+}
+
+func unmarshalProvisioning(d *caddyfile.Dispenser) (*Provisioning, error) {
+	p := new(Provisioning)
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "scopes":
+			if p.Scopes = d.RemainingArgs(); len(p.Scopes) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "tools":
+			if p.Tools = d.RemainingArgs(); len(p.Tools) == 0 {
+				return nil, d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("provisioning: unrecognized subdirective %q", d.Val())
+		}
+	}
+	return p, nil
 }
 
 func unmarshalClient(d *caddyfile.Dispenser) (*Client, error) {

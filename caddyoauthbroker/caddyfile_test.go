@@ -151,7 +151,18 @@ func TestCaddyfileErrors(t *testing.T) {
 		}`, "caddy.storage.nowhere"},
 		{"max_body_bytes is a number", `mcp_oauth {
 			max_body_bytes lots
-		}`, `max_body_bytes: want a number of bytes, got "lots"`},
+		}`, `max_body_bytes: want a whole number, got "lots"`},
+		{"registration_rate is a number", `mcp_oauth {
+			registration_rate fast
+		}`, `registration_rate: want a whole number, got "fast"`},
+		{"background_client needs a secret", `mcp_oauth {
+			background_client worker
+		}`, "background_client: want an id and a secret"},
+		{"unknown provisioning subdirective", `mcp_oauth {
+			provisioning {
+				forever yes
+			}
+		}`, `provisioning: unrecognized subdirective "forever"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var h Handler

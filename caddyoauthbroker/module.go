@@ -100,6 +100,29 @@ type Handler struct {
 	// The lifetime of broker-issued refresh tokens. Default: 720h (30 days).
 	RefreshTokenTTL caddy.Duration `json:"refresh_token_ttl,omitempty"`
 
+	// How long a rotated refresh token still returns the same new token pair, for clients
+	// that retry or fail to store the rotated token. Default: 60s.
+	RefreshGrace caddy.Duration `json:"refresh_grace,omitempty"`
+
+	// How long the broker waits for the IdP on any back-channel call. Default: 10s.
+	IdPTimeout caddy.Duration `json:"idp_timeout,omitempty"`
+
+	// How many dynamic registrations one client IP may make per minute. The client IP is
+	// the one Caddy resolves, honouring the server's trusted proxies. Default: 10.
+	RegistrationRate int `json:"registration_rate,omitempty"`
+
+	// Lets Client ID Metadata Documents be fetched from loopback and private addresses.
+	// Only for labs and tests: it opens the broker to SSRF. Default: false.
+	ClientMetadataAllowPrivate bool `json:"client_metadata_allow_private,omitempty"`
+
+	// Flow 2: offline access for background jobs, provisioned by each user explicitly.
+	// Default: no tools need it.
+	Provisioning *Provisioning `json:"provisioning,omitempty"`
+
+	// Background workers allowed to fetch background tokens for users who provisioned
+	// offline access. Default: none.
+	BackgroundClients []*BackgroundClient `json:"background_clients,omitempty"`
+
 	// The largest request body read to find a JSON-RPC `tools/call`; larger bodies of
 	// requests that need that check are refused with 413. Default: 1 MiB.
 	MaxBodyBytes int64 `json:"max_body_bytes,omitempty"`
@@ -157,6 +180,26 @@ type Delegation struct {
 	// The request header that carries the authenticated subject to the upstream when
 	// mode is `none`. Default: `X-Auth-Subject`.
 	SubjectHeader string `json:"subject_header,omitempty"`
+}
+
+// Provisioning configures Flow 2.
+type Provisioning struct {
+	// The scopes asked of the IdP for background jobs, besides `openid` and
+	// `offline_access`. Default: none.
+	Scopes []string `json:"scopes,omitempty"`
+
+	// Tools (names or globs) that need the user's offline grant; calling one without it
+	// answers with a link to provision it. Default: none.
+	Tools []string `json:"tools,omitempty"`
+}
+
+// BackgroundClient is a background worker's credentials.
+type BackgroundClient struct {
+	// The worker's id. Required.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The worker's secret. Supports `{env.*}` and `{file.*}` placeholders. Required.
+	ClientSecret string `json:"client_secret,omitempty"`
 }
 
 // ToolScope demands scopes for MCP tools whose name matches Tool.
@@ -232,12 +275,23 @@ func (h *Handler) resolvePlaceholders() {
 	for i := range h.EncryptionKeys {
 		h.EncryptionKeys[i] = repl.ReplaceKnown(h.EncryptionKeys[i], "")
 	}
+	for _, c := range h.BackgroundClients {
+		if c != nil {
+			c.ClientSecret = repl.ReplaceKnown(c.ClientSecret, "")
+		}
+	}
 }
 
 // ServeHTTP answers the broker's own endpoints, authenticates every other request and
 // passes it on with a delegated token.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	h.bg.once.Do(h.startBackground)
+	if r.URL.Path == flows.PathRegister {
+		// Rate limits key on the client IP as Caddy resolves it behind trusted proxies.
+		if ip, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok {
+			r = r.WithContext(flows.WithClientIP(r.Context(), ip))
+		}
+	}
 	pass, who := h.broker.Handle(w, r)
 	if pass == nil {
 		return nil
@@ -355,9 +409,30 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("tool_scope %q: bad glob: %w", t.Tool, err)
 		}
 	}
+	seenWorkers := make(map[string]bool, len(h.BackgroundClients))
+	for i, c := range h.BackgroundClients {
+		if c == nil || c.ClientID == "" || c.ClientSecret == "" {
+			return fmt.Errorf("background_client[%d]: want an id and a secret", i)
+		}
+		if seenWorkers[c.ClientID] {
+			return fmt.Errorf("background_client %q: defined twice", c.ClientID)
+		}
+		seenWorkers[c.ClientID] = true
+	}
+	if p := h.Provisioning; p != nil {
+		for _, t := range p.Tools {
+			if _, err := path.Match(t, ""); err != nil {
+				return fmt.Errorf("provisioning tools %q: bad glob: %w", t, err)
+			}
+		}
+	}
+	if h.RegistrationRate < 0 {
+		return fmt.Errorf("registration_rate: must not be negative, got %d", h.RegistrationRate)
+	}
 	for name, d := range map[string]caddy.Duration{
 		"session_ttl": h.SessionTTL, "code_ttl": h.CodeTTL,
 		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
+		"refresh_grace": h.RefreshGrace, "idp_timeout": h.IdPTimeout,
 	} {
 		if d < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", name, time.Duration(d))
@@ -423,6 +498,18 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		CodeTTL:         time.Duration(h.CodeTTL),
 		AccessTokenTTL:  time.Duration(h.AccessTokenTTL),
 		RefreshTokenTTL: time.Duration(h.RefreshTokenTTL),
+		RefreshGrace:    time.Duration(h.RefreshGrace),
+		IdPTimeout:      time.Duration(h.IdPTimeout),
+
+		RegistrationRate: h.RegistrationRate,
+		CIMDAllowPrivate: h.ClientMetadataAllowPrivate,
+	}
+	if p := h.Provisioning; p != nil {
+		cfg.ProvisioningScopes = p.Scopes
+		cfg.ProvisioningTools = p.Tools
+	}
+	for _, c := range h.BackgroundClients {
+		cfg.BackgroundClients = append(cfg.BackgroundClients, flows.BackgroundClient{ID: c.ClientID, Secret: c.ClientSecret})
 	}
 	for _, c := range h.Clients {
 		cfg.Clients = append(cfg.Clients, flows.ClientConfig{

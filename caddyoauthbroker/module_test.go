@@ -71,6 +71,14 @@ func TestValidateErrors(t *testing.T) {
 		{"tool_scope without scopes", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "x"}} }, "tool_scope[0]: want a tool name or glob and at least one scope"},
 		{"tool_scope bad glob", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "[", Scopes: []string{"s"}}} }, `tool_scope "[": bad glob`},
 		{"negative ttl", func(h *Handler) { h.CodeTTL = caddy.Duration(-1) }, "code_ttl: must not be negative"},
+		{"negative grace", func(h *Handler) { h.RefreshGrace = caddy.Duration(-1) }, "refresh_grace: must not be negative"},
+		{"background client without secret", func(h *Handler) { h.BackgroundClients = []*BackgroundClient{{ClientID: "w"}} },
+			"background_client[0]: want an id and a secret"},
+		{"duplicate background client", func(h *Handler) {
+			h.BackgroundClients = []*BackgroundClient{{ClientID: "w", ClientSecret: "a"}, {ClientID: "w", ClientSecret: "b"}}
+		}, `background_client "w": defined twice`},
+		{"provisioning bad glob", func(h *Handler) { h.Provisioning = &Provisioning{Tools: []string{"["}} }, `provisioning tools "[": bad glob`},
+		{"negative registration rate", func(h *Handler) { h.RegistrationRate = -1 }, "registration_rate: must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()

@@ -105,16 +105,15 @@ func TestProvisionResolvesPlaceholders(t *testing.T) {
 	}
 }
 
-func TestProvisionRefusesWhatThisBuildCannotDo(t *testing.T) {
+func TestProvisionRefusesWhatCannotWork(t *testing.T) {
 	ctx, _ := provisionContext(t)
 	for _, tc := range []struct {
 		name   string
 		change func(map[string]any)
 		want   string
 	}{
-		{"hybrid mode", func(c map[string]any) { c["mode"] = "hybrid" }, "mode hybrid: not available"},
-		{"token exchange", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "token_exchange"} }, "delegation: only `none`"},
-		{"default delegation", func(c map[string]any) { delete(c, "delegation") }, "delegation: only `none`"},
+		{"refresh delegation in progressive mode", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "refresh"} },
+			"delegation refresh: needs mode hybrid"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := progressiveConfig()

@@ -82,8 +82,7 @@ var supportedSigningAlgs = []string{
 type TokenVerifier struct {
 	cfg VerifierConfig
 
-	mu    sync.RWMutex
-	cache map[[sha256.Size]byte]verdict
+	cache *tokenCache[verdict]
 
 	flightMu sync.Mutex
 	flights  map[[sha256.Size]byte]*flight
@@ -91,11 +90,10 @@ type TokenVerifier struct {
 	jwt atomic.Pointer[jwtVerifier]
 }
 
-// verdict is a cached result: a principal or a refusal, good until expires (Unix ns).
+// verdict is a cached result: a principal or a refusal.
 type verdict struct {
 	principal *Principal
 	err       error
-	expires   int64
 }
 
 // flight is a cold verification in progress; callers presenting the same token wait
@@ -138,7 +136,7 @@ func NewTokenVerifier(cfg VerifierConfig) *TokenVerifier {
 	cfg.Audiences = append([]string(nil), cfg.Audiences...)
 	return &TokenVerifier{
 		cfg:     cfg,
-		cache:   make(map[[sha256.Size]byte]verdict),
+		cache:   newTokenCache[verdict](cfg.CacheEntries),
 		flights: make(map[[sha256.Size]byte]*flight),
 	}
 }
@@ -172,13 +170,7 @@ func tokenKey(raw string) [sha256.Size]byte {
 
 // lookup returns the cached verdict for key, if one is still good at now.
 func (v *TokenVerifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
-	v.mu.RLock()
-	vd, ok := v.cache[key]
-	v.mu.RUnlock()
-	if !ok || now >= vd.expires {
-		return verdict{}, false
-	}
-	return vd, true
+	return v.cache.get(key, now)
 }
 
 // verifyCold verifies a token not in the cache, once for all concurrent callers.
@@ -231,43 +223,13 @@ func (v *TokenVerifier) lead(ctx context.Context, key [sha256.Size]byte, raw str
 	switch {
 	case err == nil:
 		if p.Expiry.After(now) {
-			v.store(key, verdict{principal: p, expires: p.Expiry.UnixNano()}, now.UnixNano())
+			v.cache.put(key, verdict{principal: p}, p.Expiry.UnixNano(), false, now.UnixNano())
 		}
 	case errors.Is(err, ErrInvalidToken) && !errors.Is(err, ErrIdPUnavailable):
-		v.store(key, verdict{err: err, expires: now.Add(v.cfg.InactiveTTL).UnixNano()}, now.UnixNano())
+		// A refusal is disposable: a full cache evicts refusals before valid entries.
+		v.cache.put(key, verdict{err: err}, now.Add(v.cfg.InactiveTTL).UnixNano(), true, now.UnixNano())
 	}
 	return p, err
-}
-
-// store caches vd under key, evicting an entry when the cache is full.
-func (v *TokenVerifier) store(key [sha256.Size]byte, vd verdict, now int64) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if _, ok := v.cache[key]; !ok && len(v.cache) >= v.cfg.CacheEntries {
-		v.evictLocked(now)
-	}
-	v.cache[key] = vd
-}
-
-// evictLocked removes one entry among a few taken from the map's randomized iteration
-// order: the first that has expired or is a refusal, else the one expiring soonest. A
-// flood of bad tokens thus evicts its own refusals before any valid entry.
-func (v *TokenVerifier) evictLocked(now int64) {
-	var victim [sha256.Size]byte
-	soonest, n := int64(math.MaxInt64), 0
-	for k, vd := range v.cache {
-		if now >= vd.expires || vd.err != nil {
-			victim = k
-			break
-		}
-		if vd.expires < soonest {
-			victim, soonest = k, vd.expires
-		}
-		if n++; n >= evictionSample {
-			break
-		}
-	}
-	delete(v.cache, victim)
 }
 
 // verify checks raw against the IdP, without the cache.

@@ -55,6 +55,21 @@ type Config struct {
 	AccessTokenTTL  time.Duration
 	RefreshTokenTTL time.Duration
 	IdPTimeout      time.Duration
+	// RefreshGrace is how long a rotated refresh token still yields its successor pair.
+	RefreshGrace time.Duration
+	// CIMDAllowPrivate lets client metadata documents live on loopback and private
+	// addresses (tests, labs); off in production.
+	CIMDAllowPrivate bool
+	// RegistrationRate is how many registrations one client IP may make per minute.
+	RegistrationRate int
+
+	// ProvisioningScopes are asked of the IdP in Flow 2 (offline access for background
+	// jobs), besides openid and offline_access.
+	ProvisioningScopes []string
+	// ProvisioningTools are tool names or globs that need the user's Flow-2 grant.
+	ProvisioningTools []string
+	// BackgroundClients may fetch background tokens for users who provisioned.
+	BackgroundClients []BackgroundClient
 
 	Records    *storage.Records
 	Logger     *zap.Logger
@@ -67,6 +82,12 @@ type ClientConfig struct {
 	Name         string
 	RedirectURIs []string
 	Scopes       []string
+}
+
+// BackgroundClient is a background worker's credentials.
+type BackgroundClient struct {
+	ID     string
+	Secret string
 }
 
 // ToolScopeRule demands Scopes for the tools whose name matches Tool (a path.Match glob).
@@ -82,8 +103,14 @@ var (
 )
 
 const (
-	defaultMaxBodyBytes = 1 << 20
-	defaultIdPTimeout   = 10 * time.Second
+	defaultMaxBodyBytes     = 1 << 20
+	defaultIdPTimeout       = 10 * time.Second
+	defaultSessionTTL       = 30 * 24 * time.Hour
+	defaultCodeTTL          = 60 * time.Second
+	defaultAccessTokenTTL   = time.Hour
+	defaultRefreshTokenTTL  = 30 * 24 * time.Hour
+	defaultRefreshGrace     = 60 * time.Second
+	defaultRegistrationRate = 10
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -94,11 +121,20 @@ type Broker struct {
 	verifier *TokenVerifier
 	clients  *clientRegistry
 
+	now func() time.Time
+
+	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
+	issuer        string
 	resourceURL   *url.URL
 	resourcePath  string // path of the resource, "" for the root
 	metadataURL   string // the resource-suffixed RFC 9728 metadata URL
 	challengeTail string // `resource_metadata="…", scope="…"`, prebuilt for the hot path
 	toolScopes    []ToolScopeRule
+	delegation    *delegation // per-request delegation (delegation.go); nil for mode none
+
+	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
+	// zero value is ready.
+	brokerTokens tokenCache[brokerVerdict]
 }
 
 // New builds a broker from a validated configuration. It does not touch the network.
@@ -115,8 +151,14 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = defaultMaxBodyBytes
 	}
-	if cfg.IdPTimeout <= 0 {
-		cfg.IdPTimeout = defaultIdPTimeout
+	setDefault(&cfg.IdPTimeout, defaultIdPTimeout)
+	setDefault(&cfg.SessionTTL, defaultSessionTTL)
+	setDefault(&cfg.CodeTTL, defaultCodeTTL)
+	setDefault(&cfg.AccessTokenTTL, defaultAccessTokenTTL)
+	setDefault(&cfg.RefreshTokenTTL, defaultRefreshTokenTTL)
+	setDefault(&cfg.RefreshGrace, defaultRefreshGrace)
+	if cfg.RegistrationRate <= 0 {
+		cfg.RegistrationRate = defaultRegistrationRate
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -128,16 +170,20 @@ func New(cfg Config) (*Broker, error) {
 		return nil, errors.New("flows: no storage records")
 	}
 	switch cfg.Mode {
-	case ModeProgressive:
-	case ModeHybrid:
-		return nil, errors.New("mode hybrid: not available in this build yet; use mode progressive")
+	case ModeProgressive, ModeHybrid:
 	default:
 		return nil, fmt.Errorf("mode: unknown mode %q", cfg.Mode)
 	}
+	var deleg *delegation
 	switch cfg.DelegationMode {
 	case DelegationNone:
-	case "", DelegationTokenExchange, DelegationRefresh:
-		return nil, errors.New("delegation: only `none` is available in this build yet")
+	case DelegationRefresh:
+		if cfg.Mode == ModeProgressive {
+			return nil, errors.New("delegation refresh: needs mode hybrid, where the broker holds the IdP grant")
+		}
+		deleg = newDelegation(&cfg)
+	case "", DelegationTokenExchange: // "": token_exchange if the IdP advertises it, else refresh
+		deleg = newDelegation(&cfg)
 	default:
 		return nil, fmt.Errorf("delegation: unknown mode %q", cfg.DelegationMode)
 	}
@@ -150,9 +196,12 @@ func New(cfg Config) (*Broker, error) {
 		cfg:          cfg,
 		logger:       cfg.Logger,
 		idp:          NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
+		now:          time.Now,
+		issuer:       u.Scheme + "://" + u.Host,
 		resourceURL:  u,
 		resourcePath: strings.TrimSuffix(u.EscapedPath(), "/"),
 		toolScopes:   cfg.ToolScopes,
+		delegation:   deleg,
 	}
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
@@ -171,13 +220,30 @@ func New(cfg Config) (*Broker, error) {
 	return b, nil
 }
 
+func setDefault(d *time.Duration, def time.Duration) {
+	if *d <= 0 {
+		*d = def
+	}
+}
+
 // Close stops the broker's background work.
 func (b *Broker) Close() {}
 
 // Paths of the broker's own endpoints.
 const (
-	wellKnownProtectedResource = "/.well-known/oauth-protected-resource"
-	pathAuthorize              = "/oauth/authorize"
+	wellKnownProtectedResource   = "/.well-known/oauth-protected-resource"
+	wellKnownAuthorizationServer = "/.well-known/oauth-authorization-server"
+	wellKnownOpenIDConfiguration = "/.well-known/openid-configuration"
+	pathAuthorize                = "/oauth/authorize"
+	pathConsent                  = "/oauth/consent"
+	pathCallback                 = "/oauth/callback"
+	pathToken                    = "/oauth/token"
+	pathRegister                 = "/oauth/register"
+	pathRevoke                   = "/oauth/revoke"
+	pathProvisioningStart        = "/oauth/authorize-nextcloud"
+	pathProvisioningCallback     = "/oauth/callback-nextcloud"
+	pathProvisioningStatus       = "/oauth/provisioning"
+	pathBackgroundToken          = "/oauth/background-token"
 )
 
 // Handle answers the broker's own endpoints and authenticates every other request. It
@@ -193,7 +259,52 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 		b.serveAuthorizeProgressive(w, r)
 		return nil, nil
 	}
+	switch p {
+	case pathProvisioningStart:
+		b.serveProvisioningStart(w, r)
+		return nil, nil
+	case pathProvisioningCallback:
+		b.serveProvisioningCallback(w, r)
+		return nil, nil
+	case pathProvisioningStatus:
+		b.serveProvisioningStatus(w, r)
+		return nil, nil
+	case pathBackgroundToken:
+		b.serveBackgroundToken(w, r)
+		return nil, nil
+	}
+	if b.cfg.Mode == ModeHybrid {
+		if serve := b.hybridEndpoint(p); serve != nil {
+			serve(w, r)
+			return nil, nil
+		}
+	}
 	return b.protect(w, r)
+}
+
+// PathRegister is the dynamic registration endpoint, whose rate limit needs the client IP
+// the server in front resolved (WithClientIP).
+const PathRegister = pathRegister
+
+// hybridEndpoint finds the handler of one of the authorization server's endpoints.
+func (b *Broker) hybridEndpoint(path string) http.HandlerFunc {
+	switch path {
+	case wellKnownAuthorizationServer, wellKnownOpenIDConfiguration:
+		return b.serveAuthorizationServerMetadata
+	case pathAuthorize:
+		return b.serveAuthorizeHybrid
+	case pathConsent:
+		return b.serveConsent
+	case pathCallback:
+		return b.serveCallback
+	case pathToken:
+		return b.serveToken
+	case pathRegister:
+		return b.serveRegister
+	case pathRevoke:
+		return b.serveRevoke
+	}
+	return nil
 }
 
 // advertisedScopes are the scopes offered to clients: never offline_access, which MCP

@@ -1,23 +1,113 @@
 package flows
 
-// Client is an MCP client the broker knows.
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// Token endpoint authentication methods (RFC 7591 §2).
+const (
+	AuthMethodNone  = "none"
+	AuthMethodBasic = "client_secret_basic"
+	AuthMethodPost  = "client_secret_post"
+)
+
+// Where a client comes from.
+const (
+	ClientSourceConfig           = "config"            // the Caddy configuration
+	ClientSourceRegistered       = "registered"        // RFC 7591 dynamic registration
+	ClientSourceMetadataDocument = "metadata_document" // an https client_id (CIMD)
+)
+
+// Grant types an MCP client may use at the broker's token endpoint.
+const (
+	grantAuthorizationCode = "authorization_code"
+	grantRefreshToken      = "refresh_token"
+)
+
+// defaultGrantTypes are the grants of config and CIMD clients, and of registrations
+// that name none (see serveRegister for why refresh_token is included).
+var defaultGrantTypes = []string{grantAuthorizationCode, grantRefreshToken}
+
+// maxClientIDLen bounds a client_id before it is hashed or fetched.
+const maxClientIDLen = 2048
+
+// Client is an MCP client the broker knows. A *Client returned by findClient may be
+// shared with other requests: read it, never change it.
 type Client struct {
 	ID           string
 	Name         string
 	RedirectURIs []string
-	// Scopes the client may ask for.
+	// Scopes the client may ask for (`openid` is always allowed besides).
 	Scopes []string
+	// AuthMethod is how the client authenticates at the token and revocation endpoints:
+	// AuthMethodNone (public), AuthMethodBasic or AuthMethodPost.
+	AuthMethod string
+	// GrantTypes the client may use at the token endpoint.
+	GrantTypes []string
+	// Source tells where the client comes from: ClientSourceConfig, ClientSourceRegistered
+	// or ClientSourceMetadataDocument.
+	Source string
+
+	// secretHash is storage.Hash of the client secret; empty for public clients.
+	secretHash string
 }
 
-// clientRegistry finds clients by id. Today it holds the clients of the configuration.
+// allowsScopes tells whether every scope asked is one the client may ask for; `openid`
+// is always allowed.
+func (c *Client) allowsScopes(asked []string) bool {
+	p := Principal{Scopes: append([]string{"openid"}, c.Scopes...)}
+	return p.HasScopes(asked)
+}
+
+// allowsGrantType tells whether the client registered grant type gt.
+func (c *Client) allowsGrantType(gt string) bool {
+	for _, g := range c.GrantTypes {
+		if g == gt {
+			return true
+		}
+	}
+	return false
+}
+
+// clientRegistry finds clients by id: the clients of the configuration, and the state
+// behind registered and metadata-document clients (registration rate limit, document
+// cache).
 type clientRegistry struct {
-	static map[string]*Client
+	static        map[string]*Client
+	defaultScopes []string
+
+	registrations *rateLimiter
+	documents     *metadataDocuments
 }
 
 func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegistry {
-	reg := &clientRegistry{static: make(map[string]*Client, len(cfg))}
+	reg := &clientRegistry{
+		static:        make(map[string]*Client, len(cfg)),
+		defaultScopes: defaultScopes,
+		registrations: newRateLimiter(maxRateLimitedIPs),
+		documents:     newMetadataDocuments(maxCachedDocuments),
+	}
 	for _, c := range cfg {
-		cl := &Client{ID: c.ClientID, Name: c.Name, RedirectURIs: c.RedirectURIs, Scopes: c.Scopes}
+		cl := &Client{
+			ID:           c.ClientID,
+			Name:         c.Name,
+			RedirectURIs: c.RedirectURIs,
+			Scopes:       c.Scopes,
+			AuthMethod:   AuthMethodNone, // config clients have no secret: public
+			GrantTypes:   defaultGrantTypes,
+			Source:       ClientSourceConfig,
+		}
 		if cl.Name == "" {
 			cl.Name = cl.ID
 		}
@@ -29,14 +119,171 @@ func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegist
 	return reg
 }
 
-// lookup returns the client with id, or nil.
+// lookup returns the configured client with id, or nil. Progressive mode knows only
+// these.
 func (c *clientRegistry) lookup(id string) *Client {
 	return c.static[id]
 }
 
-// allowsScopes tells whether every scope asked is one the client may ask for; `openid`
-// is always allowed.
-func (c *Client) allowsScopes(asked []string) bool {
-	p := Principal{Scopes: append([]string{"openid"}, c.Scopes...)}
-	return p.HasScopes(asked)
+// ErrUnknownClient means no client has the id asked for, or its metadata document
+// could not be fetched or was refused.
+var ErrUnknownClient = errors.New("unknown client")
+
+// findClient finds a client of hybrid mode by id: configured, registered (RFC 7591), or
+// a Client ID Metadata Document URL. It returns an error wrapping ErrUnknownClient when
+// there is none; any other error is the broker's own (storage) and deserves a 500.
+func (b *Broker) findClient(ctx context.Context, id string) (*Client, error) {
+	if id == "" || len(id) > maxClientIDLen {
+		return nil, ErrUnknownClient
+	}
+	if c := b.clients.lookup(id); c != nil {
+		return c, nil
+	}
+	// Registered ids are random tokens, never URLs: an https id can only be a document.
+	if strings.HasPrefix(id, "https://") {
+		return b.metadataDocumentClient(ctx, id)
+	}
+	return b.registeredClient(ctx, id)
 }
+
+// registeredClient loads a dynamically registered client, renewing its registration
+// while it is in use.
+func (b *Broker) registeredClient(ctx context.Context, id string) (*Client, error) {
+	key := recordKey(kindClient, id)
+	var rec RegisteredClient
+	if err := b.cfg.Records.Get(ctx, key, &rec); err != nil {
+		if errors.Is(err, storage.ErrNotFound) {
+			return nil, ErrUnknownClient
+		}
+		return nil, fmt.Errorf("loading registered client: %w", err)
+	}
+	// Sliding lifetime: a registration used now outlives every session and refresh
+	// token issued to it now (see registrationLifetime).
+	now := b.now()
+	renewed := rec.RenewedAt
+	if renewed.IsZero() {
+		renewed = rec.IssuedAt
+	}
+	if life := b.registrationLifetime(); now.Sub(renewed) >= life/renewalFraction {
+		rec.RenewedAt = now
+		if err := b.cfg.Records.Put(ctx, key, &rec, life+life/renewalFraction); err != nil {
+			b.logger.Warn("renewing client registration", zap.String("client_id", id), zap.Error(err))
+		}
+	}
+	return clientFromRegistration(&rec, b.clients.defaultScopes), nil
+}
+
+// renewalFraction: a registration is rewritten at most once per lifetime/renewalFraction,
+// and stored for that much longer than its lifetime, so that right after any use it
+// still has a whole lifetime to live.
+const renewalFraction = 10
+
+// registrationLifetime is how long an unused registration lives: the longer of the
+// session and refresh token lifetimes. Nextcloud's own DCR clients expire after an hour
+// and break logins; ours outlive every token issued to them, and every use renews them.
+func (b *Broker) registrationLifetime() time.Duration {
+	return max(b.cfg.SessionTTL, b.cfg.RefreshTokenTTL)
+}
+
+func clientFromRegistration(rec *RegisteredClient, defaultScopes []string) *Client {
+	c := &Client{
+		ID:           rec.ClientID,
+		Name:         rec.ClientName,
+		RedirectURIs: rec.RedirectURIs,
+		Scopes:       strings.Fields(rec.Scope),
+		AuthMethod:   rec.TokenEndpointAuthMethod,
+		GrantTypes:   rec.GrantTypes,
+		Source:       ClientSourceRegistered,
+		secretHash:   rec.ClientSecretHash,
+	}
+	if c.Name == "" {
+		c.Name = c.ID
+	}
+	if len(c.Scopes) == 0 {
+		c.Scopes = defaultScopes
+	}
+	return c
+}
+
+// errClientAuth means the client's credentials were missing or wrong.
+var errClientAuth = errors.New("client authentication failed")
+
+// errClientAuthMultiple means the client sent credentials both in the Authorization
+// header and in the body (RFC 6749 §2.3: one method per request). It comes wrapped
+// together with errClientAuth; a caller may answer invalid_request for it.
+var errClientAuthMultiple = errors.New("client credentials sent by more than one method")
+
+// constantTimeCompare compares secret hashes; a variable so a test can see it is used.
+var constantTimeCompare = subtle.ConstantTimeCompare
+
+// authenticateClient identifies the client of a token or revocation request by the
+// method it registered (none, client_secret_basic, client_secret_post). form is the
+// parsed request body. It returns an error wrapping ErrUnknownClient, or wrapping
+// errClientAuth when authentication fails (also errClientAuthMultiple when the client
+// used two methods at once), or another error when storage failed.
+//
+// Public clients (method none) must not send a secret at all: a public client holding
+// a secret is misconfigured, and refusing says so instead of silently ignoring it.
+func (b *Broker) authenticateClient(r *http.Request, form url.Values) (*Client, error) {
+	basicUser, basicSecret, hasBasic := r.BasicAuth()
+	if hasBasic {
+		// RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+		var err1, err2 error
+		basicUser, err1 = url.QueryUnescape(basicUser)
+		basicSecret, err2 = url.QueryUnescape(basicSecret)
+		if err1 != nil || err2 != nil {
+			return nil, fmt.Errorf("decoding basic credentials: %w", errClientAuth)
+		}
+	}
+	formID, formSecret := form.Get("client_id"), form.Get("client_secret")
+
+	id := formID
+	switch {
+	case hasBasic && formSecret != "":
+		return nil, fmt.Errorf("%w: %w", errClientAuth, errClientAuthMultiple)
+	case hasBasic && formID != "" && formID != basicUser:
+		return nil, fmt.Errorf("client_id differs from the basic credentials: %w", errClientAuth)
+	case hasBasic:
+		id = basicUser
+	}
+	if id == "" {
+		return nil, fmt.Errorf("no client_id: %w", errClientAuth)
+	}
+	c, err := b.findClient(r.Context(), id)
+	if err != nil {
+		return nil, err
+	}
+
+	switch c.AuthMethod {
+	case AuthMethodNone:
+		if basicSecret != "" || formSecret != "" {
+			return nil, fmt.Errorf("public client sent a secret: %w", errClientAuth)
+		}
+		return c, nil
+	case AuthMethodBasic:
+		if !hasBasic {
+			return nil, fmt.Errorf("client_secret_basic client sent no basic credentials: %w", errClientAuth)
+		}
+		return c.withSecret(basicSecret)
+	case AuthMethodPost:
+		if hasBasic || formSecret == "" {
+			return nil, fmt.Errorf("client_secret_post client sent no client_secret: %w", errClientAuth)
+		}
+		return c.withSecret(formSecret)
+	}
+	return nil, fmt.Errorf("client has unsupported auth method: %w", errClientAuth)
+}
+
+// withSecret returns c when the hash of the presented secret equals the stored one,
+// compared in constant time.
+func (c *Client) withSecret(presented string) (*Client, error) {
+	if c.secretHash == "" || presented == "" ||
+		constantTimeCompare([]byte(hashSecret(presented)), []byte(c.secretHash)) != 1 {
+		return nil, fmt.Errorf("wrong client secret: %w", errClientAuth)
+	}
+	return c, nil
+}
+
+// hashSecret is what the broker stores of a client secret: its SHA-256, base64url. The
+// secret is 256 random bits, so a plain hash is enough.
+func hashSecret(secret string) string { return storage.Hash(secret) }

@@ -41,10 +41,14 @@ func (b *Broker) serveProtectedResourceMetadata(w http.ResponseWriter, r *http.R
 	})
 }
 
-// authorizationServer is the issuer MCP clients log in with. In progressive mode that is
+// authorizationServer is the issuer MCP clients log in with: the broker itself in hybrid
+// mode. In progressive mode that is
 // the IdP, named exactly as its discovery document names itself (clients compare), or the
 // configured browser-facing address while the IdP cannot be reached.
 func (b *Broker) authorizationServer(ctx context.Context) string {
+	if b.cfg.Mode == ModeHybrid {
+		return b.issuer
+	}
 	if d, err := b.idp.Discovery(ctx); err == nil && d.Issuer != "" {
 		return d.Issuer
 	}
@@ -85,7 +89,7 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		b.challenge(w, "", "a bearer token is required")
 		return nil, nil
 	}
-	who, err := b.verifier.Verify(r.Context(), raw)
+	who, err := b.verifyAccessToken(r.Context(), raw)
 	switch {
 	case errors.Is(err, ErrIdPUnavailable):
 		b.logger.Warn("token verification unavailable", zap.Error(err))
@@ -98,7 +102,7 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 
-	need, status := b.requiredScopes(w, r)
+	need, tools, status := b.requiredScopes(w, r)
 	switch status {
 	case http.StatusRequestEntityTooLarge:
 		writeError(w, status, "invalid_request", "request body too large")
@@ -111,14 +115,26 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		b.insufficientScope(w, who, need)
 		return nil, nil
 	}
+	if len(tools) > 0 && !b.checkProvisioning(w, r, who, tools) {
+		return nil, nil
+	}
 
 	out := r.Clone(r.Context())
 	out.Header.Del("Authorization")
 	out.Header.Del(b.cfg.SubjectHeader)
-	if b.cfg.DelegationMode == DelegationNone {
-		out.Header.Set(b.cfg.SubjectHeader, who.Subject)
+	if !b.delegateInto(w, out, who, raw, need) {
+		return nil, nil
 	}
 	return out, who
+}
+
+// verifyAccessToken checks a token presented to the MCP endpoint: one the broker issued
+// in hybrid mode, one the IdP issued in progressive mode.
+func (b *Broker) verifyAccessToken(ctx context.Context, raw string) (*Principal, error) {
+	if b.cfg.Mode == ModeHybrid {
+		return b.verifyBrokerToken(ctx, raw)
+	}
+	return b.verifier.Verify(ctx, raw)
 }
 
 // bearerToken reads the token of an `Authorization: Bearer` header, the only place an

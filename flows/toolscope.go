@@ -20,37 +20,38 @@ type toolsCall struct {
 var toolsCallMethod = []byte(`"tools/call"`)
 
 // requiredScopes reads a JSON-RPC body (one request or a batch) and returns the scopes
-// its `tools/call`s need under the configured rules. The body is read at most once, up to
+// its `tools/call`s need under the configured rules, with the tools called. The body is read at most once, up to
 // the bound, and put back for the upstream. A body over the bound is refused (413) rather
 // than passed on unchecked; one that cannot be read is a 400.
-func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need []string, status int) {
-	if len(b.toolScopes) == 0 || r.Method != http.MethodPost || r.Body == nil || r.Body == http.NoBody {
-		return nil, 0
+func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, tools []string, status int) {
+	if (len(b.toolScopes) == 0 && len(b.cfg.ProvisioningTools) == 0) || r.Method != http.MethodPost || r.Body == nil || r.Body == http.NoBody {
+		return nil, nil, 0
 	}
 	limit := b.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
-		return nil, http.StatusRequestEntityTooLarge
+		return nil, nil, http.StatusRequestEntityTooLarge
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			return nil, http.StatusRequestEntityTooLarge
+			return nil, nil, http.StatusRequestEntityTooLarge
 		}
-		return nil, http.StatusBadRequest
+		return nil, nil, http.StatusBadRequest
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	// Most MCP traffic is not a tool call: skip decoding it.
 	if !bytes.Contains(body, toolsCallMethod) {
-		return nil, 0
+		return nil, nil, 0
 	}
-	for _, name := range toolNames(body) {
+	tools = toolNames(body)
+	for _, name := range tools {
 		for _, s := range b.scopesForTool(name) {
 			need = appendUnique(need, s)
 		}
 	}
-	return need, 0
+	return need, tools, 0
 }
 
 // toolNames lists the tools called by a JSON-RPC request or batch. A body that does not

@@ -29,4 +29,5 @@ step "xcaddy build (offline form from xcaddy.md)"
 scripts/xcaddy-build.sh
 
 step "go test -race"
+export MCP_OAUTH_CADDY="$PWD/caddy"  # the e2e tests run this binary
 go test -race -count=1 -timeout 20m ./...

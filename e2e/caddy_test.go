@@ -1,0 +1,201 @@
+// Package e2e runs the real caddy binary built from cmd/caddy, configured by Caddyfile, in
+// front of the real test parts of internal/testenv.
+package e2e
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// caddyBin is the caddy binary under test: $MCP_OAUTH_CADDY if set (CI builds it once),
+// else built here from cmd/caddy.
+var caddyBin string
+
+func TestMain(m *testing.M) {
+	slog.SetLogLoggerLevel(slog.LevelWarn)
+	code, err := run(m)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(code)
+}
+
+func run(m *testing.M) (int, error) {
+	flag.Parse()
+	if testing.Short() {
+		// The binary takes minutes to build cold; -short skips these tests (reported as skipped).
+		return m.Run(), nil
+	}
+	caddyBin = os.Getenv("MCP_OAUTH_CADDY")
+	if caddyBin == "" {
+		dir, err := os.MkdirTemp("", "mcp_oauth-caddy-bin-")
+		if err != nil {
+			return 0, err
+		}
+		defer os.RemoveAll(dir)
+		caddyBin = filepath.Join(dir, "caddy")
+		build := exec.Command("go", "build", "-o", caddyBin, "../cmd/caddy")
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			return 0, fmt.Errorf("building caddy: %w", err)
+		}
+	}
+	return m.Run(), nil
+}
+
+// syncBuffer collects a process's output for inspection while it runs.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// caddyProc is one running caddy process with its Caddyfile, storage and logs.
+type caddyProc struct {
+	t         *testing.T
+	Port      int
+	Base      string // http://127.0.0.1:PORT
+	dir       string
+	caddyfile string
+	cmd       *exec.Cmd
+	logs      *syncBuffer // every line caddy wrote, across restarts
+	env       []string    // added to caddy's environment
+}
+
+// caddyOption changes how caddy runs.
+type caddyOption func(*caddyProc)
+
+// withEnv adds environment variables (NAME=value) to caddy's environment.
+func withEnv(kv ...string) caddyOption {
+	return func(p *caddyProc) { p.env = append(p.env, kv...) }
+}
+
+// startCaddy writes a Caddyfile for a site on a free loopback port whose body is site
+// (with {port} and {storage} replaced) and runs caddy with it until the test ends.
+func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("runs the caddy binary; not with -short")
+	}
+	dir, err := os.MkdirTemp("", "mcp_oauth-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer)}
+	for _, o := range opts {
+		o(p)
+	}
+	p.Base = fmt.Sprintf("http://127.0.0.1:%d", p.Port)
+	p.caddyfile = filepath.Join(dir, "Caddyfile")
+	body := strings.NewReplacer("{port}", fmt.Sprint(p.Port), "{storage}", filepath.Join(dir, "storage")).Replace(site)
+	cfg := fmt.Sprintf(`{
+	admin off
+	auto_https off
+	default_bind 127.0.0.1
+	storage file_system %s
+	log {
+		level DEBUG
+	}
+}
+
+%s
+`, filepath.Join(dir, "storage"), body)
+	if err := os.WriteFile(p.caddyfile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p.start()
+	t.Cleanup(p.stop)
+	return p
+}
+
+func (p *caddyProc) start() {
+	p.t.Helper()
+	cmd := exec.Command(caddyBin, "run", "--config", p.caddyfile, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+filepath.Join(p.dir, "data"), "XDG_CONFIG_HOME="+filepath.Join(p.dir, "config"))
+	cmd.Env = append(cmd.Env, p.env...)
+	cmd.Stdout, cmd.Stderr = p.logs, p.logs
+	if err := cmd.Start(); err != nil {
+		p.t.Fatalf("starting caddy: %v", err)
+	}
+	p.cmd = cmd
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p.Port), 200*time.Millisecond); err == nil {
+			c.Close()
+			return
+		}
+		if cmd.ProcessState != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	p.stop()
+	p.t.Fatalf("caddy did not start listening:\n%s", p.logs.String())
+}
+
+func (p *caddyProc) stop() {
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-done
+	}
+	p.cmd = nil
+}
+
+// restart stops caddy and starts it again on the same storage and Caddyfile.
+func (p *caddyProc) restart() {
+	p.t.Helper()
+	p.stop()
+	p.start()
+}
+
+// assertLogsFree fails when any of secrets appears in caddy's logs (W13).
+func (p *caddyProc) assertLogsFree(secrets ...string) {
+	p.t.Helper()
+	logs := p.logs.String()
+	for _, s := range secrets {
+		if s != "" && strings.Contains(logs, s) {
+			p.t.Errorf("caddy's logs contain a secret (%d chars, starts %.4s…)", len(s), s)
+		}
+	}
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}

@@ -1,0 +1,231 @@
+package flows
+
+import (
+	"errors"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// The hybrid authorization endpoint: the broker is the MCP client's authorization
+// server. It checks the request, then asks the user on its own consent page before it
+// sends anyone to the IdP with its single upstream client id (the confused-deputy rule).
+
+const (
+	// consentTicketTTL is how long the consent page stays answerable.
+	consentTicketTTL = 10 * time.Minute
+	// maxAuthorizeBody bounds an authorization request sent by POST.
+	maxAuthorizeBody = 64 << 10
+	// maxStateLen bounds the client's state, which the broker keeps and sends back.
+	maxStateLen = 1024
+	// maxScopes bounds how many scopes one request may name.
+	maxScopes = 64
+)
+
+// serveAuthorizeHybrid answers /oauth/authorize in hybrid mode (RFC 6749 §4.1.1 with
+// PKCE, RFC 8707 and RFC 9207).
+//
+// Until the client and its redirect URI are known to belong together, an error is a
+// JSON 400 and never a redirect: a redirect would hand the error, and the user, to
+// whatever URI the request named. Afterwards errors go to the redirect URI with the
+// client's state and the broker's iss (RFC 6749 §4.1.2.1).
+func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
+	switch r.Method {
+	case http.MethodGet:
+	case http.MethodPost:
+		r.Body = http.MaxBytesReader(w, r.Body, maxAuthorizeBody)
+	default:
+		w.Header().Set("Allow", "GET, POST")
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		return
+	}
+	if err := r.ParseForm(); err != nil {
+		writeError(w, http.StatusBadRequest, "invalid_request", "the request could not be parsed")
+		return
+	}
+	f := r.Form
+
+	// Before trust: who is asking, and where would the answer go.
+	if len(f["client_id"]) > 1 || len(f["redirect_uri"]) > 1 {
+		writeError(w, http.StatusBadRequest, "invalid_request", "client_id and redirect_uri may appear only once")
+		return
+	}
+	clientID := f.Get("client_id")
+	if clientID == "" {
+		writeError(w, http.StatusBadRequest, "invalid_request", "client_id is required")
+		return
+	}
+	client, err := b.findClient(r.Context(), clientID)
+	switch {
+	case errors.Is(err, ErrUnknownClient):
+		writeError(w, http.StatusBadRequest, "invalid_client", "unknown client")
+		return
+	case err != nil:
+		b.logger.Error("authorize: finding client", zap.Error(err))
+		writeError(w, http.StatusInternalServerError, "server_error", "the client could not be loaded")
+		return
+	}
+	redirectURI := f.Get("redirect_uri")
+	omitted := redirectURI == ""
+	if omitted {
+		// RFC 6749 §3.1.2.3: a client with a single registered URI may leave it out.
+		if len(client.RedirectURIs) != 1 {
+			writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required")
+			return
+		}
+		redirectURI = client.RedirectURIs[0]
+	}
+	if err := CheckRedirectURI(redirectURI); err != nil {
+		writeError(w, http.StatusBadRequest, "invalid_request", err.Error())
+		return
+	}
+	if !MatchRedirectURI(client.RedirectURIs, redirectURI) {
+		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is not registered for this client")
+		return
+	}
+
+	// After trust: errors go back to the client.
+	state := f.Get("state")
+	fail := func(code, description string) {
+		b.redirectError(w, r, redirectURI, state, code, description)
+	}
+	if len(state) > maxStateLen {
+		state = ""
+		fail("invalid_request", "state is too long")
+		return
+	}
+	for _, k := range []string{"state", "response_type", "code_challenge", "code_challenge_method", "scope"} {
+		if len(f[k]) > 1 {
+			fail("invalid_request", "a parameter appears more than once")
+			return
+		}
+	}
+	switch rt := f.Get("response_type"); {
+	case rt == "":
+		fail("invalid_request", "response_type is required")
+		return
+	case rt != "code":
+		fail("unsupported_response_type", "only response_type code is supported")
+		return
+	}
+	if len(client.GrantTypes) > 0 && !client.allowsGrantType(grantAuthorizationCode) {
+		fail("unauthorized_client", "the client did not register the authorization_code grant")
+		return
+	}
+	challenge := f.Get("code_challenge")
+	switch {
+	case challenge == "":
+		fail("invalid_request", "code_challenge is required (PKCE with S256)")
+		return
+	case f.Get("code_challenge_method") != "S256":
+		// An absent method means plain (RFC 7636 §4.3), which is refused as well.
+		fail("invalid_request", "code_challenge_method must be S256")
+		return
+	case !validS256Challenge(challenge):
+		fail("invalid_request", "code_challenge must be an S256 challenge: 43 characters of base64url")
+		return
+	}
+	resource := ""
+	for _, res := range f["resource"] {
+		if res != b.cfg.Resource {
+			fail("invalid_target", "resource is not this server")
+			return
+		}
+		resource = res
+	}
+	scopes, ok := b.grantableScopes(client, strings.Fields(f.Get("scope")))
+	if !ok {
+		fail("invalid_scope", "a requested scope is not allowed for this client")
+		return
+	}
+
+	req := AuthorizationRequest{
+		ClientID:            client.ID,
+		RedirectURI:         redirectURI,
+		State:               state,
+		CodeChallenge:       challenge,
+		CodeChallengeMethod: "S256",
+		Scopes:              scopes,
+		Resource:            resource,
+		RedirectURIOmitted:  omitted,
+	}
+	if b.consentRemembered(r, client.ID, scopes) {
+		b.logger.Info("authorize: consent remembered for this browser", zap.String("client_id", client.ID))
+		b.redirectToIdP(w, r, req)
+		return
+	}
+	ticket := randomToken()
+	if err := b.cfg.Records.Put(r.Context(), recordKey(kindConsent, ticket), ConsentTicket{Request: req, CSRF: randomToken()}, consentTicketTTL); err != nil {
+		b.logger.Error("authorize: storing consent ticket", zap.Error(err))
+		fail("server_error", "the request could not be stored")
+		return
+	}
+	b.logger.Info("authorize: asking for consent", zap.String("client_id", client.ID))
+	w.Header().Set("Cache-Control", "no-store")
+	http.Redirect(w, r, b.issuer+pathConsent+"?"+url.Values{"ticket": {ticket}}.Encode(), http.StatusFound)
+}
+
+// grantableScopes decides the scopes of a request: those asked, each allowed for the
+// client and configured for the broker, or by default the client's scopes that the
+// broker advertises. offline_access is dropped: the broker's refresh tokens do not
+// depend on it, and the IdP is always asked for it anyway.
+func (b *Broker) grantableScopes(c *Client, asked []string) ([]string, bool) {
+	if len(asked) > maxScopes {
+		return nil, false
+	}
+	configured := append([]string{"openid"}, b.cfg.Scopes...)
+	if len(asked) == 0 {
+		advertised := advertisedScopes(b.cfg.Scopes)
+		out := make([]string, 0, len(c.Scopes))
+		for _, s := range c.Scopes {
+			if slices.Contains(advertised, s) && !slices.Contains(out, s) {
+				out = append(out, s)
+			}
+		}
+		return out, true
+	}
+	out := make([]string, 0, len(asked))
+	for _, s := range asked {
+		if s == "offline_access" || slices.Contains(out, s) {
+			continue
+		}
+		if !c.allowsScopes([]string{s}) || !slices.Contains(configured, s) {
+			return nil, false
+		}
+		out = append(out, s)
+	}
+	return out, true
+}
+
+// validS256Challenge tells whether c can be a BASE64URL(SHA-256) challenge.
+func validS256Challenge(c string) bool {
+	if len(c) != 43 {
+		return false
+	}
+	for i := 0; i < len(c); i++ {
+		switch ch := c[i]; {
+		case ch >= 'A' && ch <= 'Z', ch >= 'a' && ch <= 'z', ch >= '0' && ch <= '9', ch == '-', ch == '_':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// redirectError sends an authorization error to a trusted redirect URI, with the
+// client's state and the broker's issuer (RFC 6749 §4.1.2.1, RFC 9207). description is
+// one of the broker's fixed texts.
+func (b *Broker) redirectError(w http.ResponseWriter, r *http.Request, redirectURI, state, code, description string) {
+	q := url.Values{"error": {code}, "iss": {b.issuer}}
+	if description != "" {
+		q.Set("error_description", description)
+	}
+	if state != "" {
+		q.Set("state", state)
+	}
+	redirectWithQuery(w, r, redirectURI, q)
+}

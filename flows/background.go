@@ -1,0 +1,115 @@
+package flows
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// backgroundFormMax bounds the body of a background token request.
+const backgroundFormMax = 4096
+
+// backgroundSubjectMax bounds the subject a background client names.
+const backgroundSubjectMax = 1024
+
+// serveBackgroundToken is POST /oauth/background-token: a background worker,
+// authenticated with its configured credentials (client_secret_basic), gets a fresh
+// access token for a user who provisioned offline access (Flow 2). The user is a
+// parameter here by design (the worker acts for named users), which is why only
+// background clients may call it; a user's bearer token is refused.
+func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", "POST")
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		return
+	}
+	clientID, ok := b.authenticateBackgroundClient(r)
+	if !ok {
+		w.Header().Set("WWW-Authenticate", `Basic realm="background-token"`)
+		writeError(w, http.StatusUnauthorized, "invalid_client", "background client authentication failed")
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, backgroundFormMax)
+	if err := r.ParseForm(); err != nil {
+		writeError(w, http.StatusBadRequest, "invalid_request", "the request body is not a form of acceptable size")
+		return
+	}
+	if r.URL.RawQuery != "" {
+		// Parameters belong in the body, as at a token endpoint.
+		writeError(w, http.StatusBadRequest, "invalid_request", "parameters are accepted only in the request body")
+		return
+	}
+	subjects := r.PostForm["subject"]
+	if len(subjects) != 1 || subjects[0] == "" || len(subjects[0]) > backgroundSubjectMax {
+		writeError(w, http.StatusBadRequest, "invalid_request", "exactly one subject is required")
+		return
+	}
+	subject := subjects[0]
+	tok, scopes, err := b.backgroundToken(r.Context(), subject)
+	switch {
+	case errors.Is(err, errNotProvisioned):
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the user has not provisioned offline access")
+		return
+	case errors.Is(err, errOfflineGrantDead):
+		b.logger.Info("background token: offline grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the user's offline access is no longer valid; the user must provision it again")
+		return
+	case errors.Is(err, ErrIdPUnavailable):
+		b.logger.Warn("background token: identity provider unavailable", zap.String("subject", subject), zap.Error(err))
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+		return
+	case err != nil:
+		b.logger.Error("background token: minting failed", zap.String("subject", subject), zap.Error(err))
+		writeError(w, http.StatusInternalServerError, "server_error", "the background token could not be issued")
+		return
+	}
+	var expiresIn int64
+	if !tok.Expiry.IsZero() {
+		expiresIn = max(int64(tok.Expiry.Sub(b.now())/time.Second), 0)
+	}
+	b.logger.Info("background token issued", zap.String("client_id", clientID), zap.String("subject", subject),
+		zap.String("token", Fingerprint(tok.AccessToken)))
+	writeJSON(w, http.StatusOK, TokenResponse{
+		AccessToken: tok.AccessToken,
+		TokenType:   "Bearer",
+		ExpiresIn:   expiresIn,
+		Scope:       strings.Join(scopes, " "),
+	})
+}
+
+// authenticateBackgroundClient checks HTTP Basic credentials against the configured
+// background clients, comparing in constant time, and returns the client's id. Only
+// Basic is accepted: a bearer token (a user's session) never authenticates here.
+func (b *Broker) authenticateBackgroundClient(r *http.Request) (string, bool) {
+	id, secret, ok := r.BasicAuth()
+	if !ok || len(b.cfg.BackgroundClients) == 0 {
+		return "", false
+	}
+	// RFC 6749 §2.3.1: the id and secret are form-encoded before Basic.
+	if v, err := url.QueryUnescape(id); err == nil {
+		id = v
+	}
+	if v, err := url.QueryUnescape(secret); err == nil {
+		secret = v
+	}
+	// Hashing first makes every comparison the same length; every client is compared so
+	// the time taken does not tell which ids exist.
+	idSum, secretSum := sha256.Sum256([]byte(id)), sha256.Sum256([]byte(secret))
+	match := 0
+	var who string
+	for _, c := range b.cfg.BackgroundClients {
+		cid, csec := sha256.Sum256([]byte(c.ID)), sha256.Sum256([]byte(c.Secret))
+		m := subtle.ConstantTimeCompare(idSum[:], cid[:]) & subtle.ConstantTimeCompare(secretSum[:], csec[:])
+		if m == 1 && c.Secret != "" {
+			match, who = 1, c.ID
+		}
+	}
+	return who, match == 1
+}

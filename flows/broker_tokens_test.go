@@ -1,0 +1,264 @@
+package flows
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// issueTestPair stores a family and a pair of broker tokens for b, without a session:
+// verification needs neither the IdP nor a session.
+func issueTestPair(tb testing.TB, b *Broker) (TokenResponse, string) {
+	tb.Helper()
+	ctx := context.Background()
+	familyID := randomToken()
+	if err := b.startFamily(ctx, TokenFamily{ID: familyID, ClientID: testenv.NativeClientID}); err != nil {
+		tb.Fatal(err)
+	}
+	resp, err := b.issueTokens(ctx, tokenGrant{
+		FamilyID: familyID, Subject: "alice", ClientID: testenv.NativeClientID, Resource: testResource,
+		Scopes: tokenTestScopes, RefreshScopes: tokenTestScopes,
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return resp, familyID
+}
+
+func TestVerifyBrokerToken(t *testing.T) {
+	o := verifierOP(t)
+
+	t.Run("a warm token is verified from memory, without storage", func(t *testing.T) {
+		e := newTokenEnv(t, o, nil)
+		tok, familyID := issueTestPair(t, e.b)
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); err != nil {
+			t.Fatal(err)
+		}
+		// Pull the records from under the cache: only a storage read could notice.
+		for _, key := range []string{recordKey(kindAccessToken, tok.AccessToken), familyKey(familyID)} {
+			if err := e.b.cfg.Records.Delete(t.Context(), key); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); err != nil {
+			t.Fatalf("warm verification read storage: %v", err)
+		}
+		e.clock.advance(brokerCacheTTL)
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("after the cache bound: %v, want ErrInvalidToken", err)
+		}
+	})
+
+	t.Run("a cached token lasts until min(its expiry, 30s)", func(t *testing.T) {
+		for _, tc := range []struct {
+			name string
+			ttl  time.Duration
+			want time.Duration
+		}{
+			{"a long-lived token is trusted from memory for 30s", time.Hour, brokerCacheTTL},
+			{"a token expiring sooner is trusted until it expires", 10 * time.Second, 10 * time.Second},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				e := newTokenEnv(t, o, func(c *Config) { c.AccessTokenTTL = tc.ttl })
+				tok, _ := issueTestPair(t, e.b)
+				if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); err != nil {
+					t.Fatal(err)
+				}
+				entry, ok := e.b.brokerTokens.entries[brokerTokenKey(tok.AccessToken)]
+				if !ok {
+					t.Fatal("not cached")
+				}
+				if got := time.Duration(entry.expires - e.clock.now().UnixNano()); got != tc.want {
+					t.Errorf("cached for %s, want %s", got, tc.want)
+				}
+			})
+		}
+	})
+
+	t.Run("an expired token is refused", func(t *testing.T) {
+		e := newTokenEnv(t, o, nil)
+		tok, _ := issueTestPair(t, e.b)
+		e.clock.advance(e.b.cfg.AccessTokenTTL)
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrInvalidToken", err)
+		}
+	})
+
+	t.Run("a revocation on another node reaches this one within 30s", func(t *testing.T) {
+		nodeA := newTokenEnv(t, o, nil)
+		nodeB := newTokenEnv(t, o, func(c *Config) { c.Records = nodeA.b.cfg.Records })
+		tok, _ := issueTestPair(t, nodeA.b)
+		if st := nodeB.mcpStatus(t, tok.AccessToken); st != http.StatusOK {
+			t.Fatalf("node B before the revocation: %d", st)
+		}
+		nodeA.revoke(t, testenv.NativeClientID, tok.AccessToken, "").wantOK(t)
+		if st := nodeA.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
+			t.Errorf("node A after revoking: %d, want 401", st)
+		}
+		if st := nodeB.mcpStatus(t, tok.AccessToken); st != http.StatusOK {
+			t.Errorf("node B within the bound: %d (fine, but the cache did not serve it)", st)
+		}
+		nodeB.clock.advance(brokerCacheTTL)
+		if st := nodeB.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
+			t.Errorf("node B after the bound: %d, want 401", st)
+		}
+	})
+
+	t.Run("refused tokens", func(t *testing.T) {
+		e := newTokenEnv(t, o, nil)
+		refresh, _ := issueTestPair(t, e.b)
+		for _, tc := range []struct{ name, token string }{
+			{"an unknown token", accessTokenPrefix + randomToken()},
+			{"a refresh token", refresh.RefreshToken},
+			{"a token without the prefix", randomToken()},
+			{"a token too long", accessTokenPrefix + randomToken() + "x"},
+			{"an IdP JWT", o.MintJWT(o.AccessTokenClaims(o.User.Subject, testResource))},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				if _, err := e.b.verifyBrokerToken(t.Context(), tc.token); !errors.Is(err, ErrInvalidToken) {
+					t.Fatalf("Verify = %v, want ErrInvalidToken", err)
+				}
+			})
+		}
+	})
+
+	t.Run("a verification racing a revocation does not cache the revoked token", func(t *testing.T) {
+		e := newTokenEnv(t, o, nil)
+		tok, familyID := issueTestPair(t, e.b)
+		epoch := e.b.brokerTokens.epoch()
+		p, _, err := e.b.checkAccessToken(t.Context(), tok.AccessToken, e.clock.now()) // read before the revocation
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.b.revokeFamily(t.Context(), familyID, ""); err != nil {
+			t.Fatal(err)
+		}
+		if e.b.brokerTokens.putSince(epoch, brokerTokenKey(tok.AccessToken), brokerVerdict{principal: p, familyID: familyID},
+			e.clock.now().Add(time.Minute).UnixNano(), false, e.clock.now().UnixNano()) {
+			t.Error("a verdict read before the revocation was cached after it")
+		}
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrInvalidToken", err)
+		}
+	})
+}
+
+func TestTokenCache(t *testing.T) {
+	key := func(i byte) (k [32]byte) { k[0] = i; return k }
+	t.Run("stays within its bound", func(t *testing.T) {
+		c := newTokenCache[string](3)
+		for i := range byte(10) {
+			c.put(key(i), "v", int64(100+int(i)), false, 0)
+			if c.len() > 3 {
+				t.Fatalf("%d entries", c.len())
+			}
+		}
+	})
+	t.Run("the zero value is a bounded cache", func(t *testing.T) {
+		var c tokenCache[string]
+		c.put(key(1), "v", 10, false, 0)
+		if v, ok := c.get(key(1), 5); !ok || v != "v" {
+			t.Errorf("get = %q %v", v, ok)
+		}
+		if _, ok := c.get(key(1), 10); ok {
+			t.Error("an entry is served at its expiry")
+		}
+	})
+	t.Run("deleteFunc removes the matching entries only", func(t *testing.T) {
+		c := newTokenCache[string](10)
+		c.put(key(1), "family-a", 10, false, 0)
+		c.put(key(2), "family-b", 10, false, 0)
+		c.put(key(3), "family-a", 10, false, 0)
+		if n := c.deleteFunc(func(v string) bool { return v == "family-a" }); n != 2 {
+			t.Errorf("deleted %d", n)
+		}
+		if _, ok := c.get(key(2), 0); !ok || c.len() != 1 {
+			t.Error("the other family's entry went too")
+		}
+	})
+}
+
+// BenchmarkVerifyBrokerTokenWarm is the hot path of a hybrid-mode request after the
+// first: a cached broker access token. No storage read, no allocation.
+func BenchmarkVerifyBrokerTokenWarm(b *testing.B) {
+	br, raw := warmBroker(b)
+	ctx := b.Context()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := br.verifyBrokerToken(ctx, raw); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkVerifyBrokerTokenWarmParallel is the hot path under concurrent requests.
+func BenchmarkVerifyBrokerTokenWarmParallel(b *testing.B) {
+	br, raw := warmBroker(b)
+	ctx := b.Context()
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := br.verifyBrokerToken(ctx, raw); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkVerifyBrokerTokenCold is a first request (or one every 30s): two storage reads
+// on file storage.
+func BenchmarkVerifyBrokerTokenCold(b *testing.B) {
+	br, raw := warmBroker(b)
+	ctx := b.Context()
+	b.ReportAllocs()
+	for b.Loop() {
+		br.brokerTokens.clear()
+		if _, err := br.verifyBrokerToken(ctx, raw); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// warmBroker is a hybrid broker with a broker access token verified once.
+func warmBroker(b *testing.B) (*Broker, string) {
+	b.Helper()
+	br := newBenchBroker(b)
+	tok, _ := issueTestPair(b, br)
+	if _, err := br.verifyBrokerToken(b.Context(), tok.AccessToken); err != nil {
+		b.Fatal(err)
+	}
+	return br, tok.AccessToken
+}
+
+// newBenchBroker is a hybrid broker on file storage for benchmarks (newTestBroker wants a
+// *testing.T).
+func newBenchBroker(b *testing.B) *Broker {
+	b.Helper()
+	ring, err := storage.NewKeyRing(bytes.Repeat([]byte{7}, 32))
+	if err != nil {
+		b.Fatal(err)
+	}
+	br, err := New(Config{
+		Mode:           ModeHybrid,
+		Issuer:         verifierOP(b).Issuer,
+		ClientID:       testenv.BrokerClientID,
+		ClientSecret:   testenv.BrokerClientSecret,
+		Resource:       testResource,
+		DelegationMode: DelegationNone,
+		Records:        storage.New(&certmagic.FileStorage{Path: b.TempDir()}, ring),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(br.Close)
+	return br
+}

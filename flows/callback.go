@@ -1,0 +1,253 @@
+package flows
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+	"go.uber.org/zap"
+	"golang.org/x/oauth2"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// The IdP leg of a hybrid login: after consent the broker sends the browser to the IdP
+// as its own confidential client (PKCE S256, nonce, a random single-use state), and the
+// callback turns the IdP's code into a session and a broker code for the MCP client.
+
+// idpStateTTL is how long a login may take at the IdP.
+const idpStateTTL = 10 * time.Minute
+
+// redirectToIdP stores the approved request under a fresh state and sends the browser
+// to the IdP's (public) authorization endpoint.
+func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req AuthorizationRequest) {
+	d, err := b.idp.Discovery(r.Context())
+	if err != nil {
+		b.logger.Warn("login: identity provider unavailable", zap.Error(err))
+		b.redirectError(w, r, req.RedirectURI, req.State, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+		return
+	}
+	state, nonce, verifier := randomToken(), randomToken(), oauth2.GenerateVerifier()
+	key := recordKey(kindIdPState, state)
+	sealed, err := b.cfg.Records.Seal(key, []byte(verifier))
+	if err == nil {
+		err = b.cfg.Records.Put(r.Context(), key, PendingLogin{Request: req, Nonce: nonce, PKCEVerifier: sealed}, idpStateTTL)
+	}
+	if err != nil {
+		b.logger.Error("login: storing pending login", zap.Error(err))
+		b.redirectError(w, r, req.RedirectURI, req.State, "server_error", "the login could not be started")
+		return
+	}
+	conf := b.idpOAuthConfig(oauth2.Endpoint{AuthURL: d.BrowserAuthorizationEndpoint})
+	// prompt=consent: Nextcloud and Keycloak issue a refresh token for offline_access
+	// only with consent.
+	target := conf.AuthCodeURL(state,
+		oauth2.S256ChallengeOption(verifier),
+		oauth2.SetAuthURLParam("nonce", nonce),
+		oauth2.SetAuthURLParam("prompt", "consent"))
+	b.logger.Info("login: sending the browser to the identity provider", zap.String("client_id", req.ClientID))
+	w.Header().Set("Cache-Control", "no-store")
+	http.Redirect(w, r, target, http.StatusFound)
+}
+
+// idpOAuthConfig is the broker as a client of the IdP at endpoint. It asks for openid,
+// offline_access and every configured scope: one IdP grant has to cover every tool.
+func (b *Broker) idpOAuthConfig(endpoint oauth2.Endpoint) *oauth2.Config {
+	scopes := []string{"openid", "offline_access"}
+	for _, s := range b.cfg.Scopes {
+		if !slices.Contains(scopes, s) {
+			scopes = append(scopes, s)
+		}
+	}
+	return &oauth2.Config{
+		ClientID:     b.cfg.ClientID,
+		ClientSecret: b.cfg.ClientSecret,
+		Endpoint:     endpoint,
+		RedirectURL:  b.issuer + pathCallback,
+		Scopes:       scopes,
+	}
+}
+
+// serveCallback finishes a hybrid login at /oauth/callback.
+func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", "GET")
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		return
+	}
+	q := r.URL.Query()
+	state := q.Get("state")
+	if state == "" || len(state) > maxTicketLen {
+		writeError(w, http.StatusBadRequest, "invalid_request", "unknown or expired login state")
+		return
+	}
+	var pending PendingLogin
+	key := recordKey(kindIdPState, state)
+	if err := b.cfg.Records.TakeOnce(r.Context(), key, &pending); err != nil {
+		if !errors.Is(err, storage.ErrNotFound) {
+			b.logger.Error("callback: taking pending login", zap.Error(err))
+			writeError(w, http.StatusInternalServerError, "server_error", "the login could not be loaded")
+			return
+		}
+		b.logger.Info("callback: unknown, replayed or expired state", zap.String("state", Fingerprint(state)))
+		writeError(w, http.StatusBadRequest, "invalid_request", "unknown or expired login state")
+		return
+	}
+	req := pending.Request
+	fail := func(code, description string) {
+		b.redirectError(w, r, req.RedirectURI, req.State, code, description)
+	}
+
+	if idpErr := q.Get("error"); idpErr != "" {
+		// The IdP's words stay in the log (W11); the client gets a fixed code.
+		b.logger.Info("callback: the identity provider refused the login",
+			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))
+		switch idpErr {
+		case "access_denied":
+			fail("access_denied", "the user or the identity provider denied the request")
+		case "temporarily_unavailable":
+			fail("temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+		default:
+			fail("server_error", "the identity provider refused the login")
+		}
+		return
+	}
+	code := q.Get("code")
+	if code == "" {
+		fail("server_error", "the identity provider returned no code")
+		return
+	}
+	verifier, err := b.cfg.Records.Open(key, pending.PKCEVerifier)
+	if err != nil {
+		b.logger.Error("callback: opening PKCE verifier", zap.Error(err))
+		fail("server_error", "the login could not be finished")
+		return
+	}
+
+	ctx, cancel := context.WithTimeout(r.Context(), b.cfg.IdPTimeout)
+	defer cancel()
+	login, err := b.exchangeIdPCode(ctx, code, string(verifier), pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
+	if err != nil {
+		if errors.Is(err, ErrIdPUnavailable) {
+			b.logger.Warn("callback: identity provider unavailable", zap.String("client_id", req.ClientID), zap.Error(err))
+			fail("temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+			return
+		}
+		b.logger.Warn("callback: login refused", zap.String("client_id", req.ClientID), zap.Error(err))
+		fail("server_error", "the login at the identity provider could not be verified")
+		return
+	}
+
+	s, err := b.createSession(r.Context(), login.Subject, req.ClientID, req.Scopes, login.Grant)
+	if err != nil {
+		b.logger.Error("callback: creating session", zap.Error(err))
+		fail("server_error", "the login could not be stored")
+		return
+	}
+	brokerCode, err := b.issueCode(r.Context(), s, req)
+	if err != nil {
+		b.logger.Error("callback: issuing code", zap.Error(err))
+		if derr := b.deleteSession(r.Context(), s.ID); derr != nil {
+			b.logger.Warn("callback: deleting unused session", zap.Error(derr))
+		}
+		fail("server_error", "the login could not be stored")
+		return
+	}
+	b.logger.Info("callback: login finished", zap.String("client_id", req.ClientID), zap.String("subject", login.Subject))
+	q = url.Values{"code": {brokerCode}, "iss": {b.issuer}}
+	if req.State != "" {
+		q.Set("state", req.State)
+	}
+	redirectWithQuery(w, r, req.RedirectURI, q)
+}
+
+// IdPLogin is a verified login at the IdP: who logged in, and the grant the broker holds
+// for them.
+type IdPLogin struct {
+	Subject string
+	IDToken *oidc.IDToken
+	Grant   IdPGrant
+}
+
+// exchangeIdPCode redeems an IdP authorization code with its PKCE verifier at the token
+// endpoint and verifies the ID token that comes with it: signature, issuer, audience =
+// the broker's client id (and azp when there are several), expiry, nonce, and at_hash
+// when present. iss is the callback's RFC 9207 parameter, checked when the IdP sent one
+// (mix-up defense). Errors wrap ErrIdPUnavailable when the IdP could not be reached or
+// failed.
+func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss, redirectURL string) (*IdPLogin, error) {
+	d, err := b.idp.Discovery(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrIdPUnavailable, err)
+	}
+	if iss != "" && iss != d.Issuer {
+		return nil, errors.New("callback iss differs from the identity provider's issuer")
+	}
+	conf := b.idpOAuthConfig(d.Provider.Endpoint())
+	conf.RedirectURL = redirectURL
+	tok, err := conf.Exchange(context.WithValue(ctx, oauth2.HTTPClient, b.cfg.HTTPClient), code, oauth2.VerifierOption(verifier))
+	if err != nil {
+		var re *oauth2.RetrieveError
+		if errors.As(err, &re) && re.Response != nil && re.Response.StatusCode < 500 {
+			return nil, fmt.Errorf("exchanging authorization code: identity provider answered %d %s", re.Response.StatusCode, re.ErrorCode)
+		}
+		return nil, fmt.Errorf("%w: exchanging authorization code: %v", ErrIdPUnavailable, err)
+	}
+	rawID, _ := tok.Extra("id_token").(string)
+	if rawID == "" {
+		return nil, errors.New("exchanging authorization code: no id_token in the response")
+	}
+	idt, err := d.Provider.Verifier(&oidc.Config{ClientID: b.cfg.ClientID, Now: b.now}).Verify(ctx, rawID)
+	if err != nil {
+		return nil, fmt.Errorf("verifying id token: %w", err)
+	}
+	if len(idt.Audience) > 1 {
+		// OIDC Core §3.1.3.7: with several audiences, azp must name the broker.
+		var c struct {
+			AuthorizedParty string `json:"azp"`
+		}
+		if err := idt.Claims(&c); err != nil || c.AuthorizedParty != b.cfg.ClientID {
+			return nil, errors.New("verifying id token: azp is not the broker's client id")
+		}
+	}
+	if !constantTimeEqual(idt.Nonce, nonce) {
+		return nil, errors.New("verifying id token: nonce mismatch")
+	}
+	if idt.AccessTokenHash != "" {
+		if err := idt.VerifyAccessToken(tok.AccessToken); err != nil {
+			return nil, fmt.Errorf("verifying id token: %w", err)
+		}
+	}
+	if idt.Subject == "" {
+		return nil, errors.New("verifying id token: no subject")
+	}
+	granted := conf.Scopes // RFC 6749 §5.1: no scope in the response means those asked
+	if s, ok := tok.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
+		granted = strings.Fields(s)
+	}
+	return &IdPLogin{
+		Subject: idt.Subject,
+		IDToken: idt,
+		Grant: IdPGrant{
+			AccessToken:  tok.AccessToken,
+			RefreshToken: tok.RefreshToken,
+			Expiry:       tok.Expiry,
+			IDToken:      rawID,
+			Scopes:       granted,
+		},
+	}, nil
+}
+
+// truncateForLog bounds text from outside before it reaches a log line.
+func truncateForLog(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}

@@ -1,0 +1,379 @@
+package flows
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+	"unicode/utf8"
+
+	"golang.org/x/sync/singleflight"
+)
+
+// Client ID Metadata Documents (MCP 2025-11-25, draft-ietf-oauth-client-id-metadata-document):
+// a client_id that is an https URL names a JSON document of client metadata, served by
+// the client's owner. The broker fetches it as an untrusted party would: https only, a
+// 5 s timeout, 64 KiB at most, no redirects, and no connection to a loopback, private,
+// link-local or otherwise non-public address (checked on the address actually dialled,
+// so DNS rebinding cannot get round it) unless Config.CIMDAllowPrivate.
+
+const (
+	cimdTimeout        = 5 * time.Second
+	maxDocumentBytes   = 64 << 10
+	minDocumentCache   = time.Minute
+	maxDocumentCache   = 24 * time.Hour
+	maxCachedDocuments = 1000
+	// maxDocumentFetches bounds concurrent fetches: anyone may name any URL as client_id.
+	maxDocumentFetches = 16
+)
+
+// errDocumentAddress means a metadata document lives at an address the broker will not
+// connect to.
+var errDocumentAddress = errors.New("client metadata document address is not public")
+
+// metadataDocuments caches the clients of fetched documents and fetches each URL once
+// at a time.
+type metadataDocuments struct {
+	mu      sync.Mutex
+	max     int
+	entries map[string]cachedDocument
+	flight  singleflight.Group
+	fetches chan struct{} // semaphore of maxDocumentFetches
+
+	clientOnce sync.Once
+	client     *http.Client
+	// rootCAs, when set before the first fetch, replaces the system roots (tests).
+	rootCAs *x509.CertPool
+}
+
+type cachedDocument struct {
+	client  *Client
+	expires time.Time
+}
+
+func newMetadataDocuments(maxEntries int) *metadataDocuments {
+	return &metadataDocuments{
+		max:     maxEntries,
+		entries: make(map[string]cachedDocument),
+		fetches: make(chan struct{}, maxDocumentFetches),
+	}
+}
+
+func (d *metadataDocuments) get(id string, now time.Time) *Client {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e, ok := d.entries[id]
+	if !ok {
+		return nil
+	}
+	if !now.Before(e.expires) {
+		delete(d.entries, id)
+		return nil
+	}
+	return e.client
+}
+
+func (d *metadataDocuments) put(id string, c *Client, expires, now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.entries[id]; !ok && len(d.entries) >= d.max {
+		// Full: drop what has expired, else the entry closest to expiry.
+		var soonest string
+		for k, e := range d.entries {
+			if !now.Before(e.expires) {
+				delete(d.entries, k)
+			} else if soonest == "" || e.expires.Before(d.entries[soonest].expires) {
+				soonest = k
+			}
+		}
+		if len(d.entries) >= d.max {
+			delete(d.entries, soonest)
+		}
+	}
+	d.entries[id] = cachedDocument{client: c, expires: expires}
+}
+
+// httpClient is the client documents are fetched with, built on first use.
+func (d *metadataDocuments) httpClient(allowPrivate bool) *http.Client {
+	d.clientOnce.Do(func() {
+		dialer := &net.Dialer{Timeout: cimdTimeout}
+		if !allowPrivate {
+			dialer.Control = refuseNonPublicAddress
+		}
+		d.client = &http.Client{
+			Transport: &http.Transport{
+				Proxy:                  nil, // a proxy would dial in our place, unchecked
+				DialContext:            dialer.DialContext,
+				TLSClientConfig:        &tls.Config{RootCAs: d.rootCAs, MinVersion: tls.VersionTLS12},
+				ForceAttemptHTTP2:      true,
+				TLSHandshakeTimeout:    cimdTimeout,
+				ResponseHeaderTimeout:  cimdTimeout,
+				MaxResponseHeaderBytes: 16 << 10,
+				MaxIdleConns:           16,
+				IdleConnTimeout:        90 * time.Second,
+			},
+			Timeout: cimdTimeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse // a 3xx is an answer, and a refusal
+			},
+		}
+	})
+	return d.client
+}
+
+// refuseNonPublicAddress is the dialer's last word on every connection: it sees the
+// resolved address about to be dialled.
+func refuseNonPublicAddress(network, address string, _ syscall.RawConn) error {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil || !isPublicAddress(ap.Addr()) {
+		return errDocumentAddress
+	}
+	return nil
+}
+
+// nonPublicPrefixes are special-purpose ranges (RFC 6890 and successors) the netip
+// predicates do not cover, or that embed an IPv4 address that might be private.
+var nonPublicPrefixes = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("100.64.0.0/10"), // carrier-grade NAT
+	netip.MustParsePrefix("192.0.0.0/24"),
+	netip.MustParsePrefix("192.0.2.0/24"),
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("198.51.100.0/24"),
+	netip.MustParsePrefix("203.0.113.0/24"),
+	netip.MustParsePrefix("240.0.0.0/4"),    // reserved and broadcast
+	netip.MustParsePrefix("64:ff9b::/96"),   // NAT64
+	netip.MustParsePrefix("64:ff9b:1::/48"), // local NAT64
+	netip.MustParsePrefix("2001::/32"),      // Teredo
+	netip.MustParsePrefix("2001:db8::/32"),
+	netip.MustParsePrefix("2002::/16"), // 6to4
+}
+
+func isPublicAddress(a netip.Addr) bool {
+	a = a.Unmap()
+	if !a.IsValid() || a.IsLoopback() || a.IsPrivate() || a.IsUnspecified() ||
+		a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsInterfaceLocalMulticast() || a.IsMulticast() {
+		return false
+	}
+	for _, p := range nonPublicPrefixes {
+		if p.Contains(a) {
+			return false
+		}
+	}
+	return true
+}
+
+// clientIDDocument is the metadata the broker reads from a document.
+type clientIDDocument struct {
+	ClientID                string   `json:"client_id"`
+	ClientName              string   `json:"client_name"`
+	RedirectURIs            []string `json:"redirect_uris"`
+	GrantTypes              []string `json:"grant_types"`
+	ResponseTypes           []string `json:"response_types"`
+	TokenEndpointAuthMethod string   `json:"token_endpoint_auth_method"`
+	Scope                   string   `json:"scope"`
+	ClientSecret            string   `json:"client_secret"`
+}
+
+// metadataDocumentClient finds the client whose client_id is the URL id, from the cache
+// or by fetching its document. Every refusal wraps ErrUnknownClient.
+func (b *Broker) metadataDocumentClient(ctx context.Context, id string) (*Client, error) {
+	if err := checkClientIDURL(id); err != nil {
+		return nil, documentRefused(err)
+	}
+	docs := b.clients.documents
+	if c := docs.get(id, b.now()); c != nil {
+		return c, nil
+	}
+	v, err, _ := docs.flight.Do(id, func() (any, error) {
+		// A flight that ended between the lookup above and this one has filled the cache.
+		if c := docs.get(id, b.now()); c != nil {
+			return c, nil
+		}
+		c, ttl, err := b.fetchMetadataDocument(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if ttl > 0 {
+			now := b.now()
+			docs.put(id, c, now.Add(ttl), now)
+		}
+		return c, nil
+	})
+	if err != nil {
+		return nil, documentRefused(err)
+	}
+	return v.(*Client), nil
+}
+
+func documentRefused(err error) error {
+	return fmt.Errorf("client metadata document: %w: %w", ErrUnknownClient, err)
+}
+
+// checkClientIDURL applies the draft's rules to a client_id URL: https, a host, a path,
+// no dot segments, no userinfo, no fragment.
+func checkClientIDURL(id string) error {
+	u, err := url.Parse(id)
+	switch {
+	case err != nil:
+		return errors.New("client_id is not a URL")
+	case u.Scheme != "https" || u.Host == "" || u.Opaque != "":
+		return errors.New("client_id URL must be https with a host")
+	case u.User != nil:
+		return errors.New("client_id URL must not contain userinfo")
+	case u.Fragment != "" || strings.Contains(id, "#"):
+		return errors.New("client_id URL must not contain a fragment")
+	case u.Path == "" || u.Path == "/":
+		return errors.New("client_id URL must have a path")
+	}
+	for _, seg := range strings.Split(u.EscapedPath(), "/") {
+		if seg == "." || seg == ".." {
+			return errors.New("client_id URL must not contain dot segments")
+		}
+	}
+	return nil
+}
+
+// fetchMetadataDocument fetches and checks the document at id. It returns the client
+// and how long it may be cached (0: not at all).
+func (b *Broker) fetchMetadataDocument(ctx context.Context, id string) (*Client, time.Duration, error) {
+	// Shared by every waiter of the flight: the first caller's cancellation must not
+	// fail the others, and the timeout bounds it anyway.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cimdTimeout)
+	defer cancel()
+	select {
+	case b.clients.documents.fetches <- struct{}{}:
+		defer func() { <-b.clients.documents.fetches }()
+	case <-ctx.Done():
+		return nil, 0, errors.New("too many document fetches under way")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, id, nil)
+	if err != nil {
+		return nil, 0, fmt.Errorf("building request: %w", err)
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := b.clients.documents.httpClient(b.cfg.CIMDAllowPrivate).Do(req)
+	if err != nil {
+		return nil, 0, fmt.Errorf("fetching: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, 0, fmt.Errorf("fetching: status %d", resp.StatusCode)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxDocumentBytes+1))
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading: %w", err)
+	}
+	if len(body) > maxDocumentBytes {
+		return nil, 0, errors.New("document is larger than 64 KiB")
+	}
+	var doc clientIDDocument
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return nil, 0, errors.New("document is not a JSON object of client metadata")
+	}
+	c, err := b.clientFromDocument(id, &doc)
+	if err != nil {
+		return nil, 0, err
+	}
+	return c, documentCacheTTL(resp.Header), nil
+}
+
+// clientFromDocument checks a document fetched from id. The document is written for
+// every authorization server its client talks to, so metadata the broker does not use
+// (other grant types, scopes it does not offer) is dropped rather than refused.
+func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, error) {
+	switch {
+	case doc.ClientID != id:
+		return nil, errors.New("document client_id differs from its URL")
+	case doc.ClientSecret != "":
+		return nil, errors.New("document carries a client_secret")
+	case doc.TokenEndpointAuthMethod != "" && doc.TokenEndpointAuthMethod != AuthMethodNone:
+		// No shared secret exists for a document client; private_key_jwt is not supported.
+		return nil, errors.New("document token_endpoint_auth_method is not none")
+	case len(doc.RedirectURIs) == 0:
+		return nil, errors.New("document has no redirect_uris")
+	case len(doc.RedirectURIs) > maxRedirectURIs:
+		return nil, errors.New("document has too many redirect_uris")
+	case utf8.RuneCountInString(doc.ClientName) > maxClientNameRunes:
+		return nil, errors.New("document client_name is too long")
+	}
+	for _, u := range doc.RedirectURIs {
+		if len(u) > maxRedirectURILen {
+			return nil, errors.New("document redirect_uri is too long")
+		}
+		if err := CheckRedirectURI(u); err != nil {
+			return nil, fmt.Errorf("document redirect_uris: %w", err)
+		}
+	}
+	if len(doc.ResponseTypes) > 0 && !slices.Contains(doc.ResponseTypes, "code") {
+		return nil, errors.New("document response_types lack code")
+	}
+	grants := defaultGrantTypes
+	if len(doc.GrantTypes) > 0 {
+		grants = nil
+		for _, g := range defaultGrantTypes {
+			if slices.Contains(doc.GrantTypes, g) {
+				grants = append(grants, g)
+			}
+		}
+		if !slices.Contains(grants, grantAuthorizationCode) {
+			return nil, errors.New("document grant_types lack authorization_code")
+		}
+	}
+	scopes := b.clients.defaultScopes
+	if doc.Scope != "" {
+		scopes = nil
+		for _, s := range strings.Fields(doc.Scope) {
+			if slices.Contains(b.clients.defaultScopes, s) {
+				scopes = append(scopes, s)
+			}
+		}
+	}
+	name := doc.ClientName
+	if name == "" {
+		name = id
+	}
+	return &Client{
+		ID:           id,
+		Name:         name,
+		RedirectURIs: doc.RedirectURIs,
+		Scopes:       scopes,
+		AuthMethod:   AuthMethodNone,
+		GrantTypes:   grants,
+		Source:       ClientSourceMetadataDocument,
+	}, nil
+}
+
+// documentCacheTTL reads Cache-Control: no-store and no-cache mean not cached; max-age
+// is clamped to [1 min, 24 h], so a client cannot make the broker fetch on every
+// request nor pin a stale document; no max-age means the minimum.
+func documentCacheTTL(h http.Header) time.Duration {
+	ttl := minDocumentCache
+	for _, v := range h.Values("Cache-Control") {
+		for _, d := range strings.Split(v, ",") {
+			name, val, _ := strings.Cut(strings.TrimSpace(d), "=")
+			switch strings.ToLower(name) {
+			case "no-store", "no-cache":
+				return 0
+			case "max-age":
+				if n, err := strconv.ParseInt(strings.Trim(val, `"`), 10, 64); err == nil && n >= 0 {
+					ttl = time.Duration(min(n, int64(maxDocumentCache/time.Second))) * time.Second
+				}
+			}
+		}
+	}
+	return min(max(ttl, minDocumentCache), maxDocumentCache)
+}

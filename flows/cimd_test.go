@@ -1,0 +1,302 @@
+package flows
+
+import (
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// documentServer serves client metadata documents over TLS on 127.0.0.1 and counts
+// the requests it gets.
+type documentServer struct {
+	*httptest.Server
+	hits atomic.Int64
+}
+
+func startDocumentServer(t *testing.T, handler func(srv *documentServer, w http.ResponseWriter, r *http.Request)) *documentServer {
+	t.Helper()
+	ds := &documentServer{}
+	ds.Server = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ds.hits.Add(1)
+		handler(ds, w, r)
+	}))
+	t.Cleanup(ds.Close)
+	return ds
+}
+
+// serveDocument answers with the JSON document of doc, with its client_id set to the
+// request's own URL unless doc names one, and cacheControl.
+func serveDocument(doc map[string]any, cacheControl string) func(*documentServer, http.ResponseWriter, *http.Request) {
+	return func(srv *documentServer, w http.ResponseWriter, r *http.Request) {
+		d := map[string]any{"client_id": srv.URL + r.URL.Path}
+		for k, v := range doc {
+			d[k] = v
+		}
+		if cacheControl != "" {
+			w.Header().Set("Cache-Control", cacheControl)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(d)
+	}
+}
+
+var claudeCodeDocument = map[string]any{
+	"client_name":                "Claude Code",
+	"redirect_uris":              []string{"http://localhost/callback", "http://127.0.0.1/callback"},
+	"grant_types":                []string{"authorization_code", "refresh_token"},
+	"response_types":             []string{"code"},
+	"token_endpoint_auth_method": "none",
+}
+
+// newDocumentBroker is a hybrid broker whose document fetches trust srv's certificate.
+func newDocumentBroker(t *testing.T, srv *documentServer, allowPrivate bool) *Broker {
+	t.Helper()
+	b := newRegistrationBroker(t, func(c *Config) { c.CIMDAllowPrivate = allowPrivate })
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Certificate())
+	b.clients.documents.rootCAs = roots
+	return b
+}
+
+func TestMetadataDocumentClient(t *testing.T) {
+	srv := startDocumentServer(t, serveDocument(claudeCodeDocument, "max-age=3600"))
+	b := newDocumentBroker(t, srv, true)
+	id := srv.URL + "/oauth/claude-code-client-metadata"
+
+	c, err := b.findClient(t.Context(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ID != id || c.Name != "Claude Code" || c.Source != ClientSourceMetadataDocument || c.AuthMethod != AuthMethodNone ||
+		strings.Join(c.RedirectURIs, " ") != "http://localhost/callback http://127.0.0.1/callback" ||
+		!c.allowsGrantType(grantRefreshToken) || strings.Join(c.Scopes, " ") != strings.Join(b.cfg.Scopes, " ") {
+		t.Errorf("client %+v", c)
+	}
+	if !MatchRedirectURI(c.RedirectURIs, "http://127.0.0.1:51234/callback") || MatchRedirectURI(c.RedirectURIs, "https://evil.example/callback") {
+		t.Error("redirect URIs do not match as registered ones")
+	}
+
+	t.Run("a public client by its URL at the token endpoint", func(t *testing.T) {
+		req := httptest.NewRequest(http.MethodPost, "https://mcp.example.test/oauth/token", nil)
+		got, err := b.authenticateClient(req, map[string][]string{"client_id": {id}})
+		if err != nil || got.ID != id {
+			t.Fatalf("%v %v", got, err)
+		}
+	})
+}
+
+func TestMetadataDocumentRefusals(t *testing.T) {
+	doc := func(change map[string]any) func(*documentServer, http.ResponseWriter, *http.Request) {
+		d := map[string]any{}
+		for k, v := range claudeCodeDocument {
+			d[k] = v
+		}
+		for k, v := range change {
+			if v == nil {
+				delete(d, k)
+			} else {
+				d[k] = v
+			}
+		}
+		return serveDocument(d, "")
+	}
+	for _, tc := range []struct {
+		name    string
+		handler func(*documentServer, http.ResponseWriter, *http.Request)
+		path    string
+	}{
+		{"client_id differs from the URL", doc(map[string]any{"client_id": "https://other.example/client.json"}), "/client.json"},
+		{"client_id differs by a trailing slash", func(s *documentServer, w http.ResponseWriter, r *http.Request) {
+			serveDocument(map[string]any{"client_id": s.URL + "/client.json/", "redirect_uris": []string{"https://app.example.com/cb"}}, "")(s, w, r)
+		}, "/client.json"},
+		{"a redirect is not followed", func(s *documentServer, w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/moved.json" {
+				http.Redirect(w, r, "/client.json", http.StatusFound)
+				return
+			}
+			serveDocument(claudeCodeDocument, "")(s, w, r)
+		}, "/moved.json"},
+		{"a document over 64 KiB", func(s *documentServer, w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte(`{"client_id":"` + s.URL + r.URL.Path + `","redirect_uris":["https://app.example.com/cb"]` + strings.Repeat(" ", 64<<10) + `}`))
+		}, "/client.json"},
+		{"not found", func(_ *documentServer, w http.ResponseWriter, _ *http.Request) { http.NotFound(w, nil) }, "/client.json"},
+		{"not JSON", func(_ *documentServer, w http.ResponseWriter, _ *http.Request) { w.Write([]byte("<html>")) }, "/client.json"},
+		{"no redirect_uris", doc(map[string]any{"redirect_uris": nil}), "/client.json"},
+		{"userinfo redirect URI (W1)", doc(map[string]any{"redirect_uris": []string{"http://localhost:@evil.com/cb"}}), "/client.json"},
+		{"http redirect URI on a public host", doc(map[string]any{"redirect_uris": []string{"http://evil.com/cb"}}), "/client.json"},
+		{"client_secret_basic auth method", doc(map[string]any{"token_endpoint_auth_method": "client_secret_basic"}), "/client.json"},
+		{"private_key_jwt auth method", doc(map[string]any{"token_endpoint_auth_method": "private_key_jwt"}), "/client.json"},
+		{"a client_secret in the document", doc(map[string]any{"client_secret": "s3cret"}), "/client.json"},
+		{"grant types without authorization_code", doc(map[string]any{"grant_types": []string{"client_credentials"}}), "/client.json"},
+		{"response types without code", doc(map[string]any{"response_types": []string{"token"}}), "/client.json"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startDocumentServer(t, tc.handler)
+			b := newDocumentBroker(t, srv, true)
+			c, err := b.findClient(t.Context(), srv.URL+tc.path)
+			if !errors.Is(err, ErrUnknownClient) {
+				t.Fatalf("client %+v, err %v", c, err)
+			}
+			if tc.name == "a redirect is not followed" && srv.hits.Load() != 1 {
+				t.Errorf("%d requests: the redirect was followed", srv.hits.Load())
+			}
+		})
+	}
+
+	t.Run("malformed client_id URLs are not fetched", func(t *testing.T) {
+		srv := startDocumentServer(t, serveDocument(claudeCodeDocument, ""))
+		b := newDocumentBroker(t, srv, true)
+		for _, id := range []string{
+			srv.URL,
+			srv.URL + "/",
+			srv.URL + "/a/../client.json",
+			srv.URL + "/./client.json",
+			srv.URL + "/client.json#frag",
+			strings.Replace(srv.URL, "https://", "https://user:pw@", 1) + "/client.json",
+		} {
+			if _, err := b.findClient(t.Context(), id); !errors.Is(err, ErrUnknownClient) {
+				t.Errorf("%s: %v", id, err)
+			}
+		}
+		if n := srv.hits.Load(); n != 0 {
+			t.Errorf("%d fetches", n)
+		}
+	})
+}
+
+// Without CIMDAllowPrivate the dialer refuses loopback, whatever name led there: the
+// name "localhost" passes any check on the URL, the address it resolves to does not.
+func TestMetadataDocumentPrivateAddressRefusedAtDial(t *testing.T) {
+	srv := startDocumentServer(t, serveDocument(claudeCodeDocument, ""))
+	b := newDocumentBroker(t, srv, false)
+	port := srv.Listener.Addr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port()
+	for _, host := range []string{"127.0.0.1", "localhost", "[::ffff:127.0.0.1]"} {
+		id := "https://" + host + ":" + strconv.Itoa(int(port)) + "/client.json"
+		_, err := b.findClient(t.Context(), id)
+		if !errors.Is(err, ErrUnknownClient) || !errors.Is(err, errDocumentAddress) {
+			t.Errorf("%s: %v, want a refusal at dial time", host, err)
+		}
+	}
+	if n := srv.hits.Load(); n != 0 {
+		t.Errorf("the server got %d requests", n)
+	}
+}
+
+func TestMetadataDocumentCache(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		cacheControl string
+		after        time.Duration // time between the first and the second lookup
+		wantHits     int64
+	}{
+		{"within max-age is cached", "public, max-age=300", 299 * time.Second, 1},
+		{"past max-age is fetched again", "public, max-age=300", 300 * time.Second, 2},
+		{"a short max-age is raised to a minute", "max-age=5", 59 * time.Second, 1},
+		{"a long max-age is cut to a day", "max-age=604800", 24 * time.Hour, 2},
+		{"no Cache-Control is cached a minute", "", 59 * time.Second, 1},
+		{"no-store is not cached", "no-store", 0, 2},
+		{"no-cache is not cached", "max-age=300, no-cache", 0, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startDocumentServer(t, serveDocument(claudeCodeDocument, tc.cacheControl))
+			b := newDocumentBroker(t, srv, true)
+			clock := newRegistrationClock()
+			b.now = clock.now
+			id := srv.URL + "/client.json"
+			for i := range 2 {
+				if _, err := b.findClient(t.Context(), id); err != nil {
+					t.Fatal(err)
+				}
+				if i == 0 {
+					clock.advance(tc.after)
+				}
+			}
+			if n := srv.hits.Load(); n != tc.wantHits {
+				t.Errorf("%d fetches, want %d", n, tc.wantHits)
+			}
+		})
+	}
+}
+
+// Concurrent first lookups of one document fetch it once.
+func TestMetadataDocumentFetchedOnceConcurrently(t *testing.T) {
+	release := make(chan struct{})
+	srv := startDocumentServer(t, func(s *documentServer, w http.ResponseWriter, r *http.Request) {
+		<-release
+		serveDocument(claudeCodeDocument, "max-age=300")(s, w, r)
+	})
+	b := newDocumentBroker(t, srv, true)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() {
+			_, err := b.findClient(t.Context(), srv.URL+"/client.json")
+			errs <- err
+		})
+	}
+	for srv.hits.Load() == 0 {
+		runtime.Gosched()
+	}
+	close(release)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if n := srv.hits.Load(); n != 1 {
+		t.Errorf("%d fetches, want 1", n)
+	}
+}
+
+func TestMetadataDocumentCacheIsBounded(t *testing.T) {
+	d := newMetadataDocuments(2)
+	now := newRegistrationClock().now()
+	d.put("a", &Client{ID: "a"}, now.Add(time.Hour), now)
+	d.put("b", &Client{ID: "b"}, now.Add(time.Minute), now)
+	d.put("c", &Client{ID: "c"}, now.Add(time.Hour), now) // evicts b, the soonest to expire
+	if len(d.entries) != 2 || d.get("b", now) != nil || d.get("a", now) == nil || d.get("c", now) == nil {
+		t.Errorf("entries %v", d.entries)
+	}
+}
+
+func TestIsPublicAddress(t *testing.T) {
+	for _, tc := range []struct {
+		addr   string
+		public bool
+	}{
+		{"93.184.215.14", true},
+		{"2606:4700::6810:84e5", true},
+		{"127.0.0.1", false},
+		{"::1", false},
+		{"::ffff:127.0.0.1", false},
+		{"10.1.2.3", false},
+		{"172.16.0.1", false},
+		{"192.168.1.1", false},
+		{"169.254.169.254", false}, // cloud metadata
+		{"fe80::1", false},
+		{"fd00::1", false},
+		{"0.0.0.0", false},
+		{"::", false},
+		{"100.64.0.1", false},
+		{"224.0.0.1", false},
+		{"255.255.255.255", false},
+		{"64:ff9b::a00:1", false}, // NAT64 of 10.0.0.1
+		{"2002:a00:1::1", false},  // 6to4 of 10.0.0.1
+	} {
+		if got := isPublicAddress(netip.MustParseAddr(tc.addr)); got != tc.public {
+			t.Errorf("%s: public %v, want %v", tc.addr, got, tc.public)
+		}
+	}
+}

@@ -1,0 +1,427 @@
+package flows
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"html/template"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// The consent page (MCP security best practices, "confused deputy"): the broker reaches
+// the IdP with one static client id, so before it sends a browser there for an MCP
+// client it asks the user whether that client, named with its id and the host its
+// answer goes to, may act for them.
+//
+// CSRF: the page's form carries the ticket's random CSRF value, and the page sets a
+// cookie holding the same value. A POST must carry both, equal to the ticket's; a page
+// elsewhere can neither read the value from our page (frame-ancestors 'none', no CORS)
+// nor make the browser send the SameSite=Lax cookie with a cross-site POST. Browsers that
+// send Sec-Fetch-Site must also say the POST came from our own origin. The ticket is
+// taken only after these checks pass, so a forged POST cannot burn it.
+//
+// Remembered consent: an approval sets a consent cookie, sealed with the storage key
+// (AES-GCM: authenticated, so it cannot be forged or edited), listing the approved client
+// ids with their scopes and an expiry. A later authorization request from the same
+// browser for the same client id, with a redirect URI that client registered and no
+// scope beyond those approved, skips the page. Any other client id still gets the page:
+// consent is bound to the client id, never to "this browser said yes once".
+
+const (
+	// consentRememberFor is how long an approval spares the page for its client.
+	consentRememberFor = 7 * 24 * time.Hour
+	// maxRememberedClients bounds the consent cookie; the oldest approvals go first.
+	maxRememberedClients = 20
+	// maxConsentCookieLen keeps the consent cookie under browsers' 4 KiB per cookie.
+	maxConsentCookieLen = 3800
+	// maxConsentBody bounds the consent form.
+	maxConsentBody = 16 << 10
+	// maxTicketLen bounds a ticket before it is hashed (random tickets are 43 bytes).
+	maxTicketLen = 128
+	// maxShownNameLen bounds the client name on the page.
+	maxShownNameLen = 120
+)
+
+// consentCookieKey is the associated data of the sealed consent cookie: a value sealed
+// for anything else does not open as one.
+var consentCookieKey = storage.Key("cookies", "consent")
+
+// secureCookies tells whether the broker is served over https, where its cookies carry
+// the __Host- prefix and Secure. On http (loopback development) they have plain names.
+func (b *Broker) secureCookies() bool { return strings.HasPrefix(b.issuer, "https://") }
+
+// cookie builds a broker cookie: HttpOnly, SameSite=Lax, and on https __Host- prefixed,
+// Secure and on Path=/ (which the prefix requires); on http on httpPath.
+func (b *Broker) cookie(name, value, httpPath string, maxAge time.Duration) *http.Cookie {
+	c := &http.Cookie{
+		Name:     name,
+		Value:    value,
+		Path:     httpPath,
+		MaxAge:   int(maxAge / time.Second),
+		HttpOnly: true,
+		SameSite: http.SameSiteLaxMode,
+	}
+	if maxAge < 0 {
+		c.MaxAge = -1
+	}
+	if b.secureCookies() {
+		c.Name = "__Host-" + name
+		c.Path = "/"
+		c.Secure = true
+	}
+	return c
+}
+
+// csrfCookie is the consent page's CSRF cookie for one ticket. The name carries a part
+// of the ticket's hash, so two consent pages open in one browser do not overwrite each
+// other's value.
+func (b *Broker) csrfCookie(ticket, value string, maxAge time.Duration) *http.Cookie {
+	return b.cookie("mcp_oauth_csrf_"+storage.Hash(ticket)[:16], value, pathConsent, maxAge)
+}
+
+func (b *Broker) consentCookie(value string, maxAge time.Duration) *http.Cookie {
+	return b.cookie("mcp_oauth_consent", value, "/oauth", maxAge)
+}
+
+// rememberedConsent is the content of the consent cookie.
+type rememberedConsent struct {
+	Clients []approvedClient `json:"c"`
+}
+
+type approvedClient struct {
+	ClientID string   `json:"i"`
+	Scopes   []string `json:"s"`
+	Expires  int64    `json:"x"` // Unix seconds
+}
+
+// readConsentCookie returns the approvals of this browser that have not expired; a
+// missing, forged or stale cookie reads as none.
+func (b *Broker) readConsentCookie(r *http.Request) []approvedClient {
+	c, err := r.Cookie(b.consentCookie("", 0).Name)
+	if err != nil || c.Value == "" || len(c.Value) > maxConsentCookieLen {
+		return nil
+	}
+	plain, err := b.cfg.Records.Open(consentCookieKey, c.Value)
+	if err != nil {
+		return nil
+	}
+	var rc rememberedConsent
+	if err := json.Unmarshal(plain, &rc); err != nil {
+		return nil
+	}
+	now := b.now().Unix()
+	live := rc.Clients[:0]
+	for _, a := range rc.Clients {
+		if a.Expires > now {
+			live = append(live, a)
+		}
+	}
+	return live
+}
+
+// consentRemembered tells whether this browser approved clientID for every scope in
+// scopes, and the approval has not expired.
+func (b *Broker) consentRemembered(r *http.Request, clientID string, scopes []string) bool {
+	for _, a := range b.readConsentCookie(r) {
+		if a.ClientID != clientID {
+			continue
+		}
+		for _, s := range scopes {
+			if !slices.Contains(a.Scopes, s) {
+				return false
+			}
+		}
+		return true
+	}
+	return false
+}
+
+// rememberConsent adds an approval of clientID for scopes to the consent cookie. It
+// keeps the newest approvals that fit; failing to seal only costs the user the page
+// next time.
+func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientID string, scopes []string) {
+	approved := approvedClient{ClientID: clientID, Scopes: slices.Clone(scopes), Expires: b.now().Add(consentRememberFor).Unix()}
+	var kept []approvedClient
+	for _, a := range b.readConsentCookie(r) {
+		if a.ClientID == clientID {
+			for _, s := range a.Scopes {
+				if !slices.Contains(approved.Scopes, s) {
+					approved.Scopes = append(approved.Scopes, s)
+				}
+			}
+			continue
+		}
+		kept = append(kept, a)
+	}
+	kept = append(kept, approved)
+	for len(kept) > 0 {
+		if len(kept) <= maxRememberedClients {
+			plain, err := json.Marshal(rememberedConsent{Clients: kept})
+			if err != nil {
+				return
+			}
+			sealed, err := b.cfg.Records.Seal(consentCookieKey, plain)
+			if err != nil {
+				b.logger.Warn("consent: sealing the consent cookie", zap.Error(err))
+				return
+			}
+			if len(sealed) <= maxConsentCookieLen {
+				http.SetCookie(w, b.consentCookie(sealed, consentRememberFor))
+				return
+			}
+		}
+		kept = kept[1:] // the oldest approval goes first
+	}
+}
+
+// serveConsent shows the consent page (GET) and takes the user's decision (POST).
+func (b *Broker) serveConsent(w http.ResponseWriter, r *http.Request) {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+		b.showConsent(w, r)
+	case http.MethodPost:
+		b.decideConsent(w, r)
+	default:
+		w.Header().Set("Allow", "GET, HEAD, POST")
+		consentProblem(w, http.StatusMethodNotAllowed, "This address takes only the consent form.")
+	}
+}
+
+// consentPage is what the consent page shows. Every field is escaped by html/template.
+type consentPage struct {
+	ClientName   string
+	ClientID     string
+	ShowID       bool
+	RedirectHost string
+	Loopback     bool
+	Resource     string
+	Scopes       []string
+	Ticket       string
+	CSRF         string
+}
+
+func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
+	ticket := r.URL.Query().Get("ticket")
+	ct, ok := b.loadConsentTicket(w, r, ticket)
+	if !ok {
+		return
+	}
+	req := ct.Request
+	client, err := b.findClient(r.Context(), req.ClientID)
+	if err != nil {
+		b.logger.Warn("consent: client no longer found", zap.String("client_id", req.ClientID), zap.Error(err))
+		consentProblem(w, http.StatusBadRequest, "The application asking for access is no longer known. Start again from the application.")
+		return
+	}
+	redirect, err := url.Parse(req.RedirectURI)
+	if err != nil {
+		consentProblem(w, http.StatusBadRequest, "The request is not valid. Start again from the application.")
+		return
+	}
+	name := client.Name
+	if name == "" {
+		name = client.ID
+	}
+	if utf8.RuneCountInString(name) > maxShownNameLen {
+		name = string([]rune(name)[:maxShownNameLen]) + "…"
+	}
+	scopes := req.Scopes
+	if len(scopes) == 0 {
+		scopes = []string{"openid"}
+	}
+	page := consentPage{
+		ClientName:   name,
+		ClientID:     client.ID,
+		ShowID:       name != client.ID,
+		RedirectHost: redirect.Hostname(),
+		Loopback:     isLoopbackHost(redirect.Hostname()),
+		Resource:     b.cfg.Resource,
+		Scopes:       scopes,
+		Ticket:       ticket,
+		CSRF:         ct.CSRF,
+	}
+	// The form's POST is answered by a redirect to the IdP, or to the client on deny;
+	// browsers apply form-action to those redirects too, so both origins are allowed.
+	formAction := []string{"'self'", cspSource(redirect)}
+	if d, err := b.idp.Discovery(r.Context()); err == nil {
+		if u, err := url.Parse(d.BrowserAuthorizationEndpoint); err == nil {
+			formAction = append(formAction, cspSource(u))
+		}
+	}
+	consentHeaders(w, formAction)
+	http.SetCookie(w, b.csrfCookie(ticket, ct.CSRF, consentTicketTTL))
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return
+	}
+	if err := consentTemplate.Execute(w, page); err != nil {
+		b.logger.Warn("consent: rendering the page", zap.Error(err))
+	}
+}
+
+func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, maxConsentBody)
+	if err := r.ParseForm(); err != nil {
+		consentProblem(w, http.StatusBadRequest, "The form could not be read. Start again from the application.")
+		return
+	}
+	ticket := r.PostForm.Get("ticket")
+	ct, ok := b.loadConsentTicket(w, r, ticket)
+	if !ok {
+		return
+	}
+	if site := r.Header.Get("Sec-Fetch-Site"); site != "" && site != "same-origin" {
+		b.logger.Warn("consent: cross-site form post refused", zap.String("client_id", ct.Request.ClientID), zap.String("sec_fetch_site", site))
+		consentProblem(w, http.StatusForbidden, "This form was not sent from the consent page. Start again from the application.")
+		return
+	}
+	var cookieValue string
+	if c, err := r.Cookie(b.csrfCookie(ticket, "", 0).Name); err == nil {
+		cookieValue = c.Value
+	}
+	form := r.PostForm.Get("csrf")
+	if ct.CSRF == "" || !constantTimeEqual(form, ct.CSRF) || !constantTimeEqual(cookieValue, ct.CSRF) {
+		b.logger.Warn("consent: CSRF check failed", zap.String("client_id", ct.Request.ClientID),
+			zap.Bool("form_token", form != ""), zap.Bool("cookie", cookieValue != ""))
+		consentProblem(w, http.StatusForbidden, "This form could not be verified. Open the consent page again from the application, in this browser.")
+		return
+	}
+	decision := r.PostForm.Get("decision")
+	if decision != "approve" && decision != "deny" {
+		consentProblem(w, http.StatusBadRequest, "Choose Approve or Deny.")
+		return
+	}
+	// Only now is the ticket spent: one decision per ticket.
+	var taken ConsentTicket
+	if err := b.cfg.Records.TakeOnce(r.Context(), recordKey(kindConsent, ticket), &taken); err != nil {
+		if !errors.Is(err, storage.ErrNotFound) {
+			b.logger.Error("consent: taking ticket", zap.Error(err))
+		}
+		consentProblem(w, http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
+		return
+	}
+	http.SetCookie(w, b.csrfCookie(ticket, "", -1))
+	req := taken.Request
+	if decision == "deny" {
+		b.logger.Info("consent: denied", zap.String("client_id", req.ClientID))
+		b.redirectError(w, r, req.RedirectURI, req.State, "access_denied", "the user denied the request")
+		return
+	}
+	b.logger.Info("consent: approved", zap.String("client_id", req.ClientID))
+	b.rememberConsent(w, r, req.ClientID, req.Scopes)
+	b.redirectToIdP(w, r, req)
+}
+
+// loadConsentTicket reads the ticket named in a request without spending it, or answers
+// with the page that says why not.
+func (b *Broker) loadConsentTicket(w http.ResponseWriter, r *http.Request, ticket string) (ConsentTicket, bool) {
+	var ct ConsentTicket
+	if ticket == "" || len(ticket) > maxTicketLen {
+		consentProblem(w, http.StatusBadRequest, "This consent request is not valid. Start again from the application.")
+		return ct, false
+	}
+	err := b.cfg.Records.Get(r.Context(), recordKey(kindConsent, ticket), &ct)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		consentProblem(w, http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
+		return ct, false
+	case err != nil:
+		b.logger.Error("consent: loading ticket", zap.Error(err))
+		consentProblem(w, http.StatusInternalServerError, "The consent request could not be loaded. Try again shortly.")
+		return ct, false
+	}
+	return ct, true
+}
+
+func constantTimeEqual(a, b string) bool {
+	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
+}
+
+// consentHeaders forbid framing (clickjacking), caching and referrers (the page's URL
+// holds the ticket), scripts and every other load; the page needs inline style only.
+func consentHeaders(w http.ResponseWriter, formAction []string) {
+	h := w.Header()
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action "+strings.Join(formAction, " "))
+	h.Set("Cache-Control", "no-store")
+	h.Set("Pragma", "no-cache")
+	h.Set("Referrer-Policy", "no-referrer")
+	h.Set("X-Content-Type-Options", "nosniff")
+}
+
+// cspSource names u's origin as a CSP source. Hosts CSP cannot name (IPv6 literals) or
+// that carry characters outside a plain host name get the scheme alone, so nothing from
+// a registered URI can add a directive.
+func cspSource(u *url.URL) string {
+	scheme := "https"
+	if u.Scheme == "http" {
+		scheme = "http"
+	}
+	for i := 0; i < len(u.Host); i++ {
+		switch c := u.Host[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '-', c == ':':
+		default:
+			return scheme + ":"
+		}
+	}
+	return scheme + "://" + u.Host
+}
+
+// consentProblem answers a browser with a short page saying what went wrong, in fixed
+// words. It never redirects: the request behind it is not (or no longer) trusted.
+func consentProblem(w http.ResponseWriter, status int, message string) {
+	consentHeaders(w, []string{"'none'"})
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.WriteHeader(status)
+	_ = problemTemplate.Execute(w, struct {
+		Status  string
+		Message string
+	}{http.StatusText(status), message})
+}
+
+const pageStyle = `<style>
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;background:#f5f5f7;color:#1d1d1f;margin:0}
+main{max-width:32rem;margin:4rem auto;background:#fff;border-radius:12px;padding:2rem;box-shadow:0 1px 4px rgba(0,0,0,.12)}
+h1{font-size:1.3rem;margin-top:0}code{background:#f0f0f3;padding:.1rem .3rem;border-radius:4px;word-break:break-all}
+ul{padding-left:1.2rem}.note{color:#555;font-size:.9rem}
+.actions{display:flex;gap:1rem;margin-top:1.5rem}
+button{font-size:1rem;padding:.6rem 1.4rem;border-radius:8px;border:1px solid #888;background:#fff;cursor:pointer}
+button.approve{background:#0b57d0;border-color:#0b57d0;color:#fff}
+</style>`
+
+var consentTemplate = template.Must(template.New("consent").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Allow {{.ClientName}}?</title>` + pageStyle + `</head>
+<body><main>
+<h1>Allow <strong>{{.ClientName}}</strong> to use {{.Resource}} as you?</h1>
+{{if .ShowID}}<p>Application ID: <code>{{.ClientID}}</code></p>{{end}}
+<p>After you approve and sign in, your access goes to <strong>{{.RedirectHost}}</strong>{{if .Loopback}} (an application on this computer){{end}}.</p>
+<p>It asks for:</p>
+<ul>{{range .Scopes}}<li><code>{{.}}</code></li>{{end}}</ul>
+<p class="note">Approve only if you just started signing in from this application. Anyone can register an application under any name.</p>
+<form method="post" action="/oauth/consent">
+<input type="hidden" name="ticket" value="{{.Ticket}}">
+<input type="hidden" name="csrf" value="{{.CSRF}}">
+<div class="actions">
+<button class="approve" type="submit" name="decision" value="approve">Approve</button>
+<button type="submit" name="decision" value="deny">Deny</button>
+</div>
+</form>
+</main></body></html>
+`))
+
+var problemTemplate = template.Must(template.New("problem").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{.Status}}</title>` + pageStyle + `</head>
+<body><main><h1>{{.Status}}</h1><p>{{.Message}}</p></main></body></html>
+`))

@@ -1,0 +1,325 @@
+package flows
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Per-request delegation: the upstream never sees the client's token. It gets a token
+// the IdP issued for it (audience = delegation.audience), scoped to what the call needs:
+//
+//   - token_exchange (RFC 8693): the subject is the client's own token in progressive
+//     mode, the session's IdP access token in hybrid mode (refreshed first when it has
+//     expired). One token per (session or client token, scope set): a tools/call gets
+//     its tool_scope scopes, anything else delegation.scopes.
+//   - refresh (IdPs without RFC 8693, hybrid mode only): the refresh grant on the
+//     session's own IdP grant, narrowed to every scope delegation may need (see
+//     refreshScopes). The token a refresh yields is the session's IdP access token from
+//     then on, sealed in the session like the login's was, so that every node of a
+//     cluster uses the one token a rotation produced.
+//   - "" (auto): token_exchange when the IdP's discovery advertises the grant, else
+//     refresh (hybrid) or 502 (progressive).
+//
+// Delegated tokens of token_exchange are never written to storage: they live in the
+// delegatedCache (delegation_cache.go), whose bounds the README repeats.
+
+// delegation is the broker's delegation state, built in New.
+type delegation struct {
+	// configured is the mode asked for: token_exchange, refresh or "" (auto).
+	configured string
+	// resolved is the mode auto settled on, once discovery answered.
+	resolved atomic.Pointer[string]
+	// defaultScopes are asked for a call no tool_scope rule covers: delegation.scopes,
+	// else the configured scopes without the identity scopes. Sorted.
+	defaultScopes []string
+	// refreshScopes are what refresh delegation narrows to: defaultScopes and every
+	// tool_scope scope. Sorted. One set per session, because a refresh at the Nextcloud
+	// oidc app (and zitadel) kills the access token the previous one gave, and some IdPs
+	// (zitadel) narrow the refresh token along with the access token: per-call scope sets
+	// would kill each other's tokens or lose scopes for good.
+	refreshScopes []string
+	// resource is sent as RFC 8707 `resource` on refresh: the delegation audience when it
+	// is an absolute URI (RFC 8707 §2 allows nothing else), else nothing.
+	resource string
+
+	cache *delegatedCache
+
+	noExchangeLogged atomic.Bool
+}
+
+// identityScopes describe the user to the client (OIDC Core §5.4, §11); they grant no
+// access to an upstream API, so they are left out of delegation's default scopes.
+var identityScopes = []string{"openid", "offline_access", "profile", "email", "address", "phone"}
+
+// newDelegation builds the delegation state of cfg (defaults filled in).
+func newDelegation(cfg *Config) *delegation {
+	d := &delegation{
+		configured: cfg.DelegationMode,
+		cache:      newDelegatedCache(delegationCacheEntries),
+	}
+	if len(cfg.DelegationScopes) > 0 {
+		d.defaultScopes = sortedSet(nil, cfg.DelegationScopes)
+	} else {
+		for _, s := range cfg.Scopes {
+			if !slices.Contains(identityScopes, s) {
+				d.defaultScopes = append(d.defaultScopes, s)
+			}
+		}
+		d.defaultScopes = sortedSet(nil, d.defaultScopes)
+	}
+	d.refreshScopes = d.defaultScopes
+	for _, rule := range cfg.ToolScopes {
+		d.refreshScopes = sortedSet(d.refreshScopes, rule.Scopes)
+	}
+	if u, err := url.Parse(cfg.DelegationAudience); err == nil && u.IsAbs() && u.Host != "" {
+		d.resource = cfg.DelegationAudience
+	}
+	switch cfg.DelegationMode {
+	case DelegationTokenExchange, DelegationRefresh:
+		m := cfg.DelegationMode
+		d.resolved.Store(&m)
+	}
+	return d
+}
+
+// sortedSet returns the sorted union of list and add, without duplicates.
+func sortedSet(list, add []string) []string {
+	out := slices.Clone(list)
+	for _, s := range add {
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// narrowScopes appends to dst the scopes of want that granted holds, once each, sorted.
+// It allocates nothing while dst has room.
+func narrowScopes(dst, want, granted []string) []string {
+	for _, s := range want {
+		if slices.Contains(granted, s) && !slices.Contains(dst, s) {
+			dst = append(dst, s)
+		}
+	}
+	slices.Sort(dst)
+	return dst
+}
+
+// delegationFlightTimeout bounds one cold delegation: a wait for the session lock and
+// up to three IdP calls, each bounded by the IdP timeout on its own.
+func (b *Broker) delegationFlightTimeout() time.Duration { return 3 * b.cfg.IdPTimeout }
+
+// delegateInto gives the upstream request out what the configured delegation mode says
+// in place of the client's token, or answers the client itself and returns false.
+// raw is the client's token (the subject of a token exchange in progressive mode); need
+// is what this call needs by the tool_scope rules (empty: delegation.scopes).
+func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *Principal, raw string, need []string) bool {
+	if b.cfg.DelegationMode == DelegationNone {
+		out.Header.Set(b.cfg.SubjectHeader, who.Subject)
+		return true
+	}
+	d := b.delegation
+	ctx := out.Context()
+	var mode string
+	if m := d.resolved.Load(); m != nil {
+		mode = *m
+	} else {
+		var err error
+		if mode, err = b.resolveDelegationMode(ctx); err != nil {
+			b.delegationFailed(w, who, nil, err)
+			return false
+		}
+	}
+	hybrid := b.cfg.Mode == ModeHybrid
+	if !hybrid && mode == DelegationRefresh {
+		b.delegationFailed(w, who, nil, errNoTokenExchange)
+		return false
+	}
+	if hybrid && who.SessionID == "" {
+		b.delegationFailed(w, who, nil, &delegationError{failInternal, errors.New("delegating: hybrid principal without a session")})
+		return false
+	}
+
+	var buf [8]string
+	want := need
+	if mode == DelegationRefresh {
+		want = d.refreshScopes
+	} else if len(want) == 0 {
+		want = d.defaultScopes
+	}
+	scopes := narrowScopes(buf[:0], want, who.Scopes)
+	var key delegationKey
+	if hybrid {
+		key = sessionDelegationKey(who.SessionID, scopes)
+	} else {
+		key = tokenDelegationKey(raw, scopes)
+	}
+	if h, ok := d.cache.get(key, b.now().UnixNano()); ok {
+		out.Header.Set("Authorization", h)
+		return true
+	}
+
+	h, err := b.delegateCold(ctx, mode, key, who, raw, scopes)
+	if err != nil {
+		b.delegationFailed(w, who, scopes, err)
+		return false
+	}
+	out.Header.Set("Authorization", h)
+	return true
+}
+
+// delegateCold obtains the delegated token for key, once for all concurrent callers.
+func (b *Broker) delegateCold(ctx context.Context, mode string, key delegationKey, who *Principal, raw string, scopes []string) (string, error) {
+	own := slices.Clone(scopes) // the caller's array lives on its stack
+	var session string
+	var limit time.Time
+	if b.cfg.Mode == ModeHybrid {
+		session = who.SessionID
+	} else {
+		limit = who.Expiry // never serve a token exchanged for a client token that has expired
+	}
+	return b.delegation.cache.obtain(ctx, key, b.now, b.delegationFlightTimeout(), func(ctx context.Context) (delegatedEntry, error) {
+		var tok delegatedToken
+		var err error
+		switch {
+		case mode == DelegationRefresh:
+			tok, err = b.refreshDelegated(ctx, session, own)
+		case session != "":
+			tok, err = b.exchangeForSession(ctx, session, own)
+		default:
+			tok, err = b.exchangeSubject(ctx, raw, own)
+		}
+		if err != nil {
+			return delegatedEntry{}, err
+		}
+		return delegatedEntry{
+			header:  "Bearer " + tok.AccessToken,
+			expires: cacheUntil(b.now(), tok.Expiry, limit).UnixNano(),
+			session: session,
+		}, nil
+	})
+}
+
+// resolveDelegationMode settles auto mode from the IdP's discovery document, once.
+func (b *Broker) resolveDelegationMode(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.IdPTimeout)
+	defer cancel()
+	disc, err := b.idp.Discovery(ctx)
+	if err != nil {
+		return "", unavailable("choosing the delegation mode", err)
+	}
+	mode := DelegationRefresh
+	if disc.SupportsTokenExchange() {
+		mode = DelegationTokenExchange
+	}
+	if b.delegation.resolved.CompareAndSwap(nil, &mode) {
+		b.logger.Info("delegation mode chosen from the identity provider's discovery", zap.String("delegation", mode))
+	}
+	return *b.delegation.resolved.Load(), nil
+}
+
+// evictDelegated forgets the delegated tokens of a session on this node at once (on
+// revocation). Other nodes stop using theirs within the cache bounds (delegation_cache.go).
+func (b *Broker) evictDelegated(sessionID string) {
+	if b.delegation != nil {
+		b.delegation.cache.evictSession(sessionID)
+	}
+}
+
+// delegatedToken is an access token the IdP issued for the upstream.
+type delegatedToken struct {
+	AccessToken string
+	Expiry      time.Time
+}
+
+// Kinds of delegation failure, each with its answer to the client.
+type delegationFailure int
+
+const (
+	failInternal    delegationFailure = iota // 500
+	failUnavailable                          // the IdP is down or slow: 503, Retry-After
+	failStorage                              // the session store failed: 503, Retry-After
+	failRejected                             // the IdP refused the subject or grant: 401
+	failSessionGone                          // the session no longer exists: 401
+	failScope                                // the IdP will not grant the scopes: 403
+	failMalformed                            // the IdP's answer is unusable: 502
+	failRefused                              // the IdP refused the broker itself: 502
+	failNoExchange                           // progressive mode, IdP without RFC 8693: 502
+)
+
+// delegationError is a failure of delegation, of a kind. Its text never holds a token.
+type delegationError struct {
+	kind delegationFailure
+	err  error
+}
+
+func (e *delegationError) Error() string { return e.err.Error() }
+func (e *delegationError) Unwrap() error { return e.err }
+
+var errNoTokenExchange = &delegationError{failNoExchange,
+	errors.New("delegating: the identity provider advertises no token exchange and progressive mode holds no grant to refresh")}
+
+// unavailable marks err, met while doing something, as the IdP being unreachable.
+func unavailable(doing string, err error) error {
+	return &delegationError{failUnavailable, fmt.Errorf("%s: %w", doing, err)}
+}
+
+// delegationFailed answers the client for a failed delegation. No path forwards the
+// client's token instead.
+func (b *Broker) delegationFailed(w http.ResponseWriter, who *Principal, scopes []string, err error) {
+	kind := failInternal
+	var de *delegationError
+	switch {
+	case errors.As(err, &de):
+		kind = de.kind
+	case errors.Is(err, ErrIdPUnavailable), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		kind = failUnavailable
+	}
+	fields := []zap.Field{zap.String("subject", who.Subject), zap.Error(err)}
+	if who.SessionID != "" {
+		fields = append(fields, zap.String("session", Fingerprint(who.SessionID)))
+	}
+	switch kind {
+	case failUnavailable:
+		b.logger.Warn("delegation: identity provider unavailable", fields...)
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+	case failStorage:
+		b.logger.Error("delegation: session storage failed", fields...)
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the session store cannot be reached; try again shortly")
+	case failRejected:
+		b.logger.Info("delegation: identity provider refused the user's grant", fields...)
+		b.challenge(w, "invalid_token", "the identity provider refused the user's grant; sign in again")
+	case failSessionGone:
+		b.logger.Debug("delegation: session gone", fields...)
+		b.challenge(w, "invalid_token", "the session has ended; sign in again")
+	case failScope:
+		b.logger.Warn("delegation: identity provider refused the scopes", append(fields, zap.String("scopes", strings.Join(scopes, " ")))...)
+		b.insufficientScope(w, who, scopes)
+	case failMalformed:
+		b.logger.Error("delegation: unusable answer from the identity provider", fields...)
+		writeError(w, http.StatusBadGateway, "server_error", "the identity provider gave an unusable answer")
+	case failRefused:
+		b.logger.Error("delegation: identity provider refused the broker's request; check its client configuration", fields...)
+		writeError(w, http.StatusBadGateway, "server_error", "the identity provider refused the broker's delegation request")
+	case failNoExchange:
+		if b.delegation.noExchangeLogged.CompareAndSwap(false, true) {
+			b.logger.Error("delegation: the identity provider offers no token exchange (RFC 8693), which progressive mode needs; use mode hybrid or an IdP with token exchange")
+		}
+		writeError(w, http.StatusBadGateway, "server_error", "the identity provider offers no token exchange")
+	default:
+		b.logger.Error("delegation failed", fields...)
+		writeError(w, http.StatusInternalServerError, "server_error", "delegation failed")
+	}
+}

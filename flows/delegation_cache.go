@@ -1,0 +1,245 @@
+package flows
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"math"
+	"sync"
+	"time"
+)
+
+// Delegated tokens live only in memory: the delegatedCache below. Bounds, for the README:
+//
+//   - Entries: at most delegationCacheEntries (10000); a full cache evicts an expired
+//     entry, else the one expiring soonest among a few sampled.
+//   - Life of an entry: until its token's expiry less a safety margin (30 s or a tenth of
+//     the token's lifetime, whichever is smaller), and never more than
+//     delegationCacheMaxAge (5 min) after it was obtained. In progressive mode also never
+//     past the expiry of the client's token it was exchanged for.
+//   - Revocation: evictDelegated drops a session's entries on this node at once. Another
+//     node of a cluster keeps serving its entry for that session until the entry
+//     expires: at most 5 minutes, and never past the delegated token's expiry less the
+//     margin.
+//
+// Steady state: a request whose (session or client token, scope set) is cached costs
+// two SHA-256 sums and a map read; no IdP call, no storage read.
+
+const (
+	delegationCacheEntries = 10000
+	delegationCacheMaxAge  = 5 * time.Minute
+	delegationMaxMargin    = 30 * time.Second
+)
+
+// delegationKey names a cache entry: the SHA-256 of who the token is for (the session
+// id in hybrid mode, the hash of the client's token in progressive mode) and of the
+// sorted scope set. Never the token itself.
+type delegationKey [sha256.Size]byte
+
+// delegatedEntry is a delegated token ready to send upstream.
+type delegatedEntry struct {
+	header  string // "Bearer <token>", built once
+	expires int64  // Unix ns after which the entry is not used
+	session string // the session it was obtained for ("" in progressive mode)
+}
+
+// delegationFlight is a delegated token being obtained; the callers asking for the same
+// key wait for it instead of asking the IdP again.
+type delegationFlight struct {
+	done   chan struct{}
+	header string
+	err    error
+}
+
+// delegatedCache holds delegated tokens by key, with single flight. Safe for concurrent use.
+type delegatedCache struct {
+	max int
+
+	mu      sync.RWMutex
+	entries map[delegationKey]delegatedEntry
+	gen     uint64 // bumped (under mu) by every eviction of a session
+
+	flightMu sync.Mutex
+	flights  map[delegationKey]*delegationFlight
+}
+
+func newDelegatedCache(max int) *delegatedCache {
+	return &delegatedCache{
+		max:     max,
+		entries: make(map[delegationKey]delegatedEntry),
+		flights: make(map[delegationKey]*delegationFlight),
+	}
+}
+
+// get returns the Authorization header value cached under key, if still good at now.
+func (c *delegatedCache) get(key delegationKey, now int64) (string, bool) {
+	c.mu.RLock()
+	e, ok := c.entries[key]
+	c.mu.RUnlock()
+	if !ok || now >= e.expires {
+		return "", false
+	}
+	return e.header, true
+}
+
+// generation is the eviction count a flight starts with; put refuses its result if a
+// session was evicted meanwhile, so a revoked session's token cannot slip back in.
+func (c *delegatedCache) generation() uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.gen
+}
+
+// put caches e under key unless an eviction happened since gen.
+func (c *delegatedCache) put(key delegationKey, e delegatedEntry, gen uint64, now int64) {
+	if e.expires <= now {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gen != gen {
+		return
+	}
+	if _, ok := c.entries[key]; !ok && len(c.entries) >= c.max {
+		c.evictOneLocked(now)
+	}
+	c.entries[key] = e
+}
+
+// evictOneLocked removes one entry among a few taken from the map's randomized iteration
+// order: the first that has expired, else the one expiring soonest.
+func (c *delegatedCache) evictOneLocked(now int64) {
+	var victim delegationKey
+	soonest, n := int64(math.MaxInt64), 0
+	for k, e := range c.entries {
+		if now >= e.expires {
+			victim = k
+			break
+		}
+		if e.expires < soonest {
+			victim, soonest = k, e.expires
+		}
+		if n++; n >= evictionSample {
+			break
+		}
+	}
+	delete(c.entries, victim)
+}
+
+// evictSession drops every entry obtained for session. It walks the whole cache: it runs
+// on revocation, rarely, and spares the hot path a second index.
+func (c *delegatedCache) evictSession(session string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gen++
+	for k, e := range c.entries {
+		if e.session == session {
+			delete(c.entries, k)
+		}
+	}
+}
+
+// obtain returns the header for key from the cache or from one fetch shared by every
+// concurrent caller. The fetch runs detached from any caller's context (bounded by its
+// own timeout), so a caller that goes away neither cancels it nor fails the others;
+// each caller stops waiting when its own context ends.
+func (c *delegatedCache) obtain(ctx context.Context, key delegationKey, now func() time.Time, timeout time.Duration,
+	fetch func(ctx context.Context) (delegatedEntry, error)) (string, error) {
+	c.flightMu.Lock()
+	if h, ok := c.get(key, now().UnixNano()); ok {
+		c.flightMu.Unlock()
+		return h, nil
+	}
+	f, waiting := c.flights[key]
+	if !waiting {
+		f = &delegationFlight{done: make(chan struct{})}
+		c.flights[key] = f
+		go c.run(context.WithoutCancel(ctx), key, f, now, timeout, fetch)
+	}
+	c.flightMu.Unlock()
+
+	select {
+	case <-f.done:
+		return f.header, f.err
+	case <-ctx.Done():
+		return "", fmt.Errorf("%w: waiting for a delegated token: %w", ErrIdPUnavailable, ctx.Err())
+	}
+}
+
+// run performs the fetch of flight f, caches its result and wakes the waiters.
+func (c *delegatedCache) run(ctx context.Context, key delegationKey, f *delegationFlight, now func() time.Time,
+	timeout time.Duration, fetch func(ctx context.Context) (delegatedEntry, error)) {
+	gen := c.generation()
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	var e delegatedEntry
+	var err error
+	defer func() {
+		cancel()
+		if p := recover(); p != nil {
+			err = fmt.Errorf("obtaining a delegated token: panic: %v", p)
+		}
+		if err == nil {
+			c.put(key, e, gen, now().UnixNano())
+		}
+		// The entry is in the cache before the flight goes: a new caller finds one or the other.
+		c.flightMu.Lock()
+		delete(c.flights, key)
+		c.flightMu.Unlock()
+		f.header, f.err = e.header, err
+		close(f.done)
+	}()
+	e, err = fetch(ctx)
+}
+
+// flightCount is how many fetches are under way (tests).
+func (c *delegatedCache) flightCount() int {
+	c.flightMu.Lock()
+	defer c.flightMu.Unlock()
+	return len(c.flights)
+}
+
+// cacheUntil is when a token expiring at expiry, obtained at now, stops being served:
+// a margin before expiry (30 s or a tenth of its lifetime, the smaller), at most
+// delegationCacheMaxAge after now, and never after limit (when set).
+func cacheUntil(now, expiry, limit time.Time) time.Time {
+	life := expiry.Sub(now)
+	until := expiry.Add(-min(delegationMaxMargin, max(life/10, 0)))
+	if ceiling := now.Add(delegationCacheMaxAge); until.After(ceiling) {
+		until = ceiling
+	}
+	if !limit.IsZero() && until.After(limit) {
+		until = limit
+	}
+	return until
+}
+
+// sessionDelegationKey is the cache key of a session's token for scopes (sorted).
+func sessionDelegationKey(session string, scopes []string) delegationKey {
+	var buf [1024]byte
+	b := append(buf[:0], 's')
+	b = append(b, session...)
+	return scopeKey(b, scopes)
+}
+
+// tokenDelegationKey is the cache key of the token exchanged for a client's token raw,
+// for scopes (sorted). Only raw's hash enters the key.
+func tokenDelegationKey(raw string, scopes []string) delegationKey {
+	h := tokenKey(raw)
+	var buf [1024]byte
+	b := append(buf[:0], 'p')
+	b = append(b, h[:]...)
+	return scopeKey(b, scopes)
+}
+
+// scopeKey hashes prefix and the scopes. A scope token holds no space (RFC 6749 §3.3)
+// and a session id no NUL, so the encoding is unambiguous.
+func scopeKey(b []byte, scopes []string) delegationKey {
+	b = append(b, 0)
+	for i, s := range scopes {
+		if i > 0 {
+			b = append(b, ' ')
+		}
+		b = append(b, s...)
+	}
+	return sha256.Sum256(b)
+}

@@ -1,0 +1,462 @@
+package flows
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"html/template"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+	"go.uber.org/zap"
+	"golang.org/x/oauth2"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// Flow 2 (the seed's ADR-004): a user provisions offline access for background jobs. The
+// broker logs the user in at the IdP with its own client, asking for offline_access, and
+// keeps the refresh token sealed under the user's subject. Unlike the seed (W5, W8), it
+// starts only for an authenticated user, never takes a user id from a parameter, sends a
+// random single-use state with PKCE and a nonce, and stores the result only when the
+// ID token names the user who started.
+
+const (
+	// provisioningLinkTTL bounds how long a one-time provisioning link can be opened.
+	provisioningLinkTTL = 10 * time.Minute
+	// provisioningStateTTL bounds how long the user may take at the IdP.
+	provisioningStateTTL = 10 * time.Minute
+	// offlineGrantTTL is how long an offline grant is kept without use. The IdP decides
+	// how long its refresh token really lives; the record only has to outlive it, and is
+	// rewritten with this TTL on every rotation. A dead token is deleted on first use.
+	offlineGrantTTL = 365 * 24 * time.Hour
+	// provisioningQueryMax bounds the query string of the browser endpoints.
+	provisioningQueryMax = 4096
+)
+
+// ProvisioningLinkResponse answers an authenticated start of Flow 2: the URL a browser
+// opens to continue, good once.
+type ProvisioningLinkResponse struct {
+	AuthorizationURL string `json:"authorization_url"`
+	ExpiresIn        int64  `json:"expires_in"`
+}
+
+// ProvisioningStatus is the answer of GET and DELETE /oauth/provisioning.
+type ProvisioningStatus struct {
+	Provisioned   bool       `json:"provisioned"`
+	ProvisionedAt *time.Time `json:"provisioned_at,omitempty"`
+	RotatedAt     *time.Time `json:"rotated_at,omitempty"`
+	Scopes        []string   `json:"scopes,omitempty"`
+	ClientID      string     `json:"client_id,omitempty"`
+	// RevokedAtIdP tells, after a DELETE, whether the IdP confirmed the revocation.
+	RevokedAtIdP *bool `json:"revoked_at_idp,omitempty"`
+}
+
+// serveProvisioningStart is GET /oauth/authorize-nextcloud. With a bearer token (an MCP
+// client or script acting for the user) it mints a one-time link for that user and
+// answers it as JSON; with ?link= (the user's browser opening it) it takes the link and
+// sends the browser to the IdP. Anything else gets the 401 challenge.
+func (b *Broker) serveProvisioningStart(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
+		allowCORS(w, "GET, OPTIONS")
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	// Only GET: a HEAD would mint a link nobody reads, or spend one.
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", "GET, OPTIONS")
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		return
+	}
+	if len(r.URL.RawQuery) > provisioningQueryMax {
+		writeError(w, http.StatusBadRequest, "invalid_request", "query too long")
+		return
+	}
+	q := r.URL.Query()
+	if q.Has("access_token") {
+		writeError(w, http.StatusBadRequest, "invalid_request", "access tokens are accepted only in the Authorization header")
+		return
+	}
+	if _, ok := bearerToken(r); ok {
+		who := b.authenticateProvisioningUser(w, r)
+		if who == nil {
+			return
+		}
+		link, err := b.mintProvisioningLink(r.Context(), who)
+		if err != nil {
+			b.logger.Error("flow 2: storing provisioning link", zap.Error(err))
+			writeError(w, http.StatusInternalServerError, "server_error", "the provisioning link could not be stored")
+			return
+		}
+		allowCORS(w, "GET, OPTIONS")
+		writeJSON(w, http.StatusOK, ProvisioningLinkResponse{AuthorizationURL: link, ExpiresIn: int64(provisioningLinkTTL / time.Second)})
+		return
+	}
+	token := q.Get("link")
+	if token == "" {
+		b.challenge(w, "", "a bearer token or a provisioning link is required")
+		return
+	}
+	var link ProvisioningLink
+	switch err := b.cfg.Records.TakeOnce(r.Context(), recordKey(kindFlow2Link, token), &link); {
+	case errors.Is(err, storage.ErrNotFound):
+		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{
+			Title:   "Link expired",
+			Message: "This provisioning link is unknown, expired or already used. Ask for a new one.",
+		})
+		return
+	case err != nil:
+		b.logger.Error("flow 2: taking provisioning link", zap.Error(err))
+		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The link could not be read; try again."})
+		return
+	}
+	b.redirectToIdPForProvisioning(w, r, link.Subject, link.ClientID)
+}
+
+// authenticateProvisioningUser checks the request's bearer token as the MCP endpoint would and
+// returns who it speaks for, or answers the request itself and returns nil.
+func (b *Broker) authenticateProvisioningUser(w http.ResponseWriter, r *http.Request) *Principal {
+	if r.URL.Query().Has("access_token") {
+		writeError(w, http.StatusBadRequest, "invalid_request", "access tokens are accepted only in the Authorization header")
+		return nil
+	}
+	raw, ok := bearerToken(r)
+	if !ok {
+		b.challenge(w, "", "a bearer token is required")
+		return nil
+	}
+	who, err := b.verifyAccessToken(r.Context(), raw)
+	switch {
+	case errors.Is(err, ErrIdPUnavailable):
+		b.logger.Warn("flow 2: token verification unavailable", zap.Error(err))
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+		return nil
+	case err != nil:
+		b.logger.Debug("flow 2: token refused", zap.String("token", Fingerprint(raw)), zap.Error(err))
+		b.challenge(w, "invalid_token", "the access token is invalid or expired")
+		return nil
+	case who.Subject == "":
+		b.challenge(w, "invalid_token", "the access token names no user")
+		return nil
+	}
+	return who
+}
+
+// mintProvisioningLink stores a one-time link for who and returns its full URL.
+func (b *Broker) mintProvisioningLink(ctx context.Context, who *Principal) (string, error) {
+	token := randomToken()
+	link := ProvisioningLink{Subject: who.Subject, ClientID: who.ClientID, CreatedAt: b.now().UTC()}
+	if err := b.cfg.Records.Put(ctx, recordKey(kindFlow2Link, token), link, provisioningLinkTTL); err != nil {
+		return "", err
+	}
+	return b.issuer + pathProvisioningStart + "?" + url.Values{"link": {token}}.Encode(), nil
+}
+
+// provisioningScopes are asked of the IdP in Flow 2: openid for the ID token that proves
+// who logged in, offline_access for the refresh token, then the configured ones.
+func (b *Broker) provisioningScopes() []string {
+	scopes := []string{"openid", "offline_access"}
+	for _, s := range b.cfg.ProvisioningScopes {
+		scopes = appendUnique(scopes, s)
+	}
+	return scopes
+}
+
+// provisioningOAuth2 is the broker's client at the IdP for Flow 2; authURL is where
+// browsers go.
+func (b *Broker) provisioningOAuth2(d *Discovery, scopes []string) *oauth2.Config {
+	e := d.Provider.Endpoint()
+	return &oauth2.Config{
+		ClientID:     b.cfg.ClientID,
+		ClientSecret: b.cfg.ClientSecret,
+		Endpoint: oauth2.Endpoint{
+			AuthURL:  d.BrowserAuthorizationEndpoint,
+			TokenURL: e.TokenURL,
+			// client_secret_basic, as the broker is registered; auto-detection would retry a
+			// failed refresh with the other style, which rotating IdPs count as a reuse.
+			AuthStyle: oauth2.AuthStyleInHeader,
+		},
+		RedirectURL: b.issuer + pathProvisioningCallback,
+		Scopes:      scopes,
+	}
+}
+
+// offlineIdPContext makes golang.org/x/oauth2 use the broker's HTTP client, bounded by the IdP
+// timeout.
+func (b *Broker) offlineIdPContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.IdPTimeout)
+	return context.WithValue(ctx, oauth2.HTTPClient, b.cfg.HTTPClient), cancel
+}
+
+// redirectToIdPForProvisioning stores the pending login under a random state and sends
+// the browser to the IdP.
+func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Request, subject, clientID string) {
+	d, err := b.idp.Discovery(r.Context())
+	if err != nil {
+		b.logger.Warn("flow 2: identity provider unavailable", zap.Error(err))
+		w.Header().Set("Retry-After", "5")
+		b.provisioningPage(w, http.StatusServiceUnavailable, provisioningPageData{
+			Title: "Try again", Message: "The identity provider cannot be reached; try again shortly.",
+		})
+		return
+	}
+	state, nonce, verifier := randomToken(), randomToken(), oauth2.GenerateVerifier()
+	key := recordKey(kindFlow2State, state)
+	sealed, err := b.cfg.Records.Seal(key, []byte(verifier))
+	if err != nil {
+		b.logger.Error("flow 2: sealing PKCE verifier", zap.Error(err))
+		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be started; try again."})
+		return
+	}
+	scopes := b.provisioningScopes()
+	pending := PendingProvisioning{
+		Subject: subject, ClientID: clientID, Scopes: scopes,
+		Nonce: nonce, PKCEVerifier: sealed, CreatedAt: b.now().UTC(),
+	}
+	if err := b.cfg.Records.Put(r.Context(), key, pending, provisioningStateTTL); err != nil {
+		b.logger.Error("flow 2: storing state", zap.Error(err))
+		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be started; try again."})
+		return
+	}
+	target := b.provisioningOAuth2(d, scopes).AuthCodeURL(state,
+		oauth2.S256ChallengeOption(verifier),
+		oidc.Nonce(nonce),
+		oauth2.SetAuthURLParam("prompt", "consent"),
+	)
+	b.logger.Info("flow 2: sending the user to the identity provider", zap.String("subject", subject))
+	h := w.Header()
+	h.Set("Cache-Control", "no-store")
+	h.Set("Referrer-Policy", "no-referrer")
+	http.Redirect(w, r, target, http.StatusFound)
+}
+
+// serveProvisioningCallback is GET /oauth/callback-nextcloud, where the IdP sends the
+// browser back. The state is taken once; the ID token must name the user who started.
+func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Request) {
+	// Only GET: a HEAD would spend the state.
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", "GET")
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		return
+	}
+	if len(r.URL.RawQuery) > provisioningQueryMax {
+		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The request is too long."})
+		return
+	}
+	q := r.URL.Query()
+	state := q.Get("state")
+	if state == "" {
+		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The state parameter is missing."})
+		return
+	}
+	ctx := r.Context()
+	key := recordKey(kindFlow2State, state)
+	var pending PendingProvisioning
+	switch err := b.cfg.Records.TakeOnce(ctx, key, &pending); {
+	case errors.Is(err, storage.ErrNotFound):
+		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{
+			Title: "Login expired", Message: "This login is unknown, expired or already finished. Start again.",
+		})
+		return
+	case err != nil:
+		b.logger.Error("flow 2: taking state", zap.Error(err))
+		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
+		return
+	}
+	if q.Get("error") != "" {
+		// The IdP's own error text is not shown (W11): only that access was not granted.
+		b.logger.Info("flow 2: identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
+		b.provisioningPage(w, http.StatusForbidden, provisioningPageData{Title: "Not granted", Message: "The identity provider did not grant offline access."})
+		return
+	}
+	code := q.Get("code")
+	if code == "" {
+		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The code parameter is missing."})
+		return
+	}
+	verifier, err := b.cfg.Records.Open(key, pending.PKCEVerifier)
+	if err != nil {
+		b.logger.Error("flow 2: opening PKCE verifier", zap.Error(err))
+		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
+		return
+	}
+	d, err := b.idp.Discovery(ctx)
+	if err != nil {
+		b.logger.Warn("flow 2: identity provider unavailable", zap.Error(err))
+		b.provisioningPage(w, http.StatusServiceUnavailable, provisioningPageData{Title: "Try again", Message: "The identity provider cannot be reached; start again shortly."})
+		return
+	}
+	cfg := b.provisioningOAuth2(d, pending.Scopes)
+	idpCtx, cancel := b.offlineIdPContext(ctx)
+	defer cancel()
+	tok, err := cfg.Exchange(idpCtx, code, oauth2.VerifierOption(string(verifier)))
+	if err != nil {
+		b.logger.Warn("flow 2: exchanging authorization code", zap.String("subject", pending.Subject), zap.Error(oauthErrorOnly(err)))
+		b.provisioningPage(w, http.StatusBadGateway, provisioningPageData{Title: "Login failed", Message: "The identity provider did not accept the login; start again."})
+		return
+	}
+	sub, err := b.verifyProvisioningIDToken(idpCtx, d, tok, pending.Nonce)
+	if err != nil {
+		b.logger.Warn("flow 2: ID token refused", zap.String("subject", pending.Subject), zap.Error(err))
+		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
+		b.provisioningPage(w, http.StatusBadGateway, provisioningPageData{Title: "Login failed", Message: "The identity provider's answer could not be verified; start again."})
+		return
+	}
+	if subtle.ConstantTimeCompare([]byte(sub), []byte(pending.Subject)) != 1 {
+		// Someone else logged in at the IdP: their grant must not land under this user,
+		// nor linger at the IdP.
+		b.logger.Warn("flow 2: a different user logged in at the identity provider; nothing stored",
+			zap.String("subject", pending.Subject), zap.String("logged_in", sub))
+		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
+		b.provisioningPage(w, http.StatusForbidden, provisioningPageData{
+			Title:   "Wrong account",
+			Message: "You logged in at the identity provider as a different user than the one who asked for offline access. Nothing was stored.",
+		})
+		return
+	}
+	if tok.RefreshToken == "" {
+		b.logger.Warn("flow 2: the identity provider issued no refresh token", zap.String("subject", sub))
+		b.provisioningPage(w, http.StatusBadGateway, provisioningPageData{Title: "No offline access", Message: "The identity provider granted no offline access."})
+		return
+	}
+	scopes := pending.Scopes
+	if s, ok := tok.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
+		scopes = strings.Fields(s)
+	}
+	if err := b.storeOfflineGrant(ctx, d, sub, pending.ClientID, scopes, tok.RefreshToken); err != nil {
+		b.logger.Error("flow 2: storing offline grant", zap.String("subject", sub), zap.Error(err))
+		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
+		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "Offline access could not be stored; start again."})
+		return
+	}
+	b.logger.Info("flow 2: offline access provisioned", zap.String("subject", sub), zap.String("client_id", pending.ClientID))
+	b.provisioningPage(w, http.StatusOK, provisioningPageData{
+		Title:   "Offline access granted",
+		Message: "Background jobs may now act for you with these scopes. You can close this window.",
+		Scopes:  scopes,
+	})
+}
+
+// verifyProvisioningIDToken verifies the ID token of a Flow-2 code exchange (signature,
+// issuer, audience, expiry, nonce) and returns its subject.
+func (b *Broker) verifyProvisioningIDToken(ctx context.Context, d *Discovery, tok *oauth2.Token, nonce string) (string, error) {
+	raw, _ := tok.Extra("id_token").(string)
+	if raw == "" {
+		return "", errors.New("no id_token in the token response")
+	}
+	idt, err := d.Provider.Verifier(&oidc.Config{ClientID: b.cfg.ClientID, Now: b.now}).Verify(ctx, raw)
+	if err != nil {
+		return "", err
+	}
+	if subtle.ConstantTimeCompare([]byte(idt.Nonce), []byte(nonce)) != 1 {
+		return "", errors.New("id_token nonce does not match")
+	}
+	if idt.Subject == "" {
+		return "", errors.New("id_token has no subject")
+	}
+	return idt.Subject, nil
+}
+
+// oauthErrorOnly keeps an IdP error's code and drops its body and description, which
+// may echo what was sent (W11, W13).
+func oauthErrorOnly(err error) error {
+	var re *oauth2.RetrieveError
+	if errors.As(err, &re) {
+		code := re.ErrorCode
+		if code == "" && re.Response != nil {
+			code = re.Response.Status
+		}
+		return errors.New("identity provider answered " + code)
+	}
+	return err
+}
+
+// serveProvisioningStatus is /oauth/provisioning for the authenticated user: GET tells
+// whether offline access is provisioned, DELETE revokes it here and at the IdP. The user
+// is always the token's subject, never a parameter (W8).
+func (b *Broker) serveProvisioningStatus(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
+		allowCORS(w, "GET, DELETE, OPTIONS")
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodDelete:
+	default:
+		w.Header().Set("Allow", "GET, HEAD, DELETE, OPTIONS")
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		return
+	}
+	who := b.authenticateProvisioningUser(w, r)
+	if who == nil {
+		return
+	}
+	allowCORS(w, "GET, DELETE, OPTIONS")
+	ctx := r.Context()
+	if r.Method == http.MethodDelete {
+		status, err := b.revokeOfflineGrant(ctx, who.Subject)
+		if err != nil {
+			b.logger.Error("flow 2: revoking offline grant", zap.String("subject", who.Subject), zap.Error(err))
+			writeError(w, http.StatusInternalServerError, "server_error", "offline access could not be revoked")
+			return
+		}
+		writeJSON(w, http.StatusOK, status)
+		return
+	}
+	g, err := b.loadOfflineGrant(ctx, who.Subject)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		writeJSON(w, http.StatusOK, ProvisioningStatus{Provisioned: false})
+		return
+	case err != nil:
+		b.logger.Error("flow 2: reading offline grant", zap.String("subject", who.Subject), zap.Error(err))
+		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning status could not be read")
+		return
+	}
+	st := ProvisioningStatus{Provisioned: true, ProvisionedAt: &g.ProvisionedAt, Scopes: g.Scopes, ClientID: g.ClientID}
+	if !g.RotatedAt.IsZero() {
+		st.RotatedAt = &g.RotatedAt
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+// provisioningPageData fills the page a browser sees at the end of Flow 2. Every field
+// is a fixed text of the broker or a scope the IdP granted, escaped by html/template.
+type provisioningPageData struct {
+	Title   string
+	Message string
+	Scopes  []string
+}
+
+var provisioningPageTemplate = template.Must(template.New("provisioning").Parse(`<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{.Title}}</title></head>
+<body>
+<h1>{{.Title}}</h1>
+<p>{{.Message}}</p>
+{{if .Scopes}}<ul>{{range .Scopes}}<li><code>{{.}}</code></li>{{end}}</ul>{{end}}
+</body>
+</html>
+`))
+
+// provisioningPage answers a browser with an HTML page that no one may frame, cache or
+// follow a referrer from.
+func (b *Broker) provisioningPage(w http.ResponseWriter, status int, data provisioningPageData) {
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	h.Set("Pragma", "no-cache")
+	h.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Referrer-Policy", "no-referrer")
+	w.WriteHeader(status)
+	if err := provisioningPageTemplate.Execute(w, data); err != nil {
+		b.logger.Debug("flow 2: writing page", zap.Error(err))
+	}
+}

@@ -1,0 +1,121 @@
+package flows
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"path"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// Tools that need the user's Flow-2 grant (ProvisioningTools) are answered, until the
+// user has provisioned, with MCP 2025-11-25's URL elicitation error (SEP-1036): a
+// JSON-RPC error -32042 whose data lists one URL-mode elicitation carrying a one-time
+// provisioning link, so a client can open it for the user without a copy-paste step.
+
+// codeURLElicitationRequired is the JSON-RPC error code of URLElicitationRequiredError.
+const codeURLElicitationRequired = -32042
+
+// urlElicitation is one entry of the error's data.elicitations (ElicitRequestURLParams).
+type urlElicitation struct {
+	Mode          string `json:"mode"`
+	ElicitationID string `json:"elicitationId"`
+	URL           string `json:"url"`
+	Message       string `json:"message"`
+}
+
+type urlElicitationError struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+	Data    any    `json:"data,omitempty"`
+}
+
+type urlElicitationResponse struct {
+	JSONRPC string              `json:"jsonrpc"`
+	ID      json.RawMessage     `json:"id"`
+	Error   urlElicitationError `json:"error"`
+}
+
+// jsonrpcRequestID is the part of a JSON-RPC request the answer echoes.
+type jsonrpcRequestID struct {
+	ID json.RawMessage `json:"id"`
+}
+
+// checkProvisioning answers a tools/call of a tool that needs the user's Flow-2 grant
+// when the user has none, and returns false; otherwise it returns true. It runs after
+// authentication and the scope check, with the body read and put back.
+func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *Principal, tools []string) bool {
+	if !b.needsProvisioning(tools) {
+		return true
+	}
+	ctx := r.Context()
+	_, err := b.loadOfflineGrant(ctx, who.Subject)
+	if err == nil {
+		return true
+	}
+	if !errors.Is(err, storage.ErrNotFound) {
+		b.logger.Error("flow 2: reading offline grant", zap.String("subject", who.Subject), zap.Error(err))
+		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning status could not be read")
+		return false
+	}
+	link, err := b.mintProvisioningLink(ctx, who)
+	if err != nil {
+		b.logger.Error("flow 2: storing provisioning link", zap.Error(err))
+		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning link could not be stored")
+		return false
+	}
+	e := urlElicitationError{
+		Code:    codeURLElicitationRequired,
+		Message: "This tool needs offline access to your account. Open " + link + " to grant it, then try again.",
+		Data: map[string][]urlElicitation{"elicitations": {{
+			Mode:          "url",
+			ElicitationID: randomToken(),
+			URL:           link,
+			Message:       "This tool needs offline access to your account. Sign in to grant it, then try again.",
+		}}},
+	}
+	b.logger.Info("flow 2: tool needs provisioning; URL elicitation sent", zap.String("subject", who.Subject))
+
+	// requiredScopes left the body, bounded, in r.Body.
+	body, _ := io.ReadAll(io.LimitReader(r.Body, b.cfg.MaxBodyBytes))
+	var answer any
+	if trimmed := bytes.TrimLeft(body, " \t\r\n"); len(trimmed) > 0 && trimmed[0] == '[' {
+		// A batch is refused whole, each request answered with the same error.
+		var batch []jsonrpcRequestID
+		_ = json.Unmarshal(trimmed, &batch)
+		out := make([]urlElicitationResponse, 0, len(batch))
+		for _, req := range batch {
+			if len(req.ID) > 0 {
+				out = append(out, urlElicitationResponse{JSONRPC: "2.0", ID: req.ID, Error: e})
+			}
+		}
+		answer = out
+	} else {
+		var req jsonrpcRequestID
+		_ = json.Unmarshal(trimmed, &req)
+		if len(req.ID) == 0 {
+			req.ID = json.RawMessage("null")
+		}
+		answer = urlElicitationResponse{JSONRPC: "2.0", ID: req.ID, Error: e}
+	}
+	allowCORS(w, "GET, POST, DELETE, OPTIONS")
+	writeJSON(w, http.StatusOK, answer)
+	return false
+}
+
+// needsProvisioning tells whether any of tools matches a ProvisioningTools glob.
+func (b *Broker) needsProvisioning(tools []string) bool {
+	for _, name := range tools {
+		for _, glob := range b.cfg.ProvisioningTools {
+			if ok, _ := path.Match(glob, name); ok {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -1,0 +1,204 @@
+package flows
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"time"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// The records the broker keeps in storage, and where. Keys are built with storage.Key;
+// everything a client sent (codes, tokens, client ids, states) is hashed first. Secrets
+// (IdP tokens, rotated token pairs) are sealed with the record's key as associated data.
+
+// Storage key prefixes, one per record kind.
+const (
+	kindClient       = "clients"      // RegisteredClient, by Hash(client_id)
+	kindConsent      = "consent"      // ConsentTicket, by Hash(ticket)
+	kindIdPState     = "idp_state"    // PendingLogin, by Hash(state sent to the IdP)
+	kindSession      = "sessions"     // Session, by session id
+	kindCode         = "codes"        // AuthorizationCode, by Hash(code)
+	kindUsedCode     = "used_codes"   // UsedCode, by Hash(code): replay detection
+	kindAccessToken  = "access"       // AccessToken, by Hash(token)
+	kindRefreshToken = "refresh"      // RefreshToken, by Hash(token)
+	kindFamily       = "families"     // TokenFamily, by family id
+	kindProvisioning = "provisioning" // OfflineGrant (Flow 2), by Hash(subject)
+	kindFlow2State   = "flow2_state"  // PendingProvisioning, by Hash(state)
+	kindFlow2Link    = "flow2_link"   // ProvisioningLink, by Hash(link token)
+)
+
+// recordKey builds the storage key of a record of kind for a client-supplied or random id.
+func recordKey(kind, id string) string {
+	return storage.Key(kind, storage.Hash(id))
+}
+
+// AuthorizationRequest is what an MCP client asked for at /oauth/authorize, kept while
+// the user consents and logs in at the IdP.
+type AuthorizationRequest struct {
+	ClientID            string   `json:"client_id"`
+	RedirectURI         string   `json:"redirect_uri"`
+	State               string   `json:"state,omitempty"`
+	CodeChallenge       string   `json:"code_challenge"`
+	CodeChallengeMethod string   `json:"code_challenge_method"`
+	Scopes              []string `json:"scopes"`
+	Resource            string   `json:"resource"`
+	// RedirectURIOmitted: the client sent no redirect_uri (it has one registered, which
+	// RedirectURI holds), so its token request may leave it out (RFC 6749 §4.1.3).
+	RedirectURIOmitted bool `json:"redirect_uri_omitted,omitempty"`
+}
+
+// ConsentTicket is an authorization request waiting for the user's decision on the
+// consent page. CSRF is the value the page's form and cookie must both carry.
+type ConsentTicket struct {
+	Request AuthorizationRequest `json:"request"`
+	CSRF    string               `json:"csrf"`
+}
+
+// PendingLogin is an approved request on its way through the IdP: what the callback
+// needs to finish it. Stored under the random state sent to the IdP; taken once.
+type PendingLogin struct {
+	Request      AuthorizationRequest `json:"request"`
+	Nonce        string               `json:"nonce"`
+	PKCEVerifier string               `json:"pkce_verifier_sealed"` // sealed
+}
+
+// IdPGrant is what the IdP gave the broker for a user. Sealed as a whole inside Session.
+type IdPGrant struct {
+	AccessToken  string    `json:"access_token"`
+	RefreshToken string    `json:"refresh_token,omitempty"`
+	Expiry       time.Time `json:"expiry"`
+	IDToken      string    `json:"id_token,omitempty"`
+	Scopes       []string  `json:"scopes,omitempty"`
+	// AccessTokenScopes is what AccessToken was narrowed to by a scoped refresh
+	// (delegation refresh); empty when it carries the whole grant.
+	AccessTokenScopes []string `json:"access_token_scopes,omitempty"`
+}
+
+// Session is one login of a user through one MCP client in hybrid mode: the IdP grant
+// behind the broker's tokens.
+type Session struct {
+	ID        string    `json:"id"`
+	Subject   string    `json:"subject"`
+	ClientID  string    `json:"client_id"`
+	Scopes    []string  `json:"scopes"`
+	Grant     string    `json:"grant_sealed"` // a sealed JSON IdPGrant
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// AuthorizationCode is a broker-issued code, bound to everything it was issued for.
+type AuthorizationCode struct {
+	SessionID           string   `json:"session_id"`
+	FamilyID            string   `json:"family_id"`
+	ClientID            string   `json:"client_id"`
+	RedirectURI         string   `json:"redirect_uri"`
+	CodeChallenge       string   `json:"code_challenge"`
+	CodeChallengeMethod string   `json:"code_challenge_method"`
+	Scopes              []string `json:"scopes"`
+	Resource            string   `json:"resource"`
+	Subject             string   `json:"subject"`
+	// ExpiresAt is checked against the broker's clock; the storage TTL only cleans up.
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// UsedCode outlives its code, so that a replay revokes what the code issued (RFC 6749
+// §10.5). It is written with the code (see issueCode).
+type UsedCode struct {
+	FamilyID  string `json:"family_id"`
+	SessionID string `json:"session_id,omitempty"`
+}
+
+// AccessToken is a broker-issued opaque access token.
+type AccessToken struct {
+	FamilyID  string    `json:"family_id"`
+	SessionID string    `json:"session_id"`
+	Subject   string    `json:"subject"`
+	ClientID  string    `json:"client_id"`
+	Scopes    []string  `json:"scopes"`
+	Resource  string    `json:"resource"`
+	Expiry    time.Time `json:"expiry"`
+}
+
+// RefreshToken is a broker-issued refresh token. Once rotated it names its successor
+// pair, sealed, so that within the grace window a retry gets the same pair.
+type RefreshToken struct {
+	FamilyID  string    `json:"family_id"`
+	SessionID string    `json:"session_id"`
+	Subject   string    `json:"subject"`
+	ClientID  string    `json:"client_id"`
+	Scopes    []string  `json:"scopes"`
+	Resource  string    `json:"resource"`
+	RotatedAt time.Time `json:"rotated_at,omitzero"`
+	Successor string    `json:"successor_sealed,omitempty"` // a sealed JSON TokenResponse
+	Expiry    time.Time `json:"expiry"`
+}
+
+// TokenFamily is every token descended from one authorization code. Revoking it stops
+// them all.
+type TokenFamily struct {
+	ID        string    `json:"id"`
+	SessionID string    `json:"session_id"`
+	ClientID  string    `json:"client_id"`
+	Revoked   bool      `json:"revoked,omitempty"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// RegisteredClient is an MCP client registered dynamically (RFC 7591).
+type RegisteredClient struct {
+	ClientID                string    `json:"client_id"`
+	ClientSecretHash        string    `json:"client_secret_hash,omitempty"` // SHA-256, base64url; empty for public clients
+	ClientName              string    `json:"client_name,omitempty"`
+	RedirectURIs            []string  `json:"redirect_uris"`
+	GrantTypes              []string  `json:"grant_types"`
+	ResponseTypes           []string  `json:"response_types"`
+	TokenEndpointAuthMethod string    `json:"token_endpoint_auth_method"`
+	Scope                   string    `json:"scope,omitempty"`
+	IssuedAt                time.Time `json:"issued_at"`
+	RenewedAt               time.Time `json:"renewed_at,omitzero"` // last time a use extended its lifetime
+}
+
+// TokenResponse is the RFC 6749 §5.1 success body.
+type TokenResponse struct {
+	AccessToken  string `json:"access_token"`
+	TokenType    string `json:"token_type"`
+	ExpiresIn    int64  `json:"expires_in"`
+	RefreshToken string `json:"refresh_token,omitempty"`
+	Scope        string `json:"scope,omitempty"`
+}
+
+// randomToken is 32 random bytes, base64url: codes, tokens, states, ids.
+func randomToken() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b) // never fails (crypto/rand)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// ProvisioningLink is a one-time link that lets a browser start Flow 2 for the user whose
+// bearer token minted it: a browser cannot send that token itself. Taken once.
+type ProvisioningLink struct {
+	Subject   string    `json:"subject"`
+	ClientID  string    `json:"client_id,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// PendingProvisioning is a Flow-2 login on its way through the IdP, stored under the
+// random state sent there and taken once by the callback.
+type PendingProvisioning struct {
+	Subject      string    `json:"subject"`
+	ClientID     string    `json:"client_id,omitempty"`
+	Scopes       []string  `json:"scopes"`
+	Nonce        string    `json:"nonce"`
+	PKCEVerifier string    `json:"pkce_verifier_sealed"` // sealed
+	CreatedAt    time.Time `json:"created_at"`
+}
+
+// OfflineGrant is a user's Flow-2 offline access: the IdP refresh token, sealed, that
+// only ever mints background tokens for authenticated background clients.
+type OfflineGrant struct {
+	Subject       string    `json:"subject"`
+	ClientID      string    `json:"client_id,omitempty"` // the MCP client the user provisioned through
+	Scopes        []string  `json:"scopes"`
+	RefreshToken  string    `json:"refresh_token_sealed"` // sealed
+	ProvisionedAt time.Time `json:"provisioned_at"`
+	RotatedAt     time.Time `json:"rotated_at,omitzero"`
+}

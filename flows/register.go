@@ -1,0 +1,213 @@
+package flows
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"mime"
+	"net/http"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+)
+
+// Bounds of a registration request.
+const (
+	maxRegistrationBytes  = 64 << 10
+	maxRedirectURIs       = 20
+	maxRedirectURILen     = 2000
+	maxClientNameRunes    = 200
+	maxRegistrationScopes = 50
+)
+
+// clientMetadata is the RFC 7591 §2 metadata the broker registers and echoes back.
+// Other fields in a request are ignored (RFC 7591 §2: the server may ignore metadata
+// it does not understand) and not stored.
+type clientMetadata struct {
+	RedirectURIs            []string `json:"redirect_uris"`
+	TokenEndpointAuthMethod string   `json:"token_endpoint_auth_method"`
+	GrantTypes              []string `json:"grant_types"`
+	ResponseTypes           []string `json:"response_types"`
+	ClientName              string   `json:"client_name,omitempty"`
+	Scope                   string   `json:"scope,omitempty"`
+}
+
+// clientInformation is the RFC 7591 §3.2.1 response.
+type clientInformation struct {
+	ClientID              string `json:"client_id"`
+	ClientSecret          string `json:"client_secret,omitempty"`
+	ClientIDIssuedAt      int64  `json:"client_id_issued_at"`
+	ClientSecretExpiresAt *int64 `json:"client_secret_expires_at,omitempty"`
+	clientMetadata
+}
+
+// serveRegister is RFC 7591 dynamic client registration at /oauth/register.
+//
+// Choices where the RFC leaves room:
+//   - Registration switched off (Config.Registration false) answers 403 access_denied:
+//     the endpoint exists, the server refuses; 404 would read as a wrong URL.
+//   - grant_types defaults to [authorization_code, refresh_token], not the RFC's
+//     [authorization_code]: MCP clients rarely send it and all of them refresh.
+//   - token_endpoint_auth_method defaults to client_secret_basic as the RFC says; most
+//     MCP clients send none and get a public client.
+//   - scope, when sent, may only name configured scopes (which may include
+//     offline_access, though it is not advertised); otherwise the client may ask for
+//     all configured scopes.
+//   - A registration lives registrationLifetime (the longer of the session and refresh
+//     token lifetimes) and every use renews it, so it outlives what was issued to it.
+//   - One client address (Caddy's client_ip, per its trusted proxies; an IPv6 /64) may
+//     register Config.RegistrationRate clients a minute; past that 429 with Retry-After.
+//   - Wrong Content-Type: 415; a body over 64 KiB: 413; both invalid_client_metadata.
+func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
+	allowCORS(w, "POST, OPTIONS")
+	switch r.Method {
+	case http.MethodOptions:
+		w.WriteHeader(http.StatusNoContent)
+		return
+	case http.MethodPost:
+	default:
+		w.Header().Set("Allow", "POST, OPTIONS")
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		return
+	}
+	if !b.cfg.Registration {
+		writeError(w, http.StatusForbidden, "access_denied", "dynamic client registration is disabled")
+		return
+	}
+	ip := clientIP(r)
+	if ok, wait := b.clients.registrations.allow(rateLimitKey(ip), b.cfg.RegistrationRate, b.now()); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
+		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many registrations from this address; retry later")
+		return
+	}
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
+		writeError(w, http.StatusUnsupportedMediaType, "invalid_client_metadata", "content type must be application/json")
+		return
+	}
+
+	var req clientMetadata
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRegistrationBytes))
+	err := dec.Decode(&req)
+	if err == nil {
+		if _, extra := dec.Token(); extra != io.EOF {
+			err = errors.New("data after the JSON object")
+		}
+	}
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeError(w, http.StatusRequestEntityTooLarge, "invalid_client_metadata", "registration request is larger than 64 KiB")
+			return
+		}
+		writeError(w, http.StatusBadRequest, "invalid_client_metadata", "registration request must be a JSON object of client metadata")
+		return
+	}
+	if code, desc := b.checkClientMetadata(&req); code != "" {
+		writeError(w, http.StatusBadRequest, code, desc)
+		return
+	}
+
+	now := b.now()
+	rec := RegisteredClient{
+		ClientID:                randomToken(),
+		ClientName:              req.ClientName,
+		RedirectURIs:            req.RedirectURIs,
+		GrantTypes:              req.GrantTypes,
+		ResponseTypes:           req.ResponseTypes,
+		TokenEndpointAuthMethod: req.TokenEndpointAuthMethod,
+		Scope:                   req.Scope,
+		IssuedAt:                now,
+		RenewedAt:               now,
+	}
+	resp := clientInformation{ClientID: rec.ClientID, ClientIDIssuedAt: now.Unix(), clientMetadata: req}
+	if req.TokenEndpointAuthMethod != AuthMethodNone {
+		secret := randomToken()
+		rec.ClientSecretHash = hashSecret(secret)
+		resp.ClientSecret = secret
+		var never int64
+		resp.ClientSecretExpiresAt = &never
+	}
+	life := b.registrationLifetime()
+	if err := b.cfg.Records.Put(r.Context(), recordKey(kindClient, rec.ClientID), &rec, life+life/renewalFraction); err != nil {
+		b.logger.Error("storing registered client", zap.Error(err))
+		writeError(w, http.StatusInternalServerError, "server_error", "the registration could not be stored")
+		return
+	}
+	b.logger.Info("client registered",
+		zap.String("client_id", rec.ClientID),
+		zap.String("client_name", rec.ClientName),
+		zap.String("token_endpoint_auth_method", rec.TokenEndpointAuthMethod),
+		zap.String("client_ip", ip))
+	writeJSON(w, http.StatusCreated, resp)
+}
+
+// checkClientMetadata validates md and fills in the defaults. It returns the RFC 7591
+// §3.2.2 error code and a fixed description, or "" when md is acceptable.
+func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description string) {
+	switch {
+	case len(md.RedirectURIs) == 0:
+		return "invalid_redirect_uri", "redirect_uris is required"
+	case len(md.RedirectURIs) > maxRedirectURIs:
+		return "invalid_redirect_uri", "too many redirect_uris"
+	}
+	for _, u := range md.RedirectURIs {
+		if len(u) > maxRedirectURILen {
+			return "invalid_redirect_uri", "redirect_uri is too long"
+		}
+		if err := CheckRedirectURI(u); err != nil {
+			return "invalid_redirect_uri", err.Error() // fixed texts, never the URI
+		}
+	}
+
+	if len(md.GrantTypes) == 0 {
+		md.GrantTypes = defaultGrantTypes
+	}
+	hasCode := false
+	for _, g := range md.GrantTypes {
+		switch g {
+		case grantAuthorizationCode:
+			hasCode = true
+		case grantRefreshToken:
+		default:
+			return "invalid_client_metadata", "grant_types may only be authorization_code and refresh_token"
+		}
+	}
+	if !hasCode {
+		return "invalid_client_metadata", "grant_types must include authorization_code"
+	}
+	if len(md.ResponseTypes) == 0 {
+		md.ResponseTypes = []string{"code"}
+	}
+	for _, rt := range md.ResponseTypes {
+		if rt != "code" {
+			return "invalid_client_metadata", "response_types may only be code"
+		}
+	}
+
+	switch md.TokenEndpointAuthMethod {
+	case "":
+		md.TokenEndpointAuthMethod = AuthMethodBasic
+	case AuthMethodNone, AuthMethodBasic, AuthMethodPost:
+	default:
+		return "invalid_client_metadata", "token_endpoint_auth_method must be none, client_secret_basic or client_secret_post"
+	}
+
+	if utf8.RuneCountInString(md.ClientName) > maxClientNameRunes {
+		return "invalid_client_metadata", "client_name is longer than 200 characters"
+	}
+
+	scopes := strings.Fields(md.Scope)
+	if len(scopes) > maxRegistrationScopes {
+		return "invalid_client_metadata", "scope names too many scopes"
+	}
+	known := Principal{Scopes: append([]string{"openid"}, b.clients.defaultScopes...)}
+	for _, s := range scopes {
+		if !known.HasScopes([]string{s}) {
+			return "invalid_client_metadata", "scope names a scope this server does not offer"
+		}
+	}
+	md.Scope = strings.Join(scopes, " ")
+	return "", ""
+}

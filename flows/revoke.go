@@ -1,0 +1,149 @@
+package flows
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// maxIdPRevocationBytes bounds what is read of the IdP's answer to a revocation.
+const maxIdPRevocationBytes = 4 << 10
+
+// serveRevoke is RFC 7009 token revocation for the broker's own tokens. Revoking an
+// access or a refresh token ends everything behind it: its token family, the session,
+// and the session's grant at the IdP. The answer is 200 for any token that is not a
+// live token of the authenticated client (RFC 7009 §2.2): for that client such a token
+// is invalid, and an error would tell a client that a token of another one exists.
+func (b *Broker) serveRevoke(w http.ResponseWriter, r *http.Request) {
+	form, ok := readTokenForm(w, r)
+	if !ok {
+		return
+	}
+	client, ok := b.tokenClient(w, r, form)
+	if !ok {
+		return
+	}
+	raw := form.Get("token")
+	if raw == "" {
+		writeError(w, http.StatusBadRequest, "invalid_request", "token is required")
+		return
+	}
+	// token_type_hint needs no reading: the prefix of a broker token says its type.
+	ctx := context.WithoutCancel(r.Context()) // a revocation, once begun, is carried out whole
+	var familyID, sessionID, owner string
+	var err error
+	switch {
+	case isBrokerToken(raw, accessTokenPrefix):
+		var at AccessToken
+		err = b.cfg.Records.Get(ctx, recordKey(kindAccessToken, raw), &at)
+		familyID, sessionID, owner = at.FamilyID, at.SessionID, at.ClientID
+	case isBrokerToken(raw, refreshTokenPrefix):
+		var rt RefreshToken
+		err = b.cfg.Records.Get(ctx, recordKey(kindRefreshToken, raw), &rt)
+		familyID, sessionID, owner = rt.FamilyID, rt.SessionID, rt.ClientID
+	default:
+		err = storage.ErrNotFound
+	}
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+	case err != nil:
+		b.unavailable(w, "reading token to revoke", err) // RFC 7009 §2.2.1 allows 503
+		return
+	case owner != client.ID:
+		b.logger.Warn("revocation of another client's token ignored",
+			zap.String("client_id", client.ID), zap.String("token", Fingerprint(raw)))
+	default:
+		b.logger.Info("revoking broker tokens",
+			zap.String("client_id", client.ID), zap.String("family", Fingerprint(familyID)))
+		b.revokeGrant(ctx, familyID, sessionID)
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+}
+
+// revokeGrant ends a token family and, when sessionID is set, the session behind it with
+// its IdP grant. Failures are logged: the family's revocation on this node happens anyway.
+func (b *Broker) revokeGrant(ctx context.Context, familyID, sessionID string) {
+	if err := b.revokeFamily(ctx, familyID, sessionID); err != nil {
+		b.logger.Error("revoking token family", zap.String("family", Fingerprint(familyID)), zap.Error(err))
+	}
+	if sessionID != "" {
+		b.endSession(ctx, sessionID)
+	}
+}
+
+// endSession revokes a session's IdP grant at the IdP and deletes the session, under the
+// session's lock so that the grant revoked is the current one.
+func (b *Broker) endSession(ctx context.Context, id string) {
+	unlock, err := b.cfg.Records.Lock(ctx, sessionLockName(id))
+	if err != nil {
+		b.logger.Error("locking session to end it", zap.Error(err))
+		return
+	}
+	defer unlock()
+	s, err := b.loadSession(ctx, id)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return
+	case err != nil:
+		b.logger.Error("reading session to end it", zap.Error(err))
+		return
+	}
+	if g, err := b.sessionGrant(s); err != nil {
+		b.logger.Error("ending session", zap.Error(err))
+	} else {
+		b.revokeAtIdP(ctx, g)
+	}
+	if err := b.deleteSession(ctx, id); err != nil {
+		b.logger.Error("deleting session", zap.Error(err))
+	}
+}
+
+// revokeAtIdP asks the IdP to revoke a grant (RFC 7009), when it advertises a revocation
+// endpoint: the refresh token, which takes the access tokens with it at most IdPs, else
+// the access token. Failures are logged, never fatal: the broker has forgotten the grant.
+func (b *Broker) revokeAtIdP(ctx context.Context, g IdPGrant) {
+	token, hint := g.RefreshToken, "refresh_token"
+	if token == "" {
+		token, hint = g.AccessToken, "access_token"
+	}
+	if token == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.IdPTimeout)
+	defer cancel()
+	d, err := b.idp.Discovery(ctx)
+	if err != nil {
+		b.logger.Warn("revoking the IdP grant: no discovery", zap.Error(err))
+		return
+	}
+	if d.RevocationEndpoint == "" {
+		return
+	}
+	form := url.Values{"token": {token}, "token_type_hint": {hint}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.RevocationEndpoint, strings.NewReader(form.Encode()))
+	if err != nil {
+		b.logger.Warn("revoking the IdP grant: building request", zap.Error(err))
+		return
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	// RFC 6749 §2.3.1: the credentials are form-encoded before Basic encoding.
+	req.SetBasicAuth(url.QueryEscape(b.cfg.ClientID), url.QueryEscape(b.cfg.ClientSecret))
+	resp, err := b.cfg.HTTPClient.Do(req)
+	if err != nil {
+		b.logger.Warn("revoking the IdP grant", zap.Error(err))
+		return
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxIdPRevocationBytes))
+	if resp.StatusCode != http.StatusOK {
+		b.logger.Warn("revoking the IdP grant: the IdP refused", zap.Int("status", resp.StatusCode))
+	}
+}

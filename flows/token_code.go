@@ -1,0 +1,176 @@
+package flows
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// usedCodeLife is how long, in code lifetimes, a code's replay marker outlives it: a
+// replay within it revokes what the code issued (RFC 6749 §10.5).
+const usedCodeLife = 10
+
+// issueCode mints a broker authorization code for a finished login, bound to the
+// request it answers, and returns it.
+//
+// The replay marker is written with the code, not at redemption: two redemptions racing
+// each other then always find one of them a replay, which revokes the family whichever
+// won. (Written at redemption, the loser could miss a marker not yet written.)
+func (b *Broker) issueCode(ctx context.Context, s *Session, req AuthorizationRequest) (string, error) {
+	code := randomToken()
+	resource := req.Resource
+	if resource == "" {
+		resource = b.cfg.Resource
+	}
+	rec := AuthorizationCode{
+		SessionID:           s.ID,
+		FamilyID:            randomToken(),
+		ClientID:            req.ClientID,
+		RedirectURI:         req.RedirectURI,
+		CodeChallenge:       req.CodeChallenge,
+		CodeChallengeMethod: req.CodeChallengeMethod,
+		Scopes:              req.Scopes,
+		Resource:            resource,
+		Subject:             s.Subject,
+		ExpiresAt:           b.now().Add(b.cfg.CodeTTL),
+	}
+	marker := UsedCode{FamilyID: rec.FamilyID, SessionID: s.ID}
+	if err := b.cfg.Records.Put(ctx, recordKey(kindUsedCode, code), marker, usedCodeLife*b.cfg.CodeTTL); err != nil {
+		return "", fmt.Errorf("storing authorization code replay marker: %w", err)
+	}
+	if err := b.cfg.Records.Put(ctx, recordKey(kindCode, code), rec, b.cfg.CodeTTL); err != nil {
+		return "", fmt.Errorf("storing authorization code: %w", err)
+	}
+	return code, nil
+}
+
+// exchangeCode is the authorization_code grant (RFC 6749 §4.1.3, RFC 7636 §4.6, RFC 8707).
+// The code is taken once before it is checked: any failure after that consumes it.
+func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.Values, client *Client) {
+	code, redirectURI, verifier := form.Get("code"), form.Get("redirect_uri"), form.Get("code_verifier")
+	if code == "" || redirectURI == "" || verifier == "" {
+		writeError(w, http.StatusBadRequest, "invalid_request", "code, redirect_uri and code_verifier are required")
+		return
+	}
+	if !validCodeVerifier(verifier) {
+		writeError(w, http.StatusBadRequest, "invalid_request", "code_verifier must be 43 to 128 unreserved characters")
+		return
+	}
+	resource, ok := singleResource(form)
+	if !ok {
+		writeError(w, http.StatusBadRequest, "invalid_target", "resource must name this server once")
+		return
+	}
+	ctx := context.WithoutCancel(r.Context()) // a taken code's outcome must be written whole
+
+	var rec AuthorizationCode
+	switch err := b.cfg.Records.TakeOnce(ctx, recordKey(kindCode, code), &rec); {
+	case errors.Is(err, storage.ErrNotFound):
+		b.codeReplayed(ctx, code)
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
+		return
+	case err != nil:
+		b.unavailable(w, "taking authorization code", err)
+		return
+	}
+
+	now := b.now()
+	switch {
+	case !now.Before(rec.ExpiresAt):
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
+		return
+	case rec.ClientID != client.ID:
+		b.logger.Warn("authorization code presented by another client",
+			zap.String("client_id", client.ID), zap.String("code", Fingerprint(code)))
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code was issued to another client")
+		return
+	case rec.RedirectURI != redirectURI:
+		writeError(w, http.StatusBadRequest, "invalid_grant", "redirect_uri does not match the authorization request")
+		return
+	case !pkceMatches(rec.CodeChallengeMethod, rec.CodeChallenge, verifier):
+		writeError(w, http.StatusBadRequest, "invalid_grant", "code_verifier does not match the code challenge")
+		return
+	case resource != "" && resource != rec.Resource:
+		writeError(w, http.StatusBadRequest, "invalid_target", "resource does not match the authorization request")
+		return
+	}
+
+	switch err := b.startFamily(ctx, TokenFamily{ID: rec.FamilyID, SessionID: rec.SessionID, ClientID: rec.ClientID}); {
+	case errors.Is(err, errFamilyRevoked):
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
+		return
+	case err != nil:
+		b.unavailable(w, "redeeming authorization code", err)
+		return
+	}
+	resp, err := b.issueTokens(ctx, tokenGrant{
+		FamilyID:      rec.FamilyID,
+		SessionID:     rec.SessionID,
+		Subject:       rec.Subject,
+		ClientID:      rec.ClientID,
+		Resource:      rec.Resource,
+		Scopes:        rec.Scopes,
+		RefreshScopes: rec.Scopes,
+	})
+	if err != nil {
+		b.unavailable(w, "redeeming authorization code", err)
+		return
+	}
+	b.logger.Info("issued broker tokens for an authorization code",
+		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// codeReplayed revokes what a code issued when the code is presented again after its
+// redemption (RFC 6749 §10.5): the family and the session behind it.
+func (b *Broker) codeReplayed(ctx context.Context, code string) {
+	var used UsedCode
+	switch err := b.cfg.Records.Get(ctx, recordKey(kindUsedCode, code), &used); {
+	case errors.Is(err, storage.ErrNotFound):
+		return // never issued, or long gone
+	case err != nil:
+		b.logger.Error("reading authorization code replay marker", zap.Error(err))
+		return
+	}
+	b.logger.Warn("authorization code replayed; revoking what it issued",
+		zap.String("code", Fingerprint(code)), zap.String("family", Fingerprint(used.FamilyID)))
+	b.revokeGrant(ctx, used.FamilyID, used.SessionID)
+}
+
+// pkceMatches checks an RFC 7636 S256 code verifier against the stored challenge in
+// constant time (W3). Only S256 is ever accepted.
+func pkceMatches(method, challenge, verifier string) bool {
+	if method != "S256" || challenge == "" {
+		return false
+	}
+	sum := sha256.Sum256([]byte(verifier))
+	var enc [43]byte // base64url of 32 bytes, unpadded
+	base64.RawURLEncoding.Encode(enc[:], sum[:])
+	return subtle.ConstantTimeCompare(enc[:], []byte(challenge)) == 1
+}
+
+// validCodeVerifier checks RFC 7636 §4.1: 43 to 128 characters of [A-Za-z0-9-._~].
+func validCodeVerifier(v string) bool {
+	if len(v) < 43 || len(v) > 128 {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		switch {
+		case c >= 'A' && c <= 'Z', c >= 'a' && c <= 'z', c >= '0' && c <= '9',
+			c == '-', c == '.', c == '_', c == '~':
+		default:
+			return false
+		}
+	}
+	return true
+}
