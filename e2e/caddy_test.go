@@ -82,10 +82,21 @@ type caddyProc struct {
 	cmd       *exec.Cmd
 	logs      *syncBuffer // every line caddy wrote, across restarts
 	env       []string    // added to caddy's environment
+	storage   string      // caddy's storage folder
 }
 
 // caddyOption changes how caddy runs.
 type caddyOption func(*caddyProc)
+
+// withStorage puts caddy's storage in dir, so that several caddy processes share it.
+func withStorage(dir string) caddyOption {
+	return func(p *caddyProc) { p.storage = dir }
+}
+
+// withPort makes caddy listen on port instead of a free one found for it.
+func withPort(port int) caddyOption {
+	return func(p *caddyProc) { p.Port = port }
+}
 
 // withEnv adds environment variables (NAME=value) to caddy's environment.
 func withEnv(kv ...string) caddyOption {
@@ -104,13 +115,13 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer)}
+	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer), storage: filepath.Join(dir, "storage")}
 	for _, o := range opts {
 		o(p)
 	}
-	p.Base = fmt.Sprintf("http://127.0.0.1:%d", p.Port)
+	p.Base = fmt.Sprintf("http://127.0.0.1:%d", p.Port) // after the options: withPort
 	p.caddyfile = filepath.Join(dir, "Caddyfile")
-	body := strings.NewReplacer("{port}", fmt.Sprint(p.Port), "{storage}", filepath.Join(dir, "storage")).Replace(site)
+	body := strings.NewReplacer("{port}", fmt.Sprint(p.Port), "{storage}", p.storage).Replace(site)
 	cfg := fmt.Sprintf(`{
 	admin off
 	auto_https off
@@ -122,7 +133,7 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
 }
 
 %s
-`, filepath.Join(dir, "storage"), body)
+`, p.storage, body)
 	if err := os.WriteFile(p.caddyfile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

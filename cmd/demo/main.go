@@ -1,6 +1,6 @@
 // Command demo starts the whole stack on loopback for a first look: a development IdP (the
-// zitadel example OP), a sample MCP server, and Caddy with mcp_oauth in front of it on file
-// storage. It prints the MCP URL and the test login, and runs until interrupted.
+// zitadel example OP), a sample MCP server that accepts only delegated tokens, and Caddy
+// with mcp_oauth in hybrid mode in front of it on file storage. It prints the MCP URL and the test login, and runs until interrupted.
 //
 //	go run ./cmd/demo [-port 8080]
 package main
@@ -37,7 +37,8 @@ func main() {
 		log.Fatalf("starting the demo IdP: %v", err)
 	}
 	defer op.Close()
-	upstream, err := testenv.NewUpstream(testenv.TrustedSubjectHeader())
+	// The sample MCP server accepts only delegated tokens: audience "nextcloud", signed by the IdP.
+	upstream, err := testenv.NewUpstream(testenv.AccessTokens(op.Issuer, op.JWKSURI, "nextcloud"))
 	if err != nil {
 		log.Fatalf("starting the sample MCP server: %v", err)
 	}
@@ -57,7 +58,7 @@ func main() {
 			"routes": []any{map[string]any{"handle": []any{
 				map[string]any{
 					"handler":         "mcp_oauth",
-					"mode":            "progressive",
+					"mode":            "hybrid",
 					"issuer":          op.Issuer,
 					"client_id":       testenv.BrokerClientID,
 					"client_secret":   testenv.BrokerClientSecret,
@@ -65,11 +66,14 @@ func main() {
 					"scopes":          []string{"openid", "profile", "notes:read", "notes:write"},
 					"encryption_keys": []string{base64.StdEncoding.EncodeToString(key)},
 					"clients": []any{map[string]any{
-						"client_id": testenv.NativeClientID, "name": "Demo client",
+						"client_id": "demo-client", "name": "Demo client",
 						"redirect_uris": []string{"http://127.0.0.1/callback", "http://localhost/oauth/callback", "http://localhost/oauth/callback/debug"},
 					}},
-					"delegation":  map[string]any{"mode": "none"},
-					"tool_scopes": []any{map[string]any{"tool": "notes_write", "scopes": []string{"notes:write"}}},
+					"delegation": map[string]any{"mode": "token_exchange", "audience": "nextcloud", "scopes": []string{"notes:read"}},
+					"tool_scopes": []any{
+						map[string]any{"tool": "notes_write", "scopes": []string{"notes:write"}},
+						map[string]any{"tool": "notes_read", "scopes": []string{"notes:read"}},
+					},
 				},
 				map[string]any{"handler": "reverse_proxy", "upstreams": []any{map[string]any{"dial": up.Host}}},
 			}}},
@@ -82,18 +86,21 @@ func main() {
 	defer caddy.Stop()
 
 	fmt.Printf(`
-mcp_oauth demo is running (progressive mode, delegation none)
+mcp_oauth demo is running (hybrid mode, token exchange for audience "nextcloud")
 
   MCP URL            %s
   IdP (issuer)       %s
-  client id          %s   (public client, PKCE; any loopback redirect URI)
-  login              %s / %s
-  scopes             openid profile notes:read notes:write (notes_write needs notes:write)
+  login at the IdP   %s / %s
+  clients            any client by dynamic registration or a metadata document,
+                     or the pre-registered public client "demo-client" (loopback redirects)
+  tools              whoami, notes_read (notes:read), notes_write (notes:write)
 
 Try:  curl -i %s      # 401 with the discovery challenge
-Point MCP Inspector or any MCP client at the MCP URL with client id %q.
+Point MCP Inspector or any MCP client at the MCP URL: it registers, shows you the
+consent page, sends you to the IdP's login, and calls tools with the broker's token;
+the sample server only ever sees short-lived delegated tokens.
 Ctrl-C stops it.
-`, resource, op.Issuer, testenv.NativeClientID, op.User.Username, op.User.Password, resource, testenv.NativeClientID)
+`, resource, op.Issuer, op.User.Username, op.User.Password, resource)
 
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
