@@ -26,7 +26,7 @@ func TestMain(m *testing.M) {
 const testResource = verifierResource
 
 // newTestBroker builds a progressive-mode broker for o on file storage, after change.
-func newTestBroker(t *testing.T, o *testenv.OP, change func(*Config)) *Broker {
+func newTestBroker(t testing.TB, o *testenv.OP, change func(*Config)) *Broker {
 	t.Helper()
 	ring, err := storage.NewKeyRing(bytes.Repeat([]byte{7}, 32))
 	if err != nil {

@@ -31,13 +31,9 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 	if r.ContentLength > limit {
 		return nil, nil, http.StatusRequestEntityTooLarge
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return nil, nil, http.StatusRequestEntityTooLarge
-		}
-		return nil, nil, http.StatusBadRequest
+	body, status := readBody(w, r, limit)
+	if status != 0 {
+		return nil, nil, status
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
@@ -52,6 +48,27 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 		}
 	}
 	return need, tools, 0
+}
+
+// readBody reads a request body of at most limit bytes: in one allocation when its length
+// is declared (the server stops the body there), else growing up to the bound.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, int) {
+	if n := r.ContentLength; n >= 0 {
+		body := make([]byte, n)
+		if _, err := io.ReadFull(r.Body, body); err != nil {
+			return nil, http.StatusBadRequest
+		}
+		return body, 0
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, http.StatusRequestEntityTooLarge
+		}
+		return nil, http.StatusBadRequest
+	}
+	return body, 0
 }
 
 // toolNames lists the tools called by a JSON-RPC request or batch. A body that does not
