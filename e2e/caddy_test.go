@@ -83,6 +83,7 @@ type caddyProc struct {
 	logs      *syncBuffer // every line caddy wrote, across restarts
 	env       []string    // added to caddy's environment
 	storage   string      // caddy's storage folder
+	admin     string      // admin API address, "off" by default
 }
 
 // caddyOption changes how caddy runs.
@@ -96,6 +97,11 @@ func withStorage(dir string) caddyOption {
 // withPort makes caddy listen on port instead of a free one found for it.
 func withPort(port int) caddyOption {
 	return func(p *caddyProc) { p.Port = port }
+}
+
+// withAdmin turns caddy's admin API on at a loopback port.
+func withAdmin(port int) caddyOption {
+	return func(p *caddyProc) { p.admin = fmt.Sprintf("127.0.0.1:%d", port) }
 }
 
 // withEnv adds environment variables (NAME=value) to caddy's environment.
@@ -115,7 +121,7 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer), storage: filepath.Join(dir, "storage")}
+	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer), storage: filepath.Join(dir, "storage"), admin: "off"}
 	for _, o := range opts {
 		o(p)
 	}
@@ -123,7 +129,7 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
 	p.caddyfile = filepath.Join(dir, "Caddyfile")
 	body := strings.NewReplacer("{port}", fmt.Sprint(p.Port), "{storage}", p.storage).Replace(site)
 	cfg := fmt.Sprintf(`{
-	admin off
+	admin %s
 	auto_https off
 	default_bind 127.0.0.1
 	storage file_system %s
@@ -133,7 +139,7 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
 }
 
 %s
-`, p.storage, body)
+`, p.admin, p.storage, body)
 	if err := os.WriteFile(p.caddyfile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
