@@ -74,7 +74,7 @@ func (b *syncBuffer) String() string {
 
 // caddyProc is one running caddy process with its Caddyfile, storage and logs.
 type caddyProc struct {
-	t         *testing.T
+	t         testing.TB
 	Port      int
 	Base      string // http://127.0.0.1:PORT
 	dir       string
@@ -84,6 +84,7 @@ type caddyProc struct {
 	env       []string    // added to caddy's environment
 	storage   string      // caddy's storage folder
 	admin     string      // admin API address, "off" by default
+	logLevel  string
 }
 
 // caddyOption changes how caddy runs.
@@ -104,6 +105,11 @@ func withAdmin(port int) caddyOption {
 	return func(p *caddyProc) { p.admin = fmt.Sprintf("127.0.0.1:%d", port) }
 }
 
+// withLogLevel sets caddy's log level (DEBUG by default, so the tests see every line).
+func withLogLevel(level string) caddyOption {
+	return func(p *caddyProc) { p.logLevel = level }
+}
+
 // withEnv adds environment variables (NAME=value) to caddy's environment.
 func withEnv(kv ...string) caddyOption {
 	return func(p *caddyProc) { p.env = append(p.env, kv...) }
@@ -111,7 +117,7 @@ func withEnv(kv ...string) caddyOption {
 
 // startCaddy writes a Caddyfile for a site on a free loopback port whose body is site
 // (with {port} and {storage} replaced) and runs caddy with it until the test ends.
-func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
+func startCaddy(t testing.TB, site string, opts ...caddyOption) *caddyProc {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("runs the caddy binary; not with -short")
@@ -121,7 +127,7 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer), storage: filepath.Join(dir, "storage"), admin: "off"}
+	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer), storage: filepath.Join(dir, "storage"), admin: "off", logLevel: "DEBUG"}
 	for _, o := range opts {
 		o(p)
 	}
@@ -134,12 +140,12 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) *caddyProc {
 	default_bind 127.0.0.1
 	storage file_system %s
 	log {
-		level DEBUG
+		level %s
 	}
 }
 
 %s
-`, p.admin, p.storage, body)
+`, p.admin, p.storage, p.logLevel, body)
 	if err := os.WriteFile(p.caddyfile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +213,7 @@ func (p *caddyProc) assertLogsFree(secrets ...string) {
 	}
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
