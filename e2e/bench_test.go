@@ -81,4 +81,3 @@ func BenchmarkProxy(b *testing.B) {
 		})
 	}
 }
-
