@@ -230,3 +230,22 @@ func TestHybridCIMDThroughCaddyBinary(t *testing.T) {
 	}
 	checkDelegation(t, s, up, o, tok.AccessToken)
 }
+
+// dcrRegister registers a public client at the broker by RFC 7591 and returns its id.
+func dcrRegister(t *testing.T, base string) string {
+	t.Helper()
+	body := `{"client_name":"e2e client","redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none","grant_types":["authorization_code","refresh_token"]}`
+	resp, err := http.Post(base+"/oauth/register", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		ClientID string `json:"client_id"`
+	}
+	json.NewDecoder(resp.Body).Decode(&out)
+	if resp.StatusCode != http.StatusCreated || out.ClientID == "" {
+		t.Fatalf("registering: %s", resp.Status)
+	}
+	return out.ClientID
+}
