@@ -85,6 +85,7 @@ type caddyProc struct {
 	storage   string      // caddy's storage folder
 	admin     string      // admin API address, "off" by default
 	logLevel  string
+	global    string // more global options (withGlobal)
 }
 
 // caddyOption changes how caddy runs.
@@ -108,6 +109,11 @@ func withAdmin(port int) caddyOption {
 // withLogLevel sets caddy's log level (DEBUG by default, so the tests see every line).
 func withLogLevel(level string) caddyOption {
 	return func(p *caddyProc) { p.logLevel = level }
+}
+
+// withGlobal adds lines to the Caddyfile's global options block, such as a servers block.
+func withGlobal(lines string) caddyOption {
+	return func(p *caddyProc) { p.global += lines + "\n" }
 }
 
 // withEnv adds environment variables (NAME=value) to caddy's environment.
@@ -142,10 +148,10 @@ func startCaddy(t testing.TB, site string, opts ...caddyOption) *caddyProc {
 	log {
 		level %s
 	}
-}
+%s}
 
 %s
-`, p.admin, p.storage, p.logLevel, body)
+`, p.admin, p.storage, p.logLevel, p.global, body)
 	if err := os.WriteFile(p.caddyfile, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -370,6 +370,20 @@ func TestToolScopes(t *testing.T) {
 			t.Errorf("%s, upstream saw %d", resp.Status, len(up.Seen()))
 		}
 	})
+	t.Run("a tool call this decoder cannot read is refused, not passed unchecked", func(t *testing.T) {
+		// Python's json (the Nextcloud MCP server) accepts NaN; encoding/json does not.
+		for _, body := range []string{
+			`{"jsonrpc":"2.0","id":NaN,"method":"tools/call","params":{"name":"notes_write"}}`,
+			`[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_read"}}, 7]`,
+			`{"jsonrpc":"2.0","id":1,"method":"tools\/call","params":{"name":"notes_write"},}`,
+		} {
+			up.Reset()
+			resp := do(t, http.MethodPost, front.URL+"/mcp", bearer(readOnly), body)
+			if resp.StatusCode != http.StatusBadRequest || len(up.Seen()) != 0 {
+				t.Errorf("%s: %s, upstream saw %d", body, resp.Status, len(up.Seen()))
+			}
+		}
+	})
 	t.Run("a body over the bound gets 413 and the upstream is untouched", func(t *testing.T) {
 		up.Reset()
 		big := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_read","arguments":{"text":"` +

@@ -3,7 +3,6 @@ package flows
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -155,7 +154,7 @@ func pkceMatches(method, challenge, verifier string) bool {
 	sum := sha256.Sum256([]byte(verifier))
 	var enc [43]byte // base64url of 32 bytes, unpadded
 	base64.RawURLEncoding.Encode(enc[:], sum[:])
-	return subtle.ConstantTimeCompare(enc[:], []byte(challenge)) == 1
+	return constantTimeCompare(enc[:], []byte(challenge)) == 1
 }
 
 // validCodeVerifier checks RFC 7636 §4.1: 43 to 128 characters of [A-Za-z0-9-._~].

@@ -7,15 +7,8 @@ import (
 	"io"
 	"net/http"
 	"path"
+	"strings"
 )
-
-// toolsCall is the part of a JSON-RPC request the scope check reads.
-type toolsCall struct {
-	Method string `json:"method"`
-	Params struct {
-		Name string `json:"name"`
-	} `json:"params"`
-}
 
 var toolsCallMethod = []byte(`"tools/call"`)
 
@@ -37,11 +30,17 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
-	// Most MCP traffic is not a tool call: skip decoding it.
-	if !bytes.Contains(body, toolsCallMethod) {
+	// Most MCP traffic is not a tool call: skip decoding it. Only a JSON escape could
+	// spell the method otherwise (tools\/call).
+	if !bytes.Contains(body, toolsCallMethod) && bytes.IndexByte(body, '\\') < 0 {
 		return nil, nil, 0
 	}
-	tools = toolNames(body)
+	tools, ok := toolNames(body)
+	if !ok {
+		// Fail closed: a body this decoder cannot read may still be read by a more lenient
+		// upstream (Python's json takes NaN), and then run a tool nobody checked.
+		return nil, nil, http.StatusBadRequest
+	}
 	for _, name := range tools {
 		for _, s := range b.scopesForTool(name) {
 			need = appendUnique(need, s)
@@ -71,28 +70,158 @@ func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, int)
 	return body, 0
 }
 
-// toolNames lists the tools called by a JSON-RPC request or batch. A body that does not
-// decode yields none: the upstream answers it with its own JSON-RPC error.
-func toolNames(body []byte) []string {
-	trimmed := bytes.TrimLeft(body, " \t\r\n")
-	if len(trimmed) > 0 && trimmed[0] == '[' {
-		var batch []toolsCall
-		if json.Unmarshal(trimmed, &batch) != nil {
-			return nil
+// toolNames lists the tools called by a JSON-RPC request or batch, read as generously as
+// any upstream could read them: a member counts under every spelling some JSON decoder
+// matches (keys compared with Unicode case folding, as encoding/json compares them), and
+// every duplicate counts, whichever one a decoder keeps. ok is false for a body that is
+// not valid JSON, or a batch with an element that is not an object.
+//
+// The body is validated once by encoding/json, then walked by jsonMembers, which on valid
+// JSON only has to find where values end: no decoding, no allocation but the names.
+func toolNames(body []byte) (names []string, ok bool) {
+	if !json.Valid(body) {
+		return nil, false
+	}
+	i := skipSpace(body, 0)
+	if body[i] != '[' {
+		return callNames(body[i:])
+	}
+	for i = skipSpace(body, i+1); body[i] != ']'; {
+		end := skipValue(body, i)
+		n, ok := callNames(body[i:end])
+		if !ok {
+			return nil, false
 		}
-		var names []string
-		for _, c := range batch {
-			if c.Method == "tools/call" {
-				names = append(names, c.Params.Name)
+		names = append(names, n...)
+		if i = skipSpace(body, end); body[i] == ',' {
+			i = skipSpace(body, i+1)
+		}
+	}
+	return names, true
+}
+
+// callNames returns the tool names of one JSON-RPC message (valid JSON) when any of its
+// method members is tools/call; ok is false when msg is not an object.
+func callNames(msg []byte) (names []string, ok bool) {
+	if msg[0] != '{' {
+		return nil, false
+	}
+	call := false
+	jsonMembers(msg, func(key, value []byte) {
+		if keyIs(key, "method") && stringIs(value, "tools/call") {
+			call = true
+		}
+	})
+	if !call {
+		return nil, true
+	}
+	jsonMembers(msg, func(key, params []byte) {
+		if !keyIs(key, "params") || params[0] != '{' {
+			return
+		}
+		jsonMembers(params, func(key, value []byte) {
+			if keyIs(key, "name") {
+				if name, ok := jsonString(value); ok {
+					names = append(names, name)
+				}
+			}
+		})
+	})
+	if len(names) == 0 {
+		// A call without a name is still a call: rules like "*" apply to it.
+		names = append(names, "")
+	}
+	return names, true
+}
+
+// jsonMembers calls fn with the raw key (quoted) and raw value of every member of the
+// JSON object obj, which must be valid JSON.
+func jsonMembers(obj []byte, fn func(key, value []byte)) {
+	for i := skipSpace(obj, 1); obj[i] != '}'; {
+		keyEnd := skipString(obj, i)
+		v := skipSpace(obj, skipSpace(obj, keyEnd)+1) // past the colon
+		vEnd := skipValue(obj, v)
+		fn(obj[i:keyEnd], obj[v:vEnd])
+		if i = skipSpace(obj, vEnd); obj[i] == ',' {
+			i = skipSpace(obj, i+1)
+		}
+	}
+}
+
+// keyIs compares a raw JSON key with name as encoding/json matches field names.
+func keyIs(raw []byte, name string) bool {
+	s, ok := jsonString(raw)
+	return ok && strings.EqualFold(s, name)
+}
+
+// stringIs tells whether the raw JSON value is the string want.
+func stringIs(raw []byte, want string) bool {
+	s, ok := jsonString(raw)
+	return ok && s == want
+}
+
+// jsonString decodes a raw JSON string value; only one with escapes costs a decode.
+func jsonString(raw []byte) (string, bool) {
+	if len(raw) < 2 || raw[0] != '"' {
+		return "", false
+	}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw[1 : len(raw)-1]), true
+	}
+	var s string
+	return s, json.Unmarshal(raw, &s) == nil
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// skipString returns the index just past the JSON string starting at b[i].
+func skipString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return i
+}
+
+// skipValue returns the index just past the JSON value starting at b[i].
+func skipValue(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		return skipString(b, i)
+	case '{', '[':
+		depth := 0
+		for ; i < len(b); i++ {
+			switch b[i] {
+			case '"':
+				i = skipString(b, i) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth--; depth == 0 {
+					return i + 1
+				}
 			}
 		}
-		return names
+		return i
+	default: // number, true, false, null
+		for i < len(b) {
+			switch b[i] {
+			case ',', '}', ']', ' ', '\t', '\r', '\n':
+				return i
+			}
+			i++
+		}
+		return i
 	}
-	var c toolsCall
-	if json.Unmarshal(trimmed, &c) != nil || c.Method != "tools/call" {
-		return nil
-	}
-	return []string{c.Params.Name}
 }
 
 // scopesForTool returns the scopes of the first rule whose pattern matches name.

@@ -91,6 +91,7 @@ type OP struct {
 type opConfig struct {
 	tokenExchange bool
 	redirectURIs  []string
+	signingAlg    jose.SignatureAlgorithm // "": the example storage's RS256 key
 }
 
 // OPOption configures an OP.
@@ -129,6 +130,15 @@ func NewOP(opts ...OPOption) (*OP, error) {
 		opt(&cfg)
 	}
 
+	var signing *signingKey
+	if cfg.signingAlg != "" {
+		k, err := newSigningKey(cfg.signingAlg)
+		if err != nil {
+			return nil, err
+		}
+		signing = k
+	}
+
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("listening: %w", err)
@@ -136,6 +146,7 @@ func NewOP(opts ...OPOption) (*OP, error) {
 	issuer := "http://" + ln.Addr().String()
 	users := newUserStore("127.0.0.1")
 	st := newOPStorage(users, append(append([]string(nil), DefaultRedirectURIGlobs...), cfg.redirectURIs...))
+	st.signing = signing
 	var served exampleop.Storage = st
 	if !cfg.tokenExchange {
 		served = withoutTokenExchange{st}
@@ -283,7 +294,8 @@ func (o *OP) SetDown(down bool) { o.down.Store(down) }
 func (o *OP) SetLatency(d time.Duration) { o.latency.Store(int64(d)) }
 
 // SigningKey returns the private key the OP signs tokens with, with its key
-// ID and algorithm (RS256). Its public half is at JWKSURI.
+// ID and algorithm (RS256 unless [WithSigningAlgorithm] chose another). Its
+// public half is at JWKSURI.
 func (o *OP) SigningKey() jose.JSONWebKey {
 	k, err := o.storage.SigningKey(context.Background())
 	if err != nil {

@@ -139,6 +139,8 @@ type opStorage struct {
 	resources       map[string][]string // auth request ID → resources it asked for
 	refreshAudience map[string][]string // refresh token → audience of its grant
 	issued          map[string]issuedToken
+
+	signing *signingKey // WithSigningAlgorithm's key; nil: the example storage's
 }
 
 func newOPStorage(users userStore, redirectGlobs []string) *opStorage {
