@@ -185,12 +185,16 @@ func (b *Broker) registrationLifetime() time.Duration {
 	return max(b.cfg.SessionTTL, b.cfg.RefreshTokenTTL)
 }
 
+// clientFromRegistration makes a registered client. Its registered `scope` does not limit
+// what it may ask for later: MCP clients register with the scope of their first challenge
+// and must still be able to step up (the user consents to every new scope on the consent
+// page, and RFC 7591 lets the server decide).
 func clientFromRegistration(rec *RegisteredClient, defaultScopes []string) *Client {
 	c := &Client{
 		ID:           rec.ClientID,
 		Name:         rec.ClientName,
 		RedirectURIs: rec.RedirectURIs,
-		Scopes:       strings.Fields(rec.Scope),
+		Scopes:       defaultScopes,
 		AuthMethod:   rec.TokenEndpointAuthMethod,
 		GrantTypes:   rec.GrantTypes,
 		Source:       ClientSourceRegistered,
@@ -198,9 +202,6 @@ func clientFromRegistration(rec *RegisteredClient, defaultScopes []string) *Clie
 	}
 	if c.Name == "" {
 		c.Name = c.ID
-	}
-	if len(c.Scopes) == 0 {
-		c.Scopes = defaultScopes
 	}
 	return c
 }

@@ -1,0 +1,280 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+	"golang.org/x/oauth2"
+)
+
+const tokenExchangeGrant = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+// nodeIdPClient is the broker's view of a Node IdP: discovery and the broker client's
+// oauth2 config.
+type nodeIdPClient struct {
+	idp  *NodeIdP
+	disc map[string]any
+	cfg  oauth2.Config
+}
+
+func newNodeIdPClient(t *testing.T, idp *NodeIdP) *nodeIdPClient {
+	t.Helper()
+	disc, err := idp.Discovery(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &nodeIdPClient{idp: idp, disc: disc, cfg: oauth2.Config{
+		ClientID:     nodeBrokerClientID,
+		ClientSecret: nodeBrokerClientSecret,
+		RedirectURL:  "http://127.0.0.1:49152/oauth/callback",
+		Endpoint: oauth2.Endpoint{
+			AuthURL:   disc["authorization_endpoint"].(string),
+			TokenURL:  disc["token_endpoint"].(string),
+			AuthStyle: oauth2.AuthStyleInHeader,
+		},
+	}}
+}
+
+// login runs an authorization code flow with PKCE as the broker does (prompt=consent,
+// as offline_access needs) and returns the tokens.
+func (c *nodeIdPClient) login(t *testing.T, scopes []string, extra ...oauth2.AuthCodeOption) *oauth2.Token {
+	t.Helper()
+	cfg := c.cfg
+	cfg.Scopes = scopes
+	verifier := oauth2.GenerateVerifier()
+	opts := append([]oauth2.AuthCodeOption{oauth2.S256ChallengeOption(verifier), oauth2.SetAuthURLParam("prompt", "consent")}, extra...)
+	cb, err := c.idp.Login(t.Context(), cfg.AuthCodeURL("st4te", opts...))
+	if err != nil {
+		t.Fatalf("login: %v\n%s", err, tail(c.idp.Logs()))
+	}
+	q := cb.Query()
+	if q.Get("code") == "" || q.Get("state") != "st4te" || q.Get("iss") != c.idp.Issuer {
+		t.Fatalf("callback %s", cb.Redacted())
+	}
+	tok, err := cfg.Exchange(t.Context(), q.Get("code"), oauth2.VerifierOption(verifier))
+	if err != nil {
+		t.Fatalf("exchanging the code: %v", err)
+	}
+	return tok
+}
+
+// postForm POSTs form to the IdP endpoint named in discovery, as the broker client, and
+// decodes the JSON answer.
+func (c *nodeIdPClient) postForm(t *testing.T, endpoint string, form url.Values) (int, map[string]any) {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, c.disc[endpoint].(string), strings.NewReader(form.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.SetBasicAuth(nodeBrokerClientID, nodeBrokerClientSecret)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err := json.Unmarshal(body, &out); err != nil {
+		t.Fatalf("%s: %s: %s", endpoint, resp.Status, body)
+	}
+	return resp.StatusCode, out
+}
+
+// jwtClaims verifies a JWT with the IdP's keys and returns its claims.
+func (c *nodeIdPClient) jwtClaims(t *testing.T, token string) map[string]any {
+	t.Helper()
+	keys := oidc.NewRemoteKeySet(t.Context(), c.disc["jwks_uri"].(string))
+	payload, err := keys.VerifySignature(t.Context(), token)
+	if err != nil {
+		t.Fatalf("verifying a JWT of the IdP: %v", err)
+	}
+	var claims map[string]any
+	if err := json.Unmarshal(payload, &claims); err != nil {
+		t.Fatal(err)
+	}
+	if claims["iss"] != c.idp.Issuer {
+		t.Errorf("iss %v", claims["iss"])
+	}
+	return claims
+}
+
+func audiences(claims map[string]any) []string {
+	switch a := claims["aud"].(type) {
+	case string:
+		return []string{a}
+	case []any:
+		var out []string
+		for _, v := range a {
+			out = append(out, fmt.Sprint(v))
+		}
+		return out
+	}
+	return nil
+}
+
+func grantTypes(disc map[string]any) []string {
+	var out []string
+	for _, g := range disc["grant_types_supported"].([]any) {
+		out = append(out, g.(string))
+	}
+	return out
+}
+
+var brokerScopes = []string{"openid", "offline_access", "notes:read", "notes:write"}
+
+// TestNodeIdPNextcloudProfile: the oidc-provider IdP configured like Nextcloud's oidc app
+// behaves as the broker's refresh fallback expects: no RFC 8693 in discovery or at the
+// token endpoint, opaque access tokens that introspect active for 900 s, refresh tokens
+// only with offline_access, rotated on every use (the old one is refused).
+func TestNodeIdPNextcloudProfile(t *testing.T) {
+	idp := startNodeIdP(t, profileNextcloud, nodeBrokerClient())
+	c := newNodeIdPClient(t, idp)
+
+	t.Run("discovery has introspection and no token exchange", func(t *testing.T) {
+		if slices.Contains(grantTypes(c.disc), tokenExchangeGrant) {
+			t.Errorf("grant_types_supported %v", grantTypes(c.disc))
+		}
+		if c.disc["introspection_endpoint"] == nil || c.disc["revocation_endpoint"] == nil {
+			t.Errorf("introspection %v revocation %v", c.disc["introspection_endpoint"], c.disc["revocation_endpoint"])
+		}
+	})
+
+	tok := c.login(t, brokerScopes)
+	t.Run("access token is opaque and introspects active for 900 s", func(t *testing.T) {
+		if jwtShape.MatchString(tok.AccessToken) {
+			t.Fatalf("access token is a JWT")
+		}
+		status, in := c.postForm(t, "introspection_endpoint", url.Values{"token": {tok.AccessToken}})
+		if status != http.StatusOK || in["active"] != true || in["sub"] != nodeUser || in["client_id"] != nodeBrokerClientID {
+			t.Fatalf("introspection %d %v", status, in)
+		}
+		if life := in["exp"].(float64) - in["iat"].(float64); life != 900 {
+			t.Errorf("access token lives %vs", life)
+		}
+		for _, s := range []string{"notes:read", "notes:write"} {
+			if !slices.Contains(strings.Fields(fmt.Sprint(in["scope"])), s) {
+				t.Errorf("scope %v lacks %s", in["scope"], s)
+			}
+		}
+	})
+
+	t.Run("refresh rotates and the old refresh token is refused", func(t *testing.T) {
+		if tok.RefreshToken == "" {
+			t.Fatal("no refresh token with offline_access")
+		}
+		status, fresh := c.postForm(t, "token_endpoint", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tok.RefreshToken}, "scope": {"openid notes:read"}})
+		if status != http.StatusOK || fresh["refresh_token"] == nil || fresh["refresh_token"] == tok.RefreshToken {
+			t.Fatalf("refresh: %d %v", status, fresh)
+		}
+		if fresh["scope"] != "openid notes:read" {
+			t.Errorf("narrowed refresh scope %v", fresh["scope"])
+		}
+		status, again := c.postForm(t, "token_endpoint", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tok.RefreshToken}})
+		if status != http.StatusBadRequest || again["error"] != "invalid_grant" {
+			t.Errorf("reusing the rotated refresh token: %d %v", status, again)
+		}
+	})
+
+	t.Run("token exchange is an unsupported grant", func(t *testing.T) {
+		status, out := c.postForm(t, "token_endpoint", url.Values{"grant_type": {tokenExchangeGrant}, "subject_token": {tok.AccessToken},
+			"subject_token_type": {"urn:ietf:params:oauth:token-type:access_token"}, "audience": {"nextcloud"}})
+		if status != http.StatusBadRequest || out["error"] != "unsupported_grant_type" {
+			t.Errorf("token exchange: %d %v", status, out)
+		}
+	})
+
+	t.Run("no refresh token without offline_access", func(t *testing.T) {
+		if tok := c.login(t, []string{"openid", "notes:read"}); tok.RefreshToken != "" {
+			t.Errorf("refresh token issued without offline_access")
+		}
+	})
+}
+
+// TestNodeIdPKeycloakProfile: the oidc-provider IdP configured like Keycloak issues JWT
+// access tokens whose aud is the RFC 8707 resource (or its default audience), and
+// exchanges them (RFC 8693) for a token of another audience with narrowed scopes.
+func TestNodeIdPKeycloakProfile(t *testing.T) {
+	idp := startNodeIdP(t, profileKeycloak, nodeBrokerClient())
+	c := newNodeIdPClient(t, idp)
+
+	t.Run("discovery advertises token exchange", func(t *testing.T) {
+		if !slices.Contains(grantTypes(c.disc), tokenExchangeGrant) {
+			t.Errorf("grant_types_supported %v", grantTypes(c.disc))
+		}
+	})
+
+	tok := c.login(t, brokerScopes)
+	claims := c.jwtClaims(t, tok.AccessToken)
+	t.Run("access token is a JWT for the default audience", func(t *testing.T) {
+		if !slices.Equal(audiences(claims), []string{idp.DefaultAudience}) || claims["sub"] != nodeUser || claims["client_id"] != nodeBrokerClientID {
+			t.Errorf("claims %v", claims)
+		}
+		if claims["scope"] != "notes:read notes:write" {
+			t.Errorf("scope %v", claims["scope"])
+		}
+	})
+
+	t.Run("resource becomes aud", func(t *testing.T) {
+		const resource = "http://127.0.0.1:49153/mcp"
+		tok := c.login(t, brokerScopes, oauth2.SetAuthURLParam("resource", resource))
+		if aud := audiences(c.jwtClaims(t, tok.AccessToken)); !slices.Equal(aud, []string{resource}) {
+			t.Errorf("aud %v, want the resource", aud)
+		}
+	})
+
+	exchange := func(t *testing.T, subject string, extra url.Values) (int, map[string]any) {
+		form := url.Values{"grant_type": {tokenExchangeGrant}, "subject_token": {subject},
+			"subject_token_type": {"urn:ietf:params:oauth:token-type:access_token"}}
+		for k, v := range extra {
+			form[k] = v
+		}
+		return c.postForm(t, "token_endpoint", form)
+	}
+	t.Run("token exchange yields a JWT for the audience with narrowed scope", func(t *testing.T) {
+		status, out := exchange(t, tok.AccessToken, url.Values{"audience": {"nextcloud"}, "scope": {"notes:read"}})
+		if status != http.StatusOK || out["issued_token_type"] != "urn:ietf:params:oauth:token-type:access_token" {
+			t.Fatalf("exchange: %d %v", status, out)
+		}
+		got := c.jwtClaims(t, out["access_token"].(string))
+		if !slices.Equal(audiences(got), []string{"nextcloud"}) || got["scope"] != "notes:read" || got["sub"] != nodeUser {
+			t.Errorf("exchanged claims %v", got)
+		}
+		if exp := time.Unix(int64(got["exp"].(float64)), 0); time.Until(exp) > 5*time.Minute+5*time.Second {
+			t.Errorf("exchanged token expires at %v", exp)
+		}
+	})
+	t.Run("token exchange refuses scopes the subject lacks", func(t *testing.T) {
+		narrow, out := exchange(t, tok.AccessToken, url.Values{"audience": {"nextcloud"}, "scope": {"notes:read"}})
+		if narrow != http.StatusOK {
+			t.Fatalf("exchange: %v", out)
+		}
+		status, out := exchange(t, out["access_token"].(string), url.Values{"audience": {"nextcloud"}, "scope": {"notes:write"}})
+		if status != http.StatusBadRequest || out["error"] != "invalid_scope" {
+			t.Errorf("widening exchange: %d %v", status, out)
+		}
+	})
+	t.Run("token exchange refuses a forged subject token", func(t *testing.T) {
+		parts := strings.Split(tok.AccessToken, ".")
+		forged := parts[0] + "." + parts[1] + "." + strings.Repeat("A", len(parts[2]))
+		if status, out := exchange(t, forged, url.Values{"audience": {"nextcloud"}}); status != http.StatusBadRequest || out["error"] != "invalid_grant" {
+			t.Errorf("forged subject: %d %v", status, out)
+		}
+	})
+
+	t.Run("refresh keeps the audience", func(t *testing.T) {
+		fresh, err := c.cfg.TokenSource(context.Background(), &oauth2.Token{RefreshToken: tok.RefreshToken}).Token()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if aud := audiences(c.jwtClaims(t, fresh.AccessToken)); !slices.Equal(aud, []string{idp.DefaultAudience}) {
+			t.Errorf("refreshed aud %v", aud)
+		}
+	})
+}

@@ -1,0 +1,267 @@
+#!/usr/bin/env node
+// A headless third-party MCP client: @modelcontextprotocol/sdk's Streamable HTTP client with
+// an OAuthClientProvider, against an MCP endpoint behind mcp_oauth.
+//
+// Usage: node client.mjs --url <MCP URL> [--client-id ID] [--redirect-url URL]
+//          [--call JSON] [--stepup JSON] [--refresh] [--sdk-stepup]
+//   --client-id     a client pre-registered at the authorization server (else DCR)
+//   --call          {"name": tool, "arguments": {...}}: called after tools/list (repeatable)
+//   --stepup        a tool call that needs a scope the first token lacks (403 insufficient_scope)
+//   --refresh       force a refresh: the access token is made invalid, the next request's
+//                   401 makes the SDK use its refresh token
+//   --sdk-stepup    leave step-up to the SDK alone (see README: 1.32.2 refreshes first)
+//   --first-scope   ask for this scope first, as a client asking for less than the server's
+//                   challenge names (the scope of the first 401 is read as this), so that a
+//                   later call needs a step-up
+//
+// Protocol with the harness (stdin/stdout, one JSON object per line):
+//   out {"type":"authorize","url":...}      the SDK wants the user's browser at url
+//   in  {"redirect": "<final URL>"}         where the browser ended: redirect_uri?code&state
+//   out {"type":"summary", ...}             what happened, for the harness to assert on
+//   out {"type":"error","message":...}      and exit 1
+// No token, code or secret is printed: tokens appear as SHA-256 hex digests.
+import { createHash, randomBytes } from 'node:crypto';
+import { createInterface } from 'node:readline';
+import { parseArgs } from 'node:util';
+
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import { UnauthorizedError } from '@modelcontextprotocol/sdk/client/auth.js';
+
+const { values: args } = parseArgs({
+  options: {
+    url: { type: 'string' },
+    'client-id': { type: 'string' },
+    'client-name': { type: 'string', default: 'Interop TS Client' },
+    'redirect-url': { type: 'string', default: 'http://127.0.0.1:49152/callback' },
+    call: { type: 'string', multiple: true },
+    stepup: { type: 'string' },
+    refresh: { type: 'boolean', default: false },
+    'sdk-stepup': { type: 'boolean', default: false },
+    'first-scope': { type: 'string' },
+    timeout: { type: 'string', default: '60000' },
+  },
+});
+if (!args.url) {
+  console.error('client: --url is required');
+  process.exit(2);
+}
+
+const out = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
+const sha256 = (s) => createHash('sha256').update(s).digest('hex');
+const fail = (err) => {
+  out({ type: 'error', message: String(err?.stack ?? err), summary });
+  process.exit(1);
+};
+setTimeout(() => fail(new Error(`client: gave up after ${args.timeout} ms`)), Number(args.timeout)).unref();
+
+const summary = {
+  type: 'summary',
+  requests: [], // every HTTP request the SDK made: method, URL without query, status
+  tokenGrants: [], // grant_type of each token endpoint request, with its status
+  authorizations: [], // parameters of each authorization URL (no state, no challenge)
+  registeredClientId: undefined,
+  serverInfo: undefined,
+  tools: [],
+  calls: [],
+  refresh: undefined,
+  stepUp: undefined,
+  accessTokens: [], // SHA-256 of every access token the client held
+};
+
+// Lines from the harness: redirect results, in order.
+const stdinLines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function nextRedirect() {
+  const { value, done } = await stdinLines.next();
+  if (done) throw new Error('client: stdin closed while waiting for the redirect');
+  return new URL(JSON.parse(value).redirect);
+}
+
+// The OAuth client provider: all in memory.
+class HeadlessProvider {
+  constructor() {
+    this._client = args['client-id'] ? { client_id: args['client-id'] } : undefined;
+    this._tokens = undefined;
+    this._verifier = undefined;
+    this._state = undefined;
+    this.stepUpPending = false;
+  }
+
+  get redirectUrl() { return args['redirect-url']; }
+
+  get clientMetadata() {
+    return {
+      client_name: args['client-name'],
+      redirect_uris: [args['redirect-url']],
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      token_endpoint_auth_method: 'none',
+    };
+  }
+
+  state() {
+    this._state = randomBytes(16).toString('base64url');
+    return this._state;
+  }
+
+  clientInformation() { return this._client; }
+
+  saveClientInformation(info) {
+    this._client = info;
+    if (!args['client-id']) summary.registeredClientId = info.client_id;
+  }
+
+  tokens() {
+    // Step-up needs a new authorization: the SDK would otherwise refresh (same scope) first.
+    if (this._tokens && this.stepUpPending && !args['sdk-stepup']) {
+      const { refresh_token: _, ...rest } = this._tokens;
+      return rest;
+    }
+    return this._tokens;
+  }
+
+  saveTokens(tokens) {
+    this._tokens = tokens;
+    this.stepUpPending = false;
+    summary.accessTokens.push(sha256(tokens.access_token));
+  }
+
+  redirectToAuthorization(url) {
+    const q = url.searchParams;
+    if (q.get('state') !== this._state) throw new Error('client: authorization URL lost its state');
+    summary.authorizations.push({
+      endpoint: `${url.origin}${url.pathname}`,
+      client_id: q.get('client_id'),
+      scope: q.get('scope'),
+      resource: q.get('resource'),
+      redirect_uri: q.get('redirect_uri'),
+      code_challenge_method: q.get('code_challenge_method'),
+    });
+    out({ type: 'authorize', url: url.href });
+  }
+
+  saveCodeVerifier(v) { this._verifier = v; }
+
+  codeVerifier() { return this._verifier; }
+
+  invalidateCredentials(scope) {
+    if (scope === 'all' || scope === 'tokens') this._tokens = undefined;
+    if (scope === 'all' || scope === 'client') this._client = args['client-id'] ? { client_id: args['client-id'] } : undefined;
+  }
+
+  // Test hook: the server will refuse this access token with 401.
+  spoilAccessToken() {
+    this._tokens = { ...this._tokens, access_token: `spoiled-${randomBytes(8).toString('hex')}` };
+  }
+}
+const provider = new HeadlessProvider();
+
+// Records every request the SDK makes, without secrets.
+async function recordingFetch(input, init) {
+  const url = new URL(input instanceof Request ? input.url : String(input));
+  const method = init?.method ?? (input instanceof Request ? input.method : 'GET');
+  let grantType;
+  const body = init?.body;
+  if (body instanceof URLSearchParams) grantType = body.get('grant_type');
+  else if (typeof body === 'string' && body.includes('grant_type=')) grantType = new URLSearchParams(body).get('grant_type');
+  let res = await fetch(input, init);
+  if (res.status === 401 && args['first-scope'] && !summary.requests.some((r) => r.status === 401)) {
+    const headers = new Headers(res.headers);
+    headers.set('www-authenticate', (headers.get('www-authenticate') ?? 'Bearer').replace(/,?\s*scope="[^"]*"/, '') + `, scope="${args['first-scope']}"`);
+    res = new Response(res.body, { status: res.status, statusText: res.statusText, headers });
+  }
+  const entry = { method, url: `${url.origin}${url.pathname}`, status: res.status };
+  const www = res.headers.get('www-authenticate');
+  if (www) entry.wwwAuthenticate = www;
+  if (res.headers.get('mcp-session-id')) entry.session = true;
+  summary.requests.push(entry);
+  if (grantType) summary.tokenGrants.push({ grant_type: grantType, status: res.status });
+  if (res.status === 403 && www?.includes('insufficient_scope')) provider.stepUpPending = true;
+  return res;
+}
+
+const newTransport = () => new StreamableHTTPClientTransport(new URL(args.url), { authProvider: provider, fetch: recordingFetch });
+let transport = newTransport();
+const client = new Client({ name: 'interop-ts-client', version: '1.0.0' });
+
+// withAuth runs fn; when the SDK sends the user to authorize, it waits for the harness to
+// bring back the redirect, finishes the authorization, and runs fn again.
+async function withAuth(what, fn) {
+  for (let attempt = 0; attempt < 3; attempt += 1) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!(err instanceof UnauthorizedError)) throw err;
+      const redirect = await nextRedirect();
+      const error = redirect.searchParams.get('error');
+      if (error) throw new Error(`${what}: authorization answered error=${error}`);
+      if (redirect.searchParams.get('state') !== provider._state) throw new Error(`${what}: state mismatch on the redirect`);
+      await transport.finishAuth(redirect.searchParams.get('code'));
+    }
+  }
+  throw new Error(`${what}: still unauthorized after 3 authorizations`);
+}
+
+function callResult(name, res) {
+  const text = (res.content ?? []).filter((c) => c.type === 'text').map((c) => c.text).join('\n');
+  return { name, isError: !!res.isError, text: text.slice(0, 2000) };
+}
+
+try {
+  // connect() sends initialize: 401 → PRM → AS metadata → DCR → authorize → token.
+  // A failed connect closes its transport: each attempt gets a fresh one.
+  let first = true;
+  await withAuth('connect', () => {
+    if (!first) transport = newTransport();
+    first = false;
+    return client.connect(transport);
+  });
+  summary.serverInfo = client.getServerVersion();
+  summary.sessionId = transport.sessionId ? true : undefined;
+
+  const tools = await withAuth('tools/list', () => client.listTools());
+  summary.tools = tools.tools.map((t) => t.name);
+
+  for (const raw of args.call ?? []) {
+    const call = JSON.parse(raw);
+    summary.calls.push(callResult(call.name, await withAuth('tools/call', () => client.callTool(call))));
+  }
+
+  if (args.refresh) {
+    const before = summary.tokenGrants.filter((g) => g.grant_type === 'refresh_token').length;
+    const held = provider._tokens;
+    if (!held?.refresh_token) {
+      summary.refresh = { attempted: false, reason: 'no refresh token was issued' };
+    } else {
+      provider.spoilAccessToken();
+      const res = await withAuth('refresh', () => client.listTools());
+      const grants = summary.tokenGrants.filter((g) => g.grant_type === 'refresh_token');
+      summary.refresh = {
+        attempted: true,
+        refreshGrants: grants.length - before,
+        ok: grants.length > before && grants.at(-1).status === 200 && res.tools.length > 0,
+        rotated: !!provider._tokens.refresh_token && provider._tokens.refresh_token !== held.refresh_token,
+        newAccessToken: provider._tokens.access_token !== held.access_token,
+      };
+    }
+  }
+
+  if (args.stepup) {
+    const call = JSON.parse(args.stepup);
+    const authsBefore = summary.authorizations.length;
+    try {
+      const res = await withAuth('step-up', () => client.callTool(call));
+      summary.calls.push(callResult(call.name, res));
+      summary.stepUp = { ok: !res.isError, authorizations: summary.authorizations.length - authsBefore, scope: summary.authorizations.at(-1)?.scope };
+    } catch (err) {
+      summary.stepUp = { ok: false, error: String(err?.message ?? err), authorizations: summary.authorizations.length - authsBefore };
+    }
+  }
+
+  await transport.terminateSession().catch(() => {});
+  await client.close();
+  out(summary);
+  process.exit(0);
+} catch (err) {
+  fail(err);
+}
