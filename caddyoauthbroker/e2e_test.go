@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -42,12 +43,18 @@ func freePort(t *testing.T) int {
 // site's base URL.
 func startCaddy(t *testing.T, port int, handler map[string]any, upstream string) string {
 	t.Helper()
+	up, _ := url.Parse(upstream)
+	return startCaddyWith(t, port, handler, map[string]any{"handler": "reverse_proxy", "upstreams": []any{map[string]any{"dial": up.Host}}})
+}
+
+// startCaddyWith is startCaddy with any handler after mcp_oauth.
+func startCaddyWith(t *testing.T, port int, handler, next map[string]any) string {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "mcp_oauth-e2e-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	up, _ := url.Parse(upstream)
 	handler["handler"] = "mcp_oauth"
 	cfg := map[string]any{
 		"admin":   map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
@@ -56,10 +63,7 @@ func startCaddy(t *testing.T, port int, handler map[string]any, upstream string)
 		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"mcp": map[string]any{
 			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
 			"automatic_https": map[string]any{"disable": true},
-			"routes": []any{map[string]any{"handle": []any{
-				handler,
-				map[string]any{"handler": "reverse_proxy", "upstreams": []any{map[string]any{"dial": up.Host}}},
-			}}},
+			"routes": []any{map[string]any{"handle": []any{handler, next}}},
 		}}}},
 	}
 	raw, err := json.Marshal(cfg)
@@ -216,5 +220,38 @@ func TestProgressiveAuthorizeThroughCaddy(t *testing.T) {
 	resp.Body.Close()
 	if loc := resp.Header.Get("Location"); resp.StatusCode != http.StatusFound || !strings.HasPrefix(loc, "https://cloud.example.com/") {
 		t.Errorf("good request: %s to %q", resp.Status, loc)
+	}
+}
+
+// TestPlaceholders: later handlers see who the request is for, as with caddyauth.
+func TestPlaceholders(t *testing.T) {
+	o := testenv.StartOP(t)
+	port := freePort(t)
+	resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+	base := startCaddyWith(t, port, map[string]any{
+		"mode":            "progressive",
+		"issuer":          o.Issuer,
+		"client_id":       testenv.BrokerClientID,
+		"client_secret":   testenv.BrokerClientSecret,
+		"resource":        resource,
+		"encryption_keys": []string{testKey},
+		"delegation":      map[string]any{"mode": "none"},
+	}, map[string]any{
+		"handler": "static_response",
+		"body":    "{http.auth.user.id}|{http.auth.user.scopes}|{http.auth.user.client_id}|{http.request.header.Authorization}",
+	})
+	claims := o.AccessTokenClaims(o.User.Subject, resource)
+	claims["scope"] = "openid notes:read"
+	claims["client_id"] = "some-client"
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, base+"/mcp", nil)
+	req.Header.Set("Authorization", "Bearer "+o.MintJWT(claims))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if want := o.User.Subject + "|openid notes:read|some-client|"; string(body) != want {
+		t.Errorf("placeholders gave %q, want %q", body, want)
 	}
 }
