@@ -63,7 +63,7 @@ func startCaddyWith(t *testing.T, port int, handler, next map[string]any) string
 		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"mcp": map[string]any{
 			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
 			"automatic_https": map[string]any{"disable": true},
-			"routes": []any{map[string]any{"handle": []any{handler, next}}},
+			"routes":          []any{map[string]any{"handle": []any{handler, next}}},
 		}}}},
 	}
 	raw, err := json.Marshal(cfg)
