@@ -54,16 +54,5 @@ func (b *Broker) authorizationServerMetadata() AuthorizationServerMetadata {
 // The TypeScript SDK validates those OIDC fields only when it had to use the OIDC path,
 // which it never does here since the RFC 8414 path, tried first, answers.
 func (b *Broker) serveAuthorizationServerMetadata(w http.ResponseWriter, r *http.Request) {
-	allowCORS(w, "GET, OPTIONS")
-	switch r.Method {
-	case http.MethodOptions:
-		w.WriteHeader(http.StatusNoContent)
-		return
-	case http.MethodGet, http.MethodHead:
-	default:
-		w.Header().Set("Allow", "GET, HEAD, OPTIONS")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return
-	}
-	writeJSON(w, http.StatusOK, b.authorizationServerMetadata())
+	serveMetadata(w, r, b.authorizationServerMetadata)
 }

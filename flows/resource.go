@@ -21,24 +21,30 @@ type ProtectedResourceMetadata struct {
 // serveProtectedResourceMetadata answers RFC 9728 discovery, at the root and at the
 // resource-suffixed path, readable from any origin without credentials.
 func (b *Broker) serveProtectedResourceMetadata(w http.ResponseWriter, r *http.Request) {
+	serveMetadata(w, r, func() any {
+		return ProtectedResourceMetadata{
+			Resource:               b.cfg.Resource,
+			AuthorizationServers:   []string{b.authorizationServer(r.Context())},
+			ScopesSupported:        advertisedScopes(b.cfg.Scopes),
+			BearerMethodsSupported: []string{"header"},
+			ResourceName:           b.resourceName(),
+		}
+	})
+}
+
+// serveMetadata answers a discovery document: GET (and HEAD) from any origin without
+// credentials, with the CORS preflight.
+func serveMetadata[T any](w http.ResponseWriter, r *http.Request, doc func() T) {
 	allowCORS(w, "GET, OPTIONS")
 	switch r.Method {
 	case http.MethodOptions:
 		w.WriteHeader(http.StatusNoContent)
-		return
 	case http.MethodGet, http.MethodHead:
+		writeJSON(w, http.StatusOK, doc())
 	default:
 		w.Header().Set("Allow", "GET, HEAD, OPTIONS")
 		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return
 	}
-	writeJSON(w, http.StatusOK, ProtectedResourceMetadata{
-		Resource:               b.cfg.Resource,
-		AuthorizationServers:   []string{b.authorizationServer(r.Context())},
-		ScopesSupported:        advertisedScopes(b.cfg.Scopes),
-		BearerMethodsSupported: []string{"header"},
-		ResourceName:           b.resourceName(),
-	})
 }
 
 // authorizationServer is the issuer MCP clients log in with: the broker itself in hybrid
