@@ -208,6 +208,25 @@ func (p *caddyProc) restart() {
 	p.start()
 }
 
+// cpuTime is the CPU time caddy has used so far (user + system), from /proc.
+func (p *caddyProc) cpuTime() time.Duration {
+	p.t.Helper()
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		p.t.Fatalf("reading caddy's CPU time: %v", err)
+	}
+	// Fields after the command name (which ends with ')'): utime and stime are the 12th
+	// and 13th, in clock ticks (100 per second on Linux).
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	var ticks int64
+	for _, f := range fields[11:13] {
+		var n int64
+		fmt.Sscan(f, &n)
+		ticks += n
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond
+}
+
 // assertLogsFree fails when any of secrets appears in caddy's logs (W13).
 func (p *caddyProc) assertLogsFree(secrets ...string) {
 	p.t.Helper()
