@@ -12,7 +12,7 @@ import (
 
 // provisionContext is a Caddy context whose storage is a fresh folder, as Caddy builds it
 // from a configuration.
-func provisionContext(t *testing.T) (caddy.Context, string) {
+func provisionContext(t testing.TB) (caddy.Context, string) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "mcp_oauth-provision-")
 	if err != nil {
@@ -30,7 +30,7 @@ func provisionContext(t *testing.T) (caddy.Context, string) {
 }
 
 // load provisions and validates the handler JSON as Caddy does.
-func load(t *testing.T, ctx caddy.Context, cfg map[string]any) (*Handler, error) {
+func load(t testing.TB, ctx caddy.Context, cfg map[string]any) (*Handler, error) {
 	t.Helper()
 	raw, err := json.Marshal(cfg)
 	if err != nil {
