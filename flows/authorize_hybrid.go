@@ -2,6 +2,7 @@ package flows
 
 import (
 	"errors"
+	"html/template"
 	"net/http"
 	"net/url"
 	"slices"
@@ -88,9 +89,19 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	// After trust: errors go back to the client.
+	// After trust: errors go back to the client. Not automatically, though, to a URI
+	// that anyone could have registered (a DCR client's or a metadata document's https
+	// URI): a link to this endpoint with a deliberate error would make the broker an open
+	// redirector to a phishing page (RFC 9700 §4.11.2). Those get a page naming where the
+	// error goes, with a link the user may follow. Configured clients' URIs are the
+	// operator's, and loopback ones stay on the user's computer: they are redirected to.
 	state := f.Get("state")
+	autoRedirect := client.Source == ClientSourceConfig || isLoopbackRedirectURI(redirectURI)
 	fail := func(code, description string) {
+		if !autoRedirect {
+			b.showAuthorizeError(w, redirectURI, state, code, description)
+			return
+		}
 		b.redirectError(w, r, redirectURI, state, code, description)
 	}
 	if len(state) > maxStateLen {
@@ -229,3 +240,47 @@ func (b *Broker) redirectError(w http.ResponseWriter, r *http.Request, redirectU
 	}
 	redirectWithQuery(w, r, redirectURI, q)
 }
+
+// isLoopbackRedirectURI tells whether a checked redirect URI leads to the user's own
+// computer.
+func isLoopbackRedirectURI(raw string) bool {
+	u, err := parseRedirectURI(raw)
+	return err == nil && isLoopbackHost(u.Hostname())
+}
+
+// showAuthorizeError answers an authorization error for a redirect URI the broker does
+// not redirect to on its own: a page with the error, the host it would go to, and a link
+// carrying it there (state and iss included) for the user to follow.
+func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI, state, code, description string) {
+	u, err := url.Parse(redirectURI)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is not a valid URI")
+		return
+	}
+	q := u.Query()
+	q.Set("error", code)
+	q.Set("iss", b.issuer)
+	if description != "" {
+		q.Set("error_description", description)
+	}
+	if state != "" {
+		q.Set("state", state)
+	}
+	u.RawQuery = q.Encode()
+	consentHeaders(w, []string{"'none'"})
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.WriteHeader(http.StatusBadRequest)
+	_ = authorizeErrorTemplate.Execute(w, struct {
+		Code, Description, Host, Link string
+	}{code, description, u.Hostname(), u.String()})
+}
+
+var authorizeErrorTemplate = template.Must(template.New("authorize-error").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Bad Request</title>` + pageStyle + `</head>
+<body><main><h1>Bad Request</h1>
+<p>The application's sign-in request could not be accepted: <code>{{.Code}}</code> ({{.Description}}).</p>
+<p class="note">You followed a link that would take you on to <strong>{{.Host}}</strong>. Continue only if you trust it and just started signing in from that application.</p>
+<p><a href="{{.Link}}" rel="noreferrer">Return to {{.Host}}</a></p>
+</main></body></html>
+`))

@@ -239,7 +239,8 @@ func checkClientIDURL(id string) error {
 	case u.Path == "" || u.Path == "/":
 		return errors.New("client_id URL must have a path")
 	}
-	for _, seg := range strings.Split(u.EscapedPath(), "/") {
+	// The decoded path as well: %2e is a dot (RFC 3986 §2.3), and servers normalize it.
+	for _, seg := range append(strings.Split(u.EscapedPath(), "/"), strings.Split(u.Path, "/")...) {
 		if seg == "." || seg == ".." {
 			return errors.New("client_id URL must not contain dot segments")
 		}

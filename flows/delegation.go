@@ -158,6 +158,17 @@ func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *Pri
 		want = d.defaultScopes
 	}
 	scopes := narrowScopes(buf[:0], want, who.Scopes)
+	if hybrid && len(scopes) == 0 && len(want) > 0 {
+		// Nothing left to narrow to: asking without `scope` (or refreshing the whole
+		// grant) would hand the upstream every scope of the session's IdP grant, which
+		// holds all the configured scopes whatever this client was granted.
+		step := want
+		if mode == DelegationRefresh && len(d.defaultScopes) > 0 {
+			step = d.defaultScopes
+		}
+		b.insufficientScope(w, who, step)
+		return false
+	}
 	var key delegationKey
 	if hybrid {
 		key = sessionDelegationKey(who.SessionID, scopes)

@@ -97,6 +97,9 @@ type AuthorizationCode struct {
 	Scopes              []string `json:"scopes"`
 	Resource            string   `json:"resource"`
 	Subject             string   `json:"subject"`
+	// RedirectURIOmitted: the authorization request had no redirect_uri, so the token
+	// request may leave it out too (RFC 6749 §4.1.3).
+	RedirectURIOmitted bool `json:"redirect_uri_omitted,omitempty"`
 	// ExpiresAt is checked against the broker's clock; the storage TTL only cleans up.
 	ExpiresAt time.Time `json:"expires_at"`
 }

@@ -40,6 +40,7 @@ func (b *Broker) issueCode(ctx context.Context, s *Session, req AuthorizationReq
 		Scopes:              req.Scopes,
 		Resource:            resource,
 		Subject:             s.Subject,
+		RedirectURIOmitted:  req.RedirectURIOmitted,
 		ExpiresAt:           b.now().Add(b.cfg.CodeTTL),
 	}
 	marker := UsedCode{FamilyID: rec.FamilyID, SessionID: s.ID}
@@ -56,8 +57,10 @@ func (b *Broker) issueCode(ctx context.Context, s *Session, req AuthorizationReq
 // The code is taken once before it is checked: any failure after that consumes it.
 func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.Values, client *Client) {
 	code, redirectURI, verifier := form.Get("code"), form.Get("redirect_uri"), form.Get("code_verifier")
-	if code == "" || redirectURI == "" || verifier == "" {
-		writeError(w, http.StatusBadRequest, "invalid_request", "code, redirect_uri and code_verifier are required")
+	// redirect_uri may be left out only when the authorization request left it out
+	// (RFC 6749 §4.1.3); that is known once the code is read, below.
+	if code == "" || verifier == "" {
+		writeError(w, http.StatusBadRequest, "invalid_request", "code and code_verifier are required")
 		return
 	}
 	if !validCodeVerifier(verifier) {
@@ -71,6 +74,15 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 	}
 	ctx := context.WithoutCancel(r.Context()) // a taken code's outcome must be written whole
 
+	if redirectURI == "" {
+		// A request that is malformed for this code does not consume it: look before
+		// taking (the check after taking stays the one that counts).
+		var peek AuthorizationCode
+		if err := b.cfg.Records.Get(ctx, recordKey(kindCode, code), &peek); err == nil && !peek.RedirectURIOmitted {
+			writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required: the authorization request included it")
+			return
+		}
+	}
 	var rec AuthorizationCode
 	switch err := b.cfg.Records.TakeOnce(ctx, recordKey(kindCode, code), &rec); {
 	case errors.Is(err, storage.ErrNotFound):
@@ -92,7 +104,10 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 			zap.String("client_id", client.ID), zap.String("code", Fingerprint(code)))
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code was issued to another client")
 		return
-	case rec.RedirectURI != redirectURI:
+	case redirectURI == "" && !rec.RedirectURIOmitted:
+		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required: the authorization request included it")
+		return
+	case redirectURI != "" && rec.RedirectURI != redirectURI:
 		writeError(w, http.StatusBadRequest, "invalid_grant", "redirect_uri does not match the authorization request")
 		return
 	case !pkceMatches(rec.CodeChallengeMethod, rec.CodeChallenge, verifier):

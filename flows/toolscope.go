@@ -20,6 +20,11 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 	if (len(b.toolScopes) == 0 && len(b.cfg.ProvisioningTools) == 0) || r.Method != http.MethodPost || r.Body == nil || r.Body == http.NoBody {
 		return nil, nil, 0
 	}
+	if ce := r.Header.Values("Content-Encoding"); len(ce) > 0 && !identityEncoding(ce) {
+		// The rules are checked on the bytes as sent: a compressed body would pass
+		// unread to an upstream (or a middleware in front of it) that decompresses it.
+		return nil, nil, http.StatusUnsupportedMediaType
+	}
 	limit := b.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
 		return nil, nil, http.StatusRequestEntityTooLarge
@@ -31,8 +36,10 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	// Most MCP traffic is not a tool call: skip decoding it. Only a JSON escape could
-	// spell the method otherwise (tools\/call).
-	if !bytes.Contains(body, toolsCallMethod) && bytes.IndexByte(body, '\\') < 0 {
+	// spell the method otherwise (tools\/call), or another encoding of JSON than UTF-8:
+	// UTF-16 or UTF-32, which Python's json.loads detects on bytes, spell every ASCII
+	// character with a NUL, which valid UTF-8 JSON never holds raw.
+	if !bytes.Contains(body, toolsCallMethod) && bytes.IndexByte(body, '\\') < 0 && bytes.IndexByte(body, 0) < 0 {
 		return nil, nil, 0
 	}
 	tools, ok := toolNames(body)
@@ -47,6 +54,18 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 		}
 	}
 	return need, tools, 0
+}
+
+// identityEncoding tells whether the Content-Encoding values name no coding but identity.
+func identityEncoding(values []string) bool {
+	for _, v := range values {
+		for c := range strings.SplitSeq(v, ",") {
+			if c = strings.TrimSpace(c); c != "" && !strings.EqualFold(c, "identity") {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // readBody reads a request body of at most limit bytes: in one allocation when its length
