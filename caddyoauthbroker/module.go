@@ -286,7 +286,7 @@ func (h *Handler) resolvePlaceholders() {
 // passes it on with a delegated token.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	h.bg.once.Do(h.startBackground)
-	if r.URL.Path == flows.PathRegister {
+	if flows.NeedsClientIP(r.URL.Path) {
 		// Rate limits key on the client IP as Caddy resolves it behind trusted proxies.
 		if ip, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok {
 			r = r.WithContext(flows.WithClientIP(r.Context(), ip))

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,6 +36,13 @@ const (
 // whatever URI the request named. Afterwards errors go to the redirect URI with the
 // client's state and the broker's iss (RFC 6749 §4.1.2.1).
 func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
+	// Each request stores a consent ticket for 10 minutes: bound how fast one address
+	// can make the broker write.
+	if ok, wait := b.authorizations.allow(rateLimitKey(clientIP(r)), authorizeRate, b.now()); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
+		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many authorization requests from this address; retry later")
+		return
+	}
 	switch r.Method {
 	case http.MethodGet:
 	case http.MethodPost:

@@ -123,6 +123,9 @@ type Broker struct {
 
 	now func() time.Time
 
+	// authorizations limits how fast one address starts authorizations.
+	authorizations *rateLimiter
+
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
 	issuer        string
 	resourceURL   *url.URL
@@ -193,15 +196,16 @@ func New(cfg Config) (*Broker, error) {
 		return nil, fmt.Errorf("resource: %w", err)
 	}
 	b := &Broker{
-		cfg:          cfg,
-		logger:       cfg.Logger,
-		idp:          NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
-		now:          time.Now,
-		issuer:       u.Scheme + "://" + u.Host,
-		resourceURL:  u,
-		resourcePath: strings.TrimSuffix(u.EscapedPath(), "/"),
-		toolScopes:   cfg.ToolScopes,
-		delegation:   deleg,
+		cfg:            cfg,
+		logger:         cfg.Logger,
+		idp:            NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
+		now:            time.Now,
+		authorizations: newRateLimiter(maxRateLimitedIPs),
+		issuer:         u.Scheme + "://" + u.Host,
+		resourceURL:    u,
+		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
+		toolScopes:     cfg.ToolScopes,
+		delegation:     deleg,
 	}
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
@@ -282,9 +286,15 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 	return b.protect(w, r)
 }
 
-// PathRegister is the dynamic registration endpoint, whose rate limit needs the client IP
-// the server in front resolved (WithClientIP).
-const PathRegister = pathRegister
+// NeedsClientIP tells whether requests to path are rate-limited per client IP, so that the
+// server in front should resolve it (WithClientIP): registration and authorization.
+func NeedsClientIP(path string) bool {
+	return path == pathRegister || path == pathAuthorize
+}
+
+// authorizeRate is how many authorization requests one client address may start per
+// minute (each stores a consent ticket).
+const authorizeRate = 60
 
 // hybridEndpoint finds the handler of one of the authorization server's endpoints.
 func (b *Broker) hybridEndpoint(path string) http.HandlerFunc {
