@@ -173,8 +173,9 @@ type Delegation struct {
 	// The audience requested for delegated tokens, e.g. `nextcloud`. Default: none.
 	Audience string `json:"audience,omitempty"`
 
-	// The scopes of a delegated token when no `tool_scopes` rule applies.
-	// Default: the handler's `scopes`.
+	// The scopes of a delegated token when no `tool_scopes` rule applies; never more
+	// than the client was granted. Default: the handler's `scopes` without `openid`,
+	// `offline_access` and the OpenID profile scopes (profile, email, address, phone).
 	Scopes []string `json:"scopes,omitempty"`
 
 	// The request header that carries the authenticated subject to the upstream when
