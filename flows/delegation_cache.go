@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
-	"math"
 	"sync"
 	"time"
 )
@@ -51,13 +50,12 @@ type delegationFlight struct {
 	err    error
 }
 
-// delegatedCache holds delegated tokens by key, with single flight. Safe for concurrent use.
+// delegatedCache holds delegated tokens by key, with single flight. The entries live in
+// a tokenCache (bounds and eviction shared with the token verifiers); its removal epoch
+// keeps a revoked session's token out when a fetch finishes after the eviction. Safe for
+// concurrent use.
 type delegatedCache struct {
-	max int
-
-	mu      sync.RWMutex
-	entries map[delegationKey]delegatedEntry
-	gen     uint64 // bumped (under mu) by every eviction of a session
+	entries *tokenCache[delegatedEntry]
 
 	flightMu sync.Mutex
 	flights  map[delegationKey]*delegationFlight
@@ -65,78 +63,33 @@ type delegatedCache struct {
 
 func newDelegatedCache(max int) *delegatedCache {
 	return &delegatedCache{
-		max:     max,
-		entries: make(map[delegationKey]delegatedEntry),
+		entries: newTokenCache[delegatedEntry](max),
 		flights: make(map[delegationKey]*delegationFlight),
 	}
 }
 
 // get returns the Authorization header value cached under key, if still good at now.
 func (c *delegatedCache) get(key delegationKey, now int64) (string, bool) {
-	c.mu.RLock()
-	e, ok := c.entries[key]
-	c.mu.RUnlock()
-	if !ok || now >= e.expires {
-		return "", false
-	}
-	return e.header, true
+	e, ok := c.entries.get(key, now)
+	return e.header, ok
 }
 
 // generation is the eviction count a flight starts with; put refuses its result if a
 // session was evicted meanwhile, so a revoked session's token cannot slip back in.
-func (c *delegatedCache) generation() uint64 {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.gen
-}
+func (c *delegatedCache) generation() uint64 { return c.entries.epoch() }
 
 // put caches e under key unless an eviction happened since gen.
 func (c *delegatedCache) put(key delegationKey, e delegatedEntry, gen uint64, now int64) {
 	if e.expires <= now {
 		return
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.gen != gen {
-		return
-	}
-	if _, ok := c.entries[key]; !ok && len(c.entries) >= c.max {
-		c.evictOneLocked(now)
-	}
-	c.entries[key] = e
-}
-
-// evictOneLocked removes one entry among a few taken from the map's randomized iteration
-// order: the first that has expired, else the one expiring soonest.
-func (c *delegatedCache) evictOneLocked(now int64) {
-	var victim delegationKey
-	soonest, n := int64(math.MaxInt64), 0
-	for k, e := range c.entries {
-		if now >= e.expires {
-			victim = k
-			break
-		}
-		if e.expires < soonest {
-			victim, soonest = k, e.expires
-		}
-		if n++; n >= evictionSample {
-			break
-		}
-	}
-	delete(c.entries, victim)
+	c.entries.putSince(gen, key, e, e.expires, false, now)
 }
 
 // evictSession drops every entry obtained for session. It walks the whole cache: it runs
 // on revocation, rarely, and spares the hot path a second index.
 func (c *delegatedCache) evictSession(session string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.gen++
-	for k, e := range c.entries {
-		if e.session == session {
-			delete(c.entries, k)
-		}
-	}
+	c.entries.deleteFunc(func(e delegatedEntry) bool { return e.session == session })
 }
 
 // obtain returns the header for key from the cache or from one fetch shared by every
