@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"net/url"
 	"slices"
 	"strings"
@@ -21,23 +20,8 @@ func TestTSClientProgressiveZitadel(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	upURL, _ := url.Parse(up.URL)
-	caddy := startCaddy(t, fmt.Sprintf(`http://127.0.0.1:{port} {
-	mcp_oauth {
-		mode progressive
-		issuer %s
-		client_id %s
-		client_secret %s
-		resource http://127.0.0.1:{port}/mcp
-		scopes openid notes:read
-		encryption_key %s
-		client %s {
-			redirect_uri http://127.0.0.1/callback
-		}
-		delegation none
-		tool_scope notes_write notes:write
-	}
-	reverse_proxy %s
-}`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, testKey, testenv.NativeClientID, upURL.Host))
+	caddy := startCaddy(t, progressiveSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret,
+		"openid notes:read", upURL.Host, nativeClientBlock))
 
 	var codes []string
 	login := func(ctx context.Context, authorizeURL string) (*url.URL, error) {
@@ -153,20 +137,8 @@ func TestTSClientProgressiveNodeIdP(t *testing.T) {
 			idp := startNodeIdP(t, row.profile, nodeBrokerClient(), nodeNativeClient())
 			up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 			upURL, _ := url.Parse(up.URL)
-			caddy := startCaddy(t, fmt.Sprintf(`http://127.0.0.1:{port} {
-	mcp_oauth {
-		mode progressive
-		issuer %s
-		client_id %s
-		client_secret %s
-		resource http://127.0.0.1:{port}/mcp
-		scopes openid notes:read
-		encryption_key %s
-		delegation none
-		tool_scope notes_write notes:write
-	}
-	reverse_proxy %s
-}`, idp.Issuer, nodeBrokerClientID, nodeBrokerClientSecret, testKey, upURL.Host))
+			caddy := startCaddy(t, progressiveSite(idp.Issuer, nodeBrokerClientID, nodeBrokerClientSecret,
+				"openid notes:read", upURL.Host, ""))
 			s, err := runTSClientErr(t, caddy.Base+"/mcp", func(ctx context.Context, u string) (*url.URL, error) { return idp.Login(ctx, u) }, tsClientOptions{
 				ClientID: row.clientID,
 				Calls:    []map[string]any{{"name": "whoami", "arguments": map[string]any{}}},

@@ -50,6 +50,32 @@ func whoami(t *testing.T, s *mcp.ClientSession) testenv.Identity {
 	return who
 }
 
+// progressiveSite is a Caddyfile site for progressive mode with delegation none in front
+// of upstream (host:port), where notes_write needs notes:write; extra lines go inside
+// mcp_oauth.
+func progressiveSite(issuer, clientID, clientSecret, scopes, upstream, extra string) string {
+	return fmt.Sprintf(`http://127.0.0.1:{port} {
+	mcp_oauth {
+		mode progressive
+		issuer %s
+		client_id %s
+		client_secret %s
+		resource http://127.0.0.1:{port}/mcp
+		scopes %s
+		encryption_key %s
+		delegation none
+		tool_scope notes_write notes:write
+%s
+	}
+	reverse_proxy %s
+}`, issuer, clientID, clientSecret, scopes, testKey, extra, upstream)
+}
+
+// nativeClientBlock registers testenv's native client with a loopback redirect URI.
+var nativeClientBlock = fmt.Sprintf(`		client %s {
+			redirect_uri http://127.0.0.1/callback
+		}`, testenv.NativeClientID)
+
 // TestProgressiveThroughCaddyBinary: Flow 1 with the go-sdk client against the real caddy
 // binary configured by Caddyfile; the upstream never sees the client's token and Caddy's
 // logs (at DEBUG) hold no code or token.
@@ -57,23 +83,8 @@ func TestProgressiveThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	upURL, _ := url.Parse(up.URL)
-	caddy := startCaddy(t, fmt.Sprintf(`http://127.0.0.1:{port} {
-	mcp_oauth {
-		mode progressive
-		issuer %s
-		client_id %s
-		client_secret %s
-		resource http://127.0.0.1:{port}/mcp
-		scopes openid notes:read notes:write
-		encryption_key %s
-		client %s {
-			redirect_uri http://127.0.0.1/callback
-		}
-		delegation none
-		tool_scope notes_write notes:write
-	}
-	reverse_proxy %s
-}`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, testKey, testenv.NativeClientID, upURL.Host))
+	caddy := startCaddy(t, progressiveSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret,
+		"openid notes:read notes:write", upURL.Host, nativeClientBlock))
 
 	f := &loginFetcher{o: o}
 	handler, err := auth.NewAuthorizationCodeHandler(&auth.AuthorizationCodeHandlerConfig{
