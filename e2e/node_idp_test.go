@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"golang.org/x/net/html"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
 // Profiles of the npm oidc-provider IdP (interop/idp.mjs).
@@ -140,7 +142,7 @@ func (n *NodeIdP) Login(ctx context.Context, authorizeURL string, opts ...NodeLo
 	}
 	var form url.Values
 	for range 20 {
-		resp, body, err := nodeSend(ctx, &c, next, form)
+		resp, body, err := testenv.Send(ctx, &c, next, form)
 		if err != nil {
 			return nil, err
 		}
@@ -179,28 +181,6 @@ func (n *NodeIdP) Login(ctx context.Context, authorizeURL string, opts ...NodeLo
 		return nil, fmt.Errorf("%s answered %s: %s", next.Redacted(), resp.Status, snippetOf(body))
 	}
 	return nil, fmt.Errorf("logging in at the node IdP: too many requests")
-}
-
-// nodeSend GETs u, or POSTs form to it, and reads the response.
-func nodeSend(ctx context.Context, c *http.Client, u *url.URL, form url.Values) (*http.Response, []byte, error) {
-	method, body := http.MethodGet, io.Reader(nil)
-	if form != nil {
-		method, body = http.MethodPost, strings.NewReader(form.Encode())
-	}
-	req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
-	if err != nil {
-		return nil, nil, err
-	}
-	if form != nil {
-		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	return resp, b, err
 }
 
 // interactionForm reads devInteractions' form: its action and its inputs with values.

@@ -69,7 +69,7 @@ func (o *OP) Login(ctx context.Context, authorizeURL string, opts ...LoginOption
 	var form url.Values // the login form to post to next, if any
 	submitted := false
 	for range maxLoginHops {
-		resp, body, err := send(ctx, &c, next, form)
+		resp, body, err := Send(ctx, &c, next, form)
 		if err != nil {
 			return nil, err
 		}
@@ -109,8 +109,9 @@ func (o *OP) serves(u *url.URL) bool {
 	return u.Scheme+"://"+u.Host == o.Issuer
 }
 
-// send GETs u, or POSTs form to it, and reads the response.
-func send(ctx context.Context, c *http.Client, u *url.URL, form url.Values) (*http.Response, []byte, error) {
+// Send GETs u, or POSTs form to it, and reads the response (at most 1 MiB): the step of
+// a scripted browser login, at this OP or any other.
+func Send(ctx context.Context, c *http.Client, u *url.URL, form url.Values) (*http.Response, []byte, error) {
 	method, body := http.MethodGet, io.Reader(nil)
 	if form != nil {
 		method, body = http.MethodPost, strings.NewReader(form.Encode())
