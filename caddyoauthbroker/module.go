@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/url"
 	"path"
@@ -461,7 +460,7 @@ func checkResource(raw string) error {
 	if err != nil || u.Host == "" || u.User != nil {
 		return fmt.Errorf("want an absolute https URL such as https://mcp.example.com/mcp, got %q", raw)
 	}
-	loopback := u.Scheme == "http" && isLoopback(u.Hostname())
+	loopback := u.Scheme == "http" && flows.IsLoopbackHost(u.Hostname())
 	if u.Scheme != "https" && !loopback {
 		return fmt.Errorf("want https (http only on a loopback host), got %q", raw)
 	}
@@ -472,14 +471,6 @@ func checkResource(raw string) error {
 		return fmt.Errorf("want the canonical form: lowercase scheme and host, no trailing slash, got %q", raw)
 	}
 	return nil
-}
-
-func isLoopback(host string) bool {
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 // flowsConfig turns the JSON configuration into the broker's.

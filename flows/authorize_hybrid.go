@@ -253,7 +253,7 @@ func (b *Broker) redirectError(w http.ResponseWriter, r *http.Request, redirectU
 // computer.
 func isLoopbackRedirectURI(raw string) bool {
 	u, err := parseRedirectURI(raw)
-	return err == nil && isLoopbackHost(u.Hostname())
+	return err == nil && IsLoopbackHost(u.Hostname())
 }
 
 // showAuthorizeError answers an authorization error for a redirect URI the broker does

@@ -243,7 +243,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 		ClientID:     client.ID,
 		ShowID:       name != client.ID,
 		RedirectHost: redirect.Hostname(),
-		Loopback:     isLoopbackHost(redirect.Hostname()),
+		Loopback:     IsLoopbackHost(redirect.Hostname()),
 		Resource:     b.cfg.Resource,
 		Scopes:       scopes,
 		Ticket:       ticket,

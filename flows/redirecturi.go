@@ -54,16 +54,16 @@ func parseRedirectURI(raw string) (*url.URL, error) {
 	}
 	switch {
 	case u.Scheme == "https":
-	case u.Scheme == "http" && isLoopbackHost(u.Hostname()):
+	case u.Scheme == "http" && IsLoopbackHost(u.Hostname()):
 	default:
 		return nil, errRedirectScheme
 	}
 	return u, nil
 }
 
-// isLoopbackHost accepts the loopback names RFC 8252 allows, and nothing that merely
+// IsLoopbackHost accepts the loopback names RFC 8252 allows, and nothing that merely
 // starts with them (127.0.0.1.evil.com).
-func isLoopbackHost(host string) bool {
+func IsLoopbackHost(host string) bool {
 	if strings.EqualFold(host, "localhost") {
 		return true
 	}
@@ -83,7 +83,7 @@ func MatchRedirectURI(registered []string, requested string) bool {
 			return true
 		}
 		reg, err := parseRedirectURI(r)
-		if err != nil || reg.Scheme != "http" || !isLoopbackHost(reg.Hostname()) {
+		if err != nil || reg.Scheme != "http" || !IsLoopbackHost(reg.Hostname()) {
 			continue
 		}
 		if req.Scheme == reg.Scheme && strings.EqualFold(req.Hostname(), reg.Hostname()) &&
