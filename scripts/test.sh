@@ -6,6 +6,27 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:$(go env GOPATH)/bin"
 step() { printf '\n=== %s\n' "$*"; }
 
+# Set up what the tests need when it is missing, so this one command passes on a fresh machine
+# that has Go, Node 20 and gcc: Go tools at pinned versions, the interop npm packages (Node 22
+# among them) and Debian's chromium (installed when running as root, else named).
+step "setup"
+command -v staticcheck >/dev/null || go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+command -v xcaddy >/dev/null || go install github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+  else
+    echo "chromium is missing: run 'sudo apt-get install -y chromium' (Debian), then this script again"
+    exit 1
+  fi
+fi
+if [ ! -e interop/node_modules/.package-lock.json ] || [ interop/package-lock.json -nt interop/node_modules/.package-lock.json ]; then
+  (cd interop && npm ci --no-audit --no-fund)
+fi
+interop/node_modules/.bin/node --version | grep -q '^v22\.' || { echo "interop: Node 22 missing after npm ci"; exit 1; }
+echo "staticcheck, xcaddy, chromium and the interop packages are there"
+
 step "gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
 if [ -n "$unformatted" ]; then echo "gofmt would change:"; echo "$unformatted"; exit 1; fi
