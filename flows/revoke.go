@@ -69,13 +69,22 @@ func (b *Broker) serveRevoke(w http.ResponseWriter, r *http.Request) {
 }
 
 // revokeGrant ends a token family and, when sessionID is set, the session behind it with
-// its IdP grant. Failures are logged: the family's revocation on this node happens anyway.
+// its IdP grant and this node's delegated tokens for it. Failures are logged: the
+// revocation on this node happens anyway.
 func (b *Broker) revokeGrant(ctx context.Context, familyID, sessionID string) {
+	if sessionID != "" {
+		// At once, before storage is touched: a request that passed its token check just
+		// before the revocation must not find a delegated token cached for the session.
+		b.evictDelegated(sessionID)
+	}
 	if err := b.revokeFamily(ctx, familyID, sessionID); err != nil {
 		b.logger.Error("revoking token family", zap.String("family", Fingerprint(familyID)), zap.Error(err))
 	}
 	if sessionID != "" {
 		b.endSession(ctx, sessionID)
+		// Again once the session is gone: a delegation that read the session after the
+		// first eviction may have cached its token since. Later ones find no session.
+		b.evictDelegated(sessionID)
 	}
 }
 

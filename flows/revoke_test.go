@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"testing"
+	"time"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
@@ -132,4 +133,75 @@ func TestRevoke(t *testing.T) {
 			t.Errorf("access token: %d, want 401", st)
 		}
 	})
+}
+
+// sessionCacheEntries counts this node's cached delegated tokens of session.
+func sessionCacheEntries(b *Broker, session string) int {
+	c := b.delegation.cache.entries
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	n := 0
+	for _, e := range c.entries {
+		if e.value.session == session {
+			n++
+		}
+	}
+	return n
+}
+
+// TestRevocationEvictsDelegatedTokens: every way a session ends by revocation (RFC 7009
+// revocation, refresh token reuse, code replay) drops the session's delegated tokens on
+// this node at once (SECURITY.md, revocation row): a request that passed the token check
+// just before the revocation finds no cached delegated token and gets 401, and the cache
+// holds nothing of the session.
+func TestRevocationEvictsDelegatedTokens(t *testing.T) {
+	o := testenv.StartOP(t)
+	e := newTokenEnv(t, o, delegating(ModeHybrid, DelegationTokenExchange))
+	e.front = startFront(t, e.b, delegationUpstream(t, o).URL)
+
+	for _, tc := range []struct {
+		name   string
+		revoke func(t *testing.T, tok TokenResponse, code, verifier string)
+	}{
+		{"revocation endpoint", func(t *testing.T, tok TokenResponse, _, _ string) {
+			e.revoke(t, testenv.NativeClientID, tok.RefreshToken, "").wantOK(t)
+		}},
+		{"refresh token reused after the grace window", func(t *testing.T, tok TokenResponse, _, _ string) {
+			e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
+			e.clock.advance(e.b.cfg.RefreshGrace + time.Second)
+			e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
+		}},
+		{"code replayed", func(t *testing.T, _ TokenResponse, code, verifier string) {
+			e.exchange(t, testenv.NativeClientID, code, verifier, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, verifier := e.code(t, testenv.NativeClientID)
+			tok := e.exchange(t, testenv.NativeClientID, code, verifier, nil).wantTokens(t)
+			if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusOK { // caches a delegated token
+				t.Fatalf("access token: %d", st)
+			}
+			// A request that passed the token check just before the revocation.
+			who, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := sessionCacheEntries(e.b, who.SessionID); n == 0 {
+				t.Fatal("no delegated token cached for the session")
+			}
+
+			tc.revoke(t, tok, code, verifier)
+
+			if n := sessionCacheEntries(e.b, who.SessionID); n != 0 {
+				t.Errorf("%d delegated tokens of the revoked session still cached", n)
+			}
+			w, h, ok := delegate(t.Context(), e.b, who, tok.AccessToken, nil)
+			if ok || h != "" || w.Code != http.StatusUnauthorized {
+				t.Errorf("request right after revocation: passed %v, delegated token given %v, status %d, want 401", ok, h != "", w.Code)
+			}
+			if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
+				t.Errorf("access token after revocation: %d, want 401", st)
+			}
+		})
+	}
 }
