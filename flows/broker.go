@@ -134,6 +134,8 @@ type Broker struct {
 	challengeTail string // `resource_metadata="…", scope="…"`, prebuilt for the hot path
 	toolScopes    []ToolScopeRule
 	delegation    *delegation // per-request delegation (delegation.go); nil for mode none
+	// managedScopes are compared with what the IdP granted (granted.go).
+	managedScopes []string
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.
@@ -206,6 +208,7 @@ func New(cfg Config) (*Broker, error) {
 		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
 		toolScopes:     cfg.ToolScopes,
 		delegation:     deleg,
+		managedScopes:  managedScopes(&cfg),
 	}
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath

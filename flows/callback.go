@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
@@ -144,6 +143,12 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	// The session, its code and tokens carry what the client asked for and the IdP granted.
+	var dropped []string
+	if req.Scopes, dropped = b.narrowToGrant(req.Scopes, login.Grant.Scopes); len(dropped) > 0 {
+		b.logger.Info("callback: the identity provider did not grant scopes the client asked for",
+			zap.String("client_id", req.ClientID), zap.String("subject", login.Subject), zap.Strings("scopes", dropped))
+	}
 	s, err := b.createSession(r.Context(), login.Subject, req.ClientID, req.Scopes, login.Grant)
 	if err != nil {
 		b.logger.Error("callback: creating session", zap.Error(err))
@@ -227,9 +232,10 @@ func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss
 	if idt.Subject == "" {
 		return nil, errors.New("verifying id token: no subject")
 	}
-	granted := conf.Scopes // RFC 6749 §5.1: no scope in the response means those asked
-	if s, ok := tok.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
-		granted = strings.Fields(s)
+	answerScope, _ := tok.Extra("scope").(string)
+	granted, err := b.grantedScopes(ctx, d, answerScope, tok.AccessToken, conf.Scopes)
+	if err != nil {
+		return nil, err
 	}
 	return &IdPLogin{
 		Subject: idt.Subject,

@@ -210,6 +210,13 @@ func (b *Broker) delegateCold(ctx context.Context, mode string, key delegationKe
 		default:
 			tok, err = b.exchangeSubject(ctx, raw, own)
 		}
+		if err == nil {
+			bound := tok.granted
+			if session == "" {
+				bound = who.Scopes // progressive: the client's token is the grant
+			}
+			err = b.checkDelegatedToken(tok, who.Subject, mode != DelegationRefresh, bound)
+		}
 		if err != nil {
 			return delegatedEntry{}, err
 		}
@@ -251,6 +258,9 @@ func (b *Broker) evictDelegated(sessionID string) {
 type delegatedToken struct {
 	AccessToken string
 	Expiry      time.Time
+	// granted are the scopes of the IdP grant it was obtained from (the session's),
+	// which it must not exceed; nil when not known.
+	granted []string
 }
 
 // Kinds of delegation failure, each with its answer to the client.

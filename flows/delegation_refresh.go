@@ -36,6 +36,7 @@ type sessionToken struct {
 	AccessToken string
 	Expiry      time.Time // zero: the IdP did not say
 	refreshed   bool      // by this call
+	granted     []string  // the scopes of the session's IdP grant
 }
 
 // refreshDelegated is delegation refresh: the session's IdP access token narrowed to
@@ -52,7 +53,7 @@ func (b *Broker) refreshDelegated(ctx context.Context, session string, scopes []
 	if expiry.IsZero() {
 		expiry = b.now().Add(unknownIdPTokenLifetime)
 	}
-	return delegatedToken{AccessToken: t.AccessToken, Expiry: expiry}, nil
+	return delegatedToken{AccessToken: t.AccessToken, Expiry: expiry, granted: t.granted}, nil
 }
 
 // sessionAccessToken returns the access token of the session's IdP grant, narrowed to
@@ -64,7 +65,7 @@ func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []str
 		return sessionToken{}, err
 	}
 	if b.grantUsable(g, scopes, stale) {
-		return sessionToken{AccessToken: g.AccessToken, Expiry: g.Expiry}, nil
+		return sessionToken{AccessToken: g.AccessToken, Expiry: g.Expiry, granted: g.Scopes}, nil
 	}
 
 	unlock, err := b.cfg.Records.Lock(ctx, sessionLockName(id))
@@ -78,7 +79,7 @@ func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []str
 		return sessionToken{}, err
 	}
 	if b.grantUsable(g, scopes, stale) {
-		return sessionToken{AccessToken: g.AccessToken, Expiry: g.Expiry}, nil
+		return sessionToken{AccessToken: g.AccessToken, Expiry: g.Expiry, granted: g.Scopes}, nil
 	}
 	if g.RefreshToken == "" {
 		return sessionToken{}, &delegationError{failRejected, errors.New("refreshing session grant: the IdP gave no refresh token")}
@@ -90,7 +91,7 @@ func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []str
 	if err := b.storeRotatedGrant(ctx, s, next); err != nil {
 		return sessionToken{}, err
 	}
-	return sessionToken{AccessToken: next.AccessToken, Expiry: next.Expiry, refreshed: true}, nil
+	return sessionToken{AccessToken: next.AccessToken, Expiry: next.Expiry, refreshed: true, granted: next.Scopes}, nil
 }
 
 // loadSessionGrant loads a session and opens its grant.

@@ -76,6 +76,7 @@ func (b *Broker) exchangeForSession(ctx context.Context, session string, scopes 
 		}
 		tok, err = b.exchangeSubject(ctx, subject.AccessToken, scopes)
 	}
+	tok.granted = subject.granted
 	return tok, err
 }
 

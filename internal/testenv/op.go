@@ -82,6 +82,8 @@ type OP struct {
 	server  *http.Server
 	down    atomic.Bool
 	latency atomic.Int64
+	// answerFault rewrites token endpoint answers (op_faults.go).
+	answerFault atomic.Pointer[TokenAnswerFault]
 
 	mu     sync.Mutex
 	paths  map[string]string // endpoint path → Count key
@@ -92,6 +94,7 @@ type opConfig struct {
 	tokenExchange bool
 	redirectURIs  []string
 	signingAlg    jose.SignatureAlgorithm // "": the example storage's RS256 key
+	refusedScopes []string
 }
 
 // OPOption configures an OP.
@@ -109,6 +112,14 @@ func WithoutTokenExchangeAdvertised() OPOption {
 // for every client.
 func WithRedirectURIGlobs(globs ...string) OPOption {
 	return func(c *opConfig) { c.redirectURIs = append(c.redirectURIs, globs...) }
+}
+
+// WithScopesRefused makes the OP refuse scopes to every client: an
+// authorization request asking for them is granted the rest, silently, as the
+// Nextcloud oidc app treats a scope the client is not allowed. The token
+// answer's scope, the JWT scope claim and introspection all lack them.
+func WithScopesRefused(scopes ...string) OPOption {
+	return func(c *opConfig) { c.refusedScopes = append(c.refusedScopes, scopes...) }
 }
 
 // StartOP starts an OP and stops it when the test ends.
@@ -145,7 +156,7 @@ func NewOP(opts ...OPOption) (*OP, error) {
 	}
 	issuer := "http://" + ln.Addr().String()
 	users := newUserStore("127.0.0.1")
-	st := newOPStorage(users, append(append([]string(nil), DefaultRedirectURIGlobs...), cfg.redirectURIs...))
+	st := newOPStorage(users, append(append([]string(nil), DefaultRedirectURIGlobs...), cfg.redirectURIs...), cfg.refusedScopes)
 	st.signing = signing
 	var served exampleop.Storage = st
 	if !cfg.tokenExchange {
@@ -263,6 +274,10 @@ func (o *OP) intercept(next http.Handler) http.Handler {
 			if err := r.ParseForm(); err == nil && len(r.Form["resource"]) > 0 {
 				r = r.WithContext(withResources(r.Context(), r.Form["resource"]))
 			}
+		}
+		if f := o.answerFault.Load(); f != nil && counted && r.URL.Path == o.tokenPath() {
+			serveWithFault(w, r, next, key, *f)
+			return
 		}
 		next.ServeHTTP(w, r)
 	})

@@ -94,18 +94,21 @@ func (s userStore) GetUserByUsername(username string) *storage.User {
 func (s userStore) ExampleClientID() string { return storage.ServiceUserID }
 
 // client is one of the example storage's clients, with the access token type
-// chosen here, any scope allowed, and redirect URIs matched by glob.
+// chosen here, any scope allowed but the refused ones, and redirect URIs matched
+// by glob.
 type client struct {
 	*storage.Client
 	accessTokenType op.AccessTokenType
 	redirectGlobs   []string
+	refusedScopes   []string
 }
 
 func (c client) AccessTokenType() op.AccessTokenType { return c.accessTokenType }
 
 // IsScopeAllowed lets clients ask for any scope, as for an API's own scopes
-// (notes:read); zitadel otherwise drops every non-OIDC scope silently.
-func (c client) IsScopeAllowed(string) bool { return true }
+// (notes:read), except those of WithScopesRefused; zitadel drops a scope not
+// allowed silently.
+func (c client) IsScopeAllowed(scope string) bool { return !slices.Contains(c.refusedScopes, scope) }
 
 func (c client) RedirectURIGlobs() []string { return c.redirectGlobs }
 
@@ -143,7 +146,7 @@ type opStorage struct {
 	signing *signingKey // WithSigningAlgorithm's key; nil: the example storage's
 }
 
-func newOPStorage(users userStore, redirectGlobs []string) *opStorage {
+func newOPStorage(users userStore, redirectGlobs, refusedScopes []string) *opStorage {
 	broker := storage.WebClient(BrokerClientID, BrokerClientSecret)
 	native := storage.NativeClient(NativeClientID)
 	opaque := storage.WebClient(OpaqueClientID, OpaqueClientSecret)
@@ -156,9 +159,9 @@ func newOPStorage(users userStore, redirectGlobs []string) *opStorage {
 		Storage: storage.NewStorageWithClients(users, registered),
 		users:   users,
 		clients: map[string]op.Client{
-			BrokerClientID: client{broker, op.AccessTokenTypeJWT, redirectGlobs},
-			NativeClientID: client{native, op.AccessTokenTypeJWT, redirectGlobs},
-			OpaqueClientID: client{opaque, op.AccessTokenTypeBearer, redirectGlobs},
+			BrokerClientID: client{broker, op.AccessTokenTypeJWT, redirectGlobs, refusedScopes},
+			NativeClientID: client{native, op.AccessTokenTypeJWT, redirectGlobs, refusedScopes},
+			OpaqueClientID: client{opaque, op.AccessTokenTypeBearer, redirectGlobs, refusedScopes},
 		},
 		resources:       make(map[string][]string),
 		refreshAudience: make(map[string][]string),
