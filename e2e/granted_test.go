@@ -1,0 +1,84 @@
+package e2e
+
+import (
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/modelcontextprotocol/go-sdk/auth"
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"github.com/modelcontextprotocol/go-sdk/oauthex"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+)
+
+// hybridTokenExchangeBlock is hybridSite's delegation block.
+const hybridTokenExchangeBlock = `delegation token_exchange {
+			audience nextcloud
+			scopes notes:read
+		}`
+
+// TestHybridIdPRefusedScopeThroughCaddyBinary: the IdP refuses notes:write to the
+// broker's client (silently, as the Nextcloud oidc app drops a scope the client is not
+// allowed); under delegation none the user's broker token lacks it, notes_write gets
+// 403 insufficient_scope and never reaches the upstream, notes_read works
+// (SECURITY.md: broker tokens and the IdP grant).
+func TestHybridIdPRefusedScopeThroughCaddyBinary(t *testing.T) {
+	o := testenv.StartOP(t, testenv.WithScopesRefused("notes:write"))
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	site := hybridSite(o, up.URL, "")
+	if !strings.Contains(site, hybridTokenExchangeBlock) {
+		t.Fatal("hybridSite's delegation block changed")
+	}
+	caddy := startCaddy(t, strings.Replace(site, hybridTokenExchangeBlock, "delegation none", 1))
+
+	s, handler := connectHybrid(t, caddy.Base, &auth.AuthorizationCodeHandlerConfig{
+		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
+		RedirectURL:              "http://127.0.0.1:49152/callback",
+		AuthorizationCodeFetcher: newBrowser(o).fetch,
+	})
+	ts, err := handler.TokenSource(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := ts.Token()
+	if err != nil {
+		t.Fatal(err)
+	}
+	scope, _ := tok.Extra("scope").(string)
+	if got := strings.Fields(scope); !slices.Contains(got, "notes:read") || slices.Contains(got, "notes:write") {
+		t.Errorf("broker token scope %q, want notes:read without notes:write", scope)
+	}
+
+	up.Reset()
+	resp := postJSON(t, caddy.Base+"/mcp", tok.AccessToken,
+		`{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"x"}}}`)
+	if challenge := resp.Header.Get("WWW-Authenticate"); resp.StatusCode != http.StatusForbidden ||
+		!strings.Contains(challenge, `error="insufficient_scope"`) {
+		t.Errorf("notes_write: %s %q, want 403 insufficient_scope", resp.Status, challenge)
+	}
+	for _, r := range up.Seen() {
+		if r.RPCMethod == "tools/call" {
+			t.Error("the refused tool call reached the upstream")
+		}
+	}
+	if res, err := s.CallTool(t.Context(), &mcp.CallToolParams{Name: "notes_read"}); err != nil || res.IsError {
+		t.Errorf("notes_read: %v %+v", err, res)
+	}
+}
+
+// postJSON POSTs an MCP JSON-RPC body with token and returns the response, body closed.
+func postJSON(t *testing.T, u, token, body string) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, u, strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp
+}
