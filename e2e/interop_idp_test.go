@@ -132,10 +132,22 @@ var brokerScopes = []string{"openid", "offline_access", "notes:read", "notes:wri
 // TestNodeIdPNextcloudProfile: the oidc-provider IdP configured like Nextcloud's oidc app
 // behaves as the broker's refresh fallback expects: no RFC 8693 in discovery or at the
 // token endpoint, opaque access tokens that introspect active for 900 s, refresh tokens
-// only with offline_access, rotated on every use (the old one is refused).
+// only with offline_access, rotated on every use (the old one is refused); token answers
+// without scope, and a scope the client is not allowed dropped without an error.
 func TestNodeIdPNextcloudProfile(t *testing.T) {
-	idp := startNodeIdP(t, profileNextcloud, nodeBrokerClient())
+	idp := startNodeIdPConfig(t, profileNextcloud, map[string]any{
+		"clients":       []nodeClient{nodeBrokerClient(), nodeRSClient()},
+		"allowedScopes": map[string]string{nodeRSClientID: "openid notes:read"},
+	})
 	c := newNodeIdPClient(t, idp)
+	introspect := func(t *testing.T, token string) map[string]any {
+		t.Helper()
+		status, in := c.postForm(t, "introspection_endpoint", url.Values{"token": {token}})
+		if status != http.StatusOK || in["active"] != true {
+			t.Fatalf("introspection %d %v", status, in)
+		}
+		return in
+	}
 
 	t.Run("discovery has introspection and no token exchange", func(t *testing.T) {
 		if slices.Contains(grantTypes(c.disc), tokenExchangeGrant) {
@@ -173,12 +185,31 @@ func TestNodeIdPNextcloudProfile(t *testing.T) {
 		if status != http.StatusOK || fresh["refresh_token"] == nil || fresh["refresh_token"] == tok.RefreshToken {
 			t.Fatalf("refresh: %d %v", status, fresh)
 		}
-		if fresh["scope"] != "openid notes:read" {
-			t.Errorf("narrowed refresh scope %v", fresh["scope"])
+		if _, said := fresh["scope"]; said {
+			t.Errorf("refresh answer has scope %v", fresh["scope"])
+		}
+		if in := introspect(t, fresh["access_token"].(string)); in["scope"] != "openid notes:read" {
+			t.Errorf("narrowed refresh scope %v", in["scope"])
 		}
 		status, again := c.postForm(t, "token_endpoint", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tok.RefreshToken}})
 		if status != http.StatusBadRequest || again["error"] != "invalid_grant" {
 			t.Errorf("reusing the rotated refresh token: %d %v", status, again)
+		}
+	})
+
+	t.Run("token answers carry no scope", func(t *testing.T) {
+		if s := tok.Extra("scope"); s != nil {
+			t.Errorf("code answer has scope %v", s)
+		}
+	})
+
+	t.Run("a scope the client is not allowed is dropped without an error", func(t *testing.T) {
+		rs := *c
+		rs.cfg.ClientID, rs.cfg.ClientSecret = nodeRSClientID, nodeRSClientSecret
+		rs.cfg.RedirectURL = "http://127.0.0.1/unused"
+		tok := rs.login(t, []string{"openid", "notes:read", "notes:write"})
+		if in := introspect(t, tok.AccessToken); in["scope"] != "openid notes:read" {
+			t.Errorf("scope %v, want notes:write dropped", in["scope"])
 		}
 	})
 

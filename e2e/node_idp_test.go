@@ -74,7 +74,14 @@ type NodeIdP struct {
 // startNodeIdP starts the Node IdP in profile with clients, until the test ends.
 func startNodeIdP(t *testing.T, profile string, clients ...nodeClient) *NodeIdP {
 	t.Helper()
-	cfg, err := json.Marshal(map[string]any{"clients": clients})
+	return startNodeIdPConfig(t, profile, map[string]any{"clients": clients})
+}
+
+// startNodeIdPConfig starts the Node IdP in profile with config (idp.mjs's --config:
+// clients, allowedScopes, defaultAudience), until the test ends.
+func startNodeIdPConfig(t *testing.T, profile string, config map[string]any) *NodeIdP {
+	t.Helper()
+	cfg, err := json.Marshal(config)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,12 +4,15 @@
 //
 //   nextcloud  like the Nextcloud `oidc` app: opaque access tokens checked by introspection,
 //              900 s access and refresh tokens, refresh tokens only with offline_access and
-//              rotated on every use, no token-exchange grant.
+//              rotated on every use, no token-exchange grant; token answers without `scope`,
+//              and a scope the client is not allowed (allowedScopes) dropped silently.
 //   keycloak   like Keycloak: JWT access tokens whose aud is the RFC 8707 resource (or a
 //              default audience), and an RFC 8693 token-exchange grant.
 //
 // Usage: node idp.mjs --profile nextcloud|keycloak [--port N] [--config JSON]
-// JSON: {"clients": [oidc-provider client metadata...], "defaultAudience": "..."}.
+// JSON: {"clients": [oidc-provider client metadata...], "defaultAudience": "...",
+//        "allowedScopes": {"<client_id>": "<scope ...>"}} (nextcloud: the scopes a client
+//        may be granted; others it asks for are dropped without an error).
 // On loopback only. Prints one JSON line {"issuer": ...} on stdout once it listens.
 // Logins go through oidc-provider's devInteractions: any login name is accepted as the
 // subject; the harness drives the forms with an HTTP client.
@@ -118,6 +121,22 @@ const configuration = {
 };
 
 const provider = new Provider(issuer, configuration);
+
+if (!keycloak) {
+  // The Nextcloud oidc app grants a client only its allowed scopes and drops the others
+  // without an error, and its token answers carry no `scope`: a client learns what it
+  // was granted by introspection.
+  const allowed = cfg.allowedScopes ?? {};
+  provider.use(async (ctx, next) => {
+    const only = ctx.path === '/auth' && allowed[ctx.query.client_id];
+    if (only && typeof ctx.query.scope === 'string') {
+      const keep = new Set(only.split(' '));
+      ctx.query = { ...ctx.query, scope: ctx.query.scope.split(' ').filter((s) => keep.has(s)).join(' ') };
+    }
+    await next();
+    if (ctx.path === '/token' && ctx.body && typeof ctx.body === 'object') delete ctx.body.scope;
+  });
+}
 
 if (keycloak) {
   // RFC 8693 as Keycloak's standard token exchange does it: a client exchanges an access
