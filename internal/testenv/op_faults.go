@@ -54,7 +54,8 @@ func SetAnswerScope(grantType, scope string) TokenAnswerFault {
 // token of the answers to grantType with one the OP's key signs, whose claims
 // change edits first: a token for another subject, another audience or wider
 // scopes, as a broken or hostile IdP might issue. The OP does not know the new
-// token: introspection calls it inactive.
+// token: introspection calls it inactive; an ID token in the same answer keeps
+// the at_hash of the old one.
 func (o *OP) ReissueAccessToken(grantType string, change func(claims map[string]any)) TokenAnswerFault {
 	return func(g string, answer map[string]any) {
 		raw, _ := answer["access_token"].(string)
