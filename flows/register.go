@@ -57,7 +57,7 @@ type clientInformation struct {
 //     all configured scopes.
 //   - A registration lives registrationLifetime (the longer of the session and refresh
 //     token lifetimes) and every use renews it, so it outlives what was issued to it.
-//   - One client address (Caddy's client_ip, per its trusted proxies; an IPv6 /64) may
+//   - One client address (Caddy's client_ip, per its trusted proxies; an IPv6 /56) may
 //     register Config.RegistrationRate clients a minute; past that 429 with Retry-After.
 //   - Wrong Content-Type: 415; a body over 64 KiB: 413; both invalid_client_metadata.
 func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
