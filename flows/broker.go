@@ -62,6 +62,10 @@ type Config struct {
 	CIMDAllowPrivate bool
 	// RegistrationRate is how many registrations one client IP may make per minute.
 	RegistrationRate int
+	// RegistrationRateTotal is how many registrations all clients together may make per
+	// minute: with RegistrationRate and the registration record cap it bounds how fast
+	// strangers can fill storage.
+	RegistrationRateTotal int
 
 	// ProvisioningScopes are asked of the IdP in Flow 2 (offline access for background
 	// jobs), besides openid and offline_access.
@@ -111,6 +115,9 @@ const (
 	defaultRefreshTokenTTL  = 30 * 24 * time.Hour
 	defaultRefreshGrace     = 60 * time.Second
 	defaultRegistrationRate = 10
+	// defaultRegistrationRateTotal: 30 a minute is 43,200 registrations a day, at most
+	// 4 KiB each (see maxRegisteredClientBytes), and an unused one lives a day.
+	defaultRegistrationRateTotal = 30
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -162,6 +169,9 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.RefreshGrace, defaultRefreshGrace)
 	if cfg.RegistrationRate <= 0 {
 		cfg.RegistrationRate = defaultRegistrationRate
+	}
+	if cfg.RegistrationRateTotal <= 0 {
+		cfg.RegistrationRateTotal = defaultRegistrationRateTotal
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()

@@ -87,16 +87,19 @@ type clientRegistry struct {
 	static        map[string]*Client
 	defaultScopes []string
 
-	registrations *rateLimiter
-	documents     *metadataDocuments
+	registrations *rateLimiter // per client address
+	// allRegistrations is one bucket for every address together.
+	allRegistrations *rateLimiter
+	documents        *metadataDocuments
 }
 
 func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegistry {
 	reg := &clientRegistry{
-		static:        make(map[string]*Client, len(cfg)),
-		defaultScopes: defaultScopes,
-		registrations: newRateLimiter(maxRateLimitedIPs),
-		documents:     newMetadataDocuments(maxCachedDocuments),
+		static:           make(map[string]*Client, len(cfg)),
+		defaultScopes:    defaultScopes,
+		registrations:    newRateLimiter(maxRateLimitedIPs),
+		allRegistrations: newRateLimiter(1),
+		documents:        newMetadataDocuments(maxCachedDocuments),
 	}
 	for _, c := range cfg {
 		cl := &Client{

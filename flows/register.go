@@ -58,7 +58,8 @@ type clientInformation struct {
 //   - A registration lives registrationLifetime (the longer of the session and refresh
 //     token lifetimes) and every use renews it, so it outlives what was issued to it.
 //   - One client address (Caddy's client_ip, per its trusted proxies; an IPv6 /56) may
-//     register Config.RegistrationRate clients a minute; past that 429 with Retry-After.
+//     register Config.RegistrationRate clients a minute, and all addresses together
+//     Config.RegistrationRateTotal; past that 429 with Retry-After.
 //   - Wrong Content-Type: 415; a body over 64 KiB: 413; both invalid_client_metadata.
 func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	allowCORS(w, "POST, OPTIONS")
@@ -80,6 +81,11 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	if ok, wait := b.clients.registrations.allow(rateLimitKey(ip), b.cfg.RegistrationRate, b.now()); !ok {
 		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
 		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many registrations from this address; retry later")
+		return
+	}
+	if ok, wait := b.clients.allRegistrations.allow("", b.cfg.RegistrationRateTotal, b.now()); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
+		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many registrations; retry later")
 		return
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
