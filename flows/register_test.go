@@ -3,7 +3,6 @@ package flows
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -385,34 +384,5 @@ func TestRegisteredClientSurvivesRestart(t *testing.T) {
 	}
 	if c.Name != "Restart" || c.RedirectURIs[0] != "https://app.example.com/cb" {
 		t.Errorf("found %+v", c)
-	}
-}
-
-// A registration used now outlives what is issued to it now; one unused for its whole
-// lifetime expires.
-func TestRegistrationRenewedByUse(t *testing.T) {
-	clock := newRegistrationClock()
-	ring, _ := storage.NewKeyRing(bytes.Repeat([]byte{7}, 32))
-	b := newRegistrationBroker(t, func(c *Config) {
-		c.Records = storage.New(&certmagic.FileStorage{Path: t.TempDir()}, ring, storage.WithClock(clock.now))
-		c.SessionTTL = 10 * 24 * time.Hour
-		c.RefreshTokenTTL = 20 * 24 * time.Hour
-	})
-	b.now = clock.now
-	life := 20 * 24 * time.Hour
-	info := registerClient(t, b, `{"redirect_uris":["https://app.example.com/cb"],"token_endpoint_auth_method":"none"}`)
-	find := func() error { _, err := b.findClient(t.Context(), info.ClientID); return err }
-
-	clock.advance(life / 2)
-	if err := find(); err != nil { // renews: now lives until life/2 + 1.1 life
-		t.Fatal(err)
-	}
-	clock.advance(life) // past the first expiry (1.1 life)
-	if err := find(); err != nil {
-		t.Fatalf("a client in use expired: %v", err)
-	}
-	clock.advance(life + life/10 + time.Second)
-	if err := find(); !errors.Is(err, ErrUnknownClient) {
-		t.Fatalf("an unused client lived on: %v", err)
 	}
 }

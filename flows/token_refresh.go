@@ -145,6 +145,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	}
 	b.logger.Info("rotated broker refresh token",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
+	b.renewRegistration(ctx, client)
 	writeJSON(w, http.StatusOK, resp)
 }
 
