@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/certmagic"
 
@@ -105,5 +106,42 @@ func TestJunkValuesTakeNoStorageLock(t *testing.T) {
 				t.Errorf("%d junk requests left %d lock files", burst, len(entries))
 			}
 		})
+	}
+}
+
+// The browser endpoints that redeem a one-time value (the login state at both callbacks,
+// the provisioning link) answer one address 60 times a minute, then 429 with Retry-After
+// and a page.
+func TestOneTimeValueEndpointsAreRateLimitedPerClientIP(t *testing.T) {
+	for _, endpoint := range []string{"callback", "provisioning callback", "provisioning link"} {
+		t.Run(endpoint, func(t *testing.T) {
+			b, _ := newLockCountingBroker(t, t.TempDir())
+			clock := newRegistrationClock()
+			b.now = clock.now
+			for i := range 60 {
+				if rec := answerOwn(t, b, junkRequest(endpoint, "203.0.113.7", i)); rec.Code != http.StatusBadRequest {
+					t.Fatalf("request %d: %d, want 400", i+1, rec.Code)
+				}
+			}
+			rec := answerOwn(t, b, junkRequest(endpoint, "203.0.113.7", 60))
+			if rec.Code != http.StatusTooManyRequests || rec.Header().Get("Retry-After") != "1" {
+				t.Errorf("61st request: %d, Retry-After %q; want 429, 1", rec.Code, rec.Header().Get("Retry-After"))
+			}
+			if ct := rec.Header().Get("Content-Type"); !strings.HasPrefix(ct, "text/html") {
+				t.Errorf("the 429 is %q, want a page", ct)
+			}
+			if rec := answerOwn(t, b, junkRequest(endpoint, "198.51.100.9", 0)); rec.Code != http.StatusBadRequest {
+				t.Errorf("another address: %d, want 400", rec.Code)
+			}
+			clock.advance(time.Second)
+			if rec := answerOwn(t, b, junkRequest(endpoint, "203.0.113.7", 61)); rec.Code != http.StatusBadRequest {
+				t.Errorf("a second later: %d, want 400", rec.Code)
+			}
+		})
+	}
+	for _, p := range []string{pathCallback, pathProvisioningCallback, pathProvisioningStart} {
+		if !NeedsClientIP(p) {
+			t.Errorf("NeedsClientIP(%q) = false: behind a proxy every client would share one bucket", p)
+		}
 	}
 }

@@ -132,6 +132,9 @@ type Broker struct {
 
 	// authorizations limits how fast one address starts authorizations.
 	authorizations *rateLimiter
+	// oneTimeValues limits how fast one address presents login states and provisioning
+	// links (see allowOneTimeValue).
+	oneTimeValues *rateLimiter
 
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
 	issuer        string
@@ -211,6 +214,7 @@ func New(cfg Config) (*Broker, error) {
 		idp:            NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
 		now:            time.Now,
 		authorizations: newRateLimiter(maxRateLimitedIPs),
+		oneTimeValues:  newRateLimiter(maxRateLimitedIPs),
 		issuer:         u.Scheme + "://" + u.Host,
 		resourceURL:    u,
 		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
@@ -297,9 +301,14 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 }
 
 // NeedsClientIP tells whether requests to path are rate-limited per client IP, so that the
-// server in front should resolve it (WithClientIP): registration and authorization.
+// server in front should resolve it (WithClientIP): registration, authorization, and the
+// browser endpoints that redeem a login state or a provisioning link.
 func NeedsClientIP(path string) bool {
-	return path == pathRegister || path == pathAuthorize
+	switch path {
+	case pathRegister, pathAuthorize, pathCallback, pathProvisioningCallback, pathProvisioningStart:
+		return true
+	}
+	return false
 }
 
 // authorizeRate is how many authorization requests one client address may start per

@@ -3,7 +3,9 @@ package flows
 import (
 	"container/list"
 	"math"
+	"net/http"
 	"net/netip"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -99,4 +101,19 @@ func rateLimitKey(ip string) string {
 	}
 	p, _ := addr.WithZone("").Prefix(56) // never fails for an IPv6 address
 	return p.String()
+}
+
+// oneTimeValueRate is how many login states and provisioning links one client address may
+// present per minute. A user presents one per login; a stranger presents made-up ones,
+// each costing a storage read.
+const oneTimeValueRate = 60
+
+// allowOneTimeValue takes a token of the client address's oneTimeValues bucket. When there
+// is none it sets Retry-After and returns false: the caller answers 429 with its page.
+func (b *Broker) allowOneTimeValue(w http.ResponseWriter, r *http.Request) bool {
+	ok, wait := b.oneTimeValues.allow(rateLimitKey(clientIP(r)), oneTimeValueRate, b.now())
+	if !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
+	}
+	return ok
 }
