@@ -53,6 +53,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		refresh_grace     <duration>
 //		idp_timeout       <duration>
 //		registration_rate <per minute>
+//		registration_rate_total <per minute>
 //		client_metadata_allow_private
 //		provisioning {
 //			scopes        <scope...>
@@ -136,6 +137,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.RegistrationRate = int(n)
+		case "registration_rate_total":
+			n, err := unmarshalInt(d)
+			if err != nil {
+				return err
+			}
+			h.RegistrationRateTotal = int(n)
 		case "client_metadata_allow_private":
 			if d.NextArg() {
 				return d.ArgErr()

@@ -155,6 +155,9 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"registration_rate is a number", `mcp_oauth {
 			registration_rate fast
 		}`, `registration_rate: want a whole number, got "fast"`},
+		{"registration_rate_total is a number", `mcp_oauth {
+			registration_rate_total lots
+		}`, `registration_rate_total: want a whole number, got "lots"`},
 		{"background_client needs a secret", `mcp_oauth {
 			background_client worker
 		}`, "background_client: want an id and a secret"},

@@ -110,6 +110,10 @@ type Handler struct {
 	// the one Caddy resolves, honouring the server's trusted proxies. Default: 10.
 	RegistrationRate int `json:"registration_rate,omitempty"`
 
+	// How many dynamic registrations all client IPs together may make per minute, so that
+	// strangers with many addresses still cannot fill the storage. Default: 30.
+	RegistrationRateTotal int `json:"registration_rate_total,omitempty"`
+
 	// Lets Client ID Metadata Documents be fetched from loopback and private addresses.
 	// Only for labs and tests: it opens the broker to SSRF. Default: false.
 	ClientMetadataAllowPrivate bool `json:"client_metadata_allow_private,omitempty"`
@@ -429,6 +433,9 @@ func (h *Handler) Validate() error {
 	if h.RegistrationRate < 0 {
 		return fmt.Errorf("registration_rate: must not be negative, got %d", h.RegistrationRate)
 	}
+	if h.RegistrationRateTotal < 0 {
+		return fmt.Errorf("registration_rate_total: must not be negative, got %d", h.RegistrationRateTotal)
+	}
 	for name, d := range map[string]caddy.Duration{
 		"session_ttl": h.SessionTTL, "code_ttl": h.CodeTTL,
 		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
@@ -493,8 +500,9 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		RefreshGrace:    time.Duration(h.RefreshGrace),
 		IdPTimeout:      time.Duration(h.IdPTimeout),
 
-		RegistrationRate: h.RegistrationRate,
-		CIMDAllowPrivate: h.ClientMetadataAllowPrivate,
+		RegistrationRate:      h.RegistrationRate,
+		RegistrationRateTotal: h.RegistrationRateTotal,
+		CIMDAllowPrivate:      h.ClientMetadataAllowPrivate,
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

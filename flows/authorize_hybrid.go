@@ -1,6 +1,7 @@
 package flows
 
 import (
+	"encoding/json"
 	"errors"
 	"html/template"
 	"net/http"
@@ -26,6 +27,12 @@ const (
 	maxStateLen = 1024
 	// maxScopes bounds how many scopes one request may name.
 	maxScopes = 64
+	// maxStoredAuthorizationRequest bounds the JSON of the request the broker keeps (in
+	// the consent ticket, then the pending login), so that each of those records is at
+	// most 7 KiB on disk: anyone may send authorization requests (SECURITY.md). Plain
+	// requests stay well under it; JSON escaping (& < > are six bytes each) of a long
+	// state or client_id can push one over, and that one is refused.
+	maxStoredAuthorizationRequest = 6 << 10
 )
 
 // serveAuthorizeHybrid answers /oauth/authorize in hybrid mode (RFC 6749 §4.1.1 with
@@ -171,6 +178,10 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 		Scopes:              scopes,
 		Resource:            resource,
 		RedirectURIOmitted:  omitted,
+	}
+	if stored, err := json.Marshal(&req); err != nil || len(stored) > maxStoredAuthorizationRequest {
+		fail("invalid_request", "the authorization request is too large")
+		return
 	}
 	if b.consentRemembered(r, client.ID, scopes) {
 		b.logger.Info("authorize: consent remembered for this browser", zap.String("client_id", client.ID))

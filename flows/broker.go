@@ -62,6 +62,10 @@ type Config struct {
 	CIMDAllowPrivate bool
 	// RegistrationRate is how many registrations one client IP may make per minute.
 	RegistrationRate int
+	// RegistrationRateTotal is how many registrations all clients together may make per
+	// minute: with RegistrationRate and the registration record cap it bounds how fast
+	// strangers can fill storage.
+	RegistrationRateTotal int
 
 	// ProvisioningScopes are asked of the IdP in Flow 2 (offline access for background
 	// jobs), besides openid and offline_access.
@@ -111,6 +115,9 @@ const (
 	defaultRefreshTokenTTL  = 30 * 24 * time.Hour
 	defaultRefreshGrace     = 60 * time.Second
 	defaultRegistrationRate = 10
+	// defaultRegistrationRateTotal: 30 a minute is 43,200 registrations a day, at most
+	// 4 KiB each (see maxRegisteredClientBytes), and an unused one lives a day.
+	defaultRegistrationRateTotal = 30
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -125,6 +132,9 @@ type Broker struct {
 
 	// authorizations limits how fast one address starts authorizations.
 	authorizations *rateLimiter
+	// oneTimeValues limits how fast one address presents login states and provisioning
+	// links (see allowOneTimeValue).
+	oneTimeValues *rateLimiter
 
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
 	issuer        string
@@ -165,6 +175,9 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.RegistrationRate <= 0 {
 		cfg.RegistrationRate = defaultRegistrationRate
 	}
+	if cfg.RegistrationRateTotal <= 0 {
+		cfg.RegistrationRateTotal = defaultRegistrationRateTotal
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
@@ -203,6 +216,7 @@ func New(cfg Config) (*Broker, error) {
 		idp:            NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
 		now:            time.Now,
 		authorizations: newRateLimiter(maxRateLimitedIPs),
+		oneTimeValues:  newRateLimiter(maxRateLimitedIPs),
 		issuer:         u.Scheme + "://" + u.Host,
 		resourceURL:    u,
 		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
@@ -290,9 +304,14 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 }
 
 // NeedsClientIP tells whether requests to path are rate-limited per client IP, so that the
-// server in front should resolve it (WithClientIP): registration and authorization.
+// server in front should resolve it (WithClientIP): registration, authorization, and the
+// browser endpoints that redeem a login state or a provisioning link.
 func NeedsClientIP(path string) bool {
-	return path == pathRegister || path == pathAuthorize
+	switch path {
+	case pathRegister, pathAuthorize, pathCallback, pathProvisioningCallback, pathProvisioningStart:
+		return true
+	}
+	return false
 }
 
 // authorizeRate is how many authorization requests one client address may start per

@@ -80,6 +80,10 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
 		return
 	}
+	if !b.allowOneTimeValue(w, r) {
+		consentProblem(w, http.StatusTooManyRequests, "Too many logins from your network right now. Wait a minute, then start again from the application.")
+		return
+	}
 	q := r.URL.Query()
 	state := q.Get("state")
 	if state == "" || len(state) > maxTicketLen {

@@ -59,6 +59,10 @@ type Client struct {
 	// or ClientSourceMetadataDocument.
 	Source string
 
+	// renewedAt is when a registered client's lifetime was last renewed (zero: never
+	// used); see renewRegistration.
+	renewedAt time.Time
+
 	// secretHash is storage.Hash of the client secret; empty for public clients.
 	secretHash string
 }
@@ -87,16 +91,19 @@ type clientRegistry struct {
 	static        map[string]*Client
 	defaultScopes []string
 
-	registrations *rateLimiter
-	documents     *metadataDocuments
+	registrations *rateLimiter // per client address
+	// allRegistrations is one bucket for every address together.
+	allRegistrations *rateLimiter
+	documents        *metadataDocuments
 }
 
 func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegistry {
 	reg := &clientRegistry{
-		static:        make(map[string]*Client, len(cfg)),
-		defaultScopes: defaultScopes,
-		registrations: newRateLimiter(maxRateLimitedIPs),
-		documents:     newMetadataDocuments(maxCachedDocuments),
+		static:           make(map[string]*Client, len(cfg)),
+		defaultScopes:    defaultScopes,
+		registrations:    newRateLimiter(maxRateLimitedIPs),
+		allRegistrations: newRateLimiter(1),
+		documents:        newMetadataDocuments(maxCachedDocuments),
 	}
 	for _, c := range cfg {
 		cl := &Client{
@@ -146,41 +153,51 @@ func (b *Broker) findClient(ctx context.Context, id string) (*Client, error) {
 	return b.registeredClient(ctx, id)
 }
 
-// registeredClient loads a dynamically registered client, renewing its registration
-// while it is in use.
+// registeredClient loads a dynamically registered client.
 func (b *Broker) registeredClient(ctx context.Context, id string) (*Client, error) {
-	key := recordKey(kindClient, id)
 	var rec RegisteredClient
-	if err := b.cfg.Records.Get(ctx, key, &rec); err != nil {
+	if err := b.cfg.Records.Get(ctx, recordKey(kindClient, id), &rec); err != nil {
 		if errors.Is(err, storage.ErrNotFound) {
 			return nil, ErrUnknownClient
 		}
 		return nil, fmt.Errorf("loading registered client: %w", err)
 	}
-	// Sliding lifetime: a registration used now outlives every session and refresh
-	// token issued to it now (see registrationLifetime).
-	now := b.now()
-	renewed := rec.RenewedAt
-	if renewed.IsZero() {
-		renewed = rec.IssuedAt
-	}
-	if life := b.registrationLifetime(); now.Sub(renewed) >= life/renewalFraction {
-		rec.RenewedAt = now
-		if err := b.cfg.Records.Put(ctx, key, &rec, life+life/renewalFraction); err != nil {
-			b.logger.Warn("renewing client registration", zap.String("client_id", id), zap.Error(err))
-		}
-	}
 	return clientFromRegistration(&rec, b.clients.defaultScopes), nil
 }
 
-// renewalFraction: a registration is rewritten at most once per lifetime/renewalFraction,
-// and stored for that much longer than its lifetime, so that right after any use it
-// still has a whole lifetime to live.
-const renewalFraction = 10
+const (
+	// unusedRegistrationTTL is how long a registration lives until a login renews it.
+	// Anyone may register: what nobody uses must not stay for a month (SECURITY.md).
+	unusedRegistrationTTL = 24 * time.Hour
+	// registrationRenewInterval: a registration in use is rewritten at most this often,
+	// and stored for this much longer than its lifetime, so that right after any use it
+	// still has a whole lifetime to live.
+	registrationRenewInterval = time.Hour
+)
 
-// registrationLifetime is how long an unused registration lives: the longer of the
-// session and refresh token lifetimes. Nextcloud's own DCR clients expire after an hour
-// and break logins; ours outlive every token issued to them, and every use renews them.
+// renewRegistration gives a registered client that has just redeemed a code or refreshed
+// a whole registrationLifetime again. It writes at most once per
+// registrationRenewInterval per client; failures are logged, the grant stands.
+func (b *Broker) renewRegistration(ctx context.Context, c *Client) {
+	now := b.now()
+	if c.Source != ClientSourceRegistered || (!c.renewedAt.IsZero() && now.Sub(c.renewedAt) < registrationRenewInterval) {
+		return
+	}
+	key := recordKey(kindClient, c.ID)
+	var rec RegisteredClient
+	if err := b.cfg.Records.Get(ctx, key, &rec); err != nil {
+		b.logger.Warn("renewing client registration", zap.String("client_id", c.ID), zap.Error(err))
+		return
+	}
+	rec.RenewedAt = now
+	if err := b.cfg.Records.Put(ctx, key, &rec, b.registrationLifetime()+registrationRenewInterval); err != nil {
+		b.logger.Warn("renewing client registration", zap.String("client_id", c.ID), zap.Error(err))
+	}
+}
+
+// registrationLifetime is how long a registration lives after its last login or refresh:
+// the longer of the session and refresh token lifetimes. Nextcloud's own DCR clients
+// expire after an hour and break logins; ours outlive every token issued to them.
 func (b *Broker) registrationLifetime() time.Duration {
 	return max(b.cfg.SessionTTL, b.cfg.RefreshTokenTTL)
 }
@@ -198,6 +215,7 @@ func clientFromRegistration(rec *RegisteredClient, defaultScopes []string) *Clie
 		AuthMethod:   rec.TokenEndpointAuthMethod,
 		GrantTypes:   rec.GrantTypes,
 		Source:       ClientSourceRegistered,
+		renewedAt:    rec.RenewedAt,
 		secretHash:   rec.ClientSecretHash,
 	}
 	if c.Name == "" {

@@ -100,6 +100,12 @@ func (b *Broker) serveProvisioningStart(w http.ResponseWriter, r *http.Request) 
 		b.challenge(w, "", "a bearer token or a provisioning link is required")
 		return
 	}
+	if !b.allowOneTimeValue(w, r) {
+		b.provisioningPage(w, http.StatusTooManyRequests, provisioningPageData{
+			Title: "Try again", Message: "Too many requests from your network right now. Wait a minute, then open the link again.",
+		})
+		return
+	}
 	var link ProvisioningLink
 	switch err := b.cfg.Records.TakeOnce(r.Context(), recordKey(kindFlow2Link, token), &link); {
 	case errors.Is(err, storage.ErrNotFound):
@@ -245,6 +251,12 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 	}
 	if len(r.URL.RawQuery) > provisioningQueryMax {
 		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The request is too long."})
+		return
+	}
+	if !b.allowOneTimeValue(w, r) {
+		b.provisioningPage(w, http.StatusTooManyRequests, provisioningPageData{
+			Title: "Try again", Message: "Too many logins from your network right now. Wait a minute, then start again.",
+		})
 		return
 	}
 	q := r.URL.Query()

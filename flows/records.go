@@ -155,9 +155,10 @@ type RegisteredClient struct {
 	GrantTypes              []string  `json:"grant_types"`
 	ResponseTypes           []string  `json:"response_types"`
 	TokenEndpointAuthMethod string    `json:"token_endpoint_auth_method"`
-	Scope                   string    `json:"scope,omitempty"`
 	IssuedAt                time.Time `json:"issued_at"`
-	RenewedAt               time.Time `json:"renewed_at,omitzero"` // last time a use extended its lifetime
+	// RenewedAt is the last time a login or refresh extended its lifetime; zero while
+	// the registration has never been used (then it lives unusedRegistrationTTL).
+	RenewedAt time.Time `json:"renewed_at,omitzero"`
 }
 
 // TokenResponse is the RFC 6749 §5.1 success body.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -13,13 +14,19 @@ import (
 	"go.uber.org/zap"
 )
 
-// Bounds of a registration request.
+// Bounds of a registration request. Anyone may register, and a registration is kept, so
+// these bound what a stranger can make the broker store (SECURITY.md).
 const (
 	maxRegistrationBytes  = 64 << 10
-	maxRedirectURIs       = 20
-	maxRedirectURILen     = 2000
-	maxClientNameRunes    = 200
+	maxRedirectURIs       = 5
+	maxRedirectURILen     = 512
+	maxClientNameRunes    = 100
 	maxRegistrationScopes = 50
+	// maxRegisteredClientBytes bounds the JSON of the stored RegisteredClient; with the
+	// storage envelope around it (under 128 bytes) a record is at most 4 KiB on disk.
+	// The caps above keep a plain registration well under it; JSON escaping (& < > are
+	// six bytes each) can still push one over, and that one is refused.
+	maxRegisteredClientBytes = 4<<10 - 128
 )
 
 // clientMetadata is the RFC 7591 §2 metadata the broker registers and echoes back.
@@ -55,10 +62,14 @@ type clientInformation struct {
 //   - scope, when sent, may only name configured scopes (which may include
 //     offline_access, though it is not advertised); otherwise the client may ask for
 //     all configured scopes.
-//   - A registration lives registrationLifetime (the longer of the session and refresh
-//     token lifetimes) and every use renews it, so it outlives what was issued to it.
-//   - One client address (Caddy's client_ip, per its trusted proxies; an IPv6 /64) may
-//     register Config.RegistrationRate clients a minute; past that 429 with Retry-After.
+//   - A registration nobody logs in with lives unusedRegistrationTTL (a day). A login
+//     (code redemption) or a refresh renews it to registrationLifetime (the longer of the
+//     session and refresh token lifetimes), so it outlives what was issued to it. Only
+//     these renew it: a stranger can run /oauth/authorize with the client, but cannot
+//     redeem a code without a user logging in at the IdP.
+//   - One client address (Caddy's client_ip, per its trusted proxies; an IPv6 /56) may
+//     register Config.RegistrationRate clients a minute, and all addresses together
+//     Config.RegistrationRateTotal; past that 429 with Retry-After.
 //   - Wrong Content-Type: 415; a body over 64 KiB: 413; both invalid_client_metadata.
 func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	allowCORS(w, "POST, OPTIONS")
@@ -80,6 +91,11 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	if ok, wait := b.clients.registrations.allow(rateLimitKey(ip), b.cfg.RegistrationRate, b.now()); !ok {
 		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
 		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many registrations from this address; retry later")
+		return
+	}
+	if ok, wait := b.clients.allRegistrations.allow("", b.cfg.RegistrationRateTotal, b.now()); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
+		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many registrations; retry later")
 		return
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
@@ -117,9 +133,7 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 		GrantTypes:              req.GrantTypes,
 		ResponseTypes:           req.ResponseTypes,
 		TokenEndpointAuthMethod: req.TokenEndpointAuthMethod,
-		Scope:                   req.Scope,
 		IssuedAt:                now,
-		RenewedAt:               now,
 	}
 	resp := clientInformation{ClientID: rec.ClientID, ClientIDIssuedAt: now.Unix(), clientMetadata: req}
 	if req.TokenEndpointAuthMethod != AuthMethodNone {
@@ -129,8 +143,11 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 		var never int64
 		resp.ClientSecretExpiresAt = &never
 	}
-	life := b.registrationLifetime()
-	if err := b.cfg.Records.Put(r.Context(), recordKey(kindClient, rec.ClientID), &rec, life+life/renewalFraction); err != nil {
+	if stored, err := json.Marshal(&rec); err != nil || len(stored) > maxRegisteredClientBytes {
+		writeError(w, http.StatusBadRequest, "invalid_client_metadata", "the client metadata is too large to register")
+		return
+	}
+	if err := b.cfg.Records.Put(r.Context(), recordKey(kindClient, rec.ClientID), &rec, unusedRegistrationTTL); err != nil {
 		b.logger.Error("storing registered client", zap.Error(err))
 		writeError(w, http.StatusInternalServerError, "server_error", "the registration could not be stored")
 		return
@@ -185,6 +202,10 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description stri
 			return "invalid_client_metadata", "response_types may only be code"
 		}
 	}
+	// Repeats mean nothing and would be stored: drop them (each list now holds known
+	// values only, so this is cheap).
+	md.GrantTypes = uniqueStrings(md.GrantTypes)
+	md.ResponseTypes = uniqueStrings(md.ResponseTypes)
 
 	switch md.TokenEndpointAuthMethod {
 	case "":
@@ -195,7 +216,7 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description stri
 	}
 
 	if utf8.RuneCountInString(md.ClientName) > maxClientNameRunes {
-		return "invalid_client_metadata", "client_name is longer than 200 characters"
+		return "invalid_client_metadata", "client_name is longer than 100 characters"
 	}
 
 	scopes := strings.Fields(md.Scope)
@@ -208,6 +229,17 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description stri
 			return "invalid_client_metadata", "scope names a scope this server does not offer"
 		}
 	}
-	md.Scope = strings.Join(scopes, " ")
+	md.Scope = strings.Join(uniqueStrings(scopes), " ")
 	return "", ""
+}
+
+// uniqueStrings is ss without repeats, in order of first appearance.
+func uniqueStrings(ss []string) []string {
+	out := make([]string, 0, len(ss))
+	for _, s := range ss {
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
 }

@@ -141,6 +141,7 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 	}
 	b.logger.Info("issued broker tokens for an authorization code",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
+	b.renewRegistration(ctx, client)
 	writeJSON(w, http.StatusOK, resp)
 }
 

@@ -40,6 +40,19 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		return
 	}
 
+	key := recordKey(kindRefreshToken, raw)
+	var rec RefreshToken
+	// Look before locking: a made-up token must not cost a storage lock (SECURITY.md).
+	// The read under the lock below is the one that counts.
+	switch err := b.cfg.Records.Get(r.Context(), key, &rec); {
+	case errors.Is(err, storage.ErrNotFound):
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
+		return
+	case err != nil:
+		b.unavailable(w, "reading refresh token", err)
+		return
+	}
+
 	unlock, err := b.cfg.Records.Lock(r.Context(), refreshLockName(raw))
 	if err != nil {
 		b.unavailable(w, "locking refresh token", err)
@@ -48,8 +61,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	defer unlock()
 	ctx := context.WithoutCancel(r.Context()) // a rotation, once begun, is written whole
 
-	key := recordKey(kindRefreshToken, raw)
-	var rec RefreshToken
+	rec = RefreshToken{}
 	switch err := b.cfg.Records.Get(ctx, key, &rec); {
 	case errors.Is(err, storage.ErrNotFound):
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
@@ -133,6 +145,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	}
 	b.logger.Info("rotated broker refresh token",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
+	b.renewRegistration(ctx, client)
 	writeJSON(w, http.StatusOK, resp)
 }
 

@@ -242,6 +242,11 @@ func (r *Records) listRecords(ctx context.Context, prefix string) ([]string, err
 // held around load+delete; an in-process lock per key sits in front of it so
 // that goroutines of one process queue in memory instead of polling the
 // storage lock (FileStorage polls once a second).
+//
+// Keys a stranger makes up (a random state or code) name no record: a read
+// finds that before any lock is taken, since a FileStorage lock is a file
+// and a goroutine that lives for seconds (SECURITY.md). The read decides
+// nothing for a record that exists: the load under the lock does.
 func (r *Records) TakeOnce(ctx context.Context, key string, v any) error {
 	if !validKey(key, true) {
 		return errInvalidKey
@@ -257,6 +262,12 @@ func (r *Records) TakeOnce(ctx context.Context, key string, v any) error {
 			return fmt.Errorf("taking record: %w", err)
 		}
 	} else {
+		switch env, err := r.load(ctx, key); {
+		case err != nil:
+			return err
+		case r.expired(env):
+			return ErrNotFound
+		}
 		unlock, err := r.lock(ctx, "take", key)
 		if err != nil {
 			return fmt.Errorf("taking record: %w", err)

@@ -456,3 +456,54 @@ func TestNativeFastPath(t *testing.T) {
 		t.Errorf("TakeOnce took %d locks and made %d deletes; want none on the native path", fake.Calls("Lock"), fake.Calls("Delete"))
 	}
 }
+
+// lockCounter is a FileStorage that counts Lock calls, to see which takes lock.
+type lockCounter struct {
+	*certmagic.FileStorage
+	locks atomic.Int32
+}
+
+func (s *lockCounter) Lock(ctx context.Context, name string) error {
+	s.locks.Add(1)
+	return s.FileStorage.Lock(ctx, name)
+}
+
+// A stranger can make the broker TakeOnce any key it likes (a random state or code):
+// a key that holds no live record must cost a read, never a storage lock, which
+// FileStorage makes a lock file and a goroutine kept alive for seconds (SECURITY.md).
+func TestTakeOnceOfAMissingOrExpiredRecordTakesNoLock(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	clock := newClock()
+	s := &lockCounter{FileStorage: &certmagic.FileStorage{Path: dir}}
+	r := New(s, nil, WithClock(clock.Now))
+
+	expired := Key("codes", Hash("expired"))
+	if err := r.Put(ctx, expired, "v", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(time.Minute)
+	var v string
+	for i := range 20 {
+		if err := r.TakeOnce(ctx, Key("codes", Hash(fmt.Sprint("junk-", i))), &v); err != ErrNotFound {
+			t.Fatalf("TakeOnce of a missing record = %v, want ErrNotFound", err)
+		}
+	}
+	if err := r.TakeOnce(ctx, expired, &v); err != ErrNotFound {
+		t.Fatalf("TakeOnce of an expired record = %v, want ErrNotFound", err)
+	}
+	if n := s.locks.Load(); n != 0 {
+		t.Errorf("TakeOnce of missing and expired records took %d storage locks, want 0", n)
+	}
+
+	live := Key("codes", Hash("live"))
+	if err := r.Put(ctx, live, "v", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.TakeOnce(ctx, live, &v); err != nil || v != "v" {
+		t.Fatalf("TakeOnce of a live record = %q, %v", v, err)
+	}
+	if n := s.locks.Load(); n != 1 {
+		t.Errorf("TakeOnce of a live record took %d storage locks, want 1", n)
+	}
+}
