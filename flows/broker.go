@@ -57,6 +57,12 @@ type Config struct {
 	IdPTimeout      time.Duration
 	// RefreshGrace is how long a rotated refresh token still yields its successor pair.
 	RefreshGrace time.Duration
+	// SessionMaxLifetime is how long a session lives at most, however often it is
+	// refreshed: then the user logs in again.
+	SessionMaxLifetime time.Duration
+	// IdPConfirmInterval is how often, at most, a broker refresh goes without asking the
+	// IdP whether the session's grant is still alive.
+	IdPConfirmInterval time.Duration
 	// CIMDAllowPrivate lets client metadata documents live on loopback and private
 	// addresses (tests, labs); off in production.
 	CIMDAllowPrivate bool
@@ -111,6 +117,14 @@ const (
 	defaultRefreshTokenTTL  = 30 * 24 * time.Hour
 	defaultRefreshGrace     = 60 * time.Second
 	defaultRegistrationRate = 10
+	// defaultSessionMaxLifetime: a month, then a new login.
+	defaultSessionMaxLifetime = 30 * 24 * time.Hour
+	// defaultIdPConfirmInterval bounds how long a grant revoked at the IdP (user disabled,
+	// consent withdrawn) keeps a broker session alive. Ten minutes stays below the shortest
+	// refresh-token idle lifetime we know by default (Nextcloud's oidc app: 15 minutes),
+	// so a confirmation does not itself outlive the token it confirms with, and costs one
+	// IdP call per session per access-token lifetime at most.
+	defaultIdPConfirmInterval = 10 * time.Minute
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -125,6 +139,9 @@ type Broker struct {
 
 	// authorizations limits how fast one address starts authorizations.
 	authorizations *rateLimiter
+	// tokenAddresses and tokenClients limit the token and revocation endpoints per client
+	// address and per registered client; refreshes limits the refreshes of one grant.
+	tokenAddresses, tokenClients, refreshes *rateLimiter
 
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
 	issuer        string
@@ -160,6 +177,8 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.AccessTokenTTL, defaultAccessTokenTTL)
 	setDefault(&cfg.RefreshTokenTTL, defaultRefreshTokenTTL)
 	setDefault(&cfg.RefreshGrace, defaultRefreshGrace)
+	setDefault(&cfg.SessionMaxLifetime, defaultSessionMaxLifetime)
+	setDefault(&cfg.IdPConfirmInterval, defaultIdPConfirmInterval)
 	if cfg.RegistrationRate <= 0 {
 		cfg.RegistrationRate = defaultRegistrationRate
 	}
@@ -201,6 +220,9 @@ func New(cfg Config) (*Broker, error) {
 		idp:            NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
 		now:            time.Now,
 		authorizations: newRateLimiter(maxRateLimitedIPs),
+		tokenAddresses: newRateLimiter(maxRateLimitedIPs),
+		tokenClients:   newRateLimiter(maxRateLimitedIPs),
+		refreshes:      newRateLimiter(maxRateLimitedIPs),
 		issuer:         u.Scheme + "://" + u.Host,
 		resourceURL:    u,
 		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
@@ -287,9 +309,14 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 }
 
 // NeedsClientIP tells whether requests to path are rate-limited per client IP, so that the
-// server in front should resolve it (WithClientIP): registration and authorization.
+// server in front should resolve it (WithClientIP): registration, authorization, and the
+// token and revocation endpoints.
 func NeedsClientIP(path string) bool {
-	return path == pathRegister || path == pathAuthorize
+	switch path {
+	case pathRegister, pathAuthorize, pathToken, pathRevoke:
+		return true
+	}
+	return false
 }
 
 // authorizeRate is how many authorization requests one client address may start per
