@@ -38,7 +38,7 @@ func wantRateLimited(t *testing.T, rec *httptest.ResponseRecorder) {
 // one address (both together) and tokenRatePerClient from one registered client: limits
 // no real client reaches, which bound what one stranger makes the broker do.
 func TestTokenEndpointsAreRateLimited(t *testing.T) {
-	const perIP, perClient = 120, 60 // the documented limits (README, "Bounds")
+	const perIP, perClient = 120, 60 // the documented limits (README, "Hybrid mode")
 	b := newRegistrationBroker(t, nil)
 	clock := &testClock{}
 	b.now = clock.now

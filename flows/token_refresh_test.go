@@ -261,7 +261,7 @@ func TestRefreshRepeats(t *testing.T) {
 // A grant refreshed faster than any client needs gets 429 instead of writing more records;
 // repeats within the grace window write nothing and do not count.
 func TestRefreshRateLimitPerGrant(t *testing.T) {
-	const perMinute = 30 // the documented limit (README, "Bounds")
+	const perMinute = 30 // the documented limit (README, "Hybrid mode")
 	e := newTokenEnv(t, verifierOP(t), nil)
 	tok := e.login(t)
 	for i := range perMinute {
@@ -333,6 +333,19 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 			t.Errorf("the session is still stored: %v", err)
 		}
 		e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
+	})
+
+	t.Run("a user disabled at the IdP is signed out at the next confirming refresh", func(t *testing.T) {
+		tok := e.login(t)
+		o.DisableUser(o.User, true)
+		defer o.DisableUser(o.User, false)
+		// Confirmed at the login: within the interval the broker does not ask.
+		next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
+		e.clock.advance(11 * time.Minute)
+		e.refresh(t, testenv.NativeClientID, next.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
+		if st := e.mcpStatus(t, next.AccessToken); st != http.StatusUnauthorized {
+			t.Errorf("access token of a disabled user: %d, want 401", st)
+		}
 	})
 
 	t.Run("a confirming refresh stores the IdP's rotated refresh token", func(t *testing.T) {
