@@ -282,6 +282,8 @@ func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (ti
 			return end, err
 		case errors.Is(err, errGrantStoreFailed):
 			return end, err
+		case errors.Is(err, errNoIdPRefreshToken):
+			b.logger.Debug("session's IdP grant cannot be confirmed: no refresh token", zap.String("session", Fingerprint(id)))
 		default:
 			b.logger.Warn("could not confirm a session's IdP grant; the next refresh tries again",
 				zap.String("session", Fingerprint(id)), zap.Error(err))
