@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -15,9 +16,10 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// delegationNoneSite is a hybrid site with delegation none (the upstream trusts the
-// subject header) and a pre-registered client; extra lines go inside mcp_oauth.
-func delegationNoneSite(o *testenv.OP, upstream, extra string) string {
+// delegationNoneSite is a hybrid site in front of an IdP with the broker's client there,
+// with delegation none (the upstream trusts the subject header) and a pre-registered
+// client; extra lines go inside mcp_oauth.
+func delegationNoneSite(issuer, clientID, clientSecret, upstream, extra string) string {
 	up, _ := url.Parse(upstream)
 	return fmt.Sprintf(`http://127.0.0.1:{port} {
 	mcp_oauth {
@@ -27,7 +29,6 @@ func delegationNoneSite(o *testenv.OP, upstream, extra string) string {
 		resource http://127.0.0.1:{port}/mcp
 		scopes openid notes:read notes:write
 		encryption_key %s
-		registration off
 		client preregistered {
 			redirect_uri http://127.0.0.1/callback
 		}
@@ -35,7 +36,7 @@ func delegationNoneSite(o *testenv.OP, upstream, extra string) string {
 %s
 	}
 	reverse_proxy %s
-}`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, testKey, extra, up.Host)
+}`, issuer, clientID, clientSecret, testKey, extra, up.Host)
 }
 
 // With delegation none only the broker's refresh asks the IdP about the user: a user
@@ -45,7 +46,7 @@ func TestHybridIdPRefusalEndsSessionThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	// Every refresh confirms: the binary's clock cannot be moved.
-	caddy := startCaddy(t, delegationNoneSite(o, up.URL, "\t\tidp_confirm_interval 1ms"))
+	caddy := startCaddy(t, delegationNoneSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, up.URL, "\t\tidp_confirm_interval 1ms"))
 	br := newBrowser(o)
 	_, handler := connectHybrid(t, caddy.Base, &auth.AuthorizationCodeHandlerConfig{
 		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
@@ -92,7 +93,7 @@ func TestHybridIdPRefusalEndsSessionThroughCaddyBinary(t *testing.T) {
 func TestTokenEndpointRateLimitKeyedOnCaddyClientIP(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
-	caddy := startCaddy(t, delegationNoneSite(o, up.URL, ""), withGlobal("\tservers {\n\t\ttrusted_proxies static 127.0.0.1/8\n\t}"))
+	caddy := startCaddy(t, delegationNoneSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, up.URL, ""), withGlobal("\tservers {\n\t\ttrusted_proxies static 127.0.0.1/8\n\t}"))
 	revoke := func(forwardedFor string) *http.Response {
 		req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, caddy.Base+"/oauth/revoke",
 			strings.NewReader(url.Values{"client_id": {"preregistered"}, "token": {"garbage"}}.Encode()))
@@ -130,4 +131,53 @@ func TestTokenEndpointRateLimitKeyedOnCaddyClientIP(t *testing.T) {
 	if resp := revoke("203.0.113.2"); resp.StatusCode != http.StatusOK {
 		t.Errorf("another client address: %s", resp.Status)
 	}
+}
+
+// The same with the Nextcloud-like IdP (oidc-provider): the grant revoked there ends the
+// broker's session at its next confirming refresh, with its broker tokens.
+func TestInteropNextcloudRevokedGrantEndsSession(t *testing.T) {
+	requireInterop(t)
+	idp := startNodeIdP(t, profileNextcloud, nodeBrokerClient())
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	caddy := startCaddy(t, delegationNoneSite(idp.Issuer, nodeBrokerClientID, nodeBrokerClientSecret, up.URL, "\t\tidp_confirm_interval 1ms"))
+	cfg := brokerClient(t, caddy, "e2e revocation client")
+	authURL, verifier := brokerAuthorizeURL(cfg, caddy)
+	br := newNodeHybridBrowser(idp)
+	final, err := br.login(t.Context(), authURL)
+	if err != nil {
+		t.Fatalf("hybrid login: %v\n%s", err, tail(caddy.logs.String()))
+	}
+	tok, err := cfg.Exchange(t.Context(), final.Query().Get("code"), oauth2.VerifierOption(verifier),
+		oauth2.SetAuthURLParam("resource", caddy.Base+"/mcp"))
+	if err != nil {
+		t.Fatalf("code at the broker: %v", err)
+	}
+	fresh, err := cfg.TokenSource(t.Context(), &oauth2.Token{RefreshToken: tok.RefreshToken}).Token()
+	if err != nil {
+		t.Fatalf("refreshing (the IdP grant confirmed): %v\n%s", err, tail(caddy.logs.String()))
+	}
+	if resp := bearerGet(t, caddy.Base+"/mcp", fresh.AccessToken); resp.StatusCode == http.StatusUnauthorized {
+		t.Fatalf("refreshed token refused: %s", resp.Status)
+	}
+
+	resp, err := http.Post(idp.Issuer+"/test/revoke-grants?sub="+url.QueryEscape(nodeUser), "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var revoked struct{ Revoked int }
+	json.NewDecoder(resp.Body).Decode(&revoked)
+	resp.Body.Close()
+	if revoked.Revoked == 0 {
+		t.Fatalf("the IdP revoked no grant of %s", nodeUser)
+	}
+	_, err = cfg.TokenSource(t.Context(), &oauth2.Token{RefreshToken: fresh.RefreshToken}).Token()
+	var re *oauth2.RetrieveError
+	if !errors.As(err, &re) || re.ErrorCode != "invalid_grant" {
+		t.Fatalf("refresh after the IdP revoked the grant: %v, want invalid_grant", err)
+	}
+	if resp := bearerGet(t, caddy.Base+"/mcp", fresh.AccessToken); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("access token after the session ended: %s, want 401", resp.Status)
+	}
+	caddy.assertLogsFree(append(br.codes, tok.AccessToken, tok.RefreshToken, fresh.AccessToken, fresh.RefreshToken,
+		nodeBrokerClientSecret, testKey)...)
 }
