@@ -119,11 +119,11 @@ const (
 	defaultRegistrationRate = 10
 	// defaultSessionMaxLifetime: a month, then a new login.
 	defaultSessionMaxLifetime = 30 * 24 * time.Hour
-	// defaultIdPConfirmInterval bounds how long a grant revoked at the IdP (user disabled,
-	// consent withdrawn) keeps a broker session alive. Ten minutes stays below the shortest
-	// refresh-token idle lifetime we know by default (Nextcloud's oidc app: 15 minutes),
-	// so a confirmation does not itself outlive the token it confirms with, and costs one
-	// IdP call per session per access-token lifetime at most.
+	// defaultIdPConfirmInterval bounds how long a grant ended at the IdP (user disabled,
+	// grant revoked) keeps a broker session refreshing. Ten minutes is below the shortest
+	// default refresh-token idle lifetime we know of (Nextcloud's oidc app: 15 minutes), so
+	// a client that refreshes often keeps the IdP's refresh token alive too. It costs at
+	// most one IdP call per broker refresh; clients refresh about once per access token.
 	defaultIdPConfirmInterval = 10 * time.Minute
 )
 
