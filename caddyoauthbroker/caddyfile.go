@@ -51,6 +51,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		access_token_ttl  <duration>
 //		refresh_token_ttl <duration>
 //		refresh_grace     <duration>
+//		session_max_lifetime <duration>
+//		idp_confirm_interval <duration>
 //		idp_timeout       <duration>
 //		registration_rate <per minute>
 //		registration_rate_total <per minute>
@@ -121,7 +123,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("tool_scope: want a tool name or glob and at least one scope")
 			}
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: args[0], Scopes: args[1:]})
-		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl", "refresh_grace", "idp_timeout":
+		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl", "refresh_grace", "idp_timeout",
+			"session_max_lifetime", "idp_confirm_interval":
 			if err := h.unmarshalDuration(d); err != nil {
 				return err
 			}
@@ -219,6 +222,10 @@ func (h *Handler) unmarshalDuration(d *caddyfile.Dispenser) error {
 		h.RefreshGrace = caddy.Duration(dur)
 	case "idp_timeout":
 		h.IdPTimeout = caddy.Duration(dur)
+	case "session_max_lifetime":
+		h.SessionMaxLifetime = caddy.Duration(dur)
+	case "idp_confirm_interval":
+		h.IdPConfirmInterval = caddy.Duration(dur)
 	}
 	return nil
 }

@@ -103,6 +103,17 @@ type Handler struct {
 	// that retry or fail to store the rotated token. Default: 60s.
 	RefreshGrace caddy.Duration `json:"refresh_grace,omitempty"`
 
+	// How long a session lives at most after the login, however often its client
+	// refreshes; then the user logs in again. No broker token outlives it.
+	// Default: 720h (30 days).
+	SessionMaxLifetime caddy.Duration `json:"session_max_lifetime,omitempty"`
+
+	// How long a broker refresh may go without asking the IdP whether the session's grant
+	// is still alive. A refresh after that refreshes the grant at the IdP first; if the IdP
+	// refuses it (user disabled, grant revoked), the session and its tokens end. An IdP
+	// that does not answer does not end sessions. Default: 10m.
+	IdPConfirmInterval caddy.Duration `json:"idp_confirm_interval,omitempty"`
+
 	// How long the broker waits for the IdP on any back-channel call. Default: 10s.
 	IdPTimeout caddy.Duration `json:"idp_timeout,omitempty"`
 
@@ -440,6 +451,7 @@ func (h *Handler) Validate() error {
 		"session_ttl": h.SessionTTL, "code_ttl": h.CodeTTL,
 		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
 		"refresh_grace": h.RefreshGrace, "idp_timeout": h.IdPTimeout,
+		"session_max_lifetime": h.SessionMaxLifetime, "idp_confirm_interval": h.IdPConfirmInterval,
 	} {
 		if d < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", name, time.Duration(d))
@@ -503,6 +515,8 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		RegistrationRate:      h.RegistrationRate,
 		RegistrationRateTotal: h.RegistrationRateTotal,
 		CIMDAllowPrivate:      h.ClientMetadataAllowPrivate,
+		SessionMaxLifetime:    time.Duration(h.SessionMaxLifetime),
+		IdPConfirmInterval:    time.Duration(h.IdPConfirmInterval),
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

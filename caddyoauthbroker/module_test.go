@@ -72,6 +72,8 @@ func TestValidateErrors(t *testing.T) {
 		{"tool_scope bad glob", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "[", Scopes: []string{"s"}}} }, `tool_scope "[": bad glob`},
 		{"negative ttl", func(h *Handler) { h.CodeTTL = caddy.Duration(-1) }, "code_ttl: must not be negative"},
 		{"negative grace", func(h *Handler) { h.RefreshGrace = caddy.Duration(-1) }, "refresh_grace: must not be negative"},
+		{"negative session max lifetime", func(h *Handler) { h.SessionMaxLifetime = caddy.Duration(-1) }, "session_max_lifetime: must not be negative"},
+		{"negative confirm interval", func(h *Handler) { h.IdPConfirmInterval = caddy.Duration(-1) }, "idp_confirm_interval: must not be negative"},
 		{"background client without secret", func(h *Handler) { h.BackgroundClients = []*BackgroundClient{{ClientID: "w"}} },
 			"background_client[0]: want an id and a secret"},
 		{"duplicate background client", func(h *Handler) {

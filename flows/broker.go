@@ -57,6 +57,12 @@ type Config struct {
 	IdPTimeout      time.Duration
 	// RefreshGrace is how long a rotated refresh token still yields its successor pair.
 	RefreshGrace time.Duration
+	// SessionMaxLifetime is how long a session lives at most, however often it is
+	// refreshed: then the user logs in again.
+	SessionMaxLifetime time.Duration
+	// IdPConfirmInterval is how often, at most, a broker refresh goes without asking the
+	// IdP whether the session's grant is still alive.
+	IdPConfirmInterval time.Duration
 	// CIMDAllowPrivate lets client metadata documents live on loopback and private
 	// addresses (tests, labs); off in production.
 	CIMDAllowPrivate bool
@@ -118,6 +124,14 @@ const (
 	// defaultRegistrationRateTotal: 30 a minute is 43,200 registrations a day, at most
 	// 4 KiB each (see maxRegisteredClientBytes), and an unused one lives a day.
 	defaultRegistrationRateTotal = 30
+	// defaultSessionMaxLifetime: a month, then a new login.
+	defaultSessionMaxLifetime = 30 * 24 * time.Hour
+	// defaultIdPConfirmInterval bounds how long a grant ended at the IdP (user disabled,
+	// grant revoked) keeps a broker session refreshing. Ten minutes is below the shortest
+	// default refresh-token idle lifetime we know of (Nextcloud's oidc app: 15 minutes), so
+	// a client that refreshes often keeps the IdP's refresh token alive too. It costs at
+	// most one IdP call per broker refresh; clients refresh about once per access token.
+	defaultIdPConfirmInterval = 10 * time.Minute
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -135,6 +149,9 @@ type Broker struct {
 	// oneTimeValues limits how fast one address presents login states and provisioning
 	// links (see allowOneTimeValue).
 	oneTimeValues *rateLimiter
+	// tokenAddresses and tokenClients limit the token and revocation endpoints per client
+	// address and per registered client; refreshes limits the refreshes of one grant.
+	tokenAddresses, tokenClients, refreshes *rateLimiter
 
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
 	issuer        string
@@ -172,6 +189,8 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.AccessTokenTTL, defaultAccessTokenTTL)
 	setDefault(&cfg.RefreshTokenTTL, defaultRefreshTokenTTL)
 	setDefault(&cfg.RefreshGrace, defaultRefreshGrace)
+	setDefault(&cfg.SessionMaxLifetime, defaultSessionMaxLifetime)
+	setDefault(&cfg.IdPConfirmInterval, defaultIdPConfirmInterval)
 	if cfg.RegistrationRate <= 0 {
 		cfg.RegistrationRate = defaultRegistrationRate
 	}
@@ -217,6 +236,9 @@ func New(cfg Config) (*Broker, error) {
 		now:            time.Now,
 		authorizations: newRateLimiter(maxRateLimitedIPs),
 		oneTimeValues:  newRateLimiter(maxRateLimitedIPs),
+		tokenAddresses: newRateLimiter(maxRateLimitedIPs),
+		tokenClients:   newRateLimiter(maxRateLimitedIPs),
+		refreshes:      newRateLimiter(maxRateLimitedIPs),
 		issuer:         u.Scheme + "://" + u.Host,
 		resourceURL:    u,
 		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
@@ -305,10 +327,12 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 
 // NeedsClientIP tells whether requests to path are rate-limited per client IP, so that the
 // server in front should resolve it (WithClientIP): registration, authorization, and the
-// browser endpoints that redeem a login state or a provisioning link.
+// browser endpoints that redeem a login state or a provisioning link, and the token and
+// revocation endpoints.
 func NeedsClientIP(path string) bool {
 	switch path {
-	case pathRegister, pathAuthorize, pathCallback, pathProvisioningCallback, pathProvisioningStart:
+	case pathRegister, pathAuthorize, pathCallback, pathProvisioningCallback, pathProvisioningStart,
+		pathToken, pathRevoke:
 		return true
 	}
 	return false

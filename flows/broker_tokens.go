@@ -155,12 +155,20 @@ type tokenGrant struct {
 	// narrowing refresh keeps whole (RFC 6749 §6).
 	Scopes        []string
 	RefreshScopes []string
+	// NotAfter, when set, is the end of the session's absolute lifetime: no token of the
+	// pair outlives it.
+	NotAfter time.Time
 }
 
 // issueTokens mints and stores an access token and a refresh token for g.
 func (b *Broker) issueTokens(ctx context.Context, g tokenGrant) (TokenResponse, error) {
 	now := b.now()
 	access, refresh := newBrokerToken(accessTokenPrefix), newBrokerToken(refreshTokenPrefix)
+	accessTTL, refreshTTL := b.cfg.AccessTokenTTL, b.cfg.RefreshTokenTTL
+	if !g.NotAfter.IsZero() {
+		left := max(g.NotAfter.Sub(now), time.Second)
+		accessTTL, refreshTTL = min(accessTTL, left), min(refreshTTL, left)
+	}
 	at := AccessToken{
 		FamilyID:  g.FamilyID,
 		SessionID: g.SessionID,
@@ -168,9 +176,9 @@ func (b *Broker) issueTokens(ctx context.Context, g tokenGrant) (TokenResponse, 
 		ClientID:  g.ClientID,
 		Scopes:    g.Scopes,
 		Resource:  g.Resource,
-		Expiry:    now.Add(b.cfg.AccessTokenTTL),
+		Expiry:    now.Add(accessTTL),
 	}
-	if err := b.cfg.Records.Put(ctx, recordKey(kindAccessToken, access), at, b.cfg.AccessTokenTTL); err != nil {
+	if err := b.cfg.Records.Put(ctx, recordKey(kindAccessToken, access), at, accessTTL); err != nil {
 		return TokenResponse{}, fmt.Errorf("storing access token: %w", err)
 	}
 	rt := RefreshToken{
@@ -180,15 +188,15 @@ func (b *Broker) issueTokens(ctx context.Context, g tokenGrant) (TokenResponse, 
 		ClientID:  g.ClientID,
 		Scopes:    g.RefreshScopes,
 		Resource:  g.Resource,
-		Expiry:    now.Add(b.cfg.RefreshTokenTTL),
+		Expiry:    now.Add(refreshTTL),
 	}
-	if err := b.cfg.Records.Put(ctx, recordKey(kindRefreshToken, refresh), rt, b.cfg.RefreshTokenTTL); err != nil {
+	if err := b.cfg.Records.Put(ctx, recordKey(kindRefreshToken, refresh), rt, refreshTTL); err != nil {
 		return TokenResponse{}, fmt.Errorf("storing refresh token: %w", err)
 	}
 	return TokenResponse{
 		AccessToken:  access,
 		TokenType:    "Bearer",
-		ExpiresIn:    int64(b.cfg.AccessTokenTTL / time.Second),
+		ExpiresIn:    int64(accessTTL / time.Second),
 		RefreshToken: refresh,
 		Scope:        strings.Join(g.Scopes, " "),
 	}, nil

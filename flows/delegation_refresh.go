@@ -88,6 +88,7 @@ func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []str
 	if err != nil {
 		return sessionToken{}, err
 	}
+	s.ConfirmedAt = b.now() // the IdP just showed the grant alive: the broker's refresh need not ask
 	if err := b.storeRotatedGrant(ctx, s, next); err != nil {
 		return sessionToken{}, err
 	}

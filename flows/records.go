@@ -84,6 +84,9 @@ type Session struct {
 	Scopes    []string  `json:"scopes"`
 	Grant     string    `json:"grant_sealed"` // a sealed JSON IdPGrant
 	CreatedAt time.Time `json:"created_at"`
+	// ConfirmedAt is when a refresh at the IdP last showed the grant alive (zero: at
+	// CreatedAt, the login).
+	ConfirmedAt time.Time `json:"confirmed_at,omitzero"`
 }
 
 // AuthorizationCode is a broker-issued code, bound to everything it was issued for.

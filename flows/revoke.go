@@ -23,11 +23,11 @@ const maxIdPRevocationBytes = 4 << 10
 // is invalid, and an error would tell a client that a token of another one exists.
 func (b *Broker) serveRevoke(w http.ResponseWriter, r *http.Request) {
 	form, ok := readTokenForm(w, r)
-	if !ok {
+	if !ok || !b.allowTokenRequest(w, r) {
 		return
 	}
 	client, ok := b.tokenClient(w, r, form)
-	if !ok {
+	if !ok || !b.allowClientRequest(w, client) {
 		return
 	}
 	raw := form.Get("token")

@@ -25,7 +25,7 @@ func (b *Broker) createSession(ctx context.Context, subject, clientID string, sc
 	if err := b.sealGrant(s, grant); err != nil {
 		return nil, err
 	}
-	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.cfg.SessionTTL); err != nil {
+	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.sessionTTL(s, s.CreatedAt)); err != nil {
 		return nil, fmt.Errorf("storing session: %w", err)
 	}
 	return s, nil
@@ -71,7 +71,7 @@ func (b *Broker) storeSessionGrant(ctx context.Context, s *Session, grant IdPGra
 	if err := b.sealGrant(s, grant); err != nil {
 		return err
 	}
-	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.cfg.SessionTTL); err != nil {
+	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.sessionTTL(s, b.now())); err != nil {
 		return fmt.Errorf("storing session: %w", err)
 	}
 	return nil

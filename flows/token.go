@@ -6,6 +6,8 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"strconv"
+	"time"
 
 	"go.uber.org/zap"
 )
@@ -14,16 +16,28 @@ import (
 // and URIs, never more.
 const maxTokenRequestBytes = 64 << 10
 
+// Rate limits of the token and revocation endpoints, per minute, far above what clients
+// do: a client refreshes once per access-token lifetime, a login takes one code exchange.
+// Hosted clients reach the broker from a few shared egress addresses, so the address
+// limit is the generous one. Configured and metadata-document client ids are shared by
+// every user of that client and known to anyone: limiting them would let a stranger lock
+// all those users out, so they are limited per address and per grant only.
+const (
+	tokenRatePerAddress = 120 // token and revocation requests together, per client address
+	tokenRatePerClient  = 60  // per registered (RFC 7591) client
+	refreshRatePerGrant = 30  // rotations of one token family; repeats do not count
+)
+
 // serveToken is the token endpoint (hybrid mode): the authorization_code grant
 // (token_code.go) and the refresh_token grant (token_refresh.go), for authenticated
 // clients, readable by browser clients (CORS without credentials).
 func (b *Broker) serveToken(w http.ResponseWriter, r *http.Request) {
 	form, ok := readTokenForm(w, r)
-	if !ok {
+	if !ok || !b.allowTokenRequest(w, r) {
 		return
 	}
 	client, ok := b.tokenClient(w, r, form)
-	if !ok {
+	if !ok || !b.allowClientRequest(w, client) {
 		return
 	}
 	gt := form.Get("grant_type")
@@ -112,6 +126,37 @@ func (b *Broker) tokenClient(w http.ResponseWriter, r *http.Request, form url.Va
 		b.unavailable(w, "authenticating client", err)
 	}
 	return nil, false
+}
+
+// allowTokenRequest takes a token from the bucket of the request's client address, or
+// answers 429 and returns false.
+func (b *Broker) allowTokenRequest(w http.ResponseWriter, r *http.Request) bool {
+	ok, wait := b.tokenAddresses.allow(rateLimitKey(clientIP(r)), tokenRatePerAddress, b.now())
+	if !ok {
+		b.logger.Debug("token endpoint: address over its rate limit", zap.String("path", r.URL.Path))
+		tooManyRequests(w, wait, "too many requests from this address; retry later")
+	}
+	return ok
+}
+
+// allowClientRequest takes a token from a registered client's bucket, or answers 429 and
+// returns false. Other clients' ids are shared by all their users (see tokenRatePerClient).
+func (b *Broker) allowClientRequest(w http.ResponseWriter, c *Client) bool {
+	if c.Source != ClientSourceRegistered {
+		return true
+	}
+	ok, wait := b.tokenClients.allow(c.ID, tokenRatePerClient, b.now())
+	if !ok {
+		b.logger.Debug("token endpoint: client over its rate limit", zap.String("client_id", c.ID))
+		tooManyRequests(w, wait, "too many requests from this client; retry later")
+	}
+	return ok
+}
+
+// tooManyRequests answers 429 with Retry-After in whole seconds, at least one.
+func tooManyRequests(w http.ResponseWriter, wait time.Duration, description string) {
+	w.Header().Set("Retry-After", strconv.Itoa(max(1, int((wait+time.Second-1)/time.Second))))
+	writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", description)
 }
 
 // unavailable answers 503 when the broker cannot do its part now (storage, a client's

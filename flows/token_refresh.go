@@ -96,15 +96,14 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	}
 
 	if !rec.RotatedAt.IsZero() {
-		if now.Sub(rec.RotatedAt) <= b.cfg.RefreshGrace {
-			b.repeatRotation(ctx, w, key, &rec, now)
-			return
-		}
-		b.logger.Warn("rotated refresh token reused after the grace window; revoking its family",
-			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
-			zap.String("family", Fingerprint(rec.FamilyID)))
-		b.revokeGrant(ctx, rec.FamilyID, rec.SessionID)
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
+		b.repeatedRefresh(ctx, w, key, &rec, client, raw, scopes, now)
+		return
+	}
+	// Only rotations count: repeats above write nothing.
+	if ok, wait := b.refreshes.allow(rec.FamilyID, refreshRatePerGrant, now); !ok {
+		b.logger.Debug("refresh grant over its rate limit",
+			zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
+		tooManyRequests(w, wait, "this grant is refreshed too often; retry later")
 		return
 	}
 
@@ -116,10 +115,14 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		b.unavailable(w, "refreshing broker tokens", err)
 		return
 	}
-	switch err := b.touchSession(ctx, rec.SessionID); {
-	case errors.Is(err, storage.ErrNotFound):
-		// The IdP grant behind the tokens is gone (expired or ended): so is the family.
-		b.revokeGrant(ctx, rec.FamilyID, "")
+	sessionEnd, err := b.renewSession(ctx, rec.SessionID, now)
+	switch {
+	case errors.Is(err, storage.ErrNotFound), errors.Is(err, errSessionEnded):
+		// The IdP grant behind the tokens is gone (expired, ended, refused by the IdP, or
+		// past the session's lifetime): so is the family.
+		b.logger.Info("session ended at a refresh; revoking its tokens", zap.String("client_id", client.ID),
+			zap.String("family", Fingerprint(rec.FamilyID)), zap.Error(err))
+		b.revokeGrant(ctx, rec.FamilyID, rec.SessionID)
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
 		return
 	case err != nil:
@@ -134,6 +137,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		Resource:      rec.Resource,
 		Scopes:        scopes,
 		RefreshScopes: rec.Scopes,
+		NotAfter:      sessionEnd,
 	})
 	if err == nil {
 		err = b.markRotated(ctx, key, rec, resp, now)
@@ -168,9 +172,41 @@ func (b *Broker) markRotated(ctx context.Context, key string, rec RefreshToken, 
 	return nil
 }
 
-// repeatRotation answers a refresh within the grace window with the pair the first
-// refresh yielded, unless the family has been revoked since.
-func (b *Broker) repeatRotation(ctx context.Context, w http.ResponseWriter, key string, rec *RefreshToken, now time.Time) {
+// repeatedRefresh answers a refresh with a token already rotated. Within the grace
+// window, and while its successor is unused, it is a repeat (a lost answer, parallel
+// processes of one client, a client refreshing from several places): it gets the pair the
+// first refresh yielded, with the same scopes, and writes nothing. Otherwise it is reuse
+// (OAuth 2.1 §4.3.1: someone else may hold the token), which revokes the whole family.
+func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, key string, rec *RefreshToken, client *Client, raw string, scopes []string, now time.Time) {
+	resp, err := b.successorPair(key, rec)
+	if err != nil {
+		b.unavailable(w, "opening successor pair", err)
+		return
+	}
+	reuse := ""
+	if now.Sub(rec.RotatedAt) > b.cfg.RefreshGrace {
+		reuse = "after the grace window"
+	} else {
+		switch used, err := b.refreshTokenUsed(ctx, resp.RefreshToken); {
+		case err != nil:
+			b.unavailable(w, "reading successor refresh token", err)
+			return
+		case used:
+			reuse = "after its successor was used"
+		}
+	}
+	if reuse != "" {
+		b.logger.Warn("rotated refresh token reused; revoking its family", zap.String("when", reuse),
+			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
+			zap.String("family", Fingerprint(rec.FamilyID)))
+		b.revokeGrant(ctx, rec.FamilyID, rec.SessionID)
+		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
+		return
+	}
+	if !sameScopes(scopes, strings.Fields(resp.Scope)) {
+		writeError(w, http.StatusBadRequest, "invalid_scope", "a repeated refresh must ask the scopes of the first")
+		return
+	}
 	switch _, err := b.liveFamily(ctx, rec.FamilyID); {
 	case errors.Is(err, errFamilyRevoked):
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
@@ -179,38 +215,134 @@ func (b *Broker) repeatRotation(ctx context.Context, w http.ResponseWriter, key 
 		b.unavailable(w, "refreshing broker tokens", err)
 		return
 	}
-	plain, err := b.cfg.Records.Open(key, rec.Successor)
-	var resp TokenResponse
-	if err == nil {
-		err = json.Unmarshal(plain, &resp)
-	}
-	if err != nil {
-		b.unavailable(w, "opening successor pair", err)
-		return
-	}
+	b.logger.Info("repeated refresh within the grace window; answering with the same pair",
+		zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
+		zap.String("family", Fingerprint(rec.FamilyID)))
 	// The access token has aged since it was issued: say how long it has left.
 	resp.ExpiresIn = max(resp.ExpiresIn-int64(now.Sub(rec.RotatedAt)/time.Second), 1)
 	writeJSON(w, http.StatusOK, resp)
 }
 
-// touchSession renews the life of the session behind a refreshed family: a session lives
-// as long as its client keeps refreshing. It holds the session's lock so that a
-// concurrent rotation of the IdP grant (delegation) is never overwritten.
-func (b *Broker) touchSession(ctx context.Context, id string) error {
+// successorPair opens the pair a rotated refresh token yielded.
+func (b *Broker) successorPair(key string, rec *RefreshToken) (TokenResponse, error) {
+	var resp TokenResponse
+	plain, err := b.cfg.Records.Open(key, rec.Successor)
+	if err == nil {
+		err = json.Unmarshal(plain, &resp)
+	}
+	return resp, err
+}
+
+// refreshTokenUsed tells whether a refresh token has been rotated. One that is gone counts
+// as used: nothing of its family should be answered on its behalf.
+func (b *Broker) refreshTokenUsed(ctx context.Context, raw string) (bool, error) {
+	var rec RefreshToken
+	switch err := b.cfg.Records.Get(ctx, recordKey(kindRefreshToken, raw), &rec); {
+	case errors.Is(err, storage.ErrNotFound):
+		return true, nil
+	case err != nil:
+		return false, err
+	}
+	return !rec.RotatedAt.IsZero(), nil
+}
+
+// sameScopes tells whether a and b hold the same scopes, in any order.
+func sameScopes(a, b []string) bool {
+	p, q := Principal{Scopes: a}, Principal{Scopes: b}
+	return p.HasScopes(b) && q.HasScopes(a)
+}
+
+// errSessionEnded means a session may not be renewed: past its absolute lifetime, or its
+// IdP grant was refused by the IdP.
+var errSessionEnded = errors.New("session ended")
+
+// renewSession renews the life of the session behind a refreshed family: a session lives
+// as long as its client keeps refreshing, up to SessionMaxLifetime after the login, which
+// it returns. At least every IdPConfirmInterval it first confirms the session's IdP grant
+// by refreshing it: with delegation none nothing else would ever ask the IdP, and a user
+// disabled there, or a grant revoked there, would keep the broker's tokens forever. An IdP
+// that does not answer does not end the session (the next refresh confirms); one that
+// refuses the grant does (errSessionEnded).
+//
+// It holds the session's lock, as delegation refresh does, so that the IdP's rotated
+// refresh token is stored before the grant is used again and is never overwritten.
+func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (time.Time, error) {
 	if id == "" {
-		return storage.ErrNotFound
+		return time.Time{}, storage.ErrNotFound
 	}
 	unlock, err := b.cfg.Records.Lock(ctx, sessionLockName(id))
 	if err != nil {
-		return fmt.Errorf("locking session: %w", err)
+		return time.Time{}, fmt.Errorf("locking session: %w", err)
 	}
 	defer unlock()
 	s, err := b.loadSession(ctx, id)
 	if err != nil {
+		return time.Time{}, err
+	}
+	end := s.CreatedAt.Add(b.cfg.SessionMaxLifetime)
+	if !now.Before(end) {
+		return end, fmt.Errorf("%w: past its absolute lifetime", errSessionEnded)
+	}
+	confirmed := s.ConfirmedAt
+	if confirmed.IsZero() {
+		confirmed = s.CreatedAt
+	}
+	if now.Sub(confirmed) >= b.cfg.IdPConfirmInterval {
+		switch err := b.confirmGrant(ctx, s, now); {
+		case err == nil:
+			return end, nil // stored with the rotated grant
+		case errors.Is(err, errSessionEnded):
+			return end, err
+		case errors.Is(err, errGrantStoreFailed):
+			return end, err
+		case errors.Is(err, errNoIdPRefreshToken):
+			b.logger.Debug("session's IdP grant cannot be confirmed: no refresh token", zap.String("session", Fingerprint(id)))
+		default:
+			b.logger.Warn("could not confirm a session's IdP grant; the next refresh tries again",
+				zap.String("session", Fingerprint(id)), zap.Error(err))
+		}
+	}
+	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.sessionTTL(s, now)); err != nil {
+		return end, fmt.Errorf("renewing session: %w", err)
+	}
+	return end, nil
+}
+
+// errGrantStoreFailed means the IdP rotated a session's grant and storing it failed.
+var errGrantStoreFailed = errors.New("storing the confirmed session grant failed")
+
+// errNoIdPRefreshToken means the IdP gave the session no refresh token to confirm with.
+var errNoIdPRefreshToken = errors.New("the IdP gave the session no refresh token")
+
+// confirmGrant refreshes a session's IdP grant (as narrowed as it is) and stores the
+// result with the time of confirmation. The caller holds the session's lock.
+func (b *Broker) confirmGrant(ctx context.Context, s *Session, now time.Time) error {
+	g, err := b.sessionGrant(s)
+	if err != nil {
+		// Sealed under a key no longer in the ring: the session cannot be used again.
+		return fmt.Errorf("%w: %w", errSessionEnded, err)
+	}
+	if g.RefreshToken == "" {
+		// Nothing to confirm with: such a session lives to SessionMaxLifetime (README).
+		return errNoIdPRefreshToken
+	}
+	next, err := b.refreshIdPGrant(ctx, g, g.AccessTokenScopes)
+	var de *delegationError
+	if errors.As(err, &de) && de.kind == failRejected {
+		return fmt.Errorf("%w: the IdP refused the grant: %w", errSessionEnded, err)
+	}
+	if err != nil {
 		return err
 	}
-	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.cfg.SessionTTL); err != nil {
-		return fmt.Errorf("renewing session: %w", err)
+	s.ConfirmedAt = now
+	if err := b.storeRotatedGrant(ctx, s, next); err != nil {
+		return fmt.Errorf("%w: %w", errGrantStoreFailed, err)
 	}
 	return nil
+}
+
+// sessionTTL is how long a session's record is kept when written now: SessionTTL, but
+// never past the session's absolute lifetime.
+func (b *Broker) sessionTTL(s *Session, now time.Time) time.Duration {
+	return max(min(b.cfg.SessionTTL, s.CreatedAt.Add(b.cfg.SessionMaxLifetime).Sub(now)), time.Second)
 }

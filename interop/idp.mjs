@@ -15,7 +15,8 @@
 //        may be granted; others it asks for are dropped without an error).
 // On loopback only. Prints one JSON line {"issuer": ...} on stdout once it listens.
 // Logins go through oidc-provider's devInteractions: any login name is accepted as the
-// subject; the harness drives the forms with an HTTP client.
+// subject; the harness drives the forms with an HTTP client. POST /test/revoke-grants?sub=
+// revokes an account's grants (see below).
 import { createServer } from 'node:http';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
@@ -194,6 +195,29 @@ for (const ev of ['grant.success', 'introspection.error', 'grant.error', 'server
   });
 }
 
-server.on('request', provider.callback());
+// Test hook, not an OAuth endpoint: POST /test/revoke-grants?sub=SUB revokes every grant
+// of an account (its access and refresh tokens), as an admin disabling the user or the
+// user withdrawing the grant does. Answers {"revoked": N}.
+const grantsOf = new Map(); // accountId → Set of grantIds
+for (const ev of ['access_token.saved', 'refresh_token.saved']) {
+  provider.on(ev, (token) => {
+    if (!token.accountId || !token.grantId) return;
+    if (!grantsOf.has(token.accountId)) grantsOf.set(token.accountId, new Set());
+    grantsOf.get(token.accountId).add(token.grantId);
+  });
+}
+const callback = provider.callback();
+server.on('request', async (req, res) => {
+  const u = new URL(req.url, issuer);
+  if (u.pathname !== '/test/revoke-grants') return callback(req, res);
+  if (req.method !== 'POST') {
+    res.writeHead(405).end();
+    return;
+  }
+  const grants = grantsOf.get(u.searchParams.get('sub') ?? '') ?? new Set();
+  for (const grantId of grants) await provider.RefreshToken.revokeByGrantId(grantId);
+  grantsOf.delete(u.searchParams.get('sub') ?? '');
+  res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ revoked: grants.size }));
+});
 process.stdout.write(`${JSON.stringify({ issuer, profile: args.profile, defaultAudience })}\n`);
 for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => server.close(() => process.exit(0)));

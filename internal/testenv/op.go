@@ -300,6 +300,15 @@ func (o *OP) ResetCounts() {
 	clear(o.counts)
 }
 
+// DisableUser makes the OP refuse the refresh tokens of u's grants with
+// invalid_grant while disabled is true, as an IdP does for an account an admin
+// disabled or a grant the user revoked.
+func (o *OP) DisableUser(u User, disabled bool) {
+	o.storage.mu.Lock()
+	defer o.storage.mu.Unlock()
+	o.storage.disabled[u.Subject] = disabled
+}
+
 // SetDown makes every request to the OP fail with 503 Service Unavailable
 // while down is true.
 func (o *OP) SetDown(down bool) { o.down.Store(down) }

@@ -132,7 +132,8 @@ type issuedToken struct {
 //     names its audience;
 //   - a token exchange defaults to an access token, keeps the subject token's
 //     scopes unless asked for fewer, refuses more, and answers invalid_grant
-//     rather than server_error when the subject may not be exchanged.
+//     rather than server_error when the subject may not be exchanged;
+//   - the refresh tokens of a disabled user are refused (invalid_grant).
 type opStorage struct {
 	*storage.Storage
 	users   userStore
@@ -141,6 +142,7 @@ type opStorage struct {
 	mu              sync.Mutex
 	resources       map[string][]string // auth request ID → resources it asked for
 	refreshAudience map[string][]string // refresh token → audience of its grant
+	disabled        map[string]bool     // subjects whose grants are refused
 	issued          map[string]issuedToken
 
 	signing *signingKey // WithSigningAlgorithm's key; nil: the example storage's
@@ -165,6 +167,7 @@ func newOPStorage(users userStore, redirectGlobs, refusedScopes []string) *opSto
 		},
 		resources:       make(map[string][]string),
 		refreshAudience: make(map[string][]string),
+		disabled:        make(map[string]bool),
 		issued:          make(map[string]issuedToken),
 	}
 }
@@ -280,7 +283,11 @@ func (s *opStorage) TokenRequestByRefreshToken(ctx context.Context, refreshToken
 	}
 	s.mu.Lock()
 	audience, ok := s.refreshAudience[refreshToken]
+	disabled := s.disabled[req.GetSubject()]
 	s.mu.Unlock()
+	if disabled {
+		return nil, op.ErrInvalidRefreshToken
+	}
 	if !ok {
 		return req, nil
 	}

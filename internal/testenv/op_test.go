@@ -529,3 +529,26 @@ func TestOPLoginFollowsARedirectToTheOP(t *testing.T) {
 		t.Errorf("cookies kept for the front = %v, want binding=b1", cookies)
 	}
 }
+
+func TestOPDisableUserRefusesItsRefreshTokens(t *testing.T) {
+	o := StartOP(t)
+	scopes := []string{"openid", "offline_access"}
+	tok := loginTokens(t, o, loginParams{clientID: BrokerClientID, clientSecret: BrokerClientSecret, scopes: scopes})
+	other := loginTokens(t, o, loginParams{clientID: BrokerClientID, clientSecret: BrokerClientSecret, scopes: scopes, user: o.OtherUser})
+	form := func(rt string) url.Values { return url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}} }
+
+	o.DisableUser(o.User, true)
+	var refusal struct {
+		Error string `json:"error"`
+	}
+	if st := postForm(t, o.TokenEndpoint, BrokerClientID, BrokerClientSecret, form(tok.RefreshToken), &refusal); st != http.StatusBadRequest || refusal.Error != "invalid_grant" {
+		t.Errorf("refresh of a disabled user: %d %q, want 400 invalid_grant", st, refusal.Error)
+	}
+	if st := postForm(t, o.TokenEndpoint, BrokerClientID, BrokerClientSecret, form(other.RefreshToken), nil); st != http.StatusOK {
+		t.Errorf("refresh of another user: %d", st)
+	}
+	o.DisableUser(o.User, false)
+	if st := postForm(t, o.TokenEndpoint, BrokerClientID, BrokerClientSecret, form(tok.RefreshToken), nil); st != http.StatusOK {
+		t.Errorf("refresh after enabling the user again: %d", st)
+	}
+}
