@@ -302,7 +302,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		repl.Set("http.auth.user.scopes", who.ScopeString())
 		repl.Set("http.auth.user.client_id", who.ClientID)
 	}
-	return next.ServeHTTP(w, pass)
+	// The upstream's response must not set or clear the broker's cookies.
+	g := flows.GuardResponse(w)
+	defer g.Release()
+	return next.ServeHTTP(g, pass)
 }
 
 // startBackground starts the storage janitor with the first request rather than in
