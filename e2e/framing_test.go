@@ -59,19 +59,21 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		return resp
 	}
 
+	// The call in UTF-7, as iconv-lite decodes it: no `"tools/call"` for the check to see.
+	const callUTF7 = `{+ACI-jsonrpc+ACI-:+ACI-2.0+ACI-,+ACI-id+ACI-:2,+ACI-method+ACI-:+ACI-tools/call+ACI-,+ACI-params+ACI-:{+ACI-name+ACI-:+ACI-notes+AF8-write+ACI-}}`
 	for _, tc := range []struct {
-		name, method, contentType string
-		header                    map[string]string
-		want                      int
+		name, method, contentType, body string
+		header                          map[string]string
+		want                            int
 	}{
-		{"PUT with a tools/call body", http.MethodPut, "application/json", nil, http.StatusMethodNotAllowed},
-		{"lower-case post with a tools/call body", "post", "application/json", nil, http.StatusMethodNotAllowed},
-		{"charset utf-7", http.MethodPost, "application/json; charset=utf-7", nil, http.StatusUnsupportedMediaType},
-		{"text/plain", http.MethodPost, "text/plain", nil, http.StatusUnsupportedMediaType},
-		{"X-HTTP-Method-Override", http.MethodPost, "application/json", map[string]string{"X-HTTP-Method-Override": "PATCH"}, http.StatusBadRequest},
+		{"PUT with a tools/call body", http.MethodPut, "application/json", call, nil, http.StatusMethodNotAllowed},
+		{"lower-case post with a tools/call body", "post", "application/json", call, nil, http.StatusMethodNotAllowed},
+		{"charset utf-7", http.MethodPost, "application/json; charset=utf-7", callUTF7, nil, http.StatusUnsupportedMediaType},
+		{"text/plain", http.MethodPost, "text/plain", call, nil, http.StatusUnsupportedMediaType},
+		{"X-HTTP-Method-Override", http.MethodPost, "application/json", initialize, map[string]string{"X-HTTP-Method-Override": "PATCH"}, http.StatusBadRequest},
 	} {
 		t.Run(tc.name+" is refused", func(t *testing.T) {
-			resp := send(t, tc.method, tc.contentType, call, tc.header)
+			resp := send(t, tc.method, tc.contentType, tc.body, tc.header)
 			if resp.StatusCode != tc.want || len(up.Seen()) != 0 {
 				t.Errorf("%s, upstream saw %d requests; want %d and nothing forwarded", resp.Status, len(up.Seen()), tc.want)
 			}
