@@ -32,6 +32,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		client_secret     <secret>
 //		resource          <url>
 //		audience          <aud...>
+//		require_jwt_access_token_type
+//		introspection_cache_ttl <duration>
 //		scopes            <scope...>
 //		encryption_key    <base64 of 32 bytes> [<older>...]
 //		client <client_id> {
@@ -120,7 +122,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("tool_scope: want a tool name or glob and at least one scope")
 			}
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: args[0], Scopes: args[1:]})
-		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl", "refresh_grace", "idp_timeout":
+		case "require_jwt_access_token_type":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.RequireJWTAccessTokenType = true
+		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl", "refresh_grace", "idp_timeout", "introspection_cache_ttl":
 			if err := h.unmarshalDuration(d); err != nil {
 				return err
 			}
@@ -212,6 +219,8 @@ func (h *Handler) unmarshalDuration(d *caddyfile.Dispenser) error {
 		h.RefreshGrace = caddy.Duration(dur)
 	case "idp_timeout":
 		h.IdPTimeout = caddy.Duration(dur)
+	case "introspection_cache_ttl":
+		h.IntrospectionCacheTTL = caddy.Duration(dur)
 	}
 	return nil
 }
