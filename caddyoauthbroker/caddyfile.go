@@ -32,6 +32,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		client_secret     <secret>
 //		resource          <url>
 //		audience          <aud...>
+//		require_jwt_access_token_type
+//		introspection_cache_ttl <duration>
 //		scopes            <scope...>
 //		encryption_key    <base64 of 32 bytes> [<older>...]
 //		client <client_id> {
@@ -123,8 +125,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("tool_scope: want a tool name or glob and at least one scope")
 			}
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: args[0], Scopes: args[1:]})
+		case "require_jwt_access_token_type":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.RequireJWTAccessTokenType = true
 		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl", "refresh_grace", "idp_timeout",
-			"session_max_lifetime", "idp_confirm_interval":
+			"session_max_lifetime", "idp_confirm_interval", "introspection_cache_ttl":
 			if err := h.unmarshalDuration(d); err != nil {
 				return err
 			}
@@ -226,6 +233,8 @@ func (h *Handler) unmarshalDuration(d *caddyfile.Dispenser) error {
 		h.SessionMaxLifetime = caddy.Duration(dur)
 	case "idp_confirm_interval":
 		h.IdPConfirmInterval = caddy.Duration(dur)
+	case "introspection_cache_ttl":
+		h.IntrospectionCacheTTL = caddy.Duration(dur)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -59,8 +60,20 @@ type Handler struct {
 	Resource string `json:"resource,omitempty"`
 
 	// The `aud` values accepted in client tokens in progressive mode, besides `resource`.
+	// It must not list `client_id`: tokens issued to the broker itself (its ID tokens,
+	// background and delegated tokens) are never accepted from MCP clients.
 	// Default: none (only `resource`).
 	Audience []string `json:"audience,omitempty"`
+
+	// Accept a JWT in progressive mode only with RFC 9068's header `typ: at+jwt`, for IdPs
+	// that set it on every access token. Without it a JWT must still look like an access
+	// token: no ID-token markers, and a `client_id`, `scope` or `scp` claim. Default: false.
+	RequireJWTAccessTokenType bool `json:"require_jwt_access_token_type,omitempty"`
+
+	// How long the IdP's introspection answer about an opaque access token is trusted in
+	// progressive mode, so that revoking the token at the IdP takes effect within it
+	// (never past the token's `exp`). Default: 5m.
+	IntrospectionCacheTTL caddy.Duration `json:"introspection_cache_ttl,omitempty"`
 
 	// The scopes the broker asks the IdP for and advertises to MCP clients. `openid` is
 	// always requested from the IdP. Default: `openid profile email`.
@@ -317,7 +330,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		repl.Set("http.auth.user.scopes", who.ScopeString())
 		repl.Set("http.auth.user.client_id", who.ClientID)
 	}
-	return next.ServeHTTP(w, pass)
+	// The upstream's response must not set or clear the broker's cookies.
+	g := flows.GuardResponse(w)
+	defer g.Release()
+	return next.ServeHTTP(g, pass)
 }
 
 // startBackground starts the storage janitor with the first request rather than in
@@ -452,6 +468,7 @@ func (h *Handler) Validate() error {
 		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
 		"refresh_grace": h.RefreshGrace, "idp_timeout": h.IdPTimeout,
 		"session_max_lifetime": h.SessionMaxLifetime, "idp_confirm_interval": h.IdPConfirmInterval,
+		"introspection_cache_ttl": h.IntrospectionCacheTTL,
 	} {
 		if d < 0 {
 			return fmt.Errorf("%s: must not be negative, got %s", name, time.Duration(d))
@@ -459,6 +476,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxBodyBytes < 0 {
 		return fmt.Errorf("max_body_bytes: must not be negative, got %d", h.MaxBodyBytes)
+	}
+	if slices.Contains(h.Audience, h.ClientID) {
+		return fmt.Errorf("audience: must not list client_id %q: the broker's own ID tokens, background and delegated tokens would pass as MCP clients' tokens; list the resource or the MCP clients' ids", h.ClientID)
 	}
 	return nil
 }
@@ -512,11 +532,13 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		RefreshGrace:    time.Duration(h.RefreshGrace),
 		IdPTimeout:      time.Duration(h.IdPTimeout),
 
-		RegistrationRate:      h.RegistrationRate,
-		RegistrationRateTotal: h.RegistrationRateTotal,
-		CIMDAllowPrivate:      h.ClientMetadataAllowPrivate,
-		SessionMaxLifetime:    time.Duration(h.SessionMaxLifetime),
-		IdPConfirmInterval:    time.Duration(h.IdPConfirmInterval),
+		RegistrationRate:          h.RegistrationRate,
+		RegistrationRateTotal:     h.RegistrationRateTotal,
+		CIMDAllowPrivate:          h.ClientMetadataAllowPrivate,
+		SessionMaxLifetime:        time.Duration(h.SessionMaxLifetime),
+		IdPConfirmInterval:        time.Duration(h.IdPConfirmInterval),
+		RequireJWTAccessTokenType: h.RequireJWTAccessTokenType,
+		IntrospectionCacheTTL:     time.Duration(h.IntrospectionCacheTTL),
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

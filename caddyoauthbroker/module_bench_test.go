@@ -42,6 +42,7 @@ func BenchmarkServeHTTPWarm(b *testing.B) {
 	request := func() *http.Request {
 		r := httptest.NewRequest(http.MethodPost, "https://mcp.example.com/mcp", strings.NewReader(body))
 		r.Header.Set("Authorization", "Bearer "+token)
+		r.Header.Set("Content-Type", "application/json")
 		return caddyhttp.PrepareRequest(r, caddy.NewReplacer(), nil, nil)
 	}
 	w := &discard{h: http.Header{}}

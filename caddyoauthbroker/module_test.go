@@ -82,6 +82,8 @@ func TestValidateErrors(t *testing.T) {
 		{"provisioning bad glob", func(h *Handler) { h.Provisioning = &Provisioning{Tools: []string{"["}} }, `provisioning tools "[": bad glob`},
 		{"negative registration rate", func(h *Handler) { h.RegistrationRate = -1 }, "registration_rate: must not be negative"},
 		{"negative total registration rate", func(h *Handler) { h.RegistrationRateTotal = -1 }, "registration_rate_total: must not be negative"},
+		{"negative introspection cache ttl", func(h *Handler) { h.IntrospectionCacheTTL = caddy.Duration(-1) }, "introspection_cache_ttl: must not be negative"},
+		{"the broker's own client id as an audience", func(h *Handler) { h.Audience = []string{"mcp-client", h.ClientID} }, "audience: must not list client_id"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()

@@ -25,6 +25,7 @@ func TestAuditSubjectHeaderUnderscoreSpoof(t *testing.T) {
 			t.Fatal(err)
 		}
 		req.Header.Set("Authorization", "Bearer "+tok)
+		req.Header.Set("Content-Type", "application/json")
 		req.Header["X_Auth_Subject"] = []string{"admin"}
 		req.Header["X_auth-subject"] = []string{"admin"}
 		resp, err := http.DefaultClient.Do(req)

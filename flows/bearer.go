@@ -33,8 +33,17 @@ type VerifierConfig struct {
 	// audiences); a token's `aud` must contain at least one. Empty accepts no token.
 	Audiences []string
 	// ClientID and ClientSecret are the broker's credentials at the IdP, sent with
-	// client_secret_basic to the RFC 7662 introspection endpoint.
+	// client_secret_basic to the RFC 7662 introspection endpoint. A token issued to
+	// ClientID (`client_id` or `azp`) is never accepted: those are the broker's own ID
+	// tokens, background tokens and delegated tokens, none meant for the MCP endpoint.
 	ClientID, ClientSecret string
+	// RequireAccessTokenType accepts a JWT only with RFC 9068's header `typ: at+jwt`,
+	// for IdPs that set it. Default: off; a JWT without it must still look like an
+	// access token (see checkTokenKind).
+	RequireAccessTokenType bool
+	// IntrospectionCacheTTL caps how long an active introspection answer is cached, so
+	// that an opaque token revoked at the IdP is refused within it. Default: 5m.
+	IntrospectionCacheTTL time.Duration
 	// HTTPClient makes the JWKS and introspection requests. Default: a client with a
 	// 10s timeout.
 	HTTPClient *http.Client
@@ -55,8 +64,10 @@ type VerifierConfig struct {
 const (
 	defaultVerifierCacheEntries = 10000
 	defaultInactiveTTL          = 10 * time.Second
-	defaultLeeway               = 30 * time.Second
-	defaultVerifierTimeout      = 10 * time.Second
+	// DefaultIntrospectionCacheTTL is VerifierConfig.IntrospectionCacheTTL's default.
+	DefaultIntrospectionCacheTTL = 5 * time.Minute
+	defaultLeeway                = 30 * time.Second
+	defaultVerifierTimeout       = 10 * time.Second
 
 	// maxTokenLength refuses absurd tokens before hashing or sending them anywhere.
 	maxTokenLength = 16 << 10
@@ -120,6 +131,9 @@ func NewTokenVerifier(cfg VerifierConfig) *TokenVerifier {
 	}
 	if cfg.InactiveTTL <= 0 {
 		cfg.InactiveTTL = defaultInactiveTTL
+	}
+	if cfg.IntrospectionCacheTTL <= 0 {
+		cfg.IntrospectionCacheTTL = DefaultIntrospectionCacheTTL
 	}
 	switch {
 	case cfg.Leeway == 0:
@@ -222,8 +236,13 @@ func (v *TokenVerifier) lead(ctx context.Context, key [sha256.Size]byte, raw str
 	now := v.cfg.Now()
 	switch {
 	case err == nil:
-		if p.Expiry.After(now) {
-			v.cache.put(key, verdict{principal: p}, p.Expiry.UnixNano(), false, now.UnixNano())
+		until := p.Expiry
+		if !looksLikeJWS(raw) {
+			// An opaque token can be revoked at the IdP: ask again after the cap.
+			until = minTime(until, now.Add(v.cfg.IntrospectionCacheTTL))
+		}
+		if until.After(now) {
+			v.cache.put(key, verdict{principal: p}, until.UnixNano(), false, now.UnixNano())
 		}
 	case errors.Is(err, ErrInvalidToken) && !errors.Is(err, ErrIdPUnavailable):
 		// A refusal is disposable: a full cache evicts refusals before valid entries.
@@ -311,12 +330,73 @@ func (k *observedKeySet) VerifySignature(ctx context.Context, jwt string) ([]byt
 	return payload, err
 }
 
-// accessTokenClaims are the claims of a JWT access token beyond those go-oidc checks.
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// accessTokenClaims are the claims of a JWT access token beyond those go-oidc checks,
+// with those that tell an ID token from an access token.
 type accessTokenClaims struct {
 	Scope    *scopeList `json:"scope"`
 	Scp      *scopeList `json:"scp"`
 	ClientID string     `json:"client_id"`
 	Azp      string     `json:"azp"`
+
+	Typ    string          `json:"typ"` // Keycloak: "Bearer" for access tokens, "ID" for ID tokens
+	AtHash json.RawMessage `json:"at_hash"`
+	CHash  json.RawMessage `json:"c_hash"`
+	SHash  json.RawMessage `json:"s_hash"`
+}
+
+// jwsHeader is the part of a JWS header read besides what go-oidc checks.
+type jwsHeader struct {
+	Typ string `json:"typ"`
+}
+
+// checkTokenKind refuses a verified JWT that is not an access token for an MCP client
+// (SECURITY.md, tokens of the wrong kind): an IdP that sets `aud` to the client id makes
+// operators list client ids as audiences, and then that client's ID tokens would pass.
+//
+//   - header `typ` at+jwt (RFC 9068 §2.1) is an access token; any other typ but JWT
+//     (logout+jwt, secevent+jwt, ...) is refused, and with RequireAccessTokenType
+//     everything but at+jwt is;
+//   - otherwise a payload `typ` other than Bearer (Keycloak's "ID"), an `at_hash`,
+//     `c_hash` or `s_hash` (OIDC Core §3.1.3.6, §3.3.2.11; only ID tokens carry them),
+//     or no `client_id`, `scope` or `scp` at all (an ID token has none of them at the
+//     oidc app and at Keycloak) is refused. `nonce` and `auth_time` prove nothing:
+//     Keycloak puts nonce in access tokens;
+//   - a token whose `client_id` or `azp` is the broker's own client is refused: the
+//     broker's ID tokens, its background and its delegated tokens.
+func (v *TokenVerifier) checkTokenKind(raw string, c *accessTokenClaims) error {
+	var h jwsHeader
+	if seg, _, ok := strings.Cut(raw, "."); ok {
+		if b, err := base64.RawURLEncoding.DecodeString(seg); err == nil {
+			_ = json.Unmarshal(b, &h)
+		}
+	}
+	// RFC 7515 §4.1.9: "application/" may be left out; compared case-insensitively.
+	typ := strings.ToLower(h.Typ)
+	typ = strings.TrimPrefix(typ, "application/")
+	switch {
+	case typ == "at+jwt":
+	case typ != "" && typ != "jwt":
+		return fmt.Errorf("header typ %q is not an access token's", h.Typ)
+	case v.cfg.RequireAccessTokenType:
+		return errors.New("header typ is not at+jwt, which require_jwt_access_token_type requires")
+	case c.Typ != "" && !strings.EqualFold(c.Typ, "Bearer"):
+		return fmt.Errorf("typ claim %q is not an access token's", c.Typ)
+	case c.AtHash != nil || c.CHash != nil || c.SHash != nil:
+		return errors.New("at_hash, c_hash or s_hash: an ID token")
+	case c.ClientID == "" && c.Scope == nil && c.Scp == nil:
+		return errors.New("no client_id, scope or scp: not an access token")
+	}
+	if v.cfg.ClientID != "" && (c.ClientID == v.cfg.ClientID || c.Azp == v.cfg.ClientID) {
+		return errors.New("issued to the broker's own client, not to an MCP client")
+	}
+	return nil
 }
 
 func (v *TokenVerifier) verifyJWT(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
@@ -337,6 +417,9 @@ func (v *TokenVerifier) verifyJWT(ctx context.Context, d *Discovery, raw string)
 	var c accessTokenClaims
 	if err := tok.Claims(&c); err != nil {
 		return nil, fmt.Errorf("verifying JWT access token: %w: decoding claims: %v", ErrInvalidToken, err)
+	}
+	if err := v.checkTokenKind(raw, &c); err != nil {
+		return nil, fmt.Errorf("verifying JWT access token: %w: %v", ErrInvalidToken, err)
 	}
 	p := &Principal{
 		Subject:  tok.Subject,
@@ -430,6 +513,8 @@ func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string
 		return nil, fmt.Errorf("%s: %w: token_type %q is not a bearer access token", doing, ErrInvalidToken, ir.TokenType)
 	case !v.audienceAccepted(ir.Aud):
 		return nil, fmt.Errorf("%s: %w: aud %q names none of the accepted audiences", doing, ErrInvalidToken, []string(ir.Aud))
+	case v.cfg.ClientID != "" && ir.ClientID == v.cfg.ClientID:
+		return nil, fmt.Errorf("%s: %w: issued to the broker's own client, not to an MCP client", doing, ErrInvalidToken)
 	case ir.Nbf != nil && unixTime(*ir.Nbf).After(now.Add(v.cfg.Leeway)):
 		return nil, fmt.Errorf("%s: %w: not valid before %v", doing, ErrInvalidToken, unixTime(*ir.Nbf))
 	}

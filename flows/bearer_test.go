@@ -193,10 +193,10 @@ func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
 		{
 			name: "JWT from a real login speaks for the user with its scopes",
 			token: func(t *testing.T) string {
-				return loginAccessToken(t, o, testenv.BrokerClientID, testenv.BrokerClientSecret,
+				return loginAccessToken(t, o, testenv.NativeClientID, "",
 					[]string{"openid", "notes:read"}, verifierResource)
 			},
-			wantClientID: testenv.BrokerClientID,
+			wantClientID: testenv.NativeClientID,
 			wantScopes:   []string{"openid", "notes:read"},
 		},
 		{
@@ -218,6 +218,7 @@ func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
 				c := o.AccessTokenClaims(o.User.Subject, verifierResource)
 				c["scp"] = []string{"notes:read", "notes:write"}
 				c["azp"] = "some-client"
+				delete(c, "client_id")
 				return o.MintJWT(c)
 			},
 			wantClientID: "some-client",
@@ -242,6 +243,7 @@ func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
 				c["exp"] = time.Now().Add(-10 * time.Second).Unix()
 				return o.MintJWT(c)
 			},
+			wantClientID: testenv.NativeClientID,
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

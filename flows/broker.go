@@ -39,6 +39,11 @@ type Config struct {
 	Resource     string
 	Audience     []string
 	Scopes       []string
+	// RequireJWTAccessTokenType and IntrospectionCacheTTL are the VerifierConfig fields
+	// of the same names.
+	RequireJWTAccessTokenType bool
+	IntrospectionCacheTTL     time.Duration
+
 	Clients      []ClientConfig
 	Registration bool
 
@@ -259,6 +264,9 @@ func New(cfg Config) (*Broker, error) {
 		ClientID:     cfg.ClientID,
 		ClientSecret: cfg.ClientSecret,
 		HTTPClient:   cfg.HTTPClient,
+
+		RequireAccessTokenType: cfg.RequireJWTAccessTokenType,
+		IntrospectionCacheTTL:  cfg.IntrospectionCacheTTL,
 	})
 	return b, nil
 }

@@ -72,7 +72,9 @@ func startFront(t *testing.T, b *Broker, upstream string) *httptest.Server {
 	}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if pass, _ := b.Handle(w, r); pass != nil {
-			proxy.ServeHTTP(w, pass)
+			g := GuardResponse(w)
+			defer g.Release()
+			proxy.ServeHTTP(g, pass)
 		}
 	}))
 	t.Cleanup(srv.Close)

@@ -108,17 +108,9 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 
-	need, tools, status := b.requiredScopes(w, r)
-	switch status {
-	case http.StatusRequestEntityTooLarge:
-		writeError(w, status, "invalid_request", "request body too large")
-		return nil, nil
-	case http.StatusBadRequest:
-		writeError(w, status, "invalid_request", "request body could not be read")
-		return nil, nil
-	case http.StatusUnsupportedMediaType:
-		w.Header().Set("Accept-Encoding", "identity") // RFC 7694 §3
-		writeError(w, status, "invalid_request", "request bodies must not be content-encoded")
+	need, tools, refused := b.requiredScopes(w, r)
+	if refused != nil {
+		refused.write(w)
 		return nil, nil
 	}
 	if len(need) > 0 && !who.HasScopes(need) {
@@ -130,24 +122,11 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 	}
 
 	// The request is ours to change, as in any handler chain: no copy on the hot path.
-	r.Header.Del("Authorization")
-	delHeaderSpellings(r.Header, b.cfg.SubjectHeader)
+	stripClientIdentity(r.Header, b.cfg.SubjectHeader)
 	if !b.delegateInto(w, r, who, raw, need) {
 		return nil, nil
 	}
 	return r, who
-}
-
-// delHeaderSpellings removes header name in every spelling an upstream might read as it:
-// CGI, FastCGI (PHP) and WSGI hosts map both '-' and '_' to '_' (X_Auth_Subject is their
-// HTTP_X_AUTH_SUBJECT too), and Go leaves a name with '_' uncanonicalized.
-func delHeaderSpellings(h http.Header, name string) {
-	h.Del(name)
-	for k := range h {
-		if len(k) == len(name) && strings.IndexByte(k, '_') >= 0 && sameHeaderName(k, name) {
-			delete(h, k)
-		}
-	}
 }
 
 // sameHeaderName compares header names of equal length case-insensitively, '_' as '-'.

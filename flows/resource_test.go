@@ -34,6 +34,9 @@ func do(t *testing.T, method, url string, header http.Header, body string) *http
 	if err != nil {
 		t.Fatal(err)
 	}
+	if method == http.MethodPost {
+		req.Header.Set("Content-Type", "application/json") // as MCP clients send
+	}
 	for k, v := range header {
 		req.Header[k] = v
 	}
@@ -398,6 +401,7 @@ func TestToolScopes(t *testing.T) {
 		req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, front.URL+"/mcp",
 			io.MultiReader(strings.NewReader(`{"jsonrpc":"2.0","method":"tools/call","x":"`), strings.NewReader(strings.Repeat("a", 5000))))
 		req.Header.Set("Authorization", "Bearer "+readWrite)
+		req.Header.Set("Content-Type", "application/json")
 		req.ContentLength = -1
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {

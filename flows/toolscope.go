@@ -12,48 +12,164 @@ import (
 
 var toolsCallMethod = []byte(`"tools/call"`)
 
+// requestRefusal is why a request to the MCP endpoint is refused before the upstream
+// sees it. The refusals are fixed values: refusing allocates nothing.
+type requestRefusal struct {
+	status      int
+	description string
+	header      string // a header to set, with value
+	value       string
+}
+
+func (e *requestRefusal) write(w http.ResponseWriter) {
+	if e.header != "" {
+		w.Header().Set(e.header, e.value)
+	}
+	writeError(w, e.status, "invalid_request", e.description)
+}
+
+var (
+	refuseBodyTooLarge   = &requestRefusal{status: http.StatusRequestEntityTooLarge, description: "request body too large"}
+	refuseUnreadable     = &requestRefusal{status: http.StatusBadRequest, description: "request body could not be read"}
+	refuseEncoded        = &requestRefusal{status: http.StatusUnsupportedMediaType, description: "request bodies must not be content-encoded", header: "Accept-Encoding", value: "identity"} // RFC 7694 §3
+	refuseMediaType      = &requestRefusal{status: http.StatusUnsupportedMediaType, description: "request bodies must be application/json in UTF-8"}
+	refuseMethod         = &requestRefusal{status: http.StatusMethodNotAllowed, description: "method not allowed", header: "Allow", value: "GET, HEAD, POST, DELETE, OPTIONS"}
+	refuseBodyNotPost    = &requestRefusal{status: http.StatusBadRequest, description: "a request body is accepted only with POST"}
+	refuseMethodOverride = &requestRefusal{status: http.StatusBadRequest, description: "method overrides are not accepted"}
+)
+
+// methodOverrides are the headers web frameworks read as the request's real method
+// (Rails, Laravel, Symfony, Express's method-override, ASP.NET), compared as
+// sameHeaderName compares.
+var methodOverrides = []string{"X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"}
+
 // requiredScopes reads a JSON-RPC body (one request or a batch) and returns the scopes
 // its `tools/call`s need under the configured rules, with the tools called. The body is read at most once, up to
 // the bound, and put back for the upstream. A body over the bound is refused (413) rather
 // than passed on unchecked; one that cannot be read is a 400.
-func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, tools []string, status int) {
-	if (len(b.toolScopes) == 0 && len(b.cfg.ProvisioningTools) == 0) || r.Method != http.MethodPost || r.Body == nil || r.Body == http.NoBody {
-		return nil, nil, 0
+//
+// While any rule applies, the request must be framed the one way the check reads it
+// (SECURITY.md, tool scopes dodged by framing): a body only with POST, spelled so;
+// no method override; application/json in UTF-8; no content coding. Whatever else an
+// upstream framework might read as a tool call is refused, never forwarded.
+func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, tools []string, refused *requestRefusal) {
+	if len(b.toolScopes) == 0 && len(b.cfg.ProvisioningTools) == 0 {
+		return nil, nil, nil
+	}
+	if refused := checkFraming(r); refused != nil || r.Method != http.MethodPost {
+		return nil, nil, refused
 	}
 	if ce := r.Header.Values("Content-Encoding"); len(ce) > 0 && !identityEncoding(ce) {
 		// The rules are checked on the bytes as sent: a compressed body would pass
 		// unread to an upstream (or a middleware in front of it) that decompresses it.
-		return nil, nil, http.StatusUnsupportedMediaType
+		return nil, nil, refuseEncoded
+	}
+	if ct := r.Header["Content-Type"]; len(ct) != 1 || !jsonUTF8(ct[0]) {
+		// Node's Buffer#toString('ascii') drops the high bit, iconv-lite decodes UTF-7:
+		// a body declared in another charset may read as a call the check never saw.
+		return nil, nil, refuseMediaType
 	}
 	limit := b.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
-		return nil, nil, http.StatusRequestEntityTooLarge
+		return nil, nil, refuseBodyTooLarge
 	}
 	body, status := readBody(w, r, limit)
-	if status != 0 {
-		return nil, nil, status
+	switch status {
+	case http.StatusRequestEntityTooLarge:
+		return nil, nil, refuseBodyTooLarge
+	case http.StatusBadRequest:
+		return nil, nil, refuseUnreadable
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	// Most MCP traffic is not a tool call: skip decoding it. Only a JSON escape could
 	// spell the method otherwise (tools\/call), or another encoding of JSON than UTF-8:
 	// UTF-16 or UTF-32, which Python's json.loads detects on bytes, spell every ASCII
-	// character with a NUL, which valid UTF-8 JSON never holds raw.
-	if !bytes.Contains(body, toolsCallMethod) && bytes.IndexByte(body, '\\') < 0 && bytes.IndexByte(body, 0) < 0 {
-		return nil, nil, 0
+	// character with a NUL, which valid UTF-8 JSON never holds raw. A byte >= 0x80 is
+	// decoded too, so that one outside a string (a lenient decoder's whitespace or
+	// letter) fails validation.
+	if !bytes.Contains(body, toolsCallMethod) && bytes.IndexByte(body, '\\') < 0 && bytes.IndexByte(body, 0) < 0 && ascii(body) {
+		return nil, nil, nil
 	}
 	tools, ok := toolNames(body)
 	if !ok {
 		// Fail closed: a body this decoder cannot read may still be read by a more lenient
 		// upstream (Python's json takes NaN), and then run a tool nobody checked.
-		return nil, nil, http.StatusBadRequest
+		return nil, nil, refuseUnreadable
 	}
 	for _, name := range tools {
 		for _, s := range b.scopesForTool(name) {
 			need = appendUnique(need, s)
 		}
 	}
-	return need, tools, 0
+	return need, tools, nil
+}
+
+// checkFraming refuses a request whose method a framework might read as another: a
+// method override in a header or the query, a method other than POST spelled any way
+// but the canonical upper case, and a body with GET, HEAD, OPTIONS or DELETE.
+func checkFraming(r *http.Request) *requestRefusal {
+	for k := range r.Header {
+		for _, o := range methodOverrides {
+			if len(k) == len(o) && sameHeaderName(k, o) {
+				return refuseMethodOverride
+			}
+		}
+	}
+	if r.URL.RawQuery != "" {
+		for k := range r.URL.Query() {
+			if strings.EqualFold(k, "_method") {
+				return refuseMethodOverride
+			}
+		}
+	}
+	switch r.Method {
+	case http.MethodPost:
+		return nil
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodDelete:
+		if r.ContentLength > 0 || (r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody) {
+			return refuseBodyNotPost
+		}
+		return nil
+	}
+	return refuseMethod
+}
+
+// jsonUTF8 tells whether a Content-Type names application/json with no charset other
+// than UTF-8. Fails closed: an unreadable parameter (a quoted ';', RFC 2231's charset*)
+// refuses the type.
+func jsonUTF8(ct string) bool {
+	mt, params, _ := strings.Cut(ct, ";")
+	if !strings.EqualFold(strings.TrimSpace(mt), "application/json") {
+		return false
+	}
+	for params != "" {
+		var p string
+		p, params, _ = strings.Cut(params, ";")
+		name, value, _ := strings.Cut(p, "=")
+		name = strings.TrimSpace(name)
+		if len(name) < len("charset") || !strings.EqualFold(name[:len("charset")], "charset") {
+			continue
+		}
+		value = strings.TrimSpace(value)
+		if len(value) >= 2 && value[0] == '"' && value[len(value)-1] == '"' {
+			value = value[1 : len(value)-1]
+		}
+		if !strings.EqualFold(name, "charset") || !strings.EqualFold(value, "utf-8") {
+			return false
+		}
+	}
+	return true
+}
+
+// ascii tells whether b holds no byte >= 0x80.
+func ascii(b []byte) bool {
+	for _, c := range b {
+		if c >= 0x80 {
+			return false
+		}
+	}
+	return true
 }
 
 // identityEncoding tells whether the Content-Encoding values name no coding but identity.

@@ -345,20 +345,22 @@ func (o *OP) MintJWT(claims map[string]any) string {
 	panic(fmt.Sprintf("testenv: minting a JWT: %v", err))
 }
 
-// AccessTokenClaims returns the registered claims of a valid access token of
-// this OP for subject and audience, expiring in 5 minutes, for a test to
+// AccessTokenClaims returns the claims of a valid access token of this OP for
+// subject and audience, issued to NativeClientID (`client_id`, as the OP's own
+// access tokens name their client) and expiring in 5 minutes, for a test to
 // change before MintJWT.
 func (o *OP) AccessTokenClaims(subject string, audience ...string) map[string]any {
 	now := time.Now()
 	jti := make([]byte, 16)
 	rand.Read(jti)
 	return map[string]any{
-		"iss": o.Issuer,
-		"sub": subject,
-		"aud": audience,
-		"iat": now.Unix(),
-		"nbf": now.Unix(),
-		"exp": now.Add(5 * time.Minute).Unix(),
-		"jti": hex.EncodeToString(jti),
+		"iss":       o.Issuer,
+		"sub":       subject,
+		"aud":       audience,
+		"iat":       now.Unix(),
+		"nbf":       now.Unix(),
+		"exp":       now.Add(5 * time.Minute).Unix(),
+		"jti":       hex.EncodeToString(jti),
+		"client_id": NativeClientID,
 	}
 }

@@ -55,7 +55,19 @@ func TrustedSubjectHeader() UpstreamAuth {
 type UpstreamOption func(*upstreamConfig)
 
 type upstreamConfig struct {
-	scopes []string
+	scopes          []string
+	responseHeaders http.Header
+}
+
+// ResponseHeader makes an Upstream add the header to every response it sends, as an
+// upstream setting its own (or someone else's) cookies does.
+func ResponseHeader(name, value string) UpstreamOption {
+	return func(c *upstreamConfig) {
+		if c.responseHeaders == nil {
+			c.responseHeaders = http.Header{}
+		}
+		c.responseHeaders.Add(name, value)
+	}
 }
 
 // RequireScopes makes an Upstream that takes access tokens refuse, with 403,
@@ -174,6 +186,14 @@ func NewUpstream(a UpstreamAuth, opts ...UpstreamOption) (*Upstream, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/mcp", mcpHandler)
 	u.handler = mux
+	if extra := cfg.responseHeaders; extra != nil {
+		u.handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			for k, v := range extra {
+				w.Header()[k] = append(w.Header()[k], v...)
+			}
+			mux.ServeHTTP(w, r)
+		})
+	}
 
 	u.server = &http.Server{Handler: http.HandlerFunc(u.serveHTTP), ReadHeaderTimeout: 10 * time.Second}
 	go u.server.Serve(ln)

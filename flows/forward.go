@@ -1,0 +1,196 @@
+package flows
+
+import (
+	"net/http"
+	"strings"
+	"sync"
+)
+
+// What the broker forwards, and what it removes (README): on the way in, the client's
+// Authorization, every spelling of the subject header and of the identity headers other
+// gateways set, and every Connection token naming one of them; on the way out, an
+// upstream's Set-Cookie for the broker's own cookie names.
+
+// identityHeaders are headers other authenticating gateways (oauth2-proxy, Authelia,
+// Apache's REMOTE_USER) set for their upstream; an upstream that was once behind one may
+// still believe them, so a client never gets to send them. Compared as sameHeaderName
+// compares, so X_Remote_User is X-Remote-User.
+var identityHeaders = []string{
+	"Remote-User", "Remote-Email", "Remote-Groups", "Remote-Name",
+	"X-Remote-User", "X-Remote-Email", "X-Remote-Groups",
+	"X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Groups",
+	"X-Forwarded-Preferred-Username", "X-Forwarded-Access-Token",
+	"X-User", "X-Email",
+}
+
+// identityHeaderPrefix is oauth2-proxy's family of identity headers (X-Auth-Request-User,
+// -Email, -Groups, -Preferred-Username, -Access-Token).
+const identityHeaderPrefix = "x-auth-request-"
+
+// stripClientIdentity removes from h what a client must not tell the upstream: its own
+// Authorization, the subject header and the identity headers in every spelling, and the
+// Connection tokens naming any of them or Authorization, which a proxy would otherwise
+// drop as hop-by-hop after the broker set them. It allocates only when it has something
+// to remove from Connection.
+func stripClientIdentity(h http.Header, subjectHeader string) {
+	h.Del("Authorization")
+	for k := range h {
+		if brokerManagedHeader(k, subjectHeader) {
+			delete(h, k)
+		}
+	}
+	if conn, ok := h["Connection"]; ok {
+		h["Connection"] = cleanConnection(conn, subjectHeader)
+		if len(h["Connection"]) == 0 {
+			delete(h, "Connection")
+		}
+	}
+}
+
+// brokerManagedHeader tells whether a header of that name is set or stripped by the
+// broker: Authorization, the subject header, an identity header, in any spelling.
+func brokerManagedHeader(name, subjectHeader string) bool {
+	if len(name) == len(subjectHeader) && sameHeaderName(name, subjectHeader) {
+		return true
+	}
+	if len(name) == len("Authorization") && sameHeaderName(name, "Authorization") {
+		return true
+	}
+	if len(name) > len(identityHeaderPrefix) && sameHeaderName(name[:len(identityHeaderPrefix)], identityHeaderPrefix) {
+		return true
+	}
+	for _, id := range identityHeaders {
+		if len(name) == len(id) && sameHeaderName(name, id) {
+			return true
+		}
+	}
+	return false
+}
+
+// cleanConnection returns the Connection values without the tokens naming a
+// broker-managed header; values is returned as it is when there are none.
+func cleanConnection(values []string, subjectHeader string) []string {
+	dirty := false
+	for _, v := range values {
+		for tok := range strings.SplitSeq(v, ",") {
+			if brokerManagedHeader(strings.TrimSpace(tok), subjectHeader) {
+				dirty = true
+			}
+		}
+	}
+	if !dirty {
+		return values
+	}
+	var kept []string
+	for _, v := range values {
+		for tok := range strings.SplitSeq(v, ",") {
+			if tok = strings.TrimSpace(tok); tok != "" && !brokerManagedHeader(tok, subjectHeader) {
+				kept = append(kept, tok)
+			}
+		}
+	}
+	if len(kept) == 0 {
+		return nil
+	}
+	return []string{strings.Join(kept, ", ")}
+}
+
+// brokerCookiePrefix starts the name of every cookie the broker sets (consent.go), now
+// and later: an upstream response never sets or clears one. The __Host- and __Secure-
+// prefixes (RFC 6265bis §4.1.3) and the letter case are ignored, since some browsers
+// match the prefixes case-insensitively.
+const brokerCookiePrefix = "mcp_oauth_"
+
+// isBrokerCookie tells whether a Set-Cookie value names one of the broker's cookies. A
+// value without '=' is a nameless cookie whose value a server may read as a name, so its
+// value is what is matched then.
+func isBrokerCookie(setCookie string) bool {
+	name, _, _ := strings.Cut(setCookie, ";")
+	name, _, _ = strings.Cut(name, "=")
+	name = strings.TrimSpace(name)
+	for _, p := range []string{"__host-", "__secure-"} {
+		if len(name) >= len(p) && strings.EqualFold(name[:len(p)], p) {
+			name = name[len(p):]
+			break
+		}
+	}
+	return len(name) >= len(brokerCookiePrefix) && strings.EqualFold(name[:len(brokerCookiePrefix)], brokerCookiePrefix)
+}
+
+// dropBrokerCookies removes from h every Set-Cookie naming a broker cookie. It reads
+// the header and allocates only when there is one to remove.
+func dropBrokerCookies(h http.Header) {
+	values := h["Set-Cookie"]
+	for i, v := range values {
+		if !isBrokerCookie(v) {
+			continue
+		}
+		kept := append([]string(nil), values[:i]...)
+		for _, v := range values[i+1:] {
+			if !isBrokerCookie(v) {
+				kept = append(kept, v)
+			}
+		}
+		if len(kept) == 0 {
+			delete(h, "Set-Cookie")
+		} else {
+			h["Set-Cookie"] = kept
+		}
+		return
+	}
+}
+
+// ResponseGuard wraps the writer of a request passed to the upstream: when the upstream
+// writes its header, the Set-Cookies naming the broker's cookies are removed. Get one
+// with GuardResponse and Release it when the upstream's handler has returned.
+type ResponseGuard struct {
+	http.ResponseWriter
+	wrote bool
+}
+
+var guardPool = sync.Pool{New: func() any { return new(ResponseGuard) }}
+
+// GuardResponse returns w guarded against the upstream setting the broker's cookies.
+// The guard comes from a pool, so a warm request allocates nothing for it.
+func GuardResponse(w http.ResponseWriter) *ResponseGuard {
+	g := guardPool.Get().(*ResponseGuard)
+	g.ResponseWriter, g.wrote = w, false
+	return g
+}
+
+// Release returns g to the pool; g must not be used afterwards.
+func (g *ResponseGuard) Release() {
+	g.ResponseWriter = nil
+	guardPool.Put(g)
+}
+
+// WriteHeader removes the broker's cookies before any header (1xx included) goes out.
+func (g *ResponseGuard) WriteHeader(status int) {
+	dropBrokerCookies(g.ResponseWriter.Header())
+	if status >= 200 {
+		g.wrote = true
+	}
+	g.ResponseWriter.WriteHeader(status)
+}
+
+// Write sends the header first, as net/http does, so that it is checked.
+func (g *ResponseGuard) Write(p []byte) (int, error) {
+	if !g.wrote {
+		g.WriteHeader(http.StatusOK)
+	}
+	return g.ResponseWriter.Write(p)
+}
+
+// Flush sends the header first, checked, then flushes: streamed (SSE) responses flush.
+func (g *ResponseGuard) Flush() { _ = g.FlushError() }
+
+// FlushError is Flush for http.ResponseController.
+func (g *ResponseGuard) FlushError() error {
+	if !g.wrote {
+		g.WriteHeader(http.StatusOK)
+	}
+	return http.NewResponseController(g.ResponseWriter).Flush()
+}
+
+// Unwrap lets http.ResponseController reach the writer's Hijack and deadlines.
+func (g *ResponseGuard) Unwrap() http.ResponseWriter { return g.ResponseWriter }
