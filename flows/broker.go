@@ -207,6 +207,7 @@ func New(cfg Config) (*Broker, error) {
 		toolScopes:     cfg.ToolScopes,
 		delegation:     deleg,
 	}
+	b.idp.timeout = cfg.IdPTimeout
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
 	b.challengeTail = `resource_metadata="` + b.metadataURL + `"`
