@@ -62,6 +62,13 @@ type Config struct {
 	CIMDAllowPrivate bool
 	// RegistrationRate is how many registrations one client IP may make per minute.
 	RegistrationRate int
+	// ColdVerifyRate and ColdVerifyRateGlobal bound the token verifications that reach
+	// the IdP, a minute, per client address and for all (VerifierConfig).
+	ColdVerifyRate, ColdVerifyRateGlobal int
+	// ClientIP finds the client's address in a request's context as the server in front
+	// resolved it, for limits checked on paths that NeedsClientIP does not name (cold
+	// token verification). Default: the address WithClientIP recorded.
+	ClientIP ClientIPFunc
 
 	// ProvisioningScopes are asked of the IdP in Flow 2 (offline access for background
 	// jobs), besides openid and offline_access.
@@ -221,6 +228,11 @@ func New(cfg Config) (*Broker, error) {
 		ClientID:     cfg.ClientID,
 		ClientSecret: cfg.ClientSecret,
 		HTTPClient:   cfg.HTTPClient,
+
+		ColdVerifyRate:       cfg.ColdVerifyRate,
+		ColdVerifyRateGlobal: cfg.ColdVerifyRateGlobal,
+		ClientIP:             cfg.ClientIP,
+		Logger:               cfg.Logger.Named("verify"),
 	})
 	return b, nil
 }
