@@ -213,4 +213,3 @@ func TestColdBudgetWarnsOfASingleProxyAddress(t *testing.T) {
 		})
 	}
 }
-

@@ -54,7 +54,7 @@ var errSignature = errors.New("no signing key of the IdP verifies the signature"
 // failed, was refused by the budget or came too soon) are recorded in the context's
 // keyFetchErrorKey slot: go-oidc flattens them into text.
 func (k *issuerKeys) VerifySignature(ctx context.Context, jwt string) ([]byte, error) {
-	jws, err := jose.ParseSigned(jwt, joseAlgs)
+	jws, err := jose.ParseSignedCompact(jwt, joseAlgs)
 	if err != nil || len(jws.Signatures) != 1 {
 		return nil, errors.New("malformed JWS")
 	}
