@@ -79,6 +79,8 @@ func TestValidateErrors(t *testing.T) {
 		}, `background_client "w": defined twice`},
 		{"provisioning bad glob", func(h *Handler) { h.Provisioning = &Provisioning{Tools: []string{"["}} }, `provisioning tools "[": bad glob`},
 		{"negative registration rate", func(h *Handler) { h.RegistrationRate = -1 }, "registration_rate: must not be negative"},
+		{"negative cold verify rate", func(h *Handler) { h.ColdVerifyRate = -1 }, "cold_verify_rate: must not be negative"},
+		{"negative global cold verify rate", func(h *Handler) { h.ColdVerifyRateGlobal = -1 }, "cold_verify_rate_global: must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()
