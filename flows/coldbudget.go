@@ -2,6 +2,7 @@ package flows
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/netip"
@@ -42,6 +43,19 @@ type retryLaterError struct {
 
 func (e *retryLaterError) Error() string {
 	return fmt.Sprintf("%s; retry in %v", e.reason, e.retryAfter)
+}
+
+// asRetryLater finds a *retryLaterError in err. Its own function so that the warm path,
+// where err is nil, does not pay for the variable errors.As needs.
+func asRetryLater(err error) *retryLaterError {
+	if err == nil {
+		return nil
+	}
+	var later *retryLaterError
+	if errors.As(err, &later) {
+		return later
+	}
+	return nil
 }
 
 // retryAfterSeconds is the Retry-After header value: whole seconds, at least 1.

@@ -97,9 +97,8 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 	who, err := b.verifyAccessToken(r.Context(), raw)
-	var later *retryLaterError
-	switch {
-	case errors.As(err, &later):
+	switch later := asRetryLater(err); {
+	case later != nil:
 		// Turned away before reaching the IdP: no verdict on the token, so never 401.
 		b.logger.Debug("token verification deferred", zap.String("token", Fingerprint(raw)), zap.Error(err))
 		w.Header().Set("Retry-After", strconv.Itoa(later.retryAfterSeconds()))
