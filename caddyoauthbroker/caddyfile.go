@@ -58,6 +58,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		idp_timeout       <duration>
 //		registration_rate <per minute>
 //		registration_rate_total <per minute>
+//		cold_verify_rate  <per client IP per minute> [<all clients per minute>]
 //		client_metadata_allow_private
 //		provisioning {
 //			scopes        <scope...>
@@ -153,6 +154,22 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.RegistrationRateTotal = int(n)
+		case "cold_verify_rate":
+			args := d.RemainingArgs()
+			if len(args) < 1 || len(args) > 2 {
+				return d.ArgErr()
+			}
+			for i, a := range args {
+				n, err := strconv.Atoi(a)
+				if err != nil {
+					return d.Errf("cold_verify_rate: want a whole number, got %q", a)
+				}
+				if i == 0 {
+					h.ColdVerifyRate = n
+				} else {
+					h.ColdVerifyRateGlobal = n
+				}
+			}
 		case "client_metadata_allow_private":
 			if d.NextArg() {
 				return d.ArgErr()

@@ -158,6 +158,12 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"registration_rate_total is a number", `mcp_oauth {
 			registration_rate_total lots
 		}`, `registration_rate_total: want a whole number, got "lots"`},
+		{"cold_verify_rate is a number", `mcp_oauth {
+			cold_verify_rate 60 lots
+		}`, `cold_verify_rate: want a whole number, got "lots"`},
+		{"cold_verify_rate takes at most two numbers", `mcp_oauth {
+			cold_verify_rate 1 2 3
+		}`, "wrong argument count"},
 		{"background_client needs a secret", `mcp_oauth {
 			background_client worker
 		}`, "background_client: want an id and a secret"},

@@ -137,6 +137,17 @@ type Handler struct {
 	// How many dynamic registrations all client IPs together may make per minute, so that
 	// strangers with many addresses still cannot fill the storage. Default: 30.
 	RegistrationRateTotal int `json:"registration_rate_total,omitempty"`
+	// How many cold token verifications (an introspection of a token not yet seen, a JWKS
+	// fetch for an unknown key ID) one client IP may cause per minute, which is also its
+	// burst; past it the answer is 429 with Retry-After, never 401. Tokens already
+	// verified never count. The client IP is the one Caddy resolves, honouring the
+	// server's trusted proxies: behind a load balancer, set trusted_proxies or every
+	// client shares one budget. Default: 60.
+	ColdVerifyRate int `json:"cold_verify_rate,omitempty"`
+
+	// How many cold token verifications all clients together may cause per minute, and
+	// the burst; past it the answer is 503 with Retry-After. Default: 600.
+	ColdVerifyRateGlobal int `json:"cold_verify_rate_global,omitempty"`
 
 	// Lets Client ID Metadata Documents be fetched from loopback and private addresses.
 	// Only for labs and tests: it opens the broker to SSRF. Default: false.
@@ -336,6 +347,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	return next.ServeHTTP(g, pass)
 }
 
+// caddyClientIP is the client IP Caddy resolved for the request, honouring the server's
+// trusted proxies; read only on cold paths (a context lookup, no allocation).
+func caddyClientIP(ctx context.Context) string {
+	ip, _ := caddyhttp.GetVar(ctx, caddyhttp.ClientIPVarKey).(string)
+	return ip
+}
+
 // startBackground starts the storage janitor with the first request rather than in
 // Provision, which must not write to storage.
 func (h *Handler) startBackground() {
@@ -463,6 +481,12 @@ func (h *Handler) Validate() error {
 	if h.RegistrationRateTotal < 0 {
 		return fmt.Errorf("registration_rate_total: must not be negative, got %d", h.RegistrationRateTotal)
 	}
+	if h.ColdVerifyRate < 0 {
+		return fmt.Errorf("cold_verify_rate: must not be negative, got %d", h.ColdVerifyRate)
+	}
+	if h.ColdVerifyRateGlobal < 0 {
+		return fmt.Errorf("cold_verify_rate_global: must not be negative, got %d", h.ColdVerifyRateGlobal)
+	}
 	for name, d := range map[string]caddy.Duration{
 		"session_ttl": h.SessionTTL, "code_ttl": h.CodeTTL,
 		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
@@ -539,6 +563,9 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		IdPConfirmInterval:        time.Duration(h.IdPConfirmInterval),
 		RequireJWTAccessTokenType: h.RequireJWTAccessTokenType,
 		IntrospectionCacheTTL:     time.Duration(h.IntrospectionCacheTTL),
+		ColdVerifyRate:            h.ColdVerifyRate,
+		ColdVerifyRateGlobal:      h.ColdVerifyRateGlobal,
+		ClientIP:                  caddyClientIP,
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

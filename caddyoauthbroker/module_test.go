@@ -84,6 +84,8 @@ func TestValidateErrors(t *testing.T) {
 		{"negative total registration rate", func(h *Handler) { h.RegistrationRateTotal = -1 }, "registration_rate_total: must not be negative"},
 		{"negative introspection cache ttl", func(h *Handler) { h.IntrospectionCacheTTL = caddy.Duration(-1) }, "introspection_cache_ttl: must not be negative"},
 		{"the broker's own client id as an audience", func(h *Handler) { h.Audience = []string{"mcp-client", h.ClientID} }, "audience: must not list client_id"},
+		{"negative cold verify rate", func(h *Handler) { h.ColdVerifyRate = -1 }, "cold_verify_rate: must not be negative"},
+		{"negative global cold verify rate", func(h *Handler) { h.ColdVerifyRateGlobal = -1 }, "cold_verify_rate_global: must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()

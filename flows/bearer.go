@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
+	"go.uber.org/zap"
 )
 
 // ErrInvalidToken means an access token was refused: malformed, badly signed, expired, not
@@ -58,6 +59,17 @@ type VerifierConfig struct {
 	Leeway time.Duration
 	// Now is the clock. Default: time.Now.
 	Now func() time.Time
+
+	// ColdVerifyRate is how many cold verifications (an introspection, a JWKS fetch) one
+	// client address may cause a minute, and its burst; ColdVerifyRateGlobal the same for
+	// all addresses together. Defaults: DefaultColdVerifyRate, DefaultColdVerifyRateGlobal;
+	// negative means unlimited. See coldbudget.go.
+	ColdVerifyRate, ColdVerifyRateGlobal int
+	// ClientIP finds the client's address in a request's context, for the budget.
+	// Default: the address WithClientIP recorded.
+	ClientIP ClientIPFunc
+	// Logger receives the one warning about a missing trusted_proxies. Default: none.
+	Logger *zap.Logger
 }
 
 // Defaults of VerifierConfig.
@@ -99,6 +111,8 @@ type TokenVerifier struct {
 	flights  map[[sha256.Size]byte]*flight
 
 	jwt atomic.Pointer[jwtVerifier]
+
+	budget *coldBudget
 }
 
 // verdict is a cached result: a principal or a refusal.
@@ -121,6 +135,7 @@ type flight struct {
 // jwtVerifier is go-oidc's verifier for one discovery document, with its key set.
 type jwtVerifier struct {
 	provider *oidc.Provider
+	keys     *issuerKeys
 	verifier *oidc.IDTokenVerifier
 }
 
@@ -147,16 +162,22 @@ func NewTokenVerifier(cfg VerifierConfig) *TokenVerifier {
 	if cfg.HTTPClient == nil {
 		cfg.HTTPClient = &http.Client{Timeout: defaultVerifierTimeout}
 	}
+	if cfg.ClientIP == nil {
+		cfg.ClientIP = contextClientIP
+	}
 	cfg.Audiences = append([]string(nil), cfg.Audiences...)
 	return &TokenVerifier{
 		cfg:     cfg,
 		cache:   newTokenCache[verdict](cfg.CacheEntries),
 		flights: make(map[[sha256.Size]byte]*flight),
+		budget:  newColdBudget(cfg.ColdVerifyRate, cfg.ColdVerifyRateGlobal, cfg.Logger),
 	}
 }
 
 // Verify returns the principal a valid access token speaks for, or an error wrapping
-// ErrInvalidToken (refuse with 401) or ErrIdPUnavailable (answer 503; nothing is cached).
+// ErrInvalidToken (refuse with 401) or ErrIdPUnavailable (answer 503; nothing is cached);
+// one that is also a *retryLaterError was turned away by the cold-verification budget
+// (answer its status with Retry-After, never 401).
 // The principal is shared by every caller presenting the same token: read it, never
 // modify it. Errors never contain the token.
 func (v *TokenVerifier) Verify(ctx context.Context, raw string) (*Principal, error) {
@@ -223,7 +244,9 @@ func (v *TokenVerifier) lead(ctx context.Context, key [sha256.Size]byte, raw str
 		if p == nil && err == nil { // verify panicked: waiters must not read a nil principal as valid
 			err = fmt.Errorf("%w: verifying access token: verification aborted", ErrIdPUnavailable)
 		}
-		f.principal, f.err, f.abandoned = p, err, err != nil && ctx.Err() != nil
+		// A budget refusal is the leader's, not the token's: the waiters try on their own.
+		var later *retryLaterError
+		f.principal, f.err, f.abandoned = p, err, err != nil && (ctx.Err() != nil || errors.As(err, &later))
 		v.flightMu.Lock()
 		delete(v.flights, key)
 		v.flightMu.Unlock()
@@ -291,14 +314,21 @@ func looksLikeJWS(raw string) bool {
 // verifierFor returns go-oidc's verifier for discovery d, built once per document so
 // its key set (and the cached JWKS) is reused.
 func (v *TokenVerifier) verifierFor(d *Discovery) *oidc.IDTokenVerifier {
-	if jv := v.jwt.Load(); jv != nil && jv.provider == d.Provider {
-		return jv.verifier
+	old := v.jwt.Load()
+	if old != nil && old.provider == d.Provider {
+		return old.verifier
 	}
-	keys := &observedKeySet{remote: oidc.NewRemoteKeySet(oidc.ClientContext(context.Background(), v.cfg.HTTPClient), d.JWKSURI)}
+	// A refreshed discovery document naming the same JWKS keeps its keys and their
+	// refetch limit.
+	keys := newIssuerKeys(d.JWKSURI, v.cfg.HTTPClient, v.cfg.Now, v.admitCold)
+	if old != nil && old.keys.url == d.JWKSURI {
+		keys = old.keys
+	}
 	leeway := v.cfg.Leeway
 	now := v.cfg.Now
 	jv := &jwtVerifier{
 		provider: d.Provider,
+		keys:     keys,
 		verifier: oidc.NewVerifier(d.Issuer, keys, &oidc.Config{
 			SkipClientIDCheck:    true, // the audience is checked against Audiences below
 			SupportedSigningAlgs: supportedSigningAlgs,
@@ -310,25 +340,10 @@ func (v *TokenVerifier) verifierFor(d *Discovery) *oidc.IDTokenVerifier {
 	return jv.verifier
 }
 
-// observedKeySet is go-oidc's remote key set, watched for failures to fetch the JWKS:
-// go-oidc flattens that error into text, and a down IdP must not read as a bad token.
-type observedKeySet struct {
-	remote *oidc.RemoteKeySet
-}
-
+// keyFetchErrorKey marks the context slot where issuerKeys records why it could not
+// fetch the keys: go-oidc flattens that error into text, and a down IdP or a spent budget
+// must not read as a bad token.
 type keyFetchErrorKey struct{}
-
-func (k *observedKeySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error) {
-	payload, err := k.remote.VerifySignature(ctx, jwt)
-	// RemoteKeySet wraps (%w) exactly one error: the failure to fetch the keys. A
-	// signature no key verifies is a plain error.
-	if err != nil && errors.Unwrap(err) != nil {
-		if slot, ok := ctx.Value(keyFetchErrorKey{}).(*error); ok {
-			*slot = err
-		}
-	}
-	return payload, err
-}
 
 func minTime(a, b time.Time) time.Time {
 	if b.Before(a) {
@@ -469,6 +484,9 @@ func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string
 	if d.IntrospectionEndpoint == "" {
 		return nil, fmt.Errorf("verifying opaque access token: %w: the IdP advertises no introspection endpoint", ErrInvalidToken)
 	}
+	if err := v.admitCold(ctx); err != nil {
+		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrIdPUnavailable, err)
+	}
 	form := url.Values{"token": {raw}, "token_type_hint": {"access_token"}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.IntrospectionEndpoint, strings.NewReader(form.Encode()))
 	if err != nil {
@@ -537,6 +555,11 @@ func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string
 		p.Scopes = *ir.Scope
 	}
 	return p, nil
+}
+
+// admitCold draws one cold verification on the budget of the client in ctx.
+func (v *TokenVerifier) admitCold(ctx context.Context) error {
+	return v.budget.admit(v.cfg.ClientIP(ctx), v.cfg.Now())
 }
 
 // unixTime reads a NumericDate (RFC 7519 §2), which may have a fraction.

@@ -77,6 +77,13 @@ type Config struct {
 	// minute: with RegistrationRate and the registration record cap it bounds how fast
 	// strangers can fill storage.
 	RegistrationRateTotal int
+	// ColdVerifyRate and ColdVerifyRateGlobal bound the token verifications that reach
+	// the IdP, a minute, per client address and for all (VerifierConfig).
+	ColdVerifyRate, ColdVerifyRateGlobal int
+	// ClientIP finds the client's address in a request's context as the server in front
+	// resolved it, for limits checked on paths that NeedsClientIP does not name (cold
+	// token verification). Default: the address WithClientIP recorded.
+	ClientIP ClientIPFunc
 
 	// ProvisioningScopes are asked of the IdP in Flow 2 (offline access for background
 	// jobs), besides openid and offline_access.
@@ -251,6 +258,7 @@ func New(cfg Config) (*Broker, error) {
 		delegation:     deleg,
 		managedScopes:  managedScopes(&cfg),
 	}
+	b.idp.timeout = cfg.IdPTimeout
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
 	b.challengeTail = `resource_metadata="` + b.metadataURL + `"`
@@ -267,6 +275,10 @@ func New(cfg Config) (*Broker, error) {
 
 		RequireAccessTokenType: cfg.RequireJWTAccessTokenType,
 		IntrospectionCacheTTL:  cfg.IntrospectionCacheTTL,
+		ColdVerifyRate:         cfg.ColdVerifyRate,
+		ColdVerifyRateGlobal:   cfg.ColdVerifyRateGlobal,
+		ClientIP:               cfg.ClientIP,
+		Logger:                 cfg.Logger.Named("verify"),
 	})
 	return b, nil
 }

@@ -38,11 +38,19 @@ const (
 	maxCachedDocuments = 1000
 	// maxDocumentFetches bounds concurrent fetches: anyone may name any URL as client_id.
 	maxDocumentFetches = 16
+	// documentFailureTTL is how long a failed fetch is remembered, so that naming an
+	// unreachable or invalid document again costs no new fetch (SECURITY.md: strangers can
+	// make the broker call out); maxCachedFailures bounds that memory.
+	documentFailureTTL = 30 * time.Second
+	maxCachedFailures  = 1000
 )
 
 // errDocumentAddress means a metadata document lives at an address the broker will not
 // connect to.
 var errDocumentAddress = errors.New("client metadata document address is not public")
+
+// errDocumentFetchesBusy means maxDocumentFetches were under way for the whole timeout.
+var errDocumentFetchesBusy = errors.New("too many document fetches under way")
 
 // metadataDocuments caches the clients of fetched documents and fetches each URL once
 // at a time.
@@ -50,8 +58,10 @@ type metadataDocuments struct {
 	mu      sync.Mutex
 	max     int
 	entries map[string]cachedDocument
-	flight  singleflight.Group
-	fetches chan struct{} // semaphore of maxDocumentFetches
+	// failures are the recently failed fetches, by URL: the error and until when.
+	failures map[string]cachedFailure
+	flight   singleflight.Group
+	fetches  chan struct{} // semaphore of maxDocumentFetches
 
 	clientOnce sync.Once
 	client     *http.Client
@@ -64,11 +74,17 @@ type cachedDocument struct {
 	expires time.Time
 }
 
+type cachedFailure struct {
+	err     error
+	expires time.Time
+}
+
 func newMetadataDocuments(maxEntries int) *metadataDocuments {
 	return &metadataDocuments{
-		max:     maxEntries,
-		entries: make(map[string]cachedDocument),
-		fetches: make(chan struct{}, maxDocumentFetches),
+		max:      maxEntries,
+		entries:  make(map[string]cachedDocument),
+		failures: make(map[string]cachedFailure),
+		fetches:  make(chan struct{}, maxDocumentFetches),
 	}
 }
 
@@ -104,6 +120,42 @@ func (d *metadataDocuments) put(id string, c *Client, expires, now time.Time) {
 		}
 	}
 	d.entries[id] = cachedDocument{client: c, expires: expires}
+}
+
+// failed returns the error of a fetch of id that failed less than documentFailureTTL ago.
+func (d *metadataDocuments) failed(id string, now time.Time) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f, ok := d.failures[id]
+	if !ok {
+		return nil
+	}
+	if !now.Before(f.expires) {
+		delete(d.failures, id)
+		return nil
+	}
+	return f.err
+}
+
+// fail remembers a failed fetch of id. Full, it drops what has expired, else the entry
+// closest to expiry.
+func (d *metadataDocuments) fail(id string, err error, now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.failures[id]; !ok && len(d.failures) >= maxCachedFailures {
+		var soonest string
+		for k, f := range d.failures {
+			if !now.Before(f.expires) {
+				delete(d.failures, k)
+			} else if soonest == "" || f.expires.Before(d.failures[soonest].expires) {
+				soonest = k
+			}
+		}
+		if len(d.failures) >= maxCachedFailures {
+			delete(d.failures, soonest)
+		}
+	}
+	d.failures[id] = cachedFailure{err: err, expires: now.Add(documentFailureTTL)}
 }
 
 // httpClient is the client documents are fetched with, built on first use.
@@ -198,13 +250,22 @@ func (b *Broker) metadataDocumentClient(ctx context.Context, id string) (*Client
 	if c := docs.get(id, b.now()); c != nil {
 		return c, nil
 	}
+	if err := docs.failed(id, b.now()); err != nil {
+		return nil, documentRefused(err)
+	}
 	v, err, _ := docs.flight.Do(id, func() (any, error) {
 		// A flight that ended between the lookup above and this one has filled the cache.
 		if c := docs.get(id, b.now()); c != nil {
 			return c, nil
 		}
+		if err := docs.failed(id, b.now()); err != nil {
+			return nil, err
+		}
 		c, ttl, err := b.fetchMetadataDocument(ctx, id)
 		if err != nil {
+			if !errors.Is(err, errDocumentFetchesBusy) { // the broker's state, not the document's
+				docs.fail(id, err, b.now())
+			}
 			return nil, err
 		}
 		if ttl > 0 {
@@ -259,7 +320,7 @@ func (b *Broker) fetchMetadataDocument(ctx context.Context, id string) (*Client,
 	case b.clients.documents.fetches <- struct{}{}:
 		defer func() { <-b.clients.documents.fetches }()
 	case <-ctx.Done():
-		return nil, 0, errors.New("too many document fetches under way")
+		return nil, 0, errDocumentFetchesBusy
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, id, nil)
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
+	"golang.org/x/sync/singleflight"
 )
 
 // GrantTypeTokenExchange is the RFC 8693 grant type.
@@ -50,13 +51,23 @@ func (d *Discovery) SupportsTokenExchange() bool {
 
 // IdP is the upstream identity provider, discovered lazily: construction never touches the
 // network, so provisioning a configuration never waits for the IdP.
+//
+// The document is fetched apart from any request, bounded by its own timeout, so a caller
+// that goes away (a client closing its connection) cannot fail the fetch for the others
+// (SECURITY.md: discovery kept failing). Once a document is known it is served while a
+// newer one is fetched in the background (stale-while-revalidate); a caller waits only
+// while there is none, and no longer than its own context allows.
 type IdP struct {
 	issuer       string
 	publicIssuer string
 	client       *http.Client
 	now          func() time.Time
+	// timeout bounds one discovery fetch. Default: the broker's idp_timeout.
+	timeout time.Duration
 
-	mu        sync.Mutex // held during a fetch, so concurrent callers share one
+	flight singleflight.Group
+
+	mu        sync.Mutex // guards the fields below; never held across a fetch
 	cached    *Discovery
 	fetchedAt time.Time
 	failedAt  time.Time
@@ -65,7 +76,7 @@ type IdP struct {
 
 const (
 	// discoveryMaxAge is how long a discovery document is used before it is fetched again;
-	// keys rotate through go-oidc's JWKS refetch on an unknown kid, not through this.
+	// keys rotate through the JWKS refetch on an unknown kid, not through this.
 	discoveryMaxAge = 12 * time.Hour
 	// discoveryRetryAfter spaces out fetches after a failure, so a down IdP is not hammered.
 	discoveryRetryAfter = 5 * time.Second
@@ -74,31 +85,54 @@ const (
 // NewIdP describes the IdP at issuer (the back-channel address) whose browser-facing
 // base is publicIssuer (empty when the same).
 func NewIdP(issuer, publicIssuer string, client *http.Client) *IdP {
-	return &IdP{issuer: issuer, publicIssuer: publicIssuer, client: client, now: time.Now}
+	return &IdP{issuer: issuer, publicIssuer: publicIssuer, client: client, now: time.Now, timeout: defaultIdPTimeout}
 }
 
-// Discovery returns the cached discovery document, fetching it when absent or stale. A
-// stale document stays in use while the IdP is unreachable.
+// Discovery returns the discovery document. A fresh one is returned at once; a stale one
+// too, while a newer one is fetched in the background (and it stays in use while the IdP
+// is unreachable). With none yet, the caller waits for the shared fetch, at most until
+// ctx is done; a failed fetch is remembered for discoveryRetryAfter.
 func (i *IdP) Discovery(ctx context.Context) (*Discovery, error) {
 	i.mu.Lock()
-	defer i.mu.Unlock()
 	now := i.now()
-	if i.cached != nil && now.Sub(i.fetchedAt) < discoveryMaxAge {
-		return i.cached, nil
-	}
-	if i.lastErr != nil && now.Sub(i.failedAt) < discoveryRetryAfter {
-		if i.cached != nil {
-			return i.cached, nil
+	cached, fetchedAt, lastErr, failedAt := i.cached, i.fetchedAt, i.lastErr, i.failedAt
+	i.mu.Unlock()
+	recentFailure := lastErr != nil && now.Sub(failedAt) < discoveryRetryAfter
+	if cached != nil {
+		if now.Sub(fetchedAt) >= discoveryMaxAge && !recentFailure {
+			i.flight.DoChan("discovery", i.refresh) // revalidate; nobody waits for it
 		}
-		return nil, i.lastErr
+		return cached, nil
 	}
+	if recentFailure {
+		return nil, lastErr
+	}
+	select {
+	case res := <-i.flight.DoChan("discovery", i.refresh):
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*Discovery), nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: waiting for OIDC discovery: %w", ErrIdPUnavailable, ctx.Err())
+	}
+}
+
+// refresh fetches the document under its own timeout, detached from every request, and
+// records the outcome.
+func (i *IdP) refresh() (any, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), i.timeout)
+	defer cancel()
 	d, err := i.fetch(ctx)
+	now := i.now()
+	i.mu.Lock()
+	defer i.mu.Unlock()
 	if err != nil {
-		i.lastErr, i.failedAt = fmt.Errorf("loading OIDC discovery from %s: %w", i.issuer, err), now
-		if i.cached != nil {
-			return i.cached, nil
+		err = fmt.Errorf("loading OIDC discovery from %s: %w", i.issuer, err)
+		if !errors.Is(err, context.Canceled) { // nobody cancels this context; if so, it says nothing of the IdP
+			i.lastErr, i.failedAt = err, now
 		}
-		return nil, i.lastErr
+		return nil, err
 	}
 	i.cached, i.fetchedAt, i.lastErr = d, now, nil
 	return d, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"go.uber.org/zap"
@@ -96,7 +97,13 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 	who, err := b.verifyAccessToken(r.Context(), raw)
-	switch {
+	switch later := asRetryLater(err); {
+	case later != nil:
+		// Turned away before reaching the IdP: no verdict on the token, so never 401.
+		b.logger.Debug("token verification deferred", zap.String("token", Fingerprint(raw)), zap.Error(err))
+		w.Header().Set("Retry-After", strconv.Itoa(later.retryAfterSeconds()))
+		writeError(w, later.status, "temporarily_unavailable", "too many new tokens to verify; retry later")
+		return nil, nil
 	case errors.Is(err, ErrIdPUnavailable):
 		b.logger.Warn("token verification unavailable", zap.Error(err))
 		w.Header().Set("Retry-After", "5")
