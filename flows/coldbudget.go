@@ -65,7 +65,7 @@ func (e *retryLaterError) retryAfterSeconds() int {
 }
 
 // coldBudget is the token buckets of the cold verifications: one per client address (an
-// IPv6 /64), one for all.
+// IPv6 /56, as rateLimitKey groups them), one for all.
 type coldBudget struct {
 	perIP, global int // a minute; <0: unlimited
 	ips           *rateLimiter
