@@ -4,12 +4,17 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
@@ -104,5 +109,105 @@ func TestWriteUpgradeFixture(t *testing.T) {
 	}
 	if err := os.WriteFile(filepath.Join(dir, "fixture.json"), append(out, '\n'), 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// loadUpgradeFixture copies the fixture's storage into a fresh directory (the test
+// changes it) and reads fixture.json.
+func loadUpgradeFixture(t *testing.T) (upgradeFixture, string) {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(upgradeFixtureDir, "fixture.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fx upgradeFixture
+	if err := json.Unmarshal(raw, &fx); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS(filepath.Join(upgradeFixtureDir, "storage"))); err != nil {
+		t.Fatal(err)
+	}
+	return fx, dir
+}
+
+// newUpgradeEnv is a hybrid broker of this release over the fixture's storage, as the
+// fixture's broker was configured, with the clock a minute after the fixture was
+// written so that its records are live.
+func newUpgradeEnv(t *testing.T, o *testenv.OP, fx upgradeFixture, dir string, change func(*Config)) *tokenEnv {
+	t.Helper()
+	key, err := base64.StdEncoding.DecodeString(fx.EncryptionKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring, err := storage.NewKeyRing(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &tokenClock{t: fx.WrittenAt.Add(time.Minute)}
+	core, logs := observer.New(zap.DebugLevel)
+	b := newTestBroker(t, o, func(c *Config) {
+		c.Mode = ModeHybrid
+		c.Logger = zap.New(core)
+		c.Resource = fx.Resource
+		c.Registration = true
+		c.BackgroundClients = []BackgroundClient{{ID: fx.WorkerID, Secret: fx.WorkerSecret}}
+		c.Records = storage.New(&certmagic.FileStorage{Path: dir}, ring, storage.WithClock(clock.now))
+		if change != nil {
+			change(c)
+		}
+	})
+	b.now = clock.now // before anything serves: no race
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	e := &tokenEnv{o: o, b: b, clock: clock, up: up, front: startFront(t, b, up.URL), logs: logs}
+	t.Cleanup(func() { e.assertNoSecretsLogged(t) })
+	e.remember(fx.AccessToken, fx.RefreshToken, fx.OfflineRefreshToken)
+	return e
+}
+
+// TestUpgradeKeepsStoredRecords loads storage written by an earlier release (see
+// TestWriteUpgradeFixture) into this one: its tokens, registered client and offline
+// grant keep working. The IdP is a fresh OP that is told of the fixture's IdP refresh
+// token (the OP of the run that wrote it is gone), so the background token proves the
+// grant was found, opened and its refresh token used.
+func TestUpgradeKeepsStoredRecords(t *testing.T) {
+	fx, dir := loadUpgradeFixture(t)
+	o := testenv.StartOP(t)
+	e := newUpgradeEnv(t, o, fx, dir, nil)
+
+	if st := e.mcpStatus(t, fx.AccessToken); st != http.StatusOK {
+		t.Fatalf("the stored access token at the MCP endpoint: %d", st)
+	}
+
+	// The registered client is known: its authorization request goes on to consent.
+	q := hybridAuthorizeQuery(fx.ClientID, fx.RedirectURI, oauth2.GenerateVerifier(), "st", nil)
+	resp, err := noRedirect.Get(e.front.URL + pathAuthorize + "?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if loc, _ := url.Parse(resp.Header.Get("Location")); resp.StatusCode != http.StatusFound || loc == nil || loc.Path != pathConsent {
+		t.Fatalf("authorization request of the registered client: %s to %q", resp.Status, resp.Header.Get("Location"))
+	}
+
+	next := e.refresh(t, fx.ClientID, fx.RefreshToken, nil).wantTokens(t)
+	if st := e.mcpStatus(t, next.AccessToken); st != http.StatusOK {
+		t.Fatalf("the refreshed access token at the MCP endpoint: %d", st)
+	}
+
+	o.SeedRefreshToken(fx.OfflineRefreshToken, testenv.BrokerClientID, fx.Subject, fx.OfflineScopes)
+	for i := range 2 { // the second one uses the refresh token the first one rotated in
+		resp = do(t, http.MethodPost, e.front.URL+pathBackgroundToken,
+			http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Authorization": {basicCredentials(fx.WorkerID, fx.WorkerSecret)}},
+			url.Values{"subject": {fx.Subject}}.Encode())
+		var tok TokenResponse
+		decodeJSON(t, resp, &tok)
+		if resp.StatusCode != http.StatusOK || tok.AccessToken == "" {
+			t.Fatalf("background token %d for the provisioned user: %s", i+1, resp.Status)
+		}
+		e.remember(tok.AccessToken)
+	}
+	if n := o.Count("refresh_token"); n != 2 {
+		t.Errorf("the OP saw %d refresh grants, want 2", n)
 	}
 }
