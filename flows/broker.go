@@ -70,6 +70,9 @@ type Config struct {
 	ProvisioningTools []string
 	// BackgroundClients may fetch background tokens for users who provisioned.
 	BackgroundClients []BackgroundClient
+	// BackgroundTokenRate is how many background tokens one background client may ask
+	// for per minute (a burst of as many, then an even pace).
+	BackgroundTokenRate int
 
 	Records    *storage.Records
 	Logger     *zap.Logger
@@ -111,6 +114,8 @@ const (
 	defaultRefreshTokenTTL  = 30 * 24 * time.Hour
 	defaultRefreshGrace     = 60 * time.Second
 	defaultRegistrationRate = 10
+	// DefaultBackgroundTokenRate is BackgroundTokenRate's default.
+	DefaultBackgroundTokenRate = 60
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -125,9 +130,14 @@ type Broker struct {
 
 	// authorizations limits how fast one address starts authorizations.
 	authorizations *rateLimiter
+	// backgroundTokens limits how fast one background client gets background tokens.
+	backgroundTokens *rateLimiter
 
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
-	issuer        string
+	issuer string
+	// site names this broker's records among those of other sites on the same storage
+	// (provisioning_grant.go).
+	site          string
 	resourceURL   *url.URL
 	resourcePath  string // path of the resource, "" for the root
 	metadataURL   string // the resource-suffixed RFC 9728 metadata URL
@@ -162,6 +172,9 @@ func New(cfg Config) (*Broker, error) {
 	setDefault(&cfg.RefreshGrace, defaultRefreshGrace)
 	if cfg.RegistrationRate <= 0 {
 		cfg.RegistrationRate = defaultRegistrationRate
+	}
+	if cfg.BackgroundTokenRate <= 0 {
+		cfg.BackgroundTokenRate = DefaultBackgroundTokenRate
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -201,12 +214,15 @@ func New(cfg Config) (*Broker, error) {
 		idp:            NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
 		now:            time.Now,
 		authorizations: newRateLimiter(maxRateLimitedIPs),
-		issuer:         u.Scheme + "://" + u.Host,
-		resourceURL:    u,
-		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
-		toolScopes:     cfg.ToolScopes,
-		delegation:     deleg,
+		// Keyed by configured worker ids only, so bounded by the configuration.
+		backgroundTokens: newRateLimiter(max(len(cfg.BackgroundClients), 1)),
+		issuer:           u.Scheme + "://" + u.Host,
+		resourceURL:      u,
+		resourcePath:     strings.TrimSuffix(u.EscapedPath(), "/"),
+		toolScopes:       cfg.ToolScopes,
+		delegation:       deleg,
 	}
+	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
 	b.challengeTail = `resource_metadata="` + b.metadataURL + `"`

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -85,7 +87,7 @@ func TestWriteUpgradeFixture(t *testing.T) {
 		t.Fatal(err)
 	}
 	offlineScopes := []string{"openid", "offline_access", "notes:read"}
-	if err := e.b.storeOfflineGrant(t.Context(), d, o.User.Subject, info.ClientID, offlineScopes, grant.RefreshToken); err != nil {
+	if err := e.b.storeOfflineGrant(t.Context(), d, o.User.Subject, info.ClientID, offlineScopes, e.b.backgroundClientIDs(), grant.RefreshToken); err != nil {
 		t.Fatal(err)
 	}
 
@@ -178,6 +180,18 @@ func TestUpgradeKeepsStoredRecords(t *testing.T) {
 	if st := e.mcpStatus(t, fx.AccessToken); st != http.StatusOK {
 		t.Fatalf("the stored access token at the MCP endpoint: %d", st)
 	}
+	// The session's sealed IdP grant opens where the session is read from.
+	var at AccessToken
+	if err := e.b.cfg.Records.Get(t.Context(), recordKey(kindAccessToken, fx.AccessToken), &at); err != nil {
+		t.Fatal(err)
+	}
+	s, serr := e.b.loadSession(t.Context(), at.SessionID)
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	if g, err := e.b.sessionGrant(s); err != nil || g.RefreshToken == "" {
+		t.Fatalf("the stored session's IdP grant: %v", err)
+	}
 
 	// The registered client is known: its authorization request goes on to consent.
 	q := hybridAuthorizeQuery(fx.ClientID, fx.RedirectURI, oauth2.GenerateVerifier(), "st", nil)
@@ -209,5 +223,49 @@ func TestUpgradeKeepsStoredRecords(t *testing.T) {
 	}
 	if n := o.Count("refresh_token"); n != 2 {
 		t.Errorf("the OP saw %d refresh grants, want 2", n)
+	}
+
+	// The grant moved to this site's key, bound to the worker configured at the upgrade.
+	var legacy OfflineGrant
+	if err := e.b.cfg.Records.Get(t.Context(), legacyOfflineGrantKey(fx.Subject), &legacy); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("the grant of the earlier release is still under its old key: %v", err)
+	}
+	g, err := e.b.loadOfflineGrant(t.Context(), fx.Subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if key, _ := e.b.offlineGrantKey(fx.Subject); g.key != key || !g.FromUpgrade || !slices.Equal(g.BackgroundClients, []string{fx.WorkerID}) {
+		t.Errorf("moved grant at %s (want %s), from upgrade %v, background clients %q", g.key, key, g.FromUpgrade, g.BackgroundClients)
+	}
+	if e.logs.FilterMessageSnippet("made before grants were bound to background clients").Len() == 0 {
+		t.Error("no warning that the grant predates the binding")
+	}
+}
+
+// TestUpgradeGrantGoesToOneSite: of two sites on one storage, the one that first uses a
+// grant of an earlier release (which names no site) takes it; the other has none.
+func TestUpgradeGrantGoesToOneSite(t *testing.T) {
+	fx, dir := loadUpgradeFixture(t)
+	o := testenv.StartOP(t)
+	a := newUpgradeEnv(t, o, fx, dir, nil)
+	b := newUpgradeEnv(t, o, fx, dir, func(c *Config) { c.Resource = "https://other.example.test/mcp" })
+	o.SeedRefreshToken(fx.OfflineRefreshToken, testenv.BrokerClientID, fx.Subject, fx.OfflineScopes)
+	ask := func(e *tokenEnv) int {
+		resp := do(t, http.MethodPost, e.front.URL+pathBackgroundToken,
+			http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Authorization": {basicCredentials(fx.WorkerID, fx.WorkerSecret)}},
+			url.Values{"subject": {fx.Subject}}.Encode())
+		var tok TokenResponse
+		decodeJSON(t, resp, &tok)
+		e.remember(tok.AccessToken)
+		return resp.StatusCode
+	}
+	if st := ask(a); st != http.StatusOK {
+		t.Fatalf("first site: %d", st)
+	}
+	if st := ask(b); st != http.StatusBadRequest {
+		t.Errorf("second site: %d, want 400 (not provisioned there)", st)
+	}
+	if st := ask(a); st != http.StatusOK {
+		t.Errorf("first site again: %d", st)
 	}
 }
