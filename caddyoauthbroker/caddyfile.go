@@ -59,6 +59,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			tools         <tool name or glob...>
 //		}
 //		background_client <id> <secret>
+//		background_token_rate <per minute>
 //		max_body_bytes    <bytes>
 //		storage           <module> { ... }
 //	}
@@ -136,6 +137,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.RegistrationRate = int(n)
+		case "background_token_rate":
+			n, err := unmarshalInt(d)
+			if err != nil {
+				return err
+			}
+			h.BackgroundTokenRate = int(n)
 		case "client_metadata_allow_private":
 			if d.NextArg() {
 				return d.ArgErr()

@@ -155,6 +155,9 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"registration_rate is a number", `mcp_oauth {
 			registration_rate fast
 		}`, `registration_rate: want a whole number, got "fast"`},
+		{"background_token_rate is a number", `mcp_oauth {
+			background_token_rate often
+		}`, `background_token_rate: want a whole number, got "often"`},
 		{"background_client needs a secret", `mcp_oauth {
 			background_client worker
 		}`, "background_client: want an id and a secret"},

@@ -122,6 +122,11 @@ type Handler struct {
 	// offline access. Default: none.
 	BackgroundClients []*BackgroundClient `json:"background_clients,omitempty"`
 
+	// How many background tokens one background client may fetch per minute, as a burst
+	// of as many and then an even pace; past it the worker gets 429 with Retry-After.
+	// Default: 60.
+	BackgroundTokenRate int `json:"background_token_rate,omitempty"`
+
 	// The largest request body read to find a JSON-RPC `tools/call`; larger bodies of
 	// requests that need that check are refused with 413. Default: 1 MiB.
 	MaxBodyBytes int64 `json:"max_body_bytes,omitempty"`
@@ -429,6 +434,9 @@ func (h *Handler) Validate() error {
 	if h.RegistrationRate < 0 {
 		return fmt.Errorf("registration_rate: must not be negative, got %d", h.RegistrationRate)
 	}
+	if h.BackgroundTokenRate < 0 {
+		return fmt.Errorf("background_token_rate: must not be negative, got %d", h.BackgroundTokenRate)
+	}
 	for name, d := range map[string]caddy.Duration{
 		"session_ttl": h.SessionTTL, "code_ttl": h.CodeTTL,
 		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
@@ -493,8 +501,9 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		RefreshGrace:    time.Duration(h.RefreshGrace),
 		IdPTimeout:      time.Duration(h.IdPTimeout),
 
-		RegistrationRate: h.RegistrationRate,
-		CIMDAllowPrivate: h.ClientMetadataAllowPrivate,
+		RegistrationRate:    h.RegistrationRate,
+		BackgroundTokenRate: h.BackgroundTokenRate,
+		CIMDAllowPrivate:    h.ClientMetadataAllowPrivate,
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

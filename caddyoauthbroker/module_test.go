@@ -79,6 +79,7 @@ func TestValidateErrors(t *testing.T) {
 		}, `background_client "w": defined twice`},
 		{"provisioning bad glob", func(h *Handler) { h.Provisioning = &Provisioning{Tools: []string{"["}} }, `provisioning tools "[": bad glob`},
 		{"negative registration rate", func(h *Handler) { h.RegistrationRate = -1 }, "registration_rate: must not be negative"},
+		{"negative background token rate", func(h *Handler) { h.BackgroundTokenRate = -1 }, "background_token_rate: must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()
