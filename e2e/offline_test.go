@@ -104,11 +104,11 @@ func TestOfflineGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 	}
 
 	if resp, body := backgroundToken(t, b.Base, "worker", "worker-secret", o.User.Subject); resp.StatusCode != http.StatusBadRequest || body["error"] != "invalid_grant" {
-		t.Errorf("the other site's worker: %s %v, want 400 invalid_grant", resp.Status, body)
+		t.Errorf("the other site's worker: %s %v, want 400 invalid_grant", resp.Status, body["error"])
 	}
 	resp, body := backgroundToken(t, a.Base, "worker", "worker-secret", o.User.Subject)
 	if resp.StatusCode != http.StatusOK || body["access_token"] == nil {
-		t.Fatalf("the site's own worker: %s %v", resp.Status, body)
+		t.Fatalf("the site's own worker: %s %v", resp.Status, body["error"])
 	}
 	accessToken, _ := body["access_token"].(string)
 

@@ -36,10 +36,11 @@ func (b *Broker) createSession(ctx context.Context, subject, clientID string, sc
 // loadSession returns the session with id, or storage.ErrNotFound.
 func (b *Broker) loadSession(ctx context.Context, id string) (*Session, error) {
 	var s Session
-	if err := b.cfg.Records.Get(ctx, sessionKey(id), &s); err != nil {
+	key := sessionKey(id)
+	if err := b.cfg.Records.Get(ctx, key, &s); err != nil {
 		return nil, err
 	}
-	s.key = sessionKey(id)
+	s.key = key
 	return &s, nil
 }
 
