@@ -65,6 +65,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			tools         <tool name or glob...>
 //		}
 //		background_client <id> <secret>
+//		background_token_rate <per minute>
 //		max_body_bytes    <bytes>
 //		storage           <module> { ... }
 //	}
@@ -170,6 +171,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					h.ColdVerifyRateGlobal = n
 				}
 			}
+		case "background_token_rate":
+			n, err := unmarshalInt(d)
+			if err != nil {
+				return err
+			}
+			h.BackgroundTokenRate = int(n)
 		case "client_metadata_allow_private":
 			if d.NextArg() {
 				return d.ArgErr()

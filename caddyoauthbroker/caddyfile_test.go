@@ -164,6 +164,9 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"cold_verify_rate takes at most two numbers", `mcp_oauth {
 			cold_verify_rate 1 2 3
 		}`, "wrong argument count"},
+		{"background_token_rate is a number", `mcp_oauth {
+			background_token_rate often
+		}`, `background_token_rate: want a whole number, got "often"`},
 		{"background_client needs a secret", `mcp_oauth {
 			background_client worker
 		}`, "background_client: want an id and a secret"},

@@ -161,6 +161,11 @@ type Handler struct {
 	// offline access. Default: none.
 	BackgroundClients []*BackgroundClient `json:"background_clients,omitempty"`
 
+	// How many background tokens one background client may fetch per minute, as a burst
+	// of as many and then an even pace; past it the worker gets 429 with Retry-After.
+	// Default: 60.
+	BackgroundTokenRate int `json:"background_token_rate,omitempty"`
+
 	// The largest request body read to find a JSON-RPC `tools/call`; larger bodies of
 	// requests that need that check are refused with 413. Default: 1 MiB.
 	MaxBodyBytes int64 `json:"max_body_bytes,omitempty"`
@@ -487,6 +492,9 @@ func (h *Handler) Validate() error {
 	if h.ColdVerifyRateGlobal < 0 {
 		return fmt.Errorf("cold_verify_rate_global: must not be negative, got %d", h.ColdVerifyRateGlobal)
 	}
+	if h.BackgroundTokenRate < 0 {
+		return fmt.Errorf("background_token_rate: must not be negative, got %d", h.BackgroundTokenRate)
+	}
 	for name, d := range map[string]caddy.Duration{
 		"session_ttl": h.SessionTTL, "code_ttl": h.CodeTTL,
 		"access_token_ttl": h.AccessTokenTTL, "refresh_token_ttl": h.RefreshTokenTTL,
@@ -566,6 +574,7 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		ColdVerifyRate:            h.ColdVerifyRate,
 		ColdVerifyRateGlobal:      h.ColdVerifyRateGlobal,
 		ClientIP:                  caddyClientIP,
+		BackgroundTokenRate:       h.BackgroundTokenRate,
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

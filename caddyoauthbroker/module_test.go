@@ -86,6 +86,7 @@ func TestValidateErrors(t *testing.T) {
 		{"the broker's own client id as an audience", func(h *Handler) { h.Audience = []string{"mcp-client", h.ClientID} }, "audience: must not list client_id"},
 		{"negative cold verify rate", func(h *Handler) { h.ColdVerifyRate = -1 }, "cold_verify_rate: must not be negative"},
 		{"negative global cold verify rate", func(h *Handler) { h.ColdVerifyRateGlobal = -1 }, "cold_verify_rate_global: must not be negative"},
+		{"negative background token rate", func(h *Handler) { h.BackgroundTokenRate = -1 }, "background_token_rate: must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -20,9 +21,10 @@ const backgroundSubjectMax = 1024
 
 // serveBackgroundToken is POST /oauth/background-token: a background worker,
 // authenticated with its configured credentials (client_secret_basic), gets a fresh
-// access token for a user who provisioned offline access (Flow 2). The user is a
-// parameter here by design (the worker acts for named users), which is why only
-// background clients may call it; a user's bearer token is refused.
+// access token for a user who provisioned offline access (Flow 2) and granted it to
+// this worker. The user is a parameter here by design (the worker acts for named
+// users), which is why only background clients may call it; a user's bearer token is
+// refused. Each worker is held to BackgroundTokenRate requests a minute.
 func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
@@ -33,6 +35,11 @@ func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		w.Header().Set("WWW-Authenticate", `Basic realm="background-token"`)
 		writeError(w, http.StatusUnauthorized, "invalid_client", "background client authentication failed")
+		return
+	}
+	if ok, wait := b.backgroundTokens.allow(clientID, b.cfg.BackgroundTokenRate, b.now()); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
+		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many background token requests from this background client; retry later")
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, backgroundFormMax)
@@ -51,10 +58,14 @@ func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	subject := subjects[0]
-	tok, scopes, err := b.backgroundToken(r.Context(), subject)
+	tok, scopes, err := b.backgroundToken(r.Context(), clientID, subject)
 	switch {
 	case errors.Is(err, errNotProvisioned):
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the user has not provisioned offline access")
+		return
+	case errors.Is(err, errBackgroundClientNotGranted):
+		b.logger.Info("background token: the user did not grant this background client", zap.String("client_id", clientID), zap.String("subject", subject))
+		writeError(w, http.StatusForbidden, "access_denied", "the user did not grant this background client offline access")
 		return
 	case errors.Is(err, errOfflineGrantDead):
 		b.logger.Info("background token: offline grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))

@@ -92,6 +92,9 @@ type Config struct {
 	ProvisioningTools []string
 	// BackgroundClients may fetch background tokens for users who provisioned.
 	BackgroundClients []BackgroundClient
+	// BackgroundTokenRate is how many background tokens one background client may ask
+	// for per minute (a burst of as many, then an even pace).
+	BackgroundTokenRate int
 
 	Records    *storage.Records
 	Logger     *zap.Logger
@@ -144,6 +147,8 @@ const (
 	// a client that refreshes often keeps the IdP's refresh token alive too. It costs at
 	// most one IdP call per broker refresh; clients refresh about once per access token.
 	defaultIdPConfirmInterval = 10 * time.Minute
+	// DefaultBackgroundTokenRate is BackgroundTokenRate's default.
+	DefaultBackgroundTokenRate = 60
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -164,9 +169,14 @@ type Broker struct {
 	// tokenAddresses and tokenClients limit the token and revocation endpoints per client
 	// address and per registered client; refreshes limits the refreshes of one grant.
 	tokenAddresses, tokenClients, refreshes *rateLimiter
+	// backgroundTokens limits how fast one background client gets background tokens.
+	backgroundTokens *rateLimiter
 
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
-	issuer        string
+	issuer string
+	// site names this broker's records among those of other sites on the same storage
+	// (provisioning_grant.go).
+	site          string
 	resourceURL   *url.URL
 	resourcePath  string // path of the resource, "" for the root
 	metadataURL   string // the resource-suffixed RFC 9728 metadata URL
@@ -208,6 +218,9 @@ func New(cfg Config) (*Broker, error) {
 	}
 	if cfg.RegistrationRateTotal <= 0 {
 		cfg.RegistrationRateTotal = defaultRegistrationRateTotal
+	}
+	if cfg.BackgroundTokenRate <= 0 {
+		cfg.BackgroundTokenRate = DefaultBackgroundTokenRate
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -251,14 +264,17 @@ func New(cfg Config) (*Broker, error) {
 		tokenAddresses: newRateLimiter(maxRateLimitedIPs),
 		tokenClients:   newRateLimiter(maxRateLimitedIPs),
 		refreshes:      newRateLimiter(maxRateLimitedIPs),
-		issuer:         u.Scheme + "://" + u.Host,
-		resourceURL:    u,
-		resourcePath:   strings.TrimSuffix(u.EscapedPath(), "/"),
-		toolScopes:     cfg.ToolScopes,
-		delegation:     deleg,
-		managedScopes:  managedScopes(&cfg),
+		// Keyed by configured worker ids only, so bounded by the configuration.
+		backgroundTokens: newRateLimiter(max(len(cfg.BackgroundClients), 1)),
+		issuer:           u.Scheme + "://" + u.Host,
+		resourceURL:      u,
+		resourcePath:     strings.TrimSuffix(u.EscapedPath(), "/"),
+		toolScopes:       cfg.ToolScopes,
+		delegation:       deleg,
+		managedScopes:    managedScopes(&cfg),
 	}
 	b.idp.timeout = cfg.IdPTimeout
+	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
 	b.challengeTail = `resource_metadata="` + b.metadataURL + `"`

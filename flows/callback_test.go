@@ -30,6 +30,7 @@ func sessions(t *testing.T, b *Broker) []Session {
 		if err := b.cfg.Records.Get(t.Context(), k, &s); err != nil {
 			t.Fatal(err)
 		}
+		s.key = k // as loadSession does: the grant opens only where it was read
 		out = append(out, s)
 	}
 	return out

@@ -42,6 +42,9 @@ const (
 type ProvisioningLinkResponse struct {
 	AuthorizationURL string `json:"authorization_url"`
 	ExpiresIn        int64  `json:"expires_in"`
+	// BackgroundClients are the ids of the background clients that the grant will let
+	// act for the user: those configured now, named again on the page that ends Flow 2.
+	BackgroundClients []string `json:"background_clients"`
 }
 
 // ProvisioningStatus is the answer of GET and DELETE /oauth/provisioning.
@@ -51,6 +54,8 @@ type ProvisioningStatus struct {
 	RotatedAt     *time.Time `json:"rotated_at,omitempty"`
 	Scopes        []string   `json:"scopes,omitempty"`
 	ClientID      string     `json:"client_id,omitempty"`
+	// BackgroundClients are the background clients the grant is for.
+	BackgroundClients []string `json:"background_clients,omitempty"`
 	// RevokedAtIdP tells, after a DELETE, whether the IdP confirmed the revocation.
 	RevokedAtIdP *bool `json:"revoked_at_idp,omitempty"`
 }
@@ -92,7 +97,11 @@ func (b *Broker) serveProvisioningStart(w http.ResponseWriter, r *http.Request) 
 			return
 		}
 		allowCORS(w, "GET, OPTIONS")
-		writeJSON(w, http.StatusOK, ProvisioningLinkResponse{AuthorizationURL: link, ExpiresIn: int64(provisioningLinkTTL / time.Second)})
+		writeJSON(w, http.StatusOK, ProvisioningLinkResponse{
+			AuthorizationURL:  link,
+			ExpiresIn:         int64(provisioningLinkTTL / time.Second),
+			BackgroundClients: b.backgroundClientIDs(),
+		})
 		return
 	}
 	token := q.Get("link")
@@ -220,7 +229,7 @@ func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Req
 	}
 	scopes := b.provisioningScopes()
 	pending := PendingProvisioning{
-		Subject: subject, ClientID: clientID, Scopes: scopes,
+		Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: b.backgroundClientIDs(),
 		Nonce: nonce, PKCEVerifier: sealed, CreatedAt: b.now().UTC(),
 	}
 	if err := b.cfg.Records.Put(r.Context(), key, pending, provisioningStateTTL); err != nil {
@@ -339,7 +348,12 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 	if s, ok := tok.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
 		scopes = strings.Fields(s)
 	}
-	if err := b.storeOfflineGrant(ctx, d, sub, pending.ClientID, scopes, tok.RefreshToken); err != nil {
+	workers := pending.BackgroundClients
+	if workers == nil {
+		// Started by an earlier release, which showed no list: the page below names these.
+		workers = b.backgroundClientIDs()
+	}
+	if err := b.storeOfflineGrant(ctx, d, sub, pending.ClientID, scopes, workers, tok.RefreshToken); err != nil {
 		b.logger.Error("flow 2: storing offline grant", zap.String("subject", sub), zap.Error(err))
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
 		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "Offline access could not be stored; start again."})
@@ -347,9 +361,10 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 	}
 	b.logger.Info("flow 2: offline access provisioned", zap.String("subject", sub), zap.String("client_id", pending.ClientID))
 	b.provisioningPage(w, http.StatusOK, provisioningPageData{
-		Title:   "Offline access granted",
-		Message: "Background jobs may now act for you with these scopes. You can close this window.",
-		Scopes:  scopes,
+		Title:             "Offline access granted",
+		Message:           "Background jobs may now act for you with these scopes. You can close this window.",
+		Scopes:            scopes,
+		BackgroundClients: workers,
 	})
 }
 
@@ -429,7 +444,7 @@ func (b *Broker) serveProvisioningStatus(w http.ResponseWriter, r *http.Request)
 		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning status could not be read")
 		return
 	}
-	st := ProvisioningStatus{Provisioned: true, ProvisionedAt: &g.ProvisionedAt, Scopes: g.Scopes, ClientID: g.ClientID}
+	st := ProvisioningStatus{Provisioned: true, ProvisionedAt: &g.ProvisionedAt, Scopes: g.Scopes, ClientID: g.ClientID, BackgroundClients: g.BackgroundClients}
 	if !g.RotatedAt.IsZero() {
 		st.RotatedAt = &g.RotatedAt
 	}
@@ -437,11 +452,13 @@ func (b *Broker) serveProvisioningStatus(w http.ResponseWriter, r *http.Request)
 }
 
 // provisioningPageData fills the page a browser sees at the end of Flow 2. Every field
-// is a fixed text of the broker or a scope the IdP granted, escaped by html/template.
+// is a fixed text of the broker, a scope the IdP granted or a configured background
+// client id, escaped by html/template.
 type provisioningPageData struct {
-	Title   string
-	Message string
-	Scopes  []string
+	Title             string
+	Message           string
+	Scopes            []string
+	BackgroundClients []string
 }
 
 var provisioningPageTemplate = template.Must(template.New("provisioning").Parse(`<!doctype html>
@@ -452,6 +469,8 @@ var provisioningPageTemplate = template.Must(template.New("provisioning").Parse(
 <h1>{{.Title}}</h1>
 <p>{{.Message}}</p>
 {{if .Scopes}}<ul>{{range .Scopes}}<li><code>{{.}}</code></li>{{end}}</ul>{{end}}
+{{if .BackgroundClients}}<p>These background clients may use it:</p>
+<ul>{{range .BackgroundClients}}<li><code>{{.}}</code></li>{{end}}</ul>{{end}}
 </body>
 </html>
 `))

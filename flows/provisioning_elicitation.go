@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"path"
+	"strings"
 
 	"go.uber.org/zap"
 
@@ -69,14 +70,19 @@ func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *
 		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning link could not be stored")
 		return false
 	}
+	// The user is told which background clients the grant is for before granting it.
+	forWhom := ""
+	if ids := b.backgroundClientIDs(); len(ids) > 0 {
+		forWhom = " for the background clients " + strings.Join(ids, ", ")
+	}
 	e := urlElicitationError{
 		Code:    codeURLElicitationRequired,
-		Message: "This tool needs offline access to your account. Open " + link + " to grant it, then try again.",
+		Message: "This tool needs offline access to your account" + forWhom + ". Open " + link + " to grant it, then try again.",
 		Data: map[string][]urlElicitation{"elicitations": {{
 			Mode:          "url",
 			ElicitationID: randomToken(),
 			URL:           link,
-			Message:       "This tool needs offline access to your account. Sign in to grant it, then try again.",
+			Message:       "This tool needs offline access to your account" + forWhom + ". Sign in to grant it, then try again.",
 		}}},
 	}
 	b.logger.Info("flow 2: tool needs provisioning; URL elicitation sent", zap.String("subject", who.Subject))

@@ -44,6 +44,10 @@ func (f *flow2) checkElicitation(t *testing.T, a elicitationAnswer, id string) s
 	if !strings.Contains(a.Error.Message, e.URL) {
 		t.Error("the error message lacks the link, for clients without URL elicitation")
 	}
+	// The user learns which background clients the grant is for before granting it.
+	if !strings.Contains(e.Message, testWorkerID) || !strings.Contains(a.Error.Message, testWorkerID) {
+		t.Errorf("the messages do not name the background client %q: %q / %q", testWorkerID, e.Message, a.Error.Message)
+	}
 	return e.URL
 }
 

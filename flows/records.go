@@ -23,7 +23,8 @@ const (
 	kindAccessToken  = "access"       // AccessToken, by Hash(token)
 	kindRefreshToken = "refresh"      // RefreshToken, by Hash(token)
 	kindFamily       = "families"     // TokenFamily, by family id
-	kindProvisioning = "provisioning" // OfflineGrant (Flow 2), by Hash(subject)
+	kindOfflineGrant = "offline"      // OfflineGrant (Flow 2), by site, then keyed hash of subject
+	kindProvisioning = "provisioning" // OfflineGrant of earlier releases, by Hash(subject): read, moved
 	kindFlow2State   = "flow2_state"  // PendingProvisioning, by Hash(state)
 	kindFlow2Link    = "flow2_link"   // ProvisioningLink, by Hash(link token)
 )
@@ -78,6 +79,10 @@ type IdPGrant struct {
 // Session is one login of a user through one MCP client in hybrid mode: the IdP grant
 // behind the broker's tokens.
 type Session struct {
+	// key is where the session was read from or written to: the sealed grant opens only
+	// there, so a session record copied to another key is useless.
+	key string
+
 	ID        string    `json:"id"`
 	Subject   string    `json:"subject"`
 	ClientID  string    `json:"client_id"`
@@ -191,20 +196,35 @@ type ProvisioningLink struct {
 // PendingProvisioning is a Flow-2 login on its way through the IdP, stored under the
 // random state sent there and taken once by the callback.
 type PendingProvisioning struct {
-	Subject      string    `json:"subject"`
-	ClientID     string    `json:"client_id,omitempty"`
-	Scopes       []string  `json:"scopes"`
-	Nonce        string    `json:"nonce"`
-	PKCEVerifier string    `json:"pkce_verifier_sealed"` // sealed
-	CreatedAt    time.Time `json:"created_at"`
+	Subject  string `json:"subject"`
+	ClientID string `json:"client_id,omitempty"`
+	// BackgroundClients are the ids of the background clients the user is told will get
+	// access. Never omitted: null (nil) is a login started by an earlier release.
+	BackgroundClients []string  `json:"background_clients"`
+	Scopes            []string  `json:"scopes"`
+	Nonce             string    `json:"nonce"`
+	PKCEVerifier      string    `json:"pkce_verifier_sealed"` // sealed
+	CreatedAt         time.Time `json:"created_at"`
 }
 
 // OfflineGrant is a user's Flow-2 offline access: the IdP refresh token, sealed, that
-// only ever mints background tokens for authenticated background clients.
+// only ever mints background tokens for the background clients the user granted.
 type OfflineGrant struct {
-	Subject       string    `json:"subject"`
-	ClientID      string    `json:"client_id,omitempty"` // the MCP client the user provisioned through
-	Scopes        []string  `json:"scopes"`
+	// key is where the grant was read from or written to: the sealed refresh token opens
+	// only there.
+	key string
+
+	Subject  string   `json:"subject"`
+	ClientID string   `json:"client_id,omitempty"` // the MCP client the user provisioned through
+	Scopes   []string `json:"scopes"`
+	// BackgroundClients are the ids of the background clients that may use the grant:
+	// those the user was shown when provisioning.
+	BackgroundClients []string `json:"background_clients"`
+	// FromUpgrade: the grant was made by a release that did not bind it to background
+	// clients; BackgroundClients are those configured when it was first used after the
+	// upgrade. It lasts until the user provisions again.
+	FromUpgrade bool `json:"from_upgrade,omitempty"`
+
 	RefreshToken  string    `json:"refresh_token_sealed"` // sealed
 	ProvisionedAt time.Time `json:"provisioned_at"`
 	RotatedAt     time.Time `json:"rotated_at,omitzero"`

@@ -3,6 +3,7 @@ package flows
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"github.com/caddy-mcp/oauth-broker/storage"
@@ -22,6 +23,7 @@ func (b *Broker) createSession(ctx context.Context, subject, clientID string, sc
 		Scopes:    scopes,
 		CreatedAt: b.now(),
 	}
+	s.key = sessionKey(s.ID)
 	if err := b.sealGrant(s, grant); err != nil {
 		return nil, err
 	}
@@ -34,16 +36,22 @@ func (b *Broker) createSession(ctx context.Context, subject, clientID string, sc
 // loadSession returns the session with id, or storage.ErrNotFound.
 func (b *Broker) loadSession(ctx context.Context, id string) (*Session, error) {
 	var s Session
-	if err := b.cfg.Records.Get(ctx, sessionKey(id), &s); err != nil {
+	key := sessionKey(id)
+	if err := b.cfg.Records.Get(ctx, key, &s); err != nil {
 		return nil, err
 	}
+	s.key = key
 	return &s, nil
 }
 
-// sessionGrant opens the IdP grant sealed in s.
+// sessionGrant opens the IdP grant sealed in s, with the key s was read from as the
+// associated data: not its own ID, which a record copied to another key keeps.
 func (b *Broker) sessionGrant(s *Session) (IdPGrant, error) {
 	var g IdPGrant
-	plain, err := b.cfg.Records.Open(sessionKey(s.ID), s.Grant)
+	if s.key == "" {
+		return g, errors.New("opening session grant: the session was not read from storage")
+	}
+	plain, err := b.cfg.Records.Open(s.key, s.Grant)
 	if err != nil {
 		return g, fmt.Errorf("opening session grant: %w", err)
 	}
@@ -59,7 +67,8 @@ func (b *Broker) sealGrant(s *Session, grant IdPGrant) error {
 	if err != nil {
 		return fmt.Errorf("encoding session grant: %w", err)
 	}
-	if s.Grant, err = b.cfg.Records.Seal(sessionKey(s.ID), plain); err != nil {
+	s.key = sessionKey(s.ID)
+	if s.Grant, err = b.cfg.Records.Seal(s.key, plain); err != nil {
 		return fmt.Errorf("sealing session grant: %w", err)
 	}
 	return nil
@@ -71,7 +80,7 @@ func (b *Broker) storeSessionGrant(ctx context.Context, s *Session, grant IdPGra
 	if err := b.sealGrant(s, grant); err != nil {
 		return err
 	}
-	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.sessionTTL(s, b.now())); err != nil {
+	if err := b.cfg.Records.Put(ctx, s.key, s, b.sessionTTL(s, b.now())); err != nil {
 		return fmt.Errorf("storing session: %w", err)
 	}
 	return nil

@@ -97,6 +97,12 @@ func (r *Records) Open(key, sealed string) ([]byte, error) {
 	return r.ring.Open(key, sealed)
 }
 
+// KeyedHashes returns the keyed hashes of text for record keys; see KeyRing.KeyedHashes.
+// It is empty when Records has no key ring.
+func (r *Records) KeyedHashes(text string) []string {
+	return r.ring.KeyedHashes(text)
+}
+
 // envelope is what is stored: the expiry lives inside the value because
 // certmagic storage has no TTL.
 type envelope struct {

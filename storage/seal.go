@@ -3,6 +3,7 @@ package storage
 import (
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
@@ -33,7 +34,12 @@ type KeyRing struct {
 type ringKey struct {
 	id   string // first 8 hex chars of SHA-256 of the key
 	aead cipher.AEAD
+	hash []byte // HMAC key of KeyedHashes, derived from the key
 }
+
+// keyedHashLabel derives the KeyedHashes key from an encryption key, so that the one
+// is never used as the other.
+const keyedHashLabel = "mcp_oauth keyed hash v1"
 
 // NewKeyRing takes raw 32-byte AES-256 keys; the first encrypts, all decrypt.
 func NewKeyRing(keys ...[]byte) (*KeyRing, error) {
@@ -56,7 +62,9 @@ func NewKeyRing(keys ...[]byte) (*KeyRing, error) {
 			return nil, fmt.Errorf("encryption_key[%d]: %w", i, err)
 		}
 		sum := sha256.Sum256(k)
-		ring.keys = append(ring.keys, ringKey{id: hex.EncodeToString(sum[:4]), aead: aead})
+		mac := hmac.New(sha256.New, k)
+		mac.Write([]byte(keyedHashLabel))
+		ring.keys = append(ring.keys, ringKey{id: hex.EncodeToString(sum[:4]), aead: aead, hash: mac.Sum(nil)})
 	}
 	return ring, nil
 }
@@ -135,4 +143,22 @@ func (k *KeyRing) KeyID() string {
 		return ""
 	}
 	return k.keys[0].id
+}
+
+// KeyedHashes turns text into key segments that only holders of the ring can compute:
+// the unpadded base64url HMAC-SHA256 of text under a key derived from each ring key,
+// the sealing key's first. Unlike Hash, a storage reader cannot test a guess (whether a
+// given user has a record). A lookup tries each, so that records keyed before a key
+// rotation are still found; writes use the first.
+func (k *KeyRing) KeyedHashes(text string) []string {
+	if k == nil {
+		return nil
+	}
+	out := make([]string, len(k.keys))
+	for i, key := range k.keys {
+		mac := hmac.New(sha256.New, key.hash)
+		mac.Write([]byte(text))
+		out[i] = base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
+	}
+	return out
 }

@@ -200,3 +200,29 @@ func TestNilRingRefusesToSeal(t *testing.T) {
 		t.Error("opened without a key")
 	}
 }
+
+func TestKeyedHashes(t *testing.T) {
+	a, b := newKey(t), newKey(t)
+	old, rotated := mustRing(t, a), mustRing(t, b, a)
+	h := old.KeyedHashes("test-user")
+	if len(h) != 1 || !safeSegment(h[0]) || len(h[0]) != 43 {
+		t.Fatalf("keyed hashes %q: want one 43-character key segment", h)
+	}
+	if h[0] == Hash("test-user") {
+		t.Error("the keyed hash is the plain hash: anyone can compute it")
+	}
+	if again := old.KeyedHashes("test-user"); again[0] != h[0] {
+		t.Error("the keyed hash is not deterministic")
+	}
+	if other := old.KeyedHashes("other-user"); other[0] == h[0] {
+		t.Error("two texts hash alike")
+	}
+	// After a rotation the newest key's hash comes first, the old one's still follows.
+	r := rotated.KeyedHashes("test-user")
+	if len(r) != 2 || r[1] != h[0] || r[0] == h[0] {
+		t.Errorf("rotated ring's hashes %q, want [new, %q]", r, h[0])
+	}
+	if (*KeyRing)(nil).KeyedHashes("x") != nil {
+		t.Error("a nil ring hashed")
+	}
+}

@@ -144,6 +144,7 @@ type opStorage struct {
 	refreshAudience map[string][]string // refresh token → audience of its grant
 	disabled        map[string]bool     // subjects whose grants are refused
 	issued          map[string]issuedToken
+	seeded          map[string]*storage.RefreshToken // SeedRefreshToken's, until used once
 
 	signing *signingKey // WithSigningAlgorithm's key; nil: the example storage's
 }
@@ -169,6 +170,7 @@ func newOPStorage(users userStore, redirectGlobs, refusedScopes []string) *opSto
 		refreshAudience: make(map[string][]string),
 		disabled:        make(map[string]bool),
 		issued:          make(map[string]issuedToken),
+		seeded:          make(map[string]*storage.RefreshToken),
 	}
 }
 
@@ -262,6 +264,15 @@ func (s *opStorage) CreateAccessToken(ctx context.Context, req op.TokenRequest) 
 }
 
 func (s *opStorage) CreateAccessAndRefreshTokens(ctx context.Context, req op.TokenRequest, currentRefreshToken string) (string, string, time.Time, error) {
+	s.mu.Lock()
+	_, seeded := s.seeded[currentRefreshToken]
+	delete(s.seeded, currentRefreshToken)
+	s.mu.Unlock()
+	if seeded {
+		// The example storage renews only its own tokens: issue a fresh one instead,
+		// which rotates the seeded token away just the same.
+		currentRefreshToken = ""
+	}
 	id, refreshToken, exp, err := s.Storage.CreateAccessAndRefreshTokens(ctx, unwrap(req), currentRefreshToken)
 	if err != nil {
 		return "", "", time.Time{}, err
@@ -277,6 +288,12 @@ func (s *opStorage) CreateAccessAndRefreshTokens(ctx context.Context, req op.Tok
 }
 
 func (s *opStorage) TokenRequestByRefreshToken(ctx context.Context, refreshToken string) (op.RefreshTokenRequest, error) {
+	s.mu.Lock()
+	seed, seeded := s.seeded[refreshToken]
+	s.mu.Unlock()
+	if seeded {
+		return &storage.RefreshTokenRequest{RefreshToken: seed}, nil
+	}
 	req, err := s.Storage.TokenRequestByRefreshToken(ctx, refreshToken)
 	if err != nil {
 		return nil, err
@@ -456,3 +473,17 @@ var (
 	_ op.TokenExchangeStorage = (*opStorage)(nil)
 	_ op.HasRedirectGlobs     = client{}
 )
+
+// SeedRefreshToken makes the OP honour token, a refresh token that another OP (an earlier
+// test run's) issued to clientID for subject with scopes, once: the refresh grant rotates
+// it like one of its own. It lets storage written in an earlier run be used against a
+// fresh OP.
+func (o *OP) SeedRefreshToken(token, clientID, subject string, scopes []string) {
+	now := time.Now()
+	o.storage.mu.Lock()
+	defer o.storage.mu.Unlock()
+	o.storage.seeded[token] = &storage.RefreshToken{
+		ID: token, Token: token, AuthTime: now, AMR: []string{"pwd"}, UserID: subject,
+		ApplicationID: clientID, Audience: []string{clientID}, Expiration: now.Add(5 * time.Hour), Scopes: scopes,
+	}
+}

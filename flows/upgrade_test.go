@@ -1,0 +1,274 @@
+package flows
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"golang.org/x/oauth2"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// The upgrade fixture: storage written by an earlier release (testdata/upgrade/storage)
+// and what a test needs to use it (testdata/upgrade/fixture.json). Every secret in it is
+// a test secret of this fixture alone. It was written by TestWriteUpgradeFixture at
+// commit f4bbd60, before offline grants were kept per site and bound to background
+// clients; keep it, and add a fixture of a later release beside it when what is stored
+// changes again.
+
+// upgradeFixtureDir holds the fixture.
+const upgradeFixtureDir = "testdata/upgrade"
+
+// upgradeFixture is fixture.json.
+type upgradeFixture struct {
+	// WrittenAt is when the records were written; their TTLs count from it.
+	WrittenAt time.Time `json:"written_at"`
+	// EncryptionKey is the base64 key the records were sealed with.
+	EncryptionKey string `json:"encryption_key"`
+	// Resource is the protected resource of the broker that wrote them.
+	Resource string `json:"resource"`
+	// ClientID is a dynamically registered public client with RedirectURI.
+	ClientID    string `json:"client_id"`
+	RedirectURI string `json:"redirect_uri"`
+	// AccessToken and RefreshToken are the broker's pair issued to ClientID for Subject.
+	AccessToken  string `json:"access_token"`
+	RefreshToken string `json:"refresh_token"`
+	Subject      string `json:"subject"`
+	// OfflineRefreshToken is the IdP refresh token sealed in Subject's offline grant,
+	// provisioned through ClientID with OfflineScopes.
+	OfflineRefreshToken string   `json:"offline_refresh_token"`
+	OfflineScopes       []string `json:"offline_scopes"`
+	// WorkerID and WorkerSecret are the background client configured when the grant was made.
+	WorkerID     string `json:"worker_id"`
+	WorkerSecret string `json:"worker_secret"`
+}
+
+// upgradeFixtureKey is the fixture's encryption key: 32 bytes of 7, as newTestBroker's.
+var upgradeFixtureKey = bytes.Repeat([]byte{7}, 32)
+
+// TestWriteUpgradeFixture writes the upgrade fixture with the broker of this release, when
+// MCP_OAUTH_WRITE_FIXTURE names an empty or missing directory: a registered client, a
+// session with the broker's access and refresh tokens, and an offline grant. It is a
+// generator, run by hand before a release changes what is stored; it asserts nothing.
+func TestWriteUpgradeFixture(t *testing.T) {
+	dir := os.Getenv("MCP_OAUTH_WRITE_FIXTURE")
+	if dir == "" {
+		t.Skip("set MCP_OAUTH_WRITE_FIXTURE=dir to write the upgrade fixture")
+	}
+	ring, err := storage.NewKeyRing(upgradeFixtureKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := testenv.StartOP(t)
+	e := newTokenEnv(t, o, func(c *Config) {
+		c.Registration = true
+		c.BackgroundClients = []BackgroundClient{{ID: testWorkerID, Secret: testWorkerSecret}}
+		c.Records = storage.New(&certmagic.FileStorage{Path: filepath.Join(dir, "storage")}, ring)
+	})
+	e.clock.t = time.Now().UTC().Truncate(time.Second)
+
+	info := registerClient(t, e.b, `{"redirect_uris":["`+tokenTestRedirect+`"],"token_endpoint_auth_method":"none","client_name":"Upgrade fixture"}`)
+	code, verifier := e.code(t, info.ClientID)
+	pair := e.exchange(t, info.ClientID, code, verifier, nil).wantTokens(t)
+
+	grant := e.idpGrant(t)
+	d, err := e.b.idp.Discovery(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	offlineScopes := []string{"openid", "offline_access", "notes:read"}
+	if err := e.b.storeOfflineGrant(t.Context(), d, o.User.Subject, info.ClientID, offlineScopes, e.b.backgroundClientIDs(), grant.RefreshToken); err != nil {
+		t.Fatal(err)
+	}
+
+	fx := upgradeFixture{
+		WrittenAt:           e.clock.t,
+		EncryptionKey:       base64.StdEncoding.EncodeToString(upgradeFixtureKey),
+		Resource:            testResource,
+		ClientID:            info.ClientID,
+		RedirectURI:         tokenTestRedirect,
+		AccessToken:         pair.AccessToken,
+		RefreshToken:        pair.RefreshToken,
+		Subject:             o.User.Subject,
+		OfflineRefreshToken: grant.RefreshToken,
+		OfflineScopes:       offlineScopes,
+		WorkerID:            testWorkerID,
+		WorkerSecret:        testWorkerSecret,
+	}
+	out, err := json.MarshalIndent(fx, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "fixture.json"), append(out, '\n'), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// loadUpgradeFixture copies the fixture's storage into a fresh directory (the test
+// changes it) and reads fixture.json.
+func loadUpgradeFixture(t *testing.T) (upgradeFixture, string) {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(upgradeFixtureDir, "fixture.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fx upgradeFixture
+	if err := json.Unmarshal(raw, &fx); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS(filepath.Join(upgradeFixtureDir, "storage"))); err != nil {
+		t.Fatal(err)
+	}
+	return fx, dir
+}
+
+// newUpgradeEnv is a hybrid broker of this release over the fixture's storage, as the
+// fixture's broker was configured, with the clock a minute after the fixture was
+// written so that its records are live.
+func newUpgradeEnv(t *testing.T, o *testenv.OP, fx upgradeFixture, dir string, change func(*Config)) *tokenEnv {
+	t.Helper()
+	key, err := base64.StdEncoding.DecodeString(fx.EncryptionKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring, err := storage.NewKeyRing(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := &tokenClock{t: fx.WrittenAt.Add(time.Minute)}
+	core, logs := observer.New(zap.DebugLevel)
+	b := newTestBroker(t, o, func(c *Config) {
+		c.Mode = ModeHybrid
+		c.Logger = zap.New(core)
+		c.Resource = fx.Resource
+		c.Registration = true
+		c.BackgroundClients = []BackgroundClient{{ID: fx.WorkerID, Secret: fx.WorkerSecret}}
+		c.Records = storage.New(&certmagic.FileStorage{Path: dir}, ring, storage.WithClock(clock.now))
+		if change != nil {
+			change(c)
+		}
+	})
+	b.now = clock.now // before anything serves: no race
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	e := &tokenEnv{o: o, b: b, clock: clock, up: up, front: startFront(t, b, up.URL), logs: logs}
+	t.Cleanup(func() { e.assertNoSecretsLogged(t) })
+	e.remember(fx.AccessToken, fx.RefreshToken, fx.OfflineRefreshToken)
+	return e
+}
+
+// TestUpgradeKeepsStoredRecords loads storage written by an earlier release (see
+// TestWriteUpgradeFixture) into this one: its tokens, registered client and offline
+// grant keep working. The IdP is a fresh OP that is told of the fixture's IdP refresh
+// token (the OP of the run that wrote it is gone), so the background token proves the
+// grant was found, opened and its refresh token used.
+func TestUpgradeKeepsStoredRecords(t *testing.T) {
+	fx, dir := loadUpgradeFixture(t)
+	o := testenv.StartOP(t)
+	e := newUpgradeEnv(t, o, fx, dir, nil)
+
+	if st := e.mcpStatus(t, fx.AccessToken); st != http.StatusOK {
+		t.Fatalf("the stored access token at the MCP endpoint: %d", st)
+	}
+	// The session's sealed IdP grant opens where the session is read from.
+	var at AccessToken
+	if err := e.b.cfg.Records.Get(t.Context(), recordKey(kindAccessToken, fx.AccessToken), &at); err != nil {
+		t.Fatal(err)
+	}
+	s, serr := e.b.loadSession(t.Context(), at.SessionID)
+	if serr != nil {
+		t.Fatal(serr)
+	}
+	if g, err := e.b.sessionGrant(s); err != nil || g.RefreshToken == "" {
+		t.Fatalf("the stored session's IdP grant: %v", err)
+	}
+
+	// The registered client is known: its authorization request goes on to consent.
+	q := hybridAuthorizeQuery(fx.ClientID, fx.RedirectURI, oauth2.GenerateVerifier(), "st", nil)
+	resp, err := noRedirect.Get(e.front.URL + pathAuthorize + "?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if loc, _ := url.Parse(resp.Header.Get("Location")); resp.StatusCode != http.StatusFound || loc == nil || loc.Path != pathConsent {
+		t.Fatalf("authorization request of the registered client: %s to %q", resp.Status, resp.Header.Get("Location"))
+	}
+
+	next := e.refresh(t, fx.ClientID, fx.RefreshToken, nil).wantTokens(t)
+	if st := e.mcpStatus(t, next.AccessToken); st != http.StatusOK {
+		t.Fatalf("the refreshed access token at the MCP endpoint: %d", st)
+	}
+
+	o.SeedRefreshToken(fx.OfflineRefreshToken, testenv.BrokerClientID, fx.Subject, fx.OfflineScopes)
+	for i := range 2 { // the second one uses the refresh token the first one rotated in
+		resp = do(t, http.MethodPost, e.front.URL+pathBackgroundToken,
+			http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Authorization": {basicCredentials(fx.WorkerID, fx.WorkerSecret)}},
+			url.Values{"subject": {fx.Subject}}.Encode())
+		var tok TokenResponse
+		decodeJSON(t, resp, &tok)
+		if resp.StatusCode != http.StatusOK || tok.AccessToken == "" {
+			t.Fatalf("background token %d for the provisioned user: %s", i+1, resp.Status)
+		}
+		e.remember(tok.AccessToken)
+	}
+	if n := o.Count("refresh_token"); n != 2 {
+		t.Errorf("the OP saw %d refresh grants, want 2", n)
+	}
+
+	// The grant moved to this site's key, bound to the worker configured at the upgrade.
+	var legacy OfflineGrant
+	if err := e.b.cfg.Records.Get(t.Context(), legacyOfflineGrantKey(fx.Subject), &legacy); !errors.Is(err, storage.ErrNotFound) {
+		t.Errorf("the grant of the earlier release is still under its old key: %v", err)
+	}
+	g, err := e.b.loadOfflineGrant(t.Context(), fx.Subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if key, _ := e.b.offlineGrantKey(fx.Subject); g.key != key || !g.FromUpgrade || !slices.Equal(g.BackgroundClients, []string{fx.WorkerID}) {
+		t.Errorf("moved grant at %s (want %s), from upgrade %v, background clients %q", g.key, key, g.FromUpgrade, g.BackgroundClients)
+	}
+	if e.logs.FilterMessageSnippet("made before grants were bound to background clients").Len() == 0 {
+		t.Error("no warning that the grant predates the binding")
+	}
+}
+
+// TestUpgradeGrantGoesToOneSite: of two sites on one storage, the one that first uses a
+// grant of an earlier release (which names no site) takes it; the other has none.
+func TestUpgradeGrantGoesToOneSite(t *testing.T) {
+	fx, dir := loadUpgradeFixture(t)
+	o := testenv.StartOP(t)
+	a := newUpgradeEnv(t, o, fx, dir, nil)
+	b := newUpgradeEnv(t, o, fx, dir, func(c *Config) { c.Resource = "https://other.example.test/mcp" })
+	o.SeedRefreshToken(fx.OfflineRefreshToken, testenv.BrokerClientID, fx.Subject, fx.OfflineScopes)
+	ask := func(e *tokenEnv) int {
+		resp := do(t, http.MethodPost, e.front.URL+pathBackgroundToken,
+			http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Authorization": {basicCredentials(fx.WorkerID, fx.WorkerSecret)}},
+			url.Values{"subject": {fx.Subject}}.Encode())
+		var tok TokenResponse
+		decodeJSON(t, resp, &tok)
+		e.remember(tok.AccessToken)
+		return resp.StatusCode
+	}
+	if st := ask(a); st != http.StatusOK {
+		t.Fatalf("first site: %d", st)
+	}
+	if st := ask(b); st != http.StatusBadRequest {
+		t.Errorf("second site: %d, want 400 (not provisioned there)", st)
+	}
+	if st := ask(a); st != http.StatusOK {
+		t.Errorf("first site again: %d", st)
+	}
+}
