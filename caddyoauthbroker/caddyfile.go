@@ -53,6 +53,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		refresh_grace     <duration>
 //		idp_timeout       <duration>
 //		registration_rate <per minute>
+//		client_metadata_documents on|off
 //		client_metadata_allow_private
 //		provisioning {
 //			scopes        <scope...>
@@ -136,6 +137,22 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.RegistrationRate = int(n)
+		case "client_metadata_documents":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			var on bool
+			switch d.Val() {
+			case "on":
+				on = true
+			case "off":
+			default:
+				return d.Errf("client_metadata_documents: want on or off, got %q", d.Val())
+			}
+			h.ClientMetadataDocuments = &on
+			if d.NextArg() {
+				return d.ArgErr()
+			}
 		case "client_metadata_allow_private":
 			if d.NextArg() {
 				return d.ArgErr()

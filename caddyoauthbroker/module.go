@@ -110,6 +110,12 @@ type Handler struct {
 	// the one Caddy resolves, honouring the server's trusted proxies. Default: 10.
 	RegistrationRate int `json:"registration_rate,omitempty"`
 
+	// Whether MCP clients may use the https URL of a Client ID Metadata Document as their
+	// client_id. Off, the authorization server metadata stops advertising
+	// client_id_metadata_document_supported and https client_ids are refused; it is
+	// independent of disable_registration. Default: true (on).
+	ClientMetadataDocuments *bool `json:"client_metadata_documents,omitempty"`
+
 	// Lets Client ID Metadata Documents be fetched from loopback and private addresses.
 	// Only for labs and tests: it opens the broker to SSRF. Default: false.
 	ClientMetadataAllowPrivate bool `json:"client_metadata_allow_private,omitempty"`
@@ -394,6 +400,9 @@ func (h *Handler) Validate() error {
 			}
 		}
 	}
+	if h.ClientMetadataAllowPrivate && h.ClientMetadataDocuments != nil && !*h.ClientMetadataDocuments {
+		return errors.New("client_metadata_allow_private: set, but client_metadata_documents is off; remove one of them")
+	}
 	if d := h.Delegation; d != nil {
 		switch d.Mode {
 		case "", flows.DelegationTokenExchange, flows.DelegationRefresh, flows.DelegationNone:
@@ -495,6 +504,8 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 
 		RegistrationRate: h.RegistrationRate,
 		CIMDAllowPrivate: h.ClientMetadataAllowPrivate,
+
+		DisableClientMetadataDocuments: h.ClientMetadataDocuments != nil && !*h.ClientMetadataDocuments,
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

@@ -79,6 +79,10 @@ func TestValidateErrors(t *testing.T) {
 		}, `background_client "w": defined twice`},
 		{"provisioning bad glob", func(h *Handler) { h.Provisioning = &Provisioning{Tools: []string{"["}} }, `provisioning tools "[": bad glob`},
 		{"negative registration rate", func(h *Handler) { h.RegistrationRate = -1 }, "registration_rate: must not be negative"},
+		{"private documents with documents off", func(h *Handler) {
+			off := false
+			h.ClientMetadataDocuments, h.ClientMetadataAllowPrivate = &off, true
+		}, "client_metadata_allow_private: set, but client_metadata_documents is off"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()

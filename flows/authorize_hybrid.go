@@ -70,6 +70,9 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 	}
 	client, err := b.findClient(r.Context(), clientID)
 	switch {
+	case errors.Is(err, ErrMetadataDocumentsOff):
+		writeError(w, http.StatusBadRequest, "invalid_client", "this server does not accept client metadata documents (https client ids); register the client instead")
+		return
 	case errors.Is(err, ErrUnknownClient):
 		writeError(w, http.StatusBadRequest, "invalid_client", "unknown client")
 		return
