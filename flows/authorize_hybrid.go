@@ -175,7 +175,7 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 		Resource:            resource,
 		RedirectURIOmitted:  omitted,
 	}
-	if b.consentRemembered(r, client.ID, scopes) {
+	if b.consentRemembered(r, client.ID, redirectURI, scopes) {
 		b.logger.Info("authorize: consent remembered for this browser", zap.String("client_id", client.ID))
 		b.redirectToIdP(w, r, req)
 		return
