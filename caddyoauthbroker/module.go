@@ -394,6 +394,9 @@ func (h *Handler) Validate() error {
 		if len(c.RedirectURIs) == 0 {
 			return fmt.Errorf("client %q: redirect_uri required", c.ClientID)
 		}
+		if err := flows.CheckClientName(c.Name); err != nil {
+			return fmt.Errorf("client %q: name: %w", c.ClientID, err)
+		}
 		for _, u := range c.RedirectURIs {
 			if err := flows.CheckRedirectURI(u); err != nil {
 				return fmt.Errorf("client %q: redirect_uri %q: %w", c.ClientID, u, err)

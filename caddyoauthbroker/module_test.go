@@ -79,6 +79,10 @@ func TestValidateErrors(t *testing.T) {
 		}, `background_client "w": defined twice`},
 		{"provisioning bad glob", func(h *Handler) { h.Provisioning = &Provisioning{Tools: []string{"["}} }, `provisioning tools "[": bad glob`},
 		{"negative registration rate", func(h *Handler) { h.RegistrationRate = -1 }, "registration_rate: must not be negative"},
+		{"client name with a bidi override", func(h *Handler) { h.Clients[0].Name = "Claude\u202e" },
+			`client "claude": name: client_name must not contain control or bidirectional-formatting characters`},
+		{"client redirect with a bidi override", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"https://claude.ai/\u202ecb"} },
+			"redirect_uri must not contain control or bidirectional-formatting characters"},
 		{"private documents with documents off", func(h *Handler) {
 			off := false
 			h.ClientMetadataDocuments, h.ClientMetadataAllowPrivate = &off, true

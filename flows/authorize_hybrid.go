@@ -81,6 +81,11 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusInternalServerError, "server_error", "the client could not be loaded")
 		return
 	}
+	if err := CheckClientName(client.Name); err != nil {
+		// Registered before names were checked, or configured so: the page cannot show it.
+		writeError(w, http.StatusBadRequest, "invalid_client", "the client's name contains control or bidirectional-formatting characters")
+		return
+	}
 	redirectURI := f.Get("redirect_uri")
 	omitted := redirectURI == ""
 	if omitted {
@@ -264,6 +269,10 @@ func isLoopbackRedirectURI(raw string) bool {
 // carrying it there (state and iss included) for the user to follow.
 func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI, state, code, description string) {
 	u, err := url.Parse(redirectURI)
+	var host string
+	if err == nil {
+		host, err = asciiHost(u.Hostname())
+	}
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is not a valid URI")
 		return
@@ -283,7 +292,7 @@ func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI, state, c
 	w.WriteHeader(http.StatusBadRequest)
 	_ = authorizeErrorTemplate.Execute(w, struct {
 		Code, Description, Host, Link string
-	}{code, description, u.Hostname(), u.String()})
+	}{code, description, host, u.String()})
 }
 
 var authorizeErrorTemplate = template.Must(template.New("authorize-error").Parse(`<!doctype html>

@@ -13,6 +13,7 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
+	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -215,10 +216,13 @@ type consentPage struct {
 	ClientName   string
 	ClientID     string
 	ShowID       bool
-	RedirectHost string
+	RedirectHost string // ASCII (punycode)
+	RedirectURI  string // the whole URI, its host in ASCII
 	Loopback     bool
 	Resource     string
 	Scopes       []string
+	IdPHost      string
+	IdPScopes    []string // every scope the IdP is then asked for
 	Ticket       string
 	CSRF         string
 }
@@ -237,6 +241,10 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	redirect, err := url.Parse(req.RedirectURI)
+	var shownHost, shownURI string
+	if err == nil {
+		shownHost, shownURI, err = displayRedirect(redirect)
+	}
 	if err != nil {
 		consentProblem(w, http.StatusBadRequest, "The request is not valid. Start again from the application.")
 		return
@@ -256,12 +264,15 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 		ClientName:   name,
 		ClientID:     client.ID,
 		ShowID:       name != client.ID,
-		RedirectHost: redirect.Hostname(),
+		RedirectHost: shownHost,
+		RedirectURI:  shownURI,
 		Loopback:     IsLoopbackHost(redirect.Hostname()),
 		Resource:     b.cfg.Resource,
 		Scopes:       scopes,
-		Ticket:       ticket,
-		CSRF:         ct.CSRF,
+		// The same list redirectToIdP sends: the page names everything the IdP is asked.
+		IdPScopes: b.idpOAuthConfig(oauth2.Endpoint{}).Scopes,
+		Ticket:    ticket,
+		CSRF:      ct.CSRF,
 	}
 	// The form's POST is answered by a redirect to the IdP, or to the client on deny;
 	// browsers apply form-action to those redirects too, so both origins are allowed.
@@ -269,6 +280,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 	if d, err := b.idp.Discovery(r.Context()); err == nil {
 		if u, err := url.Parse(d.BrowserAuthorizationEndpoint); err == nil {
 			formAction = append(formAction, cspSource(u))
+			page.IdPHost, _ = asciiHost(u.Hostname())
 		}
 	}
 	consentHeaders(w, formAction)
@@ -419,9 +431,13 @@ var consentTemplate = template.Must(template.New("consent").Parse(`<!doctype htm
 <body><main>
 <h1>Allow <strong>{{.ClientName}}</strong> to use {{.Resource}} as you?</h1>
 {{if .ShowID}}<p>Application ID: <code>{{.ClientID}}</code></p>{{end}}
-<p>After you approve and sign in, your access goes to <strong>{{.RedirectHost}}</strong>{{if .Loopback}} (an application on this computer){{end}}.</p>
+<p>After you approve and sign in, your access goes to <strong>{{.RedirectHost}}</strong>{{if .Loopback}} (an application on this computer){{end}}:</p>
+<p><code>{{.RedirectURI}}</code></p>
 <p>It asks for:</p>
 <ul>{{range .Scopes}}<li><code>{{.}}</code></li>{{end}}</ul>
+<p>You then sign in at {{if .IdPHost}}<strong>{{.IdPHost}}</strong>{{else}}your identity provider{{end}}, which this server asks for:</p>
+<ul>{{range .IdPScopes}}<li><code>{{.}}</code></li>{{end}}</ul>
+<p class="note">This server keeps that access for you, and gives the application only what it asks for above.</p>
 <p class="note">Approve only if you just started signing in from this application. Anyone can register an application under any name.</p>
 <form method="post" action="/oauth/consent">
 <input type="hidden" name="ticket" value="{{.Ticket}}">
