@@ -3,8 +3,10 @@ package e2e
 import (
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"testing"
 
 	"golang.org/x/oauth2"
@@ -77,4 +79,53 @@ func TestIdPLoginBoundToBrowserThroughCaddyBinary(t *testing.T) {
 		t.Errorf("the browser that started got %s", final.Redacted())
 	}
 	caddy.assertLogsFree(final.Query().Get("code"), cb.Query().Get("code"), own.Query().Get("code"))
+}
+
+// TestInteropLoginHandoffBrowser: the same in Debian's chromium against the Keycloak-like
+// IdP. One browser context approves and stops at the redirect to the IdP; a second
+// context (its own cookies: another person's browser) opens that URL and logs in. It ends
+// on the broker's page saying the sign-in was started in another browser, and the
+// client's redirect URI receives nothing; the first context then finishes with a code.
+func TestInteropLoginHandoffBrowser(t *testing.T) {
+	requireInterop(t)
+	chromiumPath(t)
+	idp := startNodeIdP(t, profileKeycloak, nodeBrokerClient())
+	caddy := startCaddy(t, hybridNodeSite(idp, "http://127.0.0.1:9/mcp", ""))
+
+	var mu sync.Mutex
+	var received []string
+	callback := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		received = append(received, r.URL.RawQuery)
+		mu.Unlock()
+		w.Write([]byte("the client received the redirect"))
+	}))
+	t.Cleanup(callback.Close)
+	cfg := brokerClient(t, caddy, "Interop Handoff Client")
+	cfg.RedirectURL = callback.URL + "/callback"
+	authorizeURL, verifier := brokerAuthorizeURL(cfg, caddy)
+	runs := runConsentBrowser(t, []consentRun{{Name: "handoff", URL: authorizeURL, Action: "approve", RedirectPrefix: cfg.RedirectURL, Handoff: true}})
+	if len(runs) != 1 {
+		t.Fatalf("runs %+v", runs)
+	}
+	r := runs[0]
+	if r.Error != "" {
+		t.Fatalf("handoff run: %s", r.Error)
+	}
+	if h := r.Handoff; h == nil || h.Status != http.StatusForbidden || !strings.HasPrefix(h.URL, caddy.Base+"/oauth/callback?") ||
+		!strings.Contains(h.Text, "another browser") {
+		t.Fatalf("the second browser ended at %+v", r.Handoff)
+	}
+	mu.Lock()
+	if len(received) != 1 {
+		t.Errorf("the client's redirect URI was called %d times, want once (by the browser that approved)", len(received))
+	}
+	mu.Unlock()
+	got, err := url.Parse(r.Redirect)
+	if err != nil || got.Query().Get("code") == "" {
+		t.Fatalf("the browser that approved ended at %q", r.Redirect)
+	}
+	if _, err := cfg.Exchange(t.Context(), got.Query().Get("code"), oauth2.VerifierOption(verifier), oauth2.SetAuthURLParam("resource", caddy.Base+"/mcp")); err != nil {
+		t.Errorf("the approving browser's code does not redeem: %v", err)
+	}
 }
