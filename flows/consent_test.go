@@ -150,6 +150,18 @@ func TestConsentCookiesOnHTTPS(t *testing.T) {
 		consent.MaxAge != int(consentRememberFor/time.Second) {
 		t.Errorf("consent cookie %+v", consent)
 	}
+
+	// The redirect to the IdP sets the login binding cookie, __Host- prefixed as well.
+	var login *http.Cookie
+	for _, c := range rec.Result().Cookies() {
+		if strings.HasPrefix(c.Name, "__Host-mcp_oauth_login_") {
+			login = c
+		}
+	}
+	if login == nil || !login.Secure || !login.HttpOnly || login.Path != "/" || login.Domain != "" || login.SameSite != http.SameSiteLaxMode ||
+		login.MaxAge != int(idpStateTTL/time.Second) || len(login.Value) < 43 {
+		t.Errorf("login cookie %+v", login)
+	}
 }
 
 // A POST without the page's cookie, or with a CSRF token other than the ticket's, is
