@@ -59,6 +59,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		registration_rate <per minute>
 //		registration_rate_total <per minute>
 //		cold_verify_rate  <per client IP per minute> [<all clients per minute>]
+//		client_metadata_documents on|off
 //		client_metadata_allow_private
 //		provisioning {
 //			scopes        <scope...>
@@ -177,6 +178,22 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.BackgroundTokenRate = int(n)
+		case "client_metadata_documents":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			var on bool
+			switch d.Val() {
+			case "on":
+				on = true
+			case "off":
+			default:
+				return d.Errf("client_metadata_documents: want on or off, got %q", d.Val())
+			}
+			h.ClientMetadataDocuments = &on
+			if d.NextArg() {
+				return d.ArgErr()
+			}
 		case "client_metadata_allow_private":
 			if d.NextArg() {
 				return d.ArgErr()

@@ -148,6 +148,11 @@ type Handler struct {
 	// How many cold token verifications all clients together may cause per minute, and
 	// the burst; past it the answer is 503 with Retry-After. Default: 600.
 	ColdVerifyRateGlobal int `json:"cold_verify_rate_global,omitempty"`
+	// Whether MCP clients may use the https URL of a Client ID Metadata Document as their
+	// client_id. Off, the authorization server metadata stops advertising
+	// client_id_metadata_document_supported and https client_ids are refused; it is
+	// independent of disable_registration. Default: true (on).
+	ClientMetadataDocuments *bool `json:"client_metadata_documents,omitempty"`
 
 	// Lets Client ID Metadata Documents be fetched from loopback and private addresses.
 	// Only for labs and tests: it opens the broker to SSRF. Default: false.
@@ -442,11 +447,17 @@ func (h *Handler) Validate() error {
 		if len(c.RedirectURIs) == 0 {
 			return fmt.Errorf("client %q: redirect_uri required", c.ClientID)
 		}
+		if err := flows.CheckClientName(c.Name); err != nil {
+			return fmt.Errorf("client %q: name: %w", c.ClientID, err)
+		}
 		for _, u := range c.RedirectURIs {
 			if err := flows.CheckRedirectURI(u); err != nil {
 				return fmt.Errorf("client %q: redirect_uri %q: %w", c.ClientID, u, err)
 			}
 		}
+	}
+	if h.ClientMetadataAllowPrivate && h.ClientMetadataDocuments != nil && !*h.ClientMetadataDocuments {
+		return errors.New("client_metadata_allow_private: set, but client_metadata_documents is off; remove one of them")
 	}
 	if d := h.Delegation; d != nil {
 		switch d.Mode {
@@ -564,17 +575,18 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		RefreshGrace:    time.Duration(h.RefreshGrace),
 		IdPTimeout:      time.Duration(h.IdPTimeout),
 
-		RegistrationRate:          h.RegistrationRate,
-		RegistrationRateTotal:     h.RegistrationRateTotal,
-		CIMDAllowPrivate:          h.ClientMetadataAllowPrivate,
-		SessionMaxLifetime:        time.Duration(h.SessionMaxLifetime),
-		IdPConfirmInterval:        time.Duration(h.IdPConfirmInterval),
-		RequireJWTAccessTokenType: h.RequireJWTAccessTokenType,
-		IntrospectionCacheTTL:     time.Duration(h.IntrospectionCacheTTL),
-		ColdVerifyRate:            h.ColdVerifyRate,
-		ColdVerifyRateGlobal:      h.ColdVerifyRateGlobal,
-		ClientIP:                  caddyClientIP,
-		BackgroundTokenRate:       h.BackgroundTokenRate,
+		RegistrationRate:               h.RegistrationRate,
+		RegistrationRateTotal:          h.RegistrationRateTotal,
+		CIMDAllowPrivate:               h.ClientMetadataAllowPrivate,
+		SessionMaxLifetime:             time.Duration(h.SessionMaxLifetime),
+		IdPConfirmInterval:             time.Duration(h.IdPConfirmInterval),
+		RequireJWTAccessTokenType:      h.RequireJWTAccessTokenType,
+		IntrospectionCacheTTL:          time.Duration(h.IntrospectionCacheTTL),
+		ColdVerifyRate:                 h.ColdVerifyRate,
+		ColdVerifyRateGlobal:           h.ColdVerifyRateGlobal,
+		ClientIP:                       caddyClientIP,
+		BackgroundTokenRate:            h.BackgroundTokenRate,
+		DisableClientMetadataDocuments: h.ClientMetadataDocuments != nil && !*h.ClientMetadataDocuments,
 	}
 	if p := h.Provisioning; p != nil {
 		cfg.ProvisioningScopes = p.Scopes

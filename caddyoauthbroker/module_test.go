@@ -87,6 +87,14 @@ func TestValidateErrors(t *testing.T) {
 		{"negative cold verify rate", func(h *Handler) { h.ColdVerifyRate = -1 }, "cold_verify_rate: must not be negative"},
 		{"negative global cold verify rate", func(h *Handler) { h.ColdVerifyRateGlobal = -1 }, "cold_verify_rate_global: must not be negative"},
 		{"negative background token rate", func(h *Handler) { h.BackgroundTokenRate = -1 }, "background_token_rate: must not be negative"},
+		{"client name with a bidi override", func(h *Handler) { h.Clients[0].Name = "Claude\u202e" },
+			`client "claude": name: client_name must not contain control or bidirectional-formatting characters`},
+		{"client redirect with a bidi override", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"https://claude.ai/\u202ecb"} },
+			"redirect_uri must not contain control or bidirectional-formatting characters"},
+		{"private documents with documents off", func(h *Handler) {
+			off := false
+			h.ClientMetadataDocuments, h.ClientMetadataAllowPrivate = &off, true
+		}, "client_metadata_allow_private: set, but client_metadata_documents is off"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := validHandler()

@@ -326,6 +326,7 @@ type consentRun struct {
 	Expect         map[string]any `json:"expect,omitempty"`
 	Screenshot     string         `json:"screenshot,omitempty"`
 	ForgeOrigins   []string       `json:"forgeOrigins,omitempty"`
+	Handoff        bool           `json:"handoff,omitempty"`
 }
 
 type consentResult struct {
@@ -349,8 +350,13 @@ type consentResult struct {
 		Text     string `json:"text"`
 	} `json:"forged"`
 	ConsentStatusAfterForgery string `json:"consentStatusAfterForgery"`
-	Redirect                  string `json:"redirect"`
-	Error                     string `json:"error"`
+	Handoff                   *struct {
+		URL    string `json:"url"`
+		Status int    `json:"status"`
+		Text   string `json:"text"`
+	} `json:"handoff"`
+	Redirect string `json:"redirect"`
+	Error    string `json:"error"`
 }
 
 // runConsentBrowser runs interop/consent.mjs (Debian's chromium) over runs.

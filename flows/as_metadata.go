@@ -35,7 +35,7 @@ func (b *Broker) authorizationServerMetadata() AuthorizationServerMetadata {
 		TokenEndpointAuthMethodsSupported:          authMethods,
 		RevocationEndpointAuthMethodsSupported:     authMethods,
 		CodeChallengeMethodsSupported:              []string{"S256"},
-		ClientIDMetadataDocumentSupported:          true,
+		ClientIDMetadataDocumentSupported:          !b.cfg.DisableClientMetadataDocuments,
 		AuthorizationResponseIssParameterSupported: true,
 	}
 	if b.cfg.Registration {

@@ -77,12 +77,20 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 	}
 	client, err := b.findClient(r.Context(), clientID)
 	switch {
+	case errors.Is(err, ErrMetadataDocumentsOff):
+		writeError(w, http.StatusBadRequest, "invalid_client", "this server does not accept client metadata documents (https client ids); register the client instead")
+		return
 	case errors.Is(err, ErrUnknownClient):
 		writeError(w, http.StatusBadRequest, "invalid_client", "unknown client")
 		return
 	case err != nil:
 		b.logger.Error("authorize: finding client", zap.Error(err))
 		writeError(w, http.StatusInternalServerError, "server_error", "the client could not be loaded")
+		return
+	}
+	if err := CheckClientName(client.Name); err != nil {
+		// Registered before names were checked, or configured so: the page cannot show it.
+		writeError(w, http.StatusBadRequest, "invalid_client", "the client's name contains control or bidirectional-formatting characters")
 		return
 	}
 	redirectURI := f.Get("redirect_uri")
@@ -183,7 +191,7 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 		fail("invalid_request", "the authorization request is too large")
 		return
 	}
-	if b.consentRemembered(r, client.ID, scopes) {
+	if b.consentRemembered(r, client.ID, redirectURI, scopes) {
 		b.logger.Info("authorize: consent remembered for this browser", zap.String("client_id", client.ID))
 		b.redirectToIdP(w, r, req)
 		return
@@ -272,6 +280,10 @@ func isLoopbackRedirectURI(raw string) bool {
 // carrying it there (state and iss included) for the user to follow.
 func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI, state, code, description string) {
 	u, err := url.Parse(redirectURI)
+	var host string
+	if err == nil {
+		host, err = asciiHost(u.Hostname())
+	}
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is not a valid URI")
 		return
@@ -291,7 +303,7 @@ func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI, state, c
 	w.WriteHeader(http.StatusBadRequest)
 	_ = authorizeErrorTemplate.Execute(w, struct {
 		Code, Description, Host, Link string
-	}{code, description, u.Hostname(), u.String()})
+	}{code, description, host, u.String()})
 }
 
 var authorizeErrorTemplate = template.Must(template.New("authorize-error").Parse(`<!doctype html>

@@ -2,6 +2,7 @@ package flows
 
 import (
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
 	"strings"
@@ -30,8 +31,21 @@ func authorizeQuery(change func(url.Values)) url.Values {
 	return q
 }
 
-// noRedirect is an HTTP client that reports redirects instead of following them.
-var noRedirect = &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+// noRedirect is an HTTP client that reports redirects instead of following them. It
+// keeps cookies, as a browser does: a login at the IdP is bound to the browser that
+// started it by a cookie.
+var noRedirect = &http.Client{
+	Jar:           mustCookieJar(),
+	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+}
+
+func mustCookieJar() http.CookieJar {
+	jar, err := cookiejar.New(nil)
+	if err != nil {
+		panic(err)
+	}
+	return jar
+}
 
 func authorize(t *testing.T, front string, q url.Values) *http.Response {
 	t.Helper()

@@ -71,6 +71,9 @@ type Config struct {
 	// CIMDAllowPrivate lets client metadata documents live on loopback and private
 	// addresses (tests, labs); off in production.
 	CIMDAllowPrivate bool
+	// DisableClientMetadataDocuments refuses https client ids (Client ID Metadata
+	// Documents) and stops advertising them; by default they are accepted.
+	DisableClientMetadataDocuments bool
 	// RegistrationRate is how many registrations one client IP may make per minute.
 	RegistrationRate int
 	// RegistrationRateTotal is how many registrations all clients together may make per

@@ -36,7 +36,9 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 	key := recordKey(kindIdPState, state)
 	sealed, err := b.cfg.Records.Seal(key, []byte(verifier))
 	if err == nil {
-		err = b.cfg.Records.Put(r.Context(), key, PendingLogin{Request: req, Nonce: nonce, PKCEVerifier: sealed}, idpStateTTL)
+		// A cookie set but not stored (Put failing) is harmless: it binds nothing.
+		binding := b.bindLoginToBrowser(w, state, pathCallback, idpStateTTL)
+		err = b.cfg.Records.Put(r.Context(), key, PendingLogin{Request: req, Nonce: nonce, PKCEVerifier: sealed, BrowserBinding: binding}, idpStateTTL)
 	}
 	if err != nil {
 		b.logger.Error("login: storing pending login", zap.Error(err))
@@ -92,6 +94,19 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	var pending PendingLogin
 	key := recordKey(kindIdPState, state)
+	// The browser binding is checked before the pending login is taken: a browser that
+	// did not start this login must not spend it for the one that did.
+	switch err := b.cfg.Records.Get(r.Context(), key, &pending); {
+	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
+		b.logger.Warn("callback: the login returned to a browser that did not start it; nothing issued",
+			zap.String("client_id", pending.Request.ClientID), zap.String("state", Fingerprint(state)))
+		consentProblem(w, http.StatusForbidden, notThisBrowserMessage)
+		return
+	case err != nil && !errors.Is(err, storage.ErrNotFound):
+		b.logger.Error("callback: loading pending login", zap.Error(err))
+		writeError(w, http.StatusInternalServerError, "server_error", "the login could not be loaded")
+		return
+	}
 	if err := b.cfg.Records.TakeOnce(r.Context(), key, &pending); err != nil {
 		if !errors.Is(err, storage.ErrNotFound) {
 			b.logger.Error("callback: taking pending login", zap.Error(err))
@@ -102,6 +117,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "invalid_request", "unknown or expired login state")
 		return
 	}
+	b.clearLoginBinding(w, state, pathCallback)
 	req := pending.Request
 	fail := func(code, description string) {
 		b.redirectError(w, r, req.RedirectURI, req.State, code, description)

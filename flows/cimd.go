@@ -371,6 +371,8 @@ func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, 
 		return nil, errors.New("document has too many redirect_uris")
 	case utf8.RuneCountInString(doc.ClientName) > maxClientNameRunes:
 		return nil, errors.New("document client_name is too long")
+	case CheckClientName(doc.ClientName) != nil:
+		return nil, fmt.Errorf("document: %w", errClientNameCharacters)
 	}
 	for _, u := range doc.RedirectURIs {
 		if len(u) > maxRedirectURILen {

@@ -300,3 +300,32 @@ func TestIsPublicAddress(t *testing.T) {
 		}
 	}
 }
+
+// With client metadata documents turned off, the broker neither advertises nor fetches
+// them: an https client_id gets a clear invalid_client, and no request leaves.
+func TestClientMetadataDocumentsOff(t *testing.T) {
+	srv := startDocumentServer(t, serveDocument(claudeCodeDocument, "max-age=3600"))
+	o := verifierOP(t)
+	_, front := startHybridFront(t, o, "", func(c *Config) {
+		c.CIMDAllowPrivate = true
+		c.DisableClientMetadataDocuments = true
+	})
+
+	resp := get(t, front.URL+"/.well-known/oauth-authorization-server", nil)
+	var md map[string]any
+	decodeJSON(t, resp, &md)
+	if md["client_id_metadata_document_supported"] != false {
+		t.Errorf("client_id_metadata_document_supported = %v", md["client_id_metadata_document_supported"])
+	}
+
+	q := hybridAuthorizeQuery(srv.URL+"/oauth/claude-code-client-metadata", "http://127.0.0.1:49152/callback", hybridVerifier, "s", nil)
+	resp = get(t, front.URL+pathAuthorize+"?"+q.Encode(), nil)
+	var e oauthError
+	decodeJSON(t, resp, &e)
+	if resp.StatusCode != http.StatusBadRequest || e.Error != "invalid_client" || !strings.Contains(e.Description, "metadata documents") {
+		t.Errorf("%s %+v", resp.Status, e)
+	}
+	if srv.hits.Load() != 0 {
+		t.Errorf("%d document fetches with documents off", srv.hits.Load())
+	}
+}

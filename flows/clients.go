@@ -39,6 +39,10 @@ const (
 // that name none (see serveRegister for why refresh_token is included).
 var defaultGrantTypes = []string{grantAuthorizationCode, grantRefreshToken}
 
+// ErrMetadataDocumentsOff: the client id is an https URL, and this broker takes no
+// Client ID Metadata Documents. It wraps ErrUnknownClient.
+var ErrMetadataDocumentsOff = fmt.Errorf("%w: client metadata documents are turned off", ErrUnknownClient)
+
 // maxClientIDLen bounds a client_id before it is hashed or fetched.
 const maxClientIDLen = 2048
 
@@ -148,6 +152,9 @@ func (b *Broker) findClient(ctx context.Context, id string) (*Client, error) {
 	}
 	// Registered ids are random tokens, never URLs: an https id can only be a document.
 	if strings.HasPrefix(id, "https://") {
+		if b.cfg.DisableClientMetadataDocuments {
+			return nil, ErrMetadataDocumentsOff
+		}
 		return b.metadataDocumentClient(ctx, id)
 	}
 	return b.registeredClient(ctx, id)

@@ -13,6 +13,7 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
+	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -30,17 +31,20 @@ import (
 // taken only after these checks pass, so a forged POST cannot burn it.
 //
 // Remembered consent: an approval sets a consent cookie, sealed with the storage key
-// (AES-GCM: authenticated, so it cannot be forged or edited), listing the approved client
-// ids with their scopes and an expiry. A later authorization request from the same
-// browser for the same client id, with a redirect URI that client registered and no
-// scope beyond those approved, skips the page. Any other client id still gets the page:
-// consent is bound to the client id, never to "this browser said yes once".
+// (AES-GCM: authenticated, so it cannot be forged or edited), listing the approvals as
+// (client id, redirect URI, scopes, expiry). A later authorization request from the same
+// browser for the same client id and the same redirect URI (compared as redirect matching
+// does: a loopback URI on any port), with no scope beyond those approved, skips the page.
+// Anything else gets the page: consent is bound to what the page showed, never to "this
+// browser said yes once" (SECURITY.md: a client that registered a second, foreign
+// redirect URI must not inherit the approval given for its first).
 
 const (
 	// consentRememberFor is how long an approval spares the page for its client.
 	consentRememberFor = 7 * 24 * time.Hour
-	// maxRememberedClients bounds the consent cookie; the oldest approvals go first.
-	maxRememberedClients = 20
+	// maxRememberedApprovals bounds the consent cookie's (client id, redirect URI)
+	// entries; the oldest go first, and fewer are kept if they do not fit.
+	maxRememberedApprovals = 20
 	// maxConsentCookieLen keeps the consent cookie under browsers' 4 KiB per cookie.
 	maxConsentCookieLen = 3800
 	// maxConsentBody bounds the consent form.
@@ -97,10 +101,18 @@ type rememberedConsent struct {
 	Clients []approvedClient `json:"c"`
 }
 
+// approvedClient is one approval. Entries without a RedirectURI were written before
+// approvals named one; they match nothing.
 type approvedClient struct {
-	ClientID string   `json:"i"`
-	Scopes   []string `json:"s"`
-	Expires  int64    `json:"x"` // Unix seconds
+	ClientID    string   `json:"i"`
+	RedirectURI string   `json:"r,omitempty"`
+	Scopes      []string `json:"s"`
+	Expires     int64    `json:"x"` // Unix seconds
+}
+
+// approves tells whether a is an approval of clientID for redirectURI.
+func (a approvedClient) approves(clientID, redirectURI string) bool {
+	return a.ClientID == clientID && a.RedirectURI != "" && MatchRedirectURI([]string{a.RedirectURI}, redirectURI)
 }
 
 // readConsentCookie returns the approvals of this browser that have not expired; a
@@ -128,11 +140,11 @@ func (b *Broker) readConsentCookie(r *http.Request) []approvedClient {
 	return live
 }
 
-// consentRemembered tells whether this browser approved clientID for every scope in
-// scopes, and the approval has not expired.
-func (b *Broker) consentRemembered(r *http.Request, clientID string, scopes []string) bool {
+// consentRemembered tells whether this browser approved clientID with redirectURI for
+// every scope in scopes, and the approval has not expired.
+func (b *Broker) consentRemembered(r *http.Request, clientID, redirectURI string, scopes []string) bool {
 	for _, a := range b.readConsentCookie(r) {
-		if a.ClientID != clientID {
+		if !a.approves(clientID, redirectURI) {
 			continue
 		}
 		for _, s := range scopes {
@@ -145,14 +157,17 @@ func (b *Broker) consentRemembered(r *http.Request, clientID string, scopes []st
 	return false
 }
 
-// rememberConsent adds an approval of clientID for scopes to the consent cookie. It
-// keeps the newest approvals that fit; failing to seal only costs the user the page
-// next time.
-func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientID string, scopes []string) {
-	approved := approvedClient{ClientID: clientID, Scopes: slices.Clone(scopes), Expires: b.now().Add(consentRememberFor).Unix()}
+// rememberConsent adds an approval of clientID with redirectURI for scopes to the
+// consent cookie. It keeps the newest approvals that fit; failing to seal only costs the
+// user the page next time.
+func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientID, redirectURI string, scopes []string) {
+	approved := approvedClient{ClientID: clientID, RedirectURI: redirectURI, Scopes: slices.Clone(scopes), Expires: b.now().Add(consentRememberFor).Unix()}
 	var kept []approvedClient
 	for _, a := range b.readConsentCookie(r) {
-		if a.ClientID == clientID {
+		if a.RedirectURI == "" {
+			continue // an old entry: it spares nothing
+		}
+		if a.approves(clientID, redirectURI) {
 			for _, s := range a.Scopes {
 				if !slices.Contains(approved.Scopes, s) {
 					approved.Scopes = append(approved.Scopes, s)
@@ -164,7 +179,7 @@ func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientI
 	}
 	kept = append(kept, approved)
 	for len(kept) > 0 {
-		if len(kept) <= maxRememberedClients {
+		if len(kept) <= maxRememberedApprovals {
 			plain, err := json.Marshal(rememberedConsent{Clients: kept})
 			if err != nil {
 				return
@@ -201,10 +216,13 @@ type consentPage struct {
 	ClientName   string
 	ClientID     string
 	ShowID       bool
-	RedirectHost string
+	RedirectHost string // ASCII (punycode)
+	RedirectURI  string // the whole URI, its host in ASCII
 	Loopback     bool
 	Resource     string
 	Scopes       []string
+	IdPHost      string
+	IdPScopes    []string // every scope the IdP is then asked for
 	Ticket       string
 	CSRF         string
 }
@@ -223,6 +241,10 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	redirect, err := url.Parse(req.RedirectURI)
+	var shownHost, shownURI string
+	if err == nil {
+		shownHost, shownURI, err = displayRedirect(redirect)
+	}
 	if err != nil {
 		consentProblem(w, http.StatusBadRequest, "The request is not valid. Start again from the application.")
 		return
@@ -242,12 +264,15 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 		ClientName:   name,
 		ClientID:     client.ID,
 		ShowID:       name != client.ID,
-		RedirectHost: redirect.Hostname(),
+		RedirectHost: shownHost,
+		RedirectURI:  shownURI,
 		Loopback:     IsLoopbackHost(redirect.Hostname()),
 		Resource:     b.cfg.Resource,
 		Scopes:       scopes,
-		Ticket:       ticket,
-		CSRF:         ct.CSRF,
+		// The same list redirectToIdP sends: the page names everything the IdP is asked.
+		IdPScopes: b.idpOAuthConfig(oauth2.Endpoint{}).Scopes,
+		Ticket:    ticket,
+		CSRF:      ct.CSRF,
 	}
 	// The form's POST is answered by a redirect to the IdP, or to the client on deny;
 	// browsers apply form-action to those redirects too, so both origins are allowed.
@@ -255,6 +280,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 	if d, err := b.idp.Discovery(r.Context()); err == nil {
 		if u, err := url.Parse(d.BrowserAuthorizationEndpoint); err == nil {
 			formAction = append(formAction, cspSource(u))
+			page.IdPHost, _ = asciiHost(u.Hostname())
 		}
 	}
 	consentHeaders(w, formAction)
@@ -318,7 +344,7 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	b.logger.Info("consent: approved", zap.String("client_id", req.ClientID))
-	b.rememberConsent(w, r, req.ClientID, req.Scopes)
+	b.rememberConsent(w, r, req.ClientID, req.RedirectURI, req.Scopes)
 	b.redirectToIdP(w, r, req)
 }
 
@@ -405,9 +431,13 @@ var consentTemplate = template.Must(template.New("consent").Parse(`<!doctype htm
 <body><main>
 <h1>Allow <strong>{{.ClientName}}</strong> to use {{.Resource}} as you?</h1>
 {{if .ShowID}}<p>Application ID: <code>{{.ClientID}}</code></p>{{end}}
-<p>After you approve and sign in, your access goes to <strong>{{.RedirectHost}}</strong>{{if .Loopback}} (an application on this computer){{end}}.</p>
+<p>After you approve and sign in, your access goes to <strong>{{.RedirectHost}}</strong>{{if .Loopback}} (an application on this computer){{end}}:</p>
+<p><code>{{.RedirectURI}}</code></p>
 <p>It asks for:</p>
 <ul>{{range .Scopes}}<li><code>{{.}}</code></li>{{end}}</ul>
+<p>You then sign in at {{if .IdPHost}}<strong>{{.IdPHost}}</strong>{{else}}your identity provider{{end}}, which this server asks for:</p>
+<ul>{{range .IdPScopes}}<li><code>{{.}}</code></li>{{end}}</ul>
+<p class="note">This server keeps that access for you, and gives the application only what it asks for above.</p>
 <p class="note">Approve only if you just started signing in from this application. Anyone can register an application under any name.</p>
 <form method="post" action="/oauth/consent">
 <input type="hidden" name="ticket" value="{{.Ticket}}">

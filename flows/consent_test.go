@@ -41,7 +41,9 @@ func TestConsentPage(t *testing.T) {
 				t.Errorf("page lacks %q", want)
 			}
 		}
-		if strings.Contains(page, "notes:write") {
+		// notes:write is listed only among the IdP's scopes, not as the application's.
+		asked, _, _ := strings.Cut(page, "You then sign in")
+		if strings.Contains(asked, "notes:write") {
 			t.Error("page lists a scope that was not asked")
 		}
 	})
@@ -147,6 +149,18 @@ func TestConsentCookiesOnHTTPS(t *testing.T) {
 	if consent == nil || !consent.Secure || !consent.HttpOnly || consent.Path != "/" || consent.SameSite != http.SameSiteLaxMode ||
 		consent.MaxAge != int(consentRememberFor/time.Second) {
 		t.Errorf("consent cookie %+v", consent)
+	}
+
+	// The redirect to the IdP sets the login binding cookie, __Host- prefixed as well.
+	var login *http.Cookie
+	for _, c := range rec.Result().Cookies() {
+		if strings.HasPrefix(c.Name, "__Host-mcp_oauth_login_") {
+			login = c
+		}
+	}
+	if login == nil || !login.Secure || !login.HttpOnly || login.Path != "/" || login.Domain != "" || login.SameSite != http.SameSiteLaxMode ||
+		login.MaxAge != int(idpStateTTL/time.Second) || len(login.Value) < 43 {
+		t.Errorf("login cookie %+v", login)
 	}
 }
 
@@ -404,17 +418,17 @@ func TestConsentBoundToClientID(t *testing.T) {
 	})
 }
 
-// The consent cookie holds at most maxRememberedClients approvals, newest kept.
+// The consent cookie holds at most maxRememberedApprovals approvals, newest kept.
 func TestRememberConsentIsBounded(t *testing.T) {
 	b := newTestBroker(t, verifierOP(t), func(c *Config) { c.Mode = ModeHybrid })
 	var cookie *http.Cookie
-	for i := range maxRememberedClients + 5 {
+	for i := range maxRememberedApprovals + 5 {
 		r := httptest.NewRequest(http.MethodPost, "https://mcp.example.test/oauth/consent", nil)
 		if cookie != nil {
 			r.AddCookie(cookie)
 		}
 		rec := httptest.NewRecorder()
-		b.rememberConsent(rec, r, "https://client-"+strings.Repeat("x", 100)+"/"+string(rune('a'+i)), []string{"openid", "notes:read", "notes:write"})
+		b.rememberConsent(rec, r, "https://client-"+strings.Repeat("x", 100)+"/"+string(rune('a'+i)), "https://app.example/cb", []string{"openid", "notes:read", "notes:write"})
 		cs := rec.Result().Cookies()
 		if len(cs) != 1 {
 			t.Fatalf("round %d: cookies %v", i, cs)
@@ -427,14 +441,14 @@ func TestRememberConsentIsBounded(t *testing.T) {
 	r := httptest.NewRequest(http.MethodGet, "https://mcp.example.test/oauth/authorize", nil)
 	r.AddCookie(cookie)
 	approved := b.readConsentCookie(r)
-	if len(approved) == 0 || len(approved) > maxRememberedClients {
+	if len(approved) == 0 || len(approved) > maxRememberedApprovals {
 		t.Fatalf("%d approvals kept", len(approved))
 	}
-	last := "https://client-" + strings.Repeat("x", 100) + "/" + string(rune('a'+maxRememberedClients+4))
-	if !b.consentRemembered(r, last, []string{"notes:read"}) {
+	last := "https://client-" + strings.Repeat("x", 100) + "/" + string(rune('a'+maxRememberedApprovals+4))
+	if !b.consentRemembered(r, last, "https://app.example/cb", []string{"notes:read"}) {
 		t.Error("the newest approval was dropped")
 	}
-	if b.consentRemembered(r, "https://client-"+strings.Repeat("x", 100)+"/a", nil) {
+	if b.consentRemembered(r, "https://client-"+strings.Repeat("x", 100)+"/a", "https://app.example/cb", nil) {
 		t.Error("the oldest approval was kept")
 	}
 }
@@ -474,4 +488,60 @@ func TestConsentRequiredForRegisteredClient(t *testing.T) {
 	if code := br.login(front, o, reg.ClientID, copyRedirect, hybridVerifier, nil); code == "" {
 		t.Error("no code for the registered client")
 	}
+}
+
+// SECURITY.md, "remembered consent not bound to the redirect URI": an approval given on a
+// page that named one redirect URI does not spare the page for another URI of the same
+// client, and approvals remembered before redirect URIs were part of them spare nothing.
+func TestConsentBoundToRedirectURI(t *testing.T) {
+	o := verifierOP(t)
+	const twin = "twin-client"
+	b, front := startHybridFront(t, o, "", func(c *Config) {
+		hybridClients(c)
+		c.Clients = append(c.Clients, ClientConfig{ClientID: twin, Name: "Claude",
+			RedirectURIs: []string{"https://claude.example/cb", "https://evil.example/cb", "http://127.0.0.1/cli"}})
+	})
+	isIdP := func(u *url.URL) bool { return strings.HasPrefix(u.String(), o.AuthorizationEndpoint+"?") }
+	isConsent := func(u *url.URL) bool { return strings.HasPrefix(u.String(), front.URL+pathConsent+"?") }
+	query := func(redirect string) url.Values {
+		return hybridAuthorizeQuery(twin, redirect, hybridVerifier, "s", []string{"openid"})
+	}
+
+	br := newHybridBrowser(t)
+	if next := br.toIdP(front, query("https://claude.example/cb")); !isIdP(next) {
+		t.Fatalf("approve sent the browser to %s", next.Redacted())
+	}
+	if next := br.toIdP(front, query("http://127.0.0.1:40001/cli")); !isIdP(next) {
+		t.Fatalf("approve sent the browser to %s", next.Redacted())
+	}
+	for _, tc := range []struct {
+		name string
+		q    url.Values
+		want func(*url.URL) bool
+	}{
+		{"the approved redirect URI: remembered", query("https://claude.example/cb"), isIdP},
+		{"another registered redirect URI: asked again", query("https://evil.example/cb"), isConsent},
+		{"the approved loopback URI on another port: remembered", query("http://127.0.0.1:50123/cli"), isIdP},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if next := br.authorize(front, tc.q); !tc.want(next) {
+				t.Errorf("sent to %s", next.Redacted())
+			}
+		})
+	}
+
+	t.Run("an approval remembered without a redirect URI spares nothing", func(t *testing.T) {
+		old, err := b.cfg.Records.Seal(consentCookieKey, []byte(`{"c":[{"i":"twin-client","s":["openid"],"x":9999999999}]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(front.URL + pathAuthorize)
+		nb := newHybridBrowser(t)
+		nb.client.Jar.SetCookies(u, []*http.Cookie{{Name: "mcp_oauth_consent", Value: old, Path: "/oauth"}})
+		for _, redirect := range []string{"https://claude.example/cb", "https://evil.example/cb"} {
+			if next := nb.authorize(front, query(redirect)); !isConsent(next) {
+				t.Errorf("%s: sent to %s", redirect, next.Redacted())
+			}
+		}
+	})
 }

@@ -231,6 +231,7 @@ func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Req
 	pending := PendingProvisioning{
 		Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: b.backgroundClientIDs(),
 		Nonce: nonce, PKCEVerifier: sealed, CreatedAt: b.now().UTC(),
+		BrowserBinding: b.bindLoginToBrowser(w, state, pathProvisioningCallback, provisioningStateTTL),
 	}
 	if err := b.cfg.Records.Put(r.Context(), key, pending, provisioningStateTTL); err != nil {
 		b.logger.Error("flow 2: storing state", zap.Error(err))
@@ -277,6 +278,18 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 	ctx := r.Context()
 	key := recordKey(kindFlow2State, state)
 	var pending PendingProvisioning
+	// The browser binding is checked before the state is taken, so that another browser
+	// cannot spend it (see bindLoginToBrowser).
+	switch err := b.cfg.Records.Get(ctx, key, &pending); {
+	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
+		b.logger.Warn("flow 2: the login returned to a browser that did not start it; nothing stored", zap.String("subject", pending.Subject))
+		b.provisioningPage(w, http.StatusForbidden, provisioningPageData{Title: "Wrong browser", Message: notThisBrowserMessage})
+		return
+	case err != nil && !errors.Is(err, storage.ErrNotFound):
+		b.logger.Error("flow 2: loading state", zap.Error(err))
+		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
+		return
+	}
 	switch err := b.cfg.Records.TakeOnce(ctx, key, &pending); {
 	case errors.Is(err, storage.ErrNotFound):
 		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{
@@ -288,6 +301,7 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
 		return
 	}
+	b.clearLoginBinding(w, state, pathProvisioningCallback)
 	if q.Get("error") != "" {
 		// The IdP's own error text is not shown (W11): only that access was not granted.
 		b.logger.Info("flow 2: identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))

@@ -109,7 +109,7 @@ func (f *flow2) link(t *testing.T, token string) string {
 // loginAt plays the browser from a provisioning link to the broker's callback URL.
 func (f *flow2) loginAt(t *testing.T, link string, opts ...testenv.LoginOption) *url.URL {
 	t.Helper()
-	cb, err := f.o.Login(t.Context(), link, opts...)
+	cb, err := f.o.Login(t.Context(), link, append(opts, testenv.LoginWithClient(noRedirect))...)
 	if err != nil {
 		t.Fatalf("logging in at the IdP: %v", err)
 	}

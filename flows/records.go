@@ -62,6 +62,9 @@ type PendingLogin struct {
 	Request      AuthorizationRequest `json:"request"`
 	Nonce        string               `json:"nonce"`
 	PKCEVerifier string               `json:"pkce_verifier_sealed"` // sealed
+	// BrowserBinding is storage.Hash of the login cookie set in the browser that
+	// consented; the callback needs it back (see bindLoginToBrowser).
+	BrowserBinding string `json:"browser_binding"`
 }
 
 // IdPGrant is what the IdP gave the broker for a user. Sealed as a whole inside Session.
@@ -205,6 +208,9 @@ type PendingProvisioning struct {
 	Nonce             string    `json:"nonce"`
 	PKCEVerifier      string    `json:"pkce_verifier_sealed"` // sealed
 	CreatedAt         time.Time `json:"created_at"`
+	// BrowserBinding is storage.Hash of the login cookie set in the browser that opened
+	// the provisioning link (see bindLoginToBrowser).
+	BrowserBinding string `json:"browser_binding"`
 }
 
 // OfflineGrant is a user's Flow-2 offline access: the IdP refresh token, sealed, that

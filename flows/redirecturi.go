@@ -32,6 +32,9 @@ func parseRedirectURI(raw string) (*url.URL, error) {
 	if raw == "" || strings.ContainsAny(raw, " \t\r\n\\") {
 		return nil, errRedirectUnparsable
 	}
+	if hasControlOrBidi(raw) {
+		return nil, errRedirectCharacters
+	}
 	u, err := url.Parse(raw)
 	if err != nil || !u.IsAbs() || u.Opaque != "" || u.Host == "" {
 		return nil, errRedirectUnparsable
@@ -51,6 +54,11 @@ func parseRedirectURI(raw string) (*url.URL, error) {
 		if err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != p {
 			return nil, errRedirectPort
 		}
+	}
+	// The host as url.Parse decoded it (%-escapes included) must be a name the consent
+	// page can show in ASCII.
+	if _, err := asciiHost(u.Hostname()); err != nil {
+		return nil, err
 	}
 	switch {
 	case u.Scheme == "https":

@@ -218,6 +218,9 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description stri
 	if utf8.RuneCountInString(md.ClientName) > maxClientNameRunes {
 		return "invalid_client_metadata", "client_name is longer than 100 characters"
 	}
+	if err := CheckClientName(md.ClientName); err != nil {
+		return "invalid_client_metadata", err.Error()
+	}
 
 	scopes := strings.Fields(md.Scope)
 	if len(scopes) > maxRegistrationScopes {

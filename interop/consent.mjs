@@ -16,10 +16,15 @@
 //     "forgeOrigins": ["http://localhost:P"] optional: before deciding, each origin serves
 //                                           /forge, which auto-posts the page's own ticket
 //                                           and CSRF value to /oauth/consent (approve)
+//     "handoff": true                       optional (approve): stop at the redirect to the
+//                                           IdP and open that URL in a second browser
+//                                           context (its own cookies), log in there; then
+//                                           finish the login in the first context
 //   }]
 // }
 // Prints one JSON line: {"runs": [{name, consentStatus, text, checks, screenshot, forged,
-// redirect}]}; redirect is the URL the client's redirect URI received (with ?code or ?error).
+// handoff, redirect}]}; redirect is the URL the client's redirect URI received (with ?code or
+// ?error); handoff is {url, status, text} of the broker page the second context ended on.
 // Only loopback URLs are ever opened.
 import { parseArgs } from 'node:util';
 import { statSync } from 'node:fs';
@@ -43,6 +48,53 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
     '--disable-component-update', '--disable-sync'],
 });
+
+// idpLogin plays the IdP's devInteractions (login, then its consent prompt) in page until
+// arrived() says the browser is back where it should be.
+async function idpLogin(page, arrived) {
+  for (let step = 0; step < 10 && !arrived(); step += 1) {
+    await page.waitForLoadState();
+    if (arrived()) break;
+    if (await page.locator('input[name=login]').count()) {
+      await page.fill('input[name=login]', cfg.login ?? 'alice');
+      await page.fill('input[name=password]', 'any');
+      await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+    } else if (await page.locator('input[name=prompt][value=consent]').count()) {
+      await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
+    } else {
+      await page.waitForTimeout(200);
+      if (!arrived() && step > 3) throw new Error(`stuck at ${page.url()}: ${(await page.innerText('body')).slice(0, 300)}`);
+    }
+  }
+}
+
+// handoff approves on page but stops at the redirect to the IdP, opens that URL in a
+// second context (another browser, as far as cookies go) and logs in there. It returns
+// the broker page the second context ends on, and the IdP URL.
+async function handoff(page, run) {
+  const broker = new URL(run.url).origin;
+  let stop = true;
+  await page.route((u) => stop && u.origin !== broker, (route) => route.abort());
+  const leaving = page.waitForRequest((req) => new URL(req.url()).origin !== broker);
+  await page.click(`button[name=decision][value=${run.action}]`);
+  const idpURL = (await leaving).url();
+  stop = false;
+
+  const other = await browser.newContext();
+  other.setDefaultTimeout(15000);
+  await other.route((u) => !loopback(u.href), (route) => route.abort());
+  try {
+    const page2 = await other.newPage();
+    const callback = page2.waitForResponse((r) => r.url().startsWith(`${broker}/oauth/callback?`));
+    await page2.goto(idpURL);
+    await idpLogin(page2, () => page2.url().startsWith(`${broker}/oauth/callback?`));
+    const resp = await callback;
+    await page2.waitForLoadState();
+    return { idpURL, result: { url: page2.url(), status: resp.status(), text: (await page2.innerText('body')).slice(0, 1000) } };
+  } finally {
+    await other.close();
+  }
+}
 
 async function doRun(run) {
   const result = { name: run.name, forged: [] };
@@ -92,27 +144,21 @@ async function doRun(run) {
       result.consentStatusAfterForgery = (await page.waitForLoadState(), page.url() === consentURL) ? 'shown' : page.url();
     }
 
-    const decided = page.url();
-    await Promise.all([
-      page.waitForURL((u) => u.href !== decided, { waitUntil: 'load' }),
-      page.click(`button[name=decision][value=${run.action}]`),
-    ]);
-    // Approve goes on to the IdP: its devInteractions login, then its consent prompt.
     const arrived = () => page.url().startsWith(run.redirectPrefix);
-    for (let step = 0; step < 10 && !arrived(); step += 1) {
-      await page.waitForLoadState();
-      if (arrived()) break;
-      if (await page.locator('input[name=login]').count()) {
-        await page.fill('input[name=login]', cfg.login ?? 'alice');
-        await page.fill('input[name=password]', 'any');
-        await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
-      } else if (await page.locator('input[name=prompt][value=consent]').count()) {
-        await Promise.all([page.waitForNavigation(), page.click('button[type=submit]')]);
-      } else {
-        await page.waitForTimeout(200);
-        if (!arrived() && step > 3) throw new Error(`stuck at ${page.url()}: ${(await page.innerText('body')).slice(0, 300)}`);
-      }
+    if (run.handoff) {
+      const { idpURL, result: h } = await handoff(page, run);
+      result.handoff = h;
+      // The first context, which approved, now logs in with the same IdP URL.
+      await page.goto(idpURL);
+    } else {
+      const decided = page.url();
+      await Promise.all([
+        page.waitForURL((u) => u.href !== decided, { waitUntil: 'load' }),
+        page.click(`button[name=decision][value=${run.action}]`),
+      ]);
     }
+    // Approve goes on to the IdP: its devInteractions login, then its consent prompt.
+    await idpLogin(page, arrived);
     if (arrived()) result.redirect = page.url();
     else throw new Error(`never reached the client's redirect URI; at ${page.url()}`);
   } catch (err) {
