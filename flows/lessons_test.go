@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -211,11 +212,16 @@ func TestLessonW2SignaturesAreVerified(t *testing.T) {
 
 	t.Run("forged access tokens at the MCP endpoint", func(t *testing.T) {
 		up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
-		front := startFront(t, newTestBroker(t, o, func(c *Config) { c.Audience = []string{"mcp-server"} }), up.URL)
+		b := newTestBroker(t, o, func(c *Config) { c.Audience = []string{"mcp-server"} })
+		clock := &testClock{}
+		b.verifier.cfg.Now = clock.now
+		front := startFront(t, b, up.URL)
 		genuine := o.MintJWT(claims())
 		if st := initStatus(t, front, genuine); st != http.StatusOK {
 			t.Fatalf("the control, signed by the IdP: %d", st)
 		}
+		// The new kid gets its JWKS fetch, not "retry later" (TestJWKSRefetchAtMostEvery30s).
+		clock.advance(jwksRefetchInterval)
 		h, rest, _ := strings.Cut(genuine, ".")
 		_, sig, _ := strings.Cut(rest, ".")
 		other := claims()
@@ -528,6 +534,8 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 	clock := &testClock{}
 	b := newTestBroker(t, o, func(c *Config) { c.HTTPClient = counting })
 	b.idp.now = clock.now
+	keysClock := &testClock{} // apart: tokens are minted on the real clock
+	b.verifier.cfg.Now = keysClock.now
 	front := startFront(t, b, testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)
 	traffic := func() {
 		t.Helper()
@@ -546,6 +554,7 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 		t.Errorf("8 requests fetched discovery %d times and the JWKS %d times, want 1 and 1", d, k)
 	}
 	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), o.AccessTokenClaims(o.User.Subject, testResource))
+	keysClock.advance(jwksRefetchInterval) // an unknown kid is looked up at most once per 30 s
 	for range 3 {
 		if st := initStatus(t, front, forged); st != http.StatusUnauthorized {
 			t.Fatalf("forged token: %d", st)
@@ -555,6 +564,10 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 		t.Errorf("an unknown kid presented 3 times: %d JWKS fetches in all, want 2", k)
 	}
 	clock.advance(discoveryMaxAge + time.Minute)
+	traffic() // served the last good document while a new one is fetched in the background
+	for deadline := time.Now().Add(10 * time.Second); discoveries.Load() < 2 && time.Now().Before(deadline); {
+		runtime.Gosched()
+	}
 	traffic()
 	if d := discoveries.Load(); d != 2 {
 		t.Errorf("after discoveryMaxAge: %d discovery fetches in all, want 2", d)
