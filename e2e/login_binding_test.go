@@ -95,6 +95,9 @@ func TestInteropLoginHandoffBrowser(t *testing.T) {
 	var mu sync.Mutex
 	var received []string
 	callback := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/callback" {
+			return // the browser's own requests, such as /favicon.ico
+		}
 		mu.Lock()
 		received = append(received, r.URL.RawQuery)
 		mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/cookiejar"
 	"net/url"
 	"path/filepath"
 	"slices"
@@ -89,11 +90,14 @@ func TestOfflineGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 	if err != nil || resp.StatusCode != http.StatusOK || !slices.Equal(link.BackgroundClients, []string{"worker"}) {
 		t.Fatalf("provisioning link: %s %+v %v\n%s", resp.Status, link, err, a.logs.String())
 	}
-	cb, err := o.Login(t.Context(), link.AuthorizationURL)
+	// One browser opens the link, logs in and comes back: the login cookie binds them.
+	jar, _ := cookiejar.New(nil)
+	browser := &http.Client{Jar: jar}
+	cb, err := o.Login(t.Context(), link.AuthorizationURL, testenv.LoginWithClient(browser))
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err = http.Get(cb.String())
+	resp, err = browser.Get(cb.String())
 	if err != nil {
 		t.Fatal(err)
 	}
