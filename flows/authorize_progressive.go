@@ -10,8 +10,9 @@ import (
 
 // serveAuthorizeProgressive is Flow 1 of progressive consent: the MCP client logs in at
 // the IdP with its own client id, and the broker only checks the request and sends the
-// browser on. The checks run in the seed's order with its error codes; the redirect URI
-// is parsed instead of prefix-matched, and PKCE and the resource reach the IdP.
+// browser on. The checks run in the order, and with the error codes, of the Python broker
+// this one replaces; the redirect URI is parsed instead of prefix-matched (SECURITY.md W1),
+// and PKCE and the resource reach the IdP.
 func (b *Broker) serveAuthorizeProgressive(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	redirectURI := q.Get("redirect_uri")

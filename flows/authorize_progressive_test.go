@@ -57,7 +57,8 @@ func authorize(t *testing.T, front string, q url.Values) *http.Response {
 	return resp
 }
 
-// The seed's validations in its order, with its codes; W1's redirect URIs; none redirects.
+// The Python original's validations in its order, with its codes; SECURITY.md W1's
+// redirect URIs; none redirects.
 func TestAuthorizeProgressiveRefusals(t *testing.T) {
 	o := verifierOP(t)
 	front := startFront(t, newTestBroker(t, o, nil), testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)

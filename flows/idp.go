@@ -172,7 +172,7 @@ func (i *IdP) acceptsIssuer(discovered string) bool {
 }
 
 // browserURL moves an IdP endpoint from the back-channel address onto the public one, as
-// the seed's NEXTCLOUD_PUBLIC_ISSUER_URL did: by prefix when the endpoint lives under the
+// the Python original's NEXTCLOUD_PUBLIC_ISSUER_URL did: by prefix when the endpoint lives under the
 // issuer, else by origin when it is on the issuer's host.
 func (i *IdP) browserURL(endpoint string) string {
 	if i.publicIssuer == "" {

@@ -38,10 +38,10 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// One test per row of /work/shared/reference/upstream-lessons.md: the weakness of the
-// Python original, and a proof that this broker does what the row says instead. Each
-// test asserts the behaviour itself, compactly, and names the tests that cover it
-// thoroughly. The Caddy half of W18 is e2e/lessons_test.go.
+// One test per row W1–W19 of SECURITY.md: the weakness of the Python original, and a
+// proof that this broker does what the row says instead. Each test asserts the behaviour
+// itself, compactly, and names the tests that cover it thoroughly. The Caddy half of W18
+// is e2e/lessons_test.go.
 
 // lessonTokens is a tokenEnv around a hybrid front, for its token endpoint helpers
 // (exchange, refresh, post, mcpStatus).

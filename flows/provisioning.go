@@ -17,9 +17,9 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// Flow 2 (the seed's ADR-004): a user provisions offline access for background jobs. The
+// Flow 2 (offline access): a user provisions offline access for background jobs. The
 // broker logs the user in at the IdP with its own client, asking for offline_access, and
-// keeps the refresh token sealed under the user's subject. Unlike the seed (W5, W8), it
+// keeps the refresh token sealed under the user's subject. Unlike the Python original (SECURITY.md W5, W8), it
 // starts only for an authenticated user, never takes a user id from a parameter, sends a
 // random single-use state with PKCE and a nonce, and stores the result only when the
 // ID token names the user who started.

@@ -8,7 +8,7 @@ import (
 	"strings"
 )
 
-// Redirect URI rules (RFC 8252 §7.3, OAuth 2.1 §2.3.1, the seed's weakness W1): a URI is
+// Redirect URI rules (RFC 8252 §7.3, OAuth 2.1 §2.3.1, SECURITY.md W1): a URI is
 // parsed, never compared by prefix. It is https with a host, or http on a loopback host
 // (127.0.0.1, [::1], localhost) with at most a numeric port. It carries no userinfo and no
 // fragment. A requested URI must equal a registered one exactly, except that the port of

@@ -2,7 +2,7 @@ package flows
 
 import "testing"
 
-// The seed's weakness W1: redirect URIs were checked by string prefix.
+// SECURITY.md W1 (a weakness of the Python original): redirect URIs were checked by string prefix.
 func TestCheckRedirectURI(t *testing.T) {
 	for _, tc := range []struct {
 		name string
