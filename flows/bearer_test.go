@@ -133,24 +133,7 @@ func attackerKey(t *testing.T) *rsa.PrivateKey {
 // signWithKey signs claims with go-jose under kid, as an OP would, with key.
 func signWithKey(t *testing.T, key any, alg jose.SignatureAlgorithm, kid string, claims map[string]any) string {
 	t.Helper()
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: alg, Key: jose.JSONWebKey{Key: key, KeyID: kid}},
-		(&jose.SignerOptions{}).WithType("JWT"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	payload, err := json.Marshal(claims)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jws, err := signer.Sign(payload)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := jws.CompactSerialize()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return signWithKeyTyped(t, key, alg, kid, "JWT", claims)
 }
 
 func randomKID() string {
