@@ -14,7 +14,7 @@ import (
 func TestAuthorizeIsRateLimitedPerClientIP(t *testing.T) {
 	o := verifierOP(t)
 	b := newTestBroker(t, o, func(c *Config) { c.Mode = ModeHybrid })
-	clock := &testClock{}
+	clock := &testClock{base: time.Now()} // stands still: a slow machine refills no bucket
 	b.now = clock.now
 	authorize := func(ip string) *httptest.ResponseRecorder {
 		req := httptest.NewRequest(http.MethodGet, "/oauth/authorize?"+hybridAuthorizeQuery(testenv.NativeClientID, "http://127.0.0.1:49152/callback", "a-verifier-that-is-long-enough-for-pkce-0123456789", "s", nil).Encode(), nil)

@@ -441,7 +441,7 @@ func TestTokenVerifierRefusesOpaqueTokensWithoutIntrospection(t *testing.T) {
 
 func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
 	o := testenv.StartOP(t)
-	clock := &frozenClock{t: time.Now()}
+	clock := &testClock{base: time.Now()}
 	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.now })
 	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
 
@@ -720,7 +720,7 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 
 	t.Run("JWKS down for an unknown kid is unavailable", func(t *testing.T) {
 		o := testenv.StartOP(t)
-		clock := &frozenClock{t: time.Now()}
+		clock := &testClock{base: time.Now()}
 		v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.now })
 		claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
 		if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {

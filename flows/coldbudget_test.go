@@ -5,7 +5,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,19 +14,6 @@ import (
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
-
-// frozenClock stands still until a test moves it.
-type frozenClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *frozenClock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *frozenClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // callMCP sends one MCP request with token from ip through b and returns the answer; a
 // request passed on to the upstream reads as 200.
@@ -53,7 +39,7 @@ func TestColdVerificationBudgetBoundsIntrospection(t *testing.T) {
 	valid := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
 	warm := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
 	b := newTestBroker(t, o, nil)
-	clock := &frozenClock{t: time.Now()}
+	clock := &testClock{base: time.Now()}
 	b.verifier.cfg.Now = clock.now // frozen: no bucket refills during the test
 
 	const attacker, other = "198.51.100.7", "203.0.113.9"
@@ -95,7 +81,7 @@ func TestColdVerificationBudgetBoundsIntrospection(t *testing.T) {
 // The global budget caps what all addresses together can cost; its refusal is 503.
 func TestColdVerificationBudgetGlobal(t *testing.T) {
 	o := testenv.StartOP(t)
-	clock := &frozenClock{t: time.Now()}
+	clock := &testClock{base: time.Now()}
 	v := newVerifierFor(o, func(c *VerifierConfig) {
 		c.ColdVerifyRate, c.ColdVerifyRateGlobal, c.Now = 3, 5, clock.now
 	})
@@ -136,7 +122,7 @@ func TestColdVerificationBudgetGlobal(t *testing.T) {
 // call out).
 func TestJWKSRefetchAtMostEvery30s(t *testing.T) {
 	o := testenv.StartOP(t)
-	clock := &frozenClock{t: time.Now()}
+	clock := &testClock{base: time.Now()}
 	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.now })
 	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
 	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {

@@ -322,9 +322,19 @@ func TestConsentApproveRedirectsToIdP(t *testing.T) {
 }
 
 // testClock is a settable clock for b.now, safe to move while the front serves.
-type testClock struct{ offset atomic.Int64 }
+// testClock is the real clock moved forward by advance; with base set it stands still at
+// base (plus what advance added), for rate limits that a slow machine must not refill.
+type testClock struct {
+	offset atomic.Int64
+	base   time.Time
+}
 
-func (c *testClock) now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *testClock) now() time.Time {
+	if c.base.IsZero() {
+		return time.Now().Add(time.Duration(c.offset.Load()))
+	}
+	return c.base.Add(time.Duration(c.offset.Load()))
+}
 func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }
 
 // W15, the confused deputy: an approval spares the page only for the client id it was

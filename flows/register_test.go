@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,26 +27,10 @@ func newRegistrationBroker(t *testing.T, change func(*Config)) *Broker {
 	})
 }
 
-// registrationClock is a settable clock for b.now and storage expiry.
-type registrationClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newRegistrationClock() *registrationClock {
-	return &registrationClock{t: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
-}
-
-func (c *registrationClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *registrationClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
+// newRegistrationClock is a clock standing still at a fixed date, for b.now and storage
+// expiry.
+func newRegistrationClock() *testClock {
+	return &testClock{base: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
 }
 
 // registerRequest is a registration POST from ip (none: httptest's default peer).

@@ -91,7 +91,7 @@ func TestAuthorizationRecordsOnDiskAreAtMost7KiB(t *testing.T) {
 // one address or (ip nil) from a new address each time: every minute of the injected
 // clock it sends requests that pass the limiter and are then refused without a write,
 // until it answers 429. No time is waited.
-func admitted(t *testing.T, b *Broker, clock *registrationClock, window time.Duration, request func(ip string) *http.Request, ip func(i int) string) int {
+func admitted(t *testing.T, b *Broker, clock *testClock, window time.Duration, request func(ip string) *http.Request, ip func(i int) string) int {
 	t.Helper()
 	n, sent := 0, 0
 	for end := clock.now().Add(window); !clock.now().After(end); clock.advance(time.Minute) {
