@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 
@@ -180,4 +181,38 @@ func TestInteropNextcloudRevokedGrantEndsSession(t *testing.T) {
 	}
 	caddy.assertLogsFree(append(br.codes, tok.AccessToken, tok.RefreshToken, fresh.AccessToken, fresh.RefreshToken,
 		nodeBrokerClientSecret, testKey)...)
+}
+
+// TestHybridIdPWithdrawnScopeThroughCaddyBinary: a scope the IdP withdraws after the login
+// is gone from the broker's tokens at the next refresh that confirms the grant.
+func TestHybridIdPWithdrawnScopeThroughCaddyBinary(t *testing.T) {
+	o := testenv.StartOP(t)
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	caddy := startCaddy(t, delegationNoneSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, up.URL, "\t\tidp_confirm_interval 1ms"))
+	br := newBrowser(o)
+	_, handler := connectHybrid(t, caddy.Base, &auth.AuthorizationCodeHandlerConfig{
+		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
+		RedirectURL:              "http://127.0.0.1:49152/callback",
+		AuthorizationCodeFetcher: br.fetch,
+	})
+	ts, _ := handler.TokenSource(t.Context())
+	tok, err := ts.Token()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := tok.Extra("scope").(string); !slices.Contains(strings.Fields(s), "notes:write") {
+		t.Fatalf("login scope %q", s)
+	}
+	o.SetTokenAnswerFault(testenv.SetAnswerScope("refresh_token", "openid offline_access notes:read"))
+	defer o.SetTokenAnswerFault(nil)
+	cfg := oauth2.Config{ClientID: "preregistered", Endpoint: oauth2.Endpoint{TokenURL: caddy.Base + "/oauth/token", AuthStyle: oauth2.AuthStyleInParams}}
+	fresh, err := cfg.TokenSource(t.Context(), &oauth2.Token{RefreshToken: tok.RefreshToken}).Token()
+	if err != nil {
+		t.Fatalf("refreshing: %v", err)
+	}
+	if s, _ := fresh.Extra("scope").(string); slices.Contains(strings.Fields(s), "notes:write") || !slices.Contains(strings.Fields(s), "notes:read") {
+		t.Errorf("after the IdP withdrew notes:write the refresh grants %q", s)
+	}
+	caddy.assertLogsFree(append(br.codes, tok.AccessToken, tok.RefreshToken, fresh.AccessToken, fresh.RefreshToken,
+		testenv.BrokerClientSecret, testKey)...)
 }

@@ -163,6 +163,11 @@ func (b *Broker) refreshIdPGrant(ctx context.Context, g IdPGrant, scopes []strin
 	if next.IDToken == "" {
 		next.IDToken = g.IDToken
 	}
+	if answered := strings.Fields(res.Scope); scopes == nil && len(answered) > 0 {
+		// The answer to a refresh of the whole grant names the grant as it is now: a scope
+		// the IdP has withdrawn since the login is gone from it (never one added).
+		next.Scopes = slices.DeleteFunc(slices.Clone(g.Scopes), func(s string) bool { return !slices.Contains(answered, s) })
+	}
 	return next, nil
 }
 
@@ -215,6 +220,7 @@ func (b *Broker) refreshWhole(ctx context.Context, refreshToken string) (idpToke
 		res.Expiry = b.now().Add(unknownIdPTokenLifetime)
 	}
 	res.IDToken, _ = t.Extra("id_token").(string)
+	res.Scope, _ = t.Extra("scope").(string)
 	return res, nil
 }
 

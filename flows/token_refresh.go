@@ -115,7 +115,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		b.unavailable(w, "refreshing broker tokens", err)
 		return
 	}
-	sessionEnd, err := b.renewSession(ctx, rec.SessionID, now)
+	sessionEnd, granted, err := b.renewSession(ctx, rec.SessionID, now)
 	switch {
 	case errors.Is(err, storage.ErrNotFound), errors.Is(err, errSessionEnded):
 		// The IdP grant behind the tokens is gone (expired, ended, refused by the IdP, or
@@ -129,6 +129,16 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		b.unavailable(w, "refreshing broker tokens", err)
 		return
 	}
+	refreshScopes := rec.Scopes
+	if granted != nil {
+		// The IdP has just confirmed the grant: what it withdrew is gone from the new pair.
+		var dropped []string
+		scopes, _ = b.narrowToGrant(scopes, granted)
+		if refreshScopes, dropped = b.narrowToGrant(rec.Scopes, granted); len(dropped) > 0 {
+			b.logger.Info("refresh: the identity provider no longer grants scopes of this family",
+				zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)), zap.Strings("scopes", dropped))
+		}
+	}
 	resp, err := b.issueTokens(ctx, tokenGrant{
 		FamilyID:      rec.FamilyID,
 		SessionID:     rec.SessionID,
@@ -136,7 +146,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		ClientID:      rec.ClientID,
 		Resource:      rec.Resource,
 		Scopes:        scopes,
-		RefreshScopes: rec.Scopes,
+		RefreshScopes: refreshScopes,
 		NotAfter:      sessionEnd,
 	})
 	if err == nil {
@@ -262,39 +272,40 @@ var errSessionEnded = errors.New("session ended")
 // by refreshing it: with delegation none nothing else would ever ask the IdP, and a user
 // disabled there, or a grant revoked there, would keep the broker's tokens forever. An IdP
 // that does not answer does not end the session (the next refresh confirms); one that
-// refuses the grant does (errSessionEnded).
+// refuses the grant does (errSessionEnded). granted is the grant's scopes when it was
+// confirmed just now, else nil.
 //
 // It holds the session's lock, as delegation refresh does, so that the IdP's rotated
 // refresh token is stored before the grant is used again and is never overwritten.
-func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (time.Time, error) {
+func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (end time.Time, granted []string, err error) {
 	if id == "" {
-		return time.Time{}, storage.ErrNotFound
+		return time.Time{}, nil, storage.ErrNotFound
 	}
 	unlock, err := b.cfg.Records.Lock(ctx, sessionLockName(id))
 	if err != nil {
-		return time.Time{}, fmt.Errorf("locking session: %w", err)
+		return time.Time{}, nil, fmt.Errorf("locking session: %w", err)
 	}
 	defer unlock()
 	s, err := b.loadSession(ctx, id)
 	if err != nil {
-		return time.Time{}, err
+		return time.Time{}, nil, err
 	}
-	end := s.CreatedAt.Add(b.cfg.SessionMaxLifetime)
+	end = s.CreatedAt.Add(b.cfg.SessionMaxLifetime)
 	if !now.Before(end) {
-		return end, fmt.Errorf("%w: past its absolute lifetime", errSessionEnded)
+		return end, nil, fmt.Errorf("%w: past its absolute lifetime", errSessionEnded)
 	}
 	confirmed := s.ConfirmedAt
 	if confirmed.IsZero() {
 		confirmed = s.CreatedAt
 	}
 	if now.Sub(confirmed) >= b.cfg.IdPConfirmInterval {
-		switch err := b.confirmGrant(ctx, s, now); {
+		switch granted, err := b.confirmGrant(ctx, s, now); {
 		case err == nil:
-			return end, nil // stored with the rotated grant
+			return end, granted, nil // stored with the rotated grant
 		case errors.Is(err, errSessionEnded):
-			return end, err
+			return end, nil, err
 		case errors.Is(err, errGrantStoreFailed):
-			return end, err
+			return end, nil, err
 		case errors.Is(err, errNoIdPRefreshToken):
 			b.logger.Debug("session's IdP grant cannot be confirmed: no refresh token", zap.String("session", Fingerprint(id)))
 		default:
@@ -303,9 +314,9 @@ func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (ti
 		}
 	}
 	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.sessionTTL(s, now)); err != nil {
-		return end, fmt.Errorf("renewing session: %w", err)
+		return end, nil, fmt.Errorf("renewing session: %w", err)
 	}
-	return end, nil
+	return end, nil, nil
 }
 
 // errGrantStoreFailed means the IdP rotated a session's grant and storing it failed.
@@ -315,30 +326,31 @@ var errGrantStoreFailed = errors.New("storing the confirmed session grant failed
 var errNoIdPRefreshToken = errors.New("the IdP gave the session no refresh token")
 
 // confirmGrant refreshes a session's IdP grant (as narrowed as it is) and stores the
-// result with the time of confirmation. The caller holds the session's lock.
-func (b *Broker) confirmGrant(ctx context.Context, s *Session, now time.Time) error {
+// result with the time of confirmation; it returns the grant's scopes. The caller holds
+// the session's lock.
+func (b *Broker) confirmGrant(ctx context.Context, s *Session, now time.Time) ([]string, error) {
 	g, err := b.sessionGrant(s)
 	if err != nil {
 		// Sealed under a key no longer in the ring: the session cannot be used again.
-		return fmt.Errorf("%w: %w", errSessionEnded, err)
+		return nil, fmt.Errorf("%w: %w", errSessionEnded, err)
 	}
 	if g.RefreshToken == "" {
 		// Nothing to confirm with: such a session lives to SessionMaxLifetime (README).
-		return errNoIdPRefreshToken
+		return nil, errNoIdPRefreshToken
 	}
 	next, err := b.refreshIdPGrant(ctx, g, g.AccessTokenScopes)
 	var de *delegationError
 	if errors.As(err, &de) && de.kind == failRejected {
-		return fmt.Errorf("%w: the IdP refused the grant: %w", errSessionEnded, err)
+		return nil, fmt.Errorf("%w: the IdP refused the grant: %w", errSessionEnded, err)
 	}
 	if err != nil {
-		return err
+		return nil, err
 	}
 	s.ConfirmedAt = now
 	if err := b.storeRotatedGrant(ctx, s, next); err != nil {
-		return fmt.Errorf("%w: %w", errGrantStoreFailed, err)
+		return nil, fmt.Errorf("%w: %w", errGrantStoreFailed, err)
 	}
-	return nil
+	return next.Scopes, nil
 }
 
 // sessionTTL is how long a session's record is kept when written now: SessionTTL, but

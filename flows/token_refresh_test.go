@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -425,4 +426,28 @@ func revokeAtOP(t *testing.T, o *testenv.OP, rt string) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("revoking at the OP: %s", resp.Status)
 	}
+}
+
+// A scope the IdP withdraws after the login (an administrator takes notes:write from the
+// user or the client) is gone from the grant the next confirming refresh sees: the broker
+// must not keep issuing it from its own refresh tokens until the session's lifetime ends.
+func TestRefreshNarrowsToTheConfirmedGrant(t *testing.T) {
+	o := testenv.StartOP(t)
+	e := newTokenEnv(t, o, nil)
+	tok := e.login(t)
+	if !slices.Contains(strings.Fields(tok.Scope), "notes:write") {
+		t.Fatalf("login scope %q", tok.Scope)
+	}
+	o.SetTokenAnswerFault(testenv.SetAnswerScope("refresh_token", "openid offline_access notes:read"))
+	defer o.SetTokenAnswerFault(nil)
+	e.clock.advance(11 * time.Minute)
+	next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
+	if slices.Contains(strings.Fields(next.Scope), "notes:write") {
+		t.Errorf("after the IdP withdrew notes:write, a refresh still grants %q", next.Scope)
+	}
+	e.remember(next.AccessToken, next.RefreshToken)
+	// Nor may the next refresh, within the interval, ask for it back.
+	e.clock.advance(time.Minute)
+	e.refresh(t, testenv.NativeClientID, next.RefreshToken, func(f url.Values) { f.Set("scope", "notes:write") }).
+		wantError(t, http.StatusBadRequest, "invalid_scope")
 }
