@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"io"
 	"net/http"
 	"net/url"
 	"slices"
@@ -100,6 +101,33 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		for name, v := range seen[0].Header {
 			if slices.Contains(v, "admin") {
 				t.Errorf("upstream received %s: %v", name, v)
+			}
+		}
+	})
+
+	t.Run("identity headers a client sends as trailers never arrive", func(t *testing.T) {
+		up.Reset()
+		// A body of unknown length goes chunked, with the trailers after it.
+		req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, caddy.Base+"/mcp", io.MultiReader(strings.NewReader(initialize)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+tok)
+		req.Header.Set("Accept", "application/json, text/event-stream")
+		req.Header.Set("Content-Type", "application/json")
+		req.Trailer = http.Header{"X-Forwarded-User": {"admin"}, "X-Auth-Subject": {"admin"}, "Remote-User": {"admin"}}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		seen := up.Seen()
+		if len(seen) != 1 {
+			t.Fatalf("%s: upstream saw %d requests", resp.Status, len(seen))
+		}
+		for name, v := range seen[0].Trailer {
+			if slices.Contains(v, "admin") {
+				t.Errorf("upstream received the trailer %s: %v", name, v)
 			}
 		}
 	})

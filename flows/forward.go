@@ -8,8 +8,8 @@ import (
 
 // What the broker forwards, and what it removes (README): on the way in, the client's
 // Authorization, every spelling of the subject header and of the identity headers other
-// gateways set, and every Connection token naming one of them; on the way out, an
-// upstream's Set-Cookie for the broker's own cookie names.
+// gateways set, every Connection token naming one of them, and the request's trailers;
+// on the way out, an upstream's Set-Cookie for the broker's own cookie names.
 
 // identityHeaders are headers other authenticating gateways (oauth2-proxy, Authelia,
 // Apache's REMOTE_USER) set for their upstream; an upstream that was once behind one may

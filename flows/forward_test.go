@@ -175,6 +175,27 @@ func TestConnectionCannotDropBrokerHeaders(t *testing.T) {
 	})
 }
 
+// TestClientTrailersAreNotForwarded: trailers a client sends after the body never reach
+// the upstream, since Caddy's reverse_proxy forwards request trailers, and an upstream that
+// merges them into its headers (Apache's MergeTrailers, old Tomcat) would read the
+// identity and subject headers stripped from the header section.
+func TestClientTrailersAreNotForwarded(t *testing.T) {
+	o := verifierOP(t)
+	b := newTestBroker(t, o, nil)
+	tok := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	req := httptest.NewRequest(http.MethodPost, "https://mcp.example.test/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))
+	req.Header.Set("Authorization", "Bearer "+tok)
+	req.Header.Set("Content-Type", "application/json")
+	req.Trailer = http.Header{"X-Auth-Subject": {"admin"}, "X-Forwarded-User": {"admin"}}
+	pass, _ := b.Handle(httptest.NewRecorder(), req)
+	if pass == nil {
+		t.Fatal("the request was refused")
+	}
+	if pass.Trailer != nil {
+		t.Errorf("trailers forwarded: %v", pass.Trailer)
+	}
+}
+
 func firstSubject(seen []testenv.SeenRequest) string {
 	if len(seen) == 0 {
 		return ""

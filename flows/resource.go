@@ -130,6 +130,10 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 
 	// The request is ours to change, as in any handler chain: no copy on the hot path.
 	stripClientIdentity(r.Header, b.cfg.SubjectHeader)
+	// Caddy's reverse_proxy forwards request trailers, whose values arrive after the body
+	// and so after any stripping; an upstream merging them into its headers would read
+	// identity headers the client sent. MCP uses none: none is forwarded.
+	r.Trailer = nil
 	if !b.delegateInto(w, r, who, raw, need) {
 		return nil, nil
 	}

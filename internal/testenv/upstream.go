@@ -96,6 +96,8 @@ type SeenRequest struct {
 	SubjectHeader string
 	// RPCMethod is the JSON-RPC method of a POST ("initialize", "tools/call").
 	RPCMethod string
+	// Trailer is the request's trailers, read once the body was.
+	Trailer http.Header
 	// Identity is filled when the request authenticated.
 	Identity
 	// AuthError says why the request did not authenticate; it is empty when
@@ -245,6 +247,7 @@ func (u *Upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		SubjectHeader: r.Header.Get(SubjectHeader),
 		RPCMethod:     peekRPCMethod(r),
 	}
+	seen.Trailer = r.Trailer.Clone()
 	var v verdict
 	if u.auth.subjectHeader {
 		if seen.SubjectHeader == "" {
