@@ -20,11 +20,12 @@ const maxTokenRequestBytes = 64 << 10
 // do: a client refreshes once per access-token lifetime, a login takes one code exchange.
 // Hosted clients reach the broker from a few shared egress addresses, so the address
 // limit is the generous one. Configured and metadata-document client ids are shared by
-// every user of that client and known to anyone: limiting them would let a stranger lock
-// all those users out, so they are limited per address and per grant only.
+// every user of that client and known to anyone, and so is a public client's id to anyone
+// it was shown to: limiting them would let a stranger lock all those users out, so they
+// are limited per address and per grant only.
 const (
 	tokenRatePerAddress = 120 // token and revocation requests together, per client address
-	tokenRatePerClient  = 60  // per registered (RFC 7591) client
+	tokenRatePerClient  = 60  // per confidential registered (RFC 7591) client
 	refreshRatePerGrant = 30  // rotations of one token family; repeats do not count
 )
 
@@ -139,10 +140,12 @@ func (b *Broker) allowTokenRequest(w http.ResponseWriter, r *http.Request) bool 
 	return ok
 }
 
-// allowClientRequest takes a token from a registered client's bucket, or answers 429 and
-// returns false. Other clients' ids are shared by all their users (see tokenRatePerClient).
+// allowClientRequest takes a token from a confidential registered client's bucket, or
+// answers 429 and returns false. Other clients' ids are shared by all their users (see
+// tokenRatePerClient), and a public client's id authenticates it alone: a hosted client
+// sharing one registration among its users shows the id to each of them.
 func (b *Broker) allowClientRequest(w http.ResponseWriter, c *Client) bool {
-	if c.Source != ClientSourceRegistered {
+	if c.Source != ClientSourceRegistered || c.AuthMethod == AuthMethodNone {
 		return true
 	}
 	ok, wait := b.tokenClients.allow(c.ID, tokenRatePerClient, b.now())

@@ -67,18 +67,36 @@ func TestTokenEndpointsAreRateLimited(t *testing.T) {
 		}
 	})
 
-	t.Run("per registered client, from any address", func(t *testing.T) {
-		client := registerClient(t, b, `{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`)
-		other := registerClient(t, b, `{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`)
+	t.Run("per confidential registered client, from any address", func(t *testing.T) {
+		const confidential = `{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"client_secret_post"}`
+		client, other := registerClient(t, b, confidential), registerClient(t, b, confidential)
+		withSecret := func(c clientInformation) url.Values {
+			form := refresh(c.ClientID)
+			form.Set("client_secret", c.ClientSecret)
+			return form
+		}
 		for i := range perClient {
 			ip := "198.51.100." + string(rune('0'+i%10))
-			if rec := tokenRequest(t, b, pathToken, ip, refresh(client.ClientID)); rec.Code != http.StatusBadRequest {
+			if rec := tokenRequest(t, b, pathToken, ip, withSecret(client)); rec.Code != http.StatusBadRequest {
 				t.Fatalf("request %d: %d %s", i+1, rec.Code, rec.Body)
 			}
 		}
-		wantRateLimited(t, tokenRequest(t, b, pathToken, "203.0.113.9", refresh(client.ClientID)))
-		if rec := tokenRequest(t, b, pathToken, "203.0.113.9", refresh(other.ClientID)); rec.Code != http.StatusBadRequest {
+		wantRateLimited(t, tokenRequest(t, b, pathToken, "203.0.113.9", withSecret(client)))
+		if rec := tokenRequest(t, b, pathToken, "203.0.113.9", withSecret(other)); rec.Code != http.StatusBadRequest {
 			t.Errorf("another client: %d %s", rec.Code, rec.Body)
+		}
+	})
+
+	// A public client authenticates with its id alone, and an id is no secret: a hosted
+	// client sharing one registration among its users shows it to each of them. Limited per
+	// id, a stranger holding it would lock every one of those users out of their tokens.
+	t.Run("a public registered client's id is limited per address only", func(t *testing.T) {
+		client := registerClient(t, b, `{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`)
+		for i := range perClient + 1 {
+			ip := "198.18.0." + string(rune('0'+i%10)) + string(rune('0'+i/10))
+			if rec := tokenRequest(t, b, pathToken, ip, refresh(client.ClientID)); rec.Code != http.StatusBadRequest {
+				t.Fatalf("request %d: %d %s", i+1, rec.Code, rec.Body)
+			}
 		}
 	})
 
