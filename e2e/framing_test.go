@@ -19,8 +19,10 @@ import (
 // POST application/json in UTF-8 is refused and never forwarded; `Connection:
 // X-Auth-Subject` does not make the proxy drop the subject header the broker set;
 // identity headers a client sends never arrive; an upstream's Set-Cookie for the
-// broker's cookies never reaches the client. A go-sdk client session (its GET stream and
-// its DELETE included) still works.
+// broker's cookies never reaches the client; nor do identity headers sent as request
+// trailers reach the upstream. A go-sdk client session (its GET stream and its DELETE
+// included) still works, and so does a GET over HTTP/2 whose empty body is of unknown
+// length, as HTTP/3 sends every request.
 func TestFramingThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader(),
@@ -29,7 +31,8 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		testenv.ResponseHeader("Set-Cookie", "app_session=kept; Path=/"))
 	upURL, _ := url.Parse(up.URL)
 	caddy := startCaddy(t, progressiveSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret,
-		"openid notes:read notes:write", upURL.Host, nativeClientBlock))
+		"openid notes:read notes:write", upURL.Host, nativeClientBlock),
+		withGlobal("\tservers {\n\t\tprotocols h1 h2c\n\t}"))
 	claims := o.AccessTokenClaims(o.User.Subject, caddy.Base+"/mcp")
 	claims["scope"] = "openid notes:read"
 	claims["client_id"] = testenv.NativeClientID
@@ -129,6 +132,32 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 			if slices.Contains(v, "admin") {
 				t.Errorf("upstream received the trailer %s: %v", name, v)
 			}
+		}
+	})
+
+	t.Run("a GET stream over HTTP/2 whose empty body is of unknown length is forwarded", func(t *testing.T) {
+		up.Reset()
+		var protocols http.Protocols
+		protocols.SetUnencryptedHTTP2(true)
+		h2c := &http.Client{Transport: &http.Transport{Protocols: &protocols}}
+		// A body of unknown length: the HEADERS frame leaves the stream open, and the
+		// server sees ContentLength -1, as every HTTP/3 request does.
+		req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, caddy.Base+"/mcp", io.NopCloser(strings.NewReader("")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+tok)
+		req.Header.Set("Accept", "text/event-stream")
+		resp, err := h2c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("answered over %s, want HTTP/2", resp.Proto)
+		}
+		if seen := up.Seen(); len(seen) != 1 || seen[0].Method != http.MethodGet {
+			t.Errorf("%s: upstream saw %d requests; want the GET", resp.Status, len(seen))
 		}
 	})
 

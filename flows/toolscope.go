@@ -127,12 +127,24 @@ func checkFraming(r *http.Request) *requestRefusal {
 	case http.MethodPost:
 		return nil
 	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodDelete:
-		if r.ContentLength > 0 || (r.ContentLength < 0 && r.Body != nil && r.Body != http.NoBody) {
+		if r.ContentLength > 0 || (r.ContentLength < 0 && holdsBody(r.Body)) {
 			return refuseBodyNotPost
 		}
 		return nil
 	}
 	return refuseMethod
+}
+
+// holdsBody tells whether a body of unknown length holds a byte. HTTP/3 gives every
+// request such a body, HTTP/2 one whose headers did not end the stream: a GET stream or a
+// DELETE sent so ends at once and must pass. An error reading it counts as a body.
+func holdsBody(body io.ReadCloser) bool {
+	if body == nil || body == http.NoBody {
+		return false
+	}
+	var one [1]byte
+	n, err := io.ReadFull(body, one[:])
+	return n > 0 || !errors.Is(err, io.EOF)
 }
 
 // jsonUTF8 tells whether a Content-Type names application/json with no charset other

@@ -2,7 +2,11 @@ package flows
 
 import (
 	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -64,4 +68,22 @@ func FuzzToolNames(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestBodilessRequestOfUnknownLength: HTTP/3 (quic-go, which Caddy serves) and HTTP/2
+// without END_STREAM on the headers give a request a body of unknown length even when
+// none follows. A GET stream or DELETE sent so is no body on GET and must pass; one that
+// does carry a body is refused as before.
+func TestBodilessRequestOfUnknownLength(t *testing.T) {
+	for _, method := range []string{http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodDelete} {
+		r := httptest.NewRequest(method, "https://mcp.example.test/mcp", nil)
+		r.ContentLength, r.Body = -1, io.NopCloser(strings.NewReader(""))
+		if refused := checkFraming(r); refused != nil {
+			t.Errorf("%s with an empty body of unknown length: refused %q", method, refused.description)
+		}
+		r.ContentLength, r.Body = -1, io.NopCloser(strings.NewReader(`{"jsonrpc":"2.0","id":2,"method":"tools/call"}`))
+		if refused := checkFraming(r); refused != refuseBodyNotPost {
+			t.Errorf("%s with a body of unknown length: refused %v, want %q", method, refused, refuseBodyNotPost.description)
+		}
+	}
 }
