@@ -629,8 +629,12 @@ func TestTokenVerifierCache(t *testing.T) {
 
 	t.Run("a flood of refusals does not evict a valid entry", func(t *testing.T) {
 		o := verifierOP(t)
-		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 4 })
-		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
+		// Refusals outlive the valid entry here, so only their being disposable, not an
+		// earlier expiry, can make the full cache evict them first.
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 4; c.InactiveTTL = time.Hour })
+		claims := o.AccessTokenClaims(o.User.Subject, verifierResource)
+		claims["exp"] = time.Now().Add(2 * time.Minute).Unix()
+		raw := o.MintJWT(claims)
 		if _, err := v.Verify(t.Context(), raw); err != nil {
 			t.Fatal(err)
 		}
@@ -650,21 +654,26 @@ func TestTokenVerifierCache(t *testing.T) {
 	t.Run("a full cache evicts the valid entry expiring soonest", func(t *testing.T) {
 		o := verifierOP(t)
 		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 3 })
+		// Each token expires after those before it, so every eviction must take the oldest
+		// cached one; nine in a row leave a random choice (1 in 3 each) no chance to pass.
 		var tokens []string
-		for i := range 4 { // the first expires soonest
+		for i := range 12 {
 			c := o.AccessTokenClaims(o.User.Subject, verifierResource)
 			c["exp"] = time.Now().Add(time.Duration(2+i) * time.Minute).Unix()
 			tokens = append(tokens, o.MintJWT(c))
 			if _, err := v.Verify(t.Context(), tokens[i]); err != nil {
 				t.Fatal(err)
 			}
-		}
-		if _, ok := v.cache.entries[tokenKey(tokens[0])]; ok {
-			t.Error("the entry expiring soonest is still cached")
-		}
-		for _, raw := range tokens[1:] {
-			if _, ok := v.cache.entries[tokenKey(raw)]; !ok {
-				t.Error("an entry expiring later was evicted")
+			if i < 3 {
+				continue
+			}
+			if _, ok := v.cache.entries[tokenKey(tokens[i-3])]; ok {
+				t.Fatalf("token %d: the entry expiring soonest is still cached", i)
+			}
+			for _, raw := range tokens[i-2:] {
+				if _, ok := v.cache.entries[tokenKey(raw)]; !ok {
+					t.Fatalf("token %d: an entry expiring later was evicted", i)
+				}
 			}
 		}
 	})
