@@ -126,18 +126,3 @@ func (c *tokenCache[V]) deleteFunc(drop func(V) bool) int {
 	}
 	return n
 }
-
-// len is the number of entries, expired ones included.
-func (c *tokenCache[V]) len() int {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return len(c.entries)
-}
-
-// clear empties the cache.
-func (c *tokenCache[V]) clear() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.removals++
-	clear(c.entries)
-}

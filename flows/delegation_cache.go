@@ -144,13 +144,6 @@ func (c *delegatedCache) run(ctx context.Context, key delegationKey, f *delegati
 	e, err = fetch(ctx)
 }
 
-// flightCount is how many fetches are under way (tests).
-func (c *delegatedCache) flightCount() int {
-	c.flightMu.Lock()
-	defer c.flightMu.Unlock()
-	return len(c.flights)
-}
-
 // cacheUntil is when a token expiring at expiry, obtained at now, stops being served:
 // a margin before expiry (30 s or a tenth of its lifetime, the smaller), at most
 // delegationCacheMaxAge after now, and never after limit (when set).
