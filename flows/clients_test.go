@@ -122,8 +122,8 @@ func TestAuthenticateClient(t *testing.T) {
 
 	t.Run("secrets are compared in constant time", func(t *testing.T) {
 		calls := 0
-		constantTimeCompare = func(x, y []byte) int { calls++; return subtle.ConstantTimeCompare(x, y) }
-		t.Cleanup(func() { constantTimeCompare = subtle.ConstantTimeCompare })
+		b.constantTimeCompare = func(x, y []byte) int { calls++; return subtle.ConstantTimeCompare(x, y) }
+		t.Cleanup(func() { b.constantTimeCompare = subtle.ConstantTimeCompare })
 		for _, secret := range []string{basic.ClientSecret, "wrong"} {
 			req := httptest.NewRequest(http.MethodPost, "https://mcp.example.test/oauth/token", nil)
 			req.SetBasicAuth(basic.ClientID, secret)

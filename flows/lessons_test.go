@@ -335,14 +335,13 @@ func TestLessonW2SignaturesAreVerified(t *testing.T) {
 
 // W3. Weakness: the PKCE verifier was compared with !=. Instead the S256 of the verifier
 // is compared with the stored challenge in constant time (crypto/subtle, through the
-// constantTimeCompare hook clients.go uses for secrets): a wrong verifier is
+// broker's constantTimeCompare, which client secrets go through too): a wrong verifier is
 // invalid_grant and spends the code. Thorough: TestPKCE, TestCodeExchange.
 func TestLessonW3PKCEIsComparedInConstantTime(t *testing.T) {
 	var compares atomic.Int32
-	constantTimeCompare = func(x, y []byte) int { compares.Add(1); return subtle.ConstantTimeCompare(x, y) }
-	// Registered before the servers below start, so run after they are closed.
-	t.Cleanup(func() { constantTimeCompare = subtle.ConstantTimeCompare })
+	counting := func(x, y []byte) int { compares.Add(1); return subtle.ConstantTimeCompare(x, y) }
 	e := newTokenEnv(t, verifierOP(t), nil)
+	e.b.constantTimeCompare = counting // before the first request
 
 	code, verifier := e.code(t, testenv.NativeClientID)
 	before := compares.Load()
@@ -361,7 +360,7 @@ func TestLessonW3PKCEIsComparedInConstantTime(t *testing.T) {
 
 	before = compares.Load()
 	near := verifier[:len(verifier)-1] + string(verifier[len(verifier)-1]^1)
-	if pkceMatches("S256", oauth2.S256ChallengeFromVerifier(verifier), near) {
+	if pkceMatches(counting, "S256", oauth2.S256ChallengeFromVerifier(verifier), near) {
 		t.Error("a verifier one bit off matches")
 	}
 	if n := compares.Load() - before; n != 1 {

@@ -3,6 +3,7 @@ package flows
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -566,7 +567,7 @@ func TestPKCE(t *testing.T) {
 		{"a challenge of another length does not match", "S256", challenge + "A", verifier, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := pkceMatches(tc.method, tc.challenge, tc.verifier); got != tc.want {
+			if got := pkceMatches(subtle.ConstantTimeCompare, tc.method, tc.challenge, tc.verifier); got != tc.want {
 				t.Errorf("pkceMatches = %v", got)
 			}
 		})
