@@ -268,13 +268,14 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision resolves placeholders, loads the storage and builds the broker. It neither
-// writes to storage nor waits for the IdP, because it also runs for `caddy adapt --validate`
-// and `caddy validate`.
+// Provision resolves placeholders, parses the encryption keys, loads the storage and
+// builds the broker; Caddy calls Validate after it. It neither writes to storage nor waits
+// for the IdP, because it also runs for `caddy adapt --validate` and `caddy validate`.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	h.resolvePlaceholders()
-	if err := h.Validate(); err != nil {
+	ring, err := h.keyRing()
+	if err != nil {
 		return err
 	}
 
@@ -295,10 +296,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		st = ctx.Storage()
 	}
 
-	ring, err := storage.ParseKeyRing(h.EncryptionKeys...)
-	if err != nil {
-		return err
-	}
 	h.records = storage.New(st, ring, storage.WithLogger(h.logger.Named("storage")))
 	h.bg = new(background)
 
@@ -312,6 +309,26 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	return nil
+}
+
+// keyRing parses encryption_keys, naming the key that is wrong without repeating it.
+func (h *Handler) keyRing() (*storage.KeyRing, error) {
+	if len(h.EncryptionKeys) == 0 {
+		return nil, errors.New("encryption_keys: required; generate one with `head -c 32 /dev/urandom | base64`")
+	}
+	raw := make([][]byte, len(h.EncryptionKeys))
+	for i, e := range h.EncryptionKeys {
+		k, err := storage.DecodeKey(e)
+		if err != nil {
+			return nil, fmt.Errorf("encryption_keys[%d]: %w", i, err)
+		}
+		raw[i] = k
+	}
+	ring, err := storage.NewKeyRing(raw...)
+	if err != nil {
+		return nil, fmt.Errorf("encryption_keys: %w", err)
+	}
+	return ring, nil
 }
 
 // resolvePlaceholders replaces `{env.*}` and `{file.*}` in every field that may hold a
@@ -402,7 +419,8 @@ func (h *Handler) Cleanup() error {
 	return nil
 }
 
-// Validate refuses a configuration that cannot work, naming the field and the fix.
+// Validate refuses a configuration that cannot work, naming the field and the fix. Caddy
+// calls it after Provision, which has parsed encryption_keys already.
 func (h *Handler) Validate() error {
 	switch h.Mode {
 	case "", flows.ModeHybrid, flows.ModeProgressive:
@@ -429,30 +447,24 @@ func (h *Handler) Validate() error {
 	if err := checkResource(h.Resource); err != nil {
 		return fmt.Errorf("resource: %w", err)
 	}
-	if len(h.EncryptionKeys) == 0 {
-		return errors.New("encryption_key: required; generate one with `head -c 32 /dev/urandom | base64`")
-	}
-	if _, err := storage.ParseKeyRing(h.EncryptionKeys...); err != nil {
-		return err
-	}
 	seen := make(map[string]bool, len(h.Clients))
 	for i, c := range h.Clients {
 		if c == nil || c.ClientID == "" {
-			return fmt.Errorf("client[%d]: client_id required", i)
+			return fmt.Errorf("clients[%d]: client_id required", i)
 		}
 		if seen[c.ClientID] {
-			return fmt.Errorf("client %q: defined twice; each client_id may appear once", c.ClientID)
+			return fmt.Errorf("clients: %q defined twice; each client_id may appear once", c.ClientID)
 		}
 		seen[c.ClientID] = true
 		if len(c.RedirectURIs) == 0 {
-			return fmt.Errorf("client %q: redirect_uri required", c.ClientID)
+			return fmt.Errorf("clients %q: redirect_uris required", c.ClientID)
 		}
 		if err := flows.CheckClientName(c.Name); err != nil {
-			return fmt.Errorf("client %q: name: %w", c.ClientID, err)
+			return fmt.Errorf("clients %q: name: %w", c.ClientID, err)
 		}
 		for _, u := range c.RedirectURIs {
 			if err := flows.CheckRedirectURI(u); err != nil {
-				return fmt.Errorf("client %q: redirect_uri %q: %w", c.ClientID, u, err)
+				return fmt.Errorf("clients %q: redirect_uris %q: %w", c.ClientID, u, err)
 			}
 		}
 	}
@@ -468,26 +480,26 @@ func (h *Handler) Validate() error {
 	}
 	for i, t := range h.ToolScopes {
 		if t == nil || t.Tool == "" || len(t.Scopes) == 0 {
-			return fmt.Errorf("tool_scope[%d]: want a tool name or glob and at least one scope", i)
+			return fmt.Errorf("tool_scopes[%d]: want a tool name or glob and at least one scope", i)
 		}
 		if _, err := path.Match(t.Tool, ""); err != nil {
-			return fmt.Errorf("tool_scope %q: bad glob: %w", t.Tool, err)
+			return fmt.Errorf("tool_scopes %q: bad glob: %w", t.Tool, err)
 		}
 	}
 	seenWorkers := make(map[string]bool, len(h.BackgroundClients))
 	for i, c := range h.BackgroundClients {
 		if c == nil || c.ClientID == "" || c.ClientSecret == "" {
-			return fmt.Errorf("background_client[%d]: want an id and a secret", i)
+			return fmt.Errorf("background_clients[%d]: want an id and a secret", i)
 		}
 		if seenWorkers[c.ClientID] {
-			return fmt.Errorf("background_client %q: defined twice", c.ClientID)
+			return fmt.Errorf("background_clients: %q defined twice", c.ClientID)
 		}
 		seenWorkers[c.ClientID] = true
 	}
 	if p := h.Provisioning; p != nil {
 		for _, t := range p.Tools {
 			if _, err := path.Match(t, ""); err != nil {
-				return fmt.Errorf("provisioning tools %q: bad glob: %w", t, err)
+				return fmt.Errorf("provisioning: tools %q: bad glob: %w", t, err)
 			}
 		}
 	}

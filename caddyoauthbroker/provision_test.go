@@ -97,7 +97,7 @@ func TestProvisionResolvesPlaceholders(t *testing.T) {
 
 	t.Setenv("MCP_TEST_KEY", "YWFhYQ==")
 	cfg["encryption_keys"] = []string{"{env.MCP_TEST_KEY}"}
-	if _, err := load(t, ctx, cfg); err == nil || !strings.Contains(err.Error(), "encryption_key[0]: want 32 bytes") {
+	if _, err := load(t, ctx, cfg); err == nil || !strings.Contains(err.Error(), "encryption_keys[0]: want 32 bytes") {
 		t.Errorf("short key from the environment: %v", err)
 	}
 	if _, err := load(t, ctx, cfg); err != nil && strings.Contains(err.Error(), "YWFhYQ") {
@@ -112,6 +112,11 @@ func TestProvisionRefusesWhatCannotWork(t *testing.T) {
 		change func(map[string]any)
 		want   string
 	}{
+		{"no key", func(c map[string]any) { delete(c, "encryption_keys") }, "encryption_keys: required"},
+		{"short key", func(c map[string]any) { c["encryption_keys"] = []string{"YWFhYQ=="} }, "encryption_keys[0]: want 32 bytes of base64, got 4"},
+		{"short older key", func(c map[string]any) { c["encryption_keys"] = []string{testKey, "YWFhYQ=="} }, "encryption_keys[1]: want 32 bytes of base64, got 4"},
+		{"key not base64", func(c map[string]any) { c["encryption_keys"] = []string{"not base64!"} }, "encryption_keys[0]: want 32 bytes of base64, got invalid base64"},
+		{"missing issuer, found by Validate", func(c map[string]any) { delete(c, "issuer") }, "issuer: required"},
 		{"refresh delegation in progressive mode", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "refresh"} },
 			"delegation refresh: needs mode hybrid"},
 	} {

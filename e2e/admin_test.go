@@ -85,7 +85,7 @@ func TestAdminAPIConfig(t *testing.T) {
 	}
 	bad["encryption_keys"] = []string{"c2hvcnQ="}
 	status, msg := load(config(bad))
-	if status != http.StatusBadRequest || !strings.Contains(msg, "encryption_key[0]: want 32 bytes") {
+	if status != http.StatusBadRequest || !strings.Contains(msg, "encryption_keys[0]: want 32 bytes") {
 		t.Errorf("a short key: %d %s", status, msg)
 	}
 	if strings.Contains(msg, "c2hvcnQ=") {

@@ -54,8 +54,8 @@ if MCP_BROKER_CLIENT_ID=mcp-broker XDG_DATA_HOME="$example" XDG_CONFIG_HOME="$ex
   ./caddy validate --config "$example/Caddyfile" --adapter caddyfile >"$example/out" 2>&1; then
   echo "caddy validate accepted a 5-byte key"; exit 1
 fi
-grep -q "encryption_key\[0\]: want 32 bytes of base64, got 5" "$example/out" || { cat "$example/out"; exit 1; }
-echo "Caddyfile.example validates; a short key is refused naming encryption_key[0]"
+grep -q "encryption_keys\[0\]: want 32 bytes of base64, got 5" "$example/out" || { cat "$example/out"; exit 1; }
+echo "Caddyfile.example validates; a short key is refused naming encryption_keys[0]"
 rm -rf "$example"
 
 step "demo (the README's run command) answers with the discovery challenge"

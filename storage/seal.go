@@ -41,25 +41,26 @@ type ringKey struct {
 // is never used as the other.
 const keyedHashLabel = "mcp_oauth keyed hash v1"
 
-// NewKeyRing takes raw 32-byte AES-256 keys; the first encrypts, all decrypt.
+// NewKeyRing takes raw 32-byte AES-256 keys; the first encrypts, all decrypt. Its
+// errors name a key by its index; the caller names the configuration field.
 func NewKeyRing(keys ...[]byte) (*KeyRing, error) {
 	if len(keys) == 0 {
-		return nil, errors.New("encryption_key: at least one key is required")
+		return nil, errors.New("at least one key is required")
 	}
 	ring := &KeyRing{keys: make([]ringKey, 0, len(keys))}
 	for i, k := range keys {
 		if len(k) != KeySize {
-			return nil, fmt.Errorf("encryption_key[%d]: want %d bytes, got %d", i, KeySize, len(k))
+			return nil, fmt.Errorf("key %d: want %d bytes, got %d", i, KeySize, len(k))
 		}
 		block, err := aes.NewCipher(k)
 		if err != nil {
-			return nil, fmt.Errorf("encryption_key[%d]: %w", i, err)
+			return nil, fmt.Errorf("key %d: %w", i, err)
 		}
 		// The random-nonce GCM prepends a fresh 96-bit nonce to every
 		// ciphertext, so callers cannot get nonce handling wrong.
 		aead, err := cipher.NewGCMWithRandomNonce(block)
 		if err != nil {
-			return nil, fmt.Errorf("encryption_key[%d]: %w", i, err)
+			return nil, fmt.Errorf("key %d: %w", i, err)
 		}
 		sum := sha256.Sum256(k)
 		mac := hmac.New(sha256.New, k)
@@ -69,24 +70,18 @@ func NewKeyRing(keys ...[]byte) (*KeyRing, error) {
 	return ring, nil
 }
 
-// ParseKeyRing takes base64 keys as users write them in config: standard or
-// URL alphabet, padded or not, surrounding whitespace ignored.
-func ParseKeyRing(encoded ...string) (*KeyRing, error) {
-	if len(encoded) == 0 {
-		return nil, errors.New("encryption_key: at least one key is required")
+// DecodeKey decodes a key as users write it in config: base64 of KeySize bytes,
+// standard or URL alphabet, padded or not, surrounding whitespace ignored. Its
+// error never repeats the key.
+func DecodeKey(encoded string) ([]byte, error) {
+	k, err := decodeKey(encoded)
+	if err != nil {
+		return nil, fmt.Errorf("want %d bytes of base64, got invalid base64", KeySize)
 	}
-	raw := make([][]byte, len(encoded))
-	for i, e := range encoded {
-		k, err := decodeKey(e)
-		if err != nil {
-			return nil, fmt.Errorf("encryption_key[%d]: want %d bytes of base64, got invalid base64", i, KeySize)
-		}
-		if len(k) != KeySize {
-			return nil, fmt.Errorf("encryption_key[%d]: want %d bytes of base64, got %d", i, KeySize, len(k))
-		}
-		raw[i] = k
+	if len(k) != KeySize {
+		return nil, fmt.Errorf("want %d bytes of base64, got %d", KeySize, len(k))
 	}
-	return NewKeyRing(raw...)
+	return k, nil
 }
 
 func decodeKey(s string) ([]byte, error) {

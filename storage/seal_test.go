@@ -140,7 +140,7 @@ func TestKeyRotation(t *testing.T) {
 
 func TestNewKeyRingErrors(t *testing.T) {
 	_, err := NewKeyRing(make([]byte, 32), make([]byte, 24))
-	if err == nil || err.Error() != "encryption_key[1]: want 32 bytes, got 24" {
+	if err == nil || err.Error() != "key 1: want 32 bytes, got 24" {
 		t.Errorf("err = %v", err)
 	}
 	if _, err := NewKeyRing(); err == nil {
@@ -148,7 +148,7 @@ func TestNewKeyRingErrors(t *testing.T) {
 	}
 }
 
-func TestParseKeyRing(t *testing.T) {
+func TestDecodeKey(t *testing.T) {
 	k := newKey(t)
 	forms := map[string]string{
 		"std padded":          base64.StdEncoding.EncodeToString(k),
@@ -159,31 +159,29 @@ func TestParseKeyRing(t *testing.T) {
 	}
 	for name, enc := range forms {
 		t.Run(name, func(t *testing.T) {
-			ring, err := ParseKeyRing(enc)
+			got, err := DecodeKey(enc)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if ring.KeyID() != keyID(k) {
+			if !bytes.Equal(got, k) {
 				t.Errorf("decoded a different key")
 			}
 		})
 	}
 
-	good := base64.StdEncoding.EncodeToString(k)
 	errs := []struct {
 		name    string
-		encoded []string
+		encoded string
 		want    string
 	}{
-		{"short key names index and length", []string{good, base64.StdEncoding.EncodeToString(make([]byte, 24))}, "encryption_key[1]: want 32 bytes of base64, got 24"},
-		{"long key", []string{base64.StdEncoding.EncodeToString(make([]byte, 33))}, "encryption_key[0]: want 32 bytes of base64, got 33"},
-		{"invalid base64 names index", []string{good, good, "not*base64"}, "encryption_key[2]: want 32 bytes of base64, got invalid base64"},
-		{"empty string", []string{""}, "encryption_key[0]: want 32 bytes of base64, got 0"},
-		{"no keys", nil, "encryption_key: at least one key is required"},
+		{"short key names the length", base64.StdEncoding.EncodeToString(make([]byte, 24)), "want 32 bytes of base64, got 24"},
+		{"long key", base64.StdEncoding.EncodeToString(make([]byte, 33)), "want 32 bytes of base64, got 33"},
+		{"invalid base64", "not*base64", "want 32 bytes of base64, got invalid base64"},
+		{"empty string", "", "want 32 bytes of base64, got 0"},
 	}
 	for _, tt := range errs {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := ParseKeyRing(tt.encoded...)
+			_, err := DecodeKey(tt.encoded)
 			if err == nil || err.Error() != tt.want {
 				t.Errorf("err = %v, want %q", err, tt.want)
 			}
