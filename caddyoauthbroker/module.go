@@ -604,10 +604,17 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		cfg.ProvisioningScopes = p.Scopes
 		cfg.ProvisioningTools = p.Tools
 	}
+	// Nil entries are skipped here and refused by Validate, which Caddy calls after Provision.
 	for _, c := range h.BackgroundClients {
+		if c == nil {
+			continue
+		}
 		cfg.BackgroundClients = append(cfg.BackgroundClients, flows.BackgroundClient{ID: c.ClientID, Secret: c.ClientSecret})
 	}
 	for _, c := range h.Clients {
+		if c == nil {
+			continue
+		}
 		cfg.Clients = append(cfg.Clients, flows.ClientConfig{
 			ClientID: c.ClientID, Name: c.Name, RedirectURIs: c.RedirectURIs, Scopes: c.Scopes,
 		})
@@ -619,6 +626,9 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		cfg.SubjectHeader = d.SubjectHeader
 	}
 	for _, t := range h.ToolScopes {
+		if t == nil {
+			continue
+		}
 		cfg.ToolScopes = append(cfg.ToolScopes, flows.ToolScopeRule{Tool: t.Tool, Scopes: t.Scopes})
 	}
 	return cfg, nil

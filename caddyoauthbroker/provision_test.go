@@ -117,6 +117,9 @@ func TestProvisionRefusesWhatCannotWork(t *testing.T) {
 		{"short older key", func(c map[string]any) { c["encryption_keys"] = []string{testKey, "YWFhYQ=="} }, "encryption_keys[1]: want 32 bytes of base64, got 4"},
 		{"key not base64", func(c map[string]any) { c["encryption_keys"] = []string{"not base64!"} }, "encryption_keys[0]: want 32 bytes of base64, got invalid base64"},
 		{"missing issuer, found by Validate", func(c map[string]any) { delete(c, "issuer") }, "issuer: required"},
+		{"a null client", func(c map[string]any) { c["clients"] = []any{nil} }, "clients[0]: client_id required"},
+		{"a null background client", func(c map[string]any) { c["background_clients"] = []any{nil} }, "background_clients[0]: want an id and a secret"},
+		{"a null tool scope", func(c map[string]any) { c["tool_scopes"] = []any{nil} }, "tool_scopes[0]: want a tool name"},
 		{"refresh delegation in progressive mode", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "refresh"} },
 			"delegation refresh: needs mode hybrid"},
 	} {
