@@ -12,7 +12,6 @@ import (
 	"path"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -182,16 +181,12 @@ type Handler struct {
 	broker  *flows.Broker
 	records *storage.Records
 	logger  *zap.Logger
-	bg      *background
-}
 
-// background is the work that starts with the first request and stops in Cleanup.
-type background struct {
-	once    sync.Once
-	mu      sync.Mutex // guards the fields below against a Cleanup during the first request
-	closed  bool
-	janitor *storage.Janitor
-	cancel  context.CancelFunc
+	// stopJanitor ends the janitor's goroutine, which closes janitorDone as it exits.
+	// Caddy cancels the Provision context first anyway; Cleanup also stops it when it
+	// runs while that context lives, as in tests.
+	stopJanitor context.CancelFunc
+	janitorDone chan struct{}
 }
 
 // Client is an MCP client registered in the configuration.
@@ -297,7 +292,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	h.records = storage.New(st, ring, storage.WithLogger(h.logger.Named("storage")))
-	h.bg = new(background)
 
 	cfg, err := h.flowsConfig()
 	if err != nil {
@@ -308,6 +302,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.broker, err = flows.New(cfg); err != nil {
 		return err
 	}
+
+	var janitorCtx context.Context
+	janitorCtx, h.stopJanitor = context.WithCancel(ctx)
+	h.janitorDone = make(chan struct{})
+	go h.sweepExpiredRecords(janitorCtx)
 	return nil
 }
 
@@ -351,7 +350,6 @@ func (h *Handler) resolvePlaceholders() {
 // ServeHTTP answers the broker's own endpoints, authenticates every other request and
 // passes it on with a delegated token.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	h.bg.once.Do(h.startBackground)
 	if flows.NeedsClientIP(r.URL.Path) {
 		// Rate limits key on the client IP as Caddy resolves it behind trusted proxies.
 		if ip, ok := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string); ok {
@@ -381,40 +379,33 @@ func caddyClientIP(ctx context.Context) string {
 	return ip
 }
 
-// startBackground starts the storage janitor with the first request rather than in
-// Provision, which must not write to storage.
-func (h *Handler) startBackground() {
-	bg := h.bg
-	bg.mu.Lock()
-	defer bg.mu.Unlock()
-	if bg.closed {
+// sweepExpiredRecords runs the storage janitor until ctx ends. Its first sweep waits
+// janitorDelay, because Provision must not write to storage: `caddy validate` provisions
+// and cancels ctx at once. The delay is short so that config reloads cannot starve it.
+func (h *Handler) sweepExpiredRecords(ctx context.Context) {
+	defer close(h.janitorDone)
+	wait := time.NewTimer(janitorDelay)
+	defer wait.Stop()
+	select {
+	case <-ctx.Done():
 		return
+	case <-wait.C:
 	}
-	var ctx context.Context
-	ctx, bg.cancel = context.WithCancel(context.Background())
-	bg.janitor = h.records.StartJanitor(ctx, janitorInterval)
+	<-h.records.StartJanitor(ctx, janitorInterval).Done()
 }
 
 // janitorInterval is how often one node of a cluster sweeps expired records.
 const janitorInterval = 10 * time.Minute
 
-// Cleanup stops the janitor and the broker's background work. It copes with a Provision
-// that failed half way.
+// janitorDelay is how long after Provision the first sweep waits; a variable for tests.
+var janitorDelay = time.Minute
+
+// Cleanup stops the janitor and waits for it. It copes with a Provision that failed half
+// way.
 func (h *Handler) Cleanup() error {
-	if bg := h.bg; bg != nil {
-		bg.mu.Lock()
-		bg.closed = true
-		cancel, janitor := bg.cancel, bg.janitor
-		bg.mu.Unlock()
-		if cancel != nil {
-			cancel()
-		}
-		if janitor != nil {
-			janitor.Stop()
-		}
-	}
-	if h.broker != nil {
-		h.broker.Close()
+	if h.stopJanitor != nil {
+		h.stopJanitor()
+		<-h.janitorDone
 	}
 	return nil
 }

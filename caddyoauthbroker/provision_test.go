@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -137,5 +138,34 @@ func TestCleanupAfterAFailedProvision(t *testing.T) {
 	var h Handler
 	if err := h.Cleanup(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestJanitorStartsAfterProvisionWithoutARequest(t *testing.T) {
+	defer func(d time.Duration) { janitorDelay = d }(janitorDelay)
+	janitorDelay = 0
+	ctx, dir := provisionContext(t)
+	h, err := load(t, ctx, progressiveConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The janitor's first sweep leaves its marker record; no request was served.
+	marker := filepath.Join(dir, "mcp_oauth", "janitor", "last_run")
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if _, err := os.Stat(marker); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no janitor marker at %s", marker)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-h.janitorDone:
+	default:
+		t.Error("Cleanup returned before the janitor stopped")
 	}
 }
