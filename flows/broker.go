@@ -313,9 +313,6 @@ func setDefault(d *time.Duration, def time.Duration) {
 	}
 }
 
-// Close stops the broker's background work.
-func (b *Broker) Close() {}
-
 // Paths of the broker's own endpoints.
 const (
 	wellKnownProtectedResource   = "/.well-known/oauth-protected-resource"

@@ -55,7 +55,6 @@ func newTestBroker(t testing.TB, o *testenv.OP, change func(*Config)) *Broker {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(b.Close)
 	return b
 }
 

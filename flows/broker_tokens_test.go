@@ -259,6 +259,5 @@ func newBenchBroker(b *testing.B) *Broker {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(br.Close)
 	return br
 }
