@@ -72,56 +72,57 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	}
 //
 // Secrets may be written as `{env.NAME}` or `{file./path}` placeholders.
+//
+// A subdirective given twice is refused, since the second would silently replace the
+// first; only client, tool_scope and background_client (and redirect_uri inside client)
+// may repeat, each adding one more.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	seen := make(map[string]bool)
 	for d.NextBlock(0) {
+		var err error
 		switch d.Val() {
-		case "mode", "issuer", "public_issuer", "client_id", "client_secret", "resource":
-			if err := h.unmarshalString(d); err != nil {
-				return err
-			}
+		case "client", "tool_scope", "background_client":
+		default:
+			err = once(d, seen)
+		}
+		if err != nil {
+			return err
+		}
+		switch d.Val() {
+		case "mode":
+			err = unmarshalString(d, &h.Mode)
+		case "issuer":
+			err = unmarshalString(d, &h.Issuer)
+		case "public_issuer":
+			err = unmarshalString(d, &h.PublicIssuer)
+		case "client_id":
+			err = unmarshalString(d, &h.ClientID)
+		case "client_secret":
+			err = unmarshalString(d, &h.ClientSecret)
+		case "resource":
+			err = unmarshalString(d, &h.Resource)
 		case "audience":
-			if h.Audience = d.RemainingArgs(); len(h.Audience) == 0 {
-				return d.ArgErr()
-			}
+			err = unmarshalList(d, &h.Audience)
 		case "scopes":
-			if h.Scopes = d.RemainingArgs(); len(h.Scopes) == 0 {
-				return d.ArgErr()
-			}
+			err = unmarshalList(d, &h.Scopes)
 		case "encryption_key":
-			if h.EncryptionKeys = d.RemainingArgs(); len(h.EncryptionKeys) == 0 {
-				return d.ArgErr()
-			}
+			err = unmarshalList(d, &h.EncryptionKeys)
 		case "client":
-			c, err := unmarshalClient(d)
-			if err != nil {
-				return err
+			var c *Client
+			if c, err = unmarshalClient(d); err == nil {
+				h.Clients = append(h.Clients, c)
 			}
-			h.Clients = append(h.Clients, c)
 		case "registration":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			switch d.Val() {
-			case "on":
-				h.DisableRegistration = false
-			case "off":
-				h.DisableRegistration = true
-			default:
-				return d.Errf("registration: want on or off, got %q", d.Val())
-			}
-			if d.NextArg() {
-				return d.ArgErr()
+			var on bool
+			if on, err = unmarshalOnOff(d); err == nil {
+				h.DisableRegistration = !on
 			}
 		case "delegation":
-			del, err := unmarshalDelegation(d)
-			if err != nil {
-				return err
-			}
-			h.Delegation = del
+			h.Delegation, err = unmarshalDelegation(d)
 		case "tool_scope":
 			args := d.RemainingArgs()
 			if len(args) < 2 {
@@ -129,125 +130,122 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: args[0], Scopes: args[1:]})
 		case "require_jwt_access_token_type":
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			h.RequireJWTAccessTokenType = true
-		case "session_ttl", "code_ttl", "access_token_ttl", "refresh_token_ttl", "refresh_grace", "idp_timeout",
-			"session_max_lifetime", "idp_confirm_interval", "introspection_cache_ttl":
-			if err := h.unmarshalDuration(d); err != nil {
-				return err
-			}
-		case "max_body_bytes":
-			n, err := unmarshalInt(d)
-			if err != nil {
-				return err
-			}
-			h.MaxBodyBytes = n
+			err = unmarshalFlag(d, &h.RequireJWTAccessTokenType)
+		case "introspection_cache_ttl":
+			err = unmarshalDuration(d, &h.IntrospectionCacheTTL)
+		case "session_ttl":
+			err = unmarshalDuration(d, &h.SessionTTL)
+		case "code_ttl":
+			err = unmarshalDuration(d, &h.CodeTTL)
+		case "access_token_ttl":
+			err = unmarshalDuration(d, &h.AccessTokenTTL)
+		case "refresh_token_ttl":
+			err = unmarshalDuration(d, &h.RefreshTokenTTL)
+		case "refresh_grace":
+			err = unmarshalDuration(d, &h.RefreshGrace)
+		case "session_max_lifetime":
+			err = unmarshalDuration(d, &h.SessionMaxLifetime)
+		case "idp_confirm_interval":
+			err = unmarshalDuration(d, &h.IdPConfirmInterval)
+		case "idp_timeout":
+			err = unmarshalDuration(d, &h.IdPTimeout)
 		case "registration_rate":
-			n, err := unmarshalInt(d)
-			if err != nil {
-				return err
-			}
-			h.RegistrationRate = int(n)
+			err = unmarshalInt(d, &h.RegistrationRate)
 		case "registration_rate_total":
-			n, err := unmarshalInt(d)
-			if err != nil {
-				return err
-			}
-			h.RegistrationRateTotal = int(n)
+			err = unmarshalInt(d, &h.RegistrationRateTotal)
 		case "cold_verify_rate":
 			args := d.RemainingArgs()
 			if len(args) < 1 || len(args) > 2 {
 				return d.ArgErr()
 			}
-			for i, a := range args {
-				n, err := strconv.Atoi(a)
-				if err != nil {
-					return d.Errf("cold_verify_rate: want a whole number, got %q", a)
-				}
-				if i == 0 {
-					h.ColdVerifyRate = n
-				} else {
-					h.ColdVerifyRateGlobal = n
+			for i, dst := range []*int{&h.ColdVerifyRate, &h.ColdVerifyRateGlobal}[:len(args)] {
+				if err := wholeNumber(d, "cold_verify_rate", args[i], dst); err != nil {
+					return err
 				}
 			}
-		case "background_token_rate":
-			n, err := unmarshalInt(d)
-			if err != nil {
-				return err
-			}
-			h.BackgroundTokenRate = int(n)
 		case "client_metadata_documents":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
 			var on bool
-			switch d.Val() {
-			case "on":
-				on = true
-			case "off":
-			default:
-				return d.Errf("client_metadata_documents: want on or off, got %q", d.Val())
-			}
-			h.ClientMetadataDocuments = &on
-			if d.NextArg() {
-				return d.ArgErr()
+			if on, err = unmarshalOnOff(d); err == nil {
+				h.ClientMetadataDocuments = &on
 			}
 		case "client_metadata_allow_private":
-			if d.NextArg() {
-				return d.ArgErr()
-			}
-			h.ClientMetadataAllowPrivate = true
+			err = unmarshalFlag(d, &h.ClientMetadataAllowPrivate)
 		case "provisioning":
-			p, err := unmarshalProvisioning(d)
-			if err != nil {
-				return err
-			}
-			h.Provisioning = p
+			h.Provisioning, err = unmarshalProvisioning(d)
 		case "background_client":
 			c := new(BackgroundClient)
 			if !d.AllArgs(&c.ClientID, &c.ClientSecret) {
 				return d.Err("background_client: want an id and a secret")
 			}
 			h.BackgroundClients = append(h.BackgroundClients, c)
+		case "background_token_rate":
+			err = unmarshalInt(d, &h.BackgroundTokenRate)
+		case "max_body_bytes":
+			err = unmarshalInt(d, &h.MaxBodyBytes)
 		case "storage":
-			raw, err := unmarshalStorage(d)
-			if err != nil {
-				return err
-			}
-			h.StorageRaw = raw
+			h.StorageRaw, err = unmarshalStorage(d)
 		default:
 			return d.Errf("unrecognized subdirective %q", d.Val())
+		}
+		if err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-func (h *Handler) unmarshalString(d *caddyfile.Dispenser) error {
-	name := d.Val()
-	var v string
-	if !d.AllArgs(&v) {
-		return d.ArgErr()
+// once refuses the second occurrence of a subdirective in one block.
+func once(d *caddyfile.Dispenser, seen map[string]bool) error {
+	if seen[d.Val()] {
+		return d.Errf("%s: already specified", d.Val())
 	}
-	switch name {
-	case "mode":
-		h.Mode = v
-	case "issuer":
-		h.Issuer = v
-	case "public_issuer":
-		h.PublicIssuer = v
-	case "client_id":
-		h.ClientID = v
-	case "client_secret":
-		h.ClientSecret = v
-	case "resource":
-		h.Resource = v
+	seen[d.Val()] = true
+	return nil
+}
+
+// unmarshalString reads the one argument of the current subdirective.
+func unmarshalString(d *caddyfile.Dispenser, dst *string) error {
+	if !d.AllArgs(dst) {
+		return d.ArgErr()
 	}
 	return nil
 }
 
-func (h *Handler) unmarshalDuration(d *caddyfile.Dispenser) error {
+// unmarshalList reads the one or more arguments of the current subdirective.
+func unmarshalList(d *caddyfile.Dispenser, dst *[]string) error {
+	if *dst = d.RemainingArgs(); len(*dst) == 0 {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+// unmarshalFlag sets a subdirective that takes no argument.
+func unmarshalFlag(d *caddyfile.Dispenser, dst *bool) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	*dst = true
+	return nil
+}
+
+// unmarshalOnOff reads the `on` or `off` argument of the current subdirective.
+func unmarshalOnOff(d *caddyfile.Dispenser) (bool, error) {
+	name := d.Val()
+	var v string
+	if !d.AllArgs(&v) {
+		return false, d.ArgErr()
+	}
+	switch v {
+	case "on":
+		return true, nil
+	case "off":
+		return false, nil
+	}
+	return false, d.Errf("%s: want on or off, got %q", name, v)
+}
+
+// unmarshalDuration reads the one duration argument of the current subdirective.
+func unmarshalDuration(d *caddyfile.Dispenser, dst *caddy.Duration) error {
 	name := d.Val()
 	var v string
 	if !d.AllArgs(&v) {
@@ -257,41 +255,28 @@ func (h *Handler) unmarshalDuration(d *caddyfile.Dispenser) error {
 	if err != nil {
 		return d.Errf("%s: %v", name, err)
 	}
-	switch name {
-	case "session_ttl":
-		h.SessionTTL = caddy.Duration(dur)
-	case "code_ttl":
-		h.CodeTTL = caddy.Duration(dur)
-	case "access_token_ttl":
-		h.AccessTokenTTL = caddy.Duration(dur)
-	case "refresh_token_ttl":
-		h.RefreshTokenTTL = caddy.Duration(dur)
-	case "refresh_grace":
-		h.RefreshGrace = caddy.Duration(dur)
-	case "idp_timeout":
-		h.IdPTimeout = caddy.Duration(dur)
-	case "session_max_lifetime":
-		h.SessionMaxLifetime = caddy.Duration(dur)
-	case "idp_confirm_interval":
-		h.IdPConfirmInterval = caddy.Duration(dur)
-	case "introspection_cache_ttl":
-		h.IntrospectionCacheTTL = caddy.Duration(dur)
-	}
+	*dst = caddy.Duration(dur)
 	return nil
 }
 
 // unmarshalInt reads the one whole-number argument of the current subdirective.
-func unmarshalInt(d *caddyfile.Dispenser) (int64, error) {
+func unmarshalInt[T int | int64](d *caddyfile.Dispenser, dst *T) error {
 	name := d.Val()
 	var v string
 	if !d.AllArgs(&v) {
-		return 0, d.ArgErr()
+		return d.ArgErr()
 	}
+	return wholeNumber(d, name, v, dst)
+}
+
+// wholeNumber parses v, an argument of the subdirective name, into dst.
+func wholeNumber[T int | int64](d *caddyfile.Dispenser, name, v string, dst *T) error {
 	n, err := strconv.ParseInt(v, 10, 64)
-	if err != nil {
-		return 0, d.Errf("%s: want a whole number, got %q", name, v)
+	if err != nil || int64(T(n)) != n {
+		return d.Errf("%s: want a whole number, got %q", name, v)
 	}
-	return n, nil
+	*dst = T(n)
+	return nil
 }
 
 func unmarshalProvisioning(d *caddyfile.Dispenser) (*Provisioning, error) {
@@ -299,7 +284,11 @@ func unmarshalProvisioning(d *caddyfile.Dispenser) (*Provisioning, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
+	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if err := once(d, seen); err != nil {
+			return nil, err
+		}
 		switch d.Val() {
 		case "scopes":
 			if p.Scopes = d.RemainingArgs(); len(p.Scopes) == 0 {
@@ -321,7 +310,13 @@ func unmarshalClient(d *caddyfile.Dispenser) (*Client, error) {
 	if !d.AllArgs(&c.ClientID) {
 		return nil, d.Err("client: want exactly one client id")
 	}
+	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if d.Val() != "redirect_uri" {
+			if err := once(d, seen); err != nil {
+				return nil, err
+			}
+		}
 		switch d.Val() {
 		case "name":
 			if !d.AllArgs(&c.Name) {
@@ -352,7 +347,11 @@ func unmarshalDelegation(d *caddyfile.Dispenser) (*Delegation, error) {
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}
+	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if err := once(d, seen); err != nil {
+			return nil, err
+		}
 		switch d.Val() {
 		case "audience":
 			if !d.AllArgs(&del.Audience) {

@@ -175,6 +175,48 @@ func TestCaddyfileErrors(t *testing.T) {
 				forever yes
 			}
 		}`, `provisioning: unrecognized subdirective "forever"`},
+		{"a repeated issuer is refused, not replaced", `mcp_oauth {
+			issuer https://a.example.com
+			issuer https://b.example.com
+		}`, "issuer: already specified"},
+		{"a second encryption_key line is refused: older keys go on the same line", `mcp_oauth {
+			encryption_key k1
+			encryption_key k2
+		}`, "encryption_key: already specified"},
+		{"a repeated duration is refused", `mcp_oauth {
+			code_ttl 30s
+			code_ttl 60s
+		}`, "code_ttl: already specified"},
+		{"a repeated number is refused", `mcp_oauth {
+			max_body_bytes 1024
+			max_body_bytes 2048
+		}`, "max_body_bytes: already specified"},
+		{"a repeated flag is refused", `mcp_oauth {
+			client_metadata_allow_private
+			client_metadata_allow_private
+		}`, "client_metadata_allow_private: already specified"},
+		{"a second delegation block is refused", `mcp_oauth {
+			delegation none
+			delegation refresh
+		}`, "delegation: already specified"},
+		{"a repeated client name is refused", `mcp_oauth {
+			client a {
+				name One
+				name Two
+			}
+		}`, "name: already specified"},
+		{"a repeated delegation audience is refused", `mcp_oauth {
+			delegation token_exchange {
+				audience a
+				audience b
+			}
+		}`, "audience: already specified"},
+		{"repeated provisioning tools are refused", `mcp_oauth {
+			provisioning {
+				tools a
+				tools b
+			}
+		}`, "tools: already specified"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var h Handler
@@ -183,5 +225,29 @@ func TestCaddyfileErrors(t *testing.T) {
 				t.Errorf("got error %v, want one containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestCaddyfileRepeatableSubdirectivesAccumulate(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`mcp_oauth {
+		client a {
+			redirect_uri https://a.example.com/cb
+			redirect_uri https://a.example.com/cb2
+		}
+		client b {
+			redirect_uri https://b.example.com/cb
+		}
+		tool_scope "notes_*" notes:write
+		tool_scope "files_*" files:write
+		background_client w1 s1
+		background_client w2 s2
+	}`)
+	var h Handler
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if len(h.Clients) != 2 || len(h.Clients[0].RedirectURIs) != 2 || len(h.ToolScopes) != 2 || len(h.BackgroundClients) != 2 {
+		t.Errorf("clients %d (redirect URIs of the first %d), tool scopes %d, background clients %d; want 2 each",
+			len(h.Clients), len(h.Clients[0].RedirectURIs), len(h.ToolScopes), len(h.BackgroundClients))
 	}
 }
