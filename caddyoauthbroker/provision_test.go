@@ -121,6 +121,9 @@ func TestProvisionRefusesWhatCannotWork(t *testing.T) {
 		{"a null client", func(c map[string]any) { c["clients"] = []any{nil} }, "clients[0]: client_id required"},
 		{"a null background client", func(c map[string]any) { c["background_clients"] = []any{nil} }, "background_clients[0]: want an id and a secret"},
 		{"a null tool scope", func(c map[string]any) { c["tool_scopes"] = []any{nil} }, "tool_scopes[0]: want a tool name"},
+		{"unknown mode, found by Provision", func(c map[string]any) { c["mode"] = "magic" }, `mode: unknown mode "magic"; want hybrid or progressive`},
+		{"unknown delegation, found by Provision", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "passthrough"} },
+			`delegation: unknown mode "passthrough"; want token_exchange, refresh or none`},
 		{"refresh delegation in progressive mode", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "refresh"} },
 			"delegation refresh: needs mode hybrid"},
 	} {

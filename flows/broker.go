@@ -241,7 +241,7 @@ func New(cfg Config) (*Broker, error) {
 	switch cfg.Mode {
 	case ModeProgressive, ModeHybrid:
 	default:
-		return nil, fmt.Errorf("mode: unknown mode %q", cfg.Mode)
+		return nil, fmt.Errorf("mode: unknown mode %q; want hybrid or progressive", cfg.Mode)
 	}
 	var deleg *delegation
 	switch cfg.DelegationMode {
@@ -254,7 +254,7 @@ func New(cfg Config) (*Broker, error) {
 	case "", DelegationTokenExchange: // "": token_exchange if the IdP advertises it, else refresh
 		deleg = newDelegation(&cfg)
 	default:
-		return nil, fmt.Errorf("delegation: unknown mode %q", cfg.DelegationMode)
+		return nil, fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh or none", cfg.DelegationMode)
 	}
 
 	u, err := url.Parse(cfg.Resource)
