@@ -6,9 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/modelcontextprotocol/go-sdk/auth"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
-	"github.com/modelcontextprotocol/go-sdk/oauthex"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
@@ -33,19 +31,8 @@ func TestHybridIdPRefusedScopeThroughCaddyBinary(t *testing.T) {
 	}
 	caddy := startCaddy(t, strings.Replace(site, hybridTokenExchangeBlock, "delegation none", 1))
 
-	s, handler := connectHybrid(t, caddy.Base, &auth.AuthorizationCodeHandlerConfig{
-		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
-		RedirectURL:              "http://127.0.0.1:49152/callback",
-		AuthorizationCodeFetcher: newBrowser(o).fetch,
-	})
-	ts, err := handler.TokenSource(t.Context())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, err := ts.Token()
-	if err != nil {
-		t.Fatal(err)
-	}
+	br := newBrowser(o)
+	s, tok := connectPreregistered(t, caddy.Base, br)
 	scope, _ := tok.Extra("scope").(string)
 	if got := strings.Fields(scope); !slices.Contains(got, "notes:read") || slices.Contains(got, "notes:write") {
 		t.Errorf("broker token scope %q, want notes:read without notes:write", scope)

@@ -166,22 +166,33 @@ func bearerGet(t *testing.T, u, token string) *http.Response {
 	return resp
 }
 
+// connectPreregistered logs in at base with the Caddyfile's "preregistered" client through
+// br (the OP's login form), and returns the MCP session and the broker's tokens.
+func connectPreregistered(t *testing.T, base string, br *browser) (*mcp.ClientSession, *oauth2.Token) {
+	t.Helper()
+	s, handler := connectHybrid(t, base, &auth.AuthorizationCodeHandlerConfig{
+		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
+		RedirectURL:              "http://127.0.0.1:49152/callback",
+		AuthorizationCodeFetcher: br.fetch,
+	})
+	ts, err := handler.TokenSource(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := ts.Token()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, tok
+}
+
 // TestHybridPreregisteredThroughCaddyBinary: a client from the Caddyfile, no DCR.
 func TestHybridPreregisteredThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI, "nextcloud"))
 	caddy := startCaddy(t, hybridSite(o, up.URL, "\t\tregistration off"))
 	br := newBrowser(o)
-	s, handler := connectHybrid(t, caddy.Base, &auth.AuthorizationCodeHandlerConfig{
-		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
-		RedirectURL:              "http://127.0.0.1:49152/callback",
-		AuthorizationCodeFetcher: br.fetch,
-	})
-	ts, _ := handler.TokenSource(t.Context())
-	tok, err := ts.Token()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, tok := connectPreregistered(t, caddy.Base, br)
 	checkDelegation(t, s, up, o, tok.AccessToken)
 	if resp, err := http.Post(caddy.Base+"/oauth/register", "application/json", strings.NewReader(`{"redirect_uris":["http://127.0.0.1/cb"]}`)); err != nil || resp.StatusCode < 400 {
 		t.Errorf("registration off, yet register answered %v %v", resp.Status, err)

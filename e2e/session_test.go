@@ -10,8 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/modelcontextprotocol/go-sdk/auth"
-	"github.com/modelcontextprotocol/go-sdk/oauthex"
 	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
@@ -49,16 +47,7 @@ func TestHybridIdPRefusalEndsSessionThroughCaddyBinary(t *testing.T) {
 	// Every refresh confirms: the binary's clock cannot be moved.
 	caddy := startCaddy(t, delegationNoneSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, up.URL, "\t\tidp_confirm_interval 1ms"))
 	br := newBrowser(o)
-	_, handler := connectHybrid(t, caddy.Base, &auth.AuthorizationCodeHandlerConfig{
-		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
-		RedirectURL:              "http://127.0.0.1:49152/callback",
-		AuthorizationCodeFetcher: br.fetch,
-	})
-	ts, _ := handler.TokenSource(t.Context())
-	tok, err := ts.Token()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, tok := connectPreregistered(t, caddy.Base, br)
 	cfg := oauth2.Config{ClientID: "preregistered", Endpoint: oauth2.Endpoint{TokenURL: caddy.Base + "/oauth/token", AuthStyle: oauth2.AuthStyleInParams}}
 	before := o.Count("refresh_token")
 	fresh, err := cfg.TokenSource(t.Context(), &oauth2.Token{RefreshToken: tok.RefreshToken}).Token()
@@ -190,16 +179,7 @@ func TestHybridIdPWithdrawnScopeThroughCaddyBinary(t *testing.T) {
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	caddy := startCaddy(t, delegationNoneSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, up.URL, "\t\tidp_confirm_interval 1ms"))
 	br := newBrowser(o)
-	_, handler := connectHybrid(t, caddy.Base, &auth.AuthorizationCodeHandlerConfig{
-		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: "preregistered"},
-		RedirectURL:              "http://127.0.0.1:49152/callback",
-		AuthorizationCodeFetcher: br.fetch,
-	})
-	ts, _ := handler.TokenSource(t.Context())
-	tok, err := ts.Token()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, tok := connectPreregistered(t, caddy.Base, br)
 	if s, _ := tok.Extra("scope").(string); !slices.Contains(strings.Fields(s), "notes:write") {
 		t.Fatalf("login scope %q", s)
 	}
