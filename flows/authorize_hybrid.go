@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -46,8 +45,7 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 	// Each request stores a consent ticket for 10 minutes: bound how fast one address
 	// can make the broker write.
 	if ok, wait := b.authorizations.allow(rateLimitKey(clientIP(r)), authorizeRate, b.now()); !ok {
-		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())+1))
-		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many authorization requests from this address; retry later")
+		tooManyRequests(w, wait, "too many authorization requests from this address; retry later")
 		return
 	}
 	switch r.Method {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net/http"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -38,8 +37,7 @@ func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if ok, wait := b.backgroundTokens.allow(clientID, b.cfg.BackgroundTokenRate, b.now()); !ok {
-		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
-		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many background token requests from this background client; retry later")
+		tooManyRequests(w, wait, "too many background token requests from this background client; retry later")
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, backgroundFormMax)

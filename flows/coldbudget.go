@@ -58,12 +58,6 @@ func asRetryLater(err error) *retryLaterError {
 	return nil
 }
 
-// retryAfterSeconds is the Retry-After header value: whole seconds, at least 1.
-func (e *retryLaterError) retryAfterSeconds() int {
-	s := int((e.retryAfter + time.Second - 1) / time.Second)
-	return max(s, 1)
-}
-
 // coldBudget is the token buckets of the cold verifications: one per client address (an
 // IPv6 /56, as rateLimitKey groups them), one for all.
 type coldBudget struct {

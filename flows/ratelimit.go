@@ -103,6 +103,17 @@ func rateLimitKey(ip string) string {
 	return p.String()
 }
 
+// setRetryAfter sets Retry-After to wait in whole seconds, rounded up, at least one.
+func setRetryAfter(w http.ResponseWriter, wait time.Duration) {
+	w.Header().Set("Retry-After", strconv.Itoa(max(1, int((wait+time.Second-1)/time.Second))))
+}
+
+// tooManyRequests answers 429 temporarily_unavailable with Retry-After.
+func tooManyRequests(w http.ResponseWriter, wait time.Duration, description string) {
+	setRetryAfter(w, wait)
+	writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", description)
+}
+
 // oneTimeValueRate is how many login states and provisioning links one client address may
 // present per minute. A user presents one per login; a stranger presents made-up ones,
 // each costing a storage read.
@@ -113,7 +124,7 @@ const oneTimeValueRate = 60
 func (b *Broker) allowOneTimeValue(w http.ResponseWriter, r *http.Request) bool {
 	ok, wait := b.oneTimeValues.allow(rateLimitKey(clientIP(r)), oneTimeValueRate, b.now())
 	if !ok {
-		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
+		setRetryAfter(w, wait)
 	}
 	return ok
 }

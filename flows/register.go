@@ -7,7 +7,6 @@ import (
 	"mime"
 	"net/http"
 	"slices"
-	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -89,13 +88,11 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	ip := clientIP(r)
 	if ok, wait := b.clients.registrations.allow(rateLimitKey(ip), b.cfg.RegistrationRate, b.now()); !ok {
-		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
-		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many registrations from this address; retry later")
+		tooManyRequests(w, wait, "too many registrations from this address; retry later")
 		return
 	}
 	if ok, wait := b.clients.allRegistrations.allow("", b.cfg.RegistrationRateTotal, b.now()); !ok {
-		w.Header().Set("Retry-After", strconv.Itoa(int(wait.Seconds())))
-		writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", "too many registrations; retry later")
+		tooManyRequests(w, wait, "too many registrations; retry later")
 		return
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {

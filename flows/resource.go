@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"strconv"
 	"strings"
 
 	"go.uber.org/zap"
@@ -101,7 +100,7 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 	case later != nil:
 		// Turned away before reaching the IdP: no verdict on the token, so never 401.
 		b.logger.Debug("token verification deferred", zap.String("token", Fingerprint(raw)), zap.Error(err))
-		w.Header().Set("Retry-After", strconv.Itoa(later.retryAfterSeconds()))
+		setRetryAfter(w, later.retryAfter)
 		writeError(w, later.status, "temporarily_unavailable", "too many new tokens to verify; retry later")
 		return nil, nil
 	case errors.Is(err, ErrIdPUnavailable):

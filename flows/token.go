@@ -6,8 +6,6 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
-	"strconv"
-	"time"
 
 	"go.uber.org/zap"
 )
@@ -154,12 +152,6 @@ func (b *Broker) allowClientRequest(w http.ResponseWriter, c *Client) bool {
 		tooManyRequests(w, wait, "too many requests from this client; retry later")
 	}
 	return ok
-}
-
-// tooManyRequests answers 429 with Retry-After in whole seconds, at least one.
-func tooManyRequests(w http.ResponseWriter, wait time.Duration, description string) {
-	w.Header().Set("Retry-After", strconv.Itoa(max(1, int((wait+time.Second-1)/time.Second))))
-	writeError(w, http.StatusTooManyRequests, "temporarily_unavailable", description)
 }
 
 // unavailable answers 503 when the broker cannot do its part now (storage, a client's
