@@ -480,6 +480,31 @@ type introspectionResponse struct {
 }
 
 // introspect asks the IdP about an opaque token (RFC 7662).
+// postIntrospection asks endpoint about token (RFC 7662) with the broker's credentials
+// and reads at most maxIntrospectionBytes+1 bytes of the answer. err is a failure to reach
+// the IdP or to read its answer; the status is the caller's to judge.
+func postIntrospection(ctx context.Context, hc *http.Client, endpoint, clientID, clientSecret, token string) (status int, body []byte, err error) {
+	form := url.Values{"token": {token}, "token_type_hint": {"access_token"}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
+	if err != nil {
+		return 0, nil, fmt.Errorf("building introspection request: %w", err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	// RFC 6749 §2.3.1: the credentials are form-encoded before Basic encoding.
+	req.SetBasicAuth(url.QueryEscape(clientID), url.QueryEscape(clientSecret))
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	body, err = io.ReadAll(io.LimitReader(resp.Body, maxIntrospectionBytes+1))
+	if err != nil {
+		return 0, nil, fmt.Errorf("reading introspection response: %w", err)
+	}
+	return resp.StatusCode, body, nil
+}
+
 func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
 	if d.IntrospectionEndpoint == "" {
 		return nil, fmt.Errorf("verifying opaque access token: %w: the IdP advertises no introspection endpoint", ErrInvalidToken)
@@ -487,28 +512,14 @@ func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string
 	if err := v.admitCold(ctx); err != nil {
 		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrIdPUnavailable, err)
 	}
-	form := url.Values{"token": {raw}, "token_type_hint": {"access_token"}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.IntrospectionEndpoint, strings.NewReader(form.Encode()))
-	if err != nil {
-		return nil, fmt.Errorf("%w: building introspection request: %w", ErrIdPUnavailable, err)
-	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	// RFC 6749 §2.3.1: the credentials are form-encoded before Basic encoding.
-	req.SetBasicAuth(url.QueryEscape(v.cfg.ClientID), url.QueryEscape(v.cfg.ClientSecret))
-	resp, err := v.cfg.HTTPClient.Do(req)
+	status, body, err := postIntrospection(ctx, v.cfg.HTTPClient, d.IntrospectionEndpoint, v.cfg.ClientID, v.cfg.ClientSecret, raw)
 	if err != nil {
 		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrIdPUnavailable, err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxIntrospectionBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("%w: reading introspection response: %w", ErrIdPUnavailable, err)
-	}
 	// RFC 7662 answers 200 for every token, active or not; anything else is the IdP's
 	// trouble or the broker's credentials, never the token's.
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%w: introspecting access token: the IdP answered %d", ErrIdPUnavailable, resp.StatusCode)
+	if status != http.StatusOK {
+		return nil, fmt.Errorf("%w: introspecting access token: the IdP answered %d", ErrIdPUnavailable, status)
 	}
 	if len(body) > maxIntrospectionBytes {
 		return nil, fmt.Errorf("%w: introspecting access token: response larger than %d bytes", ErrIdPUnavailable, maxIntrospectionBytes)

@@ -6,9 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
-	"net/url"
 	"slices"
 	"strings"
 
@@ -73,28 +71,14 @@ func (b *Broker) grantedScopes(ctx context.Context, d *Discovery, answerScope, a
 // is false when the IdP does not say: it refuses the broker, calls the token inactive, or
 // names no scope.
 func (b *Broker) introspectScopes(ctx context.Context, endpoint, token string) (scopes []string, ok bool, err error) {
-	form := url.Values{"token": {token}, "token_type_hint": {"access_token"}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
-	if err != nil {
-		return nil, false, fmt.Errorf("introspecting the login's access token: %w", err)
-	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	// RFC 6749 §2.3.1: form-encoded, then Basic.
-	req.SetBasicAuth(url.QueryEscape(b.cfg.ClientID), url.QueryEscape(b.cfg.ClientSecret))
-	resp, err := b.cfg.HTTPClient.Do(req)
-	if err != nil {
-		return nil, false, fmt.Errorf("%w: introspecting the login's access token: %w", ErrIdPUnavailable, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxIntrospectionBytes+1))
+	status, body, err := postIntrospection(ctx, b.cfg.HTTPClient, endpoint, b.cfg.ClientID, b.cfg.ClientSecret, token)
 	switch {
 	case err != nil:
 		return nil, false, fmt.Errorf("%w: introspecting the login's access token: %w", ErrIdPUnavailable, err)
-	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
-		return nil, false, fmt.Errorf("%w: introspecting the login's access token: the IdP answered %d", ErrIdPUnavailable, resp.StatusCode)
-	case resp.StatusCode != http.StatusOK:
-		b.logger.Warn("login: the identity provider refused to introspect the broker's access token", zap.Int("status", resp.StatusCode))
+	case status >= 500 || status == http.StatusTooManyRequests:
+		return nil, false, fmt.Errorf("%w: introspecting the login's access token: the IdP answered %d", ErrIdPUnavailable, status)
+	case status != http.StatusOK:
+		b.logger.Warn("login: the identity provider refused to introspect the broker's access token", zap.Int("status", status))
 		return nil, false, nil
 	case len(body) > maxIntrospectionBytes:
 		return nil, false, fmt.Errorf("introspecting the login's access token: answer over %d bytes", maxIntrospectionBytes)
