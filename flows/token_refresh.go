@@ -42,14 +42,21 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 
 	key := recordKey(kindRefreshToken, raw)
 	var rec RefreshToken
+	read := func(ctx context.Context) bool {
+		rec = RefreshToken{}
+		switch err := b.cfg.Records.Get(ctx, key, &rec); {
+		case errors.Is(err, storage.ErrNotFound):
+			writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
+			return false
+		case err != nil:
+			b.unavailable(w, "reading refresh token", err)
+			return false
+		}
+		return true
+	}
 	// Look before locking: a made-up token must not cost a storage lock (SECURITY.md).
 	// The read under the lock below is the one that counts.
-	switch err := b.cfg.Records.Get(r.Context(), key, &rec); {
-	case errors.Is(err, storage.ErrNotFound):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
-	case err != nil:
-		b.unavailable(w, "reading refresh token", err)
+	if !read(r.Context()) {
 		return
 	}
 
@@ -61,13 +68,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	defer unlock()
 	ctx := context.WithoutCancel(r.Context()) // a rotation, once begun, is written whole
 
-	rec = RefreshToken{}
-	switch err := b.cfg.Records.Get(ctx, key, &rec); {
-	case errors.Is(err, storage.ErrNotFound):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
-	case err != nil:
-		b.unavailable(w, "reading refresh token", err)
+	if !read(ctx) {
 		return
 	}
 	now := b.now()
