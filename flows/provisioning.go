@@ -19,10 +19,11 @@ import (
 
 // Flow 2 (offline access): a user provisions offline access for background jobs. The
 // broker logs the user in at the IdP with its own client, asking for offline_access, and
-// keeps the refresh token sealed under the user's subject. Unlike the Python original (SECURITY.md W5, W8), it
-// starts only for an authenticated user, never takes a user id from a parameter, sends a
-// random single-use state with PKCE and a nonce, and stores the result only when the
-// ID token names the user who started.
+// keeps the refresh token sealed, per site and user (provisioning_grant.go). Unlike the
+// Python original (SECURITY.md W5, W8), it starts only for an authenticated user, never
+// takes a user id from a parameter, sends a random single-use state with PKCE and a
+// nonce, binds the login to the browser that opened the link, and stores the result only
+// when the ID token names the user who started.
 
 const (
 	// provisioningLinkTTL bounds how long a one-time provisioning link can be opened.
