@@ -56,10 +56,9 @@ var errDocumentFetchesBusy = errors.New("too many document fetches under way")
 // at a time.
 type metadataDocuments struct {
 	mu      sync.Mutex
-	max     int
-	entries map[string]cachedDocument
-	// failures are the recently failed fetches, by URL: the error and until when.
-	failures map[string]cachedFailure
+	entries expiringMap[*Client]
+	// failures are the recently failed fetches, by URL.
+	failures expiringMap[error]
 	flight   singleflight.Group
 	fetches  chan struct{} // semaphore of maxDocumentFetches
 
@@ -69,21 +68,57 @@ type metadataDocuments struct {
 	rootCAs *x509.CertPool
 }
 
-type cachedDocument struct {
-	client  *Client
+// expiringMap holds values by URL, each until its own expiry, at most max of them: full,
+// it drops what has expired, else the entry closest to expiry. Its owner locks it.
+type expiringMap[V any] struct {
+	max     int
+	entries map[string]expiring[V]
+}
+
+type expiring[V any] struct {
+	value   V
 	expires time.Time
 }
 
-type cachedFailure struct {
-	err     error
-	expires time.Time
+func newExpiringMap[V any](max int) expiringMap[V] {
+	return expiringMap[V]{max: max, entries: make(map[string]expiring[V])}
+}
+
+// get returns the value of id if it is still good at now, forgetting it if not.
+func (m expiringMap[V]) get(id string, now time.Time) (V, bool) {
+	e, ok := m.entries[id]
+	if !ok {
+		return e.value, false
+	}
+	if !now.Before(e.expires) {
+		delete(m.entries, id)
+		var zero V
+		return zero, false
+	}
+	return e.value, true
+}
+
+func (m expiringMap[V]) put(id string, v V, expires, now time.Time) {
+	if _, ok := m.entries[id]; !ok && len(m.entries) >= m.max {
+		var soonest string
+		for k, e := range m.entries {
+			if !now.Before(e.expires) {
+				delete(m.entries, k)
+			} else if soonest == "" || e.expires.Before(m.entries[soonest].expires) {
+				soonest = k
+			}
+		}
+		if len(m.entries) >= m.max {
+			delete(m.entries, soonest)
+		}
+	}
+	m.entries[id] = expiring[V]{value: v, expires: expires}
 }
 
 func newMetadataDocuments(maxEntries int) *metadataDocuments {
 	return &metadataDocuments{
-		max:      maxEntries,
-		entries:  make(map[string]cachedDocument),
-		failures: make(map[string]cachedFailure),
+		entries:  newExpiringMap[*Client](maxEntries),
+		failures: newExpiringMap[error](maxCachedFailures),
 		fetches:  make(chan struct{}, maxDocumentFetches),
 	}
 }
@@ -91,74 +126,31 @@ func newMetadataDocuments(maxEntries int) *metadataDocuments {
 func (d *metadataDocuments) get(id string, now time.Time) *Client {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	e, ok := d.entries[id]
-	if !ok {
-		return nil
-	}
-	if !now.Before(e.expires) {
-		delete(d.entries, id)
-		return nil
-	}
-	return e.client
+	c, _ := d.entries.get(id, now)
+	return c
 }
 
 func (d *metadataDocuments) put(id string, c *Client, expires, now time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if _, ok := d.entries[id]; !ok && len(d.entries) >= d.max {
-		// Full: drop what has expired, else the entry closest to expiry.
-		var soonest string
-		for k, e := range d.entries {
-			if !now.Before(e.expires) {
-				delete(d.entries, k)
-			} else if soonest == "" || e.expires.Before(d.entries[soonest].expires) {
-				soonest = k
-			}
-		}
-		if len(d.entries) >= d.max {
-			delete(d.entries, soonest)
-		}
-	}
-	d.entries[id] = cachedDocument{client: c, expires: expires}
+	d.entries.put(id, c, expires, now)
 }
 
 // failed returns the error of a fetch of id that failed less than documentFailureTTL ago.
 func (d *metadataDocuments) failed(id string, now time.Time) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	f, ok := d.failures[id]
-	if !ok {
-		return nil
-	}
-	if !now.Before(f.expires) {
-		delete(d.failures, id)
-		return nil
-	}
-	return f.err
+	err, _ := d.failures.get(id, now)
+	return err
 }
 
-// fail remembers a failed fetch of id. Full, it drops what has expired, else the entry
-// closest to expiry.
+// fail remembers a failed fetch of id for documentFailureTTL.
 func (d *metadataDocuments) fail(id string, err error, now time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if _, ok := d.failures[id]; !ok && len(d.failures) >= maxCachedFailures {
-		var soonest string
-		for k, f := range d.failures {
-			if !now.Before(f.expires) {
-				delete(d.failures, k)
-			} else if soonest == "" || f.expires.Before(d.failures[soonest].expires) {
-				soonest = k
-			}
-		}
-		if len(d.failures) >= maxCachedFailures {
-			delete(d.failures, soonest)
-		}
-	}
-	d.failures[id] = cachedFailure{err: err, expires: now.Add(documentFailureTTL)}
+	d.failures.put(id, err, now.Add(documentFailureTTL), now)
 }
 
-// httpClient is the client documents are fetched with, built on first use.
 func (d *metadataDocuments) httpClient(allowPrivate bool) *http.Client {
 	d.clientOnce.Do(func() {
 		dialer := &net.Dialer{Timeout: cimdTimeout}

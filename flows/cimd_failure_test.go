@@ -53,7 +53,7 @@ func TestMetadataDocumentFailureCacheIsBounded(t *testing.T) {
 	for i := range maxCachedFailures + 10 {
 		d.fail(string(rune(i)), errDocumentAddress, now)
 	}
-	if len(d.failures) != maxCachedFailures {
-		t.Errorf("%d failures remembered, want %d", len(d.failures), maxCachedFailures)
+	if len(d.failures.entries) != maxCachedFailures {
+		t.Errorf("%d failures remembered, want %d", len(d.failures.entries), maxCachedFailures)
 	}
 }

@@ -267,16 +267,16 @@ func TestMetadataDocumentCacheIsBounded(t *testing.T) {
 	d.put("a", &Client{ID: "a"}, now.Add(time.Hour), now)
 	d.put("b", &Client{ID: "b"}, now.Add(time.Minute), now)
 	d.put("c", &Client{ID: "c"}, now.Add(2*time.Hour), now) // evicts b, the soonest to expire
-	if len(d.entries) != 2 || d.get("b", now) != nil || d.get("a", now) == nil || d.get("c", now) == nil {
-		t.Errorf("entries %v", d.entries)
+	if len(d.entries.entries) != 2 || d.get("b", now) != nil || d.get("a", now) == nil || d.get("c", now) == nil {
+		t.Errorf("entries %v", d.entries.entries)
 	}
 	// Each newcomer outlives the one before it and "c" outlives them all, so every put
 	// must evict the previous newcomer; ten in a row leave a random choice no chance.
 	d.put("n0", &Client{ID: "n0"}, now.Add(time.Second), now) // evicts a
 	for i := 1; i <= 10; i++ {
 		d.put(fmt.Sprint("n", i), &Client{ID: "n"}, now.Add(time.Duration(i+1)*time.Second), now)
-		if len(d.entries) != 2 || d.get("c", now) == nil || d.get(fmt.Sprint("n", i-1), now) != nil {
-			t.Fatalf("put %d: entries %v", i, d.entries)
+		if len(d.entries.entries) != 2 || d.get("c", now) == nil || d.get(fmt.Sprint("n", i-1), now) != nil {
+			t.Fatalf("put %d: entries %v", i, d.entries.entries)
 		}
 	}
 }
