@@ -476,6 +476,15 @@ func (h *Handler) Validate() error {
 		if _, err := path.Match(t.Tool, ""); err != nil {
 			return fmt.Errorf("tool_scopes %q: bad glob: %w", t.Tool, err)
 		}
+		// The first matching rule wins, so a rule an earlier one always matches would never
+		// apply: its tools would need only the earlier rule's scopes. Only a literal name
+		// can be proven shadowed by a glob; an identical glob is shadowed too.
+		literal := !strings.ContainsAny(t.Tool, `*?[\`)
+		for _, e := range h.ToolScopes[:i] {
+			if ok, _ := path.Match(e.Tool, t.Tool); e.Tool == t.Tool || (literal && ok) {
+				return fmt.Errorf("tool_scopes %q: shadowed by the earlier %q, which matches first; remove it or put it first", t.Tool, e.Tool)
+			}
+		}
 	}
 	seenWorkers := make(map[string]bool, len(h.BackgroundClients))
 	for i, c := range h.BackgroundClients {

@@ -66,6 +66,14 @@ func TestValidateErrors(t *testing.T) {
 		{"unknown delegation", func(h *Handler) { h.Delegation = &Delegation{Mode: "passthrough"} }, `delegation: unknown mode "passthrough"`},
 		{"tool_scope without scopes", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "x"}} }, "tool_scopes[0]: want a tool name or glob and at least one scope"},
 		{"tool_scope bad glob", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "[", Scopes: []string{"s"}}} }, `tool_scopes "[": bad glob`},
+		// First match wins: a second rule for the same tool would never apply, so the tool would
+		// need only the first rule's scopes, not the ones the second asks for.
+		{"tool_scope repeated", func(h *Handler) {
+			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: "notes_*", Scopes: []string{"notes:admin"}})
+		}, `tool_scopes "notes_*": shadowed by the earlier "notes_*"`},
+		{"tool_scope shadowed by an earlier glob", func(h *Handler) {
+			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: "notes_delete", Scopes: []string{"notes:admin"}})
+		}, `tool_scopes "notes_delete": shadowed by the earlier "notes_*"`},
 		{"negative ttl", func(h *Handler) { h.CodeTTL = caddy.Duration(-1) }, "code_ttl: must not be negative"},
 		{"negative grace", func(h *Handler) { h.RefreshGrace = caddy.Duration(-1) }, "refresh_grace: must not be negative"},
 		{"negative session max lifetime", func(h *Handler) { h.SessionMaxLifetime = caddy.Duration(-1) }, "session_max_lifetime: must not be negative"},
