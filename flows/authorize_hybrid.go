@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 )
 
 // The hybrid authorization endpoint: the broker is the MCP client's authorization
@@ -44,7 +46,7 @@ const (
 func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 	// Each request stores a consent ticket for 10 minutes: bound how fast one address
 	// can make the broker write.
-	if ok, wait := b.authorizations.allow(rateLimitKey(clientIP(r)), authorizeRate, b.now()); !ok {
+	if ok, wait := b.authorizations.Allow(ratelimit.Key(clientIP(r)), authorizeRate, b.now()); !ok {
 		tooManyRequests(w, wait, "too many authorization requests from this address; retry later")
 		return
 	}

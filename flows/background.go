@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
 // backgroundFormMax bounds the body of a background token request.
@@ -36,7 +38,7 @@ func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnauthorized, "invalid_client", "background client authentication failed")
 		return
 	}
-	if ok, wait := b.backgroundTokens.allow(clientID, b.cfg.BackgroundTokenRate, b.now()); !ok {
+	if ok, wait := b.backgroundTokens.Allow(clientID, b.cfg.BackgroundTokenRate, b.now()); !ok {
 		tooManyRequests(w, wait, "too many background token requests from this background client; retry later")
 		return
 	}
@@ -69,7 +71,7 @@ func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 		b.logger.Info("background token: offline grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the user's offline access is no longer valid; the user must provision it again")
 		return
-	case errors.Is(err, ErrIdPUnavailable):
+	case errors.Is(err, idp.ErrUnavailable):
 		b.logger.Warn("background token: identity provider unavailable", zap.String("subject", subject), zap.Error(err))
 		w.Header().Set("Retry-After", "5")
 		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")

@@ -13,6 +13,9 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -40,7 +43,7 @@ type Config struct {
 	Resource     string
 	Audience     []string
 	Scopes       []string
-	// RequireJWTAccessTokenType and IntrospectionCacheTTL are the VerifierConfig fields
+	// RequireJWTAccessTokenType and IntrospectionCacheTTL are the idp.VerifierConfig fields
 	// of the same names.
 	RequireJWTAccessTokenType bool
 	IntrospectionCacheTTL     time.Duration
@@ -82,7 +85,7 @@ type Config struct {
 	// strangers can fill storage.
 	RegistrationRateTotal int
 	// ColdVerifyRate and ColdVerifyRateGlobal bound the token verifications that reach
-	// the IdP, a minute, per client address and for all (VerifierConfig).
+	// the IdP, a minute, per client address and for all (idp.VerifierConfig).
 	ColdVerifyRate, ColdVerifyRateGlobal int
 	// ClientIP finds the client's address in a request's context as the server in front
 	// resolved it, for limits checked on paths that NeedsClientIP does not name (cold
@@ -159,8 +162,8 @@ const (
 type Broker struct {
 	cfg      Config
 	logger   *zap.Logger
-	idp      *IdP
-	verifier *TokenVerifier
+	idp      *idp.Provider
+	verifier *idp.Verifier
 	clients  *clientRegistry
 
 	now func() time.Time
@@ -169,15 +172,15 @@ type Broker struct {
 	constantTimeCompare func(x, y []byte) int
 
 	// authorizations limits how fast one address starts authorizations.
-	authorizations *rateLimiter
+	authorizations *ratelimit.Limiter
 	// oneTimeValues limits how fast one address presents login states and provisioning
 	// links (see allowOneTimeValue).
-	oneTimeValues *rateLimiter
+	oneTimeValues *ratelimit.Limiter
 	// tokenAddresses and tokenClients limit the token and revocation endpoints per client
 	// address and per registered client; refreshes limits the refreshes of one grant.
-	tokenAddresses, tokenClients, refreshes *rateLimiter
+	tokenAddresses, tokenClients, refreshes *ratelimit.Limiter
 	// backgroundTokens limits how fast one background client gets background tokens.
-	backgroundTokens *rateLimiter
+	backgroundTokens *ratelimit.Limiter
 
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
 	issuer string
@@ -195,7 +198,7 @@ type Broker struct {
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.
-	brokerTokens tokenCache[brokerVerdict]
+	brokerTokens tokencache.Cache[brokerVerdict]
 }
 
 // New builds a broker from a validated configuration. It does not touch the network.
@@ -264,15 +267,15 @@ func New(cfg Config) (*Broker, error) {
 	b := &Broker{
 		cfg:            cfg,
 		logger:         cfg.Logger,
-		idp:            NewIdP(cfg.Issuer, cfg.PublicIssuer, cfg.HTTPClient),
+		idp:            newProvider(&cfg, nil),
 		now:            time.Now,
-		authorizations: newRateLimiter(maxRateLimitedIPs),
-		oneTimeValues:  newRateLimiter(maxRateLimitedIPs),
-		tokenAddresses: newRateLimiter(maxRateLimitedIPs),
-		tokenClients:   newRateLimiter(maxRateLimitedIPs),
-		refreshes:      newRateLimiter(maxRateLimitedIPs),
+		authorizations: ratelimit.New(ratelimit.MaxAddresses),
+		oneTimeValues:  ratelimit.New(ratelimit.MaxAddresses),
+		tokenAddresses: ratelimit.New(ratelimit.MaxAddresses),
+		tokenClients:   ratelimit.New(ratelimit.MaxAddresses),
+		refreshes:      ratelimit.New(ratelimit.MaxAddresses),
 		// Keyed by configured worker ids only, so bounded by the configuration.
-		backgroundTokens: newRateLimiter(max(len(cfg.BackgroundClients), 1)),
+		backgroundTokens: ratelimit.New(max(len(cfg.BackgroundClients), 1)),
 		issuer:           u.Scheme + "://" + u.Host,
 		resourceURL:      u,
 		resourcePath:     strings.TrimSuffix(u.EscapedPath(), "/"),
@@ -280,7 +283,6 @@ func New(cfg Config) (*Broker, error) {
 		delegation:       deleg,
 		managedScopes:    managedScopes(&cfg),
 	}
-	b.idp.timeout = cfg.IdPTimeout
 	b.constantTimeCompare = subtle.ConstantTimeCompare
 	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
@@ -289,22 +291,43 @@ func New(cfg Config) (*Broker, error) {
 	if s := advertisedScopes(cfg.Scopes); len(s) > 0 {
 		b.challengeTail += `, scope="` + strings.Join(s, " ") + `"`
 	}
-	audiences := append([]string{cfg.Resource}, cfg.Audience...)
-	b.verifier = NewTokenVerifier(VerifierConfig{
-		IdP:          b.idp,
-		Audiences:    audiences,
+	b.verifier = newVerifier(&cfg, b.idp, nil)
+	return b, nil
+}
+
+// newProvider is the IdP cfg names, on the clock now (nil: time.Now).
+func newProvider(cfg *Config, now func() time.Time) *idp.Provider {
+	return idp.NewProvider(idp.ProviderConfig{
+		Issuer:       cfg.Issuer,
+		PublicIssuer: cfg.PublicIssuer,
+		HTTPClient:   cfg.HTTPClient,
+		Timeout:      cfg.IdPTimeout,
+		Now:          now,
+	})
+}
+
+// newVerifier is the verifier of the access tokens p issues for the resource, on the
+// clock now (nil: time.Now).
+func newVerifier(cfg *Config, p *idp.Provider, now func() time.Time) *idp.Verifier {
+	clientIP := cfg.ClientIP
+	if clientIP == nil {
+		clientIP = contextClientIP
+	}
+	return idp.NewVerifier(idp.VerifierConfig{
+		Provider:     p,
+		Audiences:    append([]string{cfg.Resource}, cfg.Audience...),
 		ClientID:     cfg.ClientID,
 		ClientSecret: cfg.ClientSecret,
 		HTTPClient:   cfg.HTTPClient,
+		Now:          now,
 
 		RequireAccessTokenType: cfg.RequireJWTAccessTokenType,
 		IntrospectionCacheTTL:  cfg.IntrospectionCacheTTL,
 		ColdVerifyRate:         cfg.ColdVerifyRate,
 		ColdVerifyRateGlobal:   cfg.ColdVerifyRateGlobal,
-		ClientIP:               cfg.ClientIP,
+		ClientIP:               clientIP,
 		Logger:                 cfg.Logger.Named("verify"),
 	})
-	return b, nil
 }
 
 func setDefault(d *time.Duration, def time.Duration) {
@@ -333,7 +356,7 @@ const (
 // Handle answers the broker's own endpoints and authenticates every other request. It
 // returns the request to pass on with the principal it speaks for, or a nil request when
 // it has answered itself.
-func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, *Principal) {
+func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, *idp.Principal) {
 	p := r.URL.Path
 	switch {
 	case p == wellKnownProtectedResource || p == wellKnownProtectedResource+b.resourcePath:

@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -46,13 +47,13 @@ const (
 // brokerVerdict is a cached verification result. familyID lets a revocation evict the
 // family's entries.
 type brokerVerdict struct {
-	principal *Principal
+	principal *idp.Principal
 	err       error
 	familyID  string
 }
 
 var (
-	errNotBrokerToken = fmt.Errorf("checking broker access token: %w: not a broker access token", ErrInvalidToken)
+	errNotBrokerToken = fmt.Errorf("checking broker access token: %w: not a broker access token", idp.ErrInvalidToken)
 	// errFamilyRevoked means the token family is revoked or gone.
 	errFamilyRevoked = errors.New("token family revoked")
 )
@@ -74,61 +75,61 @@ func brokerTokenKey(raw string) [sha256.Size]byte {
 }
 
 // verifyBrokerToken checks an access token the broker issued (hybrid mode). It returns an
-// error wrapping ErrInvalidToken for a token that is unknown, expired, revoked or meant for
-// another resource, and one wrapping ErrIdPUnavailable when storage cannot be read (the
+// error wrapping idp.ErrInvalidToken for a token that is unknown, expired, revoked or meant for
+// another resource, and one wrapping idp.ErrUnavailable when storage cannot be read (the
 // token may be fine: answer 503, not 401). The principal is shared by every caller
 // presenting the same token: read it, never modify it.
-func (b *Broker) verifyBrokerToken(ctx context.Context, raw string) (*Principal, error) {
+func (b *Broker) verifyBrokerToken(ctx context.Context, raw string) (*idp.Principal, error) {
 	if !isBrokerToken(raw, accessTokenPrefix) {
 		return nil, errNotBrokerToken
 	}
 	key := brokerTokenKey(raw)
 	now := b.now()
-	if vd, ok := b.brokerTokens.get(key, now.UnixNano()); ok {
+	if vd, ok := b.brokerTokens.Get(key, now.UnixNano()); ok {
 		return vd.principal, vd.err
 	}
 	return b.verifyBrokerTokenCold(ctx, key, raw, now)
 }
 
 // verifyBrokerTokenCold reads the token's record and family and caches the verdict.
-func (b *Broker) verifyBrokerTokenCold(ctx context.Context, key [sha256.Size]byte, raw string, now time.Time) (*Principal, error) {
+func (b *Broker) verifyBrokerTokenCold(ctx context.Context, key [sha256.Size]byte, raw string, now time.Time) (*idp.Principal, error) {
 	// A revocation evicting the family while this check reads storage must not be undone
 	// by caching what was read before it: putSince drops the verdict then.
-	epoch := b.brokerTokens.epoch()
+	epoch := b.brokerTokens.Epoch()
 	p, familyID, err := b.checkAccessToken(ctx, raw, now)
 	switch {
 	case err == nil:
 		expires := min(p.Expiry.UnixNano(), now.Add(brokerCacheTTL).UnixNano())
-		b.brokerTokens.putSince(epoch, key, brokerVerdict{principal: p, familyID: familyID}, expires, false, now.UnixNano())
-	case errors.Is(err, ErrInvalidToken):
-		b.brokerTokens.putSince(epoch, key, brokerVerdict{err: err, familyID: familyID}, now.Add(brokerRefusalTTL).UnixNano(), true, now.UnixNano())
+		b.brokerTokens.PutSince(epoch, key, brokerVerdict{principal: p, familyID: familyID}, expires, false, now.UnixNano())
+	case errors.Is(err, idp.ErrInvalidToken):
+		b.brokerTokens.PutSince(epoch, key, brokerVerdict{err: err, familyID: familyID}, now.Add(brokerRefusalTTL).UnixNano(), true, now.UnixNano())
 	}
 	return p, err
 }
 
 // checkAccessToken verifies raw against storage, without the cache.
-func (b *Broker) checkAccessToken(ctx context.Context, raw string, now time.Time) (*Principal, string, error) {
+func (b *Broker) checkAccessToken(ctx context.Context, raw string, now time.Time) (*idp.Principal, string, error) {
 	var at AccessToken
 	switch err := b.cfg.Records.Get(ctx, recordKey(kindAccessToken, raw), &at); {
 	case errors.Is(err, storage.ErrNotFound):
-		return nil, "", fmt.Errorf("checking broker access token: %w: unknown token", ErrInvalidToken)
+		return nil, "", fmt.Errorf("checking broker access token: %w: unknown token", idp.ErrInvalidToken)
 	case err != nil:
-		return nil, "", fmt.Errorf("%w: reading access token record: %w", ErrIdPUnavailable, err)
+		return nil, "", fmt.Errorf("%w: reading access token record: %w", idp.ErrUnavailable, err)
 	}
 	if !now.Before(at.Expiry) {
-		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: expired", ErrInvalidToken)
+		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: expired", idp.ErrInvalidToken)
 	}
 	if at.Resource != b.cfg.Resource {
 		// Brokers for several MCP servers may share one storage.
-		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: issued for another resource", ErrInvalidToken)
+		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: issued for another resource", idp.ErrInvalidToken)
 	}
 	switch _, err := b.liveFamily(ctx, at.FamilyID); {
 	case errors.Is(err, errFamilyRevoked):
-		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: revoked", ErrInvalidToken)
+		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: revoked", idp.ErrInvalidToken)
 	case err != nil:
-		return nil, at.FamilyID, fmt.Errorf("%w: %w", ErrIdPUnavailable, err)
+		return nil, at.FamilyID, fmt.Errorf("%w: %w", idp.ErrUnavailable, err)
 	}
-	return &Principal{
+	return &idp.Principal{
 		Subject:   at.Subject,
 		ClientID:  at.ClientID,
 		Scopes:    at.Scopes,
@@ -141,7 +142,7 @@ func (b *Broker) checkAccessToken(ctx context.Context, raw string, now time.Time
 // evictFamily forgets this node's cached verdicts on the tokens of a family, so that a
 // revocation takes effect here at once.
 func (b *Broker) evictFamily(familyID string) {
-	b.brokerTokens.deleteFunc(func(vd brokerVerdict) bool { return vd.familyID == familyID })
+	b.brokerTokens.DeleteFunc(func(vd brokerVerdict) bool { return vd.familyID == familyID })
 }
 
 // tokenGrant is what a pair of broker tokens is issued for.

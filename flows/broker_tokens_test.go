@@ -10,6 +10,7 @@ import (
 
 	"github.com/caddyserver/certmagic"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -52,8 +53,8 @@ func TestVerifyBrokerToken(t *testing.T) {
 			t.Fatalf("warm verification read storage: %v", err)
 		}
 		e.clock.advance(brokerCacheTTL)
-		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, ErrInvalidToken) {
-			t.Fatalf("after the cache bound: %v, want ErrInvalidToken", err)
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, idp.ErrInvalidToken) {
+			t.Fatalf("after the cache bound: %v, want idp.ErrInvalidToken", err)
 		}
 	})
 
@@ -72,12 +73,15 @@ func TestVerifyBrokerToken(t *testing.T) {
 				if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); err != nil {
 					t.Fatal(err)
 				}
-				entry, ok := e.b.brokerTokens.entries[brokerTokenKey(tok.AccessToken)]
-				if !ok {
+				key, now := brokerTokenKey(tok.AccessToken), e.clock.now().UnixNano()
+				if _, ok := e.b.brokerTokens.Get(key, now); !ok {
 					t.Fatal("not cached")
 				}
-				if got := time.Duration(entry.expires - e.clock.now().UnixNano()); got != tc.want {
-					t.Errorf("cached for %s, want %s", got, tc.want)
+				if _, ok := e.b.brokerTokens.Get(key, now+int64(tc.want)-1); !ok {
+					t.Errorf("cached for less than %s", tc.want)
+				}
+				if _, ok := e.b.brokerTokens.Get(key, now+int64(tc.want)); ok {
+					t.Errorf("cached for more than %s", tc.want)
 				}
 			})
 		}
@@ -87,8 +91,8 @@ func TestVerifyBrokerToken(t *testing.T) {
 		e := newTokenEnv(t, o, nil)
 		tok, _ := issueTestPair(t, e.b)
 		e.clock.advance(e.b.cfg.AccessTokenTTL)
-		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, ErrInvalidToken) {
-			t.Fatalf("Verify = %v, want ErrInvalidToken", err)
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, idp.ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want idp.ErrInvalidToken", err)
 		}
 	})
 
@@ -123,8 +127,8 @@ func TestVerifyBrokerToken(t *testing.T) {
 			{"an IdP JWT", o.MintJWT(o.AccessTokenClaims(o.User.Subject, testResource))},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
-				if _, err := e.b.verifyBrokerToken(t.Context(), tc.token); !errors.Is(err, ErrInvalidToken) {
-					t.Fatalf("Verify = %v, want ErrInvalidToken", err)
+				if _, err := e.b.verifyBrokerToken(t.Context(), tc.token); !errors.Is(err, idp.ErrInvalidToken) {
+					t.Fatalf("Verify = %v, want idp.ErrInvalidToken", err)
 				}
 			})
 		}
@@ -133,7 +137,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 	t.Run("a verification racing a revocation does not cache the revoked token", func(t *testing.T) {
 		e := newTokenEnv(t, o, nil)
 		tok, familyID := issueTestPair(t, e.b)
-		epoch := e.b.brokerTokens.epoch()
+		epoch := e.b.brokerTokens.Epoch()
 		p, _, err := e.b.checkAccessToken(t.Context(), tok.AccessToken, e.clock.now()) // read before the revocation
 		if err != nil {
 			t.Fatal(err)
@@ -141,47 +145,12 @@ func TestVerifyBrokerToken(t *testing.T) {
 		if err := e.b.revokeFamily(t.Context(), familyID, ""); err != nil {
 			t.Fatal(err)
 		}
-		if e.b.brokerTokens.putSince(epoch, brokerTokenKey(tok.AccessToken), brokerVerdict{principal: p, familyID: familyID},
+		if e.b.brokerTokens.PutSince(epoch, brokerTokenKey(tok.AccessToken), brokerVerdict{principal: p, familyID: familyID},
 			e.clock.now().Add(time.Minute).UnixNano(), false, e.clock.now().UnixNano()) {
 			t.Error("a verdict read before the revocation was cached after it")
 		}
-		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, ErrInvalidToken) {
-			t.Fatalf("Verify = %v, want ErrInvalidToken", err)
-		}
-	})
-}
-
-func TestTokenCache(t *testing.T) {
-	key := func(i byte) (k [32]byte) { k[0] = i; return k }
-	t.Run("stays within its bound", func(t *testing.T) {
-		c := newTokenCache[string](3)
-		for i := range byte(10) {
-			c.put(key(i), "v", int64(100+int(i)), false, 0)
-			if c.len() > 3 {
-				t.Fatalf("%d entries", c.len())
-			}
-		}
-	})
-	t.Run("the zero value is a bounded cache", func(t *testing.T) {
-		var c tokenCache[string]
-		c.put(key(1), "v", 10, false, 0)
-		if v, ok := c.get(key(1), 5); !ok || v != "v" {
-			t.Errorf("get = %q %v", v, ok)
-		}
-		if _, ok := c.get(key(1), 10); ok {
-			t.Error("an entry is served at its expiry")
-		}
-	})
-	t.Run("deleteFunc removes the matching entries only", func(t *testing.T) {
-		c := newTokenCache[string](10)
-		c.put(key(1), "family-a", 10, false, 0)
-		c.put(key(2), "family-b", 10, false, 0)
-		c.put(key(3), "family-a", 10, false, 0)
-		if n := c.deleteFunc(func(v string) bool { return v == "family-a" }); n != 2 {
-			t.Errorf("deleted %d", n)
-		}
-		if _, ok := c.get(key(2), 0); !ok || c.len() != 1 {
-			t.Error("the other family's entry went too")
+		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, idp.ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want idp.ErrInvalidToken", err)
 		}
 	})
 }
@@ -221,7 +190,7 @@ func BenchmarkVerifyBrokerTokenCold(b *testing.B) {
 	ctx := b.Context()
 	b.ReportAllocs()
 	for b.Loop() {
-		br.brokerTokens.clear()
+		br.brokerTokens.Clear()
 		if _, err := br.verifyBrokerToken(ctx, raw); err != nil {
 			b.Fatal(err)
 		}

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -153,7 +154,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	login, err := b.exchangeIdPCode(ctx, code, string(verifier), pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
 	if err != nil {
-		if errors.Is(err, ErrIdPUnavailable) {
+		if errors.Is(err, idp.ErrUnavailable) {
 			b.logger.Warn("callback: identity provider unavailable", zap.String("client_id", req.ClientID), zap.Error(err))
 			fail("temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
 			return
@@ -204,12 +205,12 @@ type IdPLogin struct {
 // endpoint and verifies the ID token that comes with it: signature, issuer, audience =
 // the broker's client id (and azp when there are several), expiry, nonce, and at_hash
 // when present. iss is the callback's RFC 9207 parameter, checked when the IdP sent one
-// (mix-up defense). Errors wrap ErrIdPUnavailable when the IdP could not be reached or
+// (mix-up defense). Errors wrap idp.ErrUnavailable when the IdP could not be reached or
 // failed.
 func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss, redirectURL string) (*IdPLogin, error) {
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: %w", idp.ErrUnavailable, err)
 	}
 	if iss != "" && iss != d.Issuer {
 		return nil, errors.New("callback iss differs from the identity provider's issuer")
@@ -222,7 +223,7 @@ func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss
 		if errors.As(err, &re) && re.Response != nil && re.Response.StatusCode < 500 {
 			return nil, fmt.Errorf("exchanging authorization code: identity provider answered %d %s", re.Response.StatusCode, re.ErrorCode)
 		}
-		return nil, fmt.Errorf("%w: exchanging authorization code: %v", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: exchanging authorization code: %v", idp.ErrUnavailable, err)
 	}
 	rawID, _ := tok.Extra("id_token").(string)
 	if rawID == "" {

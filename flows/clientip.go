@@ -25,3 +25,13 @@ func clientIP(r *http.Request) string {
 	}
 	return host
 }
+
+// ClientIPFunc resolves the client's IP from a request's context, as the server in front
+// resolved it (Caddy: its client_ip, per trusted_proxies); "" when unknown.
+type ClientIPFunc func(ctx context.Context) string
+
+// contextClientIP is the IP recorded by WithClientIP, else "".
+func contextClientIP(ctx context.Context) string {
+	ip, _ := ctx.Value(clientIPKey{}).(string)
+	return ip
+}

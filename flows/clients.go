@@ -11,6 +11,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -73,7 +75,7 @@ type Client struct {
 // allowsScopes tells whether every scope asked is one the client may ask for; `openid`
 // is always allowed.
 func (c *Client) allowsScopes(asked []string) bool {
-	p := Principal{Scopes: append([]string{"openid"}, c.Scopes...)}
+	p := idp.Principal{Scopes: append([]string{"openid"}, c.Scopes...)}
 	return p.HasScopes(asked)
 }
 
@@ -94,9 +96,9 @@ type clientRegistry struct {
 	static        map[string]*Client
 	defaultScopes []string
 
-	registrations *rateLimiter // per client address
+	registrations *ratelimit.Limiter // per client address
 	// allRegistrations is one bucket for every address together.
-	allRegistrations *rateLimiter
+	allRegistrations *ratelimit.Limiter
 	documents        *metadataDocuments
 }
 
@@ -104,8 +106,8 @@ func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegist
 	reg := &clientRegistry{
 		static:           make(map[string]*Client, len(cfg)),
 		defaultScopes:    defaultScopes,
-		registrations:    newRateLimiter(maxRateLimitedIPs),
-		allRegistrations: newRateLimiter(1),
+		registrations:    ratelimit.New(ratelimit.MaxAddresses),
+		allRegistrations: ratelimit.New(1),
 		documents:        newMetadataDocuments(maxCachedDocuments),
 	}
 	for _, c := range cfg {

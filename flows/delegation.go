@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
 // Per-request delegation: the upstream never sees the client's token. It gets a token
@@ -123,7 +125,7 @@ func (b *Broker) delegationFlightTimeout() time.Duration { return 3 * b.cfg.IdPT
 // in place of the client's token, or answers the client itself and returns false.
 // raw is the client's token (the subject of a token exchange in progressive mode); need
 // is what this call needs by the tool_scope rules (empty: delegation.scopes).
-func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *Principal, raw string, need []string) bool {
+func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *idp.Principal, raw string, need []string) bool {
 	if b.cfg.DelegationMode == DelegationNone {
 		out.Header.Set(b.cfg.SubjectHeader, who.Subject)
 		return true
@@ -190,7 +192,7 @@ func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *Pri
 }
 
 // delegateCold obtains the delegated token for key, once for all concurrent callers.
-func (b *Broker) delegateCold(ctx context.Context, mode string, key delegationKey, who *Principal, raw string, scopes []string) (string, error) {
+func (b *Broker) delegateCold(ctx context.Context, mode string, key delegationKey, who *idp.Principal, raw string, scopes []string) (string, error) {
 	own := slices.Clone(scopes) // the caller's array lives on its stack
 	var session string
 	var limit time.Time
@@ -297,13 +299,13 @@ func unavailable(doing string, err error) error {
 
 // delegationFailed answers the client for a failed delegation. No path forwards the
 // client's token instead.
-func (b *Broker) delegationFailed(w http.ResponseWriter, who *Principal, scopes []string, err error) {
+func (b *Broker) delegationFailed(w http.ResponseWriter, who *idp.Principal, scopes []string, err error) {
 	kind := failInternal
 	var de *delegationError
 	switch {
 	case errors.As(err, &de):
 		kind = de.kind
-	case errors.Is(err, ErrIdPUnavailable), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+	case errors.Is(err, idp.ErrUnavailable), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		kind = failUnavailable
 	}
 	fields := []zap.Field{zap.String("subject", who.Subject), zap.Error(err)}

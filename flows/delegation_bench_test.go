@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/certmagic"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -32,7 +33,7 @@ func BenchmarkDelegateWarm(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			var who *Principal
+			var who *idp.Principal
 			raw := "broker-token"
 			if mode == ModeHybrid {
 				who, _ = hybridPrincipal(b, br, o, o.User)

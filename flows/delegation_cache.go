@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 )
 
 // Delegated tokens live only in memory: the delegatedCache below. Bounds, for the README:
@@ -55,7 +58,7 @@ type delegationFlight struct {
 // keeps a revoked session's token out when a fetch finishes after the eviction. Safe for
 // concurrent use.
 type delegatedCache struct {
-	entries *tokenCache[delegatedEntry]
+	entries *tokencache.Cache[delegatedEntry]
 
 	flightMu sync.Mutex
 	flights  map[delegationKey]*delegationFlight
@@ -63,33 +66,33 @@ type delegatedCache struct {
 
 func newDelegatedCache(max int) *delegatedCache {
 	return &delegatedCache{
-		entries: newTokenCache[delegatedEntry](max),
+		entries: tokencache.New[delegatedEntry](max),
 		flights: make(map[delegationKey]*delegationFlight),
 	}
 }
 
 // get returns the Authorization header value cached under key, if still good at now.
 func (c *delegatedCache) get(key delegationKey, now int64) (string, bool) {
-	e, ok := c.entries.get(key, now)
+	e, ok := c.entries.Get(key, now)
 	return e.header, ok
 }
 
 // generation is the eviction count a flight starts with; put refuses its result if a
 // session was evicted meanwhile, so a revoked session's token cannot slip back in.
-func (c *delegatedCache) generation() uint64 { return c.entries.epoch() }
+func (c *delegatedCache) generation() uint64 { return c.entries.Epoch() }
 
 // put caches e under key unless an eviction happened since gen.
 func (c *delegatedCache) put(key delegationKey, e delegatedEntry, gen uint64, now int64) {
 	if e.expires <= now {
 		return
 	}
-	c.entries.putSince(gen, key, e, e.expires, false, now)
+	c.entries.PutSince(gen, key, e, e.expires, false, now)
 }
 
 // evictSession drops every entry obtained for session. It walks the whole cache: it runs
 // on revocation, rarely, and spares the hot path a second index.
 func (c *delegatedCache) evictSession(session string) {
-	c.entries.deleteFunc(func(e delegatedEntry) bool { return e.session == session })
+	c.entries.DeleteFunc(func(e delegatedEntry) bool { return e.session == session })
 }
 
 // obtain returns the header for key from the cache or from one fetch shared by every
@@ -115,7 +118,7 @@ func (c *delegatedCache) obtain(ctx context.Context, key delegationKey, now func
 	case <-f.done:
 		return f.header, f.err
 	case <-ctx.Done():
-		return "", fmt.Errorf("%w: waiting for a delegated token: %w", ErrIdPUnavailable, ctx.Err())
+		return "", fmt.Errorf("%w: waiting for a delegated token: %w", idp.ErrUnavailable, ctx.Err())
 	}
 }
 
@@ -170,7 +173,7 @@ func sessionDelegationKey(session string, scopes []string) delegationKey {
 // tokenDelegationKey is the cache key of the token exchanged for a client's token raw,
 // for scopes (sorted). Only raw's hash enters the key.
 func tokenDelegationKey(raw string, scopes []string) delegationKey {
-	h := tokenKey(raw)
+	h := tokencache.Key(raw)
 	var buf [1024]byte
 	b := append(buf[:0], 'p')
 	b = append(b, h[:]...)

@@ -63,7 +63,7 @@ func TestDelegatedCacheBounds(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if n := c.entries.len(); n != 16 {
+		if n := c.entries.Len(); n != 16 {
 			t.Errorf("%d entries, want 16", n)
 		}
 	})

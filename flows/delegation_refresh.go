@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -234,7 +235,7 @@ func oauth2Failure(what string, err error) error {
 			status = re.Response.StatusCode
 		}
 		if status >= 500 || status == http.StatusTooManyRequests {
-			return unavailable(what, fmt.Errorf("%w: token endpoint answered %d", ErrIdPUnavailable, status))
+			return unavailable(what, fmt.Errorf("%w: token endpoint answered %d", idp.ErrUnavailable, status))
 		}
 		return tokenEndpointRefusal(what, status, re.ErrorCode)
 	}

@@ -31,7 +31,7 @@ func TestDelegationRefreshFallback(t *testing.T) {
 		t.Fatalf("%d token exchanges, %d refreshes; want 0, 1", x, r)
 	}
 	c := delegatedClaims(t, o, tok)
-	if !slices.Equal(c.Audience, audience{"nextcloud"}) || c.Subject != o.User.Subject {
+	if !slices.Equal(c.Audience, []string{"nextcloud"}) || c.Subject != o.User.Subject {
 		t.Errorf("aud %v sub %q", c.Audience, c.Subject)
 	}
 	// Narrowed to every scope delegation may need, not per call (see delegation.refreshScopes).
@@ -147,7 +147,7 @@ func TestDelegationRefreshTwoNodes(t *testing.T) {
 				t.Errorf("%d exchanges, want %d", x, tc.exchanges)
 			}
 			for i, tok := range tokens {
-				if c := delegatedClaims(t, o, tok); !slices.Equal(c.Audience, audience{"nextcloud"}) {
+				if c := delegatedClaims(t, o, tok); !slices.Equal(c.Audience, []string{"nextcloud"}) {
 					t.Errorf("node %d: aud %v", i, c.Audience)
 				}
 			}

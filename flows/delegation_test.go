@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -75,7 +76,7 @@ func loginIdPGrant(tb testing.TB, o *testenv.OP, user testenv.User, clientID, se
 
 // hybridPrincipal logs user in at o as the broker's own client, as the hybrid callback
 // does, stores the session, and returns the principal a broker token of it speaks for.
-func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User, resources ...string) (*Principal, *oauth2.Token) {
+func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User, resources ...string) (*idp.Principal, *oauth2.Token) {
 	tb.Helper()
 	tok := loginIdPGrant(tb, o, user, testenv.BrokerClientID, testenv.BrokerClientSecret, delegationLoginScopes, resources...)
 	s, err := b.createSession(context.Background(), user.Subject, testenv.NativeClientID, delegationLoginScopes, IdPGrant{
@@ -87,7 +88,7 @@ func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User,
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return &Principal{
+	return &idp.Principal{
 		Subject:   user.Subject,
 		ClientID:  testenv.NativeClientID,
 		Scopes:    delegationLoginScopes,
@@ -98,7 +99,7 @@ func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User,
 
 // progressivePrincipal logs user in as the native client for the test resource and
 // verifies the token as the protected path would.
-func progressivePrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User) (*Principal, string) {
+func progressivePrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User) (*idp.Principal, string) {
 	tb.Helper()
 	raw := loginIdPGrant(tb, o, user, testenv.NativeClientID, "", delegationLoginScopes, testResource).AccessToken
 	who, err := b.verifier.Verify(context.Background(), raw)
@@ -110,7 +111,7 @@ func progressivePrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.
 
 // delegate runs delegateInto as protect does and returns the response (if it answered)
 // and the Authorization header the upstream would get.
-func delegate(ctx context.Context, b *Broker, who *Principal, raw string, need []string) (*httptest.ResponseRecorder, string, bool) {
+func delegate(ctx context.Context, b *Broker, who *idp.Principal, raw string, need []string) (*httptest.ResponseRecorder, string, bool) {
 	w := httptest.NewRecorder()
 	out := httptest.NewRequestWithContext(ctx, http.MethodPost, testResource, nil)
 	ok := b.delegateInto(w, out, who, raw, need)
@@ -118,7 +119,7 @@ func delegate(ctx context.Context, b *Broker, who *Principal, raw string, need [
 }
 
 // mustDelegate is delegate that fails the test unless a token was given.
-func mustDelegate(tb testing.TB, b *Broker, who *Principal, raw string, need []string) string {
+func mustDelegate(tb testing.TB, b *Broker, who *idp.Principal, raw string, need []string) string {
 	tb.Helper()
 	w, h, ok := delegate(context.Background(), b, who, raw, need)
 	if !ok || !strings.HasPrefix(h, "Bearer ") {
@@ -129,10 +130,10 @@ func mustDelegate(tb testing.TB, b *Broker, who *Principal, raw string, need []s
 
 // delegatedClaims verifies a delegated token with the OP's key and returns its claims.
 type delegatedClaimSet struct {
-	Subject  string   `json:"sub"`
-	Audience audience `json:"aud"`
-	Scope    string   `json:"scope"`
-	Expiry   int64    `json:"exp"`
+	Subject  string       `json:"sub"`
+	Audience idp.Audience `json:"aud"`
+	Scope    string       `json:"scope"`
+	Expiry   int64        `json:"exp"`
 }
 
 func delegatedClaims(tb testing.TB, o *testenv.OP, token string) delegatedClaimSet {
@@ -377,21 +378,21 @@ func TestDelegationSingleFlightAndWarmPath(t *testing.T) {
 		mode       string
 		opts       []testenv.OPOption
 		grant      string
-		principal  func(t *testing.T, b *Broker, o *testenv.OP) (*Principal, string)
+		principal  func(t *testing.T, b *Broker, o *testenv.OP) (*idp.Principal, string)
 		wantScopes string
 	}{
 		{"progressive token exchange", ModeProgressive, nil, testenv.TokenExchangeGrantType,
-			func(t *testing.T, b *Broker, o *testenv.OP) (*Principal, string) {
+			func(t *testing.T, b *Broker, o *testenv.OP) (*idp.Principal, string) {
 				return progressivePrincipal(t, b, o, o.User)
 			},
 			"notes:read"},
 		{"hybrid token exchange", ModeHybrid, nil, testenv.TokenExchangeGrantType,
-			func(t *testing.T, b *Broker, o *testenv.OP) (*Principal, string) {
+			func(t *testing.T, b *Broker, o *testenv.OP) (*idp.Principal, string) {
 				who, _ := hybridPrincipal(t, b, o, o.User)
 				return who, "broker-token"
 			}, "notes:read"},
 		{"hybrid refresh", ModeHybrid, []testenv.OPOption{testenv.WithoutTokenExchangeAdvertised()}, "refresh_token",
-			func(t *testing.T, b *Broker, o *testenv.OP) (*Principal, string) {
+			func(t *testing.T, b *Broker, o *testenv.OP) (*idp.Principal, string) {
 				who, _ := hybridPrincipal(t, b, o, o.User, "nextcloud")
 				return who, "broker-token"
 			}, "notes:read notes:write offline_access"},
@@ -426,7 +427,7 @@ func TestDelegationSingleFlightAndWarmPath(t *testing.T) {
 				}
 			}
 			c := delegatedClaims(t, o, strings.TrimPrefix(headers[0], "Bearer "))
-			if !slices.Equal(c.Audience, audience{"nextcloud"}) || c.Scope != tc.wantScopes || c.Subject != o.User.Subject {
+			if !slices.Equal(c.Audience, []string{"nextcloud"}) || c.Scope != tc.wantScopes || c.Subject != o.User.Subject {
 				t.Errorf("delegated token: aud %v scope %q sub %q, want scope %q", c.Audience, c.Scope, c.Subject, tc.wantScopes)
 			}
 			if strings.Contains(headers[0], raw) {
@@ -497,7 +498,7 @@ func TestDelegationHybridTokenExchange(t *testing.T) {
 			if tok == idp.AccessToken {
 				t.Fatal("the session's IdP token was passed on")
 			}
-			if c := delegatedClaims(t, o, tok); c.Scope != want || !slices.Equal(c.Audience, audience{"nextcloud"}) {
+			if c := delegatedClaims(t, o, tok); c.Scope != want || !slices.Equal(c.Audience, []string{"nextcloud"}) {
 				t.Errorf("need %q: scope %q aud %v, want %q", need, c.Scope, c.Audience, want)
 			}
 		}

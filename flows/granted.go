@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
 // What the IdP granted. The broker's tokens carry what the client asked for and the IdP
@@ -41,12 +43,12 @@ func managedScopes(cfg *Config) []string {
 // it is a JWT (decoded, not verified: it came over the back channel from the IdP's token
 // endpoint); else RFC 7662 introspection of the access token. Only when the IdP says
 // nothing at all is the grant what was asked (RFC 6749 §5.1). An IdP that cannot be
-// reached for introspection fails the login with an error wrapping ErrIdPUnavailable.
-func (b *Broker) grantedScopes(ctx context.Context, d *Discovery, answerScope, accessToken string, requested []string) ([]string, error) {
+// reached for introspection fails the login with an error wrapping idp.ErrUnavailable.
+func (b *Broker) grantedScopes(ctx context.Context, d *idp.Discovery, answerScope, accessToken string, requested []string) ([]string, error) {
 	if s := strings.Fields(answerScope); len(s) > 0 {
 		return s, nil
 	}
-	if looksLikeJWS(accessToken) {
+	if idp.LooksLikeJWS(accessToken) {
 		var c delegatedTokenClaims
 		if readJWTPayload(accessToken, &c) {
 			if s, ok := c.scopes(); ok {
@@ -71,19 +73,19 @@ func (b *Broker) grantedScopes(ctx context.Context, d *Discovery, answerScope, a
 // is false when the IdP does not say: it refuses the broker, calls the token inactive, or
 // names no scope.
 func (b *Broker) introspectScopes(ctx context.Context, endpoint, token string) (scopes []string, ok bool, err error) {
-	status, body, err := postIntrospection(ctx, b.cfg.HTTPClient, endpoint, b.cfg.ClientID, b.cfg.ClientSecret, token)
+	status, body, err := idp.PostIntrospection(ctx, b.cfg.HTTPClient, endpoint, b.cfg.ClientID, b.cfg.ClientSecret, token)
 	switch {
 	case err != nil:
-		return nil, false, fmt.Errorf("%w: introspecting the login's access token: %w", ErrIdPUnavailable, err)
+		return nil, false, fmt.Errorf("%w: introspecting the login's access token: %w", idp.ErrUnavailable, err)
 	case status >= 500 || status == http.StatusTooManyRequests:
-		return nil, false, fmt.Errorf("%w: introspecting the login's access token: the IdP answered %d", ErrIdPUnavailable, status)
+		return nil, false, fmt.Errorf("%w: introspecting the login's access token: the IdP answered %d", idp.ErrUnavailable, status)
 	case status != http.StatusOK:
 		b.logger.Warn("login: the identity provider refused to introspect the broker's access token", zap.Int("status", status))
 		return nil, false, nil
-	case len(body) > maxIntrospectionBytes:
-		return nil, false, fmt.Errorf("introspecting the login's access token: answer over %d bytes", maxIntrospectionBytes)
+	case len(body) > idp.MaxIntrospectionBytes:
+		return nil, false, fmt.Errorf("introspecting the login's access token: answer over %d bytes", idp.MaxIntrospectionBytes)
 	}
-	var ir introspectionResponse
+	var ir idp.IntrospectionResponse
 	if err := json.Unmarshal(body, &ir); err != nil {
 		return nil, false, fmt.Errorf("introspecting the login's access token: %w", err)
 	}
@@ -108,10 +110,10 @@ func (b *Broker) narrowToGrant(requested, granted []string) (kept, dropped []str
 
 // delegatedTokenClaims are the claims of a delegated JWT the broker checks.
 type delegatedTokenClaims struct {
-	Subject  string     `json:"sub"`
-	Audience audience   `json:"aud"`
-	Scope    *scopeList `json:"scope"`
-	Scp      *scopeList `json:"scp"`
+	Subject  string         `json:"sub"`
+	Audience idp.Audience   `json:"aud"`
+	Scope    *idp.ScopeList `json:"scope"`
+	Scp      *idp.ScopeList `json:"scp"`
 }
 
 // scopes returns the token's scopes, and whether it names any claim for them.
@@ -148,7 +150,7 @@ var errDelegatedToken = errors.New("delegated token refused")
 // The payload is decoded, not verified: it came over the back channel from the IdP's
 // token endpoint.
 func (b *Broker) checkDelegatedToken(tok delegatedToken, subject string, exchanged bool, granted []string) error {
-	if !looksLikeJWS(tok.AccessToken) {
+	if !idp.LooksLikeJWS(tok.AccessToken) {
 		return nil
 	}
 	var c delegatedTokenClaims

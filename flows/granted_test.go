@@ -10,6 +10,7 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
@@ -155,7 +156,7 @@ func TestDelegatedTokensAreChecked(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := newTestBroker(t, o, delegating(tc.mode, tc.delegation))
-			var who *Principal
+			var who *idp.Principal
 			var raw string
 			if tc.mode == ModeHybrid {
 				who, _ = hybridPrincipal(t, b, o, o.User)

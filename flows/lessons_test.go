@@ -34,6 +34,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -214,14 +215,14 @@ func TestLessonW2SignaturesAreVerified(t *testing.T) {
 		up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 		b := newTestBroker(t, o, func(c *Config) { c.Audience = []string{"mcp-server"} })
 		clock := &testClock{}
-		b.verifier.cfg.Now = clock.now
+		b.useIdPClocks(nil, clock.now)
 		front := startFront(t, b, up.URL)
 		genuine := o.MintJWT(claims())
 		if st := initStatus(t, front, genuine); st != http.StatusOK {
 			t.Fatalf("the control, signed by the IdP: %d", st)
 		}
 		// The new kid gets its JWKS fetch, not "retry later" (TestJWKSRefetchAtMostEvery30s).
-		clock.advance(jwksRefetchInterval)
+		clock.advance(idp.JWKSRefetchInterval)
 		h, rest, _ := strings.Cut(genuine, ".")
 		_, sig, _ := strings.Cut(rest, ".")
 		other := claims()
@@ -512,7 +513,7 @@ func TestLessonW5Flow2IsBoundToTheUser(t *testing.T) {
 // W6. Weakness: OIDC discovery was fetched on every request. Instead discovery and the
 // JWKS are cached (go-oidc's provider and remote key set): many requests cost one
 // discovery and one JWKS fetch; an unknown kid costs one JWKS refetch; discovery is
-// fetched again only after discoveryMaxAge.
+// fetched again only after idp.DiscoveryMaxAge.
 // Thorough: TestAuthorizeProgressivePublicIssuer, TestTokenVerifierFetchesJWKSOnceForAnUnknownKid.
 func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 	o := verifierOP(t)
@@ -532,9 +533,8 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 	})}
 	clock := &testClock{}
 	b := newTestBroker(t, o, func(c *Config) { c.HTTPClient = counting })
-	b.idp.now = clock.now
 	keysClock := &testClock{} // apart: tokens are minted on the real clock
-	b.verifier.cfg.Now = keysClock.now
+	b.useIdPClocks(clock.now, keysClock.now)
 	front := startFront(t, b, testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)
 	traffic := func() {
 		t.Helper()
@@ -553,7 +553,7 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 		t.Errorf("8 requests fetched discovery %d times and the JWKS %d times, want 1 and 1", d, k)
 	}
 	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), o.AccessTokenClaims(o.User.Subject, testResource))
-	keysClock.advance(jwksRefetchInterval) // an unknown kid is looked up at most once per 30 s
+	keysClock.advance(idp.JWKSRefetchInterval) // an unknown kid is looked up at most once per 30 s
 	for range 3 {
 		if st := initStatus(t, front, forged); st != http.StatusUnauthorized {
 			t.Fatalf("forged token: %d", st)
@@ -562,14 +562,14 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 	if k := jwks.Load(); k != 2 {
 		t.Errorf("an unknown kid presented 3 times: %d JWKS fetches in all, want 2", k)
 	}
-	clock.advance(discoveryMaxAge + time.Minute)
+	clock.advance(idp.DiscoveryMaxAge + time.Minute)
 	traffic() // served the last good document while a new one is fetched in the background
 	for deadline := time.Now().Add(10 * time.Second); discoveries.Load() < 2 && time.Now().Before(deadline); {
 		runtime.Gosched()
 	}
 	traffic()
 	if d := discoveries.Load(); d != 2 {
-		t.Errorf("after discoveryMaxAge: %d discovery fetches in all, want 2", d)
+		t.Errorf("after idp.DiscoveryMaxAge: %d discovery fetches in all, want 2", d)
 	}
 }
 
@@ -594,12 +594,12 @@ func TestLessonW7ClientsGetBrokerTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if !strings.HasPrefix(tok.AccessToken, accessTokenPrefix) || looksLikeJWS(tok.AccessToken) ||
+	if !strings.HasPrefix(tok.AccessToken, accessTokenPrefix) || idp.LooksLikeJWS(tok.AccessToken) ||
 		tok.AccessToken == g.AccessToken || tok.RefreshToken == "" || tok.RefreshToken == g.RefreshToken {
 		t.Errorf("the client got no broker tokens, or the IdP's")
 	}
-	if _, err := newVerifierFor(o, func(c *VerifierConfig) { c.Audiences = []string{front.URL + "/mcp"} }).Verify(t.Context(), tok.AccessToken); !errors.Is(err, ErrInvalidToken) {
-		t.Errorf("the IdP's verifier on the broker's token: %v, want ErrInvalidToken", err)
+	if _, err := newVerifierFor(o, func(c *idp.VerifierConfig) { c.Audiences = []string{front.URL + "/mcp"} }).Verify(t.Context(), tok.AccessToken); !errors.Is(err, idp.ErrInvalidToken) {
+		t.Errorf("the IdP's verifier on the broker's token: %v, want idp.ErrInvalidToken", err)
 	}
 	if want := int64(17 * 60); tok.ExpiresIn != want || tok.TokenType != "Bearer" {
 		t.Errorf("expires_in %d %q, want %d Bearer", tok.ExpiresIn, tok.TokenType, want)
@@ -757,7 +757,7 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 		o := verifierOP(t)
 		clock := &testClock{}
 		b := newTestBroker(t, o, nil)
-		b.verifier.cfg.Now = clock.now
+		b.useIdPClocks(nil, clock.now)
 		front := startFront(t, b, testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)
 		c := o.AccessTokenClaims(o.User.Subject, testResource)
 		c["exp"] = time.Now().Add(2 * time.Minute).Unix()
@@ -765,7 +765,7 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 		if st := initStatus(t, front, tok); st != http.StatusOK {
 			t.Fatalf("before exp: %d", st)
 		}
-		clock.advance(2*time.Minute + b.verifier.cfg.Leeway + time.Second)
+		clock.advance(2*time.Minute + idp.DefaultLeeway + time.Second)
 		if st := initStatus(t, front, tok); st != http.StatusUnauthorized {
 			t.Errorf("after exp: %d, want 401", st)
 		}

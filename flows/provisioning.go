@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -134,7 +135,7 @@ func (b *Broker) serveProvisioningStart(w http.ResponseWriter, r *http.Request) 
 
 // authenticateProvisioningUser checks the request's bearer token as the MCP endpoint would and
 // returns who it speaks for, or answers the request itself and returns nil.
-func (b *Broker) authenticateProvisioningUser(w http.ResponseWriter, r *http.Request) *Principal {
+func (b *Broker) authenticateProvisioningUser(w http.ResponseWriter, r *http.Request) *idp.Principal {
 	if r.URL.Query().Has("access_token") {
 		writeError(w, http.StatusBadRequest, "invalid_request", "access tokens are accepted only in the Authorization header")
 		return nil
@@ -146,7 +147,7 @@ func (b *Broker) authenticateProvisioningUser(w http.ResponseWriter, r *http.Req
 	}
 	who, err := b.verifyAccessToken(r.Context(), raw)
 	switch {
-	case errors.Is(err, ErrIdPUnavailable):
+	case errors.Is(err, idp.ErrUnavailable):
 		b.logger.Warn("flow 2: token verification unavailable", zap.Error(err))
 		w.Header().Set("Retry-After", "5")
 		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
@@ -163,7 +164,7 @@ func (b *Broker) authenticateProvisioningUser(w http.ResponseWriter, r *http.Req
 }
 
 // mintProvisioningLink stores a one-time link for who and returns its full URL.
-func (b *Broker) mintProvisioningLink(ctx context.Context, who *Principal) (string, error) {
+func (b *Broker) mintProvisioningLink(ctx context.Context, who *idp.Principal) (string, error) {
 	token := randomToken()
 	link := ProvisioningLink{Subject: who.Subject, ClientID: who.ClientID, CreatedAt: b.now().UTC()}
 	if err := b.cfg.Records.Put(ctx, recordKey(kindFlow2Link, token), link, provisioningLinkTTL); err != nil {
@@ -184,7 +185,7 @@ func (b *Broker) provisioningScopes() []string {
 
 // provisioningOAuth2 is the broker's client at the IdP for Flow 2; authURL is where
 // browsers go.
-func (b *Broker) provisioningOAuth2(d *Discovery, scopes []string) *oauth2.Config {
+func (b *Broker) provisioningOAuth2(d *idp.Discovery, scopes []string) *oauth2.Config {
 	e := d.Provider.Endpoint()
 	return &oauth2.Config{
 		ClientID:     b.cfg.ClientID,
@@ -385,7 +386,7 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 
 // verifyProvisioningIDToken verifies the ID token of a Flow-2 code exchange (signature,
 // issuer, audience, expiry, nonce) and returns its subject.
-func (b *Broker) verifyProvisioningIDToken(ctx context.Context, d *Discovery, tok *oauth2.Token, nonce string) (string, error) {
+func (b *Broker) verifyProvisioningIDToken(ctx context.Context, d *idp.Discovery, tok *oauth2.Token, nonce string) (string, error) {
 	raw, _ := tok.Extra("id_token").(string)
 	if raw == "" {
 		return "", errors.New("no id_token in the token response")

@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -50,7 +51,7 @@ type jsonrpcRequestID struct {
 // checkProvisioning answers a tools/call of a tool that needs the user's Flow-2 grant
 // when the user has none, and returns false; otherwise it returns true. It runs after
 // authentication and the scope check, with the body read and put back.
-func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *Principal, tools []string) bool {
+func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *idp.Principal, tools []string) bool {
 	if !b.needsProvisioning(tools) {
 		return true
 	}

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -203,7 +204,7 @@ func (b *Broker) openOfflineRefreshToken(g *OfflineGrant) (string, error) {
 // storeOfflineGrant stores a freshly provisioned grant for subject, usable by the
 // background clients the user was shown, replacing (and revoking at the IdP) any earlier
 // one, wherever it was found.
-func (b *Broker) storeOfflineGrant(ctx context.Context, d *Discovery, subject, clientID string, scopes, backgroundClients []string, refreshToken string) error {
+func (b *Broker) storeOfflineGrant(ctx context.Context, d *idp.Discovery, subject, clientID string, scopes, backgroundClients []string, refreshToken string) error {
 	unlock, err := b.lockOfflineGrant(ctx, subject)
 	if err != nil {
 		return err
@@ -269,7 +270,7 @@ func (b *Broker) revokeOfflineGrant(ctx context.Context, subject string) (Provis
 // revokeOfflineRefreshToken revokes a refresh token at the IdP (RFC 7009), authenticated
 // with client_secret_basic, and tells whether the IdP confirmed. Best effort: the
 // grant is already gone from storage, and a client hanging up does not stop it.
-func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *Discovery, token string) bool {
+func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *idp.Discovery, token string) bool {
 	if token == "" || d.RevocationEndpoint == "" {
 		return false
 	}
@@ -348,7 +349,7 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 			}
 			return nil, nil, errOfflineGrantDead
 		}
-		return nil, nil, fmt.Errorf("%w: refreshing offline grant: %v", ErrIdPUnavailable, oauthErrorOnly(err))
+		return nil, nil, fmt.Errorf("%w: refreshing offline grant: %v", idp.ErrUnavailable, oauthErrorOnly(err))
 	}
 	if tok.RefreshToken != refreshToken {
 		g.RotatedAt = b.now().UTC()

@@ -11,6 +11,9 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 )
 
 // Bounds of a registration request. Anyone may register, and a registration is kept, so
@@ -87,11 +90,11 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ip := clientIP(r)
-	if ok, wait := b.clients.registrations.allow(rateLimitKey(ip), b.cfg.RegistrationRate, b.now()); !ok {
+	if ok, wait := b.clients.registrations.Allow(ratelimit.Key(ip), b.cfg.RegistrationRate, b.now()); !ok {
 		tooManyRequests(w, wait, "too many registrations from this address; retry later")
 		return
 	}
-	if ok, wait := b.clients.allRegistrations.allow("", b.cfg.RegistrationRateTotal, b.now()); !ok {
+	if ok, wait := b.clients.allRegistrations.Allow("", b.cfg.RegistrationRateTotal, b.now()); !ok {
 		tooManyRequests(w, wait, "too many registrations; retry later")
 		return
 	}
@@ -223,7 +226,7 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description stri
 	if len(scopes) > maxRegistrationScopes {
 		return "invalid_client_metadata", "scope names too many scopes"
 	}
-	known := Principal{Scopes: append([]string{"openid"}, b.clients.defaultScopes...)}
+	known := idp.Principal{Scopes: append([]string{"openid"}, b.clients.defaultScopes...)}
 	for _, s := range scopes {
 		if !known.HasScopes([]string{s}) {
 			return "invalid_client_metadata", "scope names a scope this server does not offer"

@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
 // ProtectedResourceMetadata is the RFC 9728 document.
@@ -79,7 +81,7 @@ func allowCORS(w http.ResponseWriter, methods string) {
 }
 
 // protect authenticates a request to the MCP endpoint and prepares it for the upstream.
-func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request, *Principal) {
+func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request, *idp.Principal) {
 	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
 		// A CORS preflight carries no credentials; browser MCP clients need its answer.
 		allowCORS(w, "GET, POST, DELETE, OPTIONS")
@@ -96,14 +98,14 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 	who, err := b.verifyAccessToken(r.Context(), raw)
-	switch later := asRetryLater(err); {
+	switch later := idp.AsRetryLater(err); {
 	case later != nil:
 		// Turned away before reaching the IdP: no verdict on the token, so never 401.
 		b.logger.Debug("token verification deferred", zap.String("token", Fingerprint(raw)), zap.Error(err))
-		setRetryAfter(w, later.retryAfter)
-		writeError(w, later.status, "temporarily_unavailable", "too many new tokens to verify; retry later")
+		setRetryAfter(w, later.RetryAfter)
+		writeError(w, later.Status, "temporarily_unavailable", "too many new tokens to verify; retry later")
 		return nil, nil
-	case errors.Is(err, ErrIdPUnavailable):
+	case errors.Is(err, idp.ErrUnavailable):
 		b.logger.Warn("token verification unavailable", zap.Error(err))
 		w.Header().Set("Retry-After", "5")
 		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
@@ -161,7 +163,7 @@ func headerNameFold(c byte) byte {
 
 // verifyAccessToken checks a token presented to the MCP endpoint: one the broker issued
 // in hybrid mode, one the IdP issued in progressive mode.
-func (b *Broker) verifyAccessToken(ctx context.Context, raw string) (*Principal, error) {
+func (b *Broker) verifyAccessToken(ctx context.Context, raw string) (*idp.Principal, error) {
 	if b.cfg.Mode == ModeHybrid {
 		return b.verifyBrokerToken(ctx, raw)
 	}
@@ -195,7 +197,7 @@ func (b *Broker) challenge(w http.ResponseWriter, code, description string) {
 
 // insufficientScope answers 403 for step-up: the scope named is what the client holds
 // plus what the call needs, so re-authorizing with it loses nothing.
-func (b *Broker) insufficientScope(w http.ResponseWriter, who *Principal, need []string) {
+func (b *Broker) insufficientScope(w http.ResponseWriter, who *idp.Principal, need []string) {
 	scopes := advertisedScopes(who.Scopes)
 	for _, n := range need {
 		if !who.HasScopes([]string{n}) {

@@ -137,16 +137,7 @@ func TestRevoke(t *testing.T) {
 
 // sessionCacheEntries counts this node's cached delegated tokens of session.
 func sessionCacheEntries(b *Broker, session string) int {
-	c := b.delegation.cache.entries
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	n := 0
-	for _, e := range c.entries {
-		if e.value.session == session {
-			n++
-		}
-	}
-	return n
+	return b.delegation.cache.entries.Count(func(e delegatedEntry) bool { return e.session == session })
 }
 
 // TestRevocationEvictsDelegatedTokens: every way a session ends by revocation (RFC 7009

@@ -8,6 +8,8 @@ import (
 	"net/url"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 )
 
 // maxTokenRequestBytes bounds the form of a token or revocation request: a few tokens
@@ -130,7 +132,7 @@ func (b *Broker) tokenClient(w http.ResponseWriter, r *http.Request, form url.Va
 // allowTokenRequest takes a token from the bucket of the request's client address, or
 // answers 429 and returns false.
 func (b *Broker) allowTokenRequest(w http.ResponseWriter, r *http.Request) bool {
-	ok, wait := b.tokenAddresses.allow(rateLimitKey(clientIP(r)), tokenRatePerAddress, b.now())
+	ok, wait := b.tokenAddresses.Allow(ratelimit.Key(clientIP(r)), tokenRatePerAddress, b.now())
 	if !ok {
 		b.logger.Debug("token endpoint: address over its rate limit", zap.String("path", r.URL.Path))
 		tooManyRequests(w, wait, "too many requests from this address; retry later")
@@ -146,7 +148,7 @@ func (b *Broker) allowClientRequest(w http.ResponseWriter, c *Client) bool {
 	if c.Source != ClientSourceRegistered || c.AuthMethod == AuthMethodNone {
 		return true
 	}
-	ok, wait := b.tokenClients.allow(c.ID, tokenRatePerClient, b.now())
+	ok, wait := b.tokenClients.Allow(c.ID, tokenRatePerClient, b.now())
 	if !ok {
 		b.logger.Debug("token endpoint: client over its rate limit", zap.String("client_id", c.ID))
 		tooManyRequests(w, wait, "too many requests from this client; retry later")

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
 // RFC 8693 token exchange, the broker as client of the IdP's token endpoint. x/oauth2 has
@@ -36,7 +38,7 @@ const (
 // audience with scopes (none: the IdP's default, at most the subject's own).
 func (b *Broker) exchangeSubject(ctx context.Context, subject string, scopes []string) (delegatedToken, error) {
 	form := url.Values{
-		"grant_type":           {GrantTypeTokenExchange},
+		"grant_type":           {idp.GrantTypeTokenExchange},
 		"subject_token":        {subject},
 		"subject_token_type":   {rfc8693AccessToken},
 		"requested_token_type": {rfc8693AccessToken},
@@ -153,7 +155,7 @@ func (b *Broker) idpTokenRequest(ctx context.Context, what string, form url.Valu
 	}
 	now := b.now()
 	if resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests {
-		return idpTokenResult{}, unavailable(what, fmt.Errorf("%w: token endpoint answered %s", ErrIdPUnavailable, resp.Status))
+		return idpTokenResult{}, unavailable(what, fmt.Errorf("%w: token endpoint answered %s", idp.ErrUnavailable, resp.Status))
 	}
 	if len(body) > maxIdPTokenAnswerBytes {
 		return idpTokenResult{}, &delegationError{failMalformed, fmt.Errorf("%s: answer over %d bytes", what, maxIdPTokenAnswerBytes)}

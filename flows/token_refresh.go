@@ -12,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -88,7 +89,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	scopes := rec.Scopes
 	if form.Has("scope") {
 		asked := strings.Fields(form.Get("scope"))
-		held := Principal{Scopes: rec.Scopes}
+		held := idp.Principal{Scopes: rec.Scopes}
 		if len(asked) == 0 || !held.HasScopes(asked) {
 			writeError(w, http.StatusBadRequest, "invalid_scope", "scope may only narrow the scopes granted")
 			return
@@ -101,7 +102,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		return
 	}
 	// Only rotations count: repeats above write nothing.
-	if ok, wait := b.refreshes.allow(rec.FamilyID, refreshRatePerGrant, now); !ok {
+	if ok, wait := b.refreshes.Allow(rec.FamilyID, refreshRatePerGrant, now); !ok {
 		b.logger.Debug("refresh grant over its rate limit",
 			zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 		tooManyRequests(w, wait, "this grant is refreshed too often; retry later")
@@ -259,7 +260,7 @@ func (b *Broker) refreshTokenUsed(ctx context.Context, raw string) (bool, error)
 
 // sameScopes tells whether a and b hold the same scopes, in any order.
 func sameScopes(a, b []string) bool {
-	p, q := Principal{Scopes: a}, Principal{Scopes: b}
+	p, q := idp.Principal{Scopes: a}, idp.Principal{Scopes: b}
 	return p.HasScopes(b) && q.HasScopes(a)
 }
 

@@ -1,4 +1,4 @@
-package flows
+package idp
 
 import (
 	"context"
@@ -14,18 +14,18 @@ import (
 	"golang.org/x/sync/singleflight"
 )
 
-// jwksRefetchInterval is the least time between two fetches of the IdP's JWKS. go-oidc's
+// JWKSRefetchInterval is the least time between two fetches of the IdP's JWKS. go-oidc's
 // RemoteKeySet fetches again on every JWT no cached key verifies, which lets a stranger
 // make the broker call the IdP once per forged token (SECURITY.md: strangers can make the
 // broker call out); a rotated key is still picked up within this interval.
-const jwksRefetchInterval = 30 * time.Second
+const JWKSRefetchInterval = 30 * time.Second
 
 // maxJWKSBytes bounds the JWKS response read.
 const maxJWKSBytes = 256 << 10
 
 // issuerKeys is the IdP's signing keys (an oidc.KeySet), fetched from its jwks_uri on the
 // first JWT and again only for a key ID it does not hold, at most once per
-// jwksRefetchInterval and within the cold-verification budget. A JWT whose key ID is
+// JWKSRefetchInterval and within the cold-verification budget. A JWT whose key ID is
 // known but whose signature does not verify is refused without a fetch.
 type issuerKeys struct {
 	url    string
@@ -96,14 +96,14 @@ func verifyWith(jws *jose.JSONWebSignature, keys []jose.JSONWebKey, kid string) 
 }
 
 // refetch fetches the JWKS once for every concurrent caller, unless the last attempt was
-// less than jwksRefetchInterval ago or the caller's budget is spent.
+// less than JWKSRefetchInterval ago or the caller's budget is spent.
 func (k *issuerKeys) refetch(ctx context.Context) ([]jose.JSONWebKey, error) {
 	k.mu.Lock()
 	if !k.inflight {
 		now := k.now()
-		if since := now.Sub(k.lastAttempt); !k.lastAttempt.IsZero() && since < jwksRefetchInterval {
+		if since := now.Sub(k.lastAttempt); !k.lastAttempt.IsZero() && since < JWKSRefetchInterval {
 			k.mu.Unlock()
-			return nil, &retryLaterError{status: http.StatusServiceUnavailable, retryAfter: jwksRefetchInterval - since,
+			return nil, &RetryLaterError{Status: http.StatusServiceUnavailable, RetryAfter: JWKSRefetchInterval - since,
 				reason: "the IdP's signing keys were fetched moments ago and name no such key"}
 		}
 		if err := k.admit(ctx); err != nil {
@@ -122,7 +122,7 @@ func (k *issuerKeys) refetch(ctx context.Context) ([]jose.JSONWebKey, error) {
 		}
 		return res.Val.([]jose.JSONWebKey), nil
 	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: waiting for the IdP's signing keys: %w", ErrIdPUnavailable, ctx.Err())
+		return nil, fmt.Errorf("%w: waiting for the IdP's signing keys: %w", ErrUnavailable, ctx.Err())
 	}
 }
 
@@ -133,7 +133,7 @@ func (k *issuerKeys) fetch() (any, error) {
 	defer k.mu.Unlock()
 	k.inflight = false
 	if err != nil {
-		return nil, fmt.Errorf("%w: fetching the IdP's signing keys: %w", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: fetching the IdP's signing keys: %w", ErrUnavailable, err)
 	}
 	k.keys = keys
 	return keys, nil

@@ -1,4 +1,4 @@
-package flows
+package idp
 
 import (
 	"context"
@@ -67,7 +67,7 @@ func (f *faultHoldDiscovery) RoundTrip(r *http.Request) (*http.Response, error) 
 func TestDiscoveryCancelledCallerDoesNotFailOthers(t *testing.T) {
 	o := verifierOP(t)
 	fault := newFaultHoldDiscovery()
-	idp := NewIdP(o.Issuer, "", &http.Client{Transport: fault})
+	idp := NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
 	now := time.Unix(1_800_000_000, 0)
 	idp.now = func() time.Time { return now } // frozen: a cached failure would still be in force
 
@@ -100,7 +100,7 @@ func TestDiscoveryCancelledCallerDoesNotFailOthers(t *testing.T) {
 func TestDiscoveryRefreshDoesNotStallCallers(t *testing.T) {
 	o := verifierOP(t)
 	fault := newFaultHoldDiscovery()
-	idp := NewIdP(o.Issuer, "", &http.Client{Transport: fault})
+	idp := NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
 	var mu sync.Mutex
 	now := time.Unix(1_800_000_000, 0)
 	idp.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
@@ -110,7 +110,7 @@ func TestDiscoveryRefreshDoesNotStallCallers(t *testing.T) {
 		t.Fatalf("first discovery: %v", err)
 	}
 	mu.Lock()
-	now = now.Add(discoveryMaxAge + time.Minute)
+	now = now.Add(DiscoveryMaxAge + time.Minute)
 	mu.Unlock()
 
 	release := fault.hold()
@@ -154,7 +154,7 @@ func TestDiscoveryRefreshDoesNotStallCallers(t *testing.T) {
 func TestDiscoveryWaiterBoundedByItsContext(t *testing.T) {
 	o := verifierOP(t)
 	fault := newFaultHoldDiscovery()
-	idp := NewIdP(o.Issuer, "", &http.Client{Transport: fault})
+	idp := NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
 
 	release := fault.hold()
 	defer release()

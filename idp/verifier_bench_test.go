@@ -1,4 +1,4 @@
-package flows
+package idp
 
 import (
 	"testing"
@@ -6,7 +6,7 @@ import (
 
 // warmVerifier returns a verifier for the shared OP and a JWT access token of that OP,
 // signed with its real key, verified once so that it is cached.
-func warmVerifier(b *testing.B) (*TokenVerifier, string) {
+func warmVerifier(b *testing.B) (*Verifier, string) {
 	b.Helper()
 	o := verifierOP(b)
 	v := newVerifierFor(o, nil)
@@ -52,7 +52,7 @@ func BenchmarkVerifyCold(b *testing.B) {
 	ctx := b.Context()
 	b.ReportAllocs()
 	for b.Loop() {
-		v.cache.clear()
+		v.cache.Clear()
 		if _, err := v.Verify(ctx, raw); err != nil {
 			b.Fatal(err)
 		}

@@ -1,4 +1,4 @@
-package flows
+package idp
 
 import (
 	"context"
@@ -25,6 +25,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 )
 
 // verifierResource is the protected resource the tokens of these tests are meant for.
@@ -50,20 +51,21 @@ func verifierOP(t testing.TB) *testenv.OP {
 	return verifierOPVal
 }
 
-// newVerifierFor builds a TokenVerifier for o's tokens meant for verifierResource, with
+// newVerifierFor builds a Verifier for o's tokens meant for verifierResource, with
 // the broker's credentials, after applying change to its configuration.
-func newVerifierFor(o *testenv.OP, change func(*VerifierConfig)) *TokenVerifier {
+func newVerifierFor(o *testenv.OP, change func(*VerifierConfig)) *Verifier {
 	cfg := VerifierConfig{
-		IdP:          NewIdP(o.Issuer, "", http.DefaultClient),
+		Provider:     NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: http.DefaultClient}),
 		Audiences:    []string{verifierResource},
 		ClientID:     testenv.BrokerClientID,
 		ClientSecret: testenv.BrokerClientSecret,
 		HTTPClient:   http.DefaultClient,
+		ClientIP:     contextClientIP,
 	}
 	if change != nil {
 		change(&cfg)
 	}
-	return NewTokenVerifier(cfg)
+	return NewVerifier(cfg)
 }
 
 // loginAccessToken signs test-user in on o's login form as client and redeems the code,
@@ -186,7 +188,7 @@ func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
 			token: func(t *testing.T) string {
 				tok := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret,
 					[]string{"openid", "notes:write"}, verifierResource)
-				if looksLikeJWS(tok) {
+				if LooksLikeJWS(tok) {
 					t.Fatalf("opaque client got a JWT")
 				}
 				return tok
@@ -410,7 +412,7 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 			raw := tc.token(t)
 			v := newVerifierFor(o, nil)
 			p, err := v.Verify(t.Context(), raw)
-			if !errors.Is(err, ErrInvalidToken) || errors.Is(err, ErrIdPUnavailable) {
+			if !errors.Is(err, ErrInvalidToken) || errors.Is(err, ErrUnavailable) {
 				t.Fatalf("Verify = %+v, %v; want ErrInvalidToken alone", p, err)
 			}
 			if p != nil {
@@ -427,7 +429,7 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 func TestTokenVerifierRefusesOpaqueTokensWithoutIntrospection(t *testing.T) {
 	o := verifierOP(t)
 	v := newVerifierFor(o, nil)
-	d, err := v.cfg.IdP.Discovery(t.Context())
+	d, err := v.cfg.Provider.Discovery(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -460,10 +462,10 @@ func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
 		t.Errorf("a known kid took %d JWKS fetches, want 0", n)
 	}
 
-	// An unknown kid is fetched for at most once per jwksRefetchInterval
+	// An unknown kid is fetched for at most once per JWKSRefetchInterval
 	// (TestJWKSRefetchAtMostEvery30s).
 	o.ResetCounts()
-	clock.advance(jwksRefetchInterval)
+	clock.advance(JWKSRefetchInterval)
 	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
 	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
 		t.Fatalf("Verify(forged) = %v, want ErrInvalidToken", err)
@@ -534,12 +536,12 @@ func TestTokenVerifierCache(t *testing.T) {
 		if _, err := v.Verify(t.Context(), raw); err != nil {
 			t.Fatal(err)
 		}
-		vd, ok := v.cache.entries[tokenKey(raw)]
-		if !ok {
-			t.Fatal("valid token not cached")
+		key := tokencache.Key(raw)
+		if _, ok := v.cache.Get(key, exp.UnixNano()-1); !ok {
+			t.Fatalf("valid token not cached until the token's exp %v", exp)
 		}
-		if got := time.Unix(0, vd.expires); !got.Equal(exp) {
-			t.Errorf("cached until %v, want the token's exp %v", got, exp)
+		if _, ok := v.cache.Get(key, exp.UnixNano()); ok {
+			t.Errorf("cached past the token's exp %v", exp)
 		}
 	})
 
@@ -621,7 +623,7 @@ func TestTokenVerifierCache(t *testing.T) {
 			if _, err := v.Verify(t.Context(), "garbage-"+randomKID()); !errors.Is(err, ErrInvalidToken) {
 				t.Fatalf("garbage %d: %v", i, err)
 			}
-			if n := v.cache.len(); n > 3 {
+			if n := v.cache.Len(); n > 3 {
 				t.Fatalf("after %d tokens the cache holds %d entries, want at most 3", 2*(i+1), n)
 			}
 		}
@@ -643,10 +645,10 @@ func TestTokenVerifierCache(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if _, ok := v.cache.entries[tokenKey(raw)]; !ok {
+		if !v.cached(raw) {
 			t.Error("the valid entry was evicted by refusals")
 		}
-		if n := v.cache.len(); n > 4 {
+		if n := v.cache.Len(); n > 4 {
 			t.Errorf("the cache holds %d entries, want at most 4", n)
 		}
 	})
@@ -667,11 +669,11 @@ func TestTokenVerifierCache(t *testing.T) {
 			if i < 3 {
 				continue
 			}
-			if _, ok := v.cache.entries[tokenKey(tokens[i-3])]; ok {
+			if v.cached(tokens[i-3]) {
 				t.Fatalf("token %d: the entry expiring soonest is still cached", i)
 			}
 			for _, raw := range tokens[i-2:] {
-				if _, ok := v.cache.entries[tokenKey(raw)]; !ok {
+				if !v.cached(raw) {
 					t.Fatalf("token %d: an entry expiring later was evicted", i)
 				}
 			}
@@ -685,7 +687,7 @@ func TestTokenVerifierCache(t *testing.T) {
 		if _, err := v.Verify(t.Context(), raw); err != nil {
 			t.Fatal(err)
 		}
-		if _, ok := v.cache.entries[sha256.Sum256([]byte(raw))]; !ok {
+		if _, ok := v.cache.Get(sha256.Sum256([]byte(raw)), time.Now().UnixNano()); !ok {
 			t.Error("no entry under the token's SHA-256")
 		}
 	})
@@ -698,8 +700,8 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 		o.SetDown(true)
 		v := newVerifierFor(o, nil)
 		_, err := v.Verify(t.Context(), raw)
-		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
-			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrUnavailable alone", err)
 		}
 		if strings.Contains(err.Error(), raw) {
 			t.Errorf("error contains the token: %v", err)
@@ -710,13 +712,13 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 		o := testenv.StartOP(t)
 		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 		v := newVerifierFor(o, nil)
-		if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+		if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 			t.Fatal(err)
 		}
 		o.SetDown(true)
 		_, err := v.Verify(t.Context(), raw)
-		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
-			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrUnavailable alone", err)
 		}
 		if strings.Contains(err.Error(), raw) {
 			t.Errorf("error contains the token: %v", err)
@@ -736,14 +738,14 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 			t.Fatal(err)
 		}
 		o.SetDown(true)
-		clock.advance(jwksRefetchInterval)
+		clock.advance(JWKSRefetchInterval)
 		forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
 		_, err := v.Verify(t.Context(), forged)
-		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
-			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrUnavailable alone", err)
 		}
 		o.SetDown(false)
-		clock.advance(jwksRefetchInterval)
+		clock.advance(JWKSRefetchInterval)
 		if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
 			t.Fatalf("Verify once the IdP is back = %v, want ErrInvalidToken", err)
 		}
@@ -753,14 +755,14 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 		o := testenv.StartOP(t)
 		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 		v := newVerifierFor(o, func(c *VerifierConfig) { c.HTTPClient = &http.Client{Timeout: 100 * time.Millisecond} })
-		if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+		if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 			t.Fatal(err)
 		}
 		o.SetLatency(5 * time.Second)
 		start := time.Now()
 		_, err := v.Verify(t.Context(), raw)
-		if !errors.Is(err, ErrIdPUnavailable) || errors.Is(err, ErrInvalidToken) {
-			t.Fatalf("Verify = %v, want ErrIdPUnavailable alone", err)
+		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("Verify = %v, want ErrUnavailable alone", err)
 		}
 		if d := time.Since(start); d > 2*time.Second {
 			t.Errorf("Verify took %v against a stalled IdP", d)
@@ -785,7 +787,7 @@ func TestTokenVerifierSingleFlight(t *testing.T) {
 	o := testenv.StartOP(t)
 	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 	v := newVerifierFor(o, nil)
-	if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+	if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	o.SetLatency(200 * time.Millisecond)
@@ -810,8 +812,17 @@ func TestTokenVerifierSingleFlight(t *testing.T) {
 func TestTokenVerifierWaiterOutlivesCanceledLeader(t *testing.T) {
 	o := testenv.StartOP(t)
 	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
-	v := newVerifierFor(o, nil)
-	if _, err := v.cfg.IdP.Discovery(t.Context()); err != nil {
+	// The verifier's client makes only the introspection request: its start is the
+	// leader's flight under way.
+	introspecting := make(chan struct{})
+	var once sync.Once
+	v := newVerifierFor(o, func(c *VerifierConfig) {
+		c.HTTPClient = &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			once.Do(func() { close(introspecting) })
+			return http.DefaultTransport.RoundTrip(r)
+		})}
+	})
+	if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	o.SetLatency(300 * time.Millisecond)
@@ -822,9 +833,7 @@ func TestTokenVerifierWaiterOutlivesCanceledLeader(t *testing.T) {
 		leaderDone <- err
 	}()
 	// Let the leader start its introspection, then join it and cancel it.
-	for flightsOf(v) == 0 {
-		time.Sleep(time.Millisecond)
-	}
+	<-introspecting
 	waiterDone := make(chan error, 1)
 	go func() {
 		_, err := v.Verify(t.Context(), raw)
@@ -832,19 +841,12 @@ func TestTokenVerifierWaiterOutlivesCanceledLeader(t *testing.T) {
 	}()
 	time.Sleep(50 * time.Millisecond)
 	cancel()
-	if err := <-leaderDone; !errors.Is(err, ErrIdPUnavailable) {
-		t.Errorf("canceled leader: %v, want ErrIdPUnavailable", err)
+	if err := <-leaderDone; !errors.Is(err, ErrUnavailable) {
+		t.Errorf("canceled leader: %v, want ErrUnavailable", err)
 	}
 	if err := <-waiterDone; err != nil {
 		t.Errorf("waiter: %v, want success on its own retry", err)
 	}
-}
-
-// flightsOf counts the cold verifications v has in progress.
-func flightsOf(v *TokenVerifier) int {
-	v.flightMu.Lock()
-	defer v.flightMu.Unlock()
-	return len(v.flights)
 }
 
 func TestTokenVerifierDecodesScopeAndAudience(t *testing.T) {
@@ -859,18 +861,18 @@ func TestTokenVerifierDecodesScopeAndAudience(t *testing.T) {
 		{"number is refused", `7`, nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var s scopeList
+			var s ScopeList
 			err := json.Unmarshal([]byte(tc.in), &s)
 			if (err != nil) != tc.wantErr || !slices.Equal(s, tc.wantScope) {
-				t.Errorf("scopeList(%s) = %q, %v", tc.in, s, err)
+				t.Errorf("ScopeList(%s) = %q, %v", tc.in, s, err)
 			}
 		})
 	}
-	var a audience
-	if err := json.Unmarshal([]byte(`"x"`), &a); err != nil || !slices.Equal(a, audience{"x"}) {
-		t.Errorf("audience(string) = %q, %v", a, err)
+	var a Audience
+	if err := json.Unmarshal([]byte(`"x"`), &a); err != nil || !slices.Equal(a, Audience{"x"}) {
+		t.Errorf("Audience(string) = %q, %v", a, err)
 	}
-	if err := json.Unmarshal([]byte(`["x","y"]`), &a); err != nil || !slices.Equal(a, audience{"x", "y"}) {
-		t.Errorf("audience(array) = %q, %v", a, err)
+	if err := json.Unmarshal([]byte(`["x","y"]`), &a); err != nil || !slices.Equal(a, Audience{"x", "y"}) {
+		t.Errorf("Audience(array) = %q, %v", a, err)
 	}
 }

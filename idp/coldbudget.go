@@ -1,7 +1,6 @@
-package flows
+package idp
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -10,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 )
 
 // The cold-verification budget bounds what strangers can make the broker ask the IdP
@@ -33,25 +34,28 @@ const (
 // address, and no other, make the broker warn that trusted_proxies is probably missing.
 const singleSourceEvidence = 50
 
-// retryLaterError turns a request away before it reaches the IdP. It says nothing about
+// RetryLaterError turns a request away before it reaches the IdP. It says nothing about
 // the token: it is never cached, and never answered with 401.
-type retryLaterError struct {
-	status     int // 429: this address; 503: everyone
-	retryAfter time.Duration
+type RetryLaterError struct {
+	// Status is the HTTP status to answer: 429 when this address spent its budget, 503
+	// when everyone did (or the IdP's keys were fetched moments ago).
+	Status int
+	// RetryAfter is when to come back, for Retry-After.
+	RetryAfter time.Duration
 	reason     string
 }
 
-func (e *retryLaterError) Error() string {
-	return fmt.Sprintf("%s; retry in %v", e.reason, e.retryAfter)
+func (e *RetryLaterError) Error() string {
+	return fmt.Sprintf("%s; retry in %v", e.reason, e.RetryAfter)
 }
 
-// asRetryLater finds a *retryLaterError in err. Its own function so that the warm path,
-// where err is nil, does not pay for the variable errors.As needs.
-func asRetryLater(err error) *retryLaterError {
+// AsRetryLater finds a *RetryLaterError in err, or returns nil. Its own function so that
+// the warm path, where err is nil, does not pay for the variable errors.As needs.
+func AsRetryLater(err error) *RetryLaterError {
 	if err == nil {
 		return nil
 	}
-	var later *retryLaterError
+	var later *RetryLaterError
 	if errors.As(err, &later) {
 		return later
 	}
@@ -59,11 +63,11 @@ func asRetryLater(err error) *retryLaterError {
 }
 
 // coldBudget is the token buckets of the cold verifications: one per client address (an
-// IPv6 /56, as rateLimitKey groups them), one for all.
+// IPv6 /56, as ratelimit.Key groups them), one for all.
 type coldBudget struct {
 	perIP, global int // a minute; <0: unlimited
-	ips           *rateLimiter
-	all           *rateLimiter
+	ips           *ratelimit.Limiter
+	all           *ratelimit.Limiter
 	logger        *zap.Logger
 
 	mu      sync.Mutex
@@ -82,7 +86,7 @@ func newColdBudget(perIP, global int, logger *zap.Logger) *coldBudget {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	return &coldBudget{perIP: perIP, global: global, ips: newRateLimiter(maxRateLimitedIPs), all: newRateLimiter(1), logger: logger}
+	return &coldBudget{perIP: perIP, global: global, ips: ratelimit.New(ratelimit.MaxAddresses), all: ratelimit.New(1), logger: logger}
 }
 
 // admit takes one cold verification from ip's bucket and the global one, or says when
@@ -93,14 +97,14 @@ func (c *coldBudget) admit(ip string, now time.Time) error {
 	}
 	c.observe(ip)
 	if ip != "" && c.perIP > 0 {
-		if ok, wait := c.ips.allow(rateLimitKey(ip), c.perIP, now); !ok {
-			return &retryLaterError{status: http.StatusTooManyRequests, retryAfter: wait,
+		if ok, wait := c.ips.Allow(ratelimit.Key(ip), c.perIP, now); !ok {
+			return &RetryLaterError{Status: http.StatusTooManyRequests, RetryAfter: wait,
 				reason: "too many token verifications from this address"}
 		}
 	}
 	if c.global > 0 {
-		if ok, wait := c.all.allow("", c.global, now); !ok {
-			return &retryLaterError{status: http.StatusServiceUnavailable, retryAfter: wait,
+		if ok, wait := c.all.Allow("", c.global, now); !ok {
+			return &RetryLaterError{Status: http.StatusServiceUnavailable, RetryAfter: wait,
 				reason: "too many token verifications"}
 		}
 	}
@@ -138,14 +142,4 @@ func (c *coldBudget) observe(ip string) {
 		c.logger.Warn("every token verification so far came from one private address: behind a load balancer or proxy, set Caddy's trusted_proxies, or all clients share one rate limit",
 			zap.String("client_ip", source), zap.Int("requests", singleSourceEvidence))
 	}
-}
-
-// ClientIPFunc resolves the client's IP from a request's context, as the server in front
-// resolved it (Caddy: its client_ip, per trusted_proxies); "" when unknown.
-type ClientIPFunc func(ctx context.Context) string
-
-// contextClientIP is the IP recorded by WithClientIP, else "".
-func contextClientIP(ctx context.Context) string {
-	ip, _ := ctx.Value(clientIPKey{}).(string)
-	return ip
 }

@@ -1,4 +1,4 @@
-package flows
+package idp
 
 import (
 	"context"
@@ -12,12 +12,14 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 )
 
 // ErrInvalidToken means an access token was refused: malformed, badly signed, expired, not
@@ -25,11 +27,11 @@ import (
 // 401 invalid_token.
 var ErrInvalidToken = errors.New("invalid token")
 
-// VerifierConfig configures a TokenVerifier. Zero values take the documented defaults.
+// VerifierConfig configures a Verifier. Zero values take the documented defaults.
 type VerifierConfig struct {
-	// IdP is the upstream identity provider whose tokens are accepted. Its discovery
+	// Provider is the upstream identity provider whose tokens are accepted. Its discovery
 	// document names the issuer, the JWKS and the introspection endpoint.
-	IdP *IdP
+	Provider *Provider
 	// Audiences are the accepted `aud` values (the resource URL and configured
 	// audiences); a token's `aud` must contain at least one. Empty accepts no token.
 	Audiences []string
@@ -53,7 +55,8 @@ type VerifierConfig struct {
 	// InactiveTTL is how long a refusal (or an active opaque token without `exp`) is
 	// cached. Default: 10s.
 	InactiveTTL time.Duration
-	// Leeway is the clock skew allowed past `exp`. Default: 30s; negative means none.
+	// Leeway is the clock skew allowed past `exp`. Default: DefaultLeeway; negative means
+	// none.
 	// On a JWT's `nbf`, go-oidc allows 5 minutes of its own, less Leeway (it is given a
 	// clock running Leeway behind).
 	Leeway time.Duration
@@ -65,28 +68,27 @@ type VerifierConfig struct {
 	// all addresses together. Defaults: DefaultColdVerifyRate, DefaultColdVerifyRateGlobal;
 	// negative means unlimited. See coldbudget.go.
 	ColdVerifyRate, ColdVerifyRateGlobal int
-	// ClientIP finds the client's address in a request's context, for the budget.
-	// Default: the address WithClientIP recorded.
-	ClientIP ClientIPFunc
+	// ClientIP finds the client's address in a request's context, for the per-address
+	// budget; "" when unknown. Default: none, every cold verification draws on the
+	// global budget only.
+	ClientIP func(ctx context.Context) string
 	// Logger receives the one warning about a missing trusted_proxies. Default: none.
 	Logger *zap.Logger
 }
 
 // Defaults of VerifierConfig.
 const (
-	defaultVerifierCacheEntries = 10000
-	defaultInactiveTTL          = 10 * time.Second
+	defaultInactiveTTL = 10 * time.Second
 	// DefaultIntrospectionCacheTTL is VerifierConfig.IntrospectionCacheTTL's default.
 	DefaultIntrospectionCacheTTL = 5 * time.Minute
-	defaultLeeway                = 30 * time.Second
-	defaultVerifierTimeout       = 10 * time.Second
+	// DefaultLeeway is VerifierConfig.Leeway's default.
+	DefaultLeeway          = 30 * time.Second
+	defaultVerifierTimeout = 10 * time.Second
 
 	// maxTokenLength refuses absurd tokens before hashing or sending them anywhere.
 	maxTokenLength = 16 << 10
-	// maxIntrospectionBytes bounds the introspection response read.
-	maxIntrospectionBytes = 64 << 10
-	// evictionSample is how many entries a full cache looks at to choose a victim.
-	evictionSample = 8
+	// MaxIntrospectionBytes bounds the introspection response read (PostIntrospection).
+	MaxIntrospectionBytes = 64 << 10
 )
 
 // supportedSigningAlgs is every asymmetric JWS algorithm go-oidc verifies (W19): never
@@ -98,17 +100,17 @@ var supportedSigningAlgs = []string{
 	oidc.EdDSA,
 }
 
-// TokenVerifier checks the access tokens presented to the protected MCP endpoint: JWTs
-// with go-oidc against the IdP's JWKS, anything else by RFC 7662 introspection. Verdicts
-// are cached by the SHA-256 of the token, so a warm request costs a hash and a map read.
-// It is safe for concurrent use.
-type TokenVerifier struct {
+// Verifier checks the access tokens presented to the protected MCP endpoint: JWTs with
+// go-oidc against the IdP's JWKS, anything else by RFC 7662 introspection. Verdicts are
+// cached by the SHA-256 of the token, so a warm request costs a hash and a map read; a
+// cold one is verified once for all concurrent callers presenting the same token. It is
+// safe for concurrent use.
+type Verifier struct {
 	cfg VerifierConfig
 
-	cache *tokenCache[verdict]
-
-	flightMu sync.Mutex
-	flights  map[[sha256.Size]byte]*flight
+	cache *tokencache.Cache[verdict]
+	// flight runs one cold verification per token (keyed by its cache key) at a time.
+	flight singleflight.Group
 
 	jwt atomic.Pointer[jwtVerifier]
 
@@ -121,17 +123,6 @@ type verdict struct {
 	err       error
 }
 
-// flight is a cold verification in progress; callers presenting the same token wait
-// for it instead of verifying again.
-type flight struct {
-	done      chan struct{}
-	principal *Principal
-	err       error
-	// abandoned says the leader's caller went away before the answer: its error says
-	// nothing about the token, so waiters try again.
-	abandoned bool
-}
-
 // jwtVerifier is go-oidc's verifier for one discovery document, with its key set.
 type jwtVerifier struct {
 	provider *oidc.Provider
@@ -139,10 +130,10 @@ type jwtVerifier struct {
 	verifier *oidc.IDTokenVerifier
 }
 
-// NewTokenVerifier builds a verifier. It does not touch the network.
-func NewTokenVerifier(cfg VerifierConfig) *TokenVerifier {
+// NewVerifier builds a verifier. It does not touch the network.
+func NewVerifier(cfg VerifierConfig) *Verifier {
 	if cfg.CacheEntries <= 0 {
-		cfg.CacheEntries = defaultVerifierCacheEntries
+		cfg.CacheEntries = tokencache.DefaultEntries
 	}
 	if cfg.InactiveTTL <= 0 {
 		cfg.InactiveTTL = defaultInactiveTTL
@@ -152,7 +143,7 @@ func NewTokenVerifier(cfg VerifierConfig) *TokenVerifier {
 	}
 	switch {
 	case cfg.Leeway == 0:
-		cfg.Leeway = defaultLeeway
+		cfg.Leeway = DefaultLeeway
 	case cfg.Leeway < 0:
 		cfg.Leeway = 0
 	}
@@ -163,28 +154,30 @@ func NewTokenVerifier(cfg VerifierConfig) *TokenVerifier {
 		cfg.HTTPClient = &http.Client{Timeout: defaultVerifierTimeout}
 	}
 	if cfg.ClientIP == nil {
-		cfg.ClientIP = contextClientIP
+		cfg.ClientIP = func(context.Context) string { return "" }
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
 	}
 	cfg.Audiences = append([]string(nil), cfg.Audiences...)
-	return &TokenVerifier{
-		cfg:     cfg,
-		cache:   newTokenCache[verdict](cfg.CacheEntries),
-		flights: make(map[[sha256.Size]byte]*flight),
-		budget:  newColdBudget(cfg.ColdVerifyRate, cfg.ColdVerifyRateGlobal, cfg.Logger),
+	return &Verifier{
+		cfg:    cfg,
+		cache:  tokencache.New[verdict](cfg.CacheEntries),
+		budget: newColdBudget(cfg.ColdVerifyRate, cfg.ColdVerifyRateGlobal, cfg.Logger),
 	}
 }
 
 // Verify returns the principal a valid access token speaks for, or an error wrapping
-// ErrInvalidToken (refuse with 401) or ErrIdPUnavailable (answer 503; nothing is cached);
-// one that is also a *retryLaterError was turned away by the cold-verification budget
-// (answer its status with Retry-After, never 401).
+// ErrInvalidToken (refuse with 401) or ErrUnavailable (answer 503; nothing is cached);
+// one that is also a *RetryLaterError was turned away by the cold-verification budget
+// (answer its status with Retry-After, never 401; see AsRetryLater).
 // The principal is shared by every caller presenting the same token: read it, never
 // modify it. Errors never contain the token.
-func (v *TokenVerifier) Verify(ctx context.Context, raw string) (*Principal, error) {
+func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	if raw == "" || len(raw) > maxTokenLength {
 		return nil, errTokenSize
 	}
-	key := tokenKey(raw)
+	key := tokencache.Key(raw)
 	if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
 		return vd.principal, vd.err
 	}
@@ -193,108 +186,96 @@ func (v *TokenVerifier) Verify(ctx context.Context, raw string) (*Principal, err
 
 var errTokenSize = fmt.Errorf("checking access token size: %w", ErrInvalidToken)
 
-// tokenKey is the cache key of a token: its SHA-256, never the token itself. A token that
-// fits is hashed from a copy on the stack, which spares the warm path a heap allocation.
-func tokenKey(raw string) [sha256.Size]byte {
-	if len(raw) <= 4096 {
-		var buf [4096]byte
-		return sha256.Sum256(buf[:copy(buf[:], raw)])
-	}
-	return sha256.Sum256([]byte(raw))
-}
-
 // lookup returns the cached verdict for key, if one is still good at now.
-func (v *TokenVerifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
-	return v.cache.get(key, now)
+func (v *Verifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
+	return v.cache.Get(key, now)
 }
 
-// verifyCold verifies a token not in the cache, once for all concurrent callers.
-func (v *TokenVerifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw string) (*Principal, error) {
+// verifyCold verifies a token not in the cache, once for all concurrent callers. The
+// verification runs apart from any caller, under its own timeout, keeping ctx's values
+// (the client address the budget draws on): a caller that goes away returns at once
+// without failing the others, and the verdict is still cached.
+func (v *Verifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw string) (*Principal, error) {
 	for {
-		v.flightMu.Lock()
-		if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
-			v.flightMu.Unlock()
-			return vd.principal, vd.err
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("%w: verifying access token: %w", ErrUnavailable, err)
 		}
-		f, waiting := v.flights[key]
-		if !waiting {
-			f = &flight{done: make(chan struct{})}
-			v.flights[key] = f
-		}
-		v.flightMu.Unlock()
-
-		if !waiting {
-			return v.lead(ctx, key, raw, f)
-		}
+		led := false
+		ch := v.flight.DoChan(string(key[:]), func() (any, error) {
+			led = true
+			return v.lead(context.WithoutCancel(ctx), key, raw)
+		})
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("%w: waiting for token verification: %w", ErrIdPUnavailable, ctx.Err())
-		case <-f.done:
+			return nil, fmt.Errorf("%w: waiting for token verification: %w", ErrUnavailable, ctx.Err())
+		case res := <-ch:
+			vd := res.Val.(verdict)
+			// A budget refusal is the leader's, not the token's: the others try on their own.
+			if !led && AsRetryLater(vd.err) != nil {
+				continue
+			}
+			return vd.principal, vd.err
 		}
-		if f.abandoned && ctx.Err() == nil {
-			continue
-		}
-		return f.principal, f.err
 	}
 }
 
-// lead runs the verification of flight f and publishes its result.
-func (v *TokenVerifier) lead(ctx context.Context, key [sha256.Size]byte, raw string, f *flight) (p *Principal, err error) {
+// lead runs one cold verification and caches its verdict. It returns the verdict as its
+// value, never an error, so that the flight's callers read one result.
+func (v *Verifier) lead(ctx context.Context, key [sha256.Size]byte, raw string) (vd verdict, _ error) {
 	defer func() {
-		if p == nil && err == nil { // verify panicked: waiters must not read a nil principal as valid
-			err = fmt.Errorf("%w: verifying access token: verification aborted", ErrIdPUnavailable)
+		// go-oidc and go-jose parse what a stranger sent: a panic in them must fail this
+		// verification, not the process (a flight runs on its own goroutine).
+		if r := recover(); r != nil {
+			v.cfg.Logger.Error("token verification panicked", zap.Any("panic", r), zap.StackSkip("stack", 1))
+			vd = verdict{err: fmt.Errorf("%w: verifying access token: verification aborted", ErrUnavailable)}
 		}
-		// A budget refusal is the leader's, not the token's: the waiters try on their own.
-		var later *retryLaterError
-		f.principal, f.err, f.abandoned = p, err, err != nil && (ctx.Err() != nil || errors.As(err, &later))
-		v.flightMu.Lock()
-		delete(v.flights, key)
-		v.flightMu.Unlock()
-		close(f.done)
 	}()
-	if err = ctx.Err(); err != nil {
-		return nil, fmt.Errorf("%w: verifying access token: %w", ErrIdPUnavailable, err)
+	// A flight that ended between the caller's cache miss and this one cached its verdict.
+	if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
+		return vd, nil
 	}
-	p, err = v.verify(ctx, raw)
+	ctx, cancel := context.WithTimeout(ctx, defaultVerifierTimeout)
+	defer cancel()
+	p, err := v.verify(ctx, raw)
 	now := v.cfg.Now()
 	switch {
 	case err == nil:
 		until := p.Expiry
-		if !looksLikeJWS(raw) {
+		if !LooksLikeJWS(raw) {
 			// An opaque token can be revoked at the IdP: ask again after the cap.
 			until = minTime(until, now.Add(v.cfg.IntrospectionCacheTTL))
 		}
 		if until.After(now) {
-			v.cache.put(key, verdict{principal: p}, until.UnixNano(), false, now.UnixNano())
+			v.cache.Put(key, verdict{principal: p}, until.UnixNano(), false, now.UnixNano())
 		}
-	case errors.Is(err, ErrInvalidToken) && !errors.Is(err, ErrIdPUnavailable):
+	case errors.Is(err, ErrInvalidToken) && !errors.Is(err, ErrUnavailable):
 		// A refusal is disposable: a full cache evicts refusals before valid entries.
-		v.cache.put(key, verdict{err: err}, now.Add(v.cfg.InactiveTTL).UnixNano(), true, now.UnixNano())
+		v.cache.Put(key, verdict{err: err}, now.Add(v.cfg.InactiveTTL).UnixNano(), true, now.UnixNano())
 	}
-	return p, err
+	return verdict{principal: p, err: err}, nil
 }
 
 // verify checks raw against the IdP, without the cache.
-func (v *TokenVerifier) verify(ctx context.Context, raw string) (*Principal, error) {
-	if v.cfg.IdP == nil {
-		return nil, fmt.Errorf("%w: verifying access token: no identity provider configured", ErrIdPUnavailable)
+func (v *Verifier) verify(ctx context.Context, raw string) (*Principal, error) {
+	if v.cfg.Provider == nil {
+		return nil, fmt.Errorf("%w: verifying access token: no identity provider configured", ErrUnavailable)
 	}
-	d, err := v.cfg.IdP.Discovery(ctx)
+	d, err := v.cfg.Provider.Discovery(ctx)
 	if err != nil {
-		if errors.Is(err, ErrIdPUnavailable) {
+		if errors.Is(err, ErrUnavailable) {
 			return nil, fmt.Errorf("verifying access token: %w", err)
 		}
-		return nil, fmt.Errorf("%w: verifying access token: %w", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: verifying access token: %w", ErrUnavailable, err)
 	}
-	if looksLikeJWS(raw) {
+	if LooksLikeJWS(raw) {
 		return v.verifyJWT(ctx, d, raw)
 	}
 	return v.introspect(ctx, d, raw)
 }
 
-// looksLikeJWS tells whether raw has the shape of a compact JWS: three base64url parts
+// LooksLikeJWS tells whether raw has the shape of a compact JWS: three base64url parts
 // whose first decodes to a JSON object. Such a token is only ever checked as a JWT.
-func looksLikeJWS(raw string) bool {
+func LooksLikeJWS(raw string) bool {
 	header, rest, ok := strings.Cut(raw, ".")
 	if !ok {
 		return false
@@ -313,7 +294,7 @@ func looksLikeJWS(raw string) bool {
 
 // verifierFor returns go-oidc's verifier for discovery d, built once per document so
 // its key set (and the cached JWKS) is reused.
-func (v *TokenVerifier) verifierFor(d *Discovery) *oidc.IDTokenVerifier {
+func (v *Verifier) verifierFor(d *Discovery) *oidc.IDTokenVerifier {
 	old := v.jwt.Load()
 	if old != nil && old.provider == d.Provider {
 		return old.verifier
@@ -355,8 +336,8 @@ func minTime(a, b time.Time) time.Time {
 // accessTokenClaims are the claims of a JWT access token beyond those go-oidc checks,
 // with those that tell an ID token from an access token.
 type accessTokenClaims struct {
-	Scope    *scopeList `json:"scope"`
-	Scp      *scopeList `json:"scp"`
+	Scope    *ScopeList `json:"scope"`
+	Scp      *ScopeList `json:"scp"`
 	ClientID string     `json:"client_id"`
 	Azp      string     `json:"azp"`
 
@@ -385,7 +366,7 @@ type jwsHeader struct {
 //     Keycloak puts nonce in access tokens;
 //   - a token whose `client_id` or `azp` is the broker's own client is refused: the
 //     broker's ID tokens, its background and its delegated tokens.
-func (v *TokenVerifier) checkTokenKind(raw string, c *accessTokenClaims) error {
+func (v *Verifier) checkTokenKind(raw string, c *accessTokenClaims) error {
 	var h jwsHeader
 	if seg, _, ok := strings.Cut(raw, "."); ok {
 		if b, err := base64.RawURLEncoding.DecodeString(seg); err == nil {
@@ -414,11 +395,11 @@ func (v *TokenVerifier) checkTokenKind(raw string, c *accessTokenClaims) error {
 	return nil
 }
 
-func (v *TokenVerifier) verifyJWT(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
+func (v *Verifier) verifyJWT(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
 	var fetchErr error
 	tok, err := v.verifierFor(d).Verify(context.WithValue(ctx, keyFetchErrorKey{}, &fetchErr), raw)
 	if fetchErr != nil {
-		return nil, fmt.Errorf("%w: fetching the IdP's signing keys: %w", ErrIdPUnavailable, fetchErr)
+		return nil, fmt.Errorf("%w: fetching the IdP's signing keys: %w", ErrUnavailable, fetchErr)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("verifying JWT access token: %w: %v", ErrInvalidToken, err)
@@ -455,7 +436,7 @@ func (v *TokenVerifier) verifyJWT(ctx context.Context, d *Discovery, raw string)
 }
 
 // audienceAccepted tells whether aud names one of the accepted audiences.
-func (v *TokenVerifier) audienceAccepted(aud []string) bool {
+func (v *Verifier) audienceAccepted(aud []string) bool {
 	for _, a := range aud {
 		for _, want := range v.cfg.Audiences {
 			if a == want {
@@ -466,24 +447,23 @@ func (v *TokenVerifier) audienceAccepted(aud []string) bool {
 	return false
 }
 
-// introspectionResponse is the RFC 7662 §2.2 answer.
-type introspectionResponse struct {
+// IntrospectionResponse is the RFC 7662 §2.2 answer.
+type IntrospectionResponse struct {
 	Active    bool       `json:"active"`
-	Scope     *scopeList `json:"scope"`
+	Scope     *ScopeList `json:"scope"`
 	ClientID  string     `json:"client_id"`
 	TokenType string     `json:"token_type"`
 	Exp       *float64   `json:"exp"`
 	Nbf       *float64   `json:"nbf"`
 	Sub       string     `json:"sub"`
-	Aud       audience   `json:"aud"`
+	Aud       Audience   `json:"aud"`
 	Iss       string     `json:"iss"`
 }
 
-// introspect asks the IdP about an opaque token (RFC 7662).
-// postIntrospection asks endpoint about token (RFC 7662) with the broker's credentials
-// and reads at most maxIntrospectionBytes+1 bytes of the answer. err is a failure to reach
+// PostIntrospection asks endpoint about token (RFC 7662) with the broker's credentials
+// and reads at most MaxIntrospectionBytes+1 bytes of the answer. err is a failure to reach
 // the IdP or to read its answer; the status is the caller's to judge.
-func postIntrospection(ctx context.Context, hc *http.Client, endpoint, clientID, clientSecret, token string) (status int, body []byte, err error) {
+func PostIntrospection(ctx context.Context, hc *http.Client, endpoint, clientID, clientSecret, token string) (status int, body []byte, err error) {
 	form := url.Values{"token": {token}, "token_type_hint": {"access_token"}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
 	if err != nil {
@@ -498,35 +478,36 @@ func postIntrospection(ctx context.Context, hc *http.Client, endpoint, clientID,
 		return 0, nil, err
 	}
 	defer resp.Body.Close()
-	body, err = io.ReadAll(io.LimitReader(resp.Body, maxIntrospectionBytes+1))
+	body, err = io.ReadAll(io.LimitReader(resp.Body, MaxIntrospectionBytes+1))
 	if err != nil {
 		return 0, nil, fmt.Errorf("reading introspection response: %w", err)
 	}
 	return resp.StatusCode, body, nil
 }
 
-func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
+// introspect asks the IdP about an opaque token (RFC 7662).
+func (v *Verifier) introspect(ctx context.Context, d *Discovery, raw string) (*Principal, error) {
 	if d.IntrospectionEndpoint == "" {
 		return nil, fmt.Errorf("verifying opaque access token: %w: the IdP advertises no introspection endpoint", ErrInvalidToken)
 	}
 	if err := v.admitCold(ctx); err != nil {
-		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrUnavailable, err)
 	}
-	status, body, err := postIntrospection(ctx, v.cfg.HTTPClient, d.IntrospectionEndpoint, v.cfg.ClientID, v.cfg.ClientSecret, raw)
+	status, body, err := PostIntrospection(ctx, v.cfg.HTTPClient, d.IntrospectionEndpoint, v.cfg.ClientID, v.cfg.ClientSecret, raw)
 	if err != nil {
-		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: introspecting access token: %w", ErrUnavailable, err)
 	}
 	// RFC 7662 answers 200 for every token, active or not; anything else is the IdP's
 	// trouble or the broker's credentials, never the token's.
 	if status != http.StatusOK {
-		return nil, fmt.Errorf("%w: introspecting access token: the IdP answered %d", ErrIdPUnavailable, status)
+		return nil, fmt.Errorf("%w: introspecting access token: the IdP answered %d", ErrUnavailable, status)
 	}
-	if len(body) > maxIntrospectionBytes {
-		return nil, fmt.Errorf("%w: introspecting access token: response larger than %d bytes", ErrIdPUnavailable, maxIntrospectionBytes)
+	if len(body) > MaxIntrospectionBytes {
+		return nil, fmt.Errorf("%w: introspecting access token: response larger than %d bytes", ErrUnavailable, MaxIntrospectionBytes)
 	}
-	var ir introspectionResponse
+	var ir IntrospectionResponse
 	if err := json.Unmarshal(body, &ir); err != nil {
-		return nil, fmt.Errorf("%w: decoding introspection response: %w", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: decoding introspection response: %w", ErrUnavailable, err)
 	}
 
 	const doing = "introspecting access token"
@@ -569,7 +550,7 @@ func (v *TokenVerifier) introspect(ctx context.Context, d *Discovery, raw string
 }
 
 // admitCold draws one cold verification on the budget of the client in ctx.
-func (v *TokenVerifier) admitCold(ctx context.Context) error {
+func (v *Verifier) admitCold(ctx context.Context) error {
 	return v.budget.admit(v.cfg.ClientIP(ctx), v.cfg.Now())
 }
 
@@ -579,11 +560,11 @@ func unixTime(secs float64) time.Time {
 	return time.Unix(int64(whole), int64(frac*float64(time.Second)))
 }
 
-// scopeList reads a scope claim written as a space-separated string (`scope`, RFC 8693
+// ScopeList reads a scope claim written as a space-separated string (`scope`, RFC 8693
 // §4.2, RFC 7662) or as an array (`scp`).
-type scopeList []string
+type ScopeList []string
 
-func (s *scopeList) UnmarshalJSON(b []byte) error {
+func (s *ScopeList) UnmarshalJSON(b []byte) error {
 	if string(b) == "null" {
 		*s = nil
 		return nil
@@ -604,16 +585,16 @@ func (s *scopeList) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// audience reads `aud`, a string or an array of strings (RFC 7519 §4.1.3).
-type audience []string
+// Audience reads `aud`, a string or an array of strings (RFC 7519 §4.1.3).
+type Audience []string
 
-func (a *audience) UnmarshalJSON(b []byte) error {
+func (a *Audience) UnmarshalJSON(b []byte) error {
 	if len(b) > 0 && b[0] == '"' {
 		var str string
 		if err := json.Unmarshal(b, &str); err != nil {
 			return err
 		}
-		*a = audience{str}
+		*a = Audience{str}
 		return nil
 	}
 	var list []string

@@ -1,4 +1,4 @@
-package flows
+package idp
 
 import (
 	"context"
@@ -17,8 +17,8 @@ import (
 // GrantTypeTokenExchange is the RFC 8693 grant type.
 const GrantTypeTokenExchange = "urn:ietf:params:oauth:grant-type:token-exchange"
 
-// ErrIdPUnavailable means the IdP could not be reached or answered with a server error.
-var ErrIdPUnavailable = errors.New("identity provider unavailable")
+// ErrUnavailable means the IdP could not be reached or answered with a server error.
+var ErrUnavailable = errors.New("identity provider unavailable")
 
 // Discovery is the part of the IdP's OIDC discovery document the broker uses, with the
 // go-oidc provider that caches its JWKS.
@@ -49,7 +49,7 @@ func (d *Discovery) SupportsTokenExchange() bool {
 	return false
 }
 
-// IdP is the upstream identity provider, discovered lazily: construction never touches the
+// Provider is the upstream identity provider, discovered lazily: construction never touches the
 // network, so provisioning a configuration never waits for the IdP.
 //
 // The document is fetched apart from any request, bounded by its own timeout, so a caller
@@ -57,13 +57,12 @@ func (d *Discovery) SupportsTokenExchange() bool {
 // (SECURITY.md: discovery kept failing). Once a document is known it is served while a
 // newer one is fetched in the background (stale-while-revalidate); a caller waits only
 // while there is none, and no longer than its own context allows.
-type IdP struct {
+type Provider struct {
 	issuer       string
 	publicIssuer string
 	client       *http.Client
 	now          func() time.Time
-	// timeout bounds one discovery fetch. Default: the broker's idp_timeout.
-	timeout time.Duration
+	timeout      time.Duration
 
 	flight singleflight.Group
 
@@ -75,31 +74,59 @@ type IdP struct {
 }
 
 const (
-	// discoveryMaxAge is how long a discovery document is used before it is fetched again;
+	// DiscoveryMaxAge is how long a discovery document is used before it is fetched again;
 	// keys rotate through the JWKS refetch on an unknown kid, not through this.
-	discoveryMaxAge = 12 * time.Hour
+	DiscoveryMaxAge = 12 * time.Hour
 	// discoveryRetryAfter spaces out fetches after a failure, so a down IdP is not hammered.
 	discoveryRetryAfter = 5 * time.Second
 )
 
-// NewIdP describes the IdP at issuer (the back-channel address) whose browser-facing
-// base is publicIssuer (empty when the same).
-func NewIdP(issuer, publicIssuer string, client *http.Client) *IdP {
-	return &IdP{issuer: issuer, publicIssuer: publicIssuer, client: client, now: time.Now, timeout: defaultIdPTimeout}
+// ProviderConfig configures a Provider. Zero values take the documented defaults.
+type ProviderConfig struct {
+	// Issuer is the IdP's back-channel address, where its discovery document is fetched.
+	Issuer string
+	// PublicIssuer is the IdP's browser-facing base, when it is not Issuer: the
+	// authorization endpoint is moved onto it, and the document may name it as issuer.
+	// Default: none (Issuer serves browsers too).
+	PublicIssuer string
+	// HTTPClient fetches the discovery document and, through go-oidc, the ID tokens'
+	// keys. Default: http.DefaultClient.
+	HTTPClient *http.Client
+	// Timeout bounds one discovery fetch. Default: 10s.
+	Timeout time.Duration
+	// Now is the clock. Default: time.Now.
+	Now func() time.Time
+}
+
+// defaultDiscoveryTimeout is ProviderConfig.Timeout's default.
+const defaultDiscoveryTimeout = 10 * time.Second
+
+// NewProvider describes the IdP cfg names. It does not touch the network.
+func NewProvider(cfg ProviderConfig) *Provider {
+	if cfg.HTTPClient == nil {
+		cfg.HTTPClient = http.DefaultClient
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = defaultDiscoveryTimeout
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Provider{issuer: cfg.Issuer, publicIssuer: cfg.PublicIssuer, client: cfg.HTTPClient, now: cfg.Now, timeout: cfg.Timeout}
 }
 
 // Discovery returns the discovery document. A fresh one is returned at once; a stale one
 // too, while a newer one is fetched in the background (and it stays in use while the IdP
 // is unreachable). With none yet, the caller waits for the shared fetch, at most until
 // ctx is done; a failed fetch is remembered for discoveryRetryAfter.
-func (i *IdP) Discovery(ctx context.Context) (*Discovery, error) {
+func (i *Provider) Discovery(ctx context.Context) (*Discovery, error) {
 	i.mu.Lock()
 	now := i.now()
 	cached, fetchedAt, lastErr, failedAt := i.cached, i.fetchedAt, i.lastErr, i.failedAt
 	i.mu.Unlock()
 	recentFailure := lastErr != nil && now.Sub(failedAt) < discoveryRetryAfter
 	if cached != nil {
-		if now.Sub(fetchedAt) >= discoveryMaxAge && !recentFailure {
+		if now.Sub(fetchedAt) >= DiscoveryMaxAge && !recentFailure {
 			i.flight.DoChan("discovery", i.refresh) // revalidate; nobody waits for it
 		}
 		return cached, nil
@@ -114,13 +141,13 @@ func (i *IdP) Discovery(ctx context.Context) (*Discovery, error) {
 		}
 		return res.Val.(*Discovery), nil
 	case <-ctx.Done():
-		return nil, fmt.Errorf("%w: waiting for OIDC discovery: %w", ErrIdPUnavailable, ctx.Err())
+		return nil, fmt.Errorf("%w: waiting for OIDC discovery: %w", ErrUnavailable, ctx.Err())
 	}
 }
 
 // refresh fetches the document under its own timeout, detached from every request, and
 // records the outcome.
-func (i *IdP) refresh() (any, error) {
+func (i *Provider) refresh() (any, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), i.timeout)
 	defer cancel()
 	d, err := i.fetch(ctx)
@@ -138,7 +165,7 @@ func (i *IdP) refresh() (any, error) {
 	return d, nil
 }
 
-func (i *IdP) fetch(ctx context.Context) (*Discovery, error) {
+func (i *Provider) fetch(ctx context.Context) (*Discovery, error) {
 	ctx = oidc.ClientContext(ctx, i.client)
 	p, err := oidc.NewProvider(ctx, i.issuer)
 	var mismatch *oidc.IssuerMismatchError
@@ -150,7 +177,7 @@ func (i *IdP) fetch(ctx context.Context) (*Discovery, error) {
 		if errors.As(err, &mismatch) {
 			return nil, err
 		}
-		return nil, fmt.Errorf("%w: %v", ErrIdPUnavailable, err)
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	d := &Discovery{Provider: p}
 	if err := p.Claims(d); err != nil {
@@ -167,14 +194,14 @@ func (i *IdP) fetch(ctx context.Context) (*Discovery, error) {
 
 // acceptsIssuer allows a discovered issuer that differs from the configured back-channel
 // address only when it is the configured public address.
-func (i *IdP) acceptsIssuer(discovered string) bool {
+func (i *Provider) acceptsIssuer(discovered string) bool {
 	return i.publicIssuer != "" && strings.TrimSuffix(discovered, "/") == strings.TrimSuffix(i.publicIssuer, "/")
 }
 
-// browserURL moves an IdP endpoint from the back-channel address onto the public one, as
-// the Python original's NEXTCLOUD_PUBLIC_ISSUER_URL did: by prefix when the endpoint lives under the
-// issuer, else by origin when it is on the issuer's host.
-func (i *IdP) browserURL(endpoint string) string {
+// browserURL moves an IdP endpoint from the back-channel address onto the public one: by
+// prefix when the endpoint lives under the issuer, else by origin when it is on the
+// issuer's host.
+func (i *Provider) browserURL(endpoint string) string {
 	if i.publicIssuer == "" {
 		return endpoint
 	}

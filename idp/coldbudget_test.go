@@ -1,0 +1,136 @@
+package idp
+
+import (
+	"errors"
+	"net/http"
+	"testing"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+)
+
+// The global budget caps what all addresses together can cost; its refusal is 503.
+func TestColdVerificationBudgetGlobal(t *testing.T) {
+	o := testenv.StartOP(t)
+	clock := &testClock{base: time.Now()}
+	v := newVerifierFor(o, func(c *VerifierConfig) {
+		c.ColdVerifyRate, c.ColdVerifyRateGlobal, c.Now = 3, 5, clock.now
+	})
+	if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	o.ResetCounts()
+	var refused []int
+	for i := range 4 {
+		for range 3 {
+			ctx := withClientIP(t.Context(), "203.0.113."+string(rune('1'+i)))
+			_, err := v.Verify(ctx, "junk-"+randomKID())
+			var later *RetryLaterError
+			if errors.As(err, &later) {
+				refused = append(refused, later.Status)
+			} else if !errors.Is(err, ErrInvalidToken) {
+				t.Fatalf("Verify = %v", err)
+			}
+		}
+	}
+	if n := o.Count(testenv.CountIntrospect); n != 5 {
+		t.Errorf("%d introspections, want the global budget of 5", n)
+	}
+	for _, s := range refused {
+		if s != http.StatusServiceUnavailable {
+			t.Errorf("global refusal status %d, want 503", s)
+		}
+	}
+	clock.advance(time.Minute)
+	if _, err := v.Verify(withClientIP(t.Context(), "203.0.113.1"), "junk-"+randomKID()); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("a minute later: %v, want a plain refusal", err)
+	}
+}
+
+// go-oidc's RemoteKeySet fetched the JWKS again for every JWT naming an unknown key; the
+// broker fetches it at most once per 30 s, answering 503 with Retry-After meanwhile, so a
+// key rotated at the IdP is still picked up (SECURITY.md: strangers can make the broker
+// call out).
+func TestJWKSRefetchAtMostEvery30s(t *testing.T) {
+	o := testenv.StartOP(t)
+	clock := &testClock{base: time.Now()}
+	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.now })
+	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
+	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	o.ResetCounts()
+	for i := range 20 {
+		ctx := withClientIP(t.Context(), "203.0.113."+string(rune('1'+i%9)))
+		forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+		_, err := v.Verify(ctx, forged)
+		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
+			t.Fatalf("forged JWT %d within 30 s of a fetch: %v, want unavailable (retry later), not invalid", i, err)
+		}
+	}
+	if n := o.Count(testenv.CountJWKS); n != 0 {
+		t.Errorf("20 unknown kids within 30 s of a fetch cost %d JWKS fetches, want 0", n)
+	}
+	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
+		t.Errorf("a token under the known key meanwhile: %v", err)
+	}
+
+	clock.advance(JWKSRefetchInterval)
+	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
+		t.Errorf("an unknown kid 30 s later: %v, want invalid after one fetch", err)
+	}
+	if n := o.Count(testenv.CountJWKS); n != 1 {
+		t.Errorf("%d JWKS fetches 30 s later, want 1", n)
+	}
+}
+
+// A JWT naming a known key whose signature does not verify is refused without a fetch.
+func TestJWKSKnownKidBadSignatureNoFetch(t *testing.T) {
+	o := testenv.StartOP(t)
+	v := newVerifierFor(o, nil)
+	claims := o.AccessTokenClaims(o.User.Subject, verifierResource)
+	if _, err := v.Verify(t.Context(), o.MintJWT(claims)); err != nil {
+		t.Fatal(err)
+	}
+	o.ResetCounts()
+	forged := signWithKey(t, attackerKey(t), jose.RS256, o.SigningKey().KeyID, claims)
+	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) || errors.Is(err, ErrUnavailable) {
+		t.Errorf("Verify = %v, want invalid", err)
+	}
+	if n := o.Count(testenv.CountJWKS); n != 0 {
+		t.Errorf("%d JWKS fetches, want 0", n)
+	}
+}
+
+// Every cold verification from one private address, and no other, makes one warning
+// about trusted_proxies; a second address means none.
+func TestColdBudgetWarnsOfASingleProxyAddress(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		ips   func(i int) string
+		warns int
+	}{
+		{"one private address warns once", func(int) string { return "10.1.2.3" }, 1},
+		{"one loopback address warns once", func(int) string { return "127.0.0.1" }, 1},
+		{"one public address does not warn", func(int) string { return "203.0.113.5" }, 0},
+		{"two addresses do not warn", func(i int) string { return []string{"10.1.2.3", "10.1.2.4"}[i%2] }, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			core, logs := observer.New(zap.WarnLevel)
+			c := newColdBudget(-1, -1, zap.New(core))
+			for i := range 3 * singleSourceEvidence {
+				if err := c.admit(tc.ips(i), time.Now()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n := logs.FilterMessageSnippet("trusted_proxies").Len(); n != tc.warns {
+				t.Errorf("%d warnings, want %d", n, tc.warns)
+			}
+		})
+	}
+}

@@ -1,0 +1,44 @@
+package idp
+
+import (
+	"context"
+	"net/http"
+	"sync/atomic"
+	"time"
+)
+
+// testClock is a clock tests move by hand: base (zero: the real time) plus what advance
+// added.
+type testClock struct {
+	offset atomic.Int64
+	base   time.Time
+}
+
+func (c *testClock) now() time.Time {
+	if c.base.IsZero() {
+		return time.Now().Add(time.Duration(c.offset.Load()))
+	}
+	return c.base.Add(time.Duration(c.offset.Load()))
+}
+
+func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }
+
+type clientIPKey struct{}
+
+// withClientIP records the client's address in ctx, as the server in front would, for
+// contextClientIP.
+func withClientIP(ctx context.Context, ip string) context.Context {
+	return context.WithValue(ctx, clientIPKey{}, ip)
+}
+
+// contextClientIP is VerifierConfig.ClientIP of the tests: the address withClientIP
+// recorded, else "".
+func contextClientIP(ctx context.Context) string {
+	ip, _ := ctx.Value(clientIPKey{}).(string)
+	return ip
+}
+
+// roundTripFunc is an http.RoundTripper made of a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
