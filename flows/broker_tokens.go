@@ -75,9 +75,9 @@ func brokerTokenKey(raw string) [sha256.Size]byte {
 }
 
 // verifyBrokerToken checks an access token the broker issued (hybrid mode). It returns an
-// error wrapping idp.ErrInvalidToken for a token that is unknown, expired, revoked or meant for
-// another resource, and one wrapping idp.ErrUnavailable when storage cannot be read (the
-// token may be fine: answer 503, not 401). The principal is shared by every caller
+// error wrapping idp.ErrInvalidToken for a token that is unknown, expired, revoked or
+// meant for another resource, and one wrapping idp.ErrUnavailable when storage cannot be
+// read (the token may be fine: answer 503, not 401). The principal is shared by every caller
 // presenting the same token: read it, never modify it.
 func (b *Broker) verifyBrokerToken(ctx context.Context, raw string) (*idp.Principal, error) {
 	if !isBrokerToken(raw, accessTokenPrefix) {

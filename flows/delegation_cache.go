@@ -54,9 +54,9 @@ type delegationFlight struct {
 }
 
 // delegatedCache holds delegated tokens by key, with single flight. The entries live in
-// a tokenCache (bounds and eviction shared with the token verifiers); its removal epoch
-// keeps a revoked session's token out when a fetch finishes after the eviction. Safe for
-// concurrent use.
+// a tokencache.Cache (bounds and eviction shared with the token verifiers); its removal
+// epoch keeps a revoked session's token out when a fetch finishes after the eviction. Safe
+// for concurrent use.
 type delegatedCache struct {
 	entries *tokencache.Cache[delegatedEntry]
 

@@ -49,8 +49,8 @@ func (d *Discovery) SupportsTokenExchange() bool {
 	return false
 }
 
-// Provider is the upstream identity provider, discovered lazily: construction never touches the
-// network, so provisioning a configuration never waits for the IdP.
+// Provider is the upstream identity provider, discovered lazily: construction never
+// touches the network, so provisioning a configuration never waits for the IdP.
 //
 // The document is fetched apart from any request, bounded by its own timeout, so a caller
 // that goes away (a client closing its connection) cannot fail the fetch for the others

@@ -845,7 +845,7 @@ func TestTokenVerifierWaiterOutlivesCanceledLeader(t *testing.T) {
 		t.Errorf("canceled leader: %v, want ErrUnavailable", err)
 	}
 	if err := <-waiterDone; err != nil {
-		t.Errorf("waiter: %v, want success on its own retry", err)
+		t.Errorf("waiter: %v, want the verdict of the flight the leader left", err)
 	}
 }
 
