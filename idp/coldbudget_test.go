@@ -134,3 +134,43 @@ func TestColdBudgetWarnsOfASingleProxyAddress(t *testing.T) {
 		})
 	}
 }
+
+// A budget refusal is the spent address's, not the token's: a caller from another address
+// that joined the refused verification of the same token verifies on its own budget.
+func TestColdBudgetRefusalIsNotTheWaiters(t *testing.T) {
+	o := verifierOP(t)
+	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	fault := newFaultHoldDiscovery()
+	clock := &testClock{base: time.Now()}
+	v := newVerifierFor(o, func(c *VerifierConfig) {
+		c.Provider = NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
+		c.ColdVerifyRate, c.Now = 1, clock.now // frozen: no bucket refills during the test
+	})
+	const spent, other = "198.51.100.7", "203.0.113.9"
+	if err := v.budget.admit(spent, clock.now()); err != nil {
+		t.Fatal(err)
+	}
+
+	release := fault.hold()
+	defer release()
+	leader := make(chan error, 1)
+	go func() {
+		_, err := v.Verify(withClientIP(t.Context(), spent), raw)
+		leader <- err
+	}()
+	<-fault.arrived // the leader's verification waits for discovery
+	waiter := make(chan error, 1)
+	go func() {
+		_, err := v.Verify(withClientIP(t.Context(), other), raw)
+		waiter <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // let the waiter join the leader's flight
+	release()
+
+	if later := AsRetryLater(<-leader); later == nil || later.Status != http.StatusTooManyRequests {
+		t.Errorf("the spent address: %v, want 429 retry later", later)
+	}
+	if err := <-waiter; err != nil {
+		t.Errorf("the other address: %v, want the token verified on its own budget", err)
+	}
+}
