@@ -19,7 +19,5 @@ func (c *tokenCache[V]) clear() {
 
 // flightCount is how many fetches are under way.
 func (c *delegatedCache) flightCount() int {
-	c.flightMu.Lock()
-	defer c.flightMu.Unlock()
-	return len(c.flights)
+	return int(c.flying.Load())
 }
