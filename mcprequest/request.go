@@ -5,7 +5,7 @@
 // puts it back for the upstream, and returns a Message: whether the body is a batch and
 // which tools it calls, read as generously as any JSON decoder could read them (the
 // scanner in jsonrpc.go, allocation-light on the hot path). A request it will not
-// vouch for gets a Refusal, one of the fixed values below with the status and
+// vouch for gets a Refusal, one of the fixed Err values, with the status and
 // description to answer with; the package writes no response and knows nothing of
 // scopes or tool rules, which are the caller's policy. SameHeaderName compares header
 // names as the upstream frameworks the rules guard against compare them.
@@ -21,8 +21,8 @@ import (
 
 // Refusal is why a request is refused before the upstream sees it: the HTTP status and
 // the OAuth error_description to answer with (error code invalid_request), and a header
-// to set on the answer when Header is not empty. The refusals are the fixed values
-// below, compared by identity: refusing allocates nothing.
+// to set on the answer when Header is not empty. The refusals are the package's fixed
+// Err values, compared by identity: refusing allocates nothing.
 type Refusal struct {
 	Status      int
 	Description string
@@ -58,7 +58,8 @@ type Message struct {
 var methodOverrides = []string{"X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"}
 
 // Inspect checks the framing of r and, for a POST, reads its JSON-RPC body of at most
-// limit bytes once and puts it back in r.Body for the upstream. A body over the bound is
+// limit bytes once and puts it back in r.Body for the upstream (a request of another
+// method carries no body to read: its Message is empty). A body over the bound is
 // refused (413) rather than passed on unchecked; one that cannot be read, or is not JSON
 // this package can read, is a 400: a more lenient upstream might read a tool call in it
 // that nobody checked. w is only handed to http.MaxBytesReader, which asks the server to
