@@ -2,33 +2,31 @@ package flows
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/netip"
 	"net/url"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 	"unicode/utf8"
 
 	"golang.org/x/sync/singleflight"
+
+	"github.com/caddy-mcp/oauth-broker/safehttp"
 )
 
 // Client ID Metadata Documents (MCP 2025-11-25, draft-ietf-oauth-client-id-metadata-document):
 // a client_id that is an https URL names a JSON document of client metadata, served by
 // the client's owner. The broker fetches it as an untrusted party would: https only, a
 // 5 s timeout, 64 KiB at most, no redirects, and no connection to a loopback, private,
-// link-local or otherwise non-public address (checked on the address actually dialled,
-// so DNS rebinding cannot get round it) unless Config.CIMDAllowPrivate.
+// link-local or otherwise non-public address unless Config.CIMDAllowPrivate (the client
+// of package safehttp, which checks the address actually dialled).
 
 const (
 	cimdTimeout        = 5 * time.Second
@@ -44,10 +42,6 @@ const (
 	documentFailureTTL = 30 * time.Second
 	maxCachedFailures  = 1000
 )
-
-// errDocumentAddress means a metadata document lives at an address the broker will not
-// connect to.
-var errDocumentAddress = errors.New("client metadata document address is not public")
 
 // errDocumentFetchesBusy means maxDocumentFetches were under way for the whole timeout.
 var errDocumentFetchesBusy = errors.New("too many document fetches under way")
@@ -153,71 +147,9 @@ func (d *metadataDocuments) fail(id string, err error, now time.Time) {
 
 func (d *metadataDocuments) httpClient(allowPrivate bool) *http.Client {
 	d.clientOnce.Do(func() {
-		dialer := &net.Dialer{Timeout: cimdTimeout}
-		if !allowPrivate {
-			dialer.Control = refuseNonPublicAddress
-		}
-		d.client = &http.Client{
-			Transport: &http.Transport{
-				Proxy:                  nil, // a proxy would dial in our place, unchecked
-				DialContext:            dialer.DialContext,
-				TLSClientConfig:        &tls.Config{RootCAs: d.rootCAs, MinVersion: tls.VersionTLS12},
-				ForceAttemptHTTP2:      true,
-				TLSHandshakeTimeout:    cimdTimeout,
-				ResponseHeaderTimeout:  cimdTimeout,
-				MaxResponseHeaderBytes: 16 << 10,
-				MaxIdleConns:           16,
-				IdleConnTimeout:        90 * time.Second,
-			},
-			Timeout: cimdTimeout,
-			CheckRedirect: func(*http.Request, []*http.Request) error {
-				return http.ErrUseLastResponse // a 3xx is an answer, and a refusal
-			},
-		}
+		d.client = safehttp.NewClient(safehttp.Options{Timeout: cimdTimeout, AllowPrivate: allowPrivate, RootCAs: d.rootCAs})
 	})
 	return d.client
-}
-
-// refuseNonPublicAddress is the dialer's last word on every connection: it sees the
-// resolved address about to be dialled.
-func refuseNonPublicAddress(network, address string, _ syscall.RawConn) error {
-	ap, err := netip.ParseAddrPort(address)
-	if err != nil || !isPublicAddress(ap.Addr()) {
-		return errDocumentAddress
-	}
-	return nil
-}
-
-// nonPublicPrefixes are special-purpose ranges (RFC 6890 and successors) the netip
-// predicates do not cover, or that embed an IPv4 address that might be private.
-var nonPublicPrefixes = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),
-	netip.MustParsePrefix("100.64.0.0/10"), // carrier-grade NAT
-	netip.MustParsePrefix("192.0.0.0/24"),
-	netip.MustParsePrefix("192.0.2.0/24"),
-	netip.MustParsePrefix("198.18.0.0/15"),
-	netip.MustParsePrefix("198.51.100.0/24"),
-	netip.MustParsePrefix("203.0.113.0/24"),
-	netip.MustParsePrefix("240.0.0.0/4"),    // reserved and broadcast
-	netip.MustParsePrefix("64:ff9b::/96"),   // NAT64
-	netip.MustParsePrefix("64:ff9b:1::/48"), // local NAT64
-	netip.MustParsePrefix("2001::/32"),      // Teredo
-	netip.MustParsePrefix("2001:db8::/32"),
-	netip.MustParsePrefix("2002::/16"), // 6to4
-}
-
-func isPublicAddress(a netip.Addr) bool {
-	a = a.Unmap()
-	if !a.IsValid() || a.IsLoopback() || a.IsPrivate() || a.IsUnspecified() ||
-		a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsInterfaceLocalMulticast() || a.IsMulticast() {
-		return false
-	}
-	for _, p := range nonPublicPrefixes {
-		if p.Contains(a) {
-			return false
-		}
-	}
-	return true
 }
 
 // clientIDDocument is the metadata the broker reads from a document.

@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/caddy-mcp/oauth-broker/safehttp"
 )
 
 // A client_id URL whose document cannot be had is fetched once per 30 s, however often a
@@ -51,7 +53,7 @@ func TestMetadataDocumentFailureCacheIsBounded(t *testing.T) {
 	d := newMetadataDocuments(2)
 	now := newRegistrationClock().now()
 	for i := range maxCachedFailures + 10 {
-		d.fail(string(rune(i)), errDocumentAddress, now)
+		d.fail(string(rune(i)), safehttp.ErrNonPublicAddress, now)
 	}
 	if len(d.failures.entries) != maxCachedFailures {
 		t.Errorf("%d failures remembered, want %d", len(d.failures.entries), maxCachedFailures)

@@ -4,8 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
-	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/sync/singleflight"
 
 	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
@@ -45,30 +47,20 @@ type delegatedEntry struct {
 	session string // the session it was obtained for ("" in progressive mode)
 }
 
-// delegationFlight is a delegated token being obtained; the callers asking for the same
-// key wait for it instead of asking the IdP again.
-type delegationFlight struct {
-	done   chan struct{}
-	header string
-	err    error
-}
-
 // delegatedCache holds delegated tokens by key, with single flight. The entries live in
 // a tokencache.Cache (bounds and eviction shared with the token verifiers); its removal
 // epoch keeps a revoked session's token out when a fetch finishes after the eviction. Safe
 // for concurrent use.
 type delegatedCache struct {
 	entries *tokencache.Cache[delegatedEntry]
-
-	flightMu sync.Mutex
-	flights  map[delegationKey]*delegationFlight
+	// flight shares one fetch per key among concurrent callers; flying counts the
+	// fetches under way.
+	flight singleflight.Group
+	flying atomic.Int64
 }
 
 func newDelegatedCache(max int) *delegatedCache {
-	return &delegatedCache{
-		entries: tokencache.New[delegatedEntry](max),
-		flights: make(map[delegationKey]*delegationFlight),
-	}
+	return &delegatedCache{entries: tokencache.New[delegatedEntry](max)}
 }
 
 // get returns the Authorization header value cached under key, if still good at now.
@@ -98,53 +90,52 @@ func (c *delegatedCache) evictSession(session string) {
 // obtain returns the header for key from the cache or from one fetch shared by every
 // concurrent caller. The fetch runs detached from any caller's context (bounded by its
 // own timeout), so a caller that goes away neither cancels it nor fails the others;
-// each caller stops waiting when its own context ends.
+// each caller stops waiting when its own context ends. A failed fetch is not cached:
+// the next caller tries again.
 func (c *delegatedCache) obtain(ctx context.Context, key delegationKey, now func() time.Time, timeout time.Duration,
 	fetch func(ctx context.Context) (delegatedEntry, error)) (string, error) {
-	c.flightMu.Lock()
 	if h, ok := c.get(key, now().UnixNano()); ok {
-		c.flightMu.Unlock()
 		return h, nil
 	}
-	f, waiting := c.flights[key]
-	if !waiting {
-		f = &delegationFlight{done: make(chan struct{})}
-		c.flights[key] = f
-		go c.run(context.WithoutCancel(ctx), key, f, now, timeout, fetch)
-	}
-	c.flightMu.Unlock()
-
+	detached := context.WithoutCancel(ctx)
+	flight := c.flight.DoChan(string(key[:]), func() (any, error) {
+		// A flight that ended between the lookup above and this one has filled the cache.
+		if h, ok := c.get(key, now().UnixNano()); ok {
+			return h, nil
+		}
+		return c.run(detached, key, now, timeout, fetch)
+	})
 	select {
-	case <-f.done:
-		return f.header, f.err
+	case res := <-flight:
+		h, _ := res.Val.(string)
+		return h, res.Err
 	case <-ctx.Done():
 		return "", fmt.Errorf("%w: waiting for a delegated token: %w", idp.ErrUnavailable, ctx.Err())
 	}
 }
 
-// run performs the fetch of flight f, caches its result and wakes the waiters.
-func (c *delegatedCache) run(ctx context.Context, key delegationKey, f *delegationFlight, now func() time.Time,
-	timeout time.Duration, fetch func(ctx context.Context) (delegatedEntry, error)) {
+// run performs one fetch for key and caches its result unless a session was evicted
+// meanwhile. The entry is in the cache before the flight ends: a new caller finds one or
+// the other. A panic fails the flight's callers, not the process (singleflight would
+// re-panic it where no one recovers).
+func (c *delegatedCache) run(ctx context.Context, key delegationKey, now func() time.Time, timeout time.Duration,
+	fetch func(ctx context.Context) (delegatedEntry, error)) (header string, err error) {
+	c.flying.Add(1)
+	defer c.flying.Add(-1)
 	gen := c.generation()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
-	var e delegatedEntry
-	var err error
+	defer cancel()
 	defer func() {
-		cancel()
 		if p := recover(); p != nil {
-			err = fmt.Errorf("obtaining a delegated token: panic: %v", p)
+			header, err = "", fmt.Errorf("obtaining a delegated token: panic: %v", p)
 		}
-		if err == nil {
-			c.put(key, e, gen, now().UnixNano())
-		}
-		// The entry is in the cache before the flight goes: a new caller finds one or the other.
-		c.flightMu.Lock()
-		delete(c.flights, key)
-		c.flightMu.Unlock()
-		f.header, f.err = e.header, err
-		close(f.done)
 	}()
-	e, err = fetch(ctx)
+	e, err := fetch(ctx)
+	if err != nil {
+		return "", err
+	}
+	c.put(key, e, gen, now().UnixNano())
+	return e.header, nil
 }
 
 // cacheUntil is when a token expiring at expiry, obtained at now, stops being served:

@@ -4,8 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
 func TestCacheUntil(t *testing.T) {
@@ -121,6 +126,50 @@ func TestDelegatedCacheBounds(t *testing.T) {
 		})
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Errorf("err %v", err)
+		}
+	})
+	t.Run("concurrent callers share one fetch, and one that leaves cancels it for no one", func(t *testing.T) {
+		c := newDelegatedCache(16)
+		key := sessionDelegationKey("shared", nil)
+		var fetches atomic.Int32
+		release := make(chan struct{})
+		fetch := func(ctx context.Context) (delegatedEntry, error) {
+			fetches.Add(1)
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return delegatedEntry{}, ctx.Err()
+			}
+			return fetched("shared", time.Minute)(ctx)
+		}
+		leaving, leave := context.WithCancel(context.Background())
+		left := make(chan error)
+		go func() {
+			_, err := c.obtain(leaving, key, nowFn, time.Minute, fetch)
+			left <- err
+		}()
+		for c.flightCount() == 0 {
+			runtime.Gosched()
+		}
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() {
+				if h, err := c.obtain(context.Background(), key, nowFn, time.Minute, fetch); err != nil || h != "Bearer shared" {
+					t.Errorf("waiter: %q %v", h, err)
+				}
+			})
+		}
+		leave()
+		if err := <-left; !errors.Is(err, idp.ErrUnavailable) || !errors.Is(err, context.Canceled) {
+			t.Errorf("the caller that left got %v", err)
+		}
+		close(release)
+		wg.Wait()
+		if n := fetches.Load(); n != 1 {
+			t.Errorf("%d fetches, want 1", n)
+		}
+		if _, ok := c.get(key, now.UnixNano()); !ok {
+			t.Error("the shared result was not cached")
 		}
 	})
 }

@@ -4,7 +4,5 @@ package flows
 
 // flightCount is how many fetches are under way.
 func (c *delegatedCache) flightCount() int {
-	c.flightMu.Lock()
-	defer c.flightMu.Unlock()
-	return len(c.flights)
+	return int(c.flying.Load())
 }

@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+
+	"github.com/caddy-mcp/oauth-broker/mcprequest"
 )
 
 // What the broker forwards, and what it removes (README): on the way in, the client's
@@ -13,8 +15,8 @@ import (
 
 // identityHeaders are headers other authenticating gateways (oauth2-proxy, Authelia,
 // Apache's REMOTE_USER) set for their upstream; an upstream that was once behind one may
-// still believe them, so a client never gets to send them. Compared as sameHeaderName
-// compares, so X_Remote_User is X-Remote-User.
+// still believe them, so a client never gets to send them. Compared as
+// mcprequest.SameHeaderName compares, so X_Remote_User is X-Remote-User.
 var identityHeaders = []string{
 	"Remote-User", "Remote-Email", "Remote-Groups", "Remote-Name",
 	"X-Remote-User", "X-Remote-Email", "X-Remote-Groups",
@@ -50,17 +52,17 @@ func stripClientIdentity(h http.Header, subjectHeader string) {
 // brokerManagedHeader tells whether a header of that name is set or stripped by the
 // broker: Authorization, the subject header, an identity header, in any spelling.
 func brokerManagedHeader(name, subjectHeader string) bool {
-	if len(name) == len(subjectHeader) && sameHeaderName(name, subjectHeader) {
+	if len(name) == len(subjectHeader) && mcprequest.SameHeaderName(name, subjectHeader) {
 		return true
 	}
-	if len(name) == len("Authorization") && sameHeaderName(name, "Authorization") {
+	if len(name) == len("Authorization") && mcprequest.SameHeaderName(name, "Authorization") {
 		return true
 	}
-	if len(name) > len(identityHeaderPrefix) && sameHeaderName(name[:len(identityHeaderPrefix)], identityHeaderPrefix) {
+	if len(name) > len(identityHeaderPrefix) && mcprequest.SameHeaderName(name[:len(identityHeaderPrefix)], identityHeaderPrefix) {
 		return true
 	}
 	for _, id := range identityHeaders {
-		if len(name) == len(id) && sameHeaderName(name, id) {
+		if len(name) == len(id) && mcprequest.SameHeaderName(name, id) {
 			return true
 		}
 	}

@@ -118,7 +118,7 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 
 	need, tools, refused := b.requiredScopes(w, r)
 	if refused != nil {
-		refused.write(w)
+		writeRefusal(w, refused)
 		return nil, nil
 	}
 	if len(need) > 0 && !who.HasScopes(need) {
@@ -139,26 +139,6 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 	return r, who
-}
-
-// sameHeaderName compares header names of equal length case-insensitively, '_' as '-'.
-func sameHeaderName(a, b string) bool {
-	for i := 0; i < len(a); i++ {
-		if headerNameFold(a[i]) != headerNameFold(b[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-func headerNameFold(c byte) byte {
-	switch {
-	case c == '_':
-		return '-'
-	case 'A' <= c && c <= 'Z':
-		return c + 'a' - 'A'
-	}
-	return c
 }
 
 // verifyAccessToken checks a token presented to the MCP endpoint: one the broker issued

@@ -1,0 +1,189 @@
+package mcprequest
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+)
+
+var toolsCallMethod = []byte(`"tools/call"`)
+
+// mayCallTool tells whether body needs decoding to know it calls no tool. Most MCP
+// traffic is not a tool call: it skips the decoding. Only a JSON escape could spell the
+// method otherwise (tools\/call), or another encoding of JSON than UTF-8: UTF-16 or
+// UTF-32, which Python's json.loads detects on bytes, spell every ASCII character with a
+// NUL, which valid UTF-8 JSON never holds raw. A byte >= 0x80 is decoded too, so that one
+// outside a string (a lenient decoder's whitespace or letter) fails validation.
+func mayCallTool(body []byte) bool {
+	return bytes.Contains(body, toolsCallMethod) || bytes.IndexByte(body, '\\') >= 0 || bytes.IndexByte(body, 0) >= 0 || !ascii(body)
+}
+
+// ascii tells whether b holds no byte >= 0x80.
+func ascii(b []byte) bool {
+	for _, c := range b {
+		if c >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// isBatch tells whether body starts as a JSON array.
+func isBatch(body []byte) bool {
+	i := skipSpace(body, 0)
+	return i < len(body) && body[i] == '['
+}
+
+// toolNames lists the tools called by a JSON-RPC request or batch, read as generously as
+// any upstream could read them: a member counts under every spelling some JSON decoder
+// matches (keys compared with Unicode case folding, as encoding/json compares them), and
+// every duplicate counts, whichever one a decoder keeps. ok is false for a body that is
+// not valid JSON, or a batch with an element that is not an object.
+//
+// The body is validated once by encoding/json, then walked by jsonMembers, which on valid
+// JSON only has to find where values end: no decoding, no allocation but the names.
+func toolNames(body []byte) (names []string, ok bool) {
+	if !json.Valid(body) {
+		return nil, false
+	}
+	i := skipSpace(body, 0)
+	if body[i] != '[' {
+		return callNames(body[i:])
+	}
+	for i = skipSpace(body, i+1); body[i] != ']'; {
+		end := skipValue(body, i)
+		n, ok := callNames(body[i:end])
+		if !ok {
+			return nil, false
+		}
+		names = append(names, n...)
+		if i = skipSpace(body, end); body[i] == ',' {
+			i = skipSpace(body, i+1)
+		}
+	}
+	return names, true
+}
+
+// callNames returns the tool names of one JSON-RPC message (valid JSON) when any of its
+// method members is tools/call; ok is false when msg is not an object.
+func callNames(msg []byte) (names []string, ok bool) {
+	if msg[0] != '{' {
+		return nil, false
+	}
+	call := false
+	jsonMembers(msg, func(key, value []byte) {
+		if keyIs(key, "method") && stringIs(value, "tools/call") {
+			call = true
+		}
+	})
+	if !call {
+		return nil, true
+	}
+	jsonMembers(msg, func(key, params []byte) {
+		if !keyIs(key, "params") || params[0] != '{' {
+			return
+		}
+		jsonMembers(params, func(key, value []byte) {
+			if keyIs(key, "name") {
+				if name, ok := jsonString(value); ok {
+					names = append(names, name)
+				}
+			}
+		})
+	})
+	if len(names) == 0 {
+		// A call without a name is still a call: rules like "*" apply to it.
+		names = append(names, "")
+	}
+	return names, true
+}
+
+// jsonMembers calls fn with the raw key (quoted) and raw value of every member of the
+// JSON object obj, which must be valid JSON.
+func jsonMembers(obj []byte, fn func(key, value []byte)) {
+	for i := skipSpace(obj, 1); obj[i] != '}'; {
+		keyEnd := skipString(obj, i)
+		v := skipSpace(obj, skipSpace(obj, keyEnd)+1) // past the colon
+		vEnd := skipValue(obj, v)
+		fn(obj[i:keyEnd], obj[v:vEnd])
+		if i = skipSpace(obj, vEnd); obj[i] == ',' {
+			i = skipSpace(obj, i+1)
+		}
+	}
+}
+
+// keyIs compares a raw JSON key with name as encoding/json matches field names.
+func keyIs(raw []byte, name string) bool {
+	s, ok := jsonString(raw)
+	return ok && strings.EqualFold(s, name)
+}
+
+// stringIs tells whether the raw JSON value is the string want.
+func stringIs(raw []byte, want string) bool {
+	s, ok := jsonString(raw)
+	return ok && s == want
+}
+
+// jsonString decodes a raw JSON string value; only one with escapes costs a decode.
+func jsonString(raw []byte) (string, bool) {
+	if len(raw) < 2 || raw[0] != '"' {
+		return "", false
+	}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw[1 : len(raw)-1]), true
+	}
+	var s string
+	return s, json.Unmarshal(raw, &s) == nil
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// skipString returns the index just past the JSON string starting at b[i].
+func skipString(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return i
+}
+
+// skipValue returns the index just past the JSON value starting at b[i].
+func skipValue(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		return skipString(b, i)
+	case '{', '[':
+		depth := 0
+		for ; i < len(b); i++ {
+			switch b[i] {
+			case '"':
+				i = skipString(b, i) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth--; depth == 0 {
+					return i + 1
+				}
+			}
+		}
+		return i
+	default: // number, true, false, null
+		for i < len(b) {
+			switch b[i] {
+			case ',', '}', ']', ' ', '\t', '\r', '\n':
+				return i
+			}
+			i++
+		}
+		return i
+	}
+}

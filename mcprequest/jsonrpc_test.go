@@ -1,0 +1,67 @@
+package mcprequest
+
+import (
+	"encoding/json"
+	"slices"
+	"testing"
+)
+
+func TestToolNames(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		body  string
+		want  []string
+		valid bool
+	}{
+		{"one call", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_write"}}`, []string{"notes_write"}, true},
+		{"not a call", `{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"name":"notes_write"}}`, nil, true},
+		{"escaped method", `{"method":"tools\/call","params":{"name":"notes_write"}}`, []string{"notes_write"}, true},
+		{"unicode-escaped key and name", `{"\u006dethod":"tools/call","params":{"n\u0061me":"notes_\u0077rite"}}`, []string{"notes_write"}, true},
+		{"keys in another case", `{"Method":"tools/call","PARAMS":{"Name":"notes_write"}}`, []string{"notes_write"}, true},
+		{"Kelvin sign folds like encoding/json", "{\"method\":\"tools/call\",\"params\":{\"name\":\"a\",\"\u212aey\":1}}", []string{"a"}, true},
+		{"every duplicate name counts", `{"method":"tools/call","params":{"name":"notes_write","Name":"notes_read"}}`, []string{"notes_write", "notes_read"}, true},
+		{"a duplicate method that calls", `{"method":"tools/list","method":"tools/call","params":{"name":"x"}}`, []string{"x"}, true},
+		{"batch", `[{"method":"tools/call","params":{"name":"a"}} , {"method":"ping"},{"method":"tools/call","params":{"name":"b","arguments":{"n":[1,{"name":"c"}]}}}]`, []string{"a", "b"}, true},
+		{"nested strings with brackets", `{"method":"tools/call","params":{"arguments":{"s":"}]\"{["},"name":"a"}}`, []string{"a"}, true},
+		{"numbers and literals", `{"id":-1.5e3,"ok":true,"no":null,"method":"tools/call","params":{"x":false,"name":"a"}}`, []string{"a"}, true},
+		{"NaN is refused", `{"id":NaN,"method":"tools/call","params":{"name":"a"}}`, nil, false},
+		{"trailing comma is refused", `{"method":"tools/call","params":{"name":"a"},}`, nil, false},
+		{"batch element not an object", `[{"method":"tools/call","params":{"name":"a"}},7]`, nil, false},
+		{"empty batch", `[]`, nil, true},
+		{"a scalar", `"tools/call"`, nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := toolNames([]byte(tc.body))
+			if ok != tc.valid || !slices.Equal(got, tc.want) {
+				t.Errorf("toolNames = %q, %v; want %q, %v", got, ok, tc.want, tc.valid)
+			}
+		})
+	}
+}
+
+// FuzzToolNames: whatever encoding/json reads as a tools/call of some tool, toolNames
+// names that tool too, and it never panics.
+func FuzzToolNames(f *testing.F) {
+	for _, s := range []string{
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"x"}}}`,
+		`[{"method":"tools/call","params":{"name":"a"}},{"method":"tools/list"}]`,
+		`{"method":"tools\/call","params":{"Name":"a","name":"b"}}`,
+		`{"params":{"name":"z"},"method":"tools/call"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		names, ok := toolNames(body)
+		var one struct {
+			Method string `json:"method"`
+			Params struct {
+				Name string `json:"name"`
+			} `json:"params"`
+		}
+		if json.Unmarshal(body, &one) == nil && one.Method == "tools/call" {
+			if !ok || !slices.Contains(names, one.Params.Name) {
+				t.Fatalf("encoding/json calls %q; toolNames found %q (ok %v)", one.Params.Name, names, ok)
+			}
+		}
+	})
+}
