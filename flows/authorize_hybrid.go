@@ -197,7 +197,7 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ticket := randomToken()
-	if err := b.cfg.Records.Put(r.Context(), recordKey(kindConsent, ticket), ConsentTicket{Request: req, CSRF: randomToken()}, consentTicketTTL); err != nil {
+	if err := b.consents.put(r.Context(), ticket, ConsentTicket{Request: req, CSRF: randomToken()}); err != nil {
 		b.logger.Error("authorize: storing consent ticket", zap.Error(err))
 		fail("server_error", "the request could not be stored")
 		return

@@ -185,7 +185,7 @@ type Broker struct {
 	// issuer is the broker's own issuer in hybrid mode: the origin of the resource.
 	issuer string
 	// site names this broker's records among those of other sites on the same storage
-	// (provisioning_grant.go).
+	// (store_offline.go).
 	site          string
 	resourceURL   *url.URL
 	resourcePath  string // path of the resource, "" for the root
@@ -195,6 +195,18 @@ type Broker struct {
 	delegation    *delegation // per-request delegation (delegation.go); nil for mode none
 	// managedScopes are compared with what the IdP granted (granted.go).
 	managedScopes []string
+
+	// The typed record stores (store.go): the only way to storage.Records.
+	sessions          sessionStore
+	families          familyStore
+	codes             codeStore
+	consents          oneTimeStore[ConsentTicket]
+	logins            oneTimeStore[PendingLogin]
+	offlineLogins     oneTimeStore[PendingProvisioning]
+	provisioningLinks oneTimeStore[ProvisioningLink]
+	offline           offlineGrantStore
+	registrations     clientStore
+	cookies           cookieSealer
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.
@@ -286,6 +298,7 @@ func New(cfg Config) (*Broker, error) {
 	b.constantTimeCompare = subtle.ConstantTimeCompare
 	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
+	b.openStores()
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
 	b.challengeTail = `resource_metadata="` + b.metadataURL + `"`
 	if s := advertisedScopes(cfg.Scopes); len(s) > 0 {

@@ -8,8 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -109,8 +107,8 @@ func (b *Broker) verifyBrokerTokenCold(ctx context.Context, key [sha256.Size]byt
 
 // checkAccessToken verifies raw against storage, without the cache.
 func (b *Broker) checkAccessToken(ctx context.Context, raw string, now time.Time) (*idp.Principal, string, error) {
-	var at AccessToken
-	switch err := b.cfg.Records.Get(ctx, recordKey(kindAccessToken, raw), &at); {
+	at, err := b.families.accessToken(ctx, raw)
+	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		return nil, "", fmt.Errorf("checking broker access token: %w: unknown token", idp.ErrInvalidToken)
 	case err != nil:
@@ -123,7 +121,7 @@ func (b *Broker) checkAccessToken(ctx context.Context, raw string, now time.Time
 		// Brokers for several MCP servers may share one storage.
 		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: issued for another resource", idp.ErrInvalidToken)
 	}
-	switch _, err := b.liveFamily(ctx, at.FamilyID); {
+	switch _, err := b.families.live(ctx, at.FamilyID); {
 	case errors.Is(err, errFamilyRevoked):
 		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: revoked", idp.ErrInvalidToken)
 	case err != nil:
@@ -161,134 +159,9 @@ type tokenGrant struct {
 	NotAfter time.Time
 }
 
-// issueTokens mints and stores an access token and a refresh token for g.
-func (b *Broker) issueTokens(ctx context.Context, g tokenGrant) (TokenResponse, error) {
-	now := b.now()
-	access, refresh := newBrokerToken(accessTokenPrefix), newBrokerToken(refreshTokenPrefix)
-	accessTTL, refreshTTL := b.cfg.AccessTokenTTL, b.cfg.RefreshTokenTTL
-	if !g.NotAfter.IsZero() {
-		left := max(g.NotAfter.Sub(now), time.Second)
-		accessTTL, refreshTTL = min(accessTTL, left), min(refreshTTL, left)
-	}
-	at := AccessToken{
-		FamilyID:  g.FamilyID,
-		SessionID: g.SessionID,
-		Subject:   g.Subject,
-		ClientID:  g.ClientID,
-		Scopes:    g.Scopes,
-		Resource:  g.Resource,
-		Expiry:    now.Add(accessTTL),
-	}
-	if err := b.cfg.Records.Put(ctx, recordKey(kindAccessToken, access), at, accessTTL); err != nil {
-		return TokenResponse{}, fmt.Errorf("storing access token: %w", err)
-	}
-	rt := RefreshToken{
-		FamilyID:  g.FamilyID,
-		SessionID: g.SessionID,
-		Subject:   g.Subject,
-		ClientID:  g.ClientID,
-		Scopes:    g.RefreshScopes,
-		Resource:  g.Resource,
-		Expiry:    now.Add(refreshTTL),
-	}
-	if err := b.cfg.Records.Put(ctx, recordKey(kindRefreshToken, refresh), rt, refreshTTL); err != nil {
-		return TokenResponse{}, fmt.Errorf("storing refresh token: %w", err)
-	}
-	return TokenResponse{
-		AccessToken:  access,
-		TokenType:    "Bearer",
-		ExpiresIn:    int64(accessTTL / time.Second),
-		RefreshToken: refresh,
-		Scope:        strings.Join(g.Scopes, " "),
-	}, nil
-}
-
-// Token families.
-
-func familyKey(id string) string { return storage.Key(kindFamily, id) }
-
-// familyLockName serializes the writes of a family record: a revocation must never be
-// overwritten by a refresh extending the family's life.
-func familyLockName(id string) string { return "family/" + id }
-
-// familyTTL outlives every token of the family issued so far.
-func (b *Broker) familyTTL() time.Duration {
-	return max(b.cfg.AccessTokenTTL, b.cfg.RefreshTokenTTL) + b.cfg.RefreshGrace
-}
-
-// liveFamily returns the family with id, or errFamilyRevoked when it is revoked or gone.
-func (b *Broker) liveFamily(ctx context.Context, id string) (*TokenFamily, error) {
-	var f TokenFamily
-	switch err := b.cfg.Records.Get(ctx, familyKey(id), &f); {
-	case errors.Is(err, storage.ErrNotFound):
-		return nil, errFamilyRevoked
-	case err != nil:
-		return nil, fmt.Errorf("reading token family: %w", err)
-	}
-	if f.Revoked {
-		return nil, errFamilyRevoked
-	}
-	return &f, nil
-}
-
-// startFamily stores the family of a redeemed code. A replay of the code may have
-// revoked it already: then errFamilyRevoked.
-func (b *Broker) startFamily(ctx context.Context, f TokenFamily) error {
-	unlock, err := b.cfg.Records.Lock(ctx, familyLockName(f.ID))
-	if err != nil {
-		return fmt.Errorf("starting token family: %w", err)
-	}
-	defer unlock()
-	var existing TokenFamily
-	switch err := b.cfg.Records.Get(ctx, familyKey(f.ID), &existing); {
-	case err == nil:
-		return errFamilyRevoked // revoked by a replay, or (never) started twice
-	case !errors.Is(err, storage.ErrNotFound):
-		return fmt.Errorf("starting token family: %w", err)
-	}
-	if err := b.cfg.Records.Put(ctx, familyKey(f.ID), f, b.familyTTL()); err != nil {
-		return fmt.Errorf("starting token family: %w", err)
-	}
-	return nil
-}
-
-// extendFamily renews a live family's record for the tokens a refresh is about to issue,
-// or returns errFamilyRevoked.
-func (b *Broker) extendFamily(ctx context.Context, id string) error {
-	unlock, err := b.cfg.Records.Lock(ctx, familyLockName(id))
-	if err != nil {
-		return fmt.Errorf("extending token family: %w", err)
-	}
-	defer unlock()
-	f, err := b.liveFamily(ctx, id)
-	if err != nil {
-		return err
-	}
-	if err := b.cfg.Records.Put(ctx, familyKey(id), f, b.familyTTL()); err != nil {
-		return fmt.Errorf("extending token family: %w", err)
-	}
-	return nil
-}
-
 // revokeFamily marks a family revoked, which stops every token in it, and evicts its
-// tokens from this node's cache. The mark outlives every token of the family.
+// tokens from this node's cache (also when storage fails: this node at least stops them).
 func (b *Broker) revokeFamily(ctx context.Context, id, sessionID string) error {
-	defer b.evictFamily(id) // also when storage fails: this node at least stops them
-	unlock, err := b.cfg.Records.Lock(ctx, familyLockName(id))
-	if err != nil {
-		return fmt.Errorf("revoking token family: %w", err)
-	}
-	defer unlock()
-	f := TokenFamily{ID: id, SessionID: sessionID}
-	if err := b.cfg.Records.Get(ctx, familyKey(id), &f); err != nil && !errors.Is(err, storage.ErrNotFound) {
-		b.logger.Warn("reading token family before revoking it", zap.Error(err))
-	}
-	if f.Revoked {
-		return nil
-	}
-	f.Revoked, f.RevokedAt = true, b.now()
-	if err := b.cfg.Records.Put(ctx, familyKey(id), f, b.familyTTL()); err != nil {
-		return fmt.Errorf("revoking token family: %w", err)
-	}
-	return nil
+	defer b.evictFamily(id)
+	return b.families.revoke(ctx, id, sessionID)
 }

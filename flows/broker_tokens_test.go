@@ -21,10 +21,10 @@ func issueTestPair(tb testing.TB, b *Broker) (TokenResponse, string) {
 	tb.Helper()
 	ctx := context.Background()
 	familyID := randomToken()
-	if err := b.startFamily(ctx, TokenFamily{ID: familyID, ClientID: testenv.NativeClientID}); err != nil {
+	if err := b.families.start(ctx, TokenFamily{ID: familyID, ClientID: testenv.NativeClientID}); err != nil {
 		tb.Fatal(err)
 	}
-	resp, err := b.issueTokens(ctx, tokenGrant{
+	resp, err := b.families.issue(ctx, tokenGrant{
 		FamilyID: familyID, Subject: "alice", ClientID: testenv.NativeClientID, Resource: testResource,
 		Scopes: tokenTestScopes, RefreshScopes: tokenTestScopes,
 	})

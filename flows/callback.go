@@ -34,12 +34,11 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 		return
 	}
 	state, nonce, verifier := randomToken(), randomToken(), oauth2.GenerateVerifier()
-	key := recordKey(kindIdPState, state)
-	sealed, err := b.cfg.Records.Seal(key, []byte(verifier))
+	sealed, err := b.logins.sealVerifier(state, verifier)
 	if err == nil {
 		// A cookie set but not stored (Put failing) is harmless: it binds nothing.
 		binding := b.bindLoginToBrowser(w, state, pathCallback, idpStateTTL)
-		err = b.cfg.Records.Put(r.Context(), key, PendingLogin{Request: req, Nonce: nonce, PKCEVerifier: sealed, BrowserBinding: binding}, idpStateTTL)
+		err = b.logins.put(r.Context(), state, PendingLogin{Request: req, Nonce: nonce, PKCEVerifier: sealed, BrowserBinding: binding})
 	}
 	if err != nil {
 		b.logger.Error("login: storing pending login", zap.Error(err))
@@ -93,11 +92,10 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "invalid_request", "unknown or expired login state")
 		return
 	}
-	var pending PendingLogin
-	key := recordKey(kindIdPState, state)
 	// The browser binding is checked before the pending login is taken: a browser that
 	// did not start this login must not spend it for the one that did.
-	switch err := b.cfg.Records.Get(r.Context(), key, &pending); {
+	pending, err := b.logins.peek(r.Context(), state)
+	switch {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.logger.Warn("callback: the login returned to a browser that did not start it; nothing issued",
 			zap.String("client_id", pending.Request.ClientID), zap.String("state", Fingerprint(state)))
@@ -108,7 +106,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusInternalServerError, "server_error", "the login could not be loaded")
 		return
 	}
-	if err := b.cfg.Records.TakeOnce(r.Context(), key, &pending); err != nil {
+	if pending, err = b.logins.take(r.Context(), state); err != nil {
 		if !errors.Is(err, storage.ErrNotFound) {
 			b.logger.Error("callback: taking pending login", zap.Error(err))
 			writeError(w, http.StatusInternalServerError, "server_error", "the login could not be loaded")
@@ -143,7 +141,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		fail("server_error", "the identity provider returned no code")
 		return
 	}
-	verifier, err := b.cfg.Records.Open(key, pending.PKCEVerifier)
+	verifier, err := b.logins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
 		b.logger.Error("callback: opening PKCE verifier", zap.Error(err))
 		fail("server_error", "the login could not be finished")
@@ -170,7 +168,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		b.logger.Info("callback: the identity provider did not grant scopes the client asked for",
 			zap.String("client_id", req.ClientID), zap.String("subject", login.Subject), zap.Strings("scopes", dropped))
 	}
-	s, err := b.createSession(r.Context(), login.Subject, req.ClientID, req.Scopes, login.Grant)
+	s, err := b.sessions.create(r.Context(), login.Subject, req.ClientID, req.Scopes, login.Grant)
 	if err != nil {
 		b.logger.Error("callback: creating session", zap.Error(err))
 		fail("server_error", "the login could not be stored")
@@ -179,7 +177,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 	brokerCode, err := b.issueCode(r.Context(), s, req)
 	if err != nil {
 		b.logger.Error("callback: issuing code", zap.Error(err))
-		if derr := b.deleteSession(r.Context(), s.ID); derr != nil {
+		if derr := b.sessions.end(r.Context(), s.ID); derr != nil {
 			b.logger.Warn("callback: deleting unused session", zap.Error(derr))
 		}
 		fail("server_error", "the login could not be stored")

@@ -56,7 +56,7 @@ func TestHybridLogin(t *testing.T) {
 	if s.Subject != o.OtherUser.Subject || s.ClientID != testenv.NativeClientID || !slices.Equal(s.Scopes, []string{"openid", "notes:read"}) {
 		t.Errorf("session %+v", s)
 	}
-	g, err := b.sessionGrant(&s)
+	g, err := b.sessions.grant(&s)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,7 +305,7 @@ func TestHybridLoginLogsNoSecrets(t *testing.T) {
 	if len(ss) != 1 {
 		t.Fatalf("%d sessions", len(ss))
 	}
-	g, err := b.sessionGrant(&ss[0])
+	g, err := b.sessions.grant(&ss[0])
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -163,14 +163,14 @@ func (b *Broker) findClient(ctx context.Context, id string) (*Client, error) {
 
 // registeredClient loads a dynamically registered client.
 func (b *Broker) registeredClient(ctx context.Context, id string) (*Client, error) {
-	var rec RegisteredClient
-	if err := b.cfg.Records.Get(ctx, recordKey(kindClient, id), &rec); err != nil {
+	rec, err := b.registrations.load(ctx, id)
+	if err != nil {
 		if errors.Is(err, storage.ErrNotFound) {
 			return nil, ErrUnknownClient
 		}
 		return nil, fmt.Errorf("loading registered client: %w", err)
 	}
-	return clientFromRegistration(&rec, b.clients.defaultScopes), nil
+	return clientFromRegistration(rec, b.clients.defaultScopes), nil
 }
 
 const (
@@ -191,14 +191,7 @@ func (b *Broker) renewRegistration(ctx context.Context, c *Client) {
 	if c.Source != ClientSourceRegistered || (!c.renewedAt.IsZero() && now.Sub(c.renewedAt) < registrationRenewInterval) {
 		return
 	}
-	key := recordKey(kindClient, c.ID)
-	var rec RegisteredClient
-	if err := b.cfg.Records.Get(ctx, key, &rec); err != nil {
-		b.logger.Warn("renewing client registration", zap.String("client_id", c.ID), zap.Error(err))
-		return
-	}
-	rec.RenewedAt = now
-	if err := b.cfg.Records.Put(ctx, key, &rec, b.registrationLifetime()+registrationRenewInterval); err != nil {
+	if err := b.registrations.renew(ctx, c.ID, now); err != nil {
 		b.logger.Warn("renewing client registration", zap.String("client_id", c.ID), zap.Error(err))
 	}
 }

@@ -122,7 +122,7 @@ func (b *Broker) readConsentCookie(r *http.Request) []approvedClient {
 	if err != nil || c.Value == "" || len(c.Value) > maxConsentCookieLen {
 		return nil
 	}
-	plain, err := b.cfg.Records.Open(consentCookieKey, c.Value)
+	plain, err := b.cookies.open(consentCookieKey, c.Value)
 	if err != nil {
 		return nil
 	}
@@ -184,7 +184,7 @@ func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientI
 			if err != nil {
 				return
 			}
-			sealed, err := b.cfg.Records.Seal(consentCookieKey, plain)
+			sealed, err := b.cookies.seal(consentCookieKey, plain)
 			if err != nil {
 				b.logger.Warn("consent: sealing the consent cookie", zap.Error(err))
 				return
@@ -328,8 +328,8 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Only now is the ticket spent: one decision per ticket.
-	var taken ConsentTicket
-	if err := b.cfg.Records.TakeOnce(r.Context(), recordKey(kindConsent, ticket), &taken); err != nil {
+	taken, err := b.consents.take(r.Context(), ticket)
+	if err != nil {
 		if !errors.Is(err, storage.ErrNotFound) {
 			b.logger.Error("consent: taking ticket", zap.Error(err))
 		}
@@ -356,7 +356,7 @@ func (b *Broker) loadConsentTicket(w http.ResponseWriter, r *http.Request, ticke
 		consentProblem(w, http.StatusBadRequest, "This consent request is not valid. Start again from the application.")
 		return ct, false
 	}
-	err := b.cfg.Records.Get(r.Context(), recordKey(kindConsent, ticket), &ct)
+	ct, err := b.consents.peek(r.Context(), ticket)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		consentProblem(w, http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")

@@ -69,7 +69,7 @@ func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []str
 		return sessionToken{AccessToken: g.AccessToken, Expiry: g.Expiry, granted: g.Scopes}, nil
 	}
 
-	unlock, err := b.cfg.Records.Lock(ctx, sessionLockName(id))
+	unlock, err := b.sessions.lock(ctx, id)
 	if err != nil {
 		return sessionToken{}, &delegationError{failStorage, fmt.Errorf("locking session for refresh: %w", err)}
 	}
@@ -98,14 +98,14 @@ func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []str
 
 // loadSessionGrant loads a session and opens its grant.
 func (b *Broker) loadSessionGrant(ctx context.Context, id string) (*Session, IdPGrant, error) {
-	s, err := b.loadSession(ctx, id)
+	s, err := b.sessions.load(ctx, id)
 	if errors.Is(err, storage.ErrNotFound) {
 		return nil, IdPGrant{}, &delegationError{failSessionGone, errors.New("loading session: not found")}
 	}
 	if err != nil {
 		return nil, IdPGrant{}, &delegationError{failStorage, fmt.Errorf("loading session: %w", err)}
 	}
-	g, err := b.sessionGrant(s)
+	g, err := b.sessions.grant(s)
 	if err != nil {
 		// Sealed under a key no longer in the ring: the session cannot be used again.
 		return nil, IdPGrant{}, &delegationError{failSessionGone, err}
@@ -126,9 +126,9 @@ func (b *Broker) grantUsable(g IdPGrant, scopes []string, stale string) bool {
 func (b *Broker) storeRotatedGrant(ctx context.Context, s *Session, g IdPGrant) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.IdPTimeout)
 	defer cancel()
-	err := b.storeSessionGrant(ctx, s, g)
+	err := b.sessions.rotateGrant(ctx, s, g)
 	if err != nil {
-		err = b.storeSessionGrant(ctx, s, g)
+		err = b.sessions.rotateGrant(ctx, s, g)
 	}
 	if err != nil {
 		b.logger.Error("delegation: the IdP rotated a session's refresh token and storing it failed; the session will need a new login")

@@ -79,7 +79,7 @@ func loginIdPGrant(tb testing.TB, o *testenv.OP, user testenv.User, clientID, se
 func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User, resources ...string) (*idp.Principal, *oauth2.Token) {
 	tb.Helper()
 	tok := loginIdPGrant(tb, o, user, testenv.BrokerClientID, testenv.BrokerClientSecret, delegationLoginScopes, resources...)
-	s, err := b.createSession(context.Background(), user.Subject, testenv.NativeClientID, delegationLoginScopes, IdPGrant{
+	s, err := b.sessions.create(context.Background(), user.Subject, testenv.NativeClientID, delegationLoginScopes, IdPGrant{
 		AccessToken:  tok.AccessToken,
 		RefreshToken: tok.RefreshToken,
 		Expiry:       tok.Expiry,
@@ -530,12 +530,12 @@ func TestDelegationHybridTokenExchange(t *testing.T) {
 	})
 	t.Run("a refused subject of unknown lifetime is refreshed once and exchanged again", func(t *testing.T) {
 		who, idp := hybridPrincipal(t, b, o, o.User)
-		s, err := b.loadSession(context.Background(), who.SessionID)
+		s, err := b.sessions.load(context.Background(), who.SessionID)
 		if err != nil {
 			t.Fatal(err)
 		}
 		// A login answer without expires_in, and a token the OP no longer takes.
-		if err := b.storeSessionGrant(context.Background(), s, IdPGrant{AccessToken: "revoked", RefreshToken: idp.RefreshToken, Scopes: delegationLoginScopes}); err != nil {
+		if err := b.sessions.rotateGrant(context.Background(), s, IdPGrant{AccessToken: "revoked", RefreshToken: idp.RefreshToken, Scopes: delegationLoginScopes}); err != nil {
 			t.Fatal(err)
 		}
 		o.ResetCounts()
@@ -556,7 +556,7 @@ func TestDelegationHybridTokenExchange(t *testing.T) {
 	})
 	t.Run("a session that is gone gets 401", func(t *testing.T) {
 		who, _ := hybridPrincipal(t, b, o, o.User)
-		if err := b.deleteSession(context.Background(), who.SessionID); err != nil {
+		if err := b.sessions.end(context.Background(), who.SessionID); err != nil {
 			t.Fatal(err)
 		}
 		w, h, ok := delegate(context.Background(), b, who, "broker-token", nil)
@@ -581,16 +581,16 @@ func TestDelegationHybridTokenExchange(t *testing.T) {
 // expireSessionToken makes the broker believe the session's IdP access token expired.
 func expireSessionToken(tb testing.TB, b *Broker, id string) {
 	tb.Helper()
-	s, err := b.loadSession(context.Background(), id)
+	s, err := b.sessions.load(context.Background(), id)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	g, err := b.sessionGrant(s)
+	g, err := b.sessions.grant(s)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	g.Expiry = time.Now().Add(-time.Minute)
-	if err := b.storeSessionGrant(context.Background(), s, g); err != nil {
+	if err := b.sessions.rotateGrant(context.Background(), s, g); err != nil {
 		tb.Fatal(err)
 	}
 }
@@ -598,11 +598,11 @@ func expireSessionToken(tb testing.TB, b *Broker, id string) {
 // storedGrant opens the session's grant as it is in storage now.
 func storedGrant(tb testing.TB, b *Broker, id string) IdPGrant {
 	tb.Helper()
-	s, err := b.loadSession(context.Background(), id)
+	s, err := b.sessions.load(context.Background(), id)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	g, err := b.sessionGrant(s)
+	g, err := b.sessions.grant(s)
 	if err != nil {
 		tb.Fatal(err)
 	}

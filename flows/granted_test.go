@@ -98,16 +98,16 @@ func TestBrokerTokensCarryTheIdPGrant(t *testing.T) {
 // granted no more at login.
 func narrowSessionGrant(tb testing.TB, b *Broker, id string, scopes []string) {
 	tb.Helper()
-	s, err := b.loadSession(tb.Context(), id)
+	s, err := b.sessions.load(tb.Context(), id)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	g, err := b.sessionGrant(s)
+	g, err := b.sessions.grant(s)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	g.Scopes = scopes
-	if err := b.storeSessionGrant(tb.Context(), s, g); err != nil {
+	if err := b.sessions.rotateGrant(tb.Context(), s, g); err != nil {
 		tb.Fatal(err)
 	}
 }

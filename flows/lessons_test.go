@@ -394,7 +394,7 @@ func TestLessonW4IdPTokensAreSealedAtRest(t *testing.T) {
 		t.Fatalf("%d sessions", len(ss))
 	}
 	s := ss[0]
-	g, err := b.sessionGrant(&s)
+	g, err := b.sessions.grant(&s)
 	if err != nil || g.AccessToken == "" || g.RefreshToken == "" || g.IDToken == "" {
 		t.Fatalf("grant %v: %v", g.AccessToken != "", err)
 	}
@@ -428,11 +428,11 @@ func TestLessonW4IdPTokensAreSealedAtRest(t *testing.T) {
 		if err := b.cfg.Records.Put(t.Context(), sessionKey(stolen.ID), stolen, time.Hour); err != nil {
 			t.Fatal(err)
 		}
-		loaded, err := b.loadSession(t.Context(), stolen.ID)
+		loaded, err := b.sessions.load(t.Context(), stolen.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := b.sessionGrant(loaded); !errors.Is(err, storage.ErrUnsealable) {
+		if _, err := b.sessions.grant(loaded); !errors.Is(err, storage.ErrUnsealable) {
 			t.Errorf("opening the copy: %v, want ErrUnsealable", err)
 		}
 	})
@@ -440,21 +440,21 @@ func TestLessonW4IdPTokensAreSealedAtRest(t *testing.T) {
 	t.Run("key rotation: [new, old] opens and seals with new; [new] alone opens only that", func(t *testing.T) {
 		rotated := newTestBroker(t, o, recordsWith(newKey, oldKey))
 		newOnly := newTestBroker(t, o, recordsWith(newKey))
-		got, err := rotated.sessionGrant(&s)
+		got, err := rotated.sessions.grant(&s)
 		if err != nil || got.RefreshToken != g.RefreshToken {
 			t.Fatalf("the ring [new, old] opens the grant: %v", err)
 		}
-		if _, err := newOnly.sessionGrant(&s); !errors.Is(err, storage.ErrUnsealable) {
+		if _, err := newOnly.sessions.grant(&s); !errors.Is(err, storage.ErrUnsealable) {
 			t.Fatalf("the ring [new] opened a grant sealed under old: %v", err)
 		}
-		if err := rotated.storeSessionGrant(t.Context(), &s, got); err != nil {
+		if err := rotated.sessions.rotateGrant(t.Context(), &s, got); err != nil {
 			t.Fatal(err)
 		}
-		resealed, err := newOnly.loadSession(t.Context(), s.ID)
+		resealed, err := newOnly.sessions.load(t.Context(), s.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if again, err := newOnly.sessionGrant(resealed); err != nil || again.RefreshToken != g.RefreshToken {
+		if again, err := newOnly.sessions.grant(resealed); err != nil || again.RefreshToken != g.RefreshToken {
 			t.Errorf("the ring [new] opens what [new, old] sealed: %v", err)
 		}
 	})
@@ -589,7 +589,7 @@ func TestLessonW7ClientsGetBrokerTokens(t *testing.T) {
 	if len(ss) != 1 {
 		t.Fatalf("%d sessions", len(ss))
 	}
-	g, err := b.sessionGrant(&ss[0])
+	g, err := b.sessions.grant(&ss[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1027,7 +1027,7 @@ func TestLessonW13NoSecretsInLogs(t *testing.T) {
 	if len(ss) != 1 {
 		t.Fatalf("%d sessions", len(ss))
 	}
-	g, err := b.sessionGrant(&ss[0])
+	g, err := b.sessions.grant(&ss[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1222,7 +1222,7 @@ func TestLessonW19EveryPublishedAlgorithm(t *testing.T) {
 			if len(ss) != 1 {
 				t.Fatalf("%d sessions after the hybrid login", len(ss))
 			}
-			g, err := b.sessionGrant(&ss[0])
+			g, err := b.sessions.grant(&ss[0])
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -115,11 +115,11 @@ func TestSealedValuesAreBoundToWhereTheyAreRead(t *testing.T) {
 		e := newTokenEnv(t, verifierOP(t), nil)
 		victim, attacker := e.session(t, testenv.NativeClientID), e.session(t, testenv.NativeClientID)
 		copyRecord(t, e.b, sessionKey(victim.ID), sessionKey(attacker.ID))
-		s, err := e.b.loadSession(t.Context(), attacker.ID)
+		s, err := e.b.sessions.load(t.Context(), attacker.ID)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.b.sessionGrant(s); err == nil {
+		if _, err := e.b.sessions.grant(s); err == nil {
 			t.Error("the victim's IdP grant opened under the attacker's session key")
 		}
 	})
@@ -135,7 +135,7 @@ func TestSealedValuesAreBoundToWhereTheyAreRead(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := f.b.openOfflineRefreshToken(g); err == nil {
+		if _, err := f.b.offline.refreshToken(g); err == nil {
 			t.Error("test-user's offline grant opened as other-user's")
 		}
 	})

@@ -20,7 +20,7 @@ import (
 
 // Flow 2 (offline access): a user provisions offline access for background jobs. The
 // broker logs the user in at the IdP with its own client, asking for offline_access, and
-// keeps the refresh token sealed, per site and user (provisioning_grant.go). Unlike the
+// keeps the refresh token sealed, per site and user (store_offline.go). Unlike the
 // Python original (SECURITY.md W5, W8), it starts only for an authenticated user, never
 // takes a user id from a parameter, sends a random single-use state with PKCE and a
 // nonce, binds the login to the browser that opened the link, and stores the result only
@@ -117,8 +117,8 @@ func (b *Broker) serveProvisioningStart(w http.ResponseWriter, r *http.Request) 
 		})
 		return
 	}
-	var link ProvisioningLink
-	switch err := b.cfg.Records.TakeOnce(r.Context(), recordKey(kindFlow2Link, token), &link); {
+	link, err := b.provisioningLinks.take(r.Context(), token)
+	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{
 			Title:   "Link expired",
@@ -167,7 +167,7 @@ func (b *Broker) authenticateProvisioningUser(w http.ResponseWriter, r *http.Req
 func (b *Broker) mintProvisioningLink(ctx context.Context, who *idp.Principal) (string, error) {
 	token := randomToken()
 	link := ProvisioningLink{Subject: who.Subject, ClientID: who.ClientID, CreatedAt: b.now().UTC()}
-	if err := b.cfg.Records.Put(ctx, recordKey(kindFlow2Link, token), link, provisioningLinkTTL); err != nil {
+	if err := b.provisioningLinks.put(ctx, token, link); err != nil {
 		return "", err
 	}
 	return b.issuer + pathProvisioningStart + "?" + url.Values{"link": {token}}.Encode(), nil
@@ -222,8 +222,7 @@ func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Req
 		return
 	}
 	state, nonce, verifier := randomToken(), randomToken(), oauth2.GenerateVerifier()
-	key := recordKey(kindFlow2State, state)
-	sealed, err := b.cfg.Records.Seal(key, []byte(verifier))
+	sealed, err := b.offlineLogins.sealVerifier(state, verifier)
 	if err != nil {
 		b.logger.Error("flow 2: sealing PKCE verifier", zap.Error(err))
 		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be started; try again."})
@@ -235,7 +234,7 @@ func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Req
 		Nonce: nonce, PKCEVerifier: sealed, CreatedAt: b.now().UTC(),
 		BrowserBinding: b.bindLoginToBrowser(w, state, pathProvisioningCallback, provisioningStateTTL),
 	}
-	if err := b.cfg.Records.Put(r.Context(), key, pending, provisioningStateTTL); err != nil {
+	if err := b.offlineLogins.put(r.Context(), state, pending); err != nil {
 		b.logger.Error("flow 2: storing state", zap.Error(err))
 		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be started; try again."})
 		return
@@ -278,11 +277,10 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 		return
 	}
 	ctx := r.Context()
-	key := recordKey(kindFlow2State, state)
-	var pending PendingProvisioning
 	// The browser binding is checked before the state is taken, so that another browser
 	// cannot spend it (see bindLoginToBrowser).
-	switch err := b.cfg.Records.Get(ctx, key, &pending); {
+	pending, err := b.offlineLogins.peek(ctx, state)
+	switch {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.logger.Warn("flow 2: the login returned to a browser that did not start it; nothing stored", zap.String("subject", pending.Subject))
 		b.provisioningPage(w, http.StatusForbidden, provisioningPageData{Title: "Wrong browser", Message: notThisBrowserMessage})
@@ -292,7 +290,8 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
 		return
 	}
-	switch err := b.cfg.Records.TakeOnce(ctx, key, &pending); {
+	pending, err = b.offlineLogins.take(ctx, state)
+	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{
 			Title: "Login expired", Message: "This login is unknown, expired or already finished. Start again.",
@@ -315,7 +314,7 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The code parameter is missing."})
 		return
 	}
-	verifier, err := b.cfg.Records.Open(key, pending.PKCEVerifier)
+	verifier, err := b.offlineLogins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
 		b.logger.Error("flow 2: opening PKCE verifier", zap.Error(err))
 		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})

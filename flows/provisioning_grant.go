@@ -31,77 +31,10 @@ var (
 	errBackgroundClientNotGranted = errors.New("the user did not grant this background client offline access")
 )
 
-// Where offline grants live. A grant belongs to one site (the broker's issuer and
-// resource: two sites on one storage never share one) and is keyed by a keyed hash of
-// the subject, so that a storage reader cannot test whether a given user provisioned.
-// The hash changes with the encryption key: a lookup tries each key of the ring, then the
-// key of earlier releases (by the plain hash of the subject, for any site), and a grant
-// found anywhere but under the current key is moved there on its next use.
-
-// offlineGrantHashLabel keeps the keyed hashes of subjects for offline grants apart from
-// any other use of keyed hashes.
-const offlineGrantHashLabel = "offline grant\x00"
-
-// offlineGrantKeys returns where this site may keep subject's offline grant, the current
-// key first. It is empty without an encryption key.
-func (b *Broker) offlineGrantKeys(subject string) []string {
-	hashes := b.cfg.Records.KeyedHashes(offlineGrantHashLabel + subject)
-	keys := make([]string, len(hashes))
-	for i, h := range hashes {
-		keys[i] = storage.Key(kindOfflineGrant, b.site, h)
-	}
-	return keys
-}
-
-// offlineGrantKey is where subject's offline grant is written.
-func (b *Broker) offlineGrantKey(subject string) (string, error) {
-	keys := b.offlineGrantKeys(subject)
-	if len(keys) == 0 {
-		return "", errors.New("offline grants: no encryption key configured")
-	}
-	return keys[0], nil
-}
-
-// legacyOfflineGrantKey is where releases before grants were kept per site stored them.
-func legacyOfflineGrantKey(subject string) string { return recordKey(kindProvisioning, subject) }
-
-// offlineLockName is the cluster-wide lock serializing changes to a user's offline grant
-// on this site (rotation, replacement, revocation). It names no plain hash of the subject.
-func (b *Broker) offlineLockName(subject string) (string, error) {
-	key, err := b.offlineGrantKey(subject)
-	if err != nil {
-		return "", err
-	}
-	return "offline/" + key, nil
-}
-
-// lockOfflineGrant takes subject's offline lock.
-func (b *Broker) lockOfflineGrant(ctx context.Context, subject string) (func(), error) {
-	name, err := b.offlineLockName(subject)
-	if err != nil {
-		return nil, err
-	}
-	return b.cfg.Records.Lock(ctx, name)
-}
-
 // loadOfflineGrant returns subject's offline grant wherever this site may find it, or
 // storage.ErrNotFound. It moves nothing: see moveOfflineGrant.
 func (b *Broker) loadOfflineGrant(ctx context.Context, subject string) (*OfflineGrant, error) {
-	keys := append(b.offlineGrantKeys(subject), legacyOfflineGrantKey(subject))
-	if len(keys) == 1 {
-		return nil, errors.New("offline grants: no encryption key configured")
-	}
-	for _, key := range keys {
-		var g OfflineGrant
-		switch err := b.cfg.Records.Get(ctx, key, &g); {
-		case err == nil:
-			g.key = key
-			return &g, nil
-		case !errors.Is(err, storage.ErrNotFound):
-			return nil, err
-		}
-	}
-	return nil, storage.ErrNotFound
+	return b.offline.load(ctx, subject)
 }
 
 // moveOfflineGrant moves g, read from anywhere but the current key, to the current key.
@@ -109,33 +42,32 @@ func (b *Broker) loadOfflineGrant(ctx context.Context, subject string) (*Offline
 // exactly one gets it (errNotProvisioned for the others), and it gets the background
 // clients configured now, since the user was shown none. The caller holds the lock.
 func (b *Broker) moveOfflineGrant(ctx context.Context, g *OfflineGrant) error {
-	to, err := b.offlineGrantKey(g.Subject)
+	to, err := b.offline.currentKey(g.Subject)
 	if err != nil || g.key == to {
 		return err
 	}
 	from := g.key
 	legacy := from == legacyOfflineGrantKey(g.Subject)
 	if legacy {
-		var taken OfflineGrant
-		switch err := b.cfg.Records.TakeOnce(ctx, from, &taken); {
+		taken, err := b.offline.take(ctx, from)
+		switch {
 		case errors.Is(err, storage.ErrNotFound):
 			return errNotProvisioned
 		case err != nil:
 			return fmt.Errorf("taking offline grant of an earlier release: %w", err)
 		}
-		taken.key = from
-		*g = taken
+		*g = *taken
 	}
 	before := *g
 	restore := func() {
 		// Put back what was taken, so that a failed move loses nothing.
 		if legacy {
-			if err := b.cfg.Records.Put(ctx, from, &before, offlineGrantTTL); err != nil {
+			if err := b.offline.putBack(ctx, &before); err != nil {
 				b.logger.Error("flow 2: restoring offline grant of an earlier release", zap.Error(err))
 			}
 		}
 	}
-	refreshToken, err := b.openOfflineRefreshToken(g)
+	refreshToken, err := b.offline.refreshToken(g)
 	if err != nil {
 		restore()
 		return err
@@ -144,12 +76,12 @@ func (b *Broker) moveOfflineGrant(ctx context.Context, g *OfflineGrant) error {
 		g.BackgroundClients = b.backgroundClientIDs()
 		g.FromUpgrade = true
 	}
-	if err := b.putOfflineGrant(ctx, g, refreshToken); err != nil {
+	if err := b.offline.put(ctx, g, refreshToken); err != nil {
 		restore()
 		return err
 	}
 	if !legacy {
-		if err := b.cfg.Records.Delete(ctx, from); err != nil {
+		if err := b.offline.delete(ctx, from); err != nil {
 			b.logger.Warn("flow 2: deleting offline grant under a retired key", zap.Error(err))
 		}
 	}
@@ -166,58 +98,23 @@ func (b *Broker) backgroundClientIDs() []string {
 	return ids
 }
 
-// putOfflineGrant seals refreshToken into g and stores it under the current key. The
-// caller holds the lock.
-func (b *Broker) putOfflineGrant(ctx context.Context, g *OfflineGrant, refreshToken string) error {
-	key, err := b.offlineGrantKey(g.Subject)
-	if err != nil {
-		return err
-	}
-	sealed, err := b.cfg.Records.Seal(key, []byte(refreshToken))
-	if err != nil {
-		return fmt.Errorf("sealing refresh token: %w", err)
-	}
-	g.RefreshToken = sealed
-	if g.BackgroundClients == nil {
-		g.BackgroundClients = []string{}
-	}
-	if err := b.cfg.Records.Put(ctx, key, g, offlineGrantTTL); err != nil {
-		return fmt.Errorf("storing offline grant: %w", err)
-	}
-	g.key = key
-	return nil
-}
-
-// openOfflineRefreshToken opens the refresh token sealed in g, with the key g was read
-// from as the associated data: a grant copied to another user's key does not open.
-func (b *Broker) openOfflineRefreshToken(g *OfflineGrant) (string, error) {
-	if g.key == "" {
-		return "", errors.New("opening offline refresh token: the grant was not read from storage")
-	}
-	plain, err := b.cfg.Records.Open(g.key, g.RefreshToken)
-	if err != nil {
-		return "", fmt.Errorf("opening offline refresh token: %w", err)
-	}
-	return string(plain), nil
-}
-
 // storeOfflineGrant stores a freshly provisioned grant for subject, usable by the
 // background clients the user was shown, replacing (and revoking at the IdP) any earlier
 // one, wherever it was found.
 func (b *Broker) storeOfflineGrant(ctx context.Context, d *idp.Discovery, subject, clientID string, scopes, backgroundClients []string, refreshToken string) error {
-	unlock, err := b.lockOfflineGrant(ctx, subject)
+	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
 		return err
 	}
 	var previous string
 	old, _ := b.loadOfflineGrant(ctx, subject)
 	if old != nil {
-		previous, _ = b.openOfflineRefreshToken(old)
+		previous, _ = b.offline.refreshToken(old)
 	}
 	g := &OfflineGrant{Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: backgroundClients, ProvisionedAt: b.now().UTC()}
-	err = b.putOfflineGrant(ctx, g, refreshToken)
+	err = b.offline.put(ctx, g, refreshToken)
 	if err == nil && old != nil && old.key != g.key {
-		if derr := b.cfg.Records.Delete(ctx, old.key); derr != nil {
+		if derr := b.offline.delete(ctx, old.key); derr != nil {
 			b.logger.Warn("flow 2: deleting the replaced offline grant", zap.Error(derr))
 		}
 	}
@@ -235,7 +132,7 @@ func (b *Broker) storeOfflineGrant(ctx context.Context, d *idp.Discovery, subjec
 // the IdP, when the IdP has a revocation endpoint.
 func (b *Broker) revokeOfflineGrant(ctx context.Context, subject string) (ProvisioningStatus, error) {
 	st := ProvisioningStatus{Provisioned: false}
-	unlock, err := b.lockOfflineGrant(ctx, subject)
+	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
 		return st, err
 	}
@@ -248,8 +145,8 @@ func (b *Broker) revokeOfflineGrant(ctx context.Context, subject string) (Provis
 		unlock()
 		return st, err
 	}
-	refreshToken, openErr := b.openOfflineRefreshToken(g)
-	err = b.cfg.Records.Delete(ctx, g.key)
+	refreshToken, openErr := b.offline.refreshToken(g)
+	err = b.offline.delete(ctx, g.key)
 	unlock()
 	if err != nil {
 		return st, fmt.Errorf("deleting offline grant: %w", err)
@@ -305,7 +202,7 @@ func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *idp.Discovery
 // the access token is handed out: a token the caller never gets costs nothing, a rotated
 // refresh token that was never stored costs the grant.
 func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*oauth2.Token, []string, error) {
-	unlock, err := b.lockOfflineGrant(ctx, subject)
+	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -330,7 +227,7 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 			"every background client configured at the upgrade may use it until the user provisions again",
 			zap.String("subject", subject), zap.Strings("background_clients", g.BackgroundClients))
 	}
-	refreshToken, err := b.openOfflineRefreshToken(g)
+	refreshToken, err := b.offline.refreshToken(g)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -344,7 +241,7 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 	if err != nil {
 		var re *oauth2.RetrieveError
 		if errors.As(err, &re) && re.ErrorCode == "invalid_grant" {
-			if derr := b.cfg.Records.Delete(ctx, g.key); derr != nil {
+			if derr := b.offline.delete(ctx, g.key); derr != nil {
 				b.logger.Error("flow 2: deleting dead offline grant", zap.String("subject", subject), zap.Error(derr))
 			}
 			return nil, nil, errOfflineGrantDead
@@ -353,7 +250,7 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 	}
 	if tok.RefreshToken != refreshToken {
 		g.RotatedAt = b.now().UTC()
-		if err := b.putOfflineGrant(ctx, g, tok.RefreshToken); err != nil {
+		if err := b.offline.put(ctx, g, tok.RefreshToken); err != nil {
 			return nil, nil, fmt.Errorf("storing rotated refresh token: %w", err)
 		}
 	}

@@ -147,7 +147,7 @@ func (f *flow2) grant(t *testing.T, subject string) (*OfflineGrant, string, erro
 	if err != nil {
 		return nil, "", err
 	}
-	rt, err := f.b.openOfflineRefreshToken(g)
+	rt, err := f.b.offline.refreshToken(g)
 	if err != nil {
 		t.Fatalf("opening the stored refresh token: %v", err)
 	}

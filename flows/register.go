@@ -147,7 +147,7 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "invalid_client_metadata", "the client metadata is too large to register")
 		return
 	}
-	if err := b.cfg.Records.Put(r.Context(), recordKey(kindClient, rec.ClientID), &rec, unusedRegistrationTTL); err != nil {
+	if err := b.registrations.register(r.Context(), &rec); err != nil {
 		b.logger.Error("storing registered client", zap.Error(err))
 		writeError(w, http.StatusInternalServerError, "server_error", "the registration could not be stored")
 		return

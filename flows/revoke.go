@@ -42,11 +42,11 @@ func (b *Broker) serveRevoke(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case isBrokerToken(raw, accessTokenPrefix):
 		var at AccessToken
-		err = b.cfg.Records.Get(ctx, recordKey(kindAccessToken, raw), &at)
+		at, err = b.families.accessToken(ctx, raw)
 		familyID, sessionID, owner = at.FamilyID, at.SessionID, at.ClientID
 	case isBrokerToken(raw, refreshTokenPrefix):
 		var rt RefreshToken
-		err = b.cfg.Records.Get(ctx, recordKey(kindRefreshToken, raw), &rt)
+		rt, err = b.families.refreshToken(ctx, raw)
 		familyID, sessionID, owner = rt.FamilyID, rt.SessionID, rt.ClientID
 	default:
 		err = storage.ErrNotFound
@@ -91,13 +91,13 @@ func (b *Broker) revokeGrant(ctx context.Context, familyID, sessionID string) {
 // endSession revokes a session's IdP grant at the IdP and deletes the session, under the
 // session's lock so that the grant revoked is the current one.
 func (b *Broker) endSession(ctx context.Context, id string) {
-	unlock, err := b.cfg.Records.Lock(ctx, sessionLockName(id))
+	unlock, err := b.sessions.lock(ctx, id)
 	if err != nil {
 		b.logger.Error("locking session to end it", zap.Error(err))
 		return
 	}
 	defer unlock()
-	s, err := b.loadSession(ctx, id)
+	s, err := b.sessions.load(ctx, id)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		return
@@ -105,12 +105,12 @@ func (b *Broker) endSession(ctx context.Context, id string) {
 		b.logger.Error("reading session to end it", zap.Error(err))
 		return
 	}
-	if g, err := b.sessionGrant(s); err != nil {
+	if g, err := b.sessions.grant(s); err != nil {
 		b.logger.Error("ending session", zap.Error(err))
 	} else {
 		b.revokeAtIdP(ctx, g)
 	}
-	if err := b.deleteSession(ctx, id); err != nil {
+	if err := b.sessions.end(ctx, id); err != nil {
 		b.logger.Error("deleting session", zap.Error(err))
 	}
 }

@@ -51,7 +51,7 @@ func TestRevoke(t *testing.T) {
 		if n := o.Count(testenv.CountRevoke) - revokes; n != 1 {
 			t.Errorf("the IdP's revocation endpoint was called %d times, want 1", n)
 		}
-		if _, err := e.b.loadSession(t.Context(), sessionID); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := e.b.sessions.load(t.Context(), sessionID); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("session after revocation: %v, want gone", err)
 		}
 	})

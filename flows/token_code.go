@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
-	"fmt"
 	"net/http"
 	"net/url"
 
@@ -14,16 +13,8 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// usedCodeLife is how long, in code lifetimes, a code's replay marker outlives it: a
-// replay within it revokes what the code issued (RFC 6749 §10.5).
-const usedCodeLife = 10
-
 // issueCode mints a broker authorization code for a finished login, bound to the
 // request it answers, and returns it.
-//
-// The replay marker is written with the code, not at redemption: two redemptions racing
-// each other then always find one of them a replay, which revokes the family whichever
-// won. (Written at redemption, the loser could miss a marker not yet written.)
 func (b *Broker) issueCode(ctx context.Context, s *Session, req AuthorizationRequest) (string, error) {
 	code := randomToken()
 	resource := req.Resource
@@ -43,12 +34,8 @@ func (b *Broker) issueCode(ctx context.Context, s *Session, req AuthorizationReq
 		RedirectURIOmitted:  req.RedirectURIOmitted,
 		ExpiresAt:           b.now().Add(b.cfg.CodeTTL),
 	}
-	marker := UsedCode{FamilyID: rec.FamilyID, SessionID: s.ID}
-	if err := b.cfg.Records.Put(ctx, recordKey(kindUsedCode, code), marker, usedCodeLife*b.cfg.CodeTTL); err != nil {
-		return "", fmt.Errorf("storing authorization code replay marker: %w", err)
-	}
-	if err := b.cfg.Records.Put(ctx, recordKey(kindCode, code), rec, b.cfg.CodeTTL); err != nil {
-		return "", fmt.Errorf("storing authorization code: %w", err)
+	if err := b.codes.issue(ctx, code, rec); err != nil {
+		return "", err
 	}
 	return code, nil
 }
@@ -77,14 +64,13 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 	if redirectURI == "" {
 		// A request that is malformed for this code does not consume it: look before
 		// taking (the check after taking stays the one that counts).
-		var peek AuthorizationCode
-		if err := b.cfg.Records.Get(ctx, recordKey(kindCode, code), &peek); err == nil && !peek.RedirectURIOmitted {
+		if peek, err := b.codes.peek(ctx, code); err == nil && !peek.RedirectURIOmitted {
 			writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required: the authorization request included it")
 			return
 		}
 	}
-	var rec AuthorizationCode
-	switch err := b.cfg.Records.TakeOnce(ctx, recordKey(kindCode, code), &rec); {
+	rec, err := b.codes.take(ctx, code)
+	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		b.codeReplayed(ctx, code)
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
@@ -118,7 +104,7 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 		return
 	}
 
-	switch err := b.startFamily(ctx, TokenFamily{ID: rec.FamilyID, SessionID: rec.SessionID, ClientID: rec.ClientID}); {
+	switch err := b.families.start(ctx, TokenFamily{ID: rec.FamilyID, SessionID: rec.SessionID, ClientID: rec.ClientID}); {
 	case errors.Is(err, errFamilyRevoked):
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
 		return
@@ -126,7 +112,7 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 		b.unavailable(w, "redeeming authorization code", err)
 		return
 	}
-	resp, err := b.issueTokens(ctx, tokenGrant{
+	resp, err := b.families.issue(ctx, tokenGrant{
 		FamilyID:      rec.FamilyID,
 		SessionID:     rec.SessionID,
 		Subject:       rec.Subject,
@@ -148,8 +134,8 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 // codeReplayed revokes what a code issued when the code is presented again after its
 // redemption (RFC 6749 §10.5): the family and the session behind it.
 func (b *Broker) codeReplayed(ctx context.Context, code string) {
-	var used UsedCode
-	switch err := b.cfg.Records.Get(ctx, recordKey(kindUsedCode, code), &used); {
+	used, err := b.codes.used(ctx, code)
+	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		return // never issued, or long gone
 	case err != nil:

@@ -2,7 +2,6 @@ package flows
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -15,10 +14,6 @@ import (
 	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
-
-// refreshLockName serializes the refreshes of one refresh token across the cluster, so
-// that concurrent retries of one client rotate it once and all get the same pair.
-func refreshLockName(rt string) string { return "refresh/" + storage.Hash(rt) }
 
 // refreshGrant is the refresh_token grant (RFC 6749 §6) with rotation: a refresh token
 // yields a new pair once; within RefreshGrace after that it yields the same pair again
@@ -41,11 +36,11 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		return
 	}
 
-	key := recordKey(kindRefreshToken, raw)
 	var rec RefreshToken
 	read := func(ctx context.Context) bool {
-		rec = RefreshToken{}
-		switch err := b.cfg.Records.Get(ctx, key, &rec); {
+		var err error
+		rec, err = b.families.refreshToken(ctx, raw)
+		switch {
 		case errors.Is(err, storage.ErrNotFound):
 			writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
 			return false
@@ -61,7 +56,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		return
 	}
 
-	unlock, err := b.cfg.Records.Lock(r.Context(), refreshLockName(raw))
+	unlock, err := b.families.lockRefresh(r.Context(), raw)
 	if err != nil {
 		b.unavailable(w, "locking refresh token", err)
 		return
@@ -98,7 +93,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	}
 
 	if !rec.RotatedAt.IsZero() {
-		b.repeatedRefresh(ctx, w, key, &rec, client, raw, scopes, now)
+		b.repeatedRefresh(ctx, w, &rec, client, raw, scopes, now)
 		return
 	}
 	// Only rotations count: repeats above write nothing.
@@ -109,7 +104,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		return
 	}
 
-	switch err := b.extendFamily(ctx, rec.FamilyID); {
+	switch err := b.families.extend(ctx, rec.FamilyID); {
 	case errors.Is(err, errFamilyRevoked):
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
 		return
@@ -141,7 +136,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 				zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)), zap.Strings("scopes", dropped))
 		}
 	}
-	resp, err := b.issueTokens(ctx, tokenGrant{
+	resp, err := b.families.issue(ctx, tokenGrant{
 		FamilyID:      rec.FamilyID,
 		SessionID:     rec.SessionID,
 		Subject:       rec.Subject,
@@ -152,7 +147,7 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		NotAfter:      sessionEnd,
 	})
 	if err == nil {
-		err = b.markRotated(ctx, key, rec, resp, now)
+		err = b.families.rotate(ctx, raw, rec, resp, now)
 	}
 	if err != nil {
 		// The old token is still unrotated: the client may retry.
@@ -165,32 +160,13 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	writeJSON(w, http.StatusOK, resp)
 }
 
-// markRotated records in the old refresh token's record that it was used and which pair
-// it yielded (sealed), for retries within the grace window and reuse detection after it.
-// The record stays as long as the token would have: a reuse is detected all that time.
-func (b *Broker) markRotated(ctx context.Context, key string, rec RefreshToken, resp TokenResponse, now time.Time) error {
-	plain, err := json.Marshal(resp)
-	if err != nil {
-		return fmt.Errorf("encoding successor pair: %w", err)
-	}
-	if rec.Successor, err = b.cfg.Records.Seal(key, plain); err != nil {
-		return fmt.Errorf("sealing successor pair: %w", err)
-	}
-	rec.RotatedAt = now
-	ttl := max(rec.Expiry.Sub(now), 2*b.cfg.RefreshGrace)
-	if err := b.cfg.Records.Put(ctx, key, rec, ttl); err != nil {
-		return fmt.Errorf("storing rotated refresh token: %w", err)
-	}
-	return nil
-}
-
 // repeatedRefresh answers a refresh with a token already rotated. Within the grace
 // window, and while its successor is unused, it is a repeat (a lost answer, parallel
 // processes of one client, a client refreshing from several places): it gets the pair the
 // first refresh yielded, with the same scopes, and writes nothing. Otherwise it is reuse
 // (OAuth 2.1 §4.3.1: someone else may hold the token), which revokes the whole family.
-func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, key string, rec *RefreshToken, client *Client, raw string, scopes []string, now time.Time) {
-	resp, err := b.successorPair(key, rec)
+func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, rec *RefreshToken, client *Client, raw string, scopes []string, now time.Time) {
+	resp, err := b.families.successor(raw, rec)
 	if err != nil {
 		b.unavailable(w, "opening successor pair", err)
 		return
@@ -199,7 +175,7 @@ func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, key
 	if now.Sub(rec.RotatedAt) > b.cfg.RefreshGrace {
 		reuse = "after the grace window"
 	} else {
-		switch used, err := b.refreshTokenUsed(ctx, resp.RefreshToken); {
+		switch used, err := b.families.refreshUsed(ctx, resp.RefreshToken); {
 		case err != nil:
 			b.unavailable(w, "reading successor refresh token", err)
 			return
@@ -219,7 +195,7 @@ func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, key
 		writeError(w, http.StatusBadRequest, "invalid_scope", "a repeated refresh must ask the scopes of the first")
 		return
 	}
-	switch _, err := b.liveFamily(ctx, rec.FamilyID); {
+	switch _, err := b.families.live(ctx, rec.FamilyID); {
 	case errors.Is(err, errFamilyRevoked):
 		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
 		return
@@ -233,29 +209,6 @@ func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, key
 	// The access token has aged since it was issued: say how long it has left.
 	resp.ExpiresIn = max(resp.ExpiresIn-int64(now.Sub(rec.RotatedAt)/time.Second), 1)
 	writeJSON(w, http.StatusOK, resp)
-}
-
-// successorPair opens the pair a rotated refresh token yielded.
-func (b *Broker) successorPair(key string, rec *RefreshToken) (TokenResponse, error) {
-	var resp TokenResponse
-	plain, err := b.cfg.Records.Open(key, rec.Successor)
-	if err == nil {
-		err = json.Unmarshal(plain, &resp)
-	}
-	return resp, err
-}
-
-// refreshTokenUsed tells whether a refresh token has been rotated. One that is gone counts
-// as used: nothing of its family should be answered on its behalf.
-func (b *Broker) refreshTokenUsed(ctx context.Context, raw string) (bool, error) {
-	var rec RefreshToken
-	switch err := b.cfg.Records.Get(ctx, recordKey(kindRefreshToken, raw), &rec); {
-	case errors.Is(err, storage.ErrNotFound):
-		return true, nil
-	case err != nil:
-		return false, err
-	}
-	return !rec.RotatedAt.IsZero(), nil
 }
 
 // sameScopes tells whether a and b hold the same scopes, in any order.
@@ -283,12 +236,12 @@ func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (en
 	if id == "" {
 		return time.Time{}, nil, storage.ErrNotFound
 	}
-	unlock, err := b.cfg.Records.Lock(ctx, sessionLockName(id))
+	unlock, err := b.sessions.lock(ctx, id)
 	if err != nil {
 		return time.Time{}, nil, fmt.Errorf("locking session: %w", err)
 	}
 	defer unlock()
-	s, err := b.loadSession(ctx, id)
+	s, err := b.sessions.load(ctx, id)
 	if err != nil {
 		return time.Time{}, nil, err
 	}
@@ -315,8 +268,8 @@ func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (en
 				zap.String("session", Fingerprint(id)), zap.Error(err))
 		}
 	}
-	if err := b.cfg.Records.Put(ctx, sessionKey(s.ID), s, b.sessionTTL(s, now)); err != nil {
-		return end, nil, fmt.Errorf("renewing session: %w", err)
+	if err := b.sessions.renew(ctx, s, now); err != nil {
+		return end, nil, err
 	}
 	return end, nil, nil
 }
@@ -331,7 +284,7 @@ var errNoIdPRefreshToken = errors.New("the IdP gave the session no refresh token
 // result with the time of confirmation; it returns the grant's scopes. The caller holds
 // the session's lock.
 func (b *Broker) confirmGrant(ctx context.Context, s *Session, now time.Time) ([]string, error) {
-	g, err := b.sessionGrant(s)
+	g, err := b.sessions.grant(s)
 	if err != nil {
 		// Sealed under a key no longer in the ring: the session cannot be used again.
 		return nil, fmt.Errorf("%w: %w", errSessionEnded, err)
@@ -353,10 +306,4 @@ func (b *Broker) confirmGrant(ctx context.Context, s *Session, now time.Time) ([
 		return nil, fmt.Errorf("%w: %w", errGrantStoreFailed, err)
 	}
 	return next.Scopes, nil
-}
-
-// sessionTTL is how long a session's record is kept when written now: SessionTTL, but
-// never past the session's absolute lifetime.
-func (b *Broker) sessionTTL(s *Session, now time.Time) time.Duration {
-	return max(min(b.cfg.SessionTTL, s.CreatedAt.Add(b.cfg.SessionMaxLifetime).Sub(now)), time.Second)
 }

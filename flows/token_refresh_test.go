@@ -148,7 +148,7 @@ func TestRefreshGrant(t *testing.T) {
 	t.Run("a refresh token whose session is gone is invalid_grant", func(t *testing.T) {
 		first := e.login(t)
 		rec := e.storedRefreshToken(t, first.RefreshToken)
-		if err := e.b.deleteSession(t.Context(), rec.SessionID); err != nil {
+		if err := e.b.sessions.end(t.Context(), rec.SessionID); err != nil {
 			t.Fatal(err)
 		}
 		e.refresh(t, testenv.NativeClientID, first.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
@@ -297,11 +297,11 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 	idpRefreshes := func() int { return o.Count("refresh_token") }
 	sessionGrant := func(t *testing.T, rt string) (*Session, IdPGrant) {
 		t.Helper()
-		s, err := e.b.loadSession(t.Context(), e.storedRefreshToken(t, rt).SessionID)
+		s, err := e.b.sessions.load(t.Context(), e.storedRefreshToken(t, rt).SessionID)
 		if err != nil {
 			t.Fatal(err)
 		}
-		g, err := e.b.sessionGrant(s)
+		g, err := e.b.sessions.grant(s)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -330,7 +330,7 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 		if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
 			t.Errorf("access token after the IdP revoked the grant: %d, want 401", st)
 		}
-		if _, err := e.b.loadSession(t.Context(), s.ID); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := e.b.sessions.load(t.Context(), s.ID); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("the session is still stored: %v", err)
 		}
 		e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")

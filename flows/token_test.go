@@ -143,7 +143,7 @@ func (e *tokenEnv) idpGrant(t *testing.T) IdPGrant {
 // session stores a session for the OP's user logged in through clientID.
 func (e *tokenEnv) session(t *testing.T, clientID string) *Session {
 	t.Helper()
-	s, err := e.b.createSession(t.Context(), e.o.User.Subject, clientID, tokenTestScopes, e.idpGrant(t))
+	s, err := e.b.sessions.create(t.Context(), e.o.User.Subject, clientID, tokenTestScopes, e.idpGrant(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,60 @@
+package flows
+
+import (
+	"time"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// The typed record stores sit between the handlers and storage.Records: one per kind of
+// record, each with only the operations its records allow. A code is issued and taken
+// once; a pending login, a consent ticket or a provisioning link is put and taken once;
+// a session is created, loaded, renewed, its grant rotated, and ended; a token family is
+// started, extended and revoked; an offline grant is put, moved and deleted under its
+// subject's lock; a registered client is registered and renewed. The sealing of what a
+// record keeps secret (IdP grants, PKCE verifiers, successor pairs, refresh tokens) is
+// done in the store too, with the record's key as associated data, so a handler never
+// sees a sealed value's key.
+//
+// The stores are types inside package flows, not a package of their own: the record
+// types (Session, AuthorizationCode, …) are the handlers' vocabulary, and tests of every
+// handler build and inspect them. The seam is that only the store_*.go files touch
+// storage.Records (TestOnlyStoresTouchRecords enforces it), so a fast path for a
+// backend, or a new record kind, changes these files alone. storage knows records,
+// TTLs, encryption and locks, never OAuth.
+
+// openStores builds the broker's record stores over b.cfg.Records. The clock is read
+// through b.now, which tests may replace after New.
+func (b *Broker) openStores() {
+	records := b.cfg.Records
+	now := func() time.Time { return b.now() }
+	b.sessions = sessionStore{records: records, now: now, ttl: b.cfg.SessionTTL, maxLifetime: b.cfg.SessionMaxLifetime}
+	b.families = familyStore{
+		records: records, logger: b.logger, now: now,
+		accessTTL: b.cfg.AccessTokenTTL, refreshTTL: b.cfg.RefreshTokenTTL, grace: b.cfg.RefreshGrace,
+	}
+	b.codes = codeStore{records: records, ttl: b.cfg.CodeTTL}
+	b.consents = oneTimeStore[ConsentTicket]{records: records, kind: kindConsent, ttl: consentTicketTTL}
+	b.logins = oneTimeStore[PendingLogin]{records: records, kind: kindIdPState, ttl: idpStateTTL}
+	b.offlineLogins = oneTimeStore[PendingProvisioning]{records: records, kind: kindFlow2State, ttl: provisioningStateTTL}
+	b.provisioningLinks = oneTimeStore[ProvisioningLink]{records: records, kind: kindFlow2Link, ttl: provisioningLinkTTL}
+	b.offline = offlineGrantStore{records: records, site: b.site}
+	b.registrations = clientStore{records: records, lifetime: b.registrationLifetime()}
+	b.cookies = cookieSealer{records: records}
+}
+
+// cookieSealer seals the values of cookies the broker reads back (the remembered
+// consent), under the key ring of the records.
+type cookieSealer struct {
+	records *storage.Records
+}
+
+// seal seals plain for the cookie named by key (built with storage.Key).
+func (c cookieSealer) seal(key string, plain []byte) (string, error) {
+	return c.records.Seal(key, plain)
+}
+
+// open opens a cookie value sealed by seal for key.
+func (c cookieSealer) open(key, sealed string) ([]byte, error) {
+	return c.records.Open(key, sealed)
+}

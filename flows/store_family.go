@@ -1,0 +1,224 @@
+package flows
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// familyStore keeps token families and the broker-issued access and refresh tokens in
+// them (broker_tokens.go says why they are opaque records). A pair is issued into a
+// family; a refresh token is read, locked and rotated once; a family is started once by
+// its code, extended by refreshes, and revoked.
+type familyStore struct {
+	records *storage.Records
+	logger  *zap.Logger
+	now     func() time.Time
+	// accessTTL and refreshTTL are the tokens' lifetimes; grace how long a rotated refresh
+	// token still yields its successor pair.
+	accessTTL, refreshTTL, grace time.Duration
+}
+
+func familyKey(id string) string { return storage.Key(kindFamily, id) }
+
+// familyLockName serializes the writes of a family record: a revocation must never be
+// overwritten by a refresh extending the family's life.
+func familyLockName(id string) string { return "family/" + id }
+
+// refreshLockName serializes the refreshes of one refresh token across the cluster, so
+// that concurrent retries of one client rotate it once and all get the same pair.
+func refreshLockName(rt string) string { return "refresh/" + storage.Hash(rt) }
+
+// familyTTL outlives every token of the family issued so far.
+func (st familyStore) familyTTL() time.Duration {
+	return max(st.accessTTL, st.refreshTTL) + st.grace
+}
+
+// issue mints and stores an access token and a refresh token for g.
+func (st familyStore) issue(ctx context.Context, g tokenGrant) (TokenResponse, error) {
+	now := st.now()
+	access, refresh := newBrokerToken(accessTokenPrefix), newBrokerToken(refreshTokenPrefix)
+	accessTTL, refreshTTL := st.accessTTL, st.refreshTTL
+	if !g.NotAfter.IsZero() {
+		left := max(g.NotAfter.Sub(now), time.Second)
+		accessTTL, refreshTTL = min(accessTTL, left), min(refreshTTL, left)
+	}
+	at := AccessToken{
+		FamilyID:  g.FamilyID,
+		SessionID: g.SessionID,
+		Subject:   g.Subject,
+		ClientID:  g.ClientID,
+		Scopes:    g.Scopes,
+		Resource:  g.Resource,
+		Expiry:    now.Add(accessTTL),
+	}
+	if err := st.records.Put(ctx, recordKey(kindAccessToken, access), at, accessTTL); err != nil {
+		return TokenResponse{}, fmt.Errorf("storing access token: %w", err)
+	}
+	rt := RefreshToken{
+		FamilyID:  g.FamilyID,
+		SessionID: g.SessionID,
+		Subject:   g.Subject,
+		ClientID:  g.ClientID,
+		Scopes:    g.RefreshScopes,
+		Resource:  g.Resource,
+		Expiry:    now.Add(refreshTTL),
+	}
+	if err := st.records.Put(ctx, recordKey(kindRefreshToken, refresh), rt, refreshTTL); err != nil {
+		return TokenResponse{}, fmt.Errorf("storing refresh token: %w", err)
+	}
+	return TokenResponse{
+		AccessToken:  access,
+		TokenType:    "Bearer",
+		ExpiresIn:    int64(accessTTL / time.Second),
+		RefreshToken: refresh,
+		Scope:        strings.Join(g.Scopes, " "),
+	}, nil
+}
+
+// accessToken returns the record of the access token raw, or storage.ErrNotFound.
+func (st familyStore) accessToken(ctx context.Context, raw string) (AccessToken, error) {
+	var at AccessToken
+	err := st.records.Get(ctx, recordKey(kindAccessToken, raw), &at)
+	return at, err
+}
+
+// refreshToken returns the record of the refresh token raw, or storage.ErrNotFound.
+func (st familyStore) refreshToken(ctx context.Context, raw string) (RefreshToken, error) {
+	var rt RefreshToken
+	err := st.records.Get(ctx, recordKey(kindRefreshToken, raw), &rt)
+	return rt, err
+}
+
+// lockRefresh takes the cluster-wide lock of the refresh token raw.
+func (st familyStore) lockRefresh(ctx context.Context, raw string) (func(), error) {
+	return st.records.Lock(ctx, refreshLockName(raw))
+}
+
+// rotate records in the old refresh token's record that it was used and which pair it
+// yielded (sealed), for retries within the grace window and reuse detection after it.
+// The record stays as long as the token would have: a reuse is detected all that time.
+// The caller holds the refresh token's lock.
+func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, resp TokenResponse, now time.Time) error {
+	key := recordKey(kindRefreshToken, raw)
+	plain, err := json.Marshal(resp)
+	if err != nil {
+		return fmt.Errorf("encoding successor pair: %w", err)
+	}
+	if rec.Successor, err = st.records.Seal(key, plain); err != nil {
+		return fmt.Errorf("sealing successor pair: %w", err)
+	}
+	rec.RotatedAt = now
+	ttl := max(rec.Expiry.Sub(now), 2*st.grace)
+	if err := st.records.Put(ctx, key, rec, ttl); err != nil {
+		return fmt.Errorf("storing rotated refresh token: %w", err)
+	}
+	return nil
+}
+
+// successor opens the pair the rotated refresh token raw yielded.
+func (st familyStore) successor(raw string, rec *RefreshToken) (TokenResponse, error) {
+	var resp TokenResponse
+	plain, err := st.records.Open(recordKey(kindRefreshToken, raw), rec.Successor)
+	if err == nil {
+		err = json.Unmarshal(plain, &resp)
+	}
+	return resp, err
+}
+
+// refreshUsed tells whether a refresh token has been rotated. One that is gone counts as
+// used: nothing of its family should be answered on its behalf.
+func (st familyStore) refreshUsed(ctx context.Context, raw string) (bool, error) {
+	switch rec, err := st.refreshToken(ctx, raw); {
+	case errors.Is(err, storage.ErrNotFound):
+		return true, nil
+	case err != nil:
+		return false, err
+	default:
+		return !rec.RotatedAt.IsZero(), nil
+	}
+}
+
+// live returns the family with id, or errFamilyRevoked when it is revoked or gone.
+func (st familyStore) live(ctx context.Context, id string) (*TokenFamily, error) {
+	var f TokenFamily
+	switch err := st.records.Get(ctx, familyKey(id), &f); {
+	case errors.Is(err, storage.ErrNotFound):
+		return nil, errFamilyRevoked
+	case err != nil:
+		return nil, fmt.Errorf("reading token family: %w", err)
+	}
+	if f.Revoked {
+		return nil, errFamilyRevoked
+	}
+	return &f, nil
+}
+
+// start stores the family of a redeemed code. A replay of the code may have revoked it
+// already: then errFamilyRevoked.
+func (st familyStore) start(ctx context.Context, f TokenFamily) error {
+	unlock, err := st.records.Lock(ctx, familyLockName(f.ID))
+	if err != nil {
+		return fmt.Errorf("starting token family: %w", err)
+	}
+	defer unlock()
+	var existing TokenFamily
+	switch err := st.records.Get(ctx, familyKey(f.ID), &existing); {
+	case err == nil:
+		return errFamilyRevoked // revoked by a replay, or (never) started twice
+	case !errors.Is(err, storage.ErrNotFound):
+		return fmt.Errorf("starting token family: %w", err)
+	}
+	if err := st.records.Put(ctx, familyKey(f.ID), f, st.familyTTL()); err != nil {
+		return fmt.Errorf("starting token family: %w", err)
+	}
+	return nil
+}
+
+// extend renews a live family's record for the tokens a refresh is about to issue, or
+// returns errFamilyRevoked.
+func (st familyStore) extend(ctx context.Context, id string) error {
+	unlock, err := st.records.Lock(ctx, familyLockName(id))
+	if err != nil {
+		return fmt.Errorf("extending token family: %w", err)
+	}
+	defer unlock()
+	f, err := st.live(ctx, id)
+	if err != nil {
+		return err
+	}
+	if err := st.records.Put(ctx, familyKey(id), f, st.familyTTL()); err != nil {
+		return fmt.Errorf("extending token family: %w", err)
+	}
+	return nil
+}
+
+// revoke marks a family revoked, which stops every token in it. The mark outlives every
+// token of the family. Callers use Broker.revokeFamily, which also evicts its tokens
+// from this node's cache.
+func (st familyStore) revoke(ctx context.Context, id, sessionID string) error {
+	unlock, err := st.records.Lock(ctx, familyLockName(id))
+	if err != nil {
+		return fmt.Errorf("revoking token family: %w", err)
+	}
+	defer unlock()
+	f := TokenFamily{ID: id, SessionID: sessionID}
+	if err := st.records.Get(ctx, familyKey(id), &f); err != nil && !errors.Is(err, storage.ErrNotFound) {
+		st.logger.Warn("reading token family before revoking it", zap.Error(err))
+	}
+	if f.Revoked {
+		return nil
+	}
+	f.Revoked, f.RevokedAt = true, st.now()
+	if err := st.records.Put(ctx, familyKey(id), f, st.familyTTL()); err != nil {
+		return fmt.Errorf("revoking token family: %w", err)
+	}
+	return nil
+}
