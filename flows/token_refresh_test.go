@@ -1,6 +1,7 @@
 package flows
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net/http"
@@ -204,7 +205,11 @@ func (c *writeCounter) Delete(ctx context.Context, key string) error {
 // has passed, a repeat is reuse and ends the grant (SECURITY.md, refresh token reuse).
 func TestRefreshRepeats(t *testing.T) {
 	counter := &writeCounter{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
-	e := newTokenEnv(t, verifierOP(t), func(c *Config) { c.Records = storage.New(counter, c.Records.Ring()) })
+	ring, err := storage.NewKeyRing(bytes.Repeat([]byte{7}, storage.KeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newTokenEnv(t, verifierOP(t), func(c *Config) { c.Records = storage.New(counter, ring) })
 
 	t.Run("repeats within the window get the same pair, write nothing and are logged at Info", func(t *testing.T) {
 		first := e.login(t)

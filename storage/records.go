@@ -84,9 +84,6 @@ func New(s certmagic.Storage, ring *KeyRing, opts ...Option) *Records {
 	return r
 }
 
-// Ring returns the key ring given to New.
-func (r *Records) Ring() *KeyRing { return r.ring }
-
 // Seal seals plaintext for the record at key; see KeyRing.Seal.
 func (r *Records) Seal(key string, plaintext []byte) (string, error) {
 	return r.ring.Seal(key, plaintext)
