@@ -150,7 +150,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 
 	ctx, cancel := context.WithTimeout(r.Context(), b.cfg.IdPTimeout)
 	defer cancel()
-	login, err := b.exchangeIdPCode(ctx, code, string(verifier), pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
+	grant, err := b.exchangeIdPCode(ctx, code, verifier, pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
 	if err != nil {
 		if errors.Is(err, idp.ErrUnavailable) {
 			b.logger.Warn("callback: identity provider unavailable", zap.String("client_id", req.ClientID), zap.Error(err))
@@ -164,11 +164,11 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 
 	// The session, its code and tokens carry what the client asked for and the IdP granted.
 	var dropped []string
-	if req.Scopes, dropped = b.narrowToGrant(req.Scopes, login.Grant.Scopes); len(dropped) > 0 {
+	if req.Scopes, dropped = b.narrowToGrant(req.Scopes, grant.Scopes); len(dropped) > 0 {
 		b.logger.Info("callback: the identity provider did not grant scopes the client asked for",
-			zap.String("client_id", req.ClientID), zap.String("subject", login.Subject), zap.Strings("scopes", dropped))
+			zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject), zap.Strings("scopes", dropped))
 	}
-	s, err := b.sessions.create(r.Context(), login.Subject, req.ClientID, req.Scopes, login.Grant)
+	s, err := b.sessions.create(r.Context(), grant.Subject, req.ClientID, req.Scopes, grant)
 	if err != nil {
 		b.logger.Error("callback: creating session", zap.Error(err))
 		fail("server_error", "the login could not be stored")
@@ -183,20 +183,12 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		fail("server_error", "the login could not be stored")
 		return
 	}
-	b.logger.Info("callback: login finished", zap.String("client_id", req.ClientID), zap.String("subject", login.Subject))
+	b.logger.Info("callback: login finished", zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject))
 	q = url.Values{"code": {brokerCode}, "iss": {b.issuer}}
 	if req.State != "" {
 		q.Set("state", req.State)
 	}
 	redirectWithQuery(w, r, req.RedirectURI, q)
-}
-
-// IdPLogin is a verified login at the IdP: who logged in, and the grant the broker holds
-// for them.
-type IdPLogin struct {
-	Subject string
-	IDToken *oidc.IDToken
-	Grant   IdPGrant
 }
 
 // exchangeIdPCode redeems an IdP authorization code with its PKCE verifier at the token
@@ -205,13 +197,13 @@ type IdPLogin struct {
 // when present. iss is the callback's RFC 9207 parameter, checked when the IdP sent one
 // (mix-up defense). Errors wrap idp.ErrUnavailable when the IdP could not be reached or
 // failed.
-func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss, redirectURL string) (*IdPLogin, error) {
+func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss, redirectURL string) (IdPGrant, error) {
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", idp.ErrUnavailable, err)
+		return IdPGrant{}, fmt.Errorf("%w: %w", idp.ErrUnavailable, err)
 	}
 	if iss != "" && iss != d.Issuer {
-		return nil, errors.New("callback iss differs from the identity provider's issuer")
+		return IdPGrant{}, errors.New("callback iss differs from the identity provider's issuer")
 	}
 	conf := b.idpOAuthConfig(d.Provider.Endpoint())
 	conf.RedirectURL = redirectURL
@@ -219,17 +211,17 @@ func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss
 	if err != nil {
 		var re *oauth2.RetrieveError
 		if errors.As(err, &re) && re.Response != nil && re.Response.StatusCode < 500 {
-			return nil, fmt.Errorf("exchanging authorization code: identity provider answered %d %s", re.Response.StatusCode, re.ErrorCode)
+			return IdPGrant{}, fmt.Errorf("exchanging authorization code: identity provider answered %d %s", re.Response.StatusCode, re.ErrorCode)
 		}
-		return nil, fmt.Errorf("%w: exchanging authorization code: %v", idp.ErrUnavailable, err)
+		return IdPGrant{}, fmt.Errorf("%w: exchanging authorization code: %v", idp.ErrUnavailable, err)
 	}
 	rawID, _ := tok.Extra("id_token").(string)
 	if rawID == "" {
-		return nil, errors.New("exchanging authorization code: no id_token in the response")
+		return IdPGrant{}, errors.New("exchanging authorization code: no id_token in the response")
 	}
 	idt, err := d.Provider.Verifier(&oidc.Config{ClientID: b.cfg.ClientID, Now: b.now}).Verify(ctx, rawID)
 	if err != nil {
-		return nil, fmt.Errorf("verifying id token: %w", err)
+		return IdPGrant{}, fmt.Errorf("verifying id token: %w", err)
 	}
 	if len(idt.Audience) > 1 {
 		// OIDC Core §3.1.3.7: with several audiences, azp must name the broker.
@@ -237,35 +229,30 @@ func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss
 			AuthorizedParty string `json:"azp"`
 		}
 		if err := idt.Claims(&c); err != nil || c.AuthorizedParty != b.cfg.ClientID {
-			return nil, errors.New("verifying id token: azp is not the broker's client id")
+			return IdPGrant{}, errors.New("verifying id token: azp is not the broker's client id")
 		}
 	}
 	if !constantTimeEqual(idt.Nonce, nonce) {
-		return nil, errors.New("verifying id token: nonce mismatch")
+		return IdPGrant{}, errors.New("verifying id token: nonce mismatch")
 	}
 	if idt.AccessTokenHash != "" {
 		if err := idt.VerifyAccessToken(tok.AccessToken); err != nil {
-			return nil, fmt.Errorf("verifying id token: %w", err)
+			return IdPGrant{}, fmt.Errorf("verifying id token: %w", err)
 		}
 	}
 	if idt.Subject == "" {
-		return nil, errors.New("verifying id token: no subject")
+		return IdPGrant{}, errors.New("verifying id token: no subject")
 	}
 	answerScope, _ := tok.Extra("scope").(string)
 	granted, err := b.grantedScopes(ctx, d, answerScope, tok.AccessToken, conf.Scopes)
 	if err != nil {
-		return nil, err
+		return IdPGrant{}, err
 	}
-	return &IdPLogin{
+	return IdPGrant{
+		Token:   oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, Expiry: tok.Expiry},
+		IDToken: rawID,
 		Subject: idt.Subject,
-		IDToken: idt,
-		Grant: IdPGrant{
-			AccessToken:  tok.AccessToken,
-			RefreshToken: tok.RefreshToken,
-			Expiry:       tok.Expiry,
-			IDToken:      rawID,
-			Scopes:       granted,
-		},
+		Scopes:  granted,
 	}, nil
 }
 

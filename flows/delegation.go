@@ -202,7 +202,7 @@ func (b *Broker) delegateCold(ctx context.Context, mode string, key delegationKe
 		limit = who.Expiry // never serve a token exchanged for a client token that has expired
 	}
 	return b.delegation.cache.obtain(ctx, key, b.now, b.delegationFlightTimeout(), func(ctx context.Context) (delegatedEntry, error) {
-		var tok delegatedToken
+		var tok IdPGrant
 		var err error
 		switch {
 		case mode == DelegationRefresh:
@@ -213,7 +213,7 @@ func (b *Broker) delegateCold(ctx context.Context, mode string, key delegationKe
 			tok, err = b.exchangeSubject(ctx, raw, own)
 		}
 		if err == nil {
-			bound := tok.granted
+			bound := tok.Scopes
 			if session == "" {
 				bound = who.Scopes // progressive: the client's token is the grant
 			}
@@ -254,15 +254,6 @@ func (b *Broker) evictDelegated(sessionID string) {
 	if b.delegation != nil {
 		b.delegation.cache.evictSession(sessionID)
 	}
-}
-
-// delegatedToken is an access token the IdP issued for the upstream.
-type delegatedToken struct {
-	AccessToken string
-	Expiry      time.Time
-	// granted are the scopes of the IdP grant it was obtained from (the session's),
-	// which it must not exceed; nil when not known.
-	granted []string
 }
 
 // Kinds of delegation failure, each with its answer to the client.

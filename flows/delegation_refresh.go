@@ -32,68 +32,63 @@ import (
 // rather than refreshed.
 const minSubjectLife = 30 * time.Second
 
-// sessionToken is a session's IdP access token as sessionAccessToken found or made it.
-type sessionToken struct {
-	AccessToken string
-	Expiry      time.Time // zero: the IdP did not say
-	refreshed   bool      // by this call
-	granted     []string  // the scopes of the session's IdP grant
-}
-
 // refreshDelegated is delegation refresh: the session's IdP access token narrowed to
 // scopes, refreshed when it is not yet narrowed or about to expire.
-func (b *Broker) refreshDelegated(ctx context.Context, session string, scopes []string) (delegatedToken, error) {
+// The token's Scopes are the session's grant.
+func (b *Broker) refreshDelegated(ctx context.Context, session string, scopes []string) (IdPGrant, error) {
 	if len(scopes) == 0 {
 		scopes = nil // nothing to narrow to: the whole grant
 	}
-	t, err := b.sessionAccessToken(ctx, session, scopes, "")
+	t, _, err := b.sessionAccessToken(ctx, session, scopes, "")
 	if err != nil {
-		return delegatedToken{}, err
+		return IdPGrant{}, err
 	}
 	expiry := t.Expiry
 	if expiry.IsZero() {
 		expiry = b.now().Add(unknownIdPTokenLifetime)
 	}
-	return delegatedToken{AccessToken: t.AccessToken, Expiry: expiry, granted: t.granted}, nil
+	return IdPGrant{Token: oauth2.Token{AccessToken: t.AccessToken, Expiry: expiry}, Scopes: t.Scopes}, nil
 }
 
 // sessionAccessToken returns the access token of the session's IdP grant, narrowed to
 // scopes (nil: the whole grant), refreshing the grant when the stored token is narrowed
-// otherwise, expires within minSubjectLife, or is stale (the IdP just refused it).
-func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []string, stale string) (sessionToken, error) {
-	_, g, err := b.loadSessionGrant(ctx, id)
+// otherwise, expires within minSubjectLife, or is stale (the IdP just refused it). It
+// returns the session's grant (a zero Expiry: the IdP did not say) and whether this call
+// refreshed it.
+func (b *Broker) sessionAccessToken(ctx context.Context, id string, scopes []string, stale string) (g IdPGrant, refreshed bool, err error) {
+	_, g, err = b.loadSessionGrant(ctx, id)
 	if err != nil {
-		return sessionToken{}, err
+		return IdPGrant{}, false, err
 	}
 	if b.grantUsable(g, scopes, stale) {
-		return sessionToken{AccessToken: g.AccessToken, Expiry: g.Expiry, granted: g.Scopes}, nil
+		return g, false, nil
 	}
 
 	unlock, err := b.sessions.lock(ctx, id)
 	if err != nil {
-		return sessionToken{}, &delegationError{failStorage, fmt.Errorf("locking session for refresh: %w", err)}
+		return IdPGrant{}, false, &delegationError{failStorage, fmt.Errorf("locking session for refresh: %w", err)}
 	}
 	defer unlock()
 	// Another node, or another flight of this one, may have refreshed meanwhile.
 	s, g, err := b.loadSessionGrant(ctx, id)
 	if err != nil {
-		return sessionToken{}, err
+		return IdPGrant{}, false, err
 	}
 	if b.grantUsable(g, scopes, stale) {
-		return sessionToken{AccessToken: g.AccessToken, Expiry: g.Expiry, granted: g.Scopes}, nil
+		return g, false, nil
 	}
 	if g.RefreshToken == "" {
-		return sessionToken{}, &delegationError{failRejected, errors.New("refreshing session grant: the IdP gave no refresh token")}
+		return IdPGrant{}, false, &delegationError{failRejected, errors.New("refreshing session grant: the IdP gave no refresh token")}
 	}
 	next, err := b.refreshIdPGrant(ctx, g, scopes)
 	if err != nil {
-		return sessionToken{}, err
+		return IdPGrant{}, false, err
 	}
 	s.ConfirmedAt = b.now() // the IdP just showed the grant alive: the broker's refresh need not ask
 	if err := b.storeRotatedGrant(ctx, s, next); err != nil {
-		return sessionToken{}, err
+		return IdPGrant{}, false, err
 	}
-	return sessionToken{AccessToken: next.AccessToken, Expiry: next.Expiry, refreshed: true, granted: next.Scopes}, nil
+	return next, true, nil
 }
 
 // loadSessionGrant loads a session and opens its grant.
@@ -140,7 +135,7 @@ func (b *Broker) storeRotatedGrant(ctx context.Context, s *Session, g IdPGrant) 
 // refreshIdPGrant refreshes g at the IdP: the whole grant when scopes is nil, else narrowed
 // to scopes. The answer's refresh token replaces g's (the IdP may have rotated it).
 func (b *Broker) refreshIdPGrant(ctx context.Context, g IdPGrant, scopes []string) (IdPGrant, error) {
-	var res idpTokenResult
+	var res *oauth2.Token
 	var err error
 	if scopes == nil {
 		res, err = b.refreshWhole(ctx, g.RefreshToken)
@@ -151,20 +146,19 @@ func (b *Broker) refreshIdPGrant(ctx context.Context, g IdPGrant, scopes []strin
 		return IdPGrant{}, err
 	}
 	next := IdPGrant{
-		AccessToken:       res.AccessToken,
-		RefreshToken:      res.RefreshToken,
-		Expiry:            res.Expiry,
-		IDToken:           res.IDToken,
+		Token:             oauth2.Token{AccessToken: res.AccessToken, RefreshToken: res.RefreshToken, Expiry: res.Expiry},
 		Scopes:            g.Scopes,
 		AccessTokenScopes: scopes,
 	}
+	next.IDToken, _ = res.Extra("id_token").(string)
 	if next.RefreshToken == "" { // not rotated: the old one stays good (RFC 6749 §6)
 		next.RefreshToken = g.RefreshToken
 	}
 	if next.IDToken == "" {
 		next.IDToken = g.IDToken
 	}
-	if answered := strings.Fields(res.Scope); scopes == nil && len(answered) > 0 {
+	answerScope, _ := res.Extra("scope").(string)
+	if answered := strings.Fields(answerScope); scopes == nil && len(answered) > 0 {
 		// The answer to a refresh of the whole grant names the grant as it is now: a scope
 		// the IdP has withdrawn since the login is gone from it (never one added).
 		next.Scopes = slices.DeleteFunc(slices.Clone(g.Scopes), func(s string) bool { return !slices.Contains(answered, s) })
@@ -176,7 +170,7 @@ func (b *Broker) refreshIdPGrant(ctx context.Context, g IdPGrant, scopes []strin
 // grant) and `resource` where configured. offline_access is kept when the grant has it,
 // so that an IdP narrowing the refresh token along with the access token still issues
 // one next time.
-func (b *Broker) refreshNarrowed(ctx context.Context, g IdPGrant, scopes []string) (idpTokenResult, error) {
+func (b *Broker) refreshNarrowed(ctx context.Context, g IdPGrant, scopes []string) (*oauth2.Token, error) {
 	ask := scopes
 	if slices.Contains(g.Scopes, "offline_access") && !slices.Contains(ask, "offline_access") {
 		ask = append(slices.Clone(ask), "offline_access")
@@ -193,13 +187,13 @@ func (b *Broker) refreshNarrowed(ctx context.Context, g IdPGrant, scopes []strin
 }
 
 // refreshWhole refreshes the whole grant with x/oauth2.
-func (b *Broker) refreshWhole(ctx context.Context, refreshToken string) (idpTokenResult, error) {
+func (b *Broker) refreshWhole(ctx context.Context, refreshToken string) (*oauth2.Token, error) {
 	const what = "refreshing session grant"
 	ctx, cancel := context.WithTimeout(ctx, b.cfg.IdPTimeout)
 	defer cancel()
 	disc, err := b.idp.Discovery(ctx)
 	if err != nil {
-		return idpTokenResult{}, unavailable(what, err)
+		return nil, unavailable(what, err)
 	}
 	conf := &oauth2.Config{
 		ClientID:     b.cfg.ClientID,
@@ -211,18 +205,15 @@ func (b *Broker) refreshWhole(ctx context.Context, refreshToken string) (idpToke
 	t, err := conf.TokenSource(context.WithValue(ctx, oauth2.HTTPClient, b.cfg.HTTPClient),
 		&oauth2.Token{RefreshToken: refreshToken}).Token()
 	if err != nil {
-		return idpTokenResult{}, oauth2Failure(what, err)
+		return nil, oauth2Failure(what, err)
 	}
 	if t.TokenType != "" && !strings.EqualFold(t.TokenType, "bearer") {
-		return idpTokenResult{}, &delegationError{failMalformed, fmt.Errorf("%s: token_type %q is not Bearer", what, t.TokenType)}
+		return nil, &delegationError{failMalformed, fmt.Errorf("%s: token_type %q is not Bearer", what, t.TokenType)}
 	}
-	res := idpTokenResult{AccessToken: t.AccessToken, RefreshToken: t.RefreshToken, Expiry: t.Expiry}
-	if res.Expiry.IsZero() {
-		res.Expiry = b.now().Add(unknownIdPTokenLifetime)
+	if t.Expiry.IsZero() {
+		t.Expiry = b.now().Add(unknownIdPTokenLifetime)
 	}
-	res.IDToken, _ = t.Extra("id_token").(string)
-	res.Scope, _ = t.Extra("scope").(string)
-	return res, nil
+	return t, nil
 }
 
 // oauth2Failure classifies an error of x/oauth2's token request. Its RetrieveError text

@@ -80,10 +80,8 @@ func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User,
 	tb.Helper()
 	tok := loginIdPGrant(tb, o, user, testenv.BrokerClientID, testenv.BrokerClientSecret, delegationLoginScopes, resources...)
 	s, err := b.sessions.create(context.Background(), user.Subject, testenv.NativeClientID, delegationLoginScopes, IdPGrant{
-		AccessToken:  tok.AccessToken,
-		RefreshToken: tok.RefreshToken,
-		Expiry:       tok.Expiry,
-		Scopes:       delegationLoginScopes,
+		Token:  oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, Expiry: tok.Expiry},
+		Scopes: delegationLoginScopes,
 	})
 	if err != nil {
 		tb.Fatal(err)
@@ -535,7 +533,7 @@ func TestDelegationHybridTokenExchange(t *testing.T) {
 			t.Fatal(err)
 		}
 		// A login answer without expires_in, and a token the OP no longer takes.
-		if err := b.sessions.rotateGrant(context.Background(), s, IdPGrant{AccessToken: "revoked", RefreshToken: idp.RefreshToken, Scopes: delegationLoginScopes}); err != nil {
+		if err := b.sessions.rotateGrant(context.Background(), s, IdPGrant{Token: oauth2.Token{AccessToken: "revoked", RefreshToken: idp.RefreshToken}, Scopes: delegationLoginScopes}); err != nil {
 			t.Fatal(err)
 		}
 		o.ResetCounts()

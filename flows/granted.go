@@ -149,7 +149,7 @@ var errDelegatedToken = errors.New("delegated token refused")
 // (nil: not known). A refresh that cannot narrow is no error: the per-tool check narrows.
 // The payload is decoded, not verified: it came over the back channel from the IdP's
 // token endpoint.
-func (b *Broker) checkDelegatedToken(tok delegatedToken, subject string, exchanged bool, granted []string) error {
+func (b *Broker) checkDelegatedToken(tok IdPGrant, subject string, exchanged bool, granted []string) error {
 	if !idp.LooksLikeJWS(tok.AccessToken) {
 		return nil
 	}

@@ -329,7 +329,7 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 	cfg := b.provisioningOAuth2(d, pending.Scopes)
 	idpCtx, cancel := b.offlineIdPContext(ctx)
 	defer cancel()
-	tok, err := cfg.Exchange(idpCtx, code, oauth2.VerifierOption(string(verifier)))
+	tok, err := cfg.Exchange(idpCtx, code, oauth2.VerifierOption(verifier))
 	if err != nil {
 		b.logger.Warn("flow 2: exchanging authorization code", zap.String("subject", pending.Subject), zap.Error(oauthErrorOnly(err)))
 		b.provisioningPage(w, http.StatusBadGateway, provisioningPageData{Title: "Login failed", Message: "The identity provider did not accept the login; start again."})

@@ -5,6 +5,8 @@ import (
 	"encoding/base64"
 	"time"
 
+	"golang.org/x/oauth2"
+
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -67,13 +69,20 @@ type PendingLogin struct {
 	BrowserBinding string `json:"browser_binding"`
 }
 
-// IdPGrant is what the IdP gave the broker for a user. Sealed as a whole inside Session.
+// IdPGrant is a token the IdP gave the broker for a user: x/oauth2's Token (access token,
+// refresh token, expiry) plus what the broker learned with it. It is the one type for a
+// token from the IdP: a login's grant, sealed as a whole inside Session, a refreshed
+// grant, and a token obtained for the upstream (delegation.go). The JSON is the sealed
+// shape of earlier releases: the Token's fields stay at the top level.
 type IdPGrant struct {
-	AccessToken  string    `json:"access_token"`
-	RefreshToken string    `json:"refresh_token,omitempty"`
-	Expiry       time.Time `json:"expiry"`
-	IDToken      string    `json:"id_token,omitempty"`
-	Scopes       []string  `json:"scopes,omitempty"`
+	oauth2.Token
+	// IDToken is the raw ID token of the login, kept across refreshes that return none.
+	IDToken string `json:"id_token,omitempty"`
+	// Subject is the verified ID token's subject, set by the login; not sealed (the
+	// Session holds it).
+	Subject string `json:"-"`
+	// Scopes are the scopes the IdP granted (granted.go); nil when not known.
+	Scopes []string `json:"scopes,omitempty"`
 	// AccessTokenScopes is what AccessToken was narrowed to by a scoped refresh
 	// (delegation refresh); empty when it carries the whole grant.
 	AccessTokenScopes []string `json:"access_token_scopes,omitempty"`

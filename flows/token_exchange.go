@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/oauth2"
+
 	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
@@ -35,8 +37,9 @@ const (
 )
 
 // exchangeSubject exchanges subject (an IdP access token) for a token for the delegation
-// audience with scopes (none: the IdP's default, at most the subject's own).
-func (b *Broker) exchangeSubject(ctx context.Context, subject string, scopes []string) (delegatedToken, error) {
+// audience with scopes (none: the IdP's default, at most the subject's own). The token's
+// Scopes are left for the caller to set to the grant it came from.
+func (b *Broker) exchangeSubject(ctx context.Context, subject string, scopes []string) (IdPGrant, error) {
 	form := url.Values{
 		"grant_type":           {idp.GrantTypeTokenExchange},
 		"subject_token":        {subject},
@@ -53,43 +56,33 @@ func (b *Broker) exchangeSubject(ctx context.Context, subject string, scopes []s
 	}
 	res, err := b.idpTokenRequest(ctx, "token exchange", form)
 	if err != nil {
-		return delegatedToken{}, err
+		return IdPGrant{}, err
 	}
-	if t := res.IssuedTokenType; t != "" && t != rfc8693AccessToken && t != rfc8693JWT {
-		return delegatedToken{}, &delegationError{failMalformed, fmt.Errorf("token exchange: issued_token_type %q is no access token", t)}
+	if t, _ := res.Extra("issued_token_type").(string); t != "" && t != rfc8693AccessToken && t != rfc8693JWT {
+		return IdPGrant{}, &delegationError{failMalformed, fmt.Errorf("token exchange: issued_token_type %q is no access token", t)}
 	}
-	return delegatedToken{AccessToken: res.AccessToken, Expiry: res.Expiry}, nil
+	return IdPGrant{Token: oauth2.Token{AccessToken: res.AccessToken, Expiry: res.Expiry}}, nil
 }
 
 // exchangeForSession exchanges the IdP access token of a hybrid session, refreshed first
-// when it has expired.
-func (b *Broker) exchangeForSession(ctx context.Context, session string, scopes []string) (delegatedToken, error) {
-	subject, err := b.sessionAccessToken(ctx, session, nil, "")
+// when it has expired. The token's Scopes are the session's grant.
+func (b *Broker) exchangeForSession(ctx context.Context, session string, scopes []string) (IdPGrant, error) {
+	subject, refreshed, err := b.sessionAccessToken(ctx, session, nil, "")
 	if err != nil {
-		return delegatedToken{}, err
+		return IdPGrant{}, err
 	}
 	tok, err := b.exchangeSubject(ctx, subject.AccessToken, scopes)
 	var de *delegationError
-	if err != nil && errors.As(err, &de) && de.kind == failRejected && subject.Expiry.IsZero() && !subject.refreshed {
+	if err != nil && errors.As(err, &de) && de.kind == failRejected && subject.Expiry.IsZero() && !refreshed {
 		// The login's answer said nothing of the token's lifetime: it may just have
 		// expired. Refresh once and try again.
-		if subject, err = b.sessionAccessToken(ctx, session, nil, subject.AccessToken); err != nil {
-			return delegatedToken{}, err
+		if subject, _, err = b.sessionAccessToken(ctx, session, nil, subject.AccessToken); err != nil {
+			return IdPGrant{}, err
 		}
 		tok, err = b.exchangeSubject(ctx, subject.AccessToken, scopes)
 	}
-	tok.granted = subject.granted
+	tok.Scopes = subject.Scopes
 	return tok, err
-}
-
-// idpTokenResult is a successful answer of the IdP's token endpoint.
-type idpTokenResult struct {
-	AccessToken     string
-	RefreshToken    string
-	IDToken         string
-	IssuedTokenType string
-	Scope           string
-	Expiry          time.Time
 }
 
 // idpTokenAnswer is the JSON of a token endpoint's answer, success (RFC 6749 §5.1, RFC 8693
@@ -123,20 +116,22 @@ func (e *idpExpiresIn) UnmarshalJSON(b []byte) error {
 }
 
 // idpTokenRequest posts form to the IdP's token endpoint with the broker's credentials
-// and reads the answer, classifying any failure. what names the grant in errors.
-func (b *Broker) idpTokenRequest(ctx context.Context, what string, form url.Values) (idpTokenResult, error) {
+// and reads the answer, classifying any failure. what names the grant in errors. The
+// answer's id_token, scope and issued_token_type are the token's Extra, as x/oauth2 keeps
+// them for its own requests.
+func (b *Broker) idpTokenRequest(ctx context.Context, what string, form url.Values) (*oauth2.Token, error) {
 	ctx, cancel := context.WithTimeout(ctx, b.cfg.IdPTimeout)
 	defer cancel()
 	disc, err := b.idp.Discovery(ctx)
 	if err != nil {
-		return idpTokenResult{}, unavailable(what, err)
+		return nil, unavailable(what, err)
 	}
 	if disc.TokenEndpoint == "" {
-		return idpTokenResult{}, &delegationError{failMalformed, fmt.Errorf("%s: the discovery document names no token endpoint", what)}
+		return nil, &delegationError{failMalformed, fmt.Errorf("%s: the discovery document names no token endpoint", what)}
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, disc.TokenEndpoint, strings.NewReader(form.Encode()))
 	if err != nil {
-		return idpTokenResult{}, &delegationError{failInternal, fmt.Errorf("%s: building request: %w", what, err)}
+		return nil, &delegationError{failInternal, fmt.Errorf("%s: building request: %w", what, err)}
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
@@ -146,45 +141,39 @@ func (b *Broker) idpTokenRequest(ctx context.Context, what string, form url.Valu
 	resp, err := b.cfg.HTTPClient.Do(req)
 	if err != nil {
 		// Transport errors carry the URL and the cause, never the form.
-		return idpTokenResult{}, unavailable(what, err)
+		return nil, unavailable(what, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxIdPTokenAnswerBytes+1))
 	if err != nil {
-		return idpTokenResult{}, unavailable(what+": reading the answer", err)
+		return nil, unavailable(what+": reading the answer", err)
 	}
 	now := b.now()
 	if resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests {
-		return idpTokenResult{}, unavailable(what, fmt.Errorf("%w: token endpoint answered %s", idp.ErrUnavailable, resp.Status))
+		return nil, unavailable(what, fmt.Errorf("%w: token endpoint answered %s", idp.ErrUnavailable, resp.Status))
 	}
 	if len(body) > maxIdPTokenAnswerBytes {
-		return idpTokenResult{}, &delegationError{failMalformed, fmt.Errorf("%s: answer over %d bytes", what, maxIdPTokenAnswerBytes)}
+		return nil, &delegationError{failMalformed, fmt.Errorf("%s: answer over %d bytes", what, maxIdPTokenAnswerBytes)}
 	}
 	var a idpTokenAnswer
 	if err := json.Unmarshal(body, &a); err != nil {
-		return idpTokenResult{}, &delegationError{failMalformed, fmt.Errorf("%s: %s answer is not token JSON", what, resp.Status)}
+		return nil, &delegationError{failMalformed, fmt.Errorf("%s: %s answer is not token JSON", what, resp.Status)}
 	}
 	if resp.StatusCode != http.StatusOK || a.Error != "" { // some IdPs refuse with 200
-		return idpTokenResult{}, tokenEndpointRefusal(what, resp.StatusCode, a.Error)
+		return nil, tokenEndpointRefusal(what, resp.StatusCode, a.Error)
 	}
 	switch {
 	case a.AccessToken == "":
-		return idpTokenResult{}, &delegationError{failMalformed, fmt.Errorf("%s: answer without access_token", what)}
+		return nil, &delegationError{failMalformed, fmt.Errorf("%s: answer without access_token", what)}
 	case !strings.EqualFold(a.TokenType, "bearer"):
-		return idpTokenResult{}, &delegationError{failMalformed, fmt.Errorf("%s: token_type %q is not Bearer", what, a.TokenType)}
+		return nil, &delegationError{failMalformed, fmt.Errorf("%s: token_type %q is not Bearer", what, a.TokenType)}
 	}
 	life := time.Duration(a.ExpiresIn) * time.Second
 	if a.ExpiresIn <= 0 {
 		life = unknownIdPTokenLifetime
 	}
-	return idpTokenResult{
-		AccessToken:     a.AccessToken,
-		RefreshToken:    a.RefreshToken,
-		IDToken:         a.IDToken,
-		IssuedTokenType: a.IssuedTokenType,
-		Scope:           a.Scope,
-		Expiry:          now.Add(life),
-	}, nil
+	tok := &oauth2.Token{AccessToken: a.AccessToken, TokenType: a.TokenType, RefreshToken: a.RefreshToken, Expiry: now.Add(life)}
+	return tok.WithExtra(map[string]any{"id_token": a.IDToken, "scope": a.Scope, "issued_token_type": a.IssuedTokenType}), nil
 }
 
 // tokenEndpointRefusal classifies an OAuth error answer (RFC 6749 §5.2) of the token

@@ -137,7 +137,11 @@ func (e *tokenEnv) idpGrant(t *testing.T) IdPGrant {
 	}
 	idToken, _ := tok.Extra("id_token").(string)
 	e.remember(tok.AccessToken, tok.RefreshToken, idToken)
-	return IdPGrant{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, Expiry: tok.Expiry, IDToken: idToken, Scopes: cfg.Scopes}
+	return IdPGrant{
+		Token:   oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, Expiry: tok.Expiry},
+		IDToken: idToken,
+		Scopes:  cfg.Scopes,
+	}
 }
 
 // session stores a session for the OP's user logged in through clientID.
