@@ -13,6 +13,7 @@ import (
 // The records the broker keeps in storage, and where. Keys are built with storage.Key;
 // everything a client sent (codes, tokens, client ids, states) is hashed first. Secrets
 // (IdP tokens, rotated token pairs) are sealed with the record's key as associated data.
+// Only the typed stores (store.go) read and write them.
 
 // Storage key prefixes, one per record kind.
 const (

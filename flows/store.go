@@ -11,7 +11,8 @@ import (
 // once; a pending login, a consent ticket or a provisioning link is put and taken once;
 // a session is created, loaded, renewed, its grant rotated, and ended; a token family is
 // started, extended and revoked; an offline grant is put, moved and deleted under its
-// subject's lock; a registered client is registered and renewed. The sealing of what a
+// subject's lock; a registered client is registered and renewed; a cookie the broker
+// reads back is sealed and opened (cookieSealer). The sealing of what a
 // record keeps secret (IdP grants, PKCE verifiers, successor pairs, refresh tokens) is
 // done in the store too, with the record's key as associated data, so a handler never
 // sees a sealed value's key.
