@@ -54,5 +54,5 @@ func (b *Broker) authorizationServerMetadata() AuthorizationServerMetadata {
 // The TypeScript SDK validates those OIDC fields only when it had to use the OIDC path,
 // which it never does here since the RFC 8414 path, tried first, answers.
 func (b *Broker) serveAuthorizationServerMetadata(w http.ResponseWriter, r *http.Request) {
-	serveMetadata(w, r, b.authorizationServerMetadata)
+	serveMetadata(b, w, r, b.authorizationServerMetadata)
 }

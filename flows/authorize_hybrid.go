@@ -3,6 +3,7 @@ package flows
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"html/template"
 	"net/http"
 	"net/url"
@@ -44,72 +45,66 @@ const (
 // whatever URI the request named. Afterwards errors go to the redirect URI with the
 // client's state and the broker's iss (RFC 6749 §4.1.2.1).
 func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
+	if err := b.authorizeHybrid(w, r); err != nil {
+		b.writeError(w, r, err)
+	}
+}
+
+// authorizeHybrid reads and checks the authorization request, then asks for consent (or
+// goes on to the IdP when this browser already consented). It answers only on success.
+func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 	// Each request stores a consent ticket for 10 minutes: bound how fast one address
 	// can make the broker write.
 	if ok, wait := b.authorizations.Allow(ratelimit.Key(clientIP(r)), authorizeRate, b.now()); !ok {
-		tooManyRequests(w, wait, "too many authorization requests from this address; retry later")
-		return
+		return errTooManyRequests(wait, "too many authorization requests from this address; retry later")
 	}
 	switch r.Method {
 	case http.MethodGet:
 	case http.MethodPost:
 		r.Body = http.MaxBytesReader(w, r.Body, maxAuthorizeBody)
 	default:
-		w.Header().Set("Allow", "GET, POST")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return
+		return errMethodNotAllowed("GET, POST")
 	}
 	if err := r.ParseForm(); err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_request", "the request could not be parsed")
-		return
+		return errInvalidRequest("the request could not be parsed")
 	}
 	f := r.Form
 
 	// Before trust: who is asking, and where would the answer go.
 	if len(f["client_id"]) > 1 || len(f["redirect_uri"]) > 1 {
-		writeError(w, http.StatusBadRequest, "invalid_request", "client_id and redirect_uri may appear only once")
-		return
+		return errInvalidRequest("client_id and redirect_uri may appear only once")
 	}
 	clientID := f.Get("client_id")
 	if clientID == "" {
-		writeError(w, http.StatusBadRequest, "invalid_request", "client_id is required")
-		return
+		return errInvalidRequest("client_id is required")
 	}
 	client, err := b.findClient(r.Context(), clientID)
 	switch {
 	case errors.Is(err, ErrMetadataDocumentsOff):
-		writeError(w, http.StatusBadRequest, "invalid_client", "this server does not accept client metadata documents (https client ids); register the client instead")
-		return
+		return newRequestError(http.StatusBadRequest, "invalid_client", "this server does not accept client metadata documents (https client ids); register the client instead")
 	case errors.Is(err, ErrUnknownClient):
-		writeError(w, http.StatusBadRequest, "invalid_client", "unknown client")
-		return
+		return newRequestError(http.StatusBadRequest, "invalid_client", "unknown client")
 	case err != nil:
-		b.logger.Error("authorize: finding client", zap.Error(err))
-		writeError(w, http.StatusInternalServerError, "server_error", "the client could not be loaded")
-		return
+		return errServer(http.StatusInternalServerError, "the client could not be loaded", fmt.Errorf("authorize: finding client: %w", err))
 	}
 	if err := CheckClientName(client.Name); err != nil {
 		// Registered before names were checked, or configured so: the page cannot show it.
-		writeError(w, http.StatusBadRequest, "invalid_client", "the client's name contains control or bidirectional-formatting characters")
-		return
+		return newRequestError(http.StatusBadRequest, "invalid_client", "the client's name contains control or bidirectional-formatting characters")
 	}
 	redirectURI := f.Get("redirect_uri")
 	omitted := redirectURI == ""
 	if omitted {
 		// RFC 6749 §3.1.2.3: a client with a single registered URI may leave it out.
 		if len(client.RedirectURIs) != 1 {
-			writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required")
-			return
+			return errInvalidRequest("redirect_uri is required")
 		}
 		redirectURI = client.RedirectURIs[0]
 	}
 	if err := CheckRedirectURI(redirectURI); err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_request", err.Error())
-		return
+		return errInvalidRequest(err.Error())
 	}
 	if !MatchRedirectURI(client.RedirectURIs, redirectURI) {
-		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is not registered for this client")
-		return
+		return errInvalidRequest("redirect_uri is not registered for this client")
 	}
 
 	// After trust: errors go back to the client. Not automatically, though, to a URI
@@ -119,64 +114,67 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 	// error goes, with a link the user may follow. Configured clients' URIs are the
 	// operator's, and loopback ones stay on the user's computer: they are redirected to.
 	state := f.Get("state")
-	autoRedirect := client.Source == ClientSourceConfig || isLoopbackRedirectURI(redirectURI)
-	fail := func(code, description string) {
-		if !autoRedirect {
-			b.showAuthorizeError(w, redirectURI, state, code, description)
-			return
-		}
-		b.redirectError(w, r, redirectURI, state, code, description)
-	}
+	page := client.Source != ClientSourceConfig && !isLoopbackRedirectURI(redirectURI)
 	if len(state) > maxStateLen {
-		state = ""
-		fail("invalid_request", "state is too long")
-		return
+		return errInvalidRequest("state is too long").to(redirectURI, "", page)
 	}
+	req, refused := b.checkAuthorizationRequest(f, client, redirectURI, state, omitted)
+	if refused != nil {
+		return refused.to(redirectURI, state, page)
+	}
+	if b.consentRemembered(r, client.ID, redirectURI, req.Scopes) {
+		b.logger.Info("authorize: consent remembered for this browser", zap.String("client_id", client.ID))
+		return b.redirectToIdP(w, r, req)
+	}
+	ticket := randomToken()
+	if err := b.consents.put(r.Context(), ticket, ConsentTicket{Request: req, CSRF: randomToken()}); err != nil {
+		return errServer(http.StatusInternalServerError, "the request could not be stored", storageFailed("authorize: storing consent ticket", err)).
+			to(redirectURI, state, page)
+	}
+	b.logger.Info("authorize: asking for consent", zap.String("client_id", client.ID))
+	w.Header().Set("Cache-Control", "no-store")
+	http.Redirect(w, r, b.issuer+pathConsent+"?"+url.Values{"ticket": {ticket}}.Encode(), http.StatusFound)
+	return nil
+}
+
+// checkAuthorizationRequest checks the rest of an authorization request whose client and
+// redirect URI belong together, and returns it. Its errors go to the redirect URI.
+func (b *Broker) checkAuthorizationRequest(f url.Values, client *Client, redirectURI, state string, omitted bool) (AuthorizationRequest, *requestError) {
 	for _, k := range []string{"state", "response_type", "code_challenge", "code_challenge_method", "scope"} {
 		if len(f[k]) > 1 {
-			fail("invalid_request", "a parameter appears more than once")
-			return
+			return AuthorizationRequest{}, errInvalidRequest("a parameter appears more than once")
 		}
 	}
 	switch rt := f.Get("response_type"); {
 	case rt == "":
-		fail("invalid_request", "response_type is required")
-		return
+		return AuthorizationRequest{}, errInvalidRequest("response_type is required")
 	case rt != "code":
-		fail("unsupported_response_type", "only response_type code is supported")
-		return
+		return AuthorizationRequest{}, newRequestError(http.StatusBadRequest, "unsupported_response_type", "only response_type code is supported")
 	}
 	if len(client.GrantTypes) > 0 && !client.allowsGrantType(grantAuthorizationCode) {
-		fail("unauthorized_client", "the client did not register the authorization_code grant")
-		return
+		return AuthorizationRequest{}, errUnauthorizedClient("the client did not register the authorization_code grant")
 	}
 	challenge := f.Get("code_challenge")
 	switch {
 	case challenge == "":
-		fail("invalid_request", "code_challenge is required (PKCE with S256)")
-		return
+		return AuthorizationRequest{}, errInvalidRequest("code_challenge is required (PKCE with S256)")
 	case f.Get("code_challenge_method") != "S256":
 		// An absent method means plain (RFC 7636 §4.3), which is refused as well.
-		fail("invalid_request", "code_challenge_method must be S256")
-		return
+		return AuthorizationRequest{}, errInvalidRequest("code_challenge_method must be S256")
 	case !validS256Challenge(challenge):
-		fail("invalid_request", "code_challenge must be an S256 challenge: 43 characters of base64url")
-		return
+		return AuthorizationRequest{}, errInvalidRequest("code_challenge must be an S256 challenge: 43 characters of base64url")
 	}
 	resource := ""
 	for _, res := range f["resource"] {
 		if res != b.cfg.Resource {
-			fail("invalid_target", "resource is not this server")
-			return
+			return AuthorizationRequest{}, errInvalidTarget("resource is not this server")
 		}
 		resource = res
 	}
 	scopes, ok := b.grantableScopes(client, strings.Fields(f.Get("scope")))
 	if !ok {
-		fail("invalid_scope", "a requested scope is not allowed for this client")
-		return
+		return AuthorizationRequest{}, errInvalidScope("a requested scope is not allowed for this client")
 	}
-
 	req := AuthorizationRequest{
 		ClientID:            client.ID,
 		RedirectURI:         redirectURI,
@@ -188,23 +186,9 @@ func (b *Broker) serveAuthorizeHybrid(w http.ResponseWriter, r *http.Request) {
 		RedirectURIOmitted:  omitted,
 	}
 	if stored, err := json.Marshal(&req); err != nil || len(stored) > maxStoredAuthorizationRequest {
-		fail("invalid_request", "the authorization request is too large")
-		return
+		return AuthorizationRequest{}, errInvalidRequest("the authorization request is too large")
 	}
-	if b.consentRemembered(r, client.ID, redirectURI, scopes) {
-		b.logger.Info("authorize: consent remembered for this browser", zap.String("client_id", client.ID))
-		b.redirectToIdP(w, r, req)
-		return
-	}
-	ticket := randomToken()
-	if err := b.consents.put(r.Context(), ticket, ConsentTicket{Request: req, CSRF: randomToken()}); err != nil {
-		b.logger.Error("authorize: storing consent ticket", zap.Error(err))
-		fail("server_error", "the request could not be stored")
-		return
-	}
-	b.logger.Info("authorize: asking for consent", zap.String("client_id", client.ID))
-	w.Header().Set("Cache-Control", "no-store")
-	http.Redirect(w, r, b.issuer+pathConsent+"?"+url.Values{"ticket": {ticket}}.Encode(), http.StatusFound)
+	return req, nil
 }
 
 // grantableScopes decides the scopes of a request: those asked, each allowed for the
@@ -254,20 +238,6 @@ func validS256Challenge(c string) bool {
 	return true
 }
 
-// redirectError sends an authorization error to a trusted redirect URI, with the
-// client's state and the broker's issuer (RFC 6749 §4.1.2.1, RFC 9207). description is
-// one of the broker's fixed texts.
-func (b *Broker) redirectError(w http.ResponseWriter, r *http.Request, redirectURI, state, code, description string) {
-	q := url.Values{"error": {code}, "iss": {b.issuer}}
-	if description != "" {
-		q.Set("error_description", description)
-	}
-	if state != "" {
-		q.Set("state", state)
-	}
-	redirectWithQuery(w, r, redirectURI, q)
-}
-
 // isLoopbackRedirectURI tells whether a checked redirect URI leads to the user's own
 // computer.
 func isLoopbackRedirectURI(raw string) bool {
@@ -277,33 +247,28 @@ func isLoopbackRedirectURI(raw string) bool {
 
 // showAuthorizeError answers an authorization error for a redirect URI the broker does
 // not redirect to on its own: a page with the error, the host it would go to, and a link
-// carrying it there (state and iss included) for the user to follow.
-func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI, state, code, description string) {
+// carrying it there (q: the error, state and iss) for the user to follow.
+func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI string, q url.Values, e *requestError) {
 	u, err := url.Parse(redirectURI)
 	var host string
 	if err == nil {
 		host, err = asciiHost(u.Hostname())
 	}
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is not a valid URI")
+		writeJSON(w, http.StatusBadRequest, oauthError{Error: "invalid_request", Description: "redirect_uri is not a valid URI"})
 		return
 	}
-	q := u.Query()
-	q.Set("error", code)
-	q.Set("iss", b.issuer)
-	if description != "" {
-		q.Set("error_description", description)
+	merged := u.Query()
+	for k, vs := range q {
+		merged[k] = vs
 	}
-	if state != "" {
-		q.Set("state", state)
-	}
-	u.RawQuery = q.Encode()
+	u.RawQuery = merged.Encode()
 	consentHeaders(w, []string{"'none'"})
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.WriteHeader(http.StatusBadRequest)
 	_ = authorizeErrorTemplate.Execute(w, struct {
 		Code, Description, Host, Link string
-	}{code, description, host, u.String()})
+	}{e.code, e.description, host, u.String()})
 }
 
 var authorizeErrorTemplate = template.Must(template.New("authorize-error").Parse(`<!doctype html>

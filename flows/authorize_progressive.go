@@ -1,6 +1,7 @@
 package flows
 
 import (
+	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
@@ -14,6 +15,13 @@ import (
 // this one replaces; the redirect URI is parsed instead of prefix-matched (SECURITY.md W1),
 // and PKCE and the resource reach the IdP.
 func (b *Broker) serveAuthorizeProgressive(w http.ResponseWriter, r *http.Request) {
+	if err := b.authorizeProgressive(w, r); err != nil {
+		b.writeError(w, r, err)
+	}
+}
+
+// authorizeProgressive checks a Flow-1 request and sends the browser to the IdP.
+func (b *Broker) authorizeProgressive(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	redirectURI := q.Get("redirect_uri")
 	clientID := q.Get("client_id")
@@ -23,51 +31,37 @@ func (b *Broker) serveAuthorizeProgressive(w http.ResponseWriter, r *http.Reques
 	}
 	switch {
 	case q.Get("response_type") != "code":
-		writeError(w, http.StatusBadRequest, "unsupported_response_type", "Only 'code' response_type is supported")
-		return
+		return newRequestError(http.StatusBadRequest, "unsupported_response_type", "Only 'code' response_type is supported")
 	case redirectURI == "":
-		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required")
-		return
+		return errInvalidRequest("redirect_uri is required")
 	case CheckRedirectURI(redirectURI) != nil:
-		writeError(w, http.StatusBadRequest, "invalid_request", CheckRedirectURI(redirectURI).Error())
-		return
+		return errInvalidRequest(CheckRedirectURI(redirectURI).Error())
 	case q.Get("state") == "":
-		writeError(w, http.StatusBadRequest, "invalid_request", "state parameter is required for CSRF protection")
-		return
+		return errInvalidRequest("state parameter is required for CSRF protection")
 	case q.Get("code_challenge") == "":
-		writeError(w, http.StatusBadRequest, "invalid_request", "code_challenge is required (PKCE)")
-		return
+		return errInvalidRequest("code_challenge is required (PKCE)")
 	case method != "S256":
-		writeError(w, http.StatusBadRequest, "invalid_request", "code_challenge_method must be S256")
-		return
+		return errInvalidRequest("code_challenge_method must be S256")
 	case clientID == "":
-		writeError(w, http.StatusBadRequest, "invalid_request", "client_id is required in Progressive Consent mode")
-		return
+		return errInvalidRequest("client_id is required in Progressive Consent mode")
 	}
 	client := b.clients.lookup(clientID)
 	scopes := strings.Fields(q.Get("scope"))
 	switch {
 	case client == nil:
-		writeError(w, http.StatusUnauthorized, "unauthorized_client", "unknown client")
-		return
+		return newRequestError(http.StatusUnauthorized, "unauthorized_client", "unknown client")
 	case !MatchRedirectURI(client.RedirectURIs, redirectURI):
-		writeError(w, http.StatusUnauthorized, "unauthorized_client", "redirect_uri is not registered for this client")
-		return
+		return newRequestError(http.StatusUnauthorized, "unauthorized_client", "redirect_uri is not registered for this client")
 	case !client.allowsScopes(scopes):
-		writeError(w, http.StatusUnauthorized, "unauthorized_client", "scope is not allowed for this client")
-		return
+		return newRequestError(http.StatusUnauthorized, "unauthorized_client", "scope is not allowed for this client")
 	}
 	if res := q.Get("resource"); res != "" && res != b.cfg.Resource {
-		writeError(w, http.StatusBadRequest, "invalid_target", "resource is not this server")
-		return
+		return errInvalidTarget("resource is not this server")
 	}
 
 	d, err := b.idp.Discovery(r.Context())
 	if err != nil {
-		b.logger.Warn("authorize: identity provider unavailable", zap.Error(err))
-		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
-		return
+		return errIdPUnavailable(fmt.Errorf("authorize: %w", err))
 	}
 	if len(scopes) == 0 {
 		scopes = client.Scopes
@@ -89,6 +83,7 @@ func (b *Broker) serveAuthorizeProgressive(w http.ResponseWriter, r *http.Reques
 	}
 	b.logger.Info("flow 1: sending client to the identity provider", zap.String("client_id", clientID))
 	redirectWithQuery(w, r, d.BrowserAuthorizationEndpoint, idp)
+	return nil
 }
 
 // withOpenID puts `openid` first in scopes when it is missing: the broker works with OIDC

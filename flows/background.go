@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
@@ -27,59 +28,57 @@ const backgroundSubjectMax = 1024
 // users), which is why only background clients may call it; a user's bearer token is
 // refused. Each worker is held to BackgroundTokenRate requests a minute.
 func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", "POST")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+	resp, err := b.backgroundTokenRequest(w, r)
+	if err != nil {
+		b.writeError(w, r, err)
 		return
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// backgroundTokenRequest authenticates and limits the background client, reads the
+// subject and mints the token.
+func (b *Broker) backgroundTokenRequest(w http.ResponseWriter, r *http.Request) (TokenResponse, error) {
+	if r.Method != http.MethodPost {
+		return TokenResponse{}, errMethodNotAllowed("POST")
 	}
 	clientID, ok := b.authenticateBackgroundClient(r)
 	if !ok {
-		w.Header().Set("WWW-Authenticate", `Basic realm="background-token"`)
-		writeError(w, http.StatusUnauthorized, "invalid_client", "background client authentication failed")
-		return
+		e := newRequestError(http.StatusUnauthorized, "invalid_client", "background client authentication failed")
+		e.challenge = `Basic realm="background-token"`
+		return TokenResponse{}, e
 	}
 	if ok, wait := b.backgroundTokens.Allow(clientID, b.cfg.BackgroundTokenRate, b.now()); !ok {
-		tooManyRequests(w, wait, "too many background token requests from this background client; retry later")
-		return
+		return TokenResponse{}, errTooManyRequests(wait, "too many background token requests from this background client; retry later")
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, backgroundFormMax)
 	if err := r.ParseForm(); err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_request", "the request body is not a form of acceptable size")
-		return
+		return TokenResponse{}, errInvalidRequest("the request body is not a form of acceptable size")
 	}
 	if r.URL.RawQuery != "" {
 		// Parameters belong in the body, as at a token endpoint.
-		writeError(w, http.StatusBadRequest, "invalid_request", "parameters are accepted only in the request body")
-		return
+		return TokenResponse{}, errInvalidRequest("parameters are accepted only in the request body")
 	}
 	subjects := r.PostForm["subject"]
 	if len(subjects) != 1 || subjects[0] == "" || len(subjects[0]) > backgroundSubjectMax {
-		writeError(w, http.StatusBadRequest, "invalid_request", "exactly one subject is required")
-		return
+		return TokenResponse{}, errInvalidRequest("exactly one subject is required")
 	}
 	subject := subjects[0]
 	tok, scopes, err := b.backgroundToken(r.Context(), clientID, subject)
 	switch {
 	case errors.Is(err, errNotProvisioned):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the user has not provisioned offline access")
-		return
+		return TokenResponse{}, errInvalidGrant("the user has not provisioned offline access")
 	case errors.Is(err, errBackgroundClientNotGranted):
 		b.logger.Info("background token: the user did not grant this background client", zap.String("client_id", clientID), zap.String("subject", subject))
-		writeError(w, http.StatusForbidden, "access_denied", "the user did not grant this background client offline access")
-		return
+		return TokenResponse{}, newRequestError(http.StatusForbidden, "access_denied", "the user did not grant this background client offline access")
 	case errors.Is(err, errOfflineGrantDead):
 		b.logger.Info("background token: offline grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the user's offline access is no longer valid; the user must provision it again")
-		return
+		return TokenResponse{}, errInvalidGrant("the user's offline access is no longer valid; the user must provision it again")
 	case errors.Is(err, idp.ErrUnavailable):
-		b.logger.Warn("background token: identity provider unavailable", zap.String("subject", subject), zap.Error(err))
-		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
-		return
+		return TokenResponse{}, errIdPUnavailable(fmt.Errorf("background token for subject %s: %w", subject, err))
 	case err != nil:
-		b.logger.Error("background token: minting failed", zap.String("subject", subject), zap.Error(err))
-		writeError(w, http.StatusInternalServerError, "server_error", "the background token could not be issued")
-		return
+		return TokenResponse{}, errServer(http.StatusInternalServerError, "the background token could not be issued",
+			fmt.Errorf("background token: minting for subject %s: %w", subject, err))
 	}
 	var expiresIn int64
 	if !tok.Expiry.IsZero() {
@@ -87,12 +86,12 @@ func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 	}
 	b.logger.Info("background token issued", zap.String("client_id", clientID), zap.String("subject", subject),
 		zap.String("token", Fingerprint(tok.AccessToken)))
-	writeJSON(w, http.StatusOK, TokenResponse{
+	return TokenResponse{
 		AccessToken: tok.AccessToken,
 		TokenType:   "Bearer",
 		ExpiresIn:   expiresIn,
 		Scope:       strings.Join(scopes, " "),
-	})
+	}, nil
 }
 
 // authenticateBackgroundClient checks HTTP Basic credentials against the configured

@@ -73,9 +73,9 @@ func brokerTokenKey(raw string) [sha256.Size]byte {
 }
 
 // verifyBrokerToken checks an access token the broker issued (hybrid mode). It returns an
-// error wrapping idp.ErrInvalidToken for a token that is unknown, expired, revoked or
-// meant for another resource, and one wrapping idp.ErrUnavailable when storage cannot be
-// read (the token may be fine: answer 503, not 401). The principal is shared by every caller
+// error wrapping idp.ErrInvalidToken for a token that is unknown, expired, revoked or meant for
+// another resource, and one wrapping ErrStorageUnavailable when storage cannot be read
+// (the token may be fine: answer 503, not 401). The principal is shared by every caller
 // presenting the same token: read it, never modify it.
 func (b *Broker) verifyBrokerToken(ctx context.Context, raw string) (*idp.Principal, error) {
 	if !isBrokerToken(raw, accessTokenPrefix) {
@@ -112,7 +112,7 @@ func (b *Broker) checkAccessToken(ctx context.Context, raw string, now time.Time
 	case errors.Is(err, storage.ErrNotFound):
 		return nil, "", fmt.Errorf("checking broker access token: %w: unknown token", idp.ErrInvalidToken)
 	case err != nil:
-		return nil, "", fmt.Errorf("%w: reading access token record: %w", idp.ErrUnavailable, err)
+		return nil, "", storageFailed("reading access token record", err)
 	}
 	if !now.Before(at.Expiry) {
 		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: expired", idp.ErrInvalidToken)
@@ -125,7 +125,7 @@ func (b *Broker) checkAccessToken(ctx context.Context, raw string, now time.Time
 	case errors.Is(err, errFamilyRevoked):
 		return nil, at.FamilyID, fmt.Errorf("checking broker access token: %w: revoked", idp.ErrInvalidToken)
 	case err != nil:
-		return nil, at.FamilyID, fmt.Errorf("%w: %w", idp.ErrUnavailable, err)
+		return nil, at.FamilyID, storageFailed("reading token family", err)
 	}
 	return &idp.Principal{
 		Subject:   at.Subject,

@@ -25,13 +25,11 @@ import (
 const idpStateTTL = 10 * time.Minute
 
 // redirectToIdP stores the approved request under a fresh state and sends the browser
-// to the IdP's (public) authorization endpoint.
-func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req AuthorizationRequest) {
+// to the IdP's (public) authorization endpoint. Its errors go to the client's redirect URI.
+func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req AuthorizationRequest) error {
 	d, err := b.idp.Discovery(r.Context())
 	if err != nil {
-		b.logger.Warn("login: identity provider unavailable", zap.Error(err))
-		b.redirectError(w, r, req.RedirectURI, req.State, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
-		return
+		return errIdPUnavailable(fmt.Errorf("login: %w", err)).to(req.RedirectURI, req.State, false)
 	}
 	state, nonce, verifier := randomToken(), randomToken(), oauth2.GenerateVerifier()
 	sealed, err := b.logins.sealVerifier(state, verifier)
@@ -41,9 +39,8 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 		err = b.logins.put(r.Context(), state, PendingLogin{Request: req, Nonce: nonce, PKCEVerifier: sealed, BrowserBinding: binding})
 	}
 	if err != nil {
-		b.logger.Error("login: storing pending login", zap.Error(err))
-		b.redirectError(w, r, req.RedirectURI, req.State, "server_error", "the login could not be started")
-		return
+		return errServer(http.StatusInternalServerError, "the login could not be started", storageFailed("login: storing pending login", err)).
+			to(req.RedirectURI, req.State, false)
 	}
 	conf := b.idpOAuthConfig(oauth2.Endpoint{AuthURL: d.BrowserAuthorizationEndpoint})
 	// prompt=consent: Nextcloud and Keycloak issue a refresh token for offline_access
@@ -55,6 +52,7 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 	b.logger.Info("login: sending the browser to the identity provider", zap.String("client_id", req.ClientID))
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, target, http.StatusFound)
+	return nil
 }
 
 // idpOAuthConfig is the broker as a client of the IdP at endpoint. It asks for openid,
@@ -77,20 +75,27 @@ func (b *Broker) idpOAuthConfig(endpoint oauth2.Endpoint) *oauth2.Config {
 
 // serveCallback finishes a hybrid login at /oauth/callback.
 func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", "GET")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return
+	if err := b.callback(w, r); err != nil {
+		b.writeError(w, r, err)
 	}
-	if !b.allowOneTimeValue(w, r) {
-		consentProblem(w, http.StatusTooManyRequests, "Too many logins from your network right now. Wait a minute, then start again from the application.")
-		return
+}
+
+// callback takes the pending login of the IdP's answer, redeems the IdP's code and sends
+// the browser back to the client with a broker code. Until the pending login is read,
+// errors are JSON; afterwards they go to the client's redirect URI. It answers only on
+// success and for the pages a person reads.
+func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return errMethodNotAllowed("GET")
+	}
+	if err := b.allowOneTimeValue(r, errConsentPage(http.StatusTooManyRequests,
+		"Too many logins from your network right now. Wait a minute, then start again from the application.")); err != nil {
+		return err
 	}
 	q := r.URL.Query()
 	state := q.Get("state")
 	if state == "" || len(state) > maxTicketLen {
-		writeError(w, http.StatusBadRequest, "invalid_request", "unknown or expired login state")
-		return
+		return errInvalidRequest("unknown or expired login state")
 	}
 	// The browser binding is checked before the pending login is taken: a browser that
 	// did not start this login must not spend it for the one that did.
@@ -99,53 +104,49 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.logger.Warn("callback: the login returned to a browser that did not start it; nothing issued",
 			zap.String("client_id", pending.Request.ClientID), zap.String("state", Fingerprint(state)))
-		consentProblem(w, http.StatusForbidden, notThisBrowserMessage)
-		return
+		return errConsentPage(http.StatusForbidden, notThisBrowserMessage)
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
-		b.logger.Error("callback: loading pending login", zap.Error(err))
-		writeError(w, http.StatusInternalServerError, "server_error", "the login could not be loaded")
-		return
+		return errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: loading pending login", err))
 	}
 	if pending, err = b.logins.take(r.Context(), state); err != nil {
 		if !errors.Is(err, storage.ErrNotFound) {
-			b.logger.Error("callback: taking pending login", zap.Error(err))
-			writeError(w, http.StatusInternalServerError, "server_error", "the login could not be loaded")
-			return
+			return errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: taking pending login", err))
 		}
 		b.logger.Info("callback: unknown, replayed or expired state", zap.String("state", Fingerprint(state)))
-		writeError(w, http.StatusBadRequest, "invalid_request", "unknown or expired login state")
-		return
+		return errInvalidRequest("unknown or expired login state")
 	}
 	b.clearLoginBinding(w, state, pathCallback)
 	req := pending.Request
-	fail := func(code, description string) {
-		b.redirectError(w, r, req.RedirectURI, req.State, code, description)
+	if err := b.finishLogin(w, r, q, state, pending); err != nil {
+		return err.to(req.RedirectURI, req.State, false)
 	}
+	return nil
+}
 
+// finishLogin redeems the IdP's code of a pending login and sends the browser back to the
+// client with a broker code. Its errors go to the client's redirect URI.
+func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) *requestError {
+	req := pending.Request
 	if idpErr := q.Get("error"); idpErr != "" {
 		// The IdP's words stay in the log (W11); the client gets a fixed code.
 		b.logger.Info("callback: the identity provider refused the login",
 			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))
 		switch idpErr {
 		case "access_denied":
-			fail("access_denied", "the user or the identity provider denied the request")
+			return newRequestError(http.StatusBadRequest, "access_denied", "the user or the identity provider denied the request")
 		case "temporarily_unavailable":
-			fail("temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+			return newRequestError(http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
 		default:
-			fail("server_error", "the identity provider refused the login")
+			return newRequestError(http.StatusBadRequest, "server_error", "the identity provider refused the login")
 		}
-		return
 	}
 	code := q.Get("code")
 	if code == "" {
-		fail("server_error", "the identity provider returned no code")
-		return
+		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider returned no code")
 	}
 	verifier, err := b.logins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
-		b.logger.Error("callback: opening PKCE verifier", zap.Error(err))
-		fail("server_error", "the login could not be finished")
-		return
+		return errServer(http.StatusInternalServerError, "the login could not be finished", fmt.Errorf("callback: opening PKCE verifier: %w", err))
 	}
 
 	ctx, cancel := context.WithTimeout(r.Context(), b.cfg.IdPTimeout)
@@ -153,13 +154,10 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 	grant, err := b.exchangeIdPCode(ctx, code, verifier, pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
 	if err != nil {
 		if errors.Is(err, idp.ErrUnavailable) {
-			b.logger.Warn("callback: identity provider unavailable", zap.String("client_id", req.ClientID), zap.Error(err))
-			fail("temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
-			return
+			return errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
 		}
-		b.logger.Warn("callback: login refused", zap.String("client_id", req.ClientID), zap.Error(err))
-		fail("server_error", "the login at the identity provider could not be verified")
-		return
+		return errServer(http.StatusBadGateway, "the login at the identity provider could not be verified",
+			fmt.Errorf("callback: login refused for client %s: %w", req.ClientID, err))
 	}
 
 	// The session, its code and tokens carry what the client asked for and the IdP granted.
@@ -170,18 +168,14 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	s, err := b.sessions.create(r.Context(), grant.Subject, req.ClientID, req.Scopes, grant)
 	if err != nil {
-		b.logger.Error("callback: creating session", zap.Error(err))
-		fail("server_error", "the login could not be stored")
-		return
+		return errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: creating session", err))
 	}
 	brokerCode, err := b.issueCode(r.Context(), s, req)
 	if err != nil {
-		b.logger.Error("callback: issuing code", zap.Error(err))
 		if derr := b.sessions.end(r.Context(), s.ID); derr != nil {
 			b.logger.Warn("callback: deleting unused session", zap.Error(derr))
 		}
-		fail("server_error", "the login could not be stored")
-		return
+		return errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: issuing code", err))
 	}
 	b.logger.Info("callback: login finished", zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject))
 	q = url.Values{"code": {brokerCode}, "iss": {b.issuer}}
@@ -189,6 +183,7 @@ func (b *Broker) serveCallback(w http.ResponseWriter, r *http.Request) {
 		q.Set("state", req.State)
 	}
 	redirectWithQuery(w, r, req.RedirectURI, q)
+	return nil
 }
 
 // exchangeIdPCode redeems an IdP authorization code with its PKCE verifier at the token

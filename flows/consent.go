@@ -200,14 +200,19 @@ func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientI
 
 // serveConsent shows the consent page (GET) and takes the user's decision (POST).
 func (b *Broker) serveConsent(w http.ResponseWriter, r *http.Request) {
+	var err error
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
-		b.showConsent(w, r)
+		err = b.showConsent(w, r)
 	case http.MethodPost:
-		b.decideConsent(w, r)
+		err = b.decideConsent(w, r)
 	default:
-		w.Header().Set("Allow", "GET, HEAD, POST")
-		consentProblem(w, http.StatusMethodNotAllowed, "This address takes only the consent form.")
+		e := errConsentPage(http.StatusMethodNotAllowed, "This address takes only the consent form.")
+		e.header, e.value = "Allow", "GET, HEAD, POST"
+		err = e
+	}
+	if err != nil {
+		b.writeError(w, r, err)
 	}
 }
 
@@ -227,18 +232,17 @@ type consentPage struct {
 	CSRF         string
 }
 
-func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
+func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) error {
 	ticket := r.URL.Query().Get("ticket")
-	ct, ok := b.loadConsentTicket(w, r, ticket)
-	if !ok {
-		return
+	ct, err := b.loadConsentTicket(r, ticket)
+	if err != nil {
+		return err
 	}
 	req := ct.Request
 	client, err := b.findClient(r.Context(), req.ClientID)
 	if err != nil {
 		b.logger.Warn("consent: client no longer found", zap.String("client_id", req.ClientID), zap.Error(err))
-		consentProblem(w, http.StatusBadRequest, "The application asking for access is no longer known. Start again from the application.")
-		return
+		return errConsentPage(http.StatusBadRequest, "The application asking for access is no longer known. Start again from the application.")
 	}
 	redirect, err := url.Parse(req.RedirectURI)
 	var shownHost, shownURI string
@@ -246,8 +250,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 		shownHost, shownURI, err = displayRedirect(redirect)
 	}
 	if err != nil {
-		consentProblem(w, http.StatusBadRequest, "The request is not valid. Start again from the application.")
-		return
+		return errConsentPage(http.StatusBadRequest, "The request is not valid. Start again from the application.")
 	}
 	name := client.Name
 	if name == "" {
@@ -288,28 +291,27 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.WriteHeader(http.StatusOK)
 	if r.Method == http.MethodHead {
-		return
+		return nil
 	}
 	if err := consentTemplate.Execute(w, page); err != nil {
 		b.logger.Warn("consent: rendering the page", zap.Error(err))
 	}
+	return nil
 }
 
-func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) {
+func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) error {
 	r.Body = http.MaxBytesReader(w, r.Body, maxConsentBody)
 	if err := r.ParseForm(); err != nil {
-		consentProblem(w, http.StatusBadRequest, "The form could not be read. Start again from the application.")
-		return
+		return errConsentPage(http.StatusBadRequest, "The form could not be read. Start again from the application.")
 	}
 	ticket := r.PostForm.Get("ticket")
-	ct, ok := b.loadConsentTicket(w, r, ticket)
-	if !ok {
-		return
+	ct, err := b.loadConsentTicket(r, ticket)
+	if err != nil {
+		return err
 	}
 	if site := r.Header.Get("Sec-Fetch-Site"); site != "" && site != "same-origin" {
 		b.logger.Warn("consent: cross-site form post refused", zap.String("client_id", ct.Request.ClientID), zap.String("sec_fetch_site", site))
-		consentProblem(w, http.StatusForbidden, "This form was not sent from the consent page. Start again from the application.")
-		return
+		return errConsentPage(http.StatusForbidden, "This form was not sent from the consent page. Start again from the application.")
 	}
 	var cookieValue string
 	if c, err := r.Cookie(b.csrfCookie(ticket, "", 0).Name); err == nil {
@@ -319,54 +321,48 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) {
 	if ct.CSRF == "" || !constantTimeEqual(form, ct.CSRF) || !constantTimeEqual(cookieValue, ct.CSRF) {
 		b.logger.Warn("consent: CSRF check failed", zap.String("client_id", ct.Request.ClientID),
 			zap.Bool("form_token", form != ""), zap.Bool("cookie", cookieValue != ""))
-		consentProblem(w, http.StatusForbidden, "This form could not be verified. Open the consent page again from the application, in this browser.")
-		return
+		return errConsentPage(http.StatusForbidden, "This form could not be verified. Open the consent page again from the application, in this browser.")
 	}
 	decision := r.PostForm.Get("decision")
 	if decision != "approve" && decision != "deny" {
-		consentProblem(w, http.StatusBadRequest, "Choose Approve or Deny.")
-		return
+		return errConsentPage(http.StatusBadRequest, "Choose Approve or Deny.")
 	}
 	// Only now is the ticket spent: one decision per ticket.
 	taken, err := b.consents.take(r.Context(), ticket)
 	if err != nil {
+		e := errConsentPage(http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
 		if !errors.Is(err, storage.ErrNotFound) {
-			b.logger.Error("consent: taking ticket", zap.Error(err))
+			b.logger.Error("consent: taking ticket", zap.Error(storageFailed("taking consent ticket", err)))
 		}
-		consentProblem(w, http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
-		return
+		return e
 	}
 	http.SetCookie(w, b.csrfCookie(ticket, "", -1))
 	req := taken.Request
 	if decision == "deny" {
 		b.logger.Info("consent: denied", zap.String("client_id", req.ClientID))
-		b.redirectError(w, r, req.RedirectURI, req.State, "access_denied", "the user denied the request")
-		return
+		return newRequestError(http.StatusBadRequest, "access_denied", "the user denied the request").to(req.RedirectURI, req.State, false)
 	}
 	b.logger.Info("consent: approved", zap.String("client_id", req.ClientID))
 	b.rememberConsent(w, r, req.ClientID, req.RedirectURI, req.Scopes)
-	b.redirectToIdP(w, r, req)
+	return b.redirectToIdP(w, r, req)
 }
 
-// loadConsentTicket reads the ticket named in a request without spending it, or answers
-// with the page that says why not.
-func (b *Broker) loadConsentTicket(w http.ResponseWriter, r *http.Request, ticket string) (ConsentTicket, bool) {
+// loadConsentTicket reads the ticket named in a request without spending it, or returns
+// the page that says why not.
+func (b *Broker) loadConsentTicket(r *http.Request, ticket string) (ConsentTicket, error) {
 	var ct ConsentTicket
 	if ticket == "" || len(ticket) > maxTicketLen {
-		consentProblem(w, http.StatusBadRequest, "This consent request is not valid. Start again from the application.")
-		return ct, false
+		return ct, errConsentPage(http.StatusBadRequest, "This consent request is not valid. Start again from the application.")
 	}
 	ct, err := b.consents.peek(r.Context(), ticket)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		consentProblem(w, http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
-		return ct, false
+		return ct, errConsentPage(http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
 	case err != nil:
-		b.logger.Error("consent: loading ticket", zap.Error(err))
-		consentProblem(w, http.StatusInternalServerError, "The consent request could not be loaded. Try again shortly.")
-		return ct, false
+		return ct, errConsentPage(http.StatusInternalServerError, "The consent request could not be loaded. Try again shortly.").
+			because(storageFailed("consent: loading ticket", err))
 	}
-	return ct, true
+	return ct, nil
 }
 
 func constantTimeEqual(a, b string) bool {
@@ -401,6 +397,11 @@ func cspSource(u *url.URL) string {
 		}
 	}
 	return scheme + "://" + u.Host
+}
+
+// errConsentPage is an error answered with the consent pages' short page of message.
+func errConsentPage(status int, message string) *requestError {
+	return errPage(status, func(w http.ResponseWriter, status int) { consentProblem(w, status, message) })
 }
 
 // consentProblem answers a browser with a short page saying what went wrong, in fixed

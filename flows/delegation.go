@@ -122,13 +122,13 @@ func narrowScopes(dst, want, granted []string) []string {
 func (b *Broker) delegationFlightTimeout() time.Duration { return 3 * b.cfg.IdPTimeout }
 
 // delegateInto gives the upstream request out what the configured delegation mode says
-// in place of the client's token, or answers the client itself and returns false.
+// in place of the client's token, or returns the error to answer the client with.
 // raw is the client's token (the subject of a token exchange in progressive mode); need
 // is what this call needs by the tool_scope rules (empty: delegation.scopes).
-func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *idp.Principal, raw string, need []string) bool {
+func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string, need []string) error {
 	if b.cfg.DelegationMode == DelegationNone {
 		out.Header.Set(b.cfg.SubjectHeader, who.Subject)
-		return true
+		return nil
 	}
 	d := b.delegation
 	ctx := out.Context()
@@ -138,18 +138,15 @@ func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *idp
 	} else {
 		var err error
 		if mode, err = b.resolveDelegationMode(ctx); err != nil {
-			b.delegationFailed(w, who, nil, err)
-			return false
+			return b.delegationFailed(who, nil, err)
 		}
 	}
 	hybrid := b.cfg.Mode == ModeHybrid
 	if !hybrid && mode == DelegationRefresh {
-		b.delegationFailed(w, who, nil, errNoTokenExchange)
-		return false
+		return b.delegationFailed(who, nil, errNoTokenExchange)
 	}
 	if hybrid && who.SessionID == "" {
-		b.delegationFailed(w, who, nil, &delegationError{failInternal, errors.New("delegating: hybrid principal without a session")})
-		return false
+		return b.delegationFailed(who, nil, &delegationError{failInternal, errors.New("delegating: hybrid principal without a session")})
 	}
 
 	var buf [8]string
@@ -168,8 +165,7 @@ func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *idp
 		if mode == DelegationRefresh && len(d.defaultScopes) > 0 {
 			step = d.defaultScopes
 		}
-		b.insufficientScope(w, who, step)
-		return false
+		return b.errInsufficientScope(who, step)
 	}
 	var key delegationKey
 	if hybrid {
@@ -179,16 +175,15 @@ func (b *Broker) delegateInto(w http.ResponseWriter, out *http.Request, who *idp
 	}
 	if h, ok := d.cache.get(key, b.now().UnixNano()); ok {
 		out.Header.Set("Authorization", h)
-		return true
+		return nil
 	}
 
 	h, err := b.delegateCold(ctx, mode, key, who, raw, scopes)
 	if err != nil {
-		b.delegationFailed(w, who, scopes, err)
-		return false
+		return b.delegationFailed(who, scopes, err)
 	}
 	out.Header.Set("Authorization", h)
-	return true
+	return nil
 }
 
 // delegateCold obtains the delegated token for key, once for all concurrent callers.
@@ -288,9 +283,9 @@ func unavailable(doing string, err error) error {
 	return &delegationError{failUnavailable, fmt.Errorf("%s: %w", doing, err)}
 }
 
-// delegationFailed answers the client for a failed delegation. No path forwards the
-// client's token instead.
-func (b *Broker) delegationFailed(w http.ResponseWriter, who *idp.Principal, scopes []string, err error) {
+// delegationFailed logs a failed delegation and returns the error to answer the client
+// with. No path forwards the client's token instead.
+func (b *Broker) delegationFailed(who *idp.Principal, scopes []string, err error) error {
 	kind := failInternal
 	var de *delegationError
 	switch {
@@ -303,37 +298,39 @@ func (b *Broker) delegationFailed(w http.ResponseWriter, who *idp.Principal, sco
 	if who.SessionID != "" {
 		fields = append(fields, zap.String("session", Fingerprint(who.SessionID)))
 	}
+	// Each kind is logged here, with whose delegation failed; the error answered carries
+	// no cause, so the writer does not log it again.
 	switch kind {
 	case failUnavailable:
 		b.logger.Warn("delegation: identity provider unavailable", fields...)
-		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+		return errIdPUnavailable(nil)
 	case failStorage:
 		b.logger.Error("delegation: session storage failed", fields...)
-		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the session store cannot be reached; try again shortly")
+		e := newRequestError(http.StatusServiceUnavailable, "temporarily_unavailable", "the session store cannot be reached; try again shortly")
+		e.retryAfter = unavailableRetry
+		return e
 	case failRejected:
 		b.logger.Info("delegation: identity provider refused the user's grant", fields...)
-		b.challenge(w, "invalid_token", "the identity provider refused the user's grant; sign in again")
+		return b.errBearer("invalid_token", "the identity provider refused the user's grant; sign in again")
 	case failSessionGone:
 		b.logger.Debug("delegation: session gone", fields...)
-		b.challenge(w, "invalid_token", "the session has ended; sign in again")
+		return b.errBearer("invalid_token", "the session has ended; sign in again")
 	case failScope:
 		b.logger.Warn("delegation: identity provider refused the scopes", append(fields, zap.String("scopes", strings.Join(scopes, " ")))...)
-		b.insufficientScope(w, who, scopes)
+		return b.errInsufficientScope(who, scopes)
 	case failMalformed:
 		b.logger.Error("delegation: unusable answer from the identity provider", fields...)
-		writeError(w, http.StatusBadGateway, "server_error", "the identity provider gave an unusable answer")
+		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider gave an unusable answer")
 	case failRefused:
 		b.logger.Error("delegation: identity provider refused the broker's request; check its client configuration", fields...)
-		writeError(w, http.StatusBadGateway, "server_error", "the identity provider refused the broker's delegation request")
+		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider refused the broker's delegation request")
 	case failNoExchange:
 		if b.delegation.noExchangeLogged.CompareAndSwap(false, true) {
 			b.logger.Error("delegation: the identity provider offers no token exchange (RFC 8693), which progressive mode needs; use mode hybrid or an IdP with token exchange")
 		}
-		writeError(w, http.StatusBadGateway, "server_error", "the identity provider offers no token exchange")
+		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider offers no token exchange")
 	default:
 		b.logger.Error("delegation failed", fields...)
-		writeError(w, http.StatusInternalServerError, "server_error", "delegation failed")
+		return newRequestError(http.StatusInternalServerError, "server_error", "delegation failed")
 	}
 }

@@ -112,8 +112,11 @@ func progressivePrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.
 func delegate(ctx context.Context, b *Broker, who *idp.Principal, raw string, need []string) (*httptest.ResponseRecorder, string, bool) {
 	w := httptest.NewRecorder()
 	out := httptest.NewRequestWithContext(ctx, http.MethodPost, testResource, nil)
-	ok := b.delegateInto(w, out, who, raw, need)
-	return w, out.Header.Get("Authorization"), ok
+	err := b.delegateInto(out, who, raw, need)
+	if err != nil {
+		b.writeError(w, out, err)
+	}
+	return w, out.Header.Get("Authorization"), err == nil
 }
 
 // mustDelegate is delegate that fails the test unless a token was given.

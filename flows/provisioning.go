@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"html/template"
 	"net/http"
 	"net/url"
@@ -72,31 +73,32 @@ func (b *Broker) serveProvisioningStart(w http.ResponseWriter, r *http.Request) 
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
+	if err := b.provisioningStart(w, r); err != nil {
+		b.writeError(w, r, err)
+	}
+}
+
+// provisioningStart answers the start of Flow 2 on success (see serveProvisioningStart).
+func (b *Broker) provisioningStart(w http.ResponseWriter, r *http.Request) error {
 	// Only GET: a HEAD would mint a link nobody reads, or spend one.
 	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", "GET, OPTIONS")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return
+		return errMethodNotAllowed("GET, OPTIONS")
 	}
 	if len(r.URL.RawQuery) > provisioningQueryMax {
-		writeError(w, http.StatusBadRequest, "invalid_request", "query too long")
-		return
+		return errInvalidRequest("query too long")
 	}
 	q := r.URL.Query()
 	if q.Has("access_token") {
-		writeError(w, http.StatusBadRequest, "invalid_request", "access tokens are accepted only in the Authorization header")
-		return
+		return errInvalidRequest("access tokens are accepted only in the Authorization header")
 	}
 	if _, ok := bearerToken(r); ok {
-		who := b.authenticateProvisioningUser(w, r)
-		if who == nil {
-			return
+		who, err := b.authenticateProvisioningUser(r)
+		if err != nil {
+			return err
 		}
 		link, err := b.mintProvisioningLink(r.Context(), who)
 		if err != nil {
-			b.logger.Error("flow 2: storing provisioning link", zap.Error(err))
-			writeError(w, http.StatusInternalServerError, "server_error", "the provisioning link could not be stored")
-			return
+			return errServer(http.StatusInternalServerError, "the provisioning link could not be stored", storageFailed("flow 2: storing provisioning link", err))
 		}
 		allowCORS(w, "GET, OPTIONS")
 		writeJSON(w, http.StatusOK, ProvisioningLinkResponse{
@@ -104,63 +106,38 @@ func (b *Broker) serveProvisioningStart(w http.ResponseWriter, r *http.Request) 
 			ExpiresIn:         int64(provisioningLinkTTL / time.Second),
 			BackgroundClients: b.backgroundClientIDs(),
 		})
-		return
+		return nil
 	}
 	token := q.Get("link")
 	if token == "" {
-		b.challenge(w, "", "a bearer token or a provisioning link is required")
-		return
+		return b.errBearer("", "a bearer token or a provisioning link is required")
 	}
-	if !b.allowOneTimeValue(w, r) {
-		b.provisioningPage(w, http.StatusTooManyRequests, provisioningPageData{
-			Title: "Try again", Message: "Too many requests from your network right now. Wait a minute, then open the link again.",
-		})
-		return
+	if err := b.allowOneTimeValue(r, b.errProvisioningPage(http.StatusTooManyRequests, "Try again",
+		"Too many requests from your network right now. Wait a minute, then open the link again.")); err != nil {
+		return err
 	}
 	link, err := b.provisioningLinks.take(r.Context(), token)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{
-			Title:   "Link expired",
-			Message: "This provisioning link is unknown, expired or already used. Ask for a new one.",
-		})
-		return
+		return b.errProvisioningPage(http.StatusBadRequest, "Link expired", "This provisioning link is unknown, expired or already used. Ask for a new one.")
 	case err != nil:
-		b.logger.Error("flow 2: taking provisioning link", zap.Error(err))
-		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The link could not be read; try again."})
-		return
+		return b.errProvisioningPage(http.StatusInternalServerError, "Error", "The link could not be read; try again.").
+			because(storageFailed("flow 2: taking provisioning link", err))
 	}
-	b.redirectToIdPForProvisioning(w, r, link.Subject, link.ClientID)
+	return b.redirectToIdPForProvisioning(w, r, link.Subject, link.ClientID)
 }
 
-// authenticateProvisioningUser checks the request's bearer token as the MCP endpoint would and
-// returns who it speaks for, or answers the request itself and returns nil.
-func (b *Broker) authenticateProvisioningUser(w http.ResponseWriter, r *http.Request) *idp.Principal {
-	if r.URL.Query().Has("access_token") {
-		writeError(w, http.StatusBadRequest, "invalid_request", "access tokens are accepted only in the Authorization header")
-		return nil
+// authenticateProvisioningUser checks the request's bearer token as the MCP endpoint
+// would and returns who it speaks for.
+func (b *Broker) authenticateProvisioningUser(r *http.Request) (*idp.Principal, error) {
+	who, _, err := b.authenticate(r)
+	if err != nil {
+		return nil, err
 	}
-	raw, ok := bearerToken(r)
-	if !ok {
-		b.challenge(w, "", "a bearer token is required")
-		return nil
+	if who.Subject == "" {
+		return nil, b.errBearer("invalid_token", "the access token names no user")
 	}
-	who, err := b.verifyAccessToken(r.Context(), raw)
-	switch {
-	case errors.Is(err, idp.ErrUnavailable):
-		b.logger.Warn("flow 2: token verification unavailable", zap.Error(err))
-		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
-		return nil
-	case err != nil:
-		b.logger.Debug("flow 2: token refused", zap.String("token", Fingerprint(raw)), zap.Error(err))
-		b.challenge(w, "invalid_token", "the access token is invalid or expired")
-		return nil
-	case who.Subject == "":
-		b.challenge(w, "invalid_token", "the access token names no user")
-		return nil
-	}
-	return who
+	return who, nil
 }
 
 // mintProvisioningLink stores a one-time link for who and returns its full URL.
@@ -211,22 +188,19 @@ func (b *Broker) offlineIdPContext(ctx context.Context) (context.Context, contex
 
 // redirectToIdPForProvisioning stores the pending login under a random state and sends
 // the browser to the IdP.
-func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Request, subject, clientID string) {
+func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Request, subject, clientID string) error {
 	d, err := b.idp.Discovery(r.Context())
 	if err != nil {
-		b.logger.Warn("flow 2: identity provider unavailable", zap.Error(err))
-		w.Header().Set("Retry-After", "5")
-		b.provisioningPage(w, http.StatusServiceUnavailable, provisioningPageData{
-			Title: "Try again", Message: "The identity provider cannot be reached; try again shortly.",
-		})
-		return
+		e := b.errProvisioningPage(http.StatusServiceUnavailable, "Try again", "The identity provider cannot be reached; try again shortly.").
+			because(fmt.Errorf("flow 2: %w", err))
+		e.retryAfter = unavailableRetry
+		return e
 	}
 	state, nonce, verifier := randomToken(), randomToken(), oauth2.GenerateVerifier()
 	sealed, err := b.offlineLogins.sealVerifier(state, verifier)
 	if err != nil {
-		b.logger.Error("flow 2: sealing PKCE verifier", zap.Error(err))
-		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be started; try again."})
-		return
+		return b.errProvisioningPage(http.StatusInternalServerError, "Error", "The login could not be started; try again.").
+			because(fmt.Errorf("flow 2: sealing PKCE verifier: %w", err))
 	}
 	scopes := b.provisioningScopes()
 	pending := PendingProvisioning{
@@ -235,9 +209,8 @@ func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Req
 		BrowserBinding: b.bindLoginToBrowser(w, state, pathProvisioningCallback, provisioningStateTTL),
 	}
 	if err := b.offlineLogins.put(r.Context(), state, pending); err != nil {
-		b.logger.Error("flow 2: storing state", zap.Error(err))
-		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be started; try again."})
-		return
+		return b.errProvisioningPage(http.StatusInternalServerError, "Error", "The login could not be started; try again.").
+			because(storageFailed("flow 2: storing state", err))
 	}
 	target := b.provisioningOAuth2(d, scopes).AuthCodeURL(state,
 		oauth2.S256ChallengeOption(verifier),
@@ -249,98 +222,89 @@ func (b *Broker) redirectToIdPForProvisioning(w http.ResponseWriter, r *http.Req
 	h.Set("Cache-Control", "no-store")
 	h.Set("Referrer-Policy", "no-referrer")
 	http.Redirect(w, r, target, http.StatusFound)
+	return nil
 }
 
 // serveProvisioningCallback is GET /oauth/callback-nextcloud, where the IdP sends the
 // browser back. The state is taken once; the ID token must name the user who started.
 func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Request) {
+	if err := b.provisioningCallback(w, r); err != nil {
+		b.writeError(w, r, err)
+	}
+}
+
+// provisioningCallback stores the offline grant of a finished Flow-2 login and shows the
+// page saying so; every failure is a page too, but for a request that is not GET.
+func (b *Broker) provisioningCallback(w http.ResponseWriter, r *http.Request) error {
 	// Only GET: a HEAD would spend the state.
 	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", "GET")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return
+		return errMethodNotAllowed("GET")
 	}
 	if len(r.URL.RawQuery) > provisioningQueryMax {
-		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The request is too long."})
-		return
+		return b.errProvisioningPage(http.StatusBadRequest, "Bad request", "The request is too long.")
 	}
-	if !b.allowOneTimeValue(w, r) {
-		b.provisioningPage(w, http.StatusTooManyRequests, provisioningPageData{
-			Title: "Try again", Message: "Too many logins from your network right now. Wait a minute, then start again.",
-		})
-		return
+	if err := b.allowOneTimeValue(r, b.errProvisioningPage(http.StatusTooManyRequests, "Try again",
+		"Too many logins from your network right now. Wait a minute, then start again.")); err != nil {
+		return err
 	}
 	q := r.URL.Query()
 	state := q.Get("state")
 	if state == "" {
-		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The state parameter is missing."})
-		return
+		return b.errProvisioningPage(http.StatusBadRequest, "Bad request", "The state parameter is missing.")
 	}
 	ctx := r.Context()
+	notFinished := func(cause error) error {
+		return b.errProvisioningPage(http.StatusInternalServerError, "Error", "The login could not be finished; start again.").because(cause)
+	}
 	// The browser binding is checked before the state is taken, so that another browser
 	// cannot spend it (see bindLoginToBrowser).
 	pending, err := b.offlineLogins.peek(ctx, state)
 	switch {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.logger.Warn("flow 2: the login returned to a browser that did not start it; nothing stored", zap.String("subject", pending.Subject))
-		b.provisioningPage(w, http.StatusForbidden, provisioningPageData{Title: "Wrong browser", Message: notThisBrowserMessage})
-		return
+		return b.errProvisioningPage(http.StatusForbidden, "Wrong browser", notThisBrowserMessage)
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
-		b.logger.Error("flow 2: loading state", zap.Error(err))
-		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
-		return
+		return notFinished(storageFailed("flow 2: loading state", err))
 	}
 	pending, err = b.offlineLogins.take(ctx, state)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{
-			Title: "Login expired", Message: "This login is unknown, expired or already finished. Start again.",
-		})
-		return
+		return b.errProvisioningPage(http.StatusBadRequest, "Login expired", "This login is unknown, expired or already finished. Start again.")
 	case err != nil:
-		b.logger.Error("flow 2: taking state", zap.Error(err))
-		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
-		return
+		return notFinished(storageFailed("flow 2: taking state", err))
 	}
 	b.clearLoginBinding(w, state, pathProvisioningCallback)
 	if q.Get("error") != "" {
 		// The IdP's own error text is not shown (W11): only that access was not granted.
 		b.logger.Info("flow 2: identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
-		b.provisioningPage(w, http.StatusForbidden, provisioningPageData{Title: "Not granted", Message: "The identity provider did not grant offline access."})
-		return
+		return b.errProvisioningPage(http.StatusForbidden, "Not granted", "The identity provider did not grant offline access.")
 	}
 	code := q.Get("code")
 	if code == "" {
-		b.provisioningPage(w, http.StatusBadRequest, provisioningPageData{Title: "Bad request", Message: "The code parameter is missing."})
-		return
+		return b.errProvisioningPage(http.StatusBadRequest, "Bad request", "The code parameter is missing.")
 	}
 	verifier, err := b.offlineLogins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
-		b.logger.Error("flow 2: opening PKCE verifier", zap.Error(err))
-		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "The login could not be finished; start again."})
-		return
+		return notFinished(fmt.Errorf("flow 2: opening PKCE verifier: %w", err))
 	}
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
-		b.logger.Warn("flow 2: identity provider unavailable", zap.Error(err))
-		b.provisioningPage(w, http.StatusServiceUnavailable, provisioningPageData{Title: "Try again", Message: "The identity provider cannot be reached; start again shortly."})
-		return
+		return b.errProvisioningPage(http.StatusServiceUnavailable, "Try again", "The identity provider cannot be reached; start again shortly.").
+			because(fmt.Errorf("flow 2: %w", err))
 	}
 	cfg := b.provisioningOAuth2(d, pending.Scopes)
 	idpCtx, cancel := b.offlineIdPContext(ctx)
 	defer cancel()
 	tok, err := cfg.Exchange(idpCtx, code, oauth2.VerifierOption(verifier))
 	if err != nil {
-		b.logger.Warn("flow 2: exchanging authorization code", zap.String("subject", pending.Subject), zap.Error(oauthErrorOnly(err)))
-		b.provisioningPage(w, http.StatusBadGateway, provisioningPageData{Title: "Login failed", Message: "The identity provider did not accept the login; start again."})
-		return
+		return b.errProvisioningPage(http.StatusBadGateway, "Login failed", "The identity provider did not accept the login; start again.").
+			because(fmt.Errorf("flow 2: exchanging authorization code for subject %s: %w", pending.Subject, oauthErrorOnly(err)))
 	}
 	sub, err := b.verifyProvisioningIDToken(idpCtx, d, tok, pending.Nonce)
 	if err != nil {
-		b.logger.Warn("flow 2: ID token refused", zap.String("subject", pending.Subject), zap.Error(err))
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		b.provisioningPage(w, http.StatusBadGateway, provisioningPageData{Title: "Login failed", Message: "The identity provider's answer could not be verified; start again."})
-		return
+		return b.errProvisioningPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
+			because(fmt.Errorf("flow 2: ID token refused for subject %s: %w", pending.Subject, err))
 	}
 	if subtle.ConstantTimeCompare([]byte(sub), []byte(pending.Subject)) != 1 {
 		// Someone else logged in at the IdP: their grant must not land under this user,
@@ -348,16 +312,12 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 		b.logger.Warn("flow 2: a different user logged in at the identity provider; nothing stored",
 			zap.String("subject", pending.Subject), zap.String("logged_in", sub))
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		b.provisioningPage(w, http.StatusForbidden, provisioningPageData{
-			Title:   "Wrong account",
-			Message: "You logged in at the identity provider as a different user than the one who asked for offline access. Nothing was stored.",
-		})
-		return
+		return b.errProvisioningPage(http.StatusForbidden, "Wrong account",
+			"You logged in at the identity provider as a different user than the one who asked for offline access. Nothing was stored.")
 	}
 	if tok.RefreshToken == "" {
-		b.logger.Warn("flow 2: the identity provider issued no refresh token", zap.String("subject", sub))
-		b.provisioningPage(w, http.StatusBadGateway, provisioningPageData{Title: "No offline access", Message: "The identity provider granted no offline access."})
-		return
+		return b.errProvisioningPage(http.StatusBadGateway, "No offline access", "The identity provider granted no offline access.").
+			because(fmt.Errorf("flow 2: the identity provider issued no refresh token for subject %s", sub))
 	}
 	scopes := pending.Scopes
 	if s, ok := tok.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
@@ -369,10 +329,9 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 		workers = b.backgroundClientIDs()
 	}
 	if err := b.storeOfflineGrant(ctx, d, sub, pending.ClientID, scopes, workers, tok.RefreshToken); err != nil {
-		b.logger.Error("flow 2: storing offline grant", zap.String("subject", sub), zap.Error(err))
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		b.provisioningPage(w, http.StatusInternalServerError, provisioningPageData{Title: "Error", Message: "Offline access could not be stored; start again."})
-		return
+		return b.errProvisioningPage(http.StatusInternalServerError, "Error", "Offline access could not be stored; start again.").
+			because(fmt.Errorf("flow 2: storing offline grant for subject %s: %w", sub, err))
 	}
 	b.logger.Info("flow 2: offline access provisioned", zap.String("subject", sub), zap.String("client_id", pending.ClientID))
 	b.provisioningPage(w, http.StatusOK, provisioningPageData{
@@ -381,6 +340,7 @@ func (b *Broker) serveProvisioningCallback(w http.ResponseWriter, r *http.Reques
 		Scopes:            scopes,
 		BackgroundClients: workers,
 	})
+	return nil
 }
 
 // verifyProvisioningIDToken verifies the ID token of a Flow-2 code exchange (signature,
@@ -426,44 +386,48 @@ func (b *Broker) serveProvisioningStatus(w http.ResponseWriter, r *http.Request)
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
+	st, err := b.provisioningStatus(w, r)
+	if err != nil {
+		b.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+// provisioningStatus reads, or for DELETE revokes, the user's offline grant.
+func (b *Broker) provisioningStatus(w http.ResponseWriter, r *http.Request) (ProvisioningStatus, error) {
 	switch r.Method {
 	case http.MethodGet, http.MethodHead, http.MethodDelete:
 	default:
-		w.Header().Set("Allow", "GET, HEAD, DELETE, OPTIONS")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return
+		return ProvisioningStatus{}, errMethodNotAllowed("GET, HEAD, DELETE, OPTIONS")
 	}
-	who := b.authenticateProvisioningUser(w, r)
-	if who == nil {
-		return
+	who, err := b.authenticateProvisioningUser(r)
+	if err != nil {
+		return ProvisioningStatus{}, err
 	}
 	allowCORS(w, "GET, DELETE, OPTIONS")
 	ctx := r.Context()
 	if r.Method == http.MethodDelete {
 		status, err := b.revokeOfflineGrant(ctx, who.Subject)
 		if err != nil {
-			b.logger.Error("flow 2: revoking offline grant", zap.String("subject", who.Subject), zap.Error(err))
-			writeError(w, http.StatusInternalServerError, "server_error", "offline access could not be revoked")
-			return
+			return ProvisioningStatus{}, errServer(http.StatusInternalServerError, "offline access could not be revoked",
+				fmt.Errorf("flow 2: revoking offline grant of subject %s: %w", who.Subject, err))
 		}
-		writeJSON(w, http.StatusOK, status)
-		return
+		return status, nil
 	}
 	g, err := b.loadOfflineGrant(ctx, who.Subject)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		writeJSON(w, http.StatusOK, ProvisioningStatus{Provisioned: false})
-		return
+		return ProvisioningStatus{Provisioned: false}, nil
 	case err != nil:
-		b.logger.Error("flow 2: reading offline grant", zap.String("subject", who.Subject), zap.Error(err))
-		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning status could not be read")
-		return
+		return ProvisioningStatus{}, errServer(http.StatusInternalServerError, "the provisioning status could not be read",
+			storageFailed("flow 2: reading offline grant of subject "+who.Subject, err))
 	}
 	st := ProvisioningStatus{Provisioned: true, ProvisionedAt: &g.ProvisionedAt, Scopes: g.Scopes, ClientID: g.ClientID, BackgroundClients: g.BackgroundClients}
 	if !g.RotatedAt.IsZero() {
 		st.RotatedAt = &g.RotatedAt
 	}
-	writeJSON(w, http.StatusOK, st)
+	return st, nil
 }
 
 // provisioningPageData fills the page a browser sees at the end of Flow 2. Every field
@@ -489,6 +453,13 @@ var provisioningPageTemplate = template.Must(template.New("provisioning").Parse(
 </body>
 </html>
 `))
+
+// errProvisioningPage is an error answered with the Flow-2 page of title and message.
+func (b *Broker) errProvisioningPage(status int, title, message string) *requestError {
+	return errPage(status, func(w http.ResponseWriter, status int) {
+		b.provisioningPage(w, status, provisioningPageData{Title: title, Message: message})
+	})
+}
 
 // provisioningPage answers a browser with an HTML page that no one may frame, cache or
 // follow a referrer from.

@@ -49,27 +49,25 @@ type jsonrpcRequestID struct {
 }
 
 // checkProvisioning answers a tools/call of a tool that needs the user's Flow-2 grant
-// when the user has none, and returns false; otherwise it returns true. It runs after
-// authentication and the scope check, with the body read and put back.
-func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *idp.Principal, tools []string) bool {
+// when the user has none (a JSON-RPC URL elicitation) and tells that it answered. It runs
+// after authentication and the scope check, with the body read and put back.
+func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *idp.Principal, tools []string) (answered bool, err error) {
 	if !b.needsProvisioning(tools) {
-		return true
+		return false, nil
 	}
 	ctx := r.Context()
-	_, err := b.loadOfflineGrant(ctx, who.Subject)
+	_, err = b.loadOfflineGrant(ctx, who.Subject)
 	if err == nil {
-		return true
+		return false, nil
 	}
 	if !errors.Is(err, storage.ErrNotFound) {
-		b.logger.Error("flow 2: reading offline grant", zap.String("subject", who.Subject), zap.Error(err))
-		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning status could not be read")
-		return false
+		return false, errServer(http.StatusInternalServerError, "the provisioning status could not be read",
+			storageFailed("flow 2: reading offline grant of subject "+who.Subject, err))
 	}
 	link, err := b.mintProvisioningLink(ctx, who)
 	if err != nil {
-		b.logger.Error("flow 2: storing provisioning link", zap.Error(err))
-		writeError(w, http.StatusInternalServerError, "server_error", "the provisioning link could not be stored")
-		return false
+		return false, errServer(http.StatusInternalServerError, "the provisioning link could not be stored",
+			storageFailed("flow 2: storing provisioning link", err))
 	}
 	// The user is told which background clients the grant is for before granting it.
 	forWhom := ""
@@ -112,7 +110,7 @@ func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *
 	}
 	allowCORS(w, "GET, POST, DELETE, OPTIONS")
 	writeJSON(w, http.StatusOK, answer)
-	return false
+	return true, nil
 }
 
 // needsProvisioning tells whether any of tools matches a ProvisioningTools glob.

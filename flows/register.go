@@ -75,32 +75,35 @@ type clientInformation struct {
 //   - Wrong Content-Type: 415; a body over 64 KiB: 413; both invalid_client_metadata.
 func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	allowCORS(w, "POST, OPTIONS")
-	switch r.Method {
-	case http.MethodOptions:
+	if r.Method == http.MethodOptions {
 		w.WriteHeader(http.StatusNoContent)
 		return
-	case http.MethodPost:
-	default:
-		w.Header().Set("Allow", "POST, OPTIONS")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+	}
+	resp, err := b.register(w, r)
+	if err != nil {
+		b.writeError(w, r, err)
 		return
 	}
+	writeJSON(w, http.StatusCreated, resp)
+}
+
+// register reads, checks and stores a registration request.
+func (b *Broker) register(w http.ResponseWriter, r *http.Request) (clientInformation, error) {
+	if r.Method != http.MethodPost {
+		return clientInformation{}, errMethodNotAllowed("POST, OPTIONS")
+	}
 	if !b.cfg.Registration {
-		writeError(w, http.StatusForbidden, "access_denied", "dynamic client registration is disabled")
-		return
+		return clientInformation{}, newRequestError(http.StatusForbidden, "access_denied", "dynamic client registration is disabled")
 	}
 	ip := clientIP(r)
 	if ok, wait := b.clients.registrations.Allow(ratelimit.Key(ip), b.cfg.RegistrationRate, b.now()); !ok {
-		tooManyRequests(w, wait, "too many registrations from this address; retry later")
-		return
+		return clientInformation{}, errTooManyRequests(wait, "too many registrations from this address; retry later")
 	}
 	if ok, wait := b.clients.allRegistrations.Allow("", b.cfg.RegistrationRateTotal, b.now()); !ok {
-		tooManyRequests(w, wait, "too many registrations; retry later")
-		return
+		return clientInformation{}, errTooManyRequests(wait, "too many registrations; retry later")
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		writeError(w, http.StatusUnsupportedMediaType, "invalid_client_metadata", "content type must be application/json")
-		return
+		return clientInformation{}, newRequestError(http.StatusUnsupportedMediaType, "invalid_client_metadata", "content type must be application/json")
 	}
 
 	var req clientMetadata
@@ -114,15 +117,12 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			writeError(w, http.StatusRequestEntityTooLarge, "invalid_client_metadata", "registration request is larger than 64 KiB")
-			return
+			return clientInformation{}, newRequestError(http.StatusRequestEntityTooLarge, "invalid_client_metadata", "registration request is larger than 64 KiB")
 		}
-		writeError(w, http.StatusBadRequest, "invalid_client_metadata", "registration request must be a JSON object of client metadata")
-		return
+		return clientInformation{}, errClientMetadata("registration request must be a JSON object of client metadata")
 	}
-	if code, desc := b.checkClientMetadata(&req); code != "" {
-		writeError(w, http.StatusBadRequest, code, desc)
-		return
+	if err := b.checkClientMetadata(&req); err != nil {
+		return clientInformation{}, err
 	}
 
 	now := b.now()
@@ -144,37 +144,44 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 		resp.ClientSecretExpiresAt = &never
 	}
 	if stored, err := json.Marshal(&rec); err != nil || len(stored) > maxRegisteredClientBytes {
-		writeError(w, http.StatusBadRequest, "invalid_client_metadata", "the client metadata is too large to register")
-		return
+		return clientInformation{}, errClientMetadata("the client metadata is too large to register")
 	}
 	if err := b.registrations.register(r.Context(), &rec); err != nil {
-		b.logger.Error("storing registered client", zap.Error(err))
-		writeError(w, http.StatusInternalServerError, "server_error", "the registration could not be stored")
-		return
+		return clientInformation{}, errServer(http.StatusInternalServerError, "the registration could not be stored", storageFailed("storing registered client", err))
 	}
 	b.logger.Info("client registered",
 		zap.String("client_id", rec.ClientID),
 		zap.String("client_name", rec.ClientName),
 		zap.String("token_endpoint_auth_method", rec.TokenEndpointAuthMethod),
 		zap.String("client_ip", ip))
-	writeJSON(w, http.StatusCreated, resp)
+	return resp, nil
 }
 
-// checkClientMetadata validates md and fills in the defaults. It returns the RFC 7591
-// §3.2.2 error code and a fixed description, or "" when md is acceptable.
-func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description string) {
+// errClientMetadata is 400 invalid_client_metadata (RFC 7591 §3.2.2).
+func errClientMetadata(description string) *requestError {
+	return newRequestError(http.StatusBadRequest, "invalid_client_metadata", description)
+}
+
+// errRedirectURIMetadata is 400 invalid_redirect_uri (RFC 7591 §3.2.2).
+func errRedirectURIMetadata(description string) *requestError {
+	return newRequestError(http.StatusBadRequest, "invalid_redirect_uri", description)
+}
+
+// checkClientMetadata validates md and fills in the defaults. It refuses md with the RFC
+// 7591 §3.2.2 error and a fixed description.
+func (b *Broker) checkClientMetadata(md *clientMetadata) error {
 	switch {
 	case len(md.RedirectURIs) == 0:
-		return "invalid_redirect_uri", "redirect_uris is required"
+		return errRedirectURIMetadata("redirect_uris is required")
 	case len(md.RedirectURIs) > maxRedirectURIs:
-		return "invalid_redirect_uri", "too many redirect_uris"
+		return errRedirectURIMetadata("too many redirect_uris")
 	}
 	for _, u := range md.RedirectURIs {
 		if len(u) > maxRedirectURILen {
-			return "invalid_redirect_uri", "redirect_uri is too long"
+			return errRedirectURIMetadata("redirect_uri is too long")
 		}
 		if err := CheckRedirectURI(u); err != nil {
-			return "invalid_redirect_uri", err.Error() // fixed texts, never the URI
+			return errRedirectURIMetadata(err.Error()) // fixed texts, never the URI
 		}
 	}
 
@@ -188,18 +195,18 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description stri
 			hasCode = true
 		case grantRefreshToken:
 		default:
-			return "invalid_client_metadata", "grant_types may only be authorization_code and refresh_token"
+			return errClientMetadata("grant_types may only be authorization_code and refresh_token")
 		}
 	}
 	if !hasCode {
-		return "invalid_client_metadata", "grant_types must include authorization_code"
+		return errClientMetadata("grant_types must include authorization_code")
 	}
 	if len(md.ResponseTypes) == 0 {
 		md.ResponseTypes = []string{"code"}
 	}
 	for _, rt := range md.ResponseTypes {
 		if rt != "code" {
-			return "invalid_client_metadata", "response_types may only be code"
+			return errClientMetadata("response_types may only be code")
 		}
 	}
 	// Repeats mean nothing and would be stored: drop them (each list now holds known
@@ -212,28 +219,28 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) (code, description stri
 		md.TokenEndpointAuthMethod = AuthMethodBasic
 	case AuthMethodNone, AuthMethodBasic, AuthMethodPost:
 	default:
-		return "invalid_client_metadata", "token_endpoint_auth_method must be none, client_secret_basic or client_secret_post"
+		return errClientMetadata("token_endpoint_auth_method must be none, client_secret_basic or client_secret_post")
 	}
 
 	if utf8.RuneCountInString(md.ClientName) > maxClientNameRunes {
-		return "invalid_client_metadata", "client_name is longer than 100 characters"
+		return errClientMetadata("client_name is longer than 100 characters")
 	}
 	if err := CheckClientName(md.ClientName); err != nil {
-		return "invalid_client_metadata", err.Error()
+		return errClientMetadata(err.Error())
 	}
 
 	scopes := strings.Fields(md.Scope)
 	if len(scopes) > maxRegistrationScopes {
-		return "invalid_client_metadata", "scope names too many scopes"
+		return errClientMetadata("scope names too many scopes")
 	}
 	known := idp.Principal{Scopes: append([]string{"openid"}, b.clients.defaultScopes...)}
 	for _, s := range scopes {
 		if !known.HasScopes([]string{s}) {
-			return "invalid_client_metadata", "scope names a scope this server does not offer"
+			return errClientMetadata("scope names a scope this server does not offer")
 		}
 	}
 	md.Scope = strings.Join(uniqueStrings(scopes), " ")
-	return "", ""
+	return nil
 }
 
 // uniqueStrings is ss without repeats, in order of first appearance.

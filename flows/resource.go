@@ -3,10 +3,9 @@ package flows
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
-
-	"go.uber.org/zap"
 
 	"github.com/caddy-mcp/oauth-broker/idp"
 )
@@ -23,7 +22,7 @@ type ProtectedResourceMetadata struct {
 // serveProtectedResourceMetadata answers RFC 9728 discovery, at the root and at the
 // resource-suffixed path, readable from any origin without credentials.
 func (b *Broker) serveProtectedResourceMetadata(w http.ResponseWriter, r *http.Request) {
-	serveMetadata(w, r, func() any {
+	serveMetadata(b, w, r, func() any {
 		return ProtectedResourceMetadata{
 			Resource:               b.cfg.Resource,
 			AuthorizationServers:   []string{b.authorizationServer(r.Context())},
@@ -36,7 +35,7 @@ func (b *Broker) serveProtectedResourceMetadata(w http.ResponseWriter, r *http.R
 
 // serveMetadata answers a discovery document: GET (and HEAD) from any origin without
 // credentials, with the CORS preflight.
-func serveMetadata[T any](w http.ResponseWriter, r *http.Request, doc func() T) {
+func serveMetadata[T any](b *Broker, w http.ResponseWriter, r *http.Request, doc func() T) {
 	allowCORS(w, "GET, OPTIONS")
 	switch r.Method {
 	case http.MethodOptions:
@@ -44,8 +43,7 @@ func serveMetadata[T any](w http.ResponseWriter, r *http.Request, doc func() T) 
 	case http.MethodGet, http.MethodHead:
 		writeJSON(w, http.StatusOK, doc())
 	default:
-		w.Header().Set("Allow", "GET, HEAD, OPTIONS")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
+		b.writeError(w, r, errMethodNotAllowed("GET, HEAD, OPTIONS"))
 	}
 }
 
@@ -84,49 +82,33 @@ func allowCORS(w http.ResponseWriter, methods string) {
 func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request, *idp.Principal) {
 	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
 		// A CORS preflight carries no credentials; browser MCP clients need its answer.
-		allowCORS(w, "GET, POST, DELETE, OPTIONS")
+		allowCORS(w, mcpMethods)
 		w.WriteHeader(http.StatusNoContent)
 		return nil, nil
 	}
-	if r.URL.Query().Has("access_token") {
-		writeError(w, http.StatusBadRequest, "invalid_request", "access tokens are accepted only in the Authorization header")
-		return nil, nil
-	}
-	raw, ok := bearerToken(r)
-	if !ok {
-		b.challenge(w, "", "a bearer token is required")
-		return nil, nil
-	}
-	who, err := b.verifyAccessToken(r.Context(), raw)
-	switch later := idp.AsRetryLater(err); {
-	case later != nil:
-		// Turned away before reaching the IdP: no verdict on the token, so never 401.
-		b.logger.Debug("token verification deferred", zap.String("token", Fingerprint(raw)), zap.Error(err))
-		setRetryAfter(w, later.RetryAfter)
-		writeError(w, later.Status, "temporarily_unavailable", "too many new tokens to verify; retry later")
-		return nil, nil
-	case errors.Is(err, idp.ErrUnavailable):
-		b.logger.Warn("token verification unavailable", zap.Error(err))
-		w.Header().Set("Retry-After", "5")
-		writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
-		return nil, nil
-	case err != nil:
-		b.logger.Debug("token refused", zap.String("token", Fingerprint(raw)), zap.Error(err))
-		b.challenge(w, "invalid_token", "the access token is invalid or expired")
+	who, raw, err := b.authenticate(r)
+	if err != nil {
+		b.writeError(w, r, err)
 		return nil, nil
 	}
 
 	need, tools, refused := b.requiredScopes(w, r)
 	if refused != nil {
-		writeRefusal(w, refused)
+		b.writeError(w, r, errRefusal(refused))
 		return nil, nil
 	}
 	if len(need) > 0 && !who.HasScopes(need) {
-		b.insufficientScope(w, who, need)
+		b.writeError(w, r, b.errInsufficientScope(who, need))
 		return nil, nil
 	}
-	if len(tools) > 0 && !b.checkProvisioning(w, r, who, tools) {
-		return nil, nil
+	if len(tools) > 0 {
+		switch answered, err := b.checkProvisioning(w, r, who, tools); {
+		case err != nil:
+			b.writeError(w, r, err)
+			return nil, nil
+		case answered:
+			return nil, nil
+		}
 	}
 
 	// The request is ours to change, as in any handler chain: no copy on the hot path.
@@ -135,10 +117,40 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 	// and so after any stripping; an upstream merging them into its headers would read
 	// identity headers the client sent. MCP uses none: none is forwarded.
 	r.Trailer = nil
-	if !b.delegateInto(w, r, who, raw, need) {
+	if err := b.delegateInto(r, who, raw, need); err != nil {
+		b.writeError(w, r, err)
 		return nil, nil
 	}
 	return r, who
+}
+
+// authenticate verifies the bearer token of a request to the MCP endpoint and returns
+// who presented it, and the token.
+func (b *Broker) authenticate(r *http.Request) (*idp.Principal, string, error) {
+	if r.URL.Query().Has("access_token") {
+		return nil, "", errInvalidRequest("access tokens are accepted only in the Authorization header")
+	}
+	raw, ok := bearerToken(r)
+	if !ok {
+		return nil, "", b.errBearer("", "a bearer token is required")
+	}
+	who, err := b.verifyAccessToken(r.Context(), raw)
+	switch later := idp.AsRetryLater(err); {
+	case err == nil:
+		return who, raw, nil
+	case later != nil:
+		// Turned away before reaching the IdP: no verdict on the token, so never 401.
+		e := newRequestError(later.Status, "temporarily_unavailable", "too many new tokens to verify; retry later")
+		e.retryAfter = later.RetryAfter
+		return nil, "", e
+	case errors.Is(err, ErrStorageUnavailable):
+		return nil, "", errUnavailable("verifying a broker access token", err)
+	case errors.Is(err, idp.ErrUnavailable):
+		return nil, "", errIdPUnavailable(fmt.Errorf("verifying an access token: %w", err))
+	default:
+		return nil, "", b.errBearer("invalid_token", "the access token is invalid or expired").
+			because(fmt.Errorf("token %s refused: %w", Fingerprint(raw), err))
+	}
 }
 
 // verifyAccessToken checks a token presented to the MCP endpoint: one the broker issued
@@ -161,31 +173,36 @@ func bearerToken(r *http.Request) (string, bool) {
 	return t, t != ""
 }
 
-// challenge answers 401 with the RFC 9728 / RFC 6750 challenge that starts discovery.
-func (b *Broker) challenge(w http.ResponseWriter, code, description string) {
+// mcpMethods are the methods of the MCP endpoint, for the CORS headers of its answers.
+const mcpMethods = "GET, POST, DELETE, OPTIONS"
+
+// errBearer is 401 with the RFC 9728 / RFC 6750 §3 challenge that starts discovery; code
+// is empty when the request carried no token (RFC 6750 §3.1).
+func (b *Broker) errBearer(code, description string) *requestError {
 	v := "Bearer " + b.challengeTail
 	if code != "" {
 		v += `, error="` + code + `"`
 	}
-	w.Header().Set("WWW-Authenticate", v)
-	allowCORS(w, "GET, POST, DELETE, OPTIONS")
 	if code == "" {
 		code = "invalid_token"
 	}
-	writeError(w, http.StatusUnauthorized, code, description)
+	e := newRequestError(http.StatusUnauthorized, code, description)
+	e.challenge, e.cors = v, mcpMethods
+	return e
 }
 
-// insufficientScope answers 403 for step-up: the scope named is what the client holds
-// plus what the call needs, so re-authorizing with it loses nothing.
-func (b *Broker) insufficientScope(w http.ResponseWriter, who *idp.Principal, need []string) {
+// errInsufficientScope is 403 for step-up (RFC 6750 §3.1): the scope named is what the
+// client holds plus what the call needs, so re-authorizing with it loses nothing.
+func (b *Broker) errInsufficientScope(who *idp.Principal, need []string) *requestError {
 	scopes := advertisedScopes(who.Scopes)
 	for _, n := range need {
 		if !who.HasScopes([]string{n}) {
 			scopes = append(scopes, n)
 		}
 	}
-	w.Header().Set("WWW-Authenticate", `Bearer error="insufficient_scope", scope="`+strings.Join(scopes, " ")+
-		`", resource_metadata="`+b.metadataURL+`"`)
-	allowCORS(w, "GET, POST, DELETE, OPTIONS")
-	writeError(w, http.StatusForbidden, "insufficient_scope", "the access token lacks a scope this call needs")
+	e := newRequestError(http.StatusForbidden, "insufficient_scope", "the access token lacks a scope this call needs")
+	e.challenge = `Bearer error="insufficient_scope", scope="` + strings.Join(scopes, " ") +
+		`", resource_metadata="` + b.metadataURL + `"`
+	e.cors = mcpMethods
+	return e
 }

@@ -22,23 +22,31 @@ const maxIdPRevocationBytes = 4 << 10
 // live token of the authenticated client (RFC 7009 §2.2): for that client such a token
 // is invalid, and an error would tell a client that a token of another one exists.
 func (b *Broker) serveRevoke(w http.ResponseWriter, r *http.Request) {
-	form, ok := readTokenForm(w, r)
-	if !ok || !b.allowTokenRequest(w, r) {
+	if answerTokenPreflight(w, r) {
 		return
 	}
-	client, ok := b.tokenClient(w, r, form)
-	if !ok || !b.allowClientRequest(w, client) {
+	if err := b.revoke(w, r); err != nil {
+		b.writeError(w, r, err)
 		return
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+}
+
+// revoke revokes what the request's token stands for, if it is a live token of the
+// request's client.
+func (b *Broker) revoke(w http.ResponseWriter, r *http.Request) error {
+	form, client, err := b.tokenRequest(w, r)
+	if err != nil {
+		return err
 	}
 	raw := form.Get("token")
 	if raw == "" {
-		writeError(w, http.StatusBadRequest, "invalid_request", "token is required")
-		return
+		return errInvalidRequest("token is required")
 	}
 	// token_type_hint needs no reading: the prefix of a broker token says its type.
 	ctx := context.WithoutCancel(r.Context()) // a revocation, once begun, is carried out whole
 	var familyID, sessionID, owner string
-	var err error
 	switch {
 	case isBrokerToken(raw, accessTokenPrefix):
 		var at AccessToken
@@ -54,8 +62,7 @@ func (b *Broker) serveRevoke(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 	case err != nil:
-		b.unavailable(w, "reading token to revoke", err) // RFC 7009 §2.2.1 allows 503
-		return
+		return errStorage("reading token to revoke", err) // RFC 7009 §2.2.1 allows 503
 	case owner != client.ID:
 		b.logger.Warn("revocation of another client's token ignored",
 			zap.String("client_id", client.ID), zap.String("token", Fingerprint(raw)))
@@ -64,8 +71,7 @@ func (b *Broker) serveRevoke(w http.ResponseWriter, r *http.Request) {
 			zap.String("client_id", client.ID), zap.String("family", Fingerprint(familyID)))
 		b.revokeGrant(ctx, familyID, sessionID)
 	}
-	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(http.StatusOK)
+	return nil
 }
 
 // revokeGrant ends a token family and, when sessionID is set, the session behind it with

@@ -2,12 +2,11 @@ package flows
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"mime"
 	"net/http"
 	"net/url"
-
-	"go.uber.org/zap"
 
 	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 )
@@ -33,135 +32,145 @@ const (
 // (token_code.go) and the refresh_token grant (token_refresh.go), for authenticated
 // clients, readable by browser clients (CORS without credentials).
 func (b *Broker) serveToken(w http.ResponseWriter, r *http.Request) {
-	form, ok := readTokenForm(w, r)
-	if !ok || !b.allowTokenRequest(w, r) {
+	if answerTokenPreflight(w, r) {
 		return
 	}
-	client, ok := b.tokenClient(w, r, form)
-	if !ok || !b.allowClientRequest(w, client) {
+	resp, err := b.token(w, r)
+	if err != nil {
+		b.writeError(w, r, err)
 		return
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// token reads, authenticates and limits a token request, and runs its grant.
+func (b *Broker) token(w http.ResponseWriter, r *http.Request) (TokenResponse, error) {
+	form, client, err := b.tokenRequest(w, r)
+	if err != nil {
+		return TokenResponse{}, err
 	}
 	gt := form.Get("grant_type")
 	switch gt {
 	case grantAuthorizationCode, grantRefreshToken:
 	case "":
-		writeError(w, http.StatusBadRequest, "invalid_request", "grant_type is required")
-		return
+		return TokenResponse{}, errInvalidRequest("grant_type is required")
 	default:
-		writeError(w, http.StatusBadRequest, "unsupported_grant_type", "the grant type is not supported")
-		return
+		return TokenResponse{}, newRequestError(http.StatusBadRequest, "unsupported_grant_type", "the grant type is not supported")
 	}
 	if !client.allowsGrantType(gt) {
-		writeError(w, http.StatusBadRequest, "unauthorized_client", "the client did not register this grant type")
-		return
+		return TokenResponse{}, errUnauthorizedClient("the client did not register this grant type")
 	}
 	if gt == grantAuthorizationCode {
-		b.exchangeCode(w, r, form, client)
-	} else {
-		b.refreshGrant(w, r, form, client)
+		return b.exchangeCode(r, form, client)
 	}
+	return b.refreshGrant(r, form, client)
 }
 
-// readTokenForm answers the CORS preflight of the token and revocation endpoints,
-// refuses other methods than POST, and reads the bounded form body. Parameters in the
-// query string are never read: credentials and codes belong in the body. It returns false
-// when it has answered.
-func readTokenForm(w http.ResponseWriter, r *http.Request) (url.Values, bool) {
+// tokenRequest reads the form of a token or revocation request and authenticates its
+// client, within the address's and the client's rate limits.
+func (b *Broker) tokenRequest(w http.ResponseWriter, r *http.Request) (url.Values, *Client, error) {
+	form, err := readTokenForm(w, r)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := b.allowTokenRequest(r); err != nil {
+		return nil, nil, err
+	}
+	client, err := b.tokenClient(r, form)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := b.allowClientRequest(client); err != nil {
+		return nil, nil, err
+	}
+	return form, client, nil
+}
+
+// answerTokenPreflight sets the CORS headers of the token and revocation endpoints and
+// answers their preflight, telling whether it did.
+func answerTokenPreflight(w http.ResponseWriter, r *http.Request) bool {
 	allowCORS(w, "POST, OPTIONS")
-	switch r.Method {
-	case http.MethodOptions:
-		w.WriteHeader(http.StatusNoContent)
-		return nil, false
-	case http.MethodPost:
-	default:
-		w.Header().Set("Allow", "POST, OPTIONS")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request", "method not allowed")
-		return nil, false
+	if r.Method != http.MethodOptions {
+		return false
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return true
+}
+
+// readTokenForm refuses other methods than POST and reads the bounded form body of a
+// token or revocation request. Parameters in the query string are never read:
+// credentials and codes belong in the body.
+func readTokenForm(w http.ResponseWriter, r *http.Request) (url.Values, error) {
+	if r.Method != http.MethodPost {
+		return nil, errMethodNotAllowed("POST, OPTIONS")
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/x-www-form-urlencoded" {
-		writeError(w, http.StatusBadRequest, "invalid_request", "the request body must be application/x-www-form-urlencoded")
-		return nil, false
+		return nil, errInvalidRequest("the request body must be application/x-www-form-urlencoded")
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxTokenRequestBytes))
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
-			writeError(w, http.StatusRequestEntityTooLarge, "invalid_request", "request body too large")
-		} else {
-			writeError(w, http.StatusBadRequest, "invalid_request", "request body could not be read")
+			return nil, newRequestError(http.StatusRequestEntityTooLarge, "invalid_request", "request body too large")
 		}
-		return nil, false
+		return nil, errInvalidRequest("request body could not be read").because(err)
 	}
 	form, err := url.ParseQuery(string(body))
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_request", "the request body is not a valid form")
-		return nil, false
+		return nil, errInvalidRequest("the request body is not a valid form")
 	}
 	for k, vs := range form {
 		// RFC 6749 §3.2; only RFC 8707's resource may repeat, and is checked where read.
 		if len(vs) > 1 && k != "resource" {
-			writeError(w, http.StatusBadRequest, "invalid_request", "a parameter is repeated")
-			return nil, false
+			return nil, errInvalidRequest("a parameter is repeated")
 		}
 	}
-	return form, true
+	return form, nil
 }
 
 // tokenClient authenticates the client of a token or revocation request by its
-// registered method, or answers 401 invalid_client (with a Basic challenge when the
-// client tried Basic, RFC 6749 §5.2) and returns false.
-func (b *Broker) tokenClient(w http.ResponseWriter, r *http.Request, form url.Values) (*Client, bool) {
+// registered method. A failure is 401 invalid_client, with a Basic challenge when the
+// client tried Basic (RFC 6749 §5.2).
+func (b *Broker) tokenClient(r *http.Request, form url.Values) (*Client, error) {
 	c, err := b.authenticateClient(r, form)
 	switch {
 	case err == nil && c != nil:
-		return c, true
+		return c, nil
 	case errors.Is(err, errClientAuthMultiple):
-		writeError(w, http.StatusBadRequest, "invalid_request", "client credentials must be sent by one method only")
+		return nil, errInvalidRequest("client credentials must be sent by one method only")
 	case err == nil, errors.Is(err, ErrUnknownClient), errors.Is(err, errClientAuth):
+		e := newRequestError(http.StatusUnauthorized, "invalid_client", "client authentication failed").because(err)
 		if _, _, basic := r.BasicAuth(); basic {
-			w.Header().Set("WWW-Authenticate", `Basic realm="`+b.issuer+`"`)
+			e.challenge = `Basic realm="` + b.issuer + `"`
 		}
-		b.logger.Debug("client authentication failed", zap.String("path", r.URL.Path), zap.Error(err))
-		writeError(w, http.StatusUnauthorized, "invalid_client", "client authentication failed")
+		return nil, e
 	default:
-		b.unavailable(w, "authenticating client", err)
+		return nil, errUnavailable("authenticating client", err)
 	}
-	return nil, false
 }
 
 // allowTokenRequest takes a token from the bucket of the request's client address, or
-// answers 429 and returns false.
-func (b *Broker) allowTokenRequest(w http.ResponseWriter, r *http.Request) bool {
-	ok, wait := b.tokenAddresses.Allow(ratelimit.Key(clientIP(r)), tokenRatePerAddress, b.now())
-	if !ok {
-		b.logger.Debug("token endpoint: address over its rate limit", zap.String("path", r.URL.Path))
-		tooManyRequests(w, wait, "too many requests from this address; retry later")
+// refuses with 429.
+func (b *Broker) allowTokenRequest(r *http.Request) error {
+	if ok, wait := b.tokenAddresses.Allow(ratelimit.Key(clientIP(r)), tokenRatePerAddress, b.now()); !ok {
+		return errTooManyRequests(wait, "too many requests from this address; retry later")
 	}
-	return ok
+	return nil
 }
 
 // allowClientRequest takes a token from a confidential registered client's bucket, or
-// answers 429 and returns false. Other clients' ids are shared by all their users (see
+// refuses with 429. Other clients' ids are shared by all their users (see
 // tokenRatePerClient), and a public client's id authenticates it alone: a hosted client
 // sharing one registration among its users shows the id to each of them.
-func (b *Broker) allowClientRequest(w http.ResponseWriter, c *Client) bool {
+func (b *Broker) allowClientRequest(c *Client) error {
 	if c.Source != ClientSourceRegistered || c.AuthMethod == AuthMethodNone {
-		return true
+		return nil
 	}
-	ok, wait := b.tokenClients.Allow(c.ID, tokenRatePerClient, b.now())
-	if !ok {
-		b.logger.Debug("token endpoint: client over its rate limit", zap.String("client_id", c.ID))
-		tooManyRequests(w, wait, "too many requests from this client; retry later")
+	if ok, wait := b.tokenClients.Allow(c.ID, tokenRatePerClient, b.now()); !ok {
+		return errTooManyRequests(wait, "too many requests from this client; retry later").
+			because(fmt.Errorf("client %s over its rate limit", c.ID))
 	}
-	return ok
-}
-
-// unavailable answers 503 when the broker cannot do its part now (storage, a client's
-// metadata document): retrying may work, signing in again would not help.
-func (b *Broker) unavailable(w http.ResponseWriter, what string, err error) {
-	b.logger.Error(what, zap.Error(err))
-	w.Header().Set("Retry-After", "5")
-	writeError(w, http.StatusServiceUnavailable, "temporarily_unavailable", "the broker cannot complete this request now; try again shortly")
+	return nil
 }
 
 // singleResource reads the optional RFC 8707 resource parameter: absent (""), or one

@@ -42,22 +42,19 @@ func (b *Broker) issueCode(ctx context.Context, s *Session, req AuthorizationReq
 
 // exchangeCode is the authorization_code grant (RFC 6749 §4.1.3, RFC 7636 §4.6, RFC 8707).
 // The code is taken once before it is checked: any failure after that consumes it.
-func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.Values, client *Client) {
+func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) (TokenResponse, error) {
 	code, redirectURI, verifier := form.Get("code"), form.Get("redirect_uri"), form.Get("code_verifier")
 	// redirect_uri may be left out only when the authorization request left it out
 	// (RFC 6749 §4.1.3); that is known once the code is read, below.
 	if code == "" || verifier == "" {
-		writeError(w, http.StatusBadRequest, "invalid_request", "code and code_verifier are required")
-		return
+		return TokenResponse{}, errInvalidRequest("code and code_verifier are required")
 	}
 	if !validCodeVerifier(verifier) {
-		writeError(w, http.StatusBadRequest, "invalid_request", "code_verifier must be 43 to 128 unreserved characters")
-		return
+		return TokenResponse{}, errInvalidRequest("code_verifier must be 43 to 128 unreserved characters")
 	}
 	resource, ok := singleResource(form)
 	if !ok {
-		writeError(w, http.StatusBadRequest, "invalid_target", "resource must name this server once")
-		return
+		return TokenResponse{}, errInvalidTarget("resource must name this server once")
 	}
 	ctx := context.WithoutCancel(r.Context()) // a taken code's outcome must be written whole
 
@@ -65,52 +62,41 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 		// A request that is malformed for this code does not consume it: look before
 		// taking (the check after taking stays the one that counts).
 		if peek, err := b.codes.peek(ctx, code); err == nil && !peek.RedirectURIOmitted {
-			writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required: the authorization request included it")
-			return
+			return TokenResponse{}, errInvalidRequest("redirect_uri is required: the authorization request included it")
 		}
 	}
 	rec, err := b.codes.take(ctx, code)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		b.codeReplayed(ctx, code)
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
-		return
+		return TokenResponse{}, errInvalidGrant("the authorization code is invalid, expired or already used")
 	case err != nil:
-		b.unavailable(w, "taking authorization code", err)
-		return
+		return TokenResponse{}, errStorage("taking authorization code", err)
 	}
 
 	now := b.now()
 	switch {
 	case !now.Before(rec.ExpiresAt):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
-		return
+		return TokenResponse{}, errInvalidGrant("the authorization code is invalid, expired or already used")
 	case rec.ClientID != client.ID:
 		b.logger.Warn("authorization code presented by another client",
 			zap.String("client_id", client.ID), zap.String("code", Fingerprint(code)))
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code was issued to another client")
-		return
+		return TokenResponse{}, errInvalidGrant("the authorization code was issued to another client")
 	case redirectURI == "" && !rec.RedirectURIOmitted:
-		writeError(w, http.StatusBadRequest, "invalid_request", "redirect_uri is required: the authorization request included it")
-		return
+		return TokenResponse{}, errInvalidRequest("redirect_uri is required: the authorization request included it")
 	case redirectURI != "" && rec.RedirectURI != redirectURI:
-		writeError(w, http.StatusBadRequest, "invalid_grant", "redirect_uri does not match the authorization request")
-		return
+		return TokenResponse{}, errInvalidGrant("redirect_uri does not match the authorization request")
 	case !pkceMatches(b.constantTimeCompare, rec.CodeChallengeMethod, rec.CodeChallenge, verifier):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "code_verifier does not match the code challenge")
-		return
+		return TokenResponse{}, errInvalidGrant("code_verifier does not match the code challenge")
 	case resource != "" && resource != rec.Resource:
-		writeError(w, http.StatusBadRequest, "invalid_target", "resource does not match the authorization request")
-		return
+		return TokenResponse{}, errInvalidTarget("resource does not match the authorization request")
 	}
 
 	switch err := b.families.start(ctx, TokenFamily{ID: rec.FamilyID, SessionID: rec.SessionID, ClientID: rec.ClientID}); {
 	case errors.Is(err, errFamilyRevoked):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the authorization code is invalid, expired or already used")
-		return
+		return TokenResponse{}, errInvalidGrant("the authorization code is invalid, expired or already used")
 	case err != nil:
-		b.unavailable(w, "redeeming authorization code", err)
-		return
+		return TokenResponse{}, errStorage("redeeming authorization code", err)
 	}
 	resp, err := b.families.issue(ctx, tokenGrant{
 		FamilyID:      rec.FamilyID,
@@ -122,13 +108,12 @@ func (b *Broker) exchangeCode(w http.ResponseWriter, r *http.Request, form url.V
 		RefreshScopes: rec.Scopes,
 	})
 	if err != nil {
-		b.unavailable(w, "redeeming authorization code", err)
-		return
+		return TokenResponse{}, errStorage("redeeming authorization code", err)
 	}
 	b.logger.Info("issued broker tokens for an authorization code",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 	b.renewRegistration(ctx, client)
-	writeJSON(w, http.StatusOK, resp)
+	return resp, nil
 }
 
 // codeReplayed revokes what a code issued when the code is presented again after its

@@ -20,97 +20,82 @@ import (
 // (clients that lost the answer, or refresh from several places at once); after the grace
 // window it is a reuse, which revokes the whole family (OAuth 2.1 §4.3.1). It works at
 // once after the code exchange.
-func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.Values, client *Client) {
+func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) (TokenResponse, error) {
 	raw := form.Get("refresh_token")
 	if raw == "" {
-		writeError(w, http.StatusBadRequest, "invalid_request", "refresh_token is required")
-		return
+		return TokenResponse{}, errInvalidRequest("refresh_token is required")
 	}
 	resource, ok := singleResource(form)
 	if !ok {
-		writeError(w, http.StatusBadRequest, "invalid_target", "resource must name this server once")
-		return
+		return TokenResponse{}, errInvalidTarget("resource must name this server once")
 	}
 	if !isBrokerToken(raw, refreshTokenPrefix) {
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
+		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	}
 
 	var rec RefreshToken
-	read := func(ctx context.Context) bool {
+	read := func(ctx context.Context) error {
 		var err error
 		rec, err = b.families.refreshToken(ctx, raw)
 		switch {
 		case errors.Is(err, storage.ErrNotFound):
-			writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-			return false
+			return errInvalidGrant("the refresh token is invalid, expired or revoked")
 		case err != nil:
-			b.unavailable(w, "reading refresh token", err)
-			return false
+			return errStorage("reading refresh token", err)
 		}
-		return true
+		return nil
 	}
 	// Look before locking: a made-up token must not cost a storage lock (SECURITY.md).
 	// The read under the lock below is the one that counts.
-	if !read(r.Context()) {
-		return
+	if err := read(r.Context()); err != nil {
+		return TokenResponse{}, err
 	}
 
 	unlock, err := b.families.lockRefresh(r.Context(), raw)
 	if err != nil {
-		b.unavailable(w, "locking refresh token", err)
-		return
+		return TokenResponse{}, errStorage("locking refresh token", err)
 	}
 	defer unlock()
 	ctx := context.WithoutCancel(r.Context()) // a rotation, once begun, is written whole
 
-	if !read(ctx) {
-		return
+	if err := read(ctx); err != nil {
+		return TokenResponse{}, err
 	}
 	now := b.now()
 	switch {
 	case rec.ClientID != client.ID:
 		b.logger.Warn("refresh token presented by another client",
 			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)))
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token was issued to another client")
-		return
+		return TokenResponse{}, errInvalidGrant("the refresh token was issued to another client")
 	case !now.Before(rec.Expiry):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
+		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	case resource != "" && resource != rec.Resource:
-		writeError(w, http.StatusBadRequest, "invalid_target", "resource does not match the refresh token")
-		return
+		return TokenResponse{}, errInvalidTarget("resource does not match the refresh token")
 	}
 	scopes := rec.Scopes
 	if form.Has("scope") {
 		asked := strings.Fields(form.Get("scope"))
 		held := idp.Principal{Scopes: rec.Scopes}
 		if len(asked) == 0 || !held.HasScopes(asked) {
-			writeError(w, http.StatusBadRequest, "invalid_scope", "scope may only narrow the scopes granted")
-			return
+			return TokenResponse{}, errInvalidScope("scope may only narrow the scopes granted")
 		}
 		scopes = asked
 	}
 
 	if !rec.RotatedAt.IsZero() {
-		b.repeatedRefresh(ctx, w, &rec, client, raw, scopes, now)
-		return
+		return b.repeatedRefresh(ctx, &rec, client, raw, scopes, now)
 	}
 	// Only rotations count: repeats above write nothing.
 	if ok, wait := b.refreshes.Allow(rec.FamilyID, refreshRatePerGrant, now); !ok {
-		b.logger.Debug("refresh grant over its rate limit",
-			zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
-		tooManyRequests(w, wait, "this grant is refreshed too often; retry later")
-		return
+		return TokenResponse{}, errTooManyRequests(wait, "this grant is refreshed too often; retry later").
+			because(fmt.Errorf("client %s: family %s over its rate limit", client.ID, Fingerprint(rec.FamilyID)))
 	}
 
 	switch err := b.families.extend(ctx, rec.FamilyID); {
 	case errors.Is(err, errFamilyRevoked):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
+		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	case err != nil:
-		b.unavailable(w, "refreshing broker tokens", err)
-		return
+		return TokenResponse{}, errStorage("refreshing broker tokens", err)
 	}
 	sessionEnd, granted, err := b.renewSession(ctx, rec.SessionID, now)
 	switch {
@@ -120,11 +105,9 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 		b.logger.Info("session ended at a refresh; revoking its tokens", zap.String("client_id", client.ID),
 			zap.String("family", Fingerprint(rec.FamilyID)), zap.Error(err))
 		b.revokeGrant(ctx, rec.FamilyID, rec.SessionID)
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
+		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	case err != nil:
-		b.unavailable(w, "refreshing broker tokens", err)
-		return
+		return TokenResponse{}, errStorage("refreshing broker tokens", err)
 	}
 	refreshScopes := rec.Scopes
 	if granted != nil {
@@ -151,13 +134,12 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 	}
 	if err != nil {
 		// The old token is still unrotated: the client may retry.
-		b.unavailable(w, "refreshing broker tokens", err)
-		return
+		return TokenResponse{}, errStorage("refreshing broker tokens", err)
 	}
 	b.logger.Info("rotated broker refresh token",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 	b.renewRegistration(ctx, client)
-	writeJSON(w, http.StatusOK, resp)
+	return resp, nil
 }
 
 // repeatedRefresh answers a refresh with a token already rotated. Within the grace
@@ -165,11 +147,10 @@ func (b *Broker) refreshGrant(w http.ResponseWriter, r *http.Request, form url.V
 // processes of one client, a client refreshing from several places): it gets the pair the
 // first refresh yielded, with the same scopes, and writes nothing. Otherwise it is reuse
 // (OAuth 2.1 §4.3.1: someone else may hold the token), which revokes the whole family.
-func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, rec *RefreshToken, client *Client, raw string, scopes []string, now time.Time) {
+func (b *Broker) repeatedRefresh(ctx context.Context, rec *RefreshToken, client *Client, raw string, scopes []string, now time.Time) (TokenResponse, error) {
 	resp, err := b.families.successor(raw, rec)
 	if err != nil {
-		b.unavailable(w, "opening successor pair", err)
-		return
+		return TokenResponse{}, errUnavailable("opening successor pair", err)
 	}
 	reuse := ""
 	if now.Sub(rec.RotatedAt) > b.cfg.RefreshGrace {
@@ -177,8 +158,7 @@ func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, rec
 	} else {
 		switch used, err := b.families.refreshUsed(ctx, resp.RefreshToken); {
 		case err != nil:
-			b.unavailable(w, "reading successor refresh token", err)
-			return
+			return TokenResponse{}, errStorage("reading successor refresh token", err)
 		case used:
 			reuse = "after its successor was used"
 		}
@@ -188,27 +168,23 @@ func (b *Broker) repeatedRefresh(ctx context.Context, w http.ResponseWriter, rec
 			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
 			zap.String("family", Fingerprint(rec.FamilyID)))
 		b.revokeGrant(ctx, rec.FamilyID, rec.SessionID)
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
+		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	}
 	if !sameScopes(scopes, strings.Fields(resp.Scope)) {
-		writeError(w, http.StatusBadRequest, "invalid_scope", "a repeated refresh must ask the scopes of the first")
-		return
+		return TokenResponse{}, errInvalidScope("a repeated refresh must ask the scopes of the first")
 	}
 	switch _, err := b.families.live(ctx, rec.FamilyID); {
 	case errors.Is(err, errFamilyRevoked):
-		writeError(w, http.StatusBadRequest, "invalid_grant", "the refresh token is invalid, expired or revoked")
-		return
+		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	case err != nil:
-		b.unavailable(w, "refreshing broker tokens", err)
-		return
+		return TokenResponse{}, errStorage("refreshing broker tokens", err)
 	}
 	b.logger.Info("repeated refresh within the grace window; answering with the same pair",
 		zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
 		zap.String("family", Fingerprint(rec.FamilyID)))
 	// The access token has aged since it was issued: say how long it has left.
 	resp.ExpiresIn = max(resp.ExpiresIn-int64(now.Sub(rec.RotatedAt)/time.Second), 1)
-	writeJSON(w, http.StatusOK, resp)
+	return resp, nil
 }
 
 // sameScopes tells whether a and b hold the same scopes, in any order.

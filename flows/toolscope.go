@@ -30,12 +30,12 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 	return need, msg.Tools, nil
 }
 
-// writeRefusal answers a request mcprequest refused.
-func writeRefusal(w http.ResponseWriter, refused *mcprequest.Refusal) {
-	if refused.Header != "" {
-		w.Header().Set(refused.Header, refused.Value)
-	}
-	writeError(w, refused.Status, "invalid_request", refused.Description)
+// errRefusal is the answer to a request mcprequest refused: 4xx invalid_request, with
+// the header the refusal names.
+func errRefusal(refused *mcprequest.Refusal) *requestError {
+	e := newRequestError(refused.Status, "invalid_request", refused.Description)
+	e.header, e.value = refused.Header, refused.Value
+	return e
 }
 
 // scopesForTool returns the scopes of the first rule whose pattern matches name.
