@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/mcprequest"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -50,6 +51,8 @@ func TestWriteErrorJSON(t *testing.T) {
 			http.StatusServiceUnavailable, "temporarily_unavailable", "the broker cannot complete this request now; try again shortly", "5", "", "", zapcore.ErrorLevel},
 		{"an IdP failure is a 503 with Retry-After, logged at error", errIdPUnavailable(fmt.Errorf("%w: %w", idp.ErrUnavailable, errSecretCause)),
 			http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly", "5", "", "", zapcore.ErrorLevel},
+		{"an MCP request refused for its method names the methods allowed", errRefusal(mcprequest.ErrMethod),
+			http.StatusMethodNotAllowed, "invalid_request", "method not allowed", "", "GET, HEAD, POST, DELETE, OPTIONS", "", zapcore.DebugLevel},
 		{"invalid_client carries its Basic challenge",
 			func() error {
 				e := newRequestError(http.StatusUnauthorized, "invalid_client", "client authentication failed").because(errSecretCause)
