@@ -86,28 +86,35 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		w.WriteHeader(http.StatusNoContent)
 		return nil, nil
 	}
-	who, raw, err := b.authenticate(r)
+	who, err := b.admit(w, r)
 	if err != nil {
 		b.writeError(w, r, err)
 		return nil, nil
 	}
+	if who == nil {
+		return nil, nil // answered with a URL elicitation (provisioning_elicitation.go)
+	}
+	return r, who
+}
 
+// admit authenticates a request to the MCP endpoint, checks the scopes and offline access
+// its tool calls need, and puts in place of the client's token what the upstream gets. It
+// returns nil and no error when it answered the request itself.
+func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, error) {
+	who, raw, err := b.authenticate(r)
+	if err != nil {
+		return nil, err
+	}
 	need, tools, refused := b.requiredScopes(w, r)
 	if refused != nil {
-		b.writeError(w, r, errRefusal(refused))
-		return nil, nil
+		return nil, errRefusal(refused)
 	}
 	if len(need) > 0 && !who.HasScopes(need) {
-		b.writeError(w, r, b.errInsufficientScope(who, need))
-		return nil, nil
+		return nil, b.errInsufficientScope(who, need)
 	}
 	if len(tools) > 0 {
-		switch answered, err := b.checkProvisioning(w, r, who, tools); {
-		case err != nil:
-			b.writeError(w, r, err)
-			return nil, nil
-		case answered:
-			return nil, nil
+		if answered, err := b.checkProvisioning(w, r, who, tools); err != nil || answered {
+			return nil, err
 		}
 	}
 
@@ -118,10 +125,9 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 	// identity headers the client sent. MCP uses none: none is forwarded.
 	r.Trailer = nil
 	if err := b.delegateInto(r, who, raw, need); err != nil {
-		b.writeError(w, r, err)
-		return nil, nil
+		return nil, err
 	}
-	return r, who
+	return who, nil
 }
 
 // authenticate verifies the bearer token of a request to the MCP endpoint and returns
