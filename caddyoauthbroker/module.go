@@ -50,6 +50,7 @@ type Handler struct {
 	ClientID string `json:"client_id,omitempty"`
 
 	// The secret of `client_id`. Supports `{env.*}` and `{file.*}` placeholders.
+	// Default: none.
 	ClientSecret string `json:"client_secret,omitempty"`
 
 	// The canonical URL of the protected MCP endpoint, e.g. `https://mcp.example.com/mcp`:
@@ -181,6 +182,9 @@ type Handler struct {
 	broker  *flows.Broker
 	records *storage.Records
 	logger  *zap.Logger
+	// now is the records' clock, for tests that open records written long ago; nil is
+	// time.Now.
+	now func() time.Time
 
 	// stopJanitor ends the janitor's goroutine, which closes janitorDone as it exits.
 	// Caddy cancels the Provision context first anyway; Cleanup also stops it when it
@@ -248,10 +252,10 @@ type BackgroundClient struct {
 
 // ToolScope demands scopes for MCP tools whose name matches Tool.
 type ToolScope struct {
-	// A tool name, or a glob over tool names (`notes_*`, path.Match syntax).
+	// A tool name, or a glob over tool names (`notes_*`, path.Match syntax). Required.
 	Tool string `json:"tool,omitempty"`
 
-	// The scopes a `tools/call` of a matching tool needs.
+	// The scopes a `tools/call` of a matching tool needs. At least one is required.
 	Scopes []string `json:"scopes,omitempty"`
 }
 
@@ -263,11 +267,13 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision resolves placeholders, parses the encryption keys, loads the storage and
-// builds the broker; Caddy calls Validate after it. It neither writes to storage nor waits
-// for the IdP, because it also runs for `caddy adapt --validate` and `caddy validate`.
+// Provision applies the defaults, resolves placeholders, parses the encryption keys, loads
+// the storage and builds the broker; Caddy calls Validate after it. It neither writes to
+// storage nor waits for the IdP, because it also runs for `caddy adapt --validate` and
+// `caddy validate`.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.applyDefaults()
 	h.resolvePlaceholders()
 	ring, err := h.keyRing()
 	if err != nil {
@@ -291,7 +297,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		st = ctx.Storage()
 	}
 
-	h.records = storage.New(st, ring, storage.WithLogger(h.logger.Named("storage")))
+	h.records = storage.New(st, ring, storage.WithLogger(h.logger.Named("storage")), storage.WithClock(h.now))
 
 	cfg, err := h.flowsConfig()
 	if err != nil {
@@ -308,6 +314,65 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.janitorDone = make(chan struct{})
 	go h.sweepExpiredRecords(janitorCtx)
 	return nil
+}
+
+// applyDefaults sets every field left zero to the default its doc comment states, from
+// the constants package flows applies to a zero Config too. Defaults that depend on the
+// IdP or on other fields (delegation mode and scopes, public_issuer, a client's name and
+// scopes) are decided by flows, where those are known. Negative values are left for
+// Validate to refuse.
+func (h *Handler) applyDefaults() {
+	if h.Mode == "" {
+		h.Mode = flows.ModeHybrid
+	}
+	if len(h.Scopes) == 0 {
+		h.Scopes = slices.Clone(flows.DefaultScopes)
+	}
+	if h.Delegation == nil {
+		h.Delegation = new(Delegation)
+	}
+	if h.Delegation.SubjectHeader == "" {
+		h.Delegation.SubjectHeader = flows.DefaultSubjectHeader
+	}
+	if h.ClientMetadataDocuments == nil {
+		on := true
+		h.ClientMetadataDocuments = &on
+	}
+	for _, d := range []struct {
+		field *caddy.Duration
+		def   time.Duration
+	}{
+		{&h.IntrospectionCacheTTL, flows.DefaultIntrospectionCacheTTL},
+		{&h.SessionTTL, flows.DefaultSessionTTL},
+		{&h.CodeTTL, flows.DefaultCodeTTL},
+		{&h.AccessTokenTTL, flows.DefaultAccessTokenTTL},
+		{&h.RefreshTokenTTL, flows.DefaultRefreshTokenTTL},
+		{&h.RefreshGrace, flows.DefaultRefreshGrace},
+		{&h.SessionMaxLifetime, flows.DefaultSessionMaxLifetime},
+		{&h.IdPConfirmInterval, flows.DefaultIdPConfirmInterval},
+		{&h.IdPTimeout, flows.DefaultIdPTimeout},
+	} {
+		if *d.field == 0 {
+			*d.field = caddy.Duration(d.def)
+		}
+	}
+	for _, r := range []struct {
+		field *int
+		def   int
+	}{
+		{&h.RegistrationRate, flows.DefaultRegistrationRate},
+		{&h.RegistrationRateTotal, flows.DefaultRegistrationRateTotal},
+		{&h.ColdVerifyRate, flows.DefaultColdVerifyRate},
+		{&h.ColdVerifyRateGlobal, flows.DefaultColdVerifyRateGlobal},
+		{&h.BackgroundTokenRate, flows.DefaultBackgroundTokenRate},
+	} {
+		if *r.field == 0 {
+			*r.field = r.def
+		}
+	}
+	if h.MaxBodyBytes == 0 {
+		h.MaxBodyBytes = flows.DefaultMaxBodyBytes
+	}
 }
 
 // keyRing parses encryption_keys, naming the key that is wrong without repeating it.
@@ -438,6 +503,14 @@ func (h *Handler) Validate() error {
 	if err := checkResource(h.Resource); err != nil {
 		return fmt.Errorf("resource: %w", err)
 	}
+	if err := checkScopes(h.Scopes); err != nil {
+		return err
+	}
+	for i, a := range h.Audience {
+		if a == "" {
+			return fmt.Errorf("audience[%d]: empty", i)
+		}
+	}
 	seen := make(map[string]bool, len(h.Clients))
 	for i, c := range h.Clients {
 		if c == nil || c.ClientID == "" {
@@ -452,6 +525,9 @@ func (h *Handler) Validate() error {
 		}
 		if err := flows.CheckClientName(c.Name); err != nil {
 			return fmt.Errorf("clients %q: name: %w", c.ClientID, err)
+		}
+		if err := checkScopes(c.Scopes); err != nil {
+			return fmt.Errorf("clients %q: %w", c.ClientID, err)
 		}
 		for _, u := range c.RedirectURIs {
 			if err := flows.CheckRedirectURI(u); err != nil {
@@ -468,6 +544,12 @@ func (h *Handler) Validate() error {
 		default:
 			return fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh or none", d.Mode)
 		}
+		if d.SubjectHeader != "" && !isToken(d.SubjectHeader) {
+			return fmt.Errorf("delegation: subject_header %q: not an HTTP header name; want letters, digits and !#$%%&'*+-.^_`|~ only (RFC 9110 §5.1)", d.SubjectHeader)
+		}
+		if err := checkScopes(d.Scopes); err != nil {
+			return fmt.Errorf("delegation: %w", err)
+		}
 	}
 	for i, t := range h.ToolScopes {
 		if t == nil || t.Tool == "" || len(t.Scopes) == 0 {
@@ -475,6 +557,9 @@ func (h *Handler) Validate() error {
 		}
 		if _, err := path.Match(t.Tool, ""); err != nil {
 			return fmt.Errorf("tool_scopes %q: bad glob: %w", t.Tool, err)
+		}
+		if err := checkScopes(t.Scopes); err != nil {
+			return fmt.Errorf("tool_scopes %q: %w", t.Tool, err)
 		}
 		// The first matching rule wins, so a rule an earlier one always matches would never
 		// apply: its tools would need only the earlier rule's scopes. Only a literal name
@@ -497,6 +582,9 @@ func (h *Handler) Validate() error {
 		seenWorkers[c.ClientID] = true
 	}
 	if p := h.Provisioning; p != nil {
+		if err := checkScopes(p.Scopes); err != nil {
+			return fmt.Errorf("provisioning: %w", err)
+		}
 		for _, t := range p.Tools {
 			if _, err := path.Match(t, ""); err != nil {
 				return fmt.Errorf("provisioning: tools %q: bad glob: %w", t, err)
@@ -536,6 +624,36 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("audience: must not list client_id %q: the broker's own ID tokens, background and delegated tokens would pass as MCP clients' tokens; list the resource or the MCP clients' ids", h.ClientID)
 	}
 	return nil
+}
+
+// checkScopes refuses an empty entry in a scopes list, and one that is not a scope token
+// (RFC 6749 §3.3: printable ASCII without space, `"` or `\`), which would break the
+// space-separated scope strings and the quoted `scope` of WWW-Authenticate challenges.
+func checkScopes(scopes []string) error {
+	for i, s := range scopes {
+		if s == "" {
+			return fmt.Errorf("scopes[%d]: empty", i)
+		}
+		for _, c := range []byte(s) {
+			if c <= ' ' || c > '~' || c == '"' || c == '\\' {
+				return fmt.Errorf("scopes[%d]: %q is not a scope token; want printable ASCII without space, quote or backslash (RFC 6749 §3.3)", i, s)
+			}
+		}
+	}
+	return nil
+}
+
+// isToken tells whether s is an RFC 9110 §5.6.2 token, the syntax of a header name.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 // checkAbsoluteURL accepts an http or https URL with a host.

@@ -34,6 +34,12 @@ func TestValidateAcceptsAGoodConfig(t *testing.T) {
 	if err := h.Validate(); err != nil {
 		t.Fatalf("http resource on loopback: %v", err)
 	}
+	h = validHandler()
+	h.Delegation.SubjectHeader = "X-Forwarded-User_1!#$%&'*+.^`|~"
+	h.Scopes = []string{"openid", "notes:read", "https://api.example.com/notes.read"}
+	if err := h.Validate(); err != nil {
+		t.Fatalf("a header name of every token character, URL-shaped scopes: %v", err)
+	}
 }
 
 func TestValidateErrors(t *testing.T) {
@@ -95,6 +101,20 @@ func TestValidateErrors(t *testing.T) {
 			`clients "claude": name: client_name must not contain control or bidirectional-formatting characters`},
 		{"client redirect with a bidi override", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"https://claude.ai/\u202ecb"} },
 			"redirect_uri must not contain control or bidirectional-formatting characters"},
+		{"subject header with a space", func(h *Handler) { h.Delegation.SubjectHeader = "X Auth Subject" },
+			`delegation: subject_header "X Auth Subject": not an HTTP header name`},
+		{"subject header with a colon", func(h *Handler) { h.Delegation.SubjectHeader = "X-Auth-Subject:" },
+			`delegation: subject_header "X-Auth-Subject:": not an HTTP header name`},
+		{"subject header with a line break", func(h *Handler) { h.Delegation.SubjectHeader = "X-A\r\nX-B" },
+			"delegation: subject_header"},
+		{"an empty scope", func(h *Handler) { h.Scopes = []string{"openid", "profile", ""} }, "scopes[2]: empty"},
+		{"a scope with a quote", func(h *Handler) { h.Scopes = []string{`notes"read`} }, `scopes[0]: "notes\"read" is not a scope token`},
+		{"a scope with a space", func(h *Handler) { h.Scopes = []string{"openid", "notes read"} }, `scopes[1]: "notes read" is not a scope token`},
+		{"an empty audience", func(h *Handler) { h.Audience = []string{"", "mcp"} }, "audience[0]: empty"},
+		{"an empty client scope", func(h *Handler) { h.Clients[0].Scopes = []string{""} }, `clients "claude": scopes[0]: empty`},
+		{"an empty delegation scope", func(h *Handler) { h.Delegation.Scopes = []string{"notes:read", ""} }, "delegation: scopes[1]: empty"},
+		{"an empty tool scope", func(h *Handler) { h.ToolScopes[0].Scopes = []string{""} }, `tool_scopes "notes_*": scopes[0]: empty`},
+		{"an empty provisioning scope", func(h *Handler) { h.Provisioning = &Provisioning{Scopes: []string{""}} }, "provisioning: scopes[0]: empty"},
 		{"private documents with documents off", func(h *Handler) {
 			off := false
 			h.ClientMetadataDocuments, h.ClientMetadataAllowPrivate = &off, true

@@ -134,28 +134,32 @@ var (
 	DefaultSubjectHeader = "X-Auth-Subject"
 )
 
+// Defaults of Config, applied by New to zero fields and by the Caddy module's Provision.
 const (
-	defaultMaxBodyBytes     = 1 << 20
-	defaultIdPTimeout       = 10 * time.Second
-	defaultSessionTTL       = 30 * 24 * time.Hour
-	defaultCodeTTL          = 60 * time.Second
-	defaultAccessTokenTTL   = time.Hour
-	defaultRefreshTokenTTL  = 30 * 24 * time.Hour
-	defaultRefreshGrace     = 60 * time.Second
-	defaultRegistrationRate = 10
-	// defaultRegistrationRateTotal: 30 a minute is 43,200 registrations a day, at most
+	DefaultMaxBodyBytes     = 1 << 20
+	DefaultIdPTimeout       = 10 * time.Second
+	DefaultSessionTTL       = 30 * 24 * time.Hour
+	DefaultCodeTTL          = 60 * time.Second
+	DefaultAccessTokenTTL   = time.Hour
+	DefaultRefreshTokenTTL  = 30 * 24 * time.Hour
+	DefaultRefreshGrace     = 60 * time.Second
+	DefaultRegistrationRate = 10
+	// DefaultRegistrationRateTotal: 30 a minute is 43,200 registrations a day, at most
 	// 4 KiB each (see maxRegisteredClientBytes), and an unused one lives a day.
-	defaultRegistrationRateTotal = 30
-	// defaultSessionMaxLifetime: a month, then a new login.
-	defaultSessionMaxLifetime = 30 * 24 * time.Hour
-	// defaultIdPConfirmInterval bounds how long a grant ended at the IdP (user disabled,
+	DefaultRegistrationRateTotal = 30
+	// DefaultSessionMaxLifetime: a month, then a new login.
+	DefaultSessionMaxLifetime = 30 * 24 * time.Hour
+	// DefaultIdPConfirmInterval bounds how long a grant ended at the IdP (user disabled,
 	// grant revoked) keeps a broker session refreshing. Ten minutes is below the shortest
 	// default refresh-token idle lifetime we know of (Nextcloud's oidc app: 15 minutes), so
 	// a client that refreshes often keeps the IdP's refresh token alive too. It costs at
 	// most one IdP call per broker refresh; clients refresh about once per access token.
-	defaultIdPConfirmInterval = 10 * time.Minute
+	DefaultIdPConfirmInterval = 10 * time.Minute
 	// DefaultBackgroundTokenRate is BackgroundTokenRate's default.
 	DefaultBackgroundTokenRate = 60
+
+	// defaultIdPTimeout is an IdP's discovery timeout before New sets the broker's.
+	defaultIdPTimeout = DefaultIdPTimeout
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
@@ -225,21 +229,21 @@ func New(cfg Config) (*Broker, error) {
 		cfg.SubjectHeader = DefaultSubjectHeader
 	}
 	if cfg.MaxBodyBytes <= 0 {
-		cfg.MaxBodyBytes = defaultMaxBodyBytes
+		cfg.MaxBodyBytes = DefaultMaxBodyBytes
 	}
-	setDefault(&cfg.IdPTimeout, defaultIdPTimeout)
-	setDefault(&cfg.SessionTTL, defaultSessionTTL)
-	setDefault(&cfg.CodeTTL, defaultCodeTTL)
-	setDefault(&cfg.AccessTokenTTL, defaultAccessTokenTTL)
-	setDefault(&cfg.RefreshTokenTTL, defaultRefreshTokenTTL)
-	setDefault(&cfg.RefreshGrace, defaultRefreshGrace)
-	setDefault(&cfg.SessionMaxLifetime, defaultSessionMaxLifetime)
-	setDefault(&cfg.IdPConfirmInterval, defaultIdPConfirmInterval)
+	setDefault(&cfg.IdPTimeout, DefaultIdPTimeout)
+	setDefault(&cfg.SessionTTL, DefaultSessionTTL)
+	setDefault(&cfg.CodeTTL, DefaultCodeTTL)
+	setDefault(&cfg.AccessTokenTTL, DefaultAccessTokenTTL)
+	setDefault(&cfg.RefreshTokenTTL, DefaultRefreshTokenTTL)
+	setDefault(&cfg.RefreshGrace, DefaultRefreshGrace)
+	setDefault(&cfg.SessionMaxLifetime, DefaultSessionMaxLifetime)
+	setDefault(&cfg.IdPConfirmInterval, DefaultIdPConfirmInterval)
 	if cfg.RegistrationRate <= 0 {
-		cfg.RegistrationRate = defaultRegistrationRate
+		cfg.RegistrationRate = DefaultRegistrationRate
 	}
 	if cfg.RegistrationRateTotal <= 0 {
-		cfg.RegistrationRateTotal = defaultRegistrationRateTotal
+		cfg.RegistrationRateTotal = DefaultRegistrationRateTotal
 	}
 	if cfg.BackgroundTokenRate <= 0 {
 		cfg.BackgroundTokenRate = DefaultBackgroundTokenRate
