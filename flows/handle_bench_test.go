@@ -16,9 +16,9 @@ func (d *discardWriter) Write(p []byte) (int, error) { return len(p), nil }
 func (d *discardWriter) WriteHeader(int)             {}
 
 // BenchmarkHandleWarm is the whole per-request cost the broker adds in front of the MCP
-// server on a warm request: token check, tool scopes, delegation, header rewrite. Compare
-// it with the ~125 µs of CPU that Caddy's reverse_proxy spends per request (DESIGN.md):
-// the budget is ~13 µs.
+// server on a warm request: token check, tool scopes, delegation, header rewrite. Its
+// budget is ~13 µs, a tenth of the ~125 µs of CPU that Caddy's reverse_proxy spends per
+// request, so that Caddy with the broker keeps 0.90x the throughput of the proxy alone.
 func BenchmarkHandleWarm(b *testing.B) {
 	o := verifierOP(b)
 	toolCall := `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"` +
