@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-mcp/oauth-broker/flows"
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -316,11 +317,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// applyDefaults sets every field left zero to the default its doc comment states, from
-// the constants package flows applies to a zero Config too. Defaults that depend on the
-// IdP or on other fields (delegation mode and scopes, public_issuer, a client's name and
-// scopes) are decided by flows, where those are known. Negative values are left for
-// Validate to refuse.
+// applyDefaults sets every field left zero to the default its doc comment states, from the
+// constants that packages flows and idp apply to a zero configuration too. Defaults that
+// depend on the IdP or on other fields (delegation mode and scopes, public_issuer, a
+// client's name and scopes) are decided by flows, where those are known. Negative values
+// are left for Validate to refuse.
 func (h *Handler) applyDefaults() {
 	if h.Mode == "" {
 		h.Mode = flows.ModeHybrid
@@ -342,7 +343,7 @@ func (h *Handler) applyDefaults() {
 		field *caddy.Duration
 		def   time.Duration
 	}{
-		{&h.IntrospectionCacheTTL, flows.DefaultIntrospectionCacheTTL},
+		{&h.IntrospectionCacheTTL, idp.DefaultIntrospectionCacheTTL},
 		{&h.SessionTTL, flows.DefaultSessionTTL},
 		{&h.CodeTTL, flows.DefaultCodeTTL},
 		{&h.AccessTokenTTL, flows.DefaultAccessTokenTTL},
@@ -362,8 +363,8 @@ func (h *Handler) applyDefaults() {
 	}{
 		{&h.RegistrationRate, flows.DefaultRegistrationRate},
 		{&h.RegistrationRateTotal, flows.DefaultRegistrationRateTotal},
-		{&h.ColdVerifyRate, flows.DefaultColdVerifyRate},
-		{&h.ColdVerifyRateGlobal, flows.DefaultColdVerifyRateGlobal},
+		{&h.ColdVerifyRate, idp.DefaultColdVerifyRate},
+		{&h.ColdVerifyRateGlobal, idp.DefaultColdVerifyRateGlobal},
 		{&h.BackgroundTokenRate, flows.DefaultBackgroundTokenRate},
 	} {
 		if *r.field == 0 {

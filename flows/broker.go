@@ -157,9 +157,6 @@ const (
 	DefaultIdPConfirmInterval = 10 * time.Minute
 	// DefaultBackgroundTokenRate is BackgroundTokenRate's default.
 	DefaultBackgroundTokenRate = 60
-
-	// defaultIdPTimeout is an IdP's discovery timeout before New sets the broker's.
-	defaultIdPTimeout = DefaultIdPTimeout
 )
 
 // Broker answers the broker's endpoints and authenticates protected requests.
