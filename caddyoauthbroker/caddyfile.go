@@ -171,7 +171,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "client_metadata_allow_private":
 			err = unmarshalFlag(d, &h.ClientMetadataAllowPrivate)
 		case "provisioning":
-			h.Provisioning, err = unmarshalProvisioning(d)
+			h.OfflineAccess, err = unmarshalOfflineAccess(d)
 		case "background_client":
 			c := new(BackgroundClient)
 			if !d.AllArgs(&c.ClientID, &c.ClientSecret) {
@@ -279,8 +279,8 @@ func wholeNumber[T int | int64](d *caddyfile.Dispenser, name, v string, dst *T) 
 	return nil
 }
 
-func unmarshalProvisioning(d *caddyfile.Dispenser) (*Provisioning, error) {
-	p := new(Provisioning)
+func unmarshalOfflineAccess(d *caddyfile.Dispenser) (*OfflineAccess, error) {
+	p := new(OfflineAccess)
 	if d.NextArg() {
 		return nil, d.ArgErr()
 	}

@@ -211,7 +211,7 @@ func TestCaddyfileErrors(t *testing.T) {
 				audience b
 			}
 		}`, "audience: already specified"},
-		{"repeated provisioning tools are refused", `mcp_oauth {
+		{"repeated offline access tools are refused", `mcp_oauth {
 			provisioning {
 				tools a
 				tools b

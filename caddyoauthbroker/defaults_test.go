@@ -18,14 +18,14 @@ import (
 // on other fields; flows decides them where it knows those. Their doc comments still say
 // what the default is.
 var derivedDefaults = map[string]bool{
-	"Handler.PublicIssuer": true, // the issuer
-	"Handler.Delegation":   true, // a struct: its fields are compared one by one
-	"Handler.Provisioning": true, // a struct: no tools need offline access
-	"Handler.StorageRaw":   true, // Caddy's storage
-	"Delegation.Mode":      true, // what the IdP's discovery advertises
-	"Delegation.Scopes":    true, // the handler's scopes, less the OpenID ones
-	"Client.Name":          true, // the client id
-	"Client.Scopes":        true, // the handler's scopes
+	"Handler.PublicIssuer":  true, // the issuer
+	"Handler.Delegation":    true, // a struct: its fields are compared one by one
+	"Handler.OfflineAccess": true, // a struct: no tools need offline access
+	"Handler.StorageRaw":    true, // Caddy's storage
+	"Delegation.Mode":       true, // what the IdP's discovery advertises
+	"Delegation.Scopes":     true, // the handler's scopes, less the OpenID ones
+	"Client.Name":           true, // the client id
+	"Client.Scopes":         true, // the handler's scopes
 }
 
 // documentedDefaults reads module.go's doc comments: for each exported field of the

@@ -159,11 +159,11 @@ type Handler struct {
 	// Only for labs and tests: it opens the broker to SSRF. Default: false.
 	ClientMetadataAllowPrivate bool `json:"client_metadata_allow_private,omitempty"`
 
-	// Flow 2: offline access for background jobs, provisioned by each user explicitly.
+	// Offline access for background jobs, granted by each user explicitly.
 	// Default: no tools need it.
-	Provisioning *Provisioning `json:"provisioning,omitempty"`
+	OfflineAccess *OfflineAccess `json:"provisioning,omitempty"`
 
-	// Background workers allowed to fetch background tokens for users who provisioned
+	// Background workers allowed to fetch background tokens for users who granted
 	// offline access. Default: none.
 	BackgroundClients []*BackgroundClient `json:"background_clients,omitempty"`
 
@@ -231,14 +231,14 @@ type Delegation struct {
 	SubjectHeader string `json:"subject_header,omitempty"`
 }
 
-// Provisioning configures Flow 2.
-type Provisioning struct {
+// OfflineAccess configures offline access.
+type OfflineAccess struct {
 	// The scopes asked of the IdP for background jobs, besides `openid` and
 	// `offline_access`. Default: none.
 	Scopes []string `json:"scopes,omitempty"`
 
-	// Tools (names or globs) that need the user's offline grant; calling one without it
-	// answers with a link to provision it. Default: none.
+	// Tools (names or globs) that need the user's offline access grant; calling one without it
+	// answers with a link to grant it. Default: none.
 	Tools []string `json:"tools,omitempty"`
 }
 
@@ -582,7 +582,7 @@ func (h *Handler) Validate() error {
 		}
 		seenWorkers[c.ClientID] = true
 	}
-	if p := h.Provisioning; p != nil {
+	if p := h.OfflineAccess; p != nil {
 		if err := checkScopes(p.Scopes); err != nil {
 			return fmt.Errorf("provisioning: %w", err)
 		}
@@ -719,9 +719,9 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		BackgroundTokenRate:            h.BackgroundTokenRate,
 		DisableClientMetadataDocuments: h.ClientMetadataDocuments != nil && !*h.ClientMetadataDocuments,
 	}
-	if p := h.Provisioning; p != nil {
-		cfg.ProvisioningScopes = p.Scopes
-		cfg.ProvisioningTools = p.Tools
+	if p := h.OfflineAccess; p != nil {
+		cfg.OfflineAccessScopes = p.Scopes
+		cfg.OfflineAccessTools = p.Tools
 	}
 	// Nil entries are skipped here and refused by Validate, which Caddy calls after Provision.
 	for _, c := range h.BackgroundClients {

@@ -40,7 +40,7 @@ type upgradeFixture struct {
 // TestUpgradeCaddyfile adapts the Caddyfile of the release before issue 11's refactoring
 // (testdata/upgrade/Caddyfile, every subdirective form it had) and provisions its two
 // handlers with this release as Caddy does, the first over a copy of the storage that
-// release wrote. Through the module, the stored offline grant still yields background
+// release wrote. Through the module, the stored offline access grant still yields background
 // tokens, and the dynamically registered and configured clients are still known. A
 // directive renamed later must keep this passing, as a deprecated alias: adapting may warn.
 func TestUpgradeCaddyfile(t *testing.T) {
@@ -120,7 +120,7 @@ func TestUpgradeCaddyfile(t *testing.T) {
 		t.Fatalf("the adapted handlers are not the fixture's two sites")
 	}
 
-	t.Run("the stored offline grant yields background tokens", func(t *testing.T) {
+	t.Run("the stored offline access grant yields background tokens", func(t *testing.T) {
 		o.SeedRefreshToken(fx.OfflineRefreshToken, testenv.BrokerClientID, fx.Subject, fx.OfflineScopes)
 		for i := range 2 { // the second uses the IdP refresh token the first one rotated in
 			r := httptest.NewRequest(http.MethodPost, "https://mcp.example.test/oauth/background-token",

@@ -16,7 +16,7 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// offlineSiteBlock enables Flow 2 with one background worker and a low background token
+// offlineSiteBlock enables offline access with one background worker and a low background token
 // rate.
 const offlineSiteBlock = `		provisioning {
 			scopes notes:read
@@ -61,11 +61,11 @@ func backgroundToken(t *testing.T, base, worker, secret, subject string) (*http.
 	return resp, body
 }
 
-// TestOfflineGrantsPerSiteThroughCaddyBinary: two mcp_oauth sites on one storage, each
-// with a worker of the same name. A user provisions offline access on one; the other
+// TestOfflineAccessGrantsPerSiteThroughCaddyBinary: two mcp_oauth sites on one storage, each
+// with a worker of the same name. A user grants offline access on one; the other
 // site's worker gets nothing for that user, the site's own worker does, and a worker
 // past its rate gets 429 with Retry-After.
-func TestOfflineGrantsPerSiteThroughCaddyBinary(t *testing.T) {
+func TestOfflineAccessGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	upURL, _ := url.Parse(up.URL)
@@ -88,7 +88,7 @@ func TestOfflineGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 	err = json.NewDecoder(resp.Body).Decode(&link)
 	resp.Body.Close()
 	if err != nil || resp.StatusCode != http.StatusOK || !slices.Equal(link.BackgroundClients, []string{"worker"}) {
-		t.Fatalf("provisioning link: %s %+v %v\n%s", resp.Status, link, err, a.logs.String())
+		t.Fatalf("offline access link: %s %+v %v\n%s", resp.Status, link, err, a.logs.String())
 	}
 	// One browser opens the link, logs in and comes back: the login cookie binds them.
 	jar, _ := cookiejar.New(nil)
@@ -104,7 +104,7 @@ func TestOfflineGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 	page, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || !strings.Contains(string(page), "<code>worker</code>") {
-		t.Fatalf("provisioning callback: %s %s", resp.Status, page)
+		t.Fatalf("offline access callback: %s %s", resp.Status, page)
 	}
 
 	if resp, body := backgroundToken(t, b.Base, "worker", "worker-secret", o.User.Subject); resp.StatusCode != http.StatusBadRequest || body["error"] != "invalid_grant" {

@@ -33,7 +33,7 @@ func (s *lockCountingStorage) Lock(ctx context.Context, name string) error {
 	return s.FileStorage.Lock(ctx, name)
 }
 
-// newLockCountingBroker is a hybrid broker with registration and provisioning on, over
+// newLockCountingBroker is a hybrid broker with registration and offline access on, over
 // lockCountingStorage in dir.
 func newLockCountingBroker(t *testing.T, dir string) (*Broker, *lockCountingStorage) {
 	t.Helper()
@@ -44,7 +44,7 @@ func newLockCountingBroker(t *testing.T, dir string) (*Broker, *lockCountingStor
 	s := &lockCountingStorage{FileStorage: &certmagic.FileStorage{Path: dir}}
 	b := newRegistrationBroker(t, func(c *Config) {
 		c.Records = storage.New(s, ring)
-		c.ProvisioningTools = []string{"background_*"}
+		c.OfflineAccessTools = []string{"background_*"}
 	})
 	return b, s
 }
@@ -57,10 +57,10 @@ func junkRequest(endpoint, ip string, i int) *http.Request {
 	switch endpoint {
 	case "callback":
 		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathCallback+"?state="+junk+"&code=x", nil)
-	case "provisioning callback":
-		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathProvisioningCallback+"?state="+junk+"&code=x", nil)
-	case "provisioning link":
-		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathProvisioningStart+"?link="+junk, nil)
+	case "offline access callback":
+		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathOfflineAccessCallback+"?state="+junk+"&code=x", nil)
+	case "offline access link":
+		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathOfflineAccessStart+"?link="+junk, nil)
 	case "code":
 		form := url.Values{"grant_type": {grantAuthorizationCode}, "client_id": {testenv.NativeClientID},
 			"code": {junk}, "code_verifier": {strings.Repeat("v", 43)}, "redirect_uri": {"http://127.0.0.1/callback"}}
@@ -77,7 +77,7 @@ func junkRequest(endpoint, ip string, i int) *http.Request {
 	return req.WithContext(WithClientIP(req.Context(), ip))
 }
 
-var junkEndpoints = []string{"callback", "provisioning callback", "provisioning link", "code", "refresh token"}
+var junkEndpoints = []string{"callback", "offline access callback", "offline access link", "code", "refresh token"}
 
 // A burst of made-up states, links, codes and refresh tokens takes no storage lock: no
 // lock file, no goroutine kept alive for seconds by FileStorage per lock (SECURITY.md).
@@ -110,10 +110,10 @@ func TestJunkValuesTakeNoStorageLock(t *testing.T) {
 }
 
 // The browser endpoints that redeem a one-time value (the login state at both callbacks,
-// the provisioning link) answer one address 60 times a minute, then 429 with Retry-After
+// the offline access link) answer one address 60 times a minute, then 429 with Retry-After
 // and a page.
 func TestOneTimeValueEndpointsAreRateLimitedPerClientIP(t *testing.T) {
-	for _, endpoint := range []string{"callback", "provisioning callback", "provisioning link"} {
+	for _, endpoint := range []string{"callback", "offline access callback", "offline access link"} {
 		t.Run(endpoint, func(t *testing.T) {
 			b, _ := newLockCountingBroker(t, t.TempDir())
 			clock := newRegistrationClock()
@@ -139,7 +139,7 @@ func TestOneTimeValueEndpointsAreRateLimitedPerClientIP(t *testing.T) {
 			}
 		})
 	}
-	for _, p := range []string{pathCallback, pathProvisioningCallback, pathProvisioningStart} {
+	for _, p := range []string{pathCallback, pathOfflineAccessCallback, pathOfflineAccessStart} {
 		if !NeedsClientIP(p) {
 			t.Errorf("NeedsClientIP(%q) = false: behind a proxy every client would share one bucket", p)
 		}

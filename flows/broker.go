@@ -92,12 +92,12 @@ type Config struct {
 	// token verification). Default: the address WithClientIP recorded.
 	ClientIP ClientIPFunc
 
-	// ProvisioningScopes are asked of the IdP in Flow 2 (offline access for background
+	// OfflineAccessScopes are asked of the IdP for offline access (for background
 	// jobs), besides openid and offline_access.
-	ProvisioningScopes []string
-	// ProvisioningTools are tool names or globs that need the user's Flow-2 grant.
-	ProvisioningTools []string
-	// BackgroundClients may fetch background tokens for users who provisioned.
+	OfflineAccessScopes []string
+	// OfflineAccessTools are tool names or globs that need the user's offline access grant.
+	OfflineAccessTools []string
+	// BackgroundClients may fetch background tokens for users who granted offline access.
 	BackgroundClients []BackgroundClient
 	// BackgroundTokenRate is how many background tokens one background client may ask
 	// for per minute (a burst of as many, then an even pace).
@@ -174,7 +174,7 @@ type Broker struct {
 
 	// authorizations limits how fast one address starts authorizations.
 	authorizations *ratelimit.Limiter
-	// oneTimeValues limits how fast one address presents login states and provisioning
+	// oneTimeValues limits how fast one address presents login states and offline access
 	// links (see allowOneTimeValue).
 	oneTimeValues *ratelimit.Limiter
 	// tokenAddresses and tokenClients limit the token and revocation endpoints per client
@@ -198,16 +198,16 @@ type Broker struct {
 	managedScopes []string
 
 	// The typed record stores (store.go): the only way to storage.Records.
-	sessions          sessionStore
-	families          familyStore
-	codes             codeStore
-	consents          oneTimeStore[ConsentTicket]
-	logins            oneTimeStore[PendingLogin]
-	offlineLogins     oneTimeStore[PendingProvisioning]
-	provisioningLinks oneTimeStore[ProvisioningLink]
-	offline           offlineGrantStore
-	registrations     clientStore
-	cookies           cookieSealer
+	sessions           sessionStore
+	families           familyStore
+	codes              codeStore
+	consents           oneTimeStore[ConsentTicket]
+	logins             oneTimeStore[PendingLogin]
+	offlineLogins      oneTimeStore[PendingOfflineAccess]
+	offlineAccessLinks oneTimeStore[OfflineAccessLink]
+	offline            offlineAccessGrantStore
+	registrations      clientStore
+	cookies            cookieSealer
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.
@@ -361,9 +361,9 @@ const (
 	pathToken                    = "/oauth/token"
 	pathRegister                 = "/oauth/register"
 	pathRevoke                   = "/oauth/revoke"
-	pathProvisioningStart        = "/oauth/authorize-nextcloud"
-	pathProvisioningCallback     = "/oauth/callback-nextcloud"
-	pathProvisioningStatus       = "/oauth/provisioning"
+	pathOfflineAccessStart       = "/oauth/authorize-nextcloud"
+	pathOfflineAccessCallback    = "/oauth/callback-nextcloud"
+	pathOfflineAccessStatus      = "/oauth/provisioning"
 	pathBackgroundToken          = "/oauth/background-token"
 )
 
@@ -381,14 +381,14 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 		return nil, nil
 	}
 	switch p {
-	case pathProvisioningStart:
-		b.serveProvisioningStart(w, r)
+	case pathOfflineAccessStart:
+		b.serveOfflineAccessStart(w, r)
 		return nil, nil
-	case pathProvisioningCallback:
-		b.serveProvisioningCallback(w, r)
+	case pathOfflineAccessCallback:
+		b.serveOfflineAccessCallback(w, r)
 		return nil, nil
-	case pathProvisioningStatus:
-		b.serveProvisioningStatus(w, r)
+	case pathOfflineAccessStatus:
+		b.serveOfflineAccessStatus(w, r)
 		return nil, nil
 	case pathBackgroundToken:
 		b.serveBackgroundToken(w, r)
@@ -405,11 +405,11 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 
 // NeedsClientIP tells whether requests to path are rate-limited per client IP, so that the
 // server in front should resolve it (WithClientIP): registration, authorization, and the
-// browser endpoints that redeem a login state or a provisioning link, and the token and
+// browser endpoints that redeem a login state or an offline access link, and the token and
 // revocation endpoints.
 func NeedsClientIP(path string) bool {
 	switch path {
-	case pathRegister, pathAuthorize, pathCallback, pathProvisioningCallback, pathProvisioningStart,
+	case pathRegister, pathAuthorize, pathCallback, pathOfflineAccessCallback, pathOfflineAccessStart,
 		pathToken, pathRevoke:
 		return true
 	}

@@ -126,11 +126,11 @@ func TestIdPLoginBoundToBrowser(t *testing.T) {
 	})
 }
 
-// The same for Flow 2: a provisioning login that returns to the broker in another browser
+// The same for offline access: an offline access login that returns to the broker in another browser
 // stores nothing and leaves the pending login in place.
-func TestProvisioningLoginBoundToBrowser(t *testing.T) {
+func TestOfflineAccessLoginBoundToBrowser(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	token := f.userToken(t, o.User)
 
 	first, other := newHybridBrowser(t), newHybridBrowser(t)

@@ -18,6 +18,6 @@ func (b *Broker) loadSession(ctx context.Context, id string) (*Session, error) {
 
 func (b *Broker) sessionGrant(s *Session) (IdPGrant, error) { return b.sessions.grant(s) }
 
-func (b *Broker) offlineGrantKey(subject string) (string, error) {
+func (b *Broker) offlineAccessGrantKey(subject string) (string, error) {
 	return b.offline.currentKey(subject)
 }

@@ -460,17 +460,17 @@ func TestLessonW4IdPTokensAreSealedAtRest(t *testing.T) {
 	})
 }
 
-// W5. Weakness: Flow 2's state was chosen by the caller and never checked; no PKCE, no
-// nonce; the result was stored under whoever logged in. Instead Flow 2 starts only for
+// W5. Weakness: the offline access login's state was chosen by the caller and never checked; no PKCE, no
+// nonce; the result was stored under whoever logged in. Instead offline access starts only for
 // an authenticated user, with a random single-use state of the broker's, PKCE S256 and a
 // nonce, and the ID token's sub must be the user who started it.
-// Thorough: TestProvisioningStart, TestProvisioningCallback.
-func TestLessonW5Flow2IsBoundToTheUser(t *testing.T) {
+// Thorough: TestOfflineAccessStart, TestOfflineAccessCallback.
+func TestLessonW5OfflineAccessIsBoundToTheUser(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	token := f.userToken(t, o.User)
 
-	if resp := get(t, f.front.URL+pathProvisioningStart, nil); resp.StatusCode != http.StatusUnauthorized {
+	if resp := get(t, f.front.URL+pathOfflineAccessStart, nil); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("start without a token: %s", resp.Status)
 	}
 	to := redirectTarget(t, getWithoutRedirect(t, f.link(t, token)+"&state=attacker-state"))
@@ -480,7 +480,7 @@ func TestLessonW5Flow2IsBoundToTheUser(t *testing.T) {
 		t.Errorf("the IdP request: state %q nonce %q PKCE %s %q", q.Get("state"), q.Get("nonce"), q.Get("code_challenge_method"), q.Get("code_challenge"))
 	}
 	callback := func(q url.Values) int {
-		return getWithoutRedirect(t, f.front.URL+pathProvisioningCallback+"?"+q.Encode()).StatusCode
+		return getWithoutRedirect(t, f.front.URL+pathOfflineAccessCallback+"?"+q.Encode()).StatusCode
 	}
 	if st := callback(url.Values{"state": {"attacker-state"}, "code": {"x"}}); st != http.StatusBadRequest {
 		t.Errorf("a state the broker never issued: %d", st)
@@ -625,22 +625,22 @@ func TestLessonW7ClientsGetBrokerTokens(t *testing.T) {
 	}
 }
 
-// W8. Weakness: provisioning tools took a user_id argument, so one user could read or
+// W8. Weakness: offline access tools took a user_id argument, so one user could read or
 // revoke another's access. Instead the user is always the authenticated subject: user_id
-// or subject parameters are ignored. Thorough: TestProvisioningStatusAndRevocation,
-// TestProvisioningStart.
+// or subject parameters are ignored. Thorough: TestOfflineAccessStatusAndRevocation,
+// TestOfflineAccessStart.
 func TestLessonW8TheUserIsNeverAParameter(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	alice, bob := f.userToken(t, o.User), f.userToken(t, o.OtherUser)
 	if resp, page := f.callback(t, f.loginAt(t, f.link(t, bob), testenv.LoginAs(o.OtherUser))); resp.StatusCode != http.StatusOK {
-		t.Fatalf("bob provisions: %s %s", resp.Status, page)
+		t.Fatalf("bob grants offline access: %s %s", resp.Status, page)
 	}
 	asBob := "?user_id=" + o.OtherUser.Subject + "&subject=" + o.OtherUser.Subject
-	status := func(method, token string) ProvisioningStatus {
+	status := func(method, token string) OfflineAccessStatus {
 		t.Helper()
-		resp := do(t, method, f.front.URL+pathProvisioningStatus+asBob, bearer(token), "")
-		var st ProvisioningStatus
+		resp := do(t, method, f.front.URL+pathOfflineAccessStatus+asBob, bearer(token), "")
+		var st OfflineAccessStatus
 		decodeJSON(t, resp, &st)
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("%s: %s", method, resp.Status)
@@ -663,8 +663,8 @@ func TestLessonW8TheUserIsNeverAParameter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var l ProvisioningLink
-	if err := f.b.cfg.Records.Get(t.Context(), recordKey(kindFlow2Link, link.Query().Get("link")), &l); err != nil || l.Subject != o.User.Subject {
+	var l OfflineAccessLink
+	if err := f.b.cfg.Records.Get(t.Context(), recordKey(kindOfflineAccessLink, link.Query().Get("link")), &l); err != nil || l.Subject != o.User.Subject {
 		t.Errorf("a link minted by alice for %q: %v", l.Subject, err)
 	}
 }
@@ -847,7 +847,7 @@ func (s *failingStorage) Lock(ctx context.Context, name string) error {
 
 // W11. Weakness: exception text and the IdP's error_description were echoed in
 // responses. Instead responses carry fixed, documented texts; the details go to the log.
-// Thorough: TestCallbackIdPError, TestProvisioningCallback, TestDelegationIdPAnswers.
+// Thorough: TestCallbackIdPError, TestOfflineAccessCallback, TestDelegationIdPAnswers.
 func TestLessonW11NoInternalTextInResponses(t *testing.T) {
 	o := verifierOP(t)
 
@@ -999,7 +999,7 @@ func TestLessonW12CORSWithoutCredentials(t *testing.T) {
 // any log entry at any level (only Fingerprint may name one). Here: a whole hybrid login,
 // token exchange, delegated tool calls, refresh, revocation, a replayed code and a
 // revoked token, logged at DEBUG. Thorough: TestHybridLoginLogsNoSecrets, tokenEnv's
-// check after every token test, flow2.assertNotLogged.
+// check after every token test, offlineAccessTest.assertNotLogged.
 func TestLessonW13NoSecretsInLogs(t *testing.T) {
 	o := verifierOP(t)
 	core, logs := observer.New(zapcore.DebugLevel)

@@ -6,7 +6,7 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 )
 
-// oneTimeValueRate is how many login states and provisioning links one client address may
+// oneTimeValueRate is how many login states and offline access links one client address may
 // present per minute. A user presents one per login; a stranger presents made-up ones,
 // each costing a storage read.
 const oneTimeValueRate = 60

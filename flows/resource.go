@@ -92,7 +92,7 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 	if who == nil {
-		return nil, nil // answered with a URL elicitation (provisioning_elicitation.go)
+		return nil, nil // answered with a URL elicitation (offline_access_elicitation.go)
 	}
 	return r, who
 }
@@ -113,7 +113,7 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 		return nil, b.errInsufficientScope(who, need)
 	}
 	if len(tools) > 0 {
-		if answered, err := b.checkProvisioning(w, r, who, tools); err != nil || answered {
+		if answered, err := b.checkOfflineAccess(w, r, who, tools); err != nil || answered {
 			return nil, err
 		}
 	}

@@ -8,9 +8,9 @@ import (
 
 // The typed record stores sit between the handlers and storage.Records: one per kind of
 // record, each with only the operations its records allow. A code is issued and taken
-// once; a pending login, a consent ticket or a provisioning link is put and taken once;
+// once; a pending login, a consent ticket or an offline access link is put and taken once;
 // a session is created, loaded, renewed, its grant rotated, and ended; a token family is
-// started, extended and revoked; an offline grant is put, moved and deleted under its
+// started, extended and revoked; an offline access grant is put, moved and deleted under its
 // subject's lock; a registered client is registered and renewed; a cookie the broker
 // reads back is sealed and opened (cookieSealer). The sealing of what a
 // record keeps secret (IdP grants, PKCE verifiers, successor pairs, refresh tokens) is
@@ -37,9 +37,9 @@ func (b *Broker) openStores() {
 	b.codes = codeStore{records: records, ttl: b.cfg.CodeTTL}
 	b.consents = oneTimeStore[ConsentTicket]{records: records, kind: kindConsent, ttl: consentTicketTTL}
 	b.logins = oneTimeStore[PendingLogin]{records: records, kind: kindIdPState, ttl: idpStateTTL}
-	b.offlineLogins = oneTimeStore[PendingProvisioning]{records: records, kind: kindFlow2State, ttl: provisioningStateTTL}
-	b.provisioningLinks = oneTimeStore[ProvisioningLink]{records: records, kind: kindFlow2Link, ttl: provisioningLinkTTL}
-	b.offline = offlineGrantStore{records: records, site: b.site}
+	b.offlineLogins = oneTimeStore[PendingOfflineAccess]{records: records, kind: kindOfflineAccessState, ttl: offlineAccessStateTTL}
+	b.offlineAccessLinks = oneTimeStore[OfflineAccessLink]{records: records, kind: kindOfflineAccessLink, ttl: offlineAccessLinkTTL}
+	b.offline = offlineAccessGrantStore{records: records, site: b.site}
 	b.registrations = clientStore{records: records, lifetime: b.registrationLifetime()}
 	b.cookies = cookieSealer{records: records}
 }

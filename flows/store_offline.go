@@ -8,54 +8,56 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// offlineGrantStore keeps offline grants (Flow 2). The refresh token inside is sealed
+// offlineAccessGrantStore keeps offline access grants. The refresh token inside is sealed
 // with the record's key and opened only through refreshToken. A grant is looked up by
 // subject, put (sealed) under the current key, taken once from where an earlier release
 // left it, and deleted; every change holds the subject's lock.
 //
-// Where offline grants live: a grant belongs to one site (the broker's issuer and
+// Where offline access grants live: a grant belongs to one site (the broker's issuer and
 // resource: two sites on one storage never share one) and is keyed by a keyed hash of
-// the subject, so that a storage reader cannot test whether a given user provisioned.
+// the subject, so that a storage reader cannot test whether a given user granted offline access.
 // The hash changes with the encryption key: a lookup tries each key of the ring, then the
 // key of earlier releases (by the plain hash of the subject, for any site), and a grant
 // found anywhere but under the current key is moved there on its next use
-// (Broker.moveOfflineGrant).
-type offlineGrantStore struct {
+// (Broker.moveOfflineAccessGrant).
+type offlineAccessGrantStore struct {
 	records *storage.Records
 	site    string // see Broker.site
 }
 
-// offlineGrantHashLabel keeps the keyed hashes of subjects for offline grants apart from
+// offlineAccessGrantHashLabel keeps the keyed hashes of subjects for offline access grants apart from
 // any other use of keyed hashes.
-const offlineGrantHashLabel = "offline grant\x00"
+const offlineAccessGrantHashLabel = "offline grant\x00"
 
-// keys returns where this site may keep subject's offline grant, the current key first.
+// keys returns where this site may keep subject's offline access grant, the current key first.
 // It is empty without an encryption key.
-func (st offlineGrantStore) keys(subject string) []string {
-	hashes := st.records.KeyedHashes(offlineGrantHashLabel + subject)
+func (st offlineAccessGrantStore) keys(subject string) []string {
+	hashes := st.records.KeyedHashes(offlineAccessGrantHashLabel + subject)
 	keys := make([]string, len(hashes))
 	for i, h := range hashes {
-		keys[i] = storage.Key(kindOfflineGrant, st.site, h)
+		keys[i] = storage.Key(kindOfflineAccessGrant, st.site, h)
 	}
 	return keys
 }
 
-// currentKey is where subject's offline grant is written.
-func (st offlineGrantStore) currentKey(subject string) (string, error) {
+// currentKey is where subject's offline access grant is written.
+func (st offlineAccessGrantStore) currentKey(subject string) (string, error) {
 	keys := st.keys(subject)
 	if len(keys) == 0 {
-		return "", errors.New("offline grants: no encryption key configured")
+		return "", errors.New("offline access grants: no encryption key configured")
 	}
 	return keys[0], nil
 }
 
-// legacyOfflineGrantKey is where releases before grants were kept per site stored them.
-func legacyOfflineGrantKey(subject string) string { return recordKey(kindProvisioning, subject) }
+// legacyOfflineAccessGrantKey is where releases before grants were kept per site stored them.
+func legacyOfflineAccessGrantKey(subject string) string {
+	return recordKey(kindLegacyOfflineAccessGrant, subject)
+}
 
-// lock takes the cluster-wide lock serializing changes to subject's offline grant on
+// lock takes the cluster-wide lock serializing changes to subject's offline access grant on
 // this site (rotation, replacement, revocation). Its name has no plain hash of the
 // subject.
-func (st offlineGrantStore) lock(ctx context.Context, subject string) (func(), error) {
+func (st offlineAccessGrantStore) lock(ctx context.Context, subject string) (func(), error) {
 	key, err := st.currentKey(subject)
 	if err != nil {
 		return nil, err
@@ -63,15 +65,15 @@ func (st offlineGrantStore) lock(ctx context.Context, subject string) (func(), e
 	return st.records.Lock(ctx, "offline/"+key)
 }
 
-// load returns subject's offline grant wherever this site may find it, or
+// load returns subject's offline access grant wherever this site may find it, or
 // storage.ErrNotFound.
-func (st offlineGrantStore) load(ctx context.Context, subject string) (*OfflineGrant, error) {
-	keys := append(st.keys(subject), legacyOfflineGrantKey(subject))
+func (st offlineAccessGrantStore) load(ctx context.Context, subject string) (*OfflineAccessGrant, error) {
+	keys := append(st.keys(subject), legacyOfflineAccessGrantKey(subject))
 	if len(keys) == 1 {
-		return nil, errors.New("offline grants: no encryption key configured")
+		return nil, errors.New("offline access grants: no encryption key configured")
 	}
 	for _, key := range keys {
-		var g OfflineGrant
+		var g OfflineAccessGrant
 		switch err := st.records.Get(ctx, key, &g); {
 		case err == nil:
 			g.key = key
@@ -85,8 +87,8 @@ func (st offlineGrantStore) load(ctx context.Context, subject string) (*OfflineG
 
 // take takes the grant at key once, so that of several sites on one storage exactly one
 // gets a grant of an earlier release; the others get storage.ErrNotFound.
-func (st offlineGrantStore) take(ctx context.Context, key string) (*OfflineGrant, error) {
-	var g OfflineGrant
+func (st offlineAccessGrantStore) take(ctx context.Context, key string) (*OfflineAccessGrant, error) {
+	var g OfflineAccessGrant
 	if err := st.records.TakeOnce(ctx, key, &g); err != nil {
 		return nil, err
 	}
@@ -95,13 +97,13 @@ func (st offlineGrantStore) take(ctx context.Context, key string) (*OfflineGrant
 }
 
 // putBack stores g, as taken, where it was taken from: a failed move loses nothing.
-func (st offlineGrantStore) putBack(ctx context.Context, g *OfflineGrant) error {
-	return st.records.Put(ctx, g.key, g, offlineGrantTTL)
+func (st offlineAccessGrantStore) putBack(ctx context.Context, g *OfflineAccessGrant) error {
+	return st.records.Put(ctx, g.key, g, offlineAccessGrantTTL)
 }
 
 // put seals refreshToken into g and stores it under the current key. The caller holds
 // the lock.
-func (st offlineGrantStore) put(ctx context.Context, g *OfflineGrant, refreshToken string) error {
+func (st offlineAccessGrantStore) put(ctx context.Context, g *OfflineAccessGrant, refreshToken string) error {
 	key, err := st.currentKey(g.Subject)
 	if err != nil {
 		return err
@@ -114,8 +116,8 @@ func (st offlineGrantStore) put(ctx context.Context, g *OfflineGrant, refreshTok
 	if g.BackgroundClients == nil {
 		g.BackgroundClients = []string{}
 	}
-	if err := st.records.Put(ctx, key, g, offlineGrantTTL); err != nil {
-		return fmt.Errorf("storing offline grant: %w", err)
+	if err := st.records.Put(ctx, key, g, offlineAccessGrantTTL); err != nil {
+		return fmt.Errorf("storing offline access grant: %w", err)
 	}
 	g.key = key
 	return nil
@@ -123,7 +125,7 @@ func (st offlineGrantStore) put(ctx context.Context, g *OfflineGrant, refreshTok
 
 // refreshToken opens the refresh token sealed in g, with the key g was read from as the
 // associated data: a grant copied to another user's key does not open.
-func (st offlineGrantStore) refreshToken(g *OfflineGrant) (string, error) {
+func (st offlineAccessGrantStore) refreshToken(g *OfflineAccessGrant) (string, error) {
 	if g.key == "" {
 		return "", errors.New("opening offline refresh token: the grant was not read from storage")
 	}
@@ -135,6 +137,6 @@ func (st offlineGrantStore) refreshToken(g *OfflineGrant) (string, error) {
 }
 
 // delete removes the grant at key; a missing one is not an error.
-func (st offlineGrantStore) delete(ctx context.Context, key string) error {
+func (st offlineAccessGrantStore) delete(ctx context.Context, key string) error {
 	return st.records.Delete(ctx, key)
 }

@@ -19,25 +19,25 @@ import (
 // storage reader nothing, and their sealed refresh token opens only where it was written
 // (SECURITY.md, offline access).
 
-func TestOfflineGrantBelongsToItsSite(t *testing.T) {
+func TestOfflineAccessGrantBelongsToItsSite(t *testing.T) {
 	o := testenv.StartOP(t)
-	a := startFlow2(t, o, nil)
+	a := startOfflineAccess(t, o, nil)
 	// Another mcp_oauth site on the same storage, with a worker of the same name.
-	b := startFlow2(t, o, func(c *Config) { c.Records = a.b.cfg.Records })
-	a.provision(t, a.userToken(t, o.User))
+	b := startOfflineAccess(t, o, func(c *Config) { c.Records = a.b.cfg.Records })
+	a.grantOfflineAccess(t, a.userToken(t, o.User))
 
 	if resp, e := b.backgroundAs(t, testWorkerID, testWorkerSecret, o.User.Subject); resp.StatusCode != http.StatusBadRequest || e.Error != "invalid_grant" {
-		t.Errorf("the other site's worker: %s %+v, want 400 invalid_grant (not provisioned there)", resp.Status, e)
+		t.Errorf("the other site's worker: %s %+v, want 400 invalid_grant (no offline access there)", resp.Status, e)
 	}
 	if resp, e := a.backgroundAs(t, testWorkerID, testWorkerSecret, o.User.Subject); resp.StatusCode != http.StatusOK {
 		t.Errorf("the site's own worker: %s %+v", resp.Status, e)
 	}
 }
 
-func TestOfflineGrantKeyHidesTheSubject(t *testing.T) {
+func TestOfflineAccessGrantKeyHidesTheSubject(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
-	f.provision(t, f.userToken(t, o.User))
+	f := startOfflineAccess(t, o, nil)
+	f.grantOfflineAccess(t, f.userToken(t, o.User))
 	keys, err := f.b.cfg.Records.List(t.Context(), storage.Key())
 	if err != nil {
 		t.Fatal(err)
@@ -51,7 +51,7 @@ func TestOfflineGrantKeyHidesTheSubject(t *testing.T) {
 		found = found || strings.Contains(k, "offline")
 	}
 	if !found {
-		t.Errorf("no offline grant among %q", keys)
+		t.Errorf("no offline access grant among %q", keys)
 	}
 }
 
@@ -71,20 +71,20 @@ func TestSealedValuesAreBoundToWhereTheyAreRead(t *testing.T) {
 			t.Error("the victim's IdP grant opened under the attacker's session key")
 		}
 	})
-	t.Run("offline grant", func(t *testing.T) {
+	t.Run("offline access grant", func(t *testing.T) {
 		o := testenv.StartOP(t)
-		f := startFlow2(t, o, nil)
-		f.provision(t, f.userToken(t, o.User))
+		f := startOfflineAccess(t, o, nil)
+		f.grantOfflineAccess(t, f.userToken(t, o.User))
 		if resp, page := f.callback(t, f.loginAt(t, f.link(t, f.userToken(t, o.OtherUser)), testenv.LoginAs(o.OtherUser))); resp.StatusCode != http.StatusOK {
-			t.Fatalf("provisioning other-user: %s %s", resp.Status, page)
+			t.Fatalf("granting offline access as other-user: %s %s", resp.Status, page)
 		}
-		copyRecord(t, f.b, testOfflineGrantKey(t, f.b, o.User.Subject), testOfflineGrantKey(t, f.b, o.OtherUser.Subject))
-		g, err := f.b.loadOfflineGrant(t.Context(), o.OtherUser.Subject)
+		copyRecord(t, f.b, testOfflineAccessGrantKey(t, f.b, o.User.Subject), testOfflineAccessGrantKey(t, f.b, o.OtherUser.Subject))
+		g, err := f.b.loadOfflineAccessGrant(t.Context(), o.OtherUser.Subject)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if _, err := f.b.offline.refreshToken(g); err == nil {
-			t.Error("test-user's offline grant opened as other-user's")
+			t.Error("test-user's offline access grant opened as other-user's")
 		}
 	})
 }
@@ -102,17 +102,17 @@ func copyRecord(t *testing.T, b *Broker, from, to string) {
 	}
 }
 
-// testOfflineGrantKey is where b keeps subject's offline grant.
-func testOfflineGrantKey(t *testing.T, b *Broker, subject string) string {
+// testOfflineAccessGrantKey is where b keeps subject's offline access grant.
+func testOfflineAccessGrantKey(t *testing.T, b *Broker, subject string) string {
 	t.Helper()
-	key, err := b.offlineGrantKey(subject)
+	key, err := b.offlineAccessGrantKey(subject)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return key
 }
 
-func TestOfflineGrantSurvivesKeyRotation(t *testing.T) {
+func TestOfflineAccessGrantSurvivesKeyRotation(t *testing.T) {
 	o := testenv.StartOP(t)
 	dir := t.TempDir()
 	oldKey, newKey := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
@@ -123,22 +123,22 @@ func TestOfflineGrantSurvivesKeyRotation(t *testing.T) {
 		}
 		return storage.New(&certmagic.FileStorage{Path: dir}, ring)
 	}
-	before := startFlow2(t, o, func(c *Config) { c.Records = records(oldKey) })
-	before.provision(t, before.userToken(t, o.User))
-	oldAt := testOfflineGrantKey(t, before.b, o.User.Subject)
+	before := startOfflineAccess(t, o, func(c *Config) { c.Records = records(oldKey) })
+	before.grantOfflineAccess(t, before.userToken(t, o.User))
+	oldAt := testOfflineAccessGrantKey(t, before.b, o.User.Subject)
 
-	after := startFlow2(t, o, func(c *Config) {
+	after := startOfflineAccess(t, o, func(c *Config) {
 		c.Resource = before.resource
 		c.Records = records(newKey, oldKey)
 	})
 	if resp, e := after.backgroundAs(t, testWorkerID, testWorkerSecret, o.User.Subject); resp.StatusCode != http.StatusOK {
 		t.Fatalf("after the rotation: %s %+v", resp.Status, e)
 	}
-	newAt := testOfflineGrantKey(t, after.b, o.User.Subject)
+	newAt := testOfflineAccessGrantKey(t, after.b, o.User.Subject)
 	if newAt == oldAt {
 		t.Fatal("the key of the grant does not change with the encryption key")
 	}
-	var g OfflineGrant
+	var g OfflineAccessGrant
 	if err := after.b.cfg.Records.Get(t.Context(), oldAt, &g); !errors.Is(err, storage.ErrNotFound) {
 		t.Errorf("the grant is still under the retired key: %v", err)
 	}
@@ -146,7 +146,7 @@ func TestOfflineGrantSurvivesKeyRotation(t *testing.T) {
 		t.Errorf("the grant is not under the current key: %v", err)
 	}
 	// The old key can now go: the grant lives on without it.
-	last := startFlow2(t, o, func(c *Config) {
+	last := startOfflineAccess(t, o, func(c *Config) {
 		c.Resource = before.resource
 		c.Records = records(newKey)
 	})

@@ -8,13 +8,13 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// TestBackgroundTokenRefusedAtMCPEndpoint: a real background token (Flow 2), issued to
+// TestBackgroundTokenRefusedAtMCPEndpoint: a real background token, issued to
 // the broker's own client, never authenticates at the MCP endpoint, even with the
 // broker's client id among the audiences (which the configuration refuses).
 func TestBackgroundTokenRefusedAtMCPEndpoint(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, func(c *Config) { c.Audience = []string{testenv.BrokerClientID} })
-	f.provision(t, f.userToken(t, o.User))
+	f := startOfflineAccess(t, o, func(c *Config) { c.Audience = []string{testenv.BrokerClientID} })
+	f.grantOfflineAccess(t, f.userToken(t, o.User))
 	resp := f.backgroundRequest(t, basicCredentials(testWorkerID, testWorkerSecret), url.Values{"subject": {o.User.Subject}})
 	var tok TokenResponse
 	decodeJSON(t, resp, &tok)

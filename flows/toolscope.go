@@ -11,11 +11,11 @@ import (
 // its `tools/call`s need under the configured rules, with the tools called. The body is
 // read at most once, up to the bound, and put back for the upstream.
 //
-// While any rule applies (a tool_scope rule or a provisioning tool), the request must be
+// While any rule applies (a tool_scope rule or an offline access tool), the request must be
 // framed the one way the check reads it, or it is refused (SECURITY.md S1.10): see
 // mcprequest.Inspect.
 func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, tools []string, refused *mcprequest.Refusal) {
-	if len(b.toolScopes) == 0 && len(b.cfg.ProvisioningTools) == 0 {
+	if len(b.toolScopes) == 0 && len(b.cfg.OfflineAccessTools) == 0 {
 		return nil, nil, nil
 	}
 	msg, refused := mcprequest.Inspect(w, r, b.cfg.MaxBodyBytes)

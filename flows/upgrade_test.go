@@ -25,7 +25,7 @@ import (
 // The upgrade fixture: storage written by an earlier release (testdata/upgrade/storage)
 // and what a test needs to use it (testdata/upgrade/fixture.json). Every secret in it is
 // a test secret of this fixture alone. It was written by TestWriteUpgradeFixture at
-// commit f4bbd60, before offline grants were kept per site and bound to background
+// commit f4bbd60, before offline access grants were kept per site and bound to background
 // clients; keep it, and add a fixture of a later release beside it when what is stored
 // changes again.
 
@@ -47,8 +47,8 @@ type upgradeFixture struct {
 	AccessToken  string `json:"access_token"`
 	RefreshToken string `json:"refresh_token"`
 	Subject      string `json:"subject"`
-	// OfflineRefreshToken is the IdP refresh token sealed in Subject's offline grant,
-	// provisioned through ClientID with OfflineScopes.
+	// OfflineRefreshToken is the IdP refresh token sealed in Subject's offline access grant,
+	// granted offline access through ClientID with OfflineScopes.
 	OfflineRefreshToken string   `json:"offline_refresh_token"`
 	OfflineScopes       []string `json:"offline_scopes"`
 	// WorkerID and WorkerSecret are the background client configured when the grant was made.
@@ -61,7 +61,7 @@ var upgradeFixtureKey = bytes.Repeat([]byte{7}, 32)
 
 // TestWriteUpgradeFixture writes the upgrade fixture with the broker of this release, when
 // MCP_OAUTH_WRITE_FIXTURE names an empty or missing directory: a registered client, a
-// session with the broker's access and refresh tokens, and an offline grant. It is a
+// session with the broker's access and refresh tokens, and an offline access grant. It is a
 // generator, run by hand before a release changes what is stored; it asserts nothing.
 func TestWriteUpgradeFixture(t *testing.T) {
 	dir := os.Getenv("MCP_OAUTH_WRITE_FIXTURE")
@@ -90,7 +90,7 @@ func TestWriteUpgradeFixture(t *testing.T) {
 		t.Fatal(err)
 	}
 	offlineScopes := []string{"openid", "offline_access", "notes:read"}
-	if err := e.b.storeOfflineGrant(t.Context(), d, o.User.Subject, info.ClientID, offlineScopes, e.b.backgroundClientIDs(), grant.RefreshToken); err != nil {
+	if err := e.b.storeOfflineAccessGrant(t.Context(), d, o.User.Subject, info.ClientID, offlineScopes, e.b.backgroundClientIDs(), grant.RefreshToken); err != nil {
 		t.Fatal(err)
 	}
 
@@ -220,7 +220,7 @@ func TestUpgradeKeepsStoredRecords(t *testing.T) {
 		var tok TokenResponse
 		decodeJSON(t, resp, &tok)
 		if resp.StatusCode != http.StatusOK || tok.AccessToken == "" {
-			t.Fatalf("background token %d for the provisioned user: %s", i+1, resp.Status)
+			t.Fatalf("background token %d for the user with offline access: %s", i+1, resp.Status)
 		}
 		e.remember(tok.AccessToken)
 	}
@@ -229,15 +229,15 @@ func TestUpgradeKeepsStoredRecords(t *testing.T) {
 	}
 
 	// The grant moved to this site's key, bound to the worker configured at the upgrade.
-	var legacy OfflineGrant
-	if err := e.b.cfg.Records.Get(t.Context(), legacyOfflineGrantKey(fx.Subject), &legacy); !errors.Is(err, storage.ErrNotFound) {
+	var legacy OfflineAccessGrant
+	if err := e.b.cfg.Records.Get(t.Context(), legacyOfflineAccessGrantKey(fx.Subject), &legacy); !errors.Is(err, storage.ErrNotFound) {
 		t.Errorf("the grant of the earlier release is still under its old key: %v", err)
 	}
-	g, err := e.b.loadOfflineGrant(t.Context(), fx.Subject)
+	g, err := e.b.loadOfflineAccessGrant(t.Context(), fx.Subject)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if key, _ := e.b.offlineGrantKey(fx.Subject); g.key != key || !g.FromUpgrade || !slices.Equal(g.BackgroundClients, []string{fx.WorkerID}) {
+	if key, _ := e.b.offlineAccessGrantKey(fx.Subject); g.key != key || !g.FromUpgrade || !slices.Equal(g.BackgroundClients, []string{fx.WorkerID}) {
 		t.Errorf("moved grant at %s (want %s), from upgrade %v, background clients %q", g.key, key, g.FromUpgrade, g.BackgroundClients)
 	}
 	if e.logs.FilterMessageSnippet("made before grants were bound to background clients").Len() == 0 {
@@ -266,7 +266,7 @@ func TestUpgradeGrantGoesToOneSite(t *testing.T) {
 		t.Fatalf("first site: %d", st)
 	}
 	if st := ask(b); st != http.StatusBadRequest {
-		t.Errorf("second site: %d, want 400 (not provisioned there)", st)
+		t.Errorf("second site: %d, want 400 (no offline access there)", st)
 	}
 	if st := ask(a); st != http.StatusOK {
 		t.Errorf("first site again: %d", st)

@@ -23,7 +23,7 @@ const backgroundSubjectMax = 1024
 
 // serveBackgroundToken is POST /oauth/background-token: a background worker,
 // authenticated with its configured credentials (client_secret_basic), gets a fresh
-// access token for a user who provisioned offline access (Flow 2) and granted it to
+// access token for a user who granted offline access and granted it to
 // this worker. The user is a parameter here by design (the worker acts for named
 // users), which is why only background clients may call it; a user's bearer token is
 // refused. Each worker is held to BackgroundTokenRate requests a minute.
@@ -66,14 +66,14 @@ func (b *Broker) backgroundTokenRequest(w http.ResponseWriter, r *http.Request) 
 	subject := subjects[0]
 	tok, scopes, err := b.backgroundToken(r.Context(), clientID, subject)
 	switch {
-	case errors.Is(err, errNotProvisioned):
-		return TokenResponse{}, errInvalidGrant("the user has not provisioned offline access")
+	case errors.Is(err, errNoOfflineAccess):
+		return TokenResponse{}, errInvalidGrant("the user has not granted offline access")
 	case errors.Is(err, errBackgroundClientNotGranted):
 		b.logger.Info("background token: the user did not grant this background client", zap.String("client_id", clientID), zap.String("subject", subject))
 		return TokenResponse{}, newRequestError(http.StatusForbidden, "access_denied", "the user did not grant this background client offline access")
-	case errors.Is(err, errOfflineGrantDead):
-		b.logger.Info("background token: offline grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))
-		return TokenResponse{}, errInvalidGrant("the user's offline access is no longer valid; the user must provision it again")
+	case errors.Is(err, errOfflineAccessGrantDead):
+		b.logger.Info("background token: offline access grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))
+		return TokenResponse{}, errInvalidGrant("the user's offline access is no longer valid; the user must grant it again")
 	case errors.Is(err, idp.ErrUnavailable):
 		return TokenResponse{}, errIdPUnavailable(fmt.Errorf("background token for subject %s: %w", subject, err))
 	case err != nil:

@@ -32,13 +32,13 @@ type elicitationAnswer struct {
 	} `json:"error"`
 }
 
-func (f *flow2) checkElicitation(t *testing.T, a elicitationAnswer, id string) string {
+func (f *offlineAccessTest) checkElicitation(t *testing.T, a elicitationAnswer, id string) string {
 	t.Helper()
 	if a.JSONRPC != "2.0" || string(a.ID) != id || a.Error.Code != mcp.CodeURLElicitationRequired || len(a.Error.Data.Elicitations) != 1 {
 		t.Fatalf("answer %+v", a)
 	}
 	e := a.Error.Data.Elicitations[0]
-	if e.Mode != "url" || e.ElicitationID == "" || e.Message == "" || !strings.HasPrefix(e.URL, f.front.URL+pathProvisioningStart+"?link=") {
+	if e.Mode != "url" || e.ElicitationID == "" || e.Message == "" || !strings.HasPrefix(e.URL, f.front.URL+pathOfflineAccessStart+"?link=") {
 		t.Errorf("elicitation %+v", e)
 	}
 	if !strings.Contains(a.Error.Message, e.URL) {
@@ -51,15 +51,15 @@ func (f *flow2) checkElicitation(t *testing.T, a elicitationAnswer, id string) s
 	return e.URL
 }
 
-func TestProvisioningToolsElicitURL(t *testing.T) {
+func TestOfflineAccessToolsElicitURL(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	token := f.userToken(t, o.User)
 	call := func(id string) string {
 		return `{"jsonrpc":"2.0","id":` + id + `,"method":"tools/call","params":{"name":"notes_read"}}`
 	}
 
-	t.Run("a tool that needs provisioning answers the URL elicitation error", func(t *testing.T) {
+	t.Run("a tool that needs offline access answers the URL elicitation error", func(t *testing.T) {
 		for _, id := range []string{`7`, `"req-7"`} {
 			f.up.Reset()
 			resp := do(t, http.MethodPost, f.resource, bearer(token), call(id))
@@ -124,8 +124,8 @@ func TestProvisioningToolsElicitURL(t *testing.T) {
 			t.Errorf("redirect to %s", to.Redacted())
 		}
 	})
-	t.Run("after provisioning the same call reaches the upstream", func(t *testing.T) {
-		f.provision(t, token)
+	t.Run("after granting offline access the same call reaches the upstream", func(t *testing.T) {
+		f.grantOfflineAccess(t, token)
 		f.up.Reset()
 		res, err := s.CallTool(t.Context(), &mcp.CallToolParams{Name: "notes_read"})
 		if err != nil || res.IsError {

@@ -17,19 +17,19 @@ import (
 
 // Storage key prefixes, one per record kind.
 const (
-	kindClient       = "clients"      // RegisteredClient, by Hash(client_id)
-	kindConsent      = "consent"      // ConsentTicket, by Hash(ticket)
-	kindIdPState     = "idp_state"    // PendingLogin, by Hash(state sent to the IdP)
-	kindSession      = "sessions"     // Session, by session id
-	kindCode         = "codes"        // AuthorizationCode, by Hash(code)
-	kindUsedCode     = "used_codes"   // UsedCode, by Hash(code): replay detection
-	kindAccessToken  = "access"       // AccessToken, by Hash(token)
-	kindRefreshToken = "refresh"      // RefreshToken, by Hash(token)
-	kindFamily       = "families"     // TokenFamily, by family id
-	kindOfflineGrant = "offline"      // OfflineGrant (Flow 2), by site, then keyed hash of subject
-	kindProvisioning = "provisioning" // OfflineGrant of earlier releases, by Hash(subject): read, moved
-	kindFlow2State   = "flow2_state"  // PendingProvisioning, by Hash(state)
-	kindFlow2Link    = "flow2_link"   // ProvisioningLink, by Hash(link token)
+	kindClient                   = "clients"      // RegisteredClient, by Hash(client_id)
+	kindConsent                  = "consent"      // ConsentTicket, by Hash(ticket)
+	kindIdPState                 = "idp_state"    // PendingLogin, by Hash(state sent to the IdP)
+	kindSession                  = "sessions"     // Session, by session id
+	kindCode                     = "codes"        // AuthorizationCode, by Hash(code)
+	kindUsedCode                 = "used_codes"   // UsedCode, by Hash(code): replay detection
+	kindAccessToken              = "access"       // AccessToken, by Hash(token)
+	kindRefreshToken             = "refresh"      // RefreshToken, by Hash(token)
+	kindFamily                   = "families"     // TokenFamily, by family id
+	kindOfflineAccessGrant       = "offline"      // OfflineAccessGrant, by site, then keyed hash of subject
+	kindLegacyOfflineAccessGrant = "provisioning" // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
+	kindOfflineAccessState       = "flow2_state"  // PendingOfflineAccess, by Hash(state)
+	kindOfflineAccessLink        = "flow2_link"   // OfflineAccessLink, by Hash(link token)
 )
 
 // recordKey builds the storage key of a record of kind for a client-supplied or random id.
@@ -198,17 +198,17 @@ func randomToken() string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-// ProvisioningLink is a one-time link that lets a browser start Flow 2 for the user whose
+// OfflineAccessLink is a one-time link that lets a browser start offline access for the user whose
 // bearer token minted it: a browser cannot send that token itself. Taken once.
-type ProvisioningLink struct {
+type OfflineAccessLink struct {
 	Subject   string    `json:"subject"`
 	ClientID  string    `json:"client_id,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 }
 
-// PendingProvisioning is a Flow-2 login on its way through the IdP, stored under the
+// PendingOfflineAccess is an offline access login on its way through the IdP, stored under the
 // random state sent there and taken once by the callback.
-type PendingProvisioning struct {
+type PendingOfflineAccess struct {
 	Subject  string `json:"subject"`
 	ClientID string `json:"client_id,omitempty"`
 	// BackgroundClients are the ids of the background clients the user is told will get
@@ -219,26 +219,26 @@ type PendingProvisioning struct {
 	PKCEVerifier      string    `json:"pkce_verifier_sealed"` // sealed
 	CreatedAt         time.Time `json:"created_at"`
 	// BrowserBinding is storage.Hash of the login cookie set in the browser that opened
-	// the provisioning link (see bindLoginToBrowser).
+	// the offline access link (see bindLoginToBrowser).
 	BrowserBinding string `json:"browser_binding"`
 }
 
-// OfflineGrant is a user's Flow-2 offline access: the IdP refresh token, sealed, that
+// OfflineAccessGrant is a user's offline access offline access: the IdP refresh token, sealed, that
 // only ever mints background tokens for the background clients the user granted.
-type OfflineGrant struct {
+type OfflineAccessGrant struct {
 	// key is where the grant was read from or written to: the sealed refresh token opens
 	// only there.
 	key string
 
 	Subject  string   `json:"subject"`
-	ClientID string   `json:"client_id,omitempty"` // the MCP client the user provisioned through
+	ClientID string   `json:"client_id,omitempty"` // the MCP client the user granted offline access through
 	Scopes   []string `json:"scopes"`
 	// BackgroundClients are the ids of the background clients that may use the grant:
-	// those the user was shown when provisioning.
+	// those the user was shown when granting offline access.
 	BackgroundClients []string `json:"background_clients"`
 	// FromUpgrade: the grant was made by a release that did not bind it to background
 	// clients; BackgroundClients are those configured when it was first used after the
-	// upgrade. It lasts until the user provisions again.
+	// upgrade. It lasts until the user grants offline access again.
 	FromUpgrade bool `json:"from_upgrade,omitempty"`
 
 	RefreshToken  string    `json:"refresh_token_sealed"` // sealed

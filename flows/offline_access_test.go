@@ -21,9 +21,9 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// flow2 is a progressive-mode broker whose resource (and so whose issuer and Flow-2
+// offlineAccessTest is a progressive-mode broker whose resource (and so whose issuer and offline access
 // callback) is the test server it is served on, in front of an upstream.
-type flow2 struct {
+type offlineAccessTest struct {
 	logs     *observer.ObservedLogs
 	o        *testenv.OP
 	b        *Broker
@@ -38,20 +38,20 @@ const (
 	testWorkerSecret = "worker-secret"
 )
 
-// startFlow2 builds the front server first, so that the broker's resource can be its URL:
+// startOfflineAccess builds the front server first, so that the broker's resource can be its URL:
 // the IdP sends browsers back to the broker's origin.
-func startFlow2(t *testing.T, o *testenv.OP, change func(*Config)) *flow2 {
+func startOfflineAccess(t *testing.T, o *testenv.OP, change func(*Config)) *offlineAccessTest {
 	t.Helper()
 	var handler http.Handler
 	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
 	t.Cleanup(front.Close)
 	core, logs := observer.New(zap.DebugLevel)
-	f := &flow2{o: o, logs: logs, front: front, resource: front.URL + "/mcp", up: testenv.StartUpstream(t, testenv.TrustedSubjectHeader())}
+	f := &offlineAccessTest{o: o, logs: logs, front: front, resource: front.URL + "/mcp", up: testenv.StartUpstream(t, testenv.TrustedSubjectHeader())}
 	f.b = newTestBroker(t, o, func(c *Config) {
 		c.Logger = zap.New(core)
 		c.Resource = f.resource
-		c.ProvisioningScopes = []string{"notes:read"}
-		c.ProvisioningTools = []string{"notes_r*"}
+		c.OfflineAccessScopes = []string{"notes:read"}
+		c.OfflineAccessTools = []string{"notes_r*"}
 		c.BackgroundClients = []BackgroundClient{{ID: testWorkerID, Secret: testWorkerSecret}}
 		if change != nil {
 			change(c)
@@ -62,7 +62,7 @@ func startFlow2(t *testing.T, o *testenv.OP, change func(*Config)) *flow2 {
 }
 
 // assertNotLogged fails the test if any of secrets appears in a log line at any level (W13).
-func (f *flow2) assertNotLogged(t *testing.T, secrets ...string) {
+func (f *offlineAccessTest) assertNotLogged(t *testing.T, secrets ...string) {
 	t.Helper()
 	for _, e := range f.logs.All() {
 		line, _ := json.Marshal(map[string]any{"msg": e.Message, "fields": e.ContextMap()})
@@ -75,7 +75,7 @@ func (f *flow2) assertNotLogged(t *testing.T, secrets ...string) {
 }
 
 // userToken is an access token of u for the broker's resource, as an MCP client holds it.
-func (f *flow2) userToken(t *testing.T, u testenv.User) string {
+func (f *offlineAccessTest) userToken(t *testing.T, u testenv.User) string {
 	t.Helper()
 	if u == f.o.User {
 		return loginAccessToken(t, f.o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, f.resource)
@@ -94,33 +94,33 @@ func (f *flow2) userToken(t *testing.T, u testenv.User) string {
 	return tok.AccessToken
 }
 
-// link asks the broker for a provisioning link with token.
-func (f *flow2) link(t *testing.T, token string) string {
+// link asks the broker for an offline access link with token.
+func (f *offlineAccessTest) link(t *testing.T, token string) string {
 	t.Helper()
-	resp := get(t, f.front.URL+pathProvisioningStart, bearer(token))
+	resp := get(t, f.front.URL+pathOfflineAccessStart, bearer(token))
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("start: %s", resp.Status)
 	}
-	var l ProvisioningLinkResponse
+	var l OfflineAccessLinkResponse
 	decodeJSON(t, resp, &l)
 	return l.AuthorizationURL
 }
 
-// loginAt plays the browser from a provisioning link to the broker's callback URL.
-func (f *flow2) loginAt(t *testing.T, link string, opts ...testenv.LoginOption) *url.URL {
+// loginAt plays the browser from an offline access link to the broker's callback URL.
+func (f *offlineAccessTest) loginAt(t *testing.T, link string, opts ...testenv.LoginOption) *url.URL {
 	t.Helper()
 	cb, err := f.o.Login(t.Context(), link, append(opts, testenv.LoginWithClient(noRedirect))...)
 	if err != nil {
 		t.Fatalf("logging in at the IdP: %v", err)
 	}
-	if !strings.HasPrefix(cb.String(), f.front.URL+pathProvisioningCallback+"?") {
+	if !strings.HasPrefix(cb.String(), f.front.URL+pathOfflineAccessCallback+"?") {
 		t.Fatalf("the IdP sent the browser to %s", cb.Redacted())
 	}
 	return cb
 }
 
 // callback opens the callback URL as the browser would and returns status and page.
-func (f *flow2) callback(t *testing.T, cb *url.URL) (*http.Response, string) {
+func (f *offlineAccessTest) callback(t *testing.T, cb *url.URL) (*http.Response, string) {
 	t.Helper()
 	resp, err := noRedirect.Get(cb.String())
 	if err != nil {
@@ -131,8 +131,8 @@ func (f *flow2) callback(t *testing.T, cb *url.URL) (*http.Response, string) {
 	return resp, string(page)
 }
 
-// provision runs Flow 2 to the end for u and fails the test unless it succeeds.
-func (f *flow2) provision(t *testing.T, token string) {
+// grantOfflineAccess runs an offline access login to the end for u and fails the test unless it succeeds.
+func (f *offlineAccessTest) grantOfflineAccess(t *testing.T, token string) {
 	t.Helper()
 	resp, page := f.callback(t, f.loginAt(t, f.link(t, token)))
 	if resp.StatusCode != http.StatusOK {
@@ -140,10 +140,10 @@ func (f *flow2) provision(t *testing.T, token string) {
 	}
 }
 
-// grant reads subject's offline grant and its refresh token straight from storage.
-func (f *flow2) grant(t *testing.T, subject string) (*OfflineGrant, string, error) {
+// grant reads subject's offline access grant and its refresh token straight from storage.
+func (f *offlineAccessTest) grant(t *testing.T, subject string) (*OfflineAccessGrant, string, error) {
 	t.Helper()
-	g, err := f.b.loadOfflineGrant(t.Context(), subject)
+	g, err := f.b.loadOfflineAccessGrant(t.Context(), subject)
 	if err != nil {
 		return nil, "", err
 	}
@@ -184,19 +184,19 @@ func getWithoutRedirect(t *testing.T, u string) *http.Response {
 	return resp
 }
 
-func TestProvisioningStart(t *testing.T) {
+func TestOfflineAccessStart(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	token := f.userToken(t, o.User)
 
 	t.Run("without a token or a link the challenge starts discovery", func(t *testing.T) {
-		resp := get(t, f.front.URL+pathProvisioningStart, nil)
+		resp := get(t, f.front.URL+pathOfflineAccessStart, nil)
 		if resp.StatusCode != http.StatusUnauthorized || !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Bearer resource_metadata=") {
 			t.Errorf("%s %q", resp.Status, resp.Header.Get("WWW-Authenticate"))
 		}
 	})
 	t.Run("an invalid bearer token is refused", func(t *testing.T) {
-		resp := get(t, f.front.URL+pathProvisioningStart, bearer("not-a-token"))
+		resp := get(t, f.front.URL+pathOfflineAccessStart, bearer("not-a-token"))
 		var e oauthError
 		decodeJSON(t, resp, &e)
 		if resp.StatusCode != http.StatusUnauthorized || e.Error != "invalid_token" {
@@ -204,25 +204,25 @@ func TestProvisioningStart(t *testing.T) {
 		}
 	})
 	t.Run("a token in the query string is refused", func(t *testing.T) {
-		if resp := get(t, f.front.URL+pathProvisioningStart+"?access_token="+token, nil); resp.StatusCode != http.StatusBadRequest {
+		if resp := get(t, f.front.URL+pathOfflineAccessStart+"?access_token="+token, nil); resp.StatusCode != http.StatusBadRequest {
 			t.Errorf("status %s", resp.Status)
 		}
 	})
 	t.Run("an unknown link is refused", func(t *testing.T) {
-		resp := getWithoutRedirect(t, f.front.URL+pathProvisioningStart+"?link=guessed")
+		resp := getWithoutRedirect(t, f.front.URL+pathOfflineAccessStart+"?link=guessed")
 		if resp.StatusCode != http.StatusBadRequest || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
 			t.Errorf("%s %s", resp.Status, resp.Header.Get("Content-Type"))
 		}
 	})
 	t.Run("POST is not allowed", func(t *testing.T) {
-		if resp := do(t, http.MethodPost, f.front.URL+pathProvisioningStart, bearer(token), ""); resp.StatusCode != http.StatusMethodNotAllowed {
+		if resp := do(t, http.MethodPost, f.front.URL+pathOfflineAccessStart, bearer(token), ""); resp.StatusCode != http.StatusMethodNotAllowed {
 			t.Errorf("status %s", resp.Status)
 		}
 	})
 
 	t.Run("the link sends the browser once to the IdP with state, PKCE, nonce and consent", func(t *testing.T) {
 		link := f.link(t, token)
-		if !strings.HasPrefix(link, f.front.URL+pathProvisioningStart+"?link=") {
+		if !strings.HasPrefix(link, f.front.URL+pathOfflineAccessStart+"?link=") {
 			t.Fatalf("link %q", link)
 		}
 		// A HEAD (a link preview) does not spend the link.
@@ -237,7 +237,7 @@ func TestProvisioningStart(t *testing.T) {
 		q := to.Query()
 		for k, want := range map[string]string{
 			"client_id":             testenv.BrokerClientID,
-			"redirect_uri":          f.front.URL + pathProvisioningCallback,
+			"redirect_uri":          f.front.URL + pathOfflineAccessCallback,
 			"response_type":         "code",
 			"scope":                 "openid offline_access notes:read",
 			"code_challenge_method": "S256",
@@ -263,16 +263,16 @@ func TestProvisioningStart(t *testing.T) {
 	t.Run("the link is minted for the token's user, whatever the query says (W8)", func(t *testing.T) {
 		link := f.link(t, token) + "&user_id=" + o.OtherUser.Subject + "&subject=" + o.OtherUser.Subject
 		u, _ := url.Parse(link)
-		var l ProvisioningLink
-		if err := f.b.cfg.Records.Get(t.Context(), recordKey(kindFlow2Link, u.Query().Get("link")), &l); err != nil {
+		var l OfflineAccessLink
+		if err := f.b.cfg.Records.Get(t.Context(), recordKey(kindOfflineAccessLink, u.Query().Get("link")), &l); err != nil {
 			t.Fatal(err)
 		}
 		if l.Subject != o.User.Subject || l.ClientID != testenv.NativeClientID {
 			t.Errorf("link for %q via %q", l.Subject, l.ClientID)
 		}
 		to := redirectTarget(t, getWithoutRedirect(t, link))
-		var p PendingProvisioning
-		if err := f.b.cfg.Records.Get(t.Context(), recordKey(kindFlow2State, to.Query().Get("state")), &p); err != nil {
+		var p PendingOfflineAccess
+		if err := f.b.cfg.Records.Get(t.Context(), recordKey(kindOfflineAccessState, to.Query().Get("state")), &p); err != nil {
 			t.Fatal(err)
 		}
 		if p.Subject != o.User.Subject {
@@ -284,9 +284,9 @@ func TestProvisioningStart(t *testing.T) {
 	})
 }
 
-func TestProvisioningCallback(t *testing.T) {
+func TestOfflineAccessCallback(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	token := f.userToken(t, o.User)
 
 	t.Run("a login as another user is refused and nothing is stored", func(t *testing.T) {
@@ -318,7 +318,7 @@ func TestProvisioningCallback(t *testing.T) {
 	})
 	t.Run("an error from the IdP consumes the state and stores nothing", func(t *testing.T) {
 		to := redirectTarget(t, getWithoutRedirect(t, f.link(t, token)))
-		cb := f.front.URL + pathProvisioningCallback + "?" + url.Values{"state": {to.Query().Get("state")}, "error": {"access_denied"}, "error_description": {"<script>x</script>"}}.Encode()
+		cb := f.front.URL + pathOfflineAccessCallback + "?" + url.Values{"state": {to.Query().Get("state")}, "error": {"access_denied"}, "error_description": {"<script>x</script>"}}.Encode()
 		resp := getWithoutRedirect(t, cb)
 		page, _ := io.ReadAll(resp.Body)
 		if resp.StatusCode != http.StatusForbidden || strings.Contains(string(page), "<script>") {
@@ -336,7 +336,7 @@ func TestProvisioningCallback(t *testing.T) {
 		{"a state the caller made up is refused (W5)", url.Values{"state": {"attacker-state"}, "code": {"x"}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if resp := getWithoutRedirect(t, f.front.URL+pathProvisioningCallback+"?"+tc.query.Encode()); resp.StatusCode != http.StatusBadRequest {
+			if resp := getWithoutRedirect(t, f.front.URL+pathOfflineAccessCallback+"?"+tc.query.Encode()); resp.StatusCode != http.StatusBadRequest {
 				t.Errorf("status %s", resp.Status)
 			}
 		})
@@ -381,8 +381,8 @@ func TestProvisioningCallback(t *testing.T) {
 				t.Error("the replay changed the grant")
 			}
 		})
-		t.Run("provisioning again replaces the grant and revokes the old token", func(t *testing.T) {
-			f.provision(t, token)
+		t.Run("granting again replaces the grant and revokes the old token", func(t *testing.T) {
+			f.grantOfflineAccess(t, token)
 			_, rt2, err := f.grant(t, o.User.Subject)
 			if err != nil || rt2 == rt {
 				t.Fatalf("grant not replaced: %v", err)
@@ -394,44 +394,44 @@ func TestProvisioningCallback(t *testing.T) {
 	})
 }
 
-func TestProvisioningStatusAndRevocation(t *testing.T) {
+func TestOfflineAccessStatusAndRevocation(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	clock := time.Now().UTC().Truncate(time.Second)
 	f.b.now = func() time.Time { return clock }
 	user, other := f.userToken(t, o.User), f.userToken(t, o.OtherUser)
 
-	status := func(t *testing.T, method, token, query string) ProvisioningStatus {
+	status := func(t *testing.T, method, token, query string) OfflineAccessStatus {
 		t.Helper()
-		resp := do(t, method, f.front.URL+pathProvisioningStatus+query, bearer(token), "")
+		resp := do(t, method, f.front.URL+pathOfflineAccessStatus+query, bearer(token), "")
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("%s: %s", method, resp.Status)
 		}
-		var st ProvisioningStatus
+		var st OfflineAccessStatus
 		decodeJSON(t, resp, &st)
 		return st
 	}
 
 	for _, method := range []string{http.MethodGet, http.MethodDelete} {
 		t.Run(method+" without a token gets the challenge", func(t *testing.T) {
-			if resp := do(t, method, f.front.URL+pathProvisioningStatus, nil, ""); resp.StatusCode != http.StatusUnauthorized {
+			if resp := do(t, method, f.front.URL+pathOfflineAccessStatus, nil, ""); resp.StatusCode != http.StatusUnauthorized {
 				t.Errorf("status %s", resp.Status)
 			}
 		})
 	}
-	t.Run("before provisioning", func(t *testing.T) {
+	t.Run("before granting offline access", func(t *testing.T) {
 		if st := status(t, http.MethodGet, user, ""); st.Provisioned {
 			t.Errorf("%+v", st)
 		}
 	})
 
-	f.provision(t, user)
+	f.grantOfflineAccess(t, user)
 	_, refreshToken, err := f.grant(t, o.User.Subject)
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	t.Run("after provisioning the user sees scopes, time and client", func(t *testing.T) {
+	t.Run("after granting offline access the user sees scopes, time and client", func(t *testing.T) {
 		st := status(t, http.MethodGet, user, "")
 		if !st.Provisioned || st.ProvisionedAt == nil || !st.ProvisionedAt.Equal(clock) || st.ClientID != testenv.NativeClientID ||
 			!slices.Contains(st.Scopes, "notes:read") || !slices.Contains(st.Scopes, "offline_access") {
@@ -480,7 +480,7 @@ func TestProvisioningStatusAndRevocation(t *testing.T) {
 }
 
 // backgroundRequest asks for a background token with the given Authorization and form.
-func (f *flow2) backgroundRequest(t *testing.T, authorization string, form url.Values) *http.Response {
+func (f *offlineAccessTest) backgroundRequest(t *testing.T, authorization string, form url.Values) *http.Response {
 	t.Helper()
 	h := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
 	if authorization != "" {
@@ -516,9 +516,9 @@ func introspectAsBroker(t *testing.T, o *testenv.OP, token string) map[string]an
 
 func TestBackgroundToken(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
+	f := startOfflineAccess(t, o, nil)
 	user := f.userToken(t, o.User)
-	f.provision(t, user)
+	f.grantOfflineAccess(t, user)
 	forUser := url.Values{"subject": {o.User.Subject}}
 	worker := basicCredentials(testWorkerID, testWorkerSecret)
 	secrets := []string{user, testWorkerSecret, strings.TrimPrefix(worker, "Basic ")}
@@ -538,7 +538,7 @@ func TestBackgroundToken(t *testing.T) {
 		{"a user's session token", "Bearer " + user, forUser, 401, "invalid_client"},
 		{"no subject", worker, url.Values{}, 400, "invalid_request"},
 		{"two subjects", worker, url.Values{"subject": {o.User.Subject, o.OtherUser.Subject}}, 400, "invalid_request"},
-		{"a user without Flow 2", worker, url.Values{"subject": {o.OtherUser.Subject}}, 400, "invalid_grant"},
+		{"a user without offline access", worker, url.Values{"subject": {o.OtherUser.Subject}}, 400, "invalid_grant"},
 	} {
 		t.Run(tc.name+" is refused", func(t *testing.T) {
 			refreshes := o.Count("refresh_token")
@@ -551,7 +551,7 @@ func TestBackgroundToken(t *testing.T) {
 			if o.Count("refresh_token") != refreshes {
 				t.Error("the IdP was asked for a refresh")
 			}
-			if tc.code == "invalid_grant" && e.Description != "the user has not provisioned offline access" {
+			if tc.code == "invalid_grant" && e.Description != "the user has not granted offline access" {
 				t.Errorf("description %q", e.Description)
 			}
 		})
@@ -665,8 +665,8 @@ func TestBackgroundToken(t *testing.T) {
 	})
 
 	t.Run("after revocation the worker gets invalid_grant", func(t *testing.T) {
-		f.provision(t, user)
-		if resp := do(t, http.MethodDelete, f.front.URL+pathProvisioningStatus, bearer(user), ""); resp.StatusCode != http.StatusOK {
+		f.grantOfflineAccess(t, user)
+		if resp := do(t, http.MethodDelete, f.front.URL+pathOfflineAccessStatus, bearer(user), ""); resp.StatusCode != http.StatusOK {
 			t.Fatalf("revoking: %s", resp.Status)
 		}
 		resp := f.backgroundRequest(t, worker, forUser)
@@ -680,8 +680,8 @@ func TestBackgroundToken(t *testing.T) {
 
 func TestBackgroundTokenIdPDown(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
-	f.provision(t, f.userToken(t, o.User))
+	f := startOfflineAccess(t, o, nil)
+	f.grantOfflineAccess(t, f.userToken(t, o.User))
 	_, rt, _ := f.grant(t, o.User.Subject)
 	o.SetDown(true)
 	resp := f.backgroundRequest(t, basicCredentials(testWorkerID, testWorkerSecret), url.Values{"subject": {o.User.Subject}})

@@ -12,7 +12,7 @@ import (
 // rate per client (SECURITY.md, offline access).
 
 // backgroundAs asks f's broker for a background token for subject as worker id.
-func (f *flow2) backgroundAs(t *testing.T, id, secret, subject string) (*http.Response, oauthError) {
+func (f *offlineAccessTest) backgroundAs(t *testing.T, id, secret, subject string) (*http.Response, oauthError) {
 	t.Helper()
 	resp := f.backgroundRequest(t, basicCredentials(id, secret), url.Values{"subject": {subject}})
 	var e oauthError
@@ -26,10 +26,10 @@ func (f *flow2) backgroundAs(t *testing.T, id, secret, subject string) (*http.Re
 
 func TestBackgroundClientNeedsTheUsersGrant(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, nil)
-	f.provision(t, f.userToken(t, o.User))
+	f := startOfflineAccess(t, o, nil)
+	f.grantOfflineAccess(t, f.userToken(t, o.User))
 	// The same site later gets a second worker: the user granted it nothing.
-	later := startFlow2(t, o, func(c *Config) {
+	later := startOfflineAccess(t, o, func(c *Config) {
 		c.Resource = f.resource
 		c.Records = f.b.cfg.Records
 		c.BackgroundClients = append(c.BackgroundClients, BackgroundClient{ID: "worker-2", Secret: "worker-2-secret"})
@@ -44,7 +44,7 @@ func TestBackgroundClientNeedsTheUsersGrant(t *testing.T) {
 
 func TestBackgroundTokenRateLimit(t *testing.T) {
 	o := testenv.StartOP(t)
-	f := startFlow2(t, o, func(c *Config) {
+	f := startOfflineAccess(t, o, func(c *Config) {
 		c.BackgroundTokenRate = 2
 		c.BackgroundClients = append(c.BackgroundClients, BackgroundClient{ID: "worker-2", Secret: "worker-2-secret"})
 	})

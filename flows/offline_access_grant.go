@@ -17,44 +17,44 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// Offline grants (Flow 2) in storage. The refresh token inside is sealed with the
+// Offline grants in storage. The refresh token inside is sealed with the
 // record's key and is read only here: to mint background tokens for background clients
-// (background.go) and to revoke it. The session path never reads an OfflineGrant.
+// (background_token.go) and to revoke it. The session path never reads an OfflineAccessGrant.
 
 var (
-	// errNotProvisioned: the user has no offline grant.
-	errNotProvisioned = errors.New("the user has not provisioned offline access")
-	// errOfflineGrantDead: the IdP no longer honours the user's refresh token; the grant
+	// errNoOfflineAccess: the user has no offline access grant.
+	errNoOfflineAccess = errors.New("the user has not granted offline access")
+	// errOfflineAccessGrantDead: the IdP no longer honours the user's refresh token; the grant
 	// has been deleted.
-	errOfflineGrantDead = errors.New("the identity provider refused the offline grant")
+	errOfflineAccessGrantDead = errors.New("the identity provider refused the offline access grant")
 	// errBackgroundClientNotGranted: the user's grant does not name the background client.
 	errBackgroundClientNotGranted = errors.New("the user did not grant this background client offline access")
 )
 
-// loadOfflineGrant returns subject's offline grant wherever this site may find it, or
-// storage.ErrNotFound. It moves nothing: see moveOfflineGrant.
-func (b *Broker) loadOfflineGrant(ctx context.Context, subject string) (*OfflineGrant, error) {
+// loadOfflineAccessGrant returns subject's offline access grant wherever this site may find it, or
+// storage.ErrNotFound. It moves nothing: see moveOfflineAccessGrant.
+func (b *Broker) loadOfflineAccessGrant(ctx context.Context, subject string) (*OfflineAccessGrant, error) {
 	return b.offline.load(ctx, subject)
 }
 
-// moveOfflineGrant moves g, read from anywhere but the current key, to the current key.
+// moveOfflineAccessGrant moves g, read from anywhere but the current key, to the current key.
 // A grant of an earlier release is taken once, so that of several sites on one storage
-// exactly one gets it (errNotProvisioned for the others), and it gets the background
+// exactly one gets it (errNoOfflineAccess for the others), and it gets the background
 // clients configured now, since the user was shown none. The caller holds the lock.
-func (b *Broker) moveOfflineGrant(ctx context.Context, g *OfflineGrant) error {
+func (b *Broker) moveOfflineAccessGrant(ctx context.Context, g *OfflineAccessGrant) error {
 	to, err := b.offline.currentKey(g.Subject)
 	if err != nil || g.key == to {
 		return err
 	}
 	from := g.key
-	legacy := from == legacyOfflineGrantKey(g.Subject)
+	legacy := from == legacyOfflineAccessGrantKey(g.Subject)
 	if legacy {
 		taken, err := b.offline.take(ctx, from)
 		switch {
 		case errors.Is(err, storage.ErrNotFound):
-			return errNotProvisioned
+			return errNoOfflineAccess
 		case err != nil:
-			return fmt.Errorf("taking offline grant of an earlier release: %w", err)
+			return fmt.Errorf("taking offline access grant of an earlier release: %w", err)
 		}
 		*g = *taken
 	}
@@ -63,7 +63,7 @@ func (b *Broker) moveOfflineGrant(ctx context.Context, g *OfflineGrant) error {
 		// Put back what was taken, so that a failed move loses nothing.
 		if legacy {
 			if err := b.offline.putBack(ctx, &before); err != nil {
-				b.logger.Error("flow 2: restoring offline grant of an earlier release", zap.Error(err))
+				b.logger.Error("offline access: restoring offline access grant of an earlier release", zap.Error(err))
 			}
 		}
 	}
@@ -82,10 +82,10 @@ func (b *Broker) moveOfflineGrant(ctx context.Context, g *OfflineGrant) error {
 	}
 	if !legacy {
 		if err := b.offline.delete(ctx, from); err != nil {
-			b.logger.Warn("flow 2: deleting offline grant under a retired key", zap.Error(err))
+			b.logger.Warn("offline access: deleting offline access grant under a retired key", zap.Error(err))
 		}
 	}
-	b.logger.Info("flow 2: offline grant moved to the current key", zap.Bool("from_earlier_release", legacy))
+	b.logger.Info("offline access: offline access grant moved to the current key", zap.Bool("from_earlier_release", legacy))
 	return nil
 }
 
@@ -98,24 +98,24 @@ func (b *Broker) backgroundClientIDs() []string {
 	return ids
 }
 
-// storeOfflineGrant stores a freshly provisioned grant for subject, usable by the
+// storeOfflineAccessGrant stores a fresh grant for subject, usable by the
 // background clients the user was shown, replacing (and revoking at the IdP) any earlier
 // one, wherever it was found.
-func (b *Broker) storeOfflineGrant(ctx context.Context, d *idp.Discovery, subject, clientID string, scopes, backgroundClients []string, refreshToken string) error {
+func (b *Broker) storeOfflineAccessGrant(ctx context.Context, d *idp.Discovery, subject, clientID string, scopes, backgroundClients []string, refreshToken string) error {
 	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
 		return err
 	}
 	var previous string
-	old, _ := b.loadOfflineGrant(ctx, subject)
+	old, _ := b.loadOfflineAccessGrant(ctx, subject)
 	if old != nil {
 		previous, _ = b.offline.refreshToken(old)
 	}
-	g := &OfflineGrant{Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: backgroundClients, ProvisionedAt: b.now().UTC()}
+	g := &OfflineAccessGrant{Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: backgroundClients, ProvisionedAt: b.now().UTC()}
 	err = b.offline.put(ctx, g, refreshToken)
 	if err == nil && old != nil && old.key != g.key {
 		if derr := b.offline.delete(ctx, old.key); derr != nil {
-			b.logger.Warn("flow 2: deleting the replaced offline grant", zap.Error(derr))
+			b.logger.Warn("offline access: deleting the replaced offline access grant", zap.Error(derr))
 		}
 	}
 	unlock()
@@ -128,15 +128,15 @@ func (b *Broker) storeOfflineGrant(ctx context.Context, d *idp.Discovery, subjec
 	return nil
 }
 
-// revokeOfflineGrant deletes subject's offline grant and revokes its refresh token at
+// revokeOfflineAccessGrant deletes subject's offline access grant and revokes its refresh token at
 // the IdP, when the IdP has a revocation endpoint.
-func (b *Broker) revokeOfflineGrant(ctx context.Context, subject string) (ProvisioningStatus, error) {
-	st := ProvisioningStatus{Provisioned: false}
+func (b *Broker) revokeOfflineAccessGrant(ctx context.Context, subject string) (OfflineAccessStatus, error) {
+	st := OfflineAccessStatus{Provisioned: false}
 	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
 		return st, err
 	}
-	g, err := b.loadOfflineGrant(ctx, subject)
+	g, err := b.loadOfflineAccessGrant(ctx, subject)
 	if errors.Is(err, storage.ErrNotFound) {
 		unlock()
 		return st, nil
@@ -149,14 +149,14 @@ func (b *Broker) revokeOfflineGrant(ctx context.Context, subject string) (Provis
 	err = b.offline.delete(ctx, g.key)
 	unlock()
 	if err != nil {
-		return st, fmt.Errorf("deleting offline grant: %w", err)
+		return st, fmt.Errorf("deleting offline access grant: %w", err)
 	}
-	b.logger.Info("flow 2: offline access revoked", zap.String("subject", subject))
+	b.logger.Info("offline access: revoked", zap.String("subject", subject))
 	revoked := false
 	if openErr != nil {
-		b.logger.Warn("flow 2: revoked grant could not be opened for revocation at the identity provider", zap.Error(openErr))
+		b.logger.Warn("offline access: revoked grant could not be opened for revocation at the identity provider", zap.Error(openErr))
 	} else if d, derr := b.idp.Discovery(ctx); derr != nil {
-		b.logger.Warn("flow 2: identity provider unavailable for revocation", zap.Error(derr))
+		b.logger.Warn("offline access: identity provider unavailable for revocation", zap.Error(derr))
 	} else {
 		revoked = b.revokeOfflineRefreshToken(ctx, d, refreshToken)
 	}
@@ -176,7 +176,7 @@ func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *idp.Discovery
 	form := url.Values{"token": {token}, "token_type_hint": {"refresh_token"}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.RevocationEndpoint, strings.NewReader(form.Encode()))
 	if err != nil {
-		b.logger.Warn("flow 2: building revocation request", zap.Error(err))
+		b.logger.Warn("offline access: building revocation request", zap.Error(err))
 		return false
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
@@ -184,19 +184,19 @@ func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *idp.Discovery
 	req.SetBasicAuth(url.QueryEscape(b.cfg.ClientID), url.QueryEscape(b.cfg.ClientSecret))
 	resp, err := b.cfg.HTTPClient.Do(req)
 	if err != nil {
-		b.logger.Warn("flow 2: revoking refresh token at the identity provider", zap.String("token", Fingerprint(token)), zap.Error(err))
+		b.logger.Warn("offline access: revoking refresh token at the identity provider", zap.String("token", Fingerprint(token)), zap.Error(err))
 		return false
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode != http.StatusOK {
-		b.logger.Warn("flow 2: identity provider refused the revocation", zap.String("token", Fingerprint(token)), zap.Int("status", resp.StatusCode))
+		b.logger.Warn("offline access: identity provider refused the revocation", zap.String("token", Fingerprint(token)), zap.Int("status", resp.StatusCode))
 		return false
 	}
 	return true
 }
 
-// backgroundToken mints an access token from subject's offline grant with the refresh
+// backgroundToken mints an access token from subject's offline access grant with the refresh
 // grant at the IdP, for the background client worker, which the grant must name.
 // Rotation is serialized cluster-wide, and the rotated refresh token is stored before
 // the access token is handed out: a token the caller never gets costs nothing, a rotated
@@ -209,22 +209,22 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 	defer unlock()
 	// From here on the worker hanging up must not cut a rotation in half.
 	ctx = context.WithoutCancel(ctx)
-	g, err := b.loadOfflineGrant(ctx, subject)
+	g, err := b.loadOfflineAccessGrant(ctx, subject)
 	if errors.Is(err, storage.ErrNotFound) {
-		return nil, nil, errNotProvisioned
+		return nil, nil, errNoOfflineAccess
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading offline grant: %w", err)
+		return nil, nil, fmt.Errorf("reading offline access grant: %w", err)
 	}
-	if err := b.moveOfflineGrant(ctx, g); err != nil {
+	if err := b.moveOfflineAccessGrant(ctx, g); err != nil {
 		return nil, nil, err
 	}
 	if !slices.Contains(g.BackgroundClients, worker) {
 		return nil, nil, errBackgroundClientNotGranted
 	}
 	if g.FromUpgrade {
-		b.logger.Warn("flow 2: offline grant made before grants were bound to background clients; "+
-			"every background client configured at the upgrade may use it until the user provisions again",
+		b.logger.Warn("offline access: offline access grant made before grants were bound to background clients; "+
+			"every background client configured at the upgrade may use it until the user grants offline access again",
 			zap.String("subject", subject), zap.Strings("background_clients", g.BackgroundClients))
 	}
 	refreshToken, err := b.offline.refreshToken(g)
@@ -237,16 +237,16 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 	}
 	idpCtx, cancel := b.offlineIdPContext(ctx)
 	defer cancel()
-	tok, err := b.provisioningOAuth2(d, g.Scopes).TokenSource(idpCtx, &oauth2.Token{RefreshToken: refreshToken}).Token()
+	tok, err := b.offlineAccessOAuth2(d, g.Scopes).TokenSource(idpCtx, &oauth2.Token{RefreshToken: refreshToken}).Token()
 	if err != nil {
 		var re *oauth2.RetrieveError
 		if errors.As(err, &re) && re.ErrorCode == "invalid_grant" {
 			if derr := b.offline.delete(ctx, g.key); derr != nil {
-				b.logger.Error("flow 2: deleting dead offline grant", zap.String("subject", subject), zap.Error(derr))
+				b.logger.Error("offline access: deleting dead offline access grant", zap.String("subject", subject), zap.Error(derr))
 			}
-			return nil, nil, errOfflineGrantDead
+			return nil, nil, errOfflineAccessGrantDead
 		}
-		return nil, nil, fmt.Errorf("%w: refreshing offline grant: %v", idp.ErrUnavailable, oauthErrorOnly(err))
+		return nil, nil, fmt.Errorf("%w: refreshing offline access grant: %v", idp.ErrUnavailable, oauthErrorOnly(err))
 	}
 	if tok.RefreshToken != refreshToken {
 		g.RotatedAt = b.now().UTC()

@@ -15,10 +15,10 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// Tools that need the user's Flow-2 grant (ProvisioningTools) are answered, until the
-// user has provisioned, with MCP 2025-11-25's URL elicitation error (SEP-1036): a
+// Tools that need the user's offline access grant (OfflineAccessTools) are answered, until the
+// user has granted offline access, with MCP 2025-11-25's URL elicitation error (SEP-1036): a
 // JSON-RPC error -32042 whose data lists one URL-mode elicitation carrying a one-time
-// provisioning link, so a client can open it for the user without a copy-paste step.
+// offline access link, so a client can open it for the user without a copy-paste step.
 
 // codeURLElicitationRequired is the JSON-RPC error code of URLElicitationRequiredError.
 const codeURLElicitationRequired = -32042
@@ -48,26 +48,26 @@ type jsonrpcRequestID struct {
 	ID json.RawMessage `json:"id"`
 }
 
-// checkProvisioning answers a tools/call of a tool that needs the user's Flow-2 grant
+// checkOfflineAccess answers a tools/call of a tool that needs the user's offline access grant
 // when the user has none (a JSON-RPC URL elicitation) and tells that it answered. It runs
 // after authentication and the scope check, with the body read and put back.
-func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *idp.Principal, tools []string) (answered bool, err error) {
-	if !b.needsProvisioning(tools) {
+func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who *idp.Principal, tools []string) (answered bool, err error) {
+	if !b.needsOfflineAccess(tools) {
 		return false, nil
 	}
 	ctx := r.Context()
-	_, err = b.loadOfflineGrant(ctx, who.Subject)
+	_, err = b.loadOfflineAccessGrant(ctx, who.Subject)
 	if err == nil {
 		return false, nil
 	}
 	if !errors.Is(err, storage.ErrNotFound) {
-		return false, errServer(http.StatusInternalServerError, "the provisioning status could not be read",
-			storageFailed("flow 2: reading offline grant of subject "+who.Subject, err))
+		return false, errServer(http.StatusInternalServerError, "the offline access status could not be read",
+			storageFailed("offline access: reading offline access grant of subject "+who.Subject, err))
 	}
-	link, err := b.mintProvisioningLink(ctx, who)
+	link, err := b.mintOfflineAccessLink(ctx, who)
 	if err != nil {
-		return false, errServer(http.StatusInternalServerError, "the provisioning link could not be stored",
-			storageFailed("flow 2: storing provisioning link", err))
+		return false, errServer(http.StatusInternalServerError, "the offline access link could not be stored",
+			storageFailed("offline access: storing offline access link", err))
 	}
 	// The user is told which background clients the grant is for before granting it.
 	forWhom := ""
@@ -84,7 +84,7 @@ func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *
 			Message:       "This tool needs offline access to your account" + forWhom + ". Sign in to grant it, then try again.",
 		}}},
 	}
-	b.logger.Info("flow 2: tool needs provisioning; URL elicitation sent", zap.String("subject", who.Subject))
+	b.logger.Info("offline access: tool needs offline access; URL elicitation sent", zap.String("subject", who.Subject))
 
 	// requiredScopes left the body, bounded, in r.Body.
 	body, _ := io.ReadAll(io.LimitReader(r.Body, b.cfg.MaxBodyBytes))
@@ -113,10 +113,10 @@ func (b *Broker) checkProvisioning(w http.ResponseWriter, r *http.Request, who *
 	return true, nil
 }
 
-// needsProvisioning tells whether any of tools matches a ProvisioningTools glob.
-func (b *Broker) needsProvisioning(tools []string) bool {
+// needsOfflineAccess tells whether any of tools matches a OfflineAccessTools glob.
+func (b *Broker) needsOfflineAccess(tools []string) bool {
 	for _, name := range tools {
-		for _, glob := range b.cfg.ProvisioningTools {
+		for _, glob := range b.cfg.OfflineAccessTools {
 			if ok, _ := path.Match(glob, name); ok {
 				return true
 			}
