@@ -58,7 +58,7 @@ func junkRequest(endpoint, ip string, i int) *http.Request {
 	case "callback":
 		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathCallback+"?state="+junk+"&code=x", nil)
 	case "offline access callback":
-		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathOfflineAccessCallback+"?state="+junk+"&code=x", nil)
+		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+OfflineAccessCallbackLegacy+"?state="+junk+"&code=x", nil)
 	case "offline access link":
 		req = httptest.NewRequest(http.MethodGet, "https://mcp.example.test"+pathOfflineAccessStart+"?link="+junk, nil)
 	case "code":
@@ -139,7 +139,7 @@ func TestOneTimeValueEndpointsAreRateLimitedPerClientIP(t *testing.T) {
 			}
 		})
 	}
-	for _, p := range []string{pathCallback, pathOfflineAccessCallback, pathOfflineAccessStart} {
+	for _, p := range []string{pathCallback, OfflineAccessCallbackLegacy, pathOfflineAccessStart} {
 		if !NeedsClientIP(p) {
 			t.Errorf("NeedsClientIP(%q) = false: behind a proxy every client would share one bucket", p)
 		}

@@ -97,6 +97,11 @@ type Config struct {
 	OfflineAccessScopes []string
 	// OfflineAccessTools are tool names or globs that need the user's offline access grant.
 	OfflineAccessTools []string
+	// OfflineAccessCallbackPath is the path of the redirect_uri the broker sends the IdP
+	// in an offline access login: OfflineAccessCallbackLegacy, what admins registered at
+	// their IdP for earlier releases, or OfflineAccessCallback. Both are always served.
+	// Default: OfflineAccessCallbackLegacy.
+	OfflineAccessCallbackPath string
 	// BackgroundClients may fetch background tokens for users who granted offline access.
 	BackgroundClients []BackgroundClient
 	// BackgroundTokenRate is how many background tokens one background client may ask
@@ -254,6 +259,14 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.Records == nil {
 		return nil, errors.New("flows: no storage records")
 	}
+	switch cfg.OfflineAccessCallbackPath {
+	case "":
+		cfg.OfflineAccessCallbackPath = OfflineAccessCallbackLegacy
+	case OfflineAccessCallbackLegacy, OfflineAccessCallback:
+	default:
+		return nil, fmt.Errorf("offline_access: callback_path: want %s or %s, got %q",
+			OfflineAccessCallback, OfflineAccessCallbackLegacy, cfg.OfflineAccessCallbackPath)
+	}
 	switch cfg.Mode {
 	case ModeProgressive, ModeHybrid:
 	default:
@@ -361,10 +374,22 @@ const (
 	pathToken                    = "/oauth/token"
 	pathRegister                 = "/oauth/register"
 	pathRevoke                   = "/oauth/revoke"
-	pathOfflineAccessStart       = "/oauth/authorize-nextcloud"
-	pathOfflineAccessCallback    = "/oauth/callback-nextcloud"
-	pathOfflineAccessStatus      = "/oauth/provisioning"
+	pathOfflineAccessStart       = "/oauth/offline-access"
+	pathOfflineAccessStatus      = "/oauth/offline-access/status"
 	pathBackgroundToken          = "/oauth/background-token"
+
+	// The offline access endpoints' names of earlier releases, still served the same way.
+	pathOfflineAccessStartLegacy  = "/oauth/authorize-nextcloud"
+	pathOfflineAccessStatusLegacy = "/oauth/provisioning"
+)
+
+// The paths an offline access login may return to from the IdP (Config.OfflineAccessCallbackPath).
+const (
+	// OfflineAccessCallback is the callback path without a vendor name.
+	OfflineAccessCallback = "/oauth/offline-access/callback"
+	// OfflineAccessCallbackLegacy is the callback path of earlier releases, which admins
+	// registered at their IdP; still the redirect_uri sent unless configured otherwise.
+	OfflineAccessCallbackLegacy = "/oauth/callback-nextcloud"
 )
 
 // Handle answers the broker's own endpoints and authenticates every other request. It
@@ -381,13 +406,13 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 		return nil, nil
 	}
 	switch p {
-	case pathOfflineAccessStart:
+	case pathOfflineAccessStart, pathOfflineAccessStartLegacy:
 		b.serveOfflineAccessStart(w, r)
 		return nil, nil
-	case pathOfflineAccessCallback:
+	case OfflineAccessCallback, OfflineAccessCallbackLegacy:
 		b.serveOfflineAccessCallback(w, r)
 		return nil, nil
-	case pathOfflineAccessStatus:
+	case pathOfflineAccessStatus, pathOfflineAccessStatusLegacy:
 		b.serveOfflineAccessStatus(w, r)
 		return nil, nil
 	case pathBackgroundToken:
@@ -409,8 +434,8 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 // revocation endpoints.
 func NeedsClientIP(path string) bool {
 	switch path {
-	case pathRegister, pathAuthorize, pathCallback, pathOfflineAccessCallback, pathOfflineAccessStart,
-		pathToken, pathRevoke:
+	case pathRegister, pathAuthorize, pathCallback, OfflineAccessCallback, OfflineAccessCallbackLegacy,
+		pathOfflineAccessStart, pathOfflineAccessStartLegacy, pathToken, pathRevoke:
 		return true
 	}
 	return false

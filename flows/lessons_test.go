@@ -480,7 +480,7 @@ func TestLessonW5OfflineAccessIsBoundToTheUser(t *testing.T) {
 		t.Errorf("the IdP request: state %q nonce %q PKCE %s %q", q.Get("state"), q.Get("nonce"), q.Get("code_challenge_method"), q.Get("code_challenge"))
 	}
 	callback := func(q url.Values) int {
-		return getWithoutRedirect(t, f.front.URL+pathOfflineAccessCallback+"?"+q.Encode()).StatusCode
+		return getWithoutRedirect(t, f.front.URL+OfflineAccessCallbackLegacy+"?"+q.Encode()).StatusCode
 	}
 	if st := callback(url.Values{"state": {"attacker-state"}, "code": {"x"}}); st != http.StatusBadRequest {
 		t.Errorf("a state the broker never issued: %d", st)

@@ -50,7 +50,8 @@ type OfflineAccessLinkResponse struct {
 	BackgroundClients []string `json:"background_clients"`
 }
 
-// OfflineAccessStatus is the answer of GET and DELETE /oauth/provisioning.
+// OfflineAccessStatus is the answer of GET and DELETE /oauth/offline-access/status. Its
+// JSON names are those of earlier releases, which scripts read.
 type OfflineAccessStatus struct {
 	Provisioned   bool       `json:"provisioned"`
 	ProvisionedAt *time.Time `json:"provisioned_at,omitempty"`
@@ -63,8 +64,9 @@ type OfflineAccessStatus struct {
 	RevokedAtIdP *bool `json:"revoked_at_idp,omitempty"`
 }
 
-// serveOfflineAccessStart is GET /oauth/authorize-nextcloud. With a bearer token (an MCP
-// client or script acting for the user) it mints a one-time link for that user and
+// serveOfflineAccessStart is GET /oauth/offline-access (and its old name
+// /oauth/authorize-nextcloud). With a bearer token (an MCP client or script acting for
+// the user) it mints a one-time link for that user and
 // answers it as JSON; with ?link= (the user's browser opening it) it takes the link and
 // sends the browser to the IdP. Anything else gets the 401 challenge.
 func (b *Broker) serveOfflineAccessStart(w http.ResponseWriter, r *http.Request) {
@@ -174,7 +176,7 @@ func (b *Broker) offlineAccessOAuth2(d *idp.Discovery, scopes []string) *oauth2.
 			// failed refresh with the other style, which rotating IdPs count as a reuse.
 			AuthStyle: oauth2.AuthStyleInHeader,
 		},
-		RedirectURL: b.issuer + pathOfflineAccessCallback,
+		RedirectURL: b.issuer + b.cfg.OfflineAccessCallbackPath,
 		Scopes:      scopes,
 	}
 }
@@ -206,7 +208,7 @@ func (b *Broker) redirectToIdPForOfflineAccess(w http.ResponseWriter, r *http.Re
 	pending := PendingOfflineAccess{
 		Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: b.backgroundClientIDs(),
 		Nonce: nonce, PKCEVerifier: sealed, CreatedAt: b.now().UTC(),
-		BrowserBinding: b.bindLoginToBrowser(w, state, pathOfflineAccessCallback, offlineAccessStateTTL),
+		BrowserBinding: b.bindLoginToBrowser(w, state, b.cfg.OfflineAccessCallbackPath, offlineAccessStateTTL),
 	}
 	if err := b.offlineLogins.put(r.Context(), state, pending); err != nil {
 		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The login could not be started; try again.").
@@ -225,8 +227,8 @@ func (b *Broker) redirectToIdPForOfflineAccess(w http.ResponseWriter, r *http.Re
 	return nil
 }
 
-// serveOfflineAccessCallback is GET /oauth/callback-nextcloud, where the IdP sends the
-// browser back. The state is taken once; the ID token must name the user who started.
+// serveOfflineAccessCallback is GET OfflineAccessCallback or OfflineAccessCallbackLegacy,
+// where the IdP sends the browser back. The state is taken once; the ID token must name the user who started.
 func (b *Broker) serveOfflineAccessCallback(w http.ResponseWriter, r *http.Request) {
 	if err := b.offlineAccessCallback(w, r); err != nil {
 		b.writeError(w, r, err)
@@ -273,7 +275,7 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	case err != nil:
 		return notFinished(storageFailed("offline access: taking state", err))
 	}
-	b.clearLoginBinding(w, state, pathOfflineAccessCallback)
+	b.clearLoginBinding(w, state, b.cfg.OfflineAccessCallbackPath)
 	if q.Get("error") != "" {
 		// The IdP's own error text is not shown (W11): only that access was not granted.
 		b.logger.Info("offline access: identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
@@ -377,8 +379,8 @@ func oauthErrorOnly(err error) error {
 	return err
 }
 
-// serveOfflineAccessStatus is /oauth/provisioning for the authenticated user: GET tells
-// whether offline access is granted, DELETE revokes it here and at the IdP. The user
+// serveOfflineAccessStatus is /oauth/offline-access/status for the authenticated user: GET
+// tells whether offline access is granted, DELETE revokes it here and at the IdP. The user
 // is always the token's subject, never a parameter (W8).
 func (b *Broker) serveOfflineAccessStatus(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {

@@ -113,7 +113,7 @@ func (f *offlineAccessTest) loginAt(t *testing.T, link string, opts ...testenv.L
 	if err != nil {
 		t.Fatalf("logging in at the IdP: %v", err)
 	}
-	if !strings.HasPrefix(cb.String(), f.front.URL+pathOfflineAccessCallback+"?") {
+	if !strings.HasPrefix(cb.String(), f.front.URL+f.b.cfg.OfflineAccessCallbackPath+"?") {
 		t.Fatalf("the IdP sent the browser to %s", cb.Redacted())
 	}
 	return cb
@@ -237,7 +237,7 @@ func TestOfflineAccessStart(t *testing.T) {
 		q := to.Query()
 		for k, want := range map[string]string{
 			"client_id":             testenv.BrokerClientID,
-			"redirect_uri":          f.front.URL + pathOfflineAccessCallback,
+			"redirect_uri":          f.front.URL + OfflineAccessCallbackLegacy,
 			"response_type":         "code",
 			"scope":                 "openid offline_access notes:read",
 			"code_challenge_method": "S256",
@@ -318,7 +318,7 @@ func TestOfflineAccessCallback(t *testing.T) {
 	})
 	t.Run("an error from the IdP consumes the state and stores nothing", func(t *testing.T) {
 		to := redirectTarget(t, getWithoutRedirect(t, f.link(t, token)))
-		cb := f.front.URL + pathOfflineAccessCallback + "?" + url.Values{"state": {to.Query().Get("state")}, "error": {"access_denied"}, "error_description": {"<script>x</script>"}}.Encode()
+		cb := f.front.URL + OfflineAccessCallbackLegacy + "?" + url.Values{"state": {to.Query().Get("state")}, "error": {"access_denied"}, "error_description": {"<script>x</script>"}}.Encode()
 		resp := getWithoutRedirect(t, cb)
 		page, _ := io.ReadAll(resp.Body)
 		if resp.StatusCode != http.StatusForbidden || strings.Contains(string(page), "<script>") {
@@ -336,7 +336,7 @@ func TestOfflineAccessCallback(t *testing.T) {
 		{"a state the caller made up is refused (W5)", url.Values{"state": {"attacker-state"}, "code": {"x"}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if resp := getWithoutRedirect(t, f.front.URL+pathOfflineAccessCallback+"?"+tc.query.Encode()); resp.StatusCode != http.StatusBadRequest {
+			if resp := getWithoutRedirect(t, f.front.URL+OfflineAccessCallbackLegacy+"?"+tc.query.Encode()); resp.StatusCode != http.StatusBadRequest {
 				t.Errorf("status %s", resp.Status)
 			}
 		})
@@ -391,6 +391,83 @@ func TestOfflineAccessCallback(t *testing.T) {
 				t.Error("the replaced refresh token still works at the IdP")
 			}
 		})
+	})
+}
+
+// TestOfflineAccessPathsOfEarlierReleases: the start, status and callback endpoints
+// answer under their new names and under those of earlier releases, which scripts and
+// the IdP registrations of existing deployments use; links the broker hands out name the
+// new start path.
+func TestOfflineAccessPathsOfEarlierReleases(t *testing.T) {
+	o := testenv.StartOP(t)
+	f := startOfflineAccess(t, o, nil)
+	token := f.userToken(t, o.User)
+
+	for _, start := range []string{pathOfflineAccessStart, pathOfflineAccessStartLegacy} {
+		t.Run("start at "+start, func(t *testing.T) {
+			resp := get(t, f.front.URL+start, bearer(token))
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("start: %s", resp.Status)
+			}
+			var l OfflineAccessLinkResponse
+			decodeJSON(t, resp, &l)
+			if !strings.HasPrefix(l.AuthorizationURL, f.front.URL+pathOfflineAccessStart+"?link=") {
+				t.Errorf("link %q, want one at %s", l.AuthorizationURL, pathOfflineAccessStart)
+			}
+			// The link opens at either name.
+			u, _ := url.Parse(l.AuthorizationURL)
+			to := redirectTarget(t, getWithoutRedirect(t, f.front.URL+start+"?"+u.RawQuery))
+			if got := to.Scheme + "://" + to.Host + to.Path; got != o.AuthorizationEndpoint {
+				t.Errorf("link opened at %s: redirect to %s, want the IdP", start, got)
+			}
+		})
+	}
+	t.Run("the callback of earlier releases is the default redirect_uri", func(t *testing.T) {
+		if got := redirectTarget(t, getWithoutRedirect(t, f.link(t, token))).Query().Get("redirect_uri"); got != f.front.URL+OfflineAccessCallbackLegacy {
+			t.Errorf("redirect_uri %q, want %q", got, f.front.URL+OfflineAccessCallbackLegacy)
+		}
+		f.grantOfflineAccess(t, token) // ends at OfflineAccessCallbackLegacy
+	})
+	for _, status := range []string{pathOfflineAccessStatus, pathOfflineAccessStatusLegacy} {
+		t.Run("status at "+status, func(t *testing.T) {
+			resp := get(t, f.front.URL+status, bearer(token))
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("status: %s", resp.Status)
+			}
+			var st OfflineAccessStatus
+			if decodeJSON(t, resp, &st); !st.Provisioned {
+				t.Errorf("status %+v, want the grant", st)
+			}
+		})
+	}
+	t.Run("every name is rate-limited per client IP", func(t *testing.T) {
+		for _, p := range []string{pathOfflineAccessStart, pathOfflineAccessStartLegacy, OfflineAccessCallback, OfflineAccessCallbackLegacy} {
+			if !NeedsClientIP(p) {
+				t.Errorf("NeedsClientIP(%s) = false", p)
+			}
+		}
+	})
+}
+
+// TestOfflineAccessCallbackPath: with callback_path set to the new name, the IdP is sent
+// that redirect_uri and the login ends there.
+func TestOfflineAccessCallbackPath(t *testing.T) {
+	o := testenv.StartOP(t)
+	f := startOfflineAccess(t, o, func(c *Config) { c.OfflineAccessCallbackPath = OfflineAccessCallback })
+	token := f.userToken(t, o.User)
+	if got := redirectTarget(t, getWithoutRedirect(t, f.link(t, token))).Query().Get("redirect_uri"); got != f.front.URL+OfflineAccessCallback {
+		t.Errorf("redirect_uri %q, want %q", got, f.front.URL+OfflineAccessCallback)
+	}
+	f.grantOfflineAccess(t, token) // loginAt checks that the IdP sent the browser to OfflineAccessCallback
+	if _, _, err := f.grant(t, o.User.Subject); err != nil {
+		t.Errorf("no grant after the login ended at %s: %v", OfflineAccessCallback, err)
+	}
+
+	t.Run("any other path is refused", func(t *testing.T) {
+		_, err := New(Config{Records: f.b.cfg.Records, OfflineAccessCallbackPath: "/elsewhere"})
+		if err == nil || !strings.Contains(err.Error(), "offline_access: callback_path") {
+			t.Errorf("New: %v, want a callback_path error", err)
+		}
 	})
 }
 
