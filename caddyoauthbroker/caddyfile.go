@@ -8,6 +8,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 )
 
 func init() {
@@ -61,9 +62,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		cold_verify_rate  <per client IP per minute> [<all clients per minute>]
 //		client_metadata_documents on|off
 //		client_metadata_allow_private
-//		provisioning {
+//		offline_access {
 //			scopes        <scope...>
 //			tools         <tool name or glob...>
+//			callback_path <path>
 //		}
 //		background_client <id> <secret>
 //		background_token_rate <per minute>
@@ -170,7 +172,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "client_metadata_allow_private":
 			err = unmarshalFlag(d, &h.ClientMetadataAllowPrivate)
-		case "provisioning":
+		case "offline_access", "provisioning":
+			if h.OfflineAccess != nil {
+				return d.Errf("%s: offline_access already specified (provisioning is its old name)", d.Val())
+			}
+			if d.Val() == "provisioning" {
+				caddy.Log().Named("caddyfile").Warn("mcp_oauth: provisioning is deprecated; rename it to offline_access",
+					zap.String("file", d.File()), zap.Int("line", d.Line()))
+			}
 			h.OfflineAccess, err = unmarshalOfflineAccess(d)
 		case "background_client":
 			c := new(BackgroundClient)
@@ -279,7 +288,9 @@ func wholeNumber[T int | int64](d *caddyfile.Dispenser, name, v string, dst *T) 
 	return nil
 }
 
+// unmarshalOfflineAccess reads the offline_access block (or provisioning, its old name).
 func unmarshalOfflineAccess(d *caddyfile.Dispenser) (*OfflineAccess, error) {
+	name := d.Val()
 	p := new(OfflineAccess)
 	if d.NextArg() {
 		return nil, d.ArgErr()
@@ -298,8 +309,12 @@ func unmarshalOfflineAccess(d *caddyfile.Dispenser) (*OfflineAccess, error) {
 			if p.Tools = d.RemainingArgs(); len(p.Tools) == 0 {
 				return nil, d.ArgErr()
 			}
+		case "callback_path":
+			if err := unmarshalString(d, &p.CallbackPath); err != nil {
+				return nil, err
+			}
 		default:
-			return nil, d.Errf("provisioning: unrecognized subdirective %q", d.Val())
+			return nil, d.Errf("%s: unrecognized subdirective %q", name, d.Val())
 		}
 	}
 	return p, nil

@@ -9,9 +9,12 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden adapt files")
@@ -217,6 +220,40 @@ func TestCaddyfileErrors(t *testing.T) {
 				tools b
 			}
 		}`, "tools: already specified"},
+		{"unknown offline_access subdirective", `mcp_oauth {
+			offline_access {
+				forever yes
+			}
+		}`, `offline_access: unrecognized subdirective "forever"`},
+		{"a second offline_access block is refused", `mcp_oauth {
+			offline_access {
+				tools a
+			}
+			offline_access {
+				tools b
+			}
+		}`, "offline_access: already specified"},
+		{"offline_access and its old name provisioning are refused together", `mcp_oauth {
+			offline_access {
+				tools a
+			}
+			provisioning {
+				tools b
+			}
+		}`, "provisioning: offline_access already specified"},
+		{"provisioning and then offline_access are refused together", `mcp_oauth {
+			provisioning {
+				tools a
+			}
+			offline_access {
+				tools b
+			}
+		}`, "offline_access: offline_access already specified"},
+		{"callback_path takes one path", `mcp_oauth {
+			offline_access {
+				callback_path
+			}
+		}`, "wrong argument count"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var h Handler
@@ -225,6 +262,39 @@ func TestCaddyfileErrors(t *testing.T) {
 				t.Errorf("got error %v, want one containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestCaddyfileProvisioningIsTheOldNameOfOfflineAccess: a Caddyfile of earlier releases
+// with a provisioning block adapts to the same JSON as offline_access, with a warning that
+// names the new spelling; the new spelling adapts without one.
+func TestCaddyfileProvisioningIsTheOldNameOfOfflineAccess(t *testing.T) {
+	adapt := func(t *testing.T, file string) (json.RawMessage, []observer.LoggedEntry) {
+		t.Helper()
+		in, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, orig, buffered := caddy.BufferedLog()
+		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt(in, map[string]any{"filename": file})
+		core, logs := observer.New(zap.WarnLevel)
+		buffered.FlushTo(zap.New(core))
+		caddy.UnbufferDefaultLogger(orig)
+		if err != nil {
+			t.Fatalf("adapting %s: %v", file, err)
+		}
+		return out, logs.FilterMessageSnippet("offline_access").All()
+	}
+	newJSON, warnings := adapt(t, "testdata/adapt/offline_access.caddyfile")
+	if len(warnings) != 0 {
+		t.Errorf("offline_access warns: %v", warnings)
+	}
+	oldJSON, warnings := adapt(t, "testdata/adapt/offline_access_old_name.caddyfile")
+	if !bytes.Equal(oldJSON, newJSON) {
+		t.Errorf("provisioning adapts to\n%s\nwant the JSON of offline_access\n%s", oldJSON, newJSON)
+	}
+	if len(warnings) != 1 || warnings[0].Message != "mcp_oauth: provisioning is deprecated; rename it to offline_access" {
+		t.Errorf("warnings %v, want one naming offline_access", warnings)
 	}
 }
 

@@ -161,7 +161,11 @@ type Handler struct {
 
 	// Offline access for background jobs, granted by each user explicitly.
 	// Default: no tools need it.
-	OfflineAccess *OfflineAccess `json:"provisioning,omitempty"`
+	OfflineAccess *OfflineAccess `json:"offline_access,omitempty"`
+
+	// Deprecated: the name of offline_access in earlier releases, still read (with a
+	// warning at load) and moved to offline_access; giving both is an error. Default: none.
+	Provisioning *OfflineAccess `json:"provisioning,omitempty"`
 
 	// Background workers allowed to fetch background tokens for users who granted
 	// offline access. Default: none.
@@ -240,6 +244,12 @@ type OfflineAccess struct {
 	// Tools (names or globs) that need the user's offline access grant; calling one without it
 	// answers with a link to grant it. Default: none.
 	Tools []string `json:"tools,omitempty"`
+
+	// The path of the redirect_uri sent to the IdP, which must be registered there as a
+	// redirect URI of the broker's client: `/oauth/callback-nextcloud` (the path of earlier
+	// releases) or `/oauth/offline-access/callback`. The broker answers at both.
+	// Default: /oauth/callback-nextcloud.
+	CallbackPath string `json:"callback_path,omitempty"`
 }
 
 // BackgroundClient is a background worker's credentials.
@@ -274,6 +284,13 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // `caddy validate`.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if h.Provisioning != nil {
+		if h.OfflineAccess != nil {
+			return errors.New("provisioning: the old name of offline_access, which is also given; keep only offline_access")
+		}
+		h.logger.Warn("provisioning is deprecated; rename it to offline_access")
+		h.OfflineAccess, h.Provisioning = h.Provisioning, nil
+	}
 	h.applyDefaults()
 	h.resolvePlaceholders()
 	ring, err := h.keyRing()
@@ -584,11 +601,11 @@ func (h *Handler) Validate() error {
 	}
 	if p := h.OfflineAccess; p != nil {
 		if err := checkScopes(p.Scopes); err != nil {
-			return fmt.Errorf("provisioning: %w", err)
+			return fmt.Errorf("offline_access: %w", err)
 		}
 		for _, t := range p.Tools {
 			if _, err := path.Match(t, ""); err != nil {
-				return fmt.Errorf("provisioning: tools %q: bad glob: %w", t, err)
+				return fmt.Errorf("offline_access: tools %q: bad glob: %w", t, err)
 			}
 		}
 	}
@@ -722,6 +739,7 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 	if p := h.OfflineAccess; p != nil {
 		cfg.OfflineAccessScopes = p.Scopes
 		cfg.OfflineAccessTools = p.Tools
+		cfg.OfflineAccessCallbackPath = p.CallbackPath
 	}
 	// Nil entries are skipped here and refused by Validate, which Caddy calls after Provision.
 	for _, c := range h.BackgroundClients {

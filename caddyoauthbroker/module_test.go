@@ -89,7 +89,7 @@ func TestValidateErrors(t *testing.T) {
 		{"duplicate background client", func(h *Handler) {
 			h.BackgroundClients = []*BackgroundClient{{ClientID: "w", ClientSecret: "a"}, {ClientID: "w", ClientSecret: "b"}}
 		}, `background_clients: "w" defined twice`},
-		{"provisioning bad glob", func(h *Handler) { h.OfflineAccess = &OfflineAccess{Tools: []string{"["}} }, `provisioning: tools "[": bad glob`},
+		{"offline_access bad glob", func(h *Handler) { h.OfflineAccess = &OfflineAccess{Tools: []string{"["}} }, `offline_access: tools "[": bad glob`},
 		{"negative registration rate", func(h *Handler) { h.RegistrationRate = -1 }, "registration_rate: must not be negative"},
 		{"negative total registration rate", func(h *Handler) { h.RegistrationRateTotal = -1 }, "registration_rate_total: must not be negative"},
 		{"negative introspection cache ttl", func(h *Handler) { h.IntrospectionCacheTTL = caddy.Duration(-1) }, "introspection_cache_ttl: must not be negative"},
@@ -114,7 +114,7 @@ func TestValidateErrors(t *testing.T) {
 		{"an empty client scope", func(h *Handler) { h.Clients[0].Scopes = []string{""} }, `clients "claude": scopes[0]: empty`},
 		{"an empty delegation scope", func(h *Handler) { h.Delegation.Scopes = []string{"notes:read", ""} }, "delegation: scopes[1]: empty"},
 		{"an empty tool scope", func(h *Handler) { h.ToolScopes[0].Scopes = []string{""} }, `tool_scopes "notes_*": scopes[0]: empty`},
-		{"an empty provisioning scope", func(h *Handler) { h.OfflineAccess = &OfflineAccess{Scopes: []string{""}} }, "provisioning: scopes[0]: empty"},
+		{"an empty offline_access scope", func(h *Handler) { h.OfflineAccess = &OfflineAccess{Scopes: []string{""}} }, "offline_access: scopes[0]: empty"},
 		{"private documents with documents off", func(h *Handler) {
 			off := false
 			h.ClientMetadataDocuments, h.ClientMetadataAllowPrivate = &off, true

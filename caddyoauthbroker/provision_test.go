@@ -124,6 +124,8 @@ func TestProvisionRefusesWhatCannotWork(t *testing.T) {
 		{"unknown mode, found by Provision", func(c map[string]any) { c["mode"] = "magic" }, `mode: unknown mode "magic"; want hybrid or progressive`},
 		{"unknown delegation, found by Provision", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "passthrough"} },
 			`delegation: unknown mode "passthrough"; want token_exchange, refresh or none`},
+		{"an offline access callback the broker does not serve", func(c map[string]any) { c["offline_access"] = map[string]any{"callback_path": "/elsewhere"} },
+			`offline_access: callback_path: want /oauth/offline-access/callback or /oauth/callback-nextcloud, got "/elsewhere"`},
 		{"refresh delegation in progressive mode", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "refresh"} },
 			"delegation refresh: needs mode hybrid"},
 	} {
@@ -170,5 +172,51 @@ func TestJanitorStartsAfterProvisionWithoutARequest(t *testing.T) {
 	case <-h.janitorDone:
 	default:
 		t.Error("Cleanup returned before the janitor stopped")
+	}
+}
+
+// TestProvisionReadsTheOldNameOfOfflineAccess: JSON written for earlier releases names
+// offline_access `provisioning`; it still loads, with a warning that names the new
+// spelling, and giving both is refused.
+func TestProvisionReadsTheOldNameOfOfflineAccess(t *testing.T) {
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	raw, _ := json.Marshal(map[string]any{
+		"storage": map[string]any{"module": "file_system", "root": t.TempDir()},
+		"logging": map[string]any{"logs": map[string]any{"mcp": map[string]any{
+			"writer":  map[string]any{"output": "file", "filename": logFile},
+			"encoder": map[string]any{"format": "json"},
+			"include": []string{"http.handlers.mcp_oauth"},
+		}}},
+	})
+	var cfg caddy.Config
+	if err := json.Unmarshal(raw, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	pctx, err := caddy.ProvisionContext(&cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(pctx)
+	t.Cleanup(cancel)
+	offline := map[string]any{"scopes": []string{"notes:read"}, "tools": []string{"background_*"}}
+
+	old := progressiveConfig()
+	old["provisioning"] = offline
+	h, err := load(t, ctx, old)
+	if err != nil {
+		t.Fatalf("provisioning: %v", err)
+	}
+	if h.Provisioning != nil || h.OfflineAccess == nil || h.OfflineAccess.Tools[0] != "background_*" || h.OfflineAccess.Scopes[0] != "notes:read" {
+		t.Errorf("provisioning was not read as offline_access: %+v, %+v", h.OfflineAccess, h.Provisioning)
+	}
+	logs, _ := os.ReadFile(logFile)
+	if !strings.Contains(string(logs), `"provisioning is deprecated; rename it to offline_access"`) || !strings.Contains(string(logs), `"level":"warn"`) {
+		t.Errorf("no deprecation warning in the log:\n%s", logs)
+	}
+
+	both := progressiveConfig()
+	both["provisioning"], both["offline_access"] = offline, offline
+	if _, err := load(t, ctx, both); err == nil || !strings.Contains(err.Error(), "keep only offline_access") {
+		t.Errorf("provisioning and offline_access both: %v, want an error", err)
 	}
 }
