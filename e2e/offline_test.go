@@ -18,7 +18,7 @@ import (
 
 // offlineSiteBlock enables offline access with one background worker and a low background token
 // rate.
-const offlineSiteBlock = `		provisioning {
+const offlineSiteBlock = `		offline_access {
 			scopes notes:read
 			tools notes_r*
 		}
@@ -73,7 +73,9 @@ func TestOfflineAccessGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 	site := progressiveSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, "openid notes:read", upURL.Host, nativeClientBlock+"\n"+offlineSiteBlock)
 	a, b := startCaddy(t, site, shared), startCaddy(t, site, shared)
 
-	// Provision on site a: the link names the worker, so does the final page.
+	// Grant offline access on site a: the link names the worker, so does the final page.
+	// The start is asked at its name of earlier releases, which scripts still use; the
+	// IdP sends the browser back to the callback of earlier releases, the default.
 	token := userTokenFor(t, o, a.Base+"/mcp")
 	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, a.Base+"/oauth/authorize-nextcloud", nil)
 	req.Header.Set("Authorization", "Bearer "+token)
@@ -105,6 +107,22 @@ func TestOfflineAccessGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK || !strings.Contains(string(page), "<code>worker</code>") {
 		t.Fatalf("offline access callback: %s %s", resp.Status, page)
+	}
+	if !strings.HasPrefix(link.AuthorizationURL, a.Base+"/oauth/offline-access?link=") || cb.Path != "/oauth/callback-nextcloud" {
+		t.Errorf("link %s, callback %s: want the new start path and the callback of earlier releases", link.AuthorizationURL, cb.Path)
+	}
+	req, _ = http.NewRequestWithContext(t.Context(), http.MethodGet, a.Base+"/oauth/offline-access/status", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	if resp, err = http.DefaultClient.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	var status struct {
+		Provisioned bool `json:"provisioned"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&status)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || !status.Provisioned {
+		t.Errorf("status: %s %+v %v", resp.Status, status, err)
 	}
 
 	if resp, body := backgroundToken(t, b.Base, "worker", "worker-secret", o.User.Subject); resp.StatusCode != http.StatusBadRequest || body["error"] != "invalid_grant" {
