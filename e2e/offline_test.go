@@ -117,11 +117,11 @@ func TestOfflineAccessGrantsPerSiteThroughCaddyBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	var status struct {
-		Provisioned bool `json:"provisioned"`
+		Granted bool `json:"provisioned"`
 	}
 	err = json.NewDecoder(resp.Body).Decode(&status)
 	resp.Body.Close()
-	if err != nil || resp.StatusCode != http.StatusOK || !status.Provisioned {
+	if err != nil || resp.StatusCode != http.StatusOK || !status.Granted {
 		t.Errorf("status: %s %+v %v", resp.Status, status, err)
 	}
 

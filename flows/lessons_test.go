@@ -648,7 +648,7 @@ func TestLessonW8TheUserIsNeverAParameter(t *testing.T) {
 		return st
 	}
 
-	if st := status(http.MethodGet, alice); st.Provisioned {
+	if st := status(http.MethodGet, alice); st.Granted {
 		t.Errorf("alice reads bob's status: %+v", st)
 	}
 	revokes := o.Count(testenv.CountRevoke)
@@ -656,7 +656,7 @@ func TestLessonW8TheUserIsNeverAParameter(t *testing.T) {
 	if _, _, err := f.grant(t, o.OtherUser.Subject); err != nil || o.Count(testenv.CountRevoke) != revokes {
 		t.Errorf("alice revoked bob's grant: %v, %d IdP revocations", err, o.Count(testenv.CountRevoke)-revokes)
 	}
-	if st := status(http.MethodGet, bob); !st.Provisioned {
+	if st := status(http.MethodGet, bob); !st.Granted {
 		t.Errorf("bob's own status: %+v", st)
 	}
 	link, err := url.Parse(f.link(t, alice) + "&" + asBob[1:])

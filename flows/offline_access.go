@@ -53,11 +53,11 @@ type OfflineAccessLinkResponse struct {
 // OfflineAccessStatus is the answer of GET and DELETE /oauth/offline-access/status. Its
 // JSON names are those of earlier releases, which scripts read.
 type OfflineAccessStatus struct {
-	Provisioned   bool       `json:"provisioned"`
-	ProvisionedAt *time.Time `json:"provisioned_at,omitempty"`
-	RotatedAt     *time.Time `json:"rotated_at,omitempty"`
-	Scopes        []string   `json:"scopes,omitempty"`
-	ClientID      string     `json:"client_id,omitempty"`
+	Granted   bool       `json:"provisioned"`
+	GrantedAt *time.Time `json:"provisioned_at,omitempty"`
+	RotatedAt *time.Time `json:"rotated_at,omitempty"`
+	Scopes    []string   `json:"scopes,omitempty"`
+	ClientID  string     `json:"client_id,omitempty"`
 	// BackgroundClients are the background clients the grant is for.
 	BackgroundClients []string `json:"background_clients,omitempty"`
 	// RevokedAtIdP tells, after a DELETE, whether the IdP confirmed the revocation.
@@ -420,12 +420,12 @@ func (b *Broker) offlineAccessStatus(w http.ResponseWriter, r *http.Request) (Of
 	g, err := b.loadOfflineAccessGrant(ctx, who.Subject)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		return OfflineAccessStatus{Provisioned: false}, nil
+		return OfflineAccessStatus{Granted: false}, nil
 	case err != nil:
 		return OfflineAccessStatus{}, errServer(http.StatusInternalServerError, "the offline access status could not be read",
 			storageFailed("offline access: reading offline access grant of subject "+who.Subject, err))
 	}
-	st := OfflineAccessStatus{Provisioned: true, ProvisionedAt: &g.ProvisionedAt, Scopes: g.Scopes, ClientID: g.ClientID, BackgroundClients: g.BackgroundClients}
+	st := OfflineAccessStatus{Granted: true, GrantedAt: &g.GrantedAt, Scopes: g.Scopes, ClientID: g.ClientID, BackgroundClients: g.BackgroundClients}
 	if !g.RotatedAt.IsZero() {
 		st.RotatedAt = &g.RotatedAt
 	}

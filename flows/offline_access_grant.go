@@ -111,7 +111,7 @@ func (b *Broker) storeOfflineAccessGrant(ctx context.Context, d *idp.Discovery, 
 	if old != nil {
 		previous, _ = b.offline.refreshToken(old)
 	}
-	g := &OfflineAccessGrant{Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: backgroundClients, ProvisionedAt: b.now().UTC()}
+	g := &OfflineAccessGrant{Subject: subject, ClientID: clientID, Scopes: scopes, BackgroundClients: backgroundClients, GrantedAt: b.now().UTC()}
 	err = b.offline.put(ctx, g, refreshToken)
 	if err == nil && old != nil && old.key != g.key {
 		if derr := b.offline.delete(ctx, old.key); derr != nil {
@@ -131,7 +131,7 @@ func (b *Broker) storeOfflineAccessGrant(ctx context.Context, d *idp.Discovery, 
 // revokeOfflineAccessGrant deletes subject's offline access grant and revokes its refresh token at
 // the IdP, when the IdP has a revocation endpoint.
 func (b *Broker) revokeOfflineAccessGrant(ctx context.Context, subject string) (OfflineAccessStatus, error) {
-	st := OfflineAccessStatus{Provisioned: false}
+	st := OfflineAccessStatus{Granted: false}
 	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
 		return st, err

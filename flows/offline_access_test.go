@@ -435,7 +435,7 @@ func TestOfflineAccessPathsOfEarlierReleases(t *testing.T) {
 				t.Fatalf("status: %s", resp.Status)
 			}
 			var st OfflineAccessStatus
-			if decodeJSON(t, resp, &st); !st.Provisioned {
+			if decodeJSON(t, resp, &st); !st.Granted {
 				t.Errorf("status %+v, want the grant", st)
 			}
 		})
@@ -497,7 +497,7 @@ func TestOfflineAccessStatusAndRevocation(t *testing.T) {
 		})
 	}
 	t.Run("before granting offline access", func(t *testing.T) {
-		if st := status(t, http.MethodGet, user, ""); st.Provisioned {
+		if st := status(t, http.MethodGet, user, ""); st.Granted {
 			t.Errorf("%+v", st)
 		}
 	})
@@ -510,13 +510,13 @@ func TestOfflineAccessStatusAndRevocation(t *testing.T) {
 
 	t.Run("after granting offline access the user sees scopes, time and client", func(t *testing.T) {
 		st := status(t, http.MethodGet, user, "")
-		if !st.Provisioned || st.ProvisionedAt == nil || !st.ProvisionedAt.Equal(clock) || st.ClientID != testenv.NativeClientID ||
+		if !st.Granted || st.GrantedAt == nil || !st.GrantedAt.Equal(clock) || st.ClientID != testenv.NativeClientID ||
 			!slices.Contains(st.Scopes, "notes:read") || !slices.Contains(st.Scopes, "offline_access") {
 			t.Errorf("%+v", st)
 		}
 	})
 	t.Run("another user sees only their own status, whatever the query says (W8)", func(t *testing.T) {
-		if st := status(t, http.MethodGet, other, "?user_id="+o.User.Subject+"&subject="+o.User.Subject); st.Provisioned {
+		if st := status(t, http.MethodGet, other, "?user_id="+o.User.Subject+"&subject="+o.User.Subject); st.Granted {
 			t.Errorf("%+v", st)
 		}
 	})
@@ -533,7 +533,7 @@ func TestOfflineAccessStatusAndRevocation(t *testing.T) {
 	t.Run("the user revokes it here and at the IdP", func(t *testing.T) {
 		revokes := o.Count(testenv.CountRevoke)
 		st := status(t, http.MethodDelete, user, "")
-		if st.Provisioned || st.RevokedAtIdP == nil || !*st.RevokedAtIdP {
+		if st.Granted || st.RevokedAtIdP == nil || !*st.RevokedAtIdP {
 			t.Errorf("%+v", st)
 		}
 		if o.Count(testenv.CountRevoke) != revokes+1 {
@@ -545,12 +545,12 @@ func TestOfflineAccessStatusAndRevocation(t *testing.T) {
 		if _, err := refreshAsBroker(t, o, refreshToken); err == nil {
 			t.Error("the revoked refresh token still works at the IdP")
 		}
-		if st := status(t, http.MethodGet, user, ""); st.Provisioned {
+		if st := status(t, http.MethodGet, user, ""); st.Granted {
 			t.Errorf("status after revocation %+v", st)
 		}
 	})
 	t.Run("revoking twice is harmless", func(t *testing.T) {
-		if st := status(t, http.MethodDelete, user, ""); st.Provisioned {
+		if st := status(t, http.MethodDelete, user, ""); st.Granted {
 			t.Errorf("%+v", st)
 		}
 	})
@@ -680,7 +680,7 @@ func TestBackgroundToken(t *testing.T) {
 			t.Fatal(err)
 		}
 		secrets = append(secrets, rt0, rt1, tr.AccessToken)
-		if rt1 == rt0 || after.RotatedAt.IsZero() || !after.ProvisionedAt.Equal(before.ProvisionedAt) {
+		if rt1 == rt0 || after.RotatedAt.IsZero() || !after.GrantedAt.Equal(before.GrantedAt) {
 			t.Errorf("not rotated: same token %v, rotated_at %s", rt1 == rt0, after.RotatedAt)
 		}
 		if _, err := refreshAsBroker(t, o, rt0); err == nil {

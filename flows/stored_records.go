@@ -241,7 +241,7 @@ type OfflineAccessGrant struct {
 	// upgrade. It lasts until the user grants offline access again.
 	FromUpgrade bool `json:"from_upgrade,omitempty"`
 
-	RefreshToken  string    `json:"refresh_token_sealed"` // sealed
-	ProvisionedAt time.Time `json:"provisioned_at"`
-	RotatedAt     time.Time `json:"rotated_at,omitzero"`
+	RefreshToken string    `json:"refresh_token_sealed"` // sealed
+	GrantedAt    time.Time `json:"provisioned_at"`       // the JSON name of earlier releases: stored records keep opening
+	RotatedAt    time.Time `json:"rotated_at,omitzero"`
 }
