@@ -9,11 +9,12 @@ import (
 	"go.uber.org/zap"
 )
 
-// serveAuthorizeProgressive is Flow 1 of progressive consent: the MCP client logs in at
+// serveAuthorizeProgressive is the login of progressive consent: the MCP client logs in at
 // the IdP with its own client id, and the broker only checks the request and sends the
-// browser on. The checks run in the order, and with the error codes, of the Python broker
-// this one replaces; the redirect URI is parsed instead of prefix-matched (SECURITY.md W1),
-// and PKCE and the resource reach the IdP.
+// browser on. The checks run in the order, and with the error codes, of the broker this
+// one replaces (SECURITY.md, "Lessons from the Python original"), so its clients see the same answers; the redirect
+// URI is parsed instead of prefix-matched (SECURITY.md W1), and PKCE and the resource
+// reach the IdP.
 func (b *Broker) serveAuthorizeProgressive(w http.ResponseWriter, r *http.Request) {
 	if err := b.authorizeProgressive(w, r); err != nil {
 		b.writeError(w, r, err)

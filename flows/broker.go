@@ -173,7 +173,7 @@ type Broker struct {
 	clients  *clientRegistry
 
 	now func() time.Time
-	// constantTimeCompare compares client secret hashes and PKCE challenges (W3):
+	// constantTimeCompare compares client secret hashes and PKCE challenges (SECURITY.md W3):
 	// crypto/subtle's, a field so that a test can count its uses.
 	constantTimeCompare func(x, y []byte) int
 
@@ -354,6 +354,8 @@ func newVerifier(cfg *Config, p *idp.Provider, now func() time.Time) *idp.Verifi
 		ColdVerifyRateGlobal:   cfg.ColdVerifyRateGlobal,
 		ClientIP:               clientIP,
 		Logger:                 cfg.Logger.Named("verify"),
+		// Discovery and introspection (or the JWKS), each within idp_timeout, and room.
+		Timeout: 3 * cfg.IdPTimeout,
 	})
 }
 

@@ -73,3 +73,37 @@ func TestColdVerificationBudgetBoundsIntrospection(t *testing.T) {
 		t.Errorf("%d introspections after the burst, want 1 (the other address's)", n)
 	}
 }
+
+// TestColdVerificationFollowsIdPTimeout: a cold verification at the MCP endpoint is bounded
+// by idp_timeout (three IdP requests' worth), not by a constant of its own: an IdP that
+// answers introspection slower than that gets 503, never a wait without end.
+func TestColdVerificationFollowsIdPTimeout(t *testing.T) {
+	o := testenv.StartOP(t)
+	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
+	// Introspection (the only POST the verifier makes) is slow; discovery is not.
+	slow := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.Method == http.MethodPost {
+			select {
+			case <-time.After(time.Second):
+			case <-r.Context().Done():
+				return nil, r.Context().Err()
+			}
+		}
+		return http.DefaultTransport.RoundTrip(r)
+	})}
+	b := newTestBroker(t, o, func(c *Config) {
+		c.HTTPClient = slow
+		c.IdPTimeout = 100 * time.Millisecond
+	})
+	req := httptest.NewRequest(http.MethodPost, testResource, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))
+	req.Header.Set("Authorization", "Bearer "+raw)
+	req.Header.Set("Content-Type", "application/json")
+	w := httptest.NewRecorder()
+	start := time.Now()
+	if pass, _ := b.Handle(w, req); pass != nil || w.Code != http.StatusServiceUnavailable {
+		t.Fatalf("slow introspection: passed %v, %d %s; want 503", pass != nil, w.Code, w.Body)
+	}
+	if took := time.Since(start); took > 900*time.Millisecond {
+		t.Errorf("answered after %v: the verification was not bounded by idp_timeout", took)
+	}
+}

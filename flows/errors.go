@@ -40,7 +40,7 @@ type oauthError struct {
 
 // requestError is an OAuth error answer: its status, RFC 6749 error code and fixed
 // description, and what the writer adds to it. The cause goes to the log only: it may hold
-// paths, the IdP's own texts or storage details, which a client never sees (W11).
+// paths, the IdP's own texts or storage details, which a client never sees (SECURITY.md W11).
 type requestError struct {
 	status      int
 	code        string
@@ -56,7 +56,7 @@ type requestError struct {
 	// (RFC 9110 §15.5.6), the Accept-Encoding of a 415 (RFC 7694 §3).
 	header, value string
 	// cors, when set, makes the answer readable from any origin without credentials, for
-	// these methods: a browser MCP client must read the MCP endpoint's challenge (W12).
+	// these methods: a browser MCP client must read the MCP endpoint's challenge (SECURITY.md W12).
 	cors string
 	// page, when set, answers a person's browser with this HTML page of the error's
 	// status instead of JSON (the consent and offline-access pages).

@@ -6,7 +6,7 @@ import (
 )
 
 // Fingerprint names a token, code or secret in logs without revealing it: the first 8 hex
-// digits of its SHA-256 (W13).
+// digits of its SHA-256 (SECURITY.md W13).
 func Fingerprint(secret string) string {
 	sum := sha256.Sum256([]byte(secret))
 	return hex.EncodeToString(sum[:4])

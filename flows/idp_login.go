@@ -128,7 +128,7 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) *requestError {
 	req := pending.Request
 	if idpErr := q.Get("error"); idpErr != "" {
-		// The IdP's words stay in the log (W11); the client gets a fixed code.
+		// The IdP's words stay in the log (SECURITY.md W11); the client gets a fixed code.
 		b.logger.Info("callback: the identity provider refused the login",
 			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))
 		switch idpErr {

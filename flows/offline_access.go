@@ -277,7 +277,7 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	}
 	b.clearLoginBinding(w, state, b.cfg.OfflineAccessCallbackPath)
 	if q.Get("error") != "" {
-		// The IdP's own error text is not shown (W11): only that access was not granted.
+		// The IdP's own error text is not shown (SECURITY.md W11): only that access was not granted.
 		b.logger.Info("offline access: identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
 		return b.errOfflineAccessPage(http.StatusForbidden, "Not granted", "The identity provider did not grant offline access.")
 	}
@@ -366,7 +366,7 @@ func (b *Broker) verifyOfflineAccessIDToken(ctx context.Context, d *idp.Discover
 }
 
 // oauthErrorOnly keeps an IdP error's code and drops its body and description, which
-// may echo what was sent (W11, W13).
+// may echo what was sent (SECURITY.md W11, W13).
 func oauthErrorOnly(err error) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
@@ -381,7 +381,7 @@ func oauthErrorOnly(err error) error {
 
 // serveOfflineAccessStatus is /oauth/offline-access/status for the authenticated user: GET
 // tells whether offline access is granted, DELETE revokes it here and at the IdP. The user
-// is always the token's subject, never a parameter (W8).
+// is always the token's subject, never a parameter (SECURITY.md W8).
 func (b *Broker) serveOfflineAccessStatus(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
 		allowCORS(w, "GET, DELETE, OPTIONS")

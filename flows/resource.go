@@ -68,7 +68,7 @@ func (b *Broker) resourceName() string {
 	return "MCP server at " + b.resourceURL.Host
 }
 
-// allowCORS lets any origin read a public response. Credentials are never allowed (W12).
+// allowCORS lets any origin read a public response. Credentials are never allowed (SECURITY.md W12).
 func allowCORS(w http.ResponseWriter, methods string) {
 	h := w.Header()
 	h.Set("Access-Control-Allow-Origin", "*")

@@ -133,7 +133,7 @@ func (b *Broker) codeReplayed(ctx context.Context, code string) {
 }
 
 // pkceMatches checks an RFC 7636 S256 code verifier against the stored challenge in
-// constant time by compare (crypto/subtle.ConstantTimeCompare, W3). Only S256 is ever
+// constant time by compare (crypto/subtle.ConstantTimeCompare, SECURITY.md W3). Only S256 is ever
 // accepted.
 func pkceMatches(compare func(x, y []byte) int, method, challenge, verifier string) bool {
 	if method != "S256" || challenge == "" {

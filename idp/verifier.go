@@ -74,6 +74,10 @@ type VerifierConfig struct {
 	ClientIP func(ctx context.Context) string
 	// Logger receives the one warning about a missing trusted_proxies. Default: none.
 	Logger *zap.Logger
+	// Timeout bounds one cold verification, every IdP request in it together (discovery,
+	// the JWKS, introspection). It runs apart from the requests waiting for it, so it
+	// needs a bound of its own. Default: 30s.
+	Timeout time.Duration
 }
 
 // Defaults of VerifierConfig.
@@ -84,6 +88,8 @@ const (
 	// DefaultLeeway is VerifierConfig.Leeway's default.
 	DefaultLeeway          = 30 * time.Second
 	defaultVerifierTimeout = 10 * time.Second
+	// DefaultVerificationTimeout is VerifierConfig.Timeout's default.
+	DefaultVerificationTimeout = 30 * time.Second
 
 	// maxTokenLength refuses absurd tokens before hashing or sending them anywhere.
 	maxTokenLength = 16 << 10
@@ -91,7 +97,7 @@ const (
 	MaxIntrospectionBytes = 64 << 10
 )
 
-// supportedSigningAlgs is every asymmetric JWS algorithm go-oidc verifies (W19): never
+// supportedSigningAlgs is every asymmetric JWS algorithm go-oidc verifies (SECURITY.md W19): never
 // `none`, never HMAC.
 var supportedSigningAlgs = []string{
 	oidc.RS256, oidc.RS384, oidc.RS512,
@@ -156,6 +162,9 @@ func NewVerifier(cfg VerifierConfig) *Verifier {
 	if cfg.ClientIP == nil {
 		cfg.ClientIP = func(context.Context) string { return "" }
 	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = DefaultVerificationTimeout
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
@@ -192,10 +201,13 @@ func (v *Verifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
 }
 
 // verifyCold verifies a token not in the cache, once for all concurrent callers. The
-// verification runs apart from any caller, under its own timeout, keeping ctx's values
-// (the client address the budget draws on): a caller that goes away returns at once
-// without failing the others, and the verdict is still cached.
+// verification runs apart from any caller, under its own timeout: a caller that goes away
+// returns at once without failing the others, and the verdict is still cached. It carries
+// nothing of the caller's context but the client address its budget draws on, read here
+// on the caller's goroutine: the request's context is not the verification's to read once
+// its caller has returned.
 func (v *Verifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw string) (*Principal, error) {
+	detached := context.WithValue(context.Background(), coldClientIPKey{}, v.cfg.ClientIP(ctx))
 	for {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("%w: verifying access token: %w", ErrUnavailable, err)
@@ -203,7 +215,7 @@ func (v *Verifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw st
 		led := false
 		ch := v.flight.DoChan(string(key[:]), func() (any, error) {
 			led = true
-			return v.lead(context.WithoutCancel(ctx), key, raw)
+			return v.lead(detached, key, raw)
 		})
 		select {
 		case <-ctx.Done():
@@ -218,6 +230,10 @@ func (v *Verifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw st
 		}
 	}
 }
+
+// coldClientIPKey carries the client address of the request that started a cold
+// verification into it (verifyCold).
+type coldClientIPKey struct{}
 
 // lead runs one cold verification and caches its verdict. It returns the verdict as its
 // value, never an error, so that the flight's callers read one result.
@@ -234,7 +250,7 @@ func (v *Verifier) lead(ctx context.Context, key [sha256.Size]byte, raw string) 
 	if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
 		return vd, nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, defaultVerifierTimeout)
+	ctx, cancel := context.WithTimeout(ctx, v.cfg.Timeout)
 	defer cancel()
 	p, err := v.verify(ctx, raw)
 	now := v.cfg.Now()
@@ -549,9 +565,11 @@ func (v *Verifier) introspect(ctx context.Context, d *Discovery, raw string) (*P
 	return p, nil
 }
 
-// admitCold draws one cold verification on the budget of the client in ctx.
+// admitCold draws one cold verification on the budget of the client whose request started
+// it (verifyCold put its address in ctx).
 func (v *Verifier) admitCold(ctx context.Context) error {
-	return v.budget.admit(v.cfg.ClientIP(ctx), v.cfg.Now())
+	ip, _ := ctx.Value(coldClientIPKey{}).(string)
+	return v.budget.admit(ip, v.cfg.Now())
 }
 
 // unixTime reads a NumericDate (RFC 7519 §2), which may have a fraction.

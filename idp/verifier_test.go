@@ -876,3 +876,90 @@ func TestTokenVerifierDecodesScopeAndAudience(t *testing.T) {
 		t.Errorf("Audience(array) = %q, %v", a, err)
 	}
 }
+
+// TestColdVerificationReadsTheClientAddressOnTheCallersGoroutine: a cold verification
+// outlives a caller that leaves, so it must not read the caller's request context after
+// that (Caddy's per-request variables, where the client address lives, are written on by
+// Caddy once the handler has returned: a concurrent read is a fatal map race). The
+// address is read before the caller waits.
+func TestColdVerificationReadsTheClientAddressOnTheCallersGoroutine(t *testing.T) {
+	o := testenv.StartOP(t)
+	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	fault := newFaultHoldDiscovery()
+	var returned, readLate atomic.Bool
+	v := newVerifierFor(o, func(c *VerifierConfig) {
+		c.Provider = NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
+		c.ClientIP = func(context.Context) string {
+			if returned.Load() {
+				readLate.Store(true)
+			}
+			return "192.0.2.7"
+		}
+	})
+	release := fault.hold()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() {
+		_, err := v.Verify(ctx, raw)
+		done <- err
+	}()
+	<-fault.arrived
+	cancel()
+	if err := <-done; !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("caller that left: %v, want ErrUnavailable", err)
+	}
+	returned.Store(true)
+	release()
+	// The flight goes on without its caller and caches its verdict.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, ok := v.lookup(tokencache.Key(raw), time.Now().UnixNano()); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the detached verification cached no verdict")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if readLate.Load() {
+		t.Error("the verification read the caller's context after the caller had returned")
+	}
+}
+
+// TestColdVerificationTimeoutIsConfigured: one cold verification is bounded by
+// VerifierConfig.Timeout (the broker passes a multiple of idp_timeout), not by a fixed
+// constant: an IdP slower than the bound answers unavailable, one within it is waited for.
+func TestColdVerificationTimeoutIsConfigured(t *testing.T) {
+	o := testenv.StartOP(t)
+	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	slowIntrospection := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		select {
+		case <-time.After(300 * time.Millisecond):
+		case <-r.Context().Done():
+			return nil, r.Context().Err()
+		}
+		return http.DefaultTransport.RoundTrip(r)
+	})}
+	for _, tc := range []struct {
+		name    string
+		timeout time.Duration
+		wantErr error
+	}{
+		{"an IdP slower than the bound is unavailable", 100 * time.Millisecond, ErrUnavailable},
+		{"an IdP within the bound is waited for", 5 * time.Second, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newVerifierFor(o, func(c *VerifierConfig) {
+				c.HTTPClient = slowIntrospection
+				c.Timeout = tc.timeout
+			})
+			if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			_, err := v.Verify(t.Context(), raw)
+			if (tc.wantErr == nil) != (err == nil) || (tc.wantErr != nil && !errors.Is(err, tc.wantErr)) {
+				t.Errorf("Verify: %v, want %v", err, tc.wantErr)
+			}
+		})
+	}
+}
