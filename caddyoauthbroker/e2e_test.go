@@ -91,7 +91,7 @@ func fetcherFor(o *testenv.OP, visited *[]string) auth.AuthorizationCodeFetcher 
 }
 
 // TestProgressiveEndToEnd: a go-sdk MCP client with its OAuth handler, knowing only the
-// MCP URL, discovers the IdP through the broker, logs in there directly (Flow 1), lists
+// MCP URL, discovers the IdP through the broker, logs in there directly (the progressive login), lists
 // and calls tools through Caddy, steps up for a write tool, and the upstream never sees
 // its token.
 func TestProgressiveEndToEnd(t *testing.T) {
@@ -181,7 +181,7 @@ func TestProgressiveEndToEnd(t *testing.T) {
 	}
 }
 
-// TestProgressiveAuthorizeThroughCaddy: the broker's own Flow 1 endpoint, reached through
+// TestProgressiveAuthorizeThroughCaddy: the broker's own progressive authorization endpoint, reached through
 // Caddy, sends the browser to the IdP and refuses W1's redirect URI.
 func TestProgressiveAuthorizeThroughCaddy(t *testing.T) {
 	o := testenv.StartOP(t)

@@ -1,5 +1,9 @@
-// Package caddyoauthbroker is the Caddy glue of mcp_oauth: module registration, the JSON
-// configuration, Caddyfile parsing, and the hand-off of requests to package flows.
+// Package caddyoauthbroker is the Caddy glue of mcp_oauth: the http.handlers.mcp_oauth
+// module. module.go holds its JSON configuration (each field's doc comment states its
+// default), Provision (defaults, the key ring, storage, the record janitor on Caddy's
+// context), Validate, Cleanup and ServeHTTP, which hands every request to a flows.Broker
+// and passes the ones it admits to the next handler; caddyfile.go parses the mcp_oauth
+// directive into that configuration. Everything OAuth is in package flows.
 package caddyoauthbroker
 
 import (

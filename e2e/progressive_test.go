@@ -76,7 +76,7 @@ var nativeClientBlock = fmt.Sprintf(`		client %s {
 			redirect_uri http://127.0.0.1/callback
 		}`, testenv.NativeClientID)
 
-// TestProgressiveThroughCaddyBinary: Flow 1 with the go-sdk client against the real caddy
+// TestProgressiveThroughCaddyBinary: the progressive login with the go-sdk client against the real caddy
 // binary configured by Caddyfile; the upstream never sees the client's token and Caddy's
 // logs (at DEBUG) hold no code or token.
 func TestProgressiveThroughCaddyBinary(t *testing.T) {

@@ -14,7 +14,7 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// authorizeQuery is a good Flow 1 request of the native client; change edits it.
+// authorizeQuery is a good progressive authorization request of the native client; change edits it.
 func authorizeQuery(change func(url.Values)) url.Values {
 	q := url.Values{
 		"response_type":         {"code"},
@@ -103,7 +103,7 @@ func TestAuthorizeProgressiveRefusals(t *testing.T) {
 	}
 }
 
-// Flow 1 end to end: the broker sends the browser to the IdP with the client's own state
+// The progressive login end to end: the broker sends the browser to the IdP with the client's own state
 // and PKCE; the client redeems the code at the IdP itself, and its token passes the broker.
 func TestAuthorizeProgressiveFlow1(t *testing.T) {
 	o := verifierOP(t)
@@ -148,7 +148,7 @@ func TestAuthorizeProgressiveFlow1(t *testing.T) {
 	}
 	s := connect(t, front.URL, tok.AccessToken)
 	if _, err := s.ListTools(t.Context(), nil); err != nil {
-		t.Fatalf("tools/list with the Flow 1 token: %v", err)
+		t.Fatalf("tools/list with the progressive login's token: %v", err)
 	}
 }
 

@@ -1,5 +1,3 @@
-// Package flows holds the OAuth and OIDC logic of mcp_oauth on plain net/http: one file
-// per endpoint or grant. It knows nothing of Caddy.
 package flows
 
 import (
