@@ -8,10 +8,12 @@ import (
 	"testing"
 
 	"github.com/modelcontextprotocol/go-sdk/oauthex"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
 func TestAuthorizationServerMetadata(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	for _, registration := range []bool{true, false} {
 		name := "registration off"
 		if registration {

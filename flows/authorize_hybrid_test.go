@@ -47,7 +47,7 @@ func hybridQuery(change func(url.Values)) url.Values {
 
 // Before the redirect URI is trusted, nothing redirects: a JSON 400 names the problem.
 func TestAuthorizeHybridRefusalsBeforeTrust(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", hybridClients)
 
 	redirect := func(uri string) func(url.Values) { return func(q url.Values) { q.Set("redirect_uri", uri) } }
@@ -94,7 +94,7 @@ func TestAuthorizeHybridRefusalsBeforeTrust(t *testing.T) {
 // Once the redirect URI is trusted, errors go back to the client with error,
 // error_description, its state and the broker's iss, and no consent ticket is made.
 func TestAuthorizeHybridErrorsAfterTrust(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", hybridClients)
 
 	for _, tc := range []struct {
@@ -157,7 +157,7 @@ func TestAuthorizeHybridErrorsAfterTrust(t *testing.T) {
 
 // A good request is stored as a consent ticket, and the browser goes to the consent page.
 func TestAuthorizeHybridStoresConsentTicket(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 
 	for _, tc := range []struct {
@@ -244,7 +244,7 @@ func TestAuthorizeHybridStoresConsentTicket(t *testing.T) {
 // only redirects errors on its own to URIs it trusts (configured clients, loopback), and
 // for other clients shows a page that names where the link goes.
 func TestAuthorizeErrorsDoNotMakeAnOpenRedirector(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", func(c *Config) {
 		hybridClients(c)
 		c.Registration = true

@@ -60,7 +60,7 @@ func authorize(t *testing.T, front string, q url.Values) *http.Response {
 // The Python original's validations in its order, with its codes; SECURITY.md W1's
 // redirect URIs; none redirects.
 func TestAuthorizeProgressiveRefusals(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	front := startFront(t, newTestBroker(t, o, nil), testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)
 
 	redirect := func(uri string) func(url.Values) { return func(q url.Values) { q.Set("redirect_uri", uri) } }
@@ -106,7 +106,7 @@ func TestAuthorizeProgressiveRefusals(t *testing.T) {
 // The progressive login end to end: the broker sends the browser to the IdP with the client's own state
 // and PKCE; the client redeems the code at the IdP itself, and its token passes the broker.
 func TestAuthorizeProgressiveFlow1(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, nil), up.URL)
 
@@ -154,7 +154,7 @@ func TestAuthorizeProgressiveFlow1(t *testing.T) {
 
 // public_issuer: browsers go to the IdP's public address; discovery is fetched once.
 func TestAuthorizeProgressivePublicIssuer(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	var discoveries atomic.Int32
 	counting := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		if strings.HasSuffix(r.URL.Path, "/.well-known/openid-configuration") {

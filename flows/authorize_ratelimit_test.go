@@ -12,7 +12,7 @@ import (
 // Every authorization request stores a consent ticket: one address may start at most
 // authorizeRate a minute, others are not affected, and the bucket refills.
 func TestAuthorizeIsRateLimitedPerClientIP(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b := newTestBroker(t, o, func(c *Config) { c.Mode = ModeHybrid })
 	clock := &testClock{base: time.Now()} // stands still: a slow machine refills no bucket
 	b.now = clock.now

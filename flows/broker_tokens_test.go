@@ -35,7 +35,7 @@ func issueTestPair(tb testing.TB, b *Broker) (TokenResponse, string) {
 }
 
 func TestVerifyBrokerToken(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 
 	t.Run("a warm token is verified from memory, without storage", func(t *testing.T) {
 		e := newTokenEnv(t, o, nil)
@@ -218,7 +218,7 @@ func newBenchBroker(b *testing.B) *Broker {
 	}
 	br, err := New(Config{
 		Mode:           ModeHybrid,
-		Issuer:         verifierOP(b).Issuer,
+		Issuer:         testenv.SharedOP(b).Issuer,
 		ClientID:       testenv.BrokerClientID,
 		ClientSecret:   testenv.BrokerClientSecret,
 		Resource:       testResource,

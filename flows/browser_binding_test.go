@@ -15,7 +15,7 @@ import (
 // victim's login at the IdP must not finish the attacker's pending login: no code goes
 // anywhere, and the pending login stays for the browser that started it.
 func TestIdPLoginBoundToBrowser(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 	isIdP := func(u *url.URL) bool { return strings.HasPrefix(u.String(), o.AuthorizationEndpoint+"?") }
 

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/safehttp"
 )
 
@@ -287,7 +288,7 @@ func TestMetadataDocumentCacheIsBounded(t *testing.T) {
 // them: an https client_id gets a clear invalid_client, and no request leaves.
 func TestClientMetadataDocumentsOff(t *testing.T) {
 	srv := startDocumentServer(t, serveDocument(claudeCodeDocument, "max-age=3600"))
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", func(c *Config) {
 		c.CIMDAllowPrivate = true
 		c.DisableClientMetadataDocuments = true

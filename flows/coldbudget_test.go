@@ -32,8 +32,8 @@ func callMCP(b *Broker, token, ip string) *httptest.ResponseRecorder {
 // broker call out).
 func TestColdVerificationBudgetBoundsIntrospection(t *testing.T) {
 	o := testenv.StartOP(t)
-	valid := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
-	warm := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
+	valid := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
+	warm := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
 	b := newTestBroker(t, o, nil)
 	clock := &testClock{base: time.Now()}
 	b.useIdPClocks(nil, clock.now) // frozen: no bucket refills during the test
@@ -45,7 +45,7 @@ func TestColdVerificationBudgetBoundsIntrospection(t *testing.T) {
 	o.ResetCounts()
 	statuses := map[int]int{}
 	for i := range 70 {
-		rec := callMCP(b, "junk-opaque-token-"+randomKID()+"-"+string(rune('a'+i%26)), attacker)
+		rec := callMCP(b, "junk-opaque-token-"+testenv.RandomKID()+"-"+string(rune('a'+i%26)), attacker)
 		statuses[rec.Code]++
 		if rec.Code == http.StatusTooManyRequests && rec.Header().Get("Retry-After") == "" {
 			t.Error("429 without Retry-After")
@@ -79,7 +79,7 @@ func TestColdVerificationBudgetBoundsIntrospection(t *testing.T) {
 // answers introspection slower than that gets 503, never a wait without end.
 func TestColdVerificationFollowsIdPTimeout(t *testing.T) {
 	o := testenv.StartOP(t)
-	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
+	raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
 	// Introspection (the only POST the verifier makes) is slow; discovery is not.
 	slow := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		if r.Method == http.MethodPost {

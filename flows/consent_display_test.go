@@ -13,7 +13,7 @@ import (
 // SECURITY.md, "consent page display": a look-alike Unicode host (сlaude.ai with a
 // Cyrillic с) is shown as its ASCII (punycode) form, with the whole redirect URI.
 func TestConsentPageShowsASCIIHostAndFullURI(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	const lookalike = "https://\u0441laude.ai/api/mcp/auth_callback?x=1"
 	_, front := startHybridFront(t, o, "", func(c *Config) {
 		c.Registration = true
@@ -88,7 +88,7 @@ func TestControlAndBidiCharactersRefused(t *testing.T) {
 	})
 
 	t.Run("authorize: a configured client whose name has an override", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		_, front := startHybridFront(t, o, "", func(c *Config) {
 			c.Clients = append(c.Clients, ClientConfig{ClientID: "bidi", Name: "Good\u202eApp", RedirectURIs: []string{"http://127.0.0.1/cb"}})
 		})
@@ -102,7 +102,7 @@ func TestControlAndBidiCharactersRefused(t *testing.T) {
 // The consent page lists every scope the IdP is then asked for: nothing reaches the IdP
 // that the user was not shown.
 func TestConsentPageListsEveryIdPScope(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", hybridClients)
 	br := newHybridBrowser(t)
 	consent := consentURLFor(t, br, front, hybridAuthorizeQuery(testenv.NativeClientID, hybridRedirectURI, hybridVerifier, "s", []string{"openid"}))

@@ -26,7 +26,7 @@ func consentURLFor(t *testing.T, br *hybridBrowser, front *httptest.Server, q ur
 }
 
 func TestConsentPage(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", hybridClients)
 
 	t.Run("names the client, its id, the redirect host and the scopes", func(t *testing.T) {
@@ -108,7 +108,7 @@ func TestConsentPage(t *testing.T) {
 
 // On https the cookies carry the __Host- prefix, Secure and Path=/.
 func TestConsentCookiesOnHTTPS(t *testing.T) {
-	b := newTestBroker(t, verifierOP(t), func(c *Config) { c.Mode = ModeHybrid; hybridClients(c) })
+	b := newTestBroker(t, testenv.SharedOP(t), func(c *Config) { c.Mode = ModeHybrid; hybridClients(c) })
 	ticket := randomToken()
 	req := AuthorizationRequest{ClientID: testenv.NativeClientID, RedirectURI: hybridRedirectURI, State: "s",
 		CodeChallenge: oauth2.S256ChallengeFromVerifier(hybridVerifier), CodeChallengeMethod: "S256", Scopes: []string{"openid"}}
@@ -167,7 +167,7 @@ func TestConsentCookiesOnHTTPS(t *testing.T) {
 // A POST without the page's cookie, or with a CSRF token other than the ticket's, is
 // refused with no code, no redirect, and the ticket left for the real user.
 func TestConsentRefusesForgedPosts(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 
 	user := newHybridBrowser(t)
@@ -240,7 +240,7 @@ func TestConsentRefusesForgedPosts(t *testing.T) {
 }
 
 func TestConsentDeny(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 	br := newHybridBrowser(t)
 	consentURL := consentURLFor(t, br, front, hybridQuery(nil))
@@ -263,7 +263,7 @@ func TestConsentDeny(t *testing.T) {
 // Approving sends the browser to the IdP as the broker's own client, with PKCE S256,
 // a nonce, a fresh state, offline_access and every configured scope.
 func TestConsentApproveRedirectsToIdP(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 	br := newHybridBrowser(t)
 	next := br.decide(consentURLFor(t, br, front, hybridQuery(nil)), "approve")
@@ -340,7 +340,7 @@ func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }
 // W15, the confused deputy: an approval spares the page only for the client id it was
 // given to, from the browser it was given in, within its scopes and lifetime.
 func TestConsentBoundToClientID(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	clock := &testClock{}
 	b, front := startHybridFrontWith(t, o, "", hybridClients, func(b *Broker) { b.now = clock.now })
 	isIdP := func(u *url.URL) bool { return strings.HasPrefix(u.String(), o.AuthorizationEndpoint+"?") }
@@ -430,7 +430,7 @@ func TestConsentBoundToClientID(t *testing.T) {
 
 // The consent cookie holds at most maxRememberedApprovals approvals, newest kept.
 func TestRememberConsentIsBounded(t *testing.T) {
-	b := newTestBroker(t, verifierOP(t), func(c *Config) { c.Mode = ModeHybrid })
+	b := newTestBroker(t, testenv.SharedOP(t), func(c *Config) { c.Mode = ModeHybrid })
 	var cookie *http.Cookie
 	for i := range maxRememberedApprovals + 5 {
 		r := httptest.NewRequest(http.MethodPost, "https://mcp.example.test/oauth/consent", nil)
@@ -467,7 +467,7 @@ func TestRememberConsentIsBounded(t *testing.T) {
 // that approved the original still gets the consent page for the copy, which shows the
 // copy's own client id; after approval the copy's login runs to a code like any other.
 func TestConsentRequiredForRegisteredClient(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", func(c *Config) {
 		hybridClients(c)
 		c.Registration = true
@@ -504,7 +504,7 @@ func TestConsentRequiredForRegisteredClient(t *testing.T) {
 // page that named one redirect URI does not spare the page for another URI of the same
 // client, and approvals remembered before redirect URIs were part of them spare nothing.
 func TestConsentBoundToRedirectURI(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	const twin = "twin-client"
 	b, front := startHybridFront(t, o, "", func(c *Config) {
 		hybridClients(c)

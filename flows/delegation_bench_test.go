@@ -16,7 +16,7 @@ import (
 // BenchmarkDelegateWarm measures delegateInto on a cached delegated token: what every
 // steady-state request pays for delegation.
 func BenchmarkDelegateWarm(b *testing.B) {
-	o := verifierOP(b)
+	o := testenv.SharedOP(b)
 	for _, mode := range []string{ModeProgressive, ModeHybrid} {
 		b.Run(mode, func(b *testing.B) {
 			ring, err := storage.NewKeyRing(bytes.Repeat([]byte{7}, 32))

@@ -40,7 +40,7 @@ func (f tokenEndpointFault) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 func TestDelegationIdPAnswers(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	endpoint, err := url.Parse(o.TokenEndpoint)
 	if err != nil {
 		t.Fatal(err)

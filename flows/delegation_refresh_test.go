@@ -167,7 +167,7 @@ func TestDelegationRefreshTwoNodes(t *testing.T) {
 // narrower scope narrows the rotated refresh token too, and a later, wider request fails.
 func TestOPNarrowsRefreshTokensForGood(t *testing.T) {
 	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised())
-	tok := loginIdPGrant(t, o, o.User, testenv.BrokerClientID, testenv.BrokerClientSecret, delegationLoginScopes)
+	tok := o.LoginGrant(t, o.User, testenv.BrokerClientID, testenv.BrokerClientSecret, delegationLoginScopes)
 	refresh := func(rt, scope string) (string, int) {
 		form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}, "scope": {scope}}
 		req, _ := http.NewRequest(http.MethodPost, o.TokenEndpoint, strings.NewReader(form.Encode()))

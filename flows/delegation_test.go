@@ -52,33 +52,11 @@ func delegationUpstream(t *testing.T, o *testenv.OP) *testenv.Upstream {
 	return testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI, "nextcloud"))
 }
 
-// loginIdPGrant signs user in at o as client (PKCE) and returns the whole token answer;
-// resources, if any, become the audience of its access tokens and of their refreshes.
-func loginIdPGrant(tb testing.TB, o *testenv.OP, user testenv.User, clientID, secret string, scopes []string, resources ...string) *oauth2.Token {
-	tb.Helper()
-	cfg := oauth2.Config{ClientID: clientID, ClientSecret: secret, Endpoint: o.Endpoint(), RedirectURL: verifierCallback, Scopes: scopes}
-	verifier := oauth2.GenerateVerifier()
-	opts := []oauth2.AuthCodeOption{oauth2.S256ChallengeOption(verifier)}
-	for _, r := range resources {
-		opts = append(opts, oauth2.SetAuthURLParam("resource", r))
-	}
-	ctx := context.Background()
-	callback, err := o.Login(ctx, cfg.AuthCodeURL("state", opts...), testenv.LoginAs(user))
-	if err != nil {
-		tb.Fatalf("logging in: %v", err)
-	}
-	tok, err := cfg.Exchange(ctx, callback.Query().Get("code"), oauth2.VerifierOption(verifier))
-	if err != nil {
-		tb.Fatalf("exchanging code: %v", err)
-	}
-	return tok
-}
-
 // hybridPrincipal logs user in at o as the broker's own client, as the hybrid callback
 // does, stores the session, and returns the principal a broker token of it speaks for.
 func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User, resources ...string) (*idp.Principal, *oauth2.Token) {
 	tb.Helper()
-	tok := loginIdPGrant(tb, o, user, testenv.BrokerClientID, testenv.BrokerClientSecret, delegationLoginScopes, resources...)
+	tok := o.LoginGrant(tb, user, testenv.BrokerClientID, testenv.BrokerClientSecret, delegationLoginScopes, resources...)
 	s, err := b.sessions.create(context.Background(), user.Subject, testenv.NativeClientID, delegationLoginScopes, IdPGrant{
 		Token:  oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, Expiry: tok.Expiry},
 		Scopes: delegationLoginScopes,
@@ -99,7 +77,7 @@ func hybridPrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User,
 // verifies the token as the protected path would.
 func progressivePrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.User) (*idp.Principal, string) {
 	tb.Helper()
-	raw := loginIdPGrant(tb, o, user, testenv.NativeClientID, "", delegationLoginScopes, testResource).AccessToken
+	raw := o.LoginGrant(tb, user, testenv.NativeClientID, "", delegationLoginScopes, testResource).AccessToken
 	who, err := b.verifier.Verify(context.Background(), raw)
 	if err != nil {
 		tb.Fatalf("verifying the client's token: %v", err)
@@ -205,7 +183,7 @@ func tokenGrants(o *testenv.OP) int {
 }
 
 func TestNewDelegationModes(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	for _, tc := range []struct {
 		name, mode, delegation, wantErr string
 	}{
@@ -267,10 +245,10 @@ func TestDelegationDefaultScopes(t *testing.T) {
 // TestDelegationThroughUpstream runs real MCP calls through the broker in progressive
 // mode: the upstream verifies every token it gets, and each is one the IdP delegated.
 func TestDelegationThroughUpstream(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := delegationUpstream(t, o)
 	front := startFront(t, newTestBroker(t, o, delegating(ModeProgressive, DelegationTokenExchange)), up.URL)
-	clientToken := loginAccessToken(t, o, testenv.NativeClientID, "", delegationLoginScopes, testResource)
+	clientToken := o.LoginAccessToken(t, testenv.NativeClientID, "", delegationLoginScopes, testResource)
 	s := connect(t, front.URL, clientToken)
 
 	call := func(t *testing.T, name string, args any) testenv.SeenRequest {
@@ -325,12 +303,12 @@ func TestDelegationThroughUpstream(t *testing.T) {
 }
 
 func TestDelegationRefusedSubjectGets401(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := delegationUpstream(t, o)
 	b := newTestBroker(t, o, delegating(ModeProgressive, DelegationTokenExchange))
 	front := startFront(t, b, up.URL)
 	// The OP refuses to exchange the tokens of a user who is no admin.
-	restricted := loginIdPGrant(t, o, o.RestrictedUser, testenv.NativeClientID, "", delegationLoginScopes, testResource).AccessToken
+	restricted := o.LoginGrant(t, o.RestrictedUser, testenv.NativeClientID, "", delegationLoginScopes, testResource).AccessToken
 
 	resp := do(t, http.MethodPost, front.URL+"/mcp", bearer(restricted), `{"jsonrpc":"2.0","id":1,"method":"initialize"}`)
 	if resp.StatusCode != http.StatusUnauthorized {
@@ -350,7 +328,7 @@ func TestDelegationProgressiveWithoutTokenExchange(t *testing.T) {
 	up := delegationUpstream(t, o)
 	b := newTestBroker(t, o, delegating(ModeProgressive, "", func(c *Config) { c.Logger = zap.New(core) }))
 	front := startFront(t, b, up.URL)
-	tok := loginAccessToken(t, o, testenv.NativeClientID, "", delegationLoginScopes, testResource)
+	tok := o.LoginAccessToken(t, testenv.NativeClientID, "", delegationLoginScopes, testResource)
 
 	for range 2 {
 		resp := do(t, http.MethodPost, front.URL+"/mcp", bearer(tok), `{"jsonrpc":"2.0","id":1,"method":"initialize"}`)

@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/mcprequest"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -195,7 +196,7 @@ func TestWriteErrorPage(t *testing.T) {
 func TestStorageFailureIsNotAnIdPFailure(t *testing.T) {
 	// The fake fails storage alone: the IdP stays up all along.
 	down := &failingStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}, text: "fake storage outage"}
-	e := newTokenEnv(t, verifierOP(t), func(c *Config) {
+	e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) {
 		ring, err := storage.NewKeyRing(bytes.Repeat([]byte{9}, storage.KeySize))
 		if err != nil {
 			t.Fatal(err)

@@ -21,10 +21,10 @@ const toolCallBody = `{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"n
 // dropping high bits, iconv-lite decodes UTF-7), a media type other than JSON, or bytes a
 // lenient decoder reads outside JSON strings. Requests the MCP transport sends pass.
 func TestFramingDodgesAreRefused(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, nil), up.URL)
-	readOnly := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	readOnly := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
 	const appJSON = "application/json"
 
 	for _, tc := range []struct {
@@ -125,10 +125,10 @@ func TestFramingDodgesAreRefused(t *testing.T) {
 // the broker set after approving the request, and identity headers a client sent never
 // reach the upstream.
 func TestConnectionCannotDropBrokerHeaders(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, nil), up.URL)
-	tok := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	tok := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
 
 	for _, conn := range []string{"X-Auth-Subject", "x_auth_subject", "keep-alive, X-Auth-Subject", "Authorization"} {
 		t.Run("Connection: "+conn, func(t *testing.T) {
@@ -181,9 +181,9 @@ func TestConnectionCannotDropBrokerHeaders(t *testing.T) {
 // merges them into its headers (Apache's MergeTrailers, old Tomcat) would read the
 // identity and subject headers stripped from the header section.
 func TestClientTrailersAreNotForwarded(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b := newTestBroker(t, o, nil)
-	tok := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	tok := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
 	req := httptest.NewRequest(http.MethodPost, "https://mcp.example.test/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))
 	req.Header.Set("Authorization", "Bearer "+tok)
 	req.Header.Set("Content-Type", "application/json")
@@ -208,8 +208,8 @@ func firstSubject(seen []testenv.SeenRequest) string {
 // broker's cookie prefixes (plain, __Host- or __Secure-, any case) never reaches the
 // client; the upstream's own cookies do.
 func TestUpstreamCannotSetBrokerCookies(t *testing.T) {
-	o := verifierOP(t)
-	tok := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	o := testenv.SharedOP(t)
+	tok := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
 	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		for _, c := range []string{
 			"mcp_oauth_consent=forged; Path=/oauth",
@@ -283,8 +283,8 @@ func readOAuthError(t *testing.T, resp *http.Response) oauthError {
 // not be able to name itself someone else through the underscore spelling (SECURITY.md
 // S1.11: identity headers are stripped in every spelling).
 func TestSubjectHeaderUnderscoreSpoof(t *testing.T) {
-	o := verifierOP(t)
-	tok := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	o := testenv.SharedOP(t)
+	tok := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
 	spoof := func(t *testing.T, url string) *http.Response {
 		t.Helper()
 		req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, url, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))

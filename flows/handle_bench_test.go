@@ -5,6 +5,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
 // discardWriter is a ResponseWriter that keeps nothing, so the benchmarks below measure
@@ -20,7 +22,7 @@ func (d *discardWriter) WriteHeader(int)             {}
 // budget is ~13 µs, a tenth of the ~125 µs of CPU that Caddy's reverse_proxy spends per
 // request, so that Caddy with the broker keeps 0.90x the throughput of the proxy alone.
 func BenchmarkHandleWarm(b *testing.B) {
-	o := verifierOP(b)
+	o := testenv.SharedOP(b)
 	toolCall := `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"` +
 		strings.Repeat("x", 512) + `"}}}`
 	list := `{"jsonrpc":"2.0","id":8,"method":"tools/list"}`

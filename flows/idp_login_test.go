@@ -39,7 +39,7 @@ func sessions(t *testing.T, b *Broker) []Session {
 // The whole hybrid login: the client's redirect URI gets a broker code with its state
 // and the broker's iss; the session holds the IdP grant of the user who logged in.
 func TestHybridLogin(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 
 	verifier := oauth2.GenerateVerifier()
@@ -99,7 +99,7 @@ func startLogin(t *testing.T, br *hybridBrowser, front string, o *testenv.OP, q 
 }
 
 func TestCallbackRefusals(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 
 	t.Run("a replayed state is refused", func(t *testing.T) {
@@ -161,7 +161,7 @@ func TestCallbackRefusals(t *testing.T) {
 // The IdP's error reaches the client as a fixed code with the client's state; nothing
 // the IdP wrote is echoed (W11).
 func TestCallbackIdPError(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
 
 	for _, tc := range []struct {
@@ -279,7 +279,7 @@ func TestConsentApproveIdPUnavailable(t *testing.T) {
 // W13: a whole login, errors included, logs no token, code, verifier, ticket, CSRF
 // token, state, nonce or secret.
 func TestHybridLoginLogsNoSecrets(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	core, logs := observer.New(zapcore.DebugLevel)
 	b, front := startHybridFront(t, o, "", func(c *Config) {
 		hybridClients(c)

@@ -73,7 +73,7 @@ func initStatus(t *testing.T, front *httptest.Server, token string) int {
 // Thorough: TestCheckRedirectURI, TestMatchRedirectURI, TestAuthorizeHybridRefusalsBeforeTrust,
 // TestAuthorizeProgressiveRefusals, TestRegisterRefusals.
 func TestLessonW1RedirectURIsAreParsed(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	progressive := startFront(t, newTestBroker(t, o, nil), "")
 	_, hybrid := startHybridFront(t, o, "", func(c *Config) { c.Registration = true })
 	// The native client registered http://127.0.0.1/callback and https://app.example.com/cb.
@@ -207,7 +207,7 @@ func (f *idTokenForger) RoundTrip(r *http.Request) (*http.Response, error) {
 // Thorough: TestTokenVerifierRefusesInvalidTokens, TestRefusedTokensGet401,
 // TestCallbackExchangeFailures (nonce, mix-up), TestTokenVerifierFetchesJWKSOnceForAnUnknownKid.
 func TestLessonW2SignaturesAreVerified(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	opKey := o.SigningKey()
 	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, "mcp-server") }
 
@@ -229,9 +229,9 @@ func TestLessonW2SignaturesAreVerified(t *testing.T) {
 		other["sub"] = o.OtherUser.Subject
 		otherJSON, _ := json.Marshal(other)
 		for name, forged := range map[string]string{
-			"signed by a key the IdP never published, under the IdP's kid": signWithKey(t, attackerKey(t), jose.RS256, opKey.KeyID, claims()),
-			"signed by a key the IdP never published, under a new kid":     signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims()),
-			"alg none": compactJWS(t, map[string]any{"alg": "none", "typ": "JWT", "kid": opKey.KeyID}, claims(), nil),
+			"signed by a key the IdP never published, under the IdP's kid": testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, opKey.KeyID, claims()),
+			"signed by a key the IdP never published, under a new kid":     testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims()),
+			"alg none": testenv.CompactJWS(t, map[string]any{"alg": "none", "typ": "JWT", "kid": opKey.KeyID}, claims(), nil),
 			"another subject under the IdP's signature": h + "." + base64.RawURLEncoding.EncodeToString(otherJSON) + "." + sig,
 		} {
 			up.Reset()
@@ -257,7 +257,7 @@ func TestLessonW2SignaturesAreVerified(t *testing.T) {
 		}
 		forger := &idTokenForger{tokenPath: tokenURL.Path}
 		b, front := startHybridFront(t, o, "", func(c *Config) { c.HTTPClient = &http.Client{Transport: forger, Timeout: 10 * time.Second} })
-		attacker := attackerKey(t)
+		attacker := testenv.AttackerKey()
 		kidOf := func(header string) (string, error) {
 			raw, err := base64.RawURLEncoding.DecodeString(header)
 			if err != nil {
@@ -341,7 +341,7 @@ func TestLessonW2SignaturesAreVerified(t *testing.T) {
 func TestLessonW3PKCEIsComparedInConstantTime(t *testing.T) {
 	var compares atomic.Int32
 	counting := func(x, y []byte) int { compares.Add(1); return subtle.ConstantTimeCompare(x, y) }
-	e := newTokenEnv(t, verifierOP(t), nil)
+	e := newTokenEnv(t, testenv.SharedOP(t), nil)
 	e.b.constantTimeCompare = counting // before the first request
 
 	code, verifier := e.code(t, testenv.NativeClientID)
@@ -374,7 +374,7 @@ func TestLessonW3PKCEIsComparedInConstantTime(t *testing.T) {
 // with the record's storage key as associated data, under a key ring whose newest key
 // seals and whose every key opens. Thorough: storage/seal_test.go, TestHybridLogin.
 func TestLessonW4IdPTokensAreSealedAtRest(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	dir := t.TempDir()
 	oldKey, newKey := bytes.Repeat([]byte{1}, storage.KeySize), bytes.Repeat([]byte{2}, storage.KeySize)
 	recordsWith := func(keys ...[]byte) func(*Config) {
@@ -516,7 +516,7 @@ func TestLessonW5OfflineAccessIsBoundToTheUser(t *testing.T) {
 // fetched again only after idp.DiscoveryMaxAge.
 // Thorough: TestAuthorizeProgressivePublicIssuer, TestTokenVerifierFetchesJWKSOnceForAnUnknownKid.
 func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	jwksURL, err := url.Parse(o.JWKSURI)
 	if err != nil {
 		t.Fatal(err)
@@ -552,7 +552,7 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 	if d, k := discoveries.Load(), jwks.Load(); d != 1 || k != 1 {
 		t.Errorf("8 requests fetched discovery %d times and the JWKS %d times, want 1 and 1", d, k)
 	}
-	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), o.AccessTokenClaims(o.User.Subject, testResource))
+	forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), o.AccessTokenClaims(o.User.Subject, testResource))
 	keysClock.advance(idp.JWKSRefetchInterval) // an unknown kid is looked up at most once per 30 s
 	for range 3 {
 		if st := initStatus(t, front, forged); st != http.StatusUnauthorized {
@@ -578,7 +578,7 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 // own opaque tokens with the configured lifetime, and a refresh grant that rotates, with
 // reuse detection. Thorough: TestCodeExchange, TestRefreshGrant, TestHybridLogin.
 func TestLessonW7ClientsGetBrokerTokens(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	clock := &testClock{}
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	b, front := startHybridFrontWith(t, o, up.URL, func(c *Config) { c.AccessTokenTTL = 17 * time.Minute },
@@ -674,7 +674,7 @@ func TestLessonW8TheUserIsNeverAParameter(t *testing.T) {
 // upstream: 403 insufficient_scope with the step-up challenge. In both modes: the IdP's
 // token (progressive) and the broker's (hybrid). Thorough: TestToolScopes.
 func TestLessonW9ScopesAreEnforcedOnEveryToolCall(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	readOnly := []string{"openid", "notes:read"}
 	progressive := startFront(t, newTestBroker(t, o, nil), up.URL)
@@ -684,7 +684,7 @@ func TestLessonW9ScopesAreEnforcedOnEveryToolCall(t *testing.T) {
 		front *httptest.Server
 		token string
 	}{
-		{"progressive, the IdP's token", progressive, loginAccessToken(t, o, testenv.NativeClientID, "", readOnly, testResource)},
+		{"progressive, the IdP's token", progressive, o.LoginAccessToken(t, testenv.NativeClientID, "", readOnly, testResource)},
 		{"hybrid, the broker's token", hybrid, lessonLogin(t, lessonTokens(o, b, hybrid), readOnly).AccessToken},
 	}
 	const (
@@ -740,9 +740,9 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 		up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 		front := startFront(t, newTestBroker(t, o, nil), up.URL)
 		for name, tok := range map[string]string{
-			"a real login's JWT, issued to its client for itself":      loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid"}),
+			"a real login's JWT, issued to its client for itself":      o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid"}),
 			"a JWT the IdP signed for mcp-server":                      o.MintJWT(o.AccessTokenClaims(o.User.Subject, "mcp-server")),
-			"a real login's opaque token, issued to its client itself": loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}),
+			"a real login's opaque token, issued to its client itself": o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}),
 		} {
 			if st := initStatus(t, front, tok); st != http.StatusUnauthorized {
 				t.Errorf("%s: %d", name, st)
@@ -754,7 +754,7 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 	})
 
 	t.Run("a cached verdict on the IdP's token ends with the token", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		clock := &testClock{}
 		b := newTestBroker(t, o, nil)
 		b.useIdPClocks(nil, clock.now)
@@ -772,7 +772,7 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 	})
 
 	t.Run("a cached verdict on the broker's token ends with the token", func(t *testing.T) {
-		e := newTokenEnv(t, verifierOP(t), func(c *Config) { c.AccessTokenTTL = time.Minute })
+		e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) { c.AccessTokenTTL = time.Minute })
 		tok := e.login(t)
 		if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusOK {
 			t.Fatalf("before expiry: %d", st)
@@ -849,7 +849,7 @@ func (s *failingStorage) Lock(ctx context.Context, name string) error {
 // responses. Instead responses carry fixed, documented texts; the details go to the log.
 // Thorough: TestCallbackIdPError, TestOfflineAccessCallback, TestDelegationIdPAnswers.
 func TestLessonW11NoInternalTextInResponses(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 
 	t.Run("the IdP's error_description at the callback", func(t *testing.T) {
 		_, front := startHybridFront(t, o, "", nil)
@@ -934,7 +934,7 @@ func TestLessonW11NoInternalTextInResponses(t *testing.T) {
 // Thorough: TestProtectedResourceMetadata, TestAuthorizationServerMetadata,
 // TestRegisterPreflightAndDisabled, TestChallenges.
 func TestLessonW12CORSWithoutCredentials(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", func(c *Config) { c.Registration = true })
 	const origin = "https://evil.example"
 	header := func(kv ...string) http.Header {
@@ -1001,7 +1001,7 @@ func TestLessonW12CORSWithoutCredentials(t *testing.T) {
 // revoked token, logged at DEBUG. Thorough: TestHybridLoginLogsNoSecrets, tokenEnv's
 // check after every token test, offlineAccessTest.assertNotLogged.
 func TestLessonW13NoSecretsInLogs(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	core, logs := observer.New(zapcore.DebugLevel)
 	up := delegationUpstream(t, o)
 	b, front := startHybridFront(t, o, up.URL, delegating(ModeHybrid, DelegationTokenExchange, func(c *Config) { c.Logger = zap.New(core) }))
@@ -1074,7 +1074,7 @@ func TestLessonW13NoSecretsInLogs(t *testing.T) {
 // the broker started after consent. Thorough: TestConsentBoundToClientID,
 // TestConsentRequiredForRegisteredClient, TestCallbackRefusals, TestConsentDeny.
 func TestLessonW15ConsentPerClient(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", func(c *Config) { c.Registration = true })
 	br := newHybridBrowser(t)
 	if next := br.toIdP(front, hybridQuery(nil)); !strings.HasPrefix(next.String(), o.AuthorizationEndpoint+"?") {
@@ -1122,7 +1122,7 @@ func TestLessonW15ConsentPerClient(t *testing.T) {
 // TestDelegationRefreshTwoNodes, TestRegisterRateLimitPerClientIP, e2e's
 // TestTwoCaddyProcessesShareOneStorage and TestHybridDCRThroughCaddyBinary (restart).
 func TestLessonW18StateIsSharedThroughStorage(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	dir := t.TempDir()
 	var node atomic.Int32
@@ -1189,7 +1189,7 @@ func TestLessonW19EveryPublishedAlgorithm(t *testing.T) {
 		key func() (any, error)
 	}{
 		{jose.ES256, func() (any, error) { return ecdsa.GenerateKey(elliptic.P256(), rand.Reader) }},
-		{jose.PS256, func() (any, error) { return attackerKey(t), nil }},
+		{jose.PS256, func() (any, error) { return testenv.AttackerKey(), nil }},
 		{jose.EdDSA, func() (any, error) { _, k, err := ed25519.GenerateKey(rand.Reader); return k, err }},
 	} {
 		t.Run(string(tc.alg), func(t *testing.T) {
@@ -1197,7 +1197,7 @@ func TestLessonW19EveryPublishedAlgorithm(t *testing.T) {
 			up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 			front := startFront(t, newTestBroker(t, o, nil), up.URL)
 			for name, tok := range map[string]string{
-				"a real login's access token": loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid"}, testResource),
+				"a real login's access token": o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid"}, testResource),
 				"a minted token":              o.MintJWT(o.AccessTokenClaims(o.User.Subject, testResource)),
 			} {
 				if jws, err := jose.ParseSignedCompact(tok, []jose.SignatureAlgorithm{tc.alg}); err != nil || jws.Signatures[0].Header.Algorithm != string(tc.alg) {
@@ -1211,7 +1211,7 @@ func TestLessonW19EveryPublishedAlgorithm(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			forged := signWithKey(t, key, tc.alg, o.SigningKey().KeyID, o.AccessTokenClaims(o.User.Subject, testResource))
+			forged := testenv.SignJWT(t, key, tc.alg, o.SigningKey().KeyID, o.AccessTokenClaims(o.User.Subject, testResource))
 			if st := initStatus(t, front, forged); st != http.StatusUnauthorized {
 				t.Errorf("a %s token by an unpublished key: %d", tc.alg, st)
 			}

@@ -77,21 +77,7 @@ func (f *offlineAccessTest) assertNotLogged(t *testing.T, secrets ...string) {
 // userToken is an access token of u for the broker's resource, as an MCP client holds it.
 func (f *offlineAccessTest) userToken(t *testing.T, u testenv.User) string {
 	t.Helper()
-	if u == f.o.User {
-		return loginAccessToken(t, f.o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, f.resource)
-	}
-	// loginAccessToken signs in test-user; other users go through the same steps here.
-	cfg := oauth2.Config{ClientID: testenv.NativeClientID, Endpoint: f.o.Endpoint(), RedirectURL: verifierCallback, Scopes: []string{"openid", "notes:read"}}
-	v := oauth2.GenerateVerifier()
-	cb, err := f.o.Login(t.Context(), cfg.AuthCodeURL("s", oauth2.S256ChallengeOption(v), oauth2.SetAuthURLParam("resource", f.resource)), testenv.LoginAs(u))
-	if err != nil {
-		t.Fatalf("logging in as %s: %v", u.Subject, err)
-	}
-	tok, err := cfg.Exchange(t.Context(), cb.Query().Get("code"), oauth2.VerifierOption(v))
-	if err != nil {
-		t.Fatalf("exchanging code: %v", err)
-	}
-	return tok.AccessToken
+	return f.o.LoginGrant(t, u, testenv.NativeClientID, "", []string{"openid", "notes:read"}, f.resource).AccessToken
 }
 
 // link asks the broker for an offline access link with token.

@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -25,7 +26,7 @@ func TestRegistrationExpiresUnlessUsed(t *testing.T) {
 		t.Fatal(err)
 	}
 	storeClock := &tokenClock{t: time.Now()}
-	e := newTokenEnv(t, verifierOP(t), func(c *Config) {
+	e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) {
 		c.Registration = true
 		c.Records = storage.New(&certmagic.FileStorage{Path: t.TempDir()}, ring, storage.WithClock(storeClock.now))
 		c.SessionTTL, c.RefreshTokenTTL = 20*day, 20*day

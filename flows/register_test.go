@@ -12,13 +12,14 @@ import (
 
 	"github.com/caddyserver/certmagic"
 
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
 // newRegistrationBroker is a hybrid-mode test broker with registration on, after change.
 func newRegistrationBroker(t *testing.T, change func(*Config)) *Broker {
 	t.Helper()
-	return newTestBroker(t, verifierOP(t), func(c *Config) {
+	return newTestBroker(t, testenv.SharedOP(t), func(c *Config) {
 		c.Mode = ModeHybrid
 		c.Registration = true
 		if change != nil {

@@ -60,7 +60,7 @@ func decodeJSON(t *testing.T, resp *http.Response, v any) {
 }
 
 func TestProtectedResourceMetadata(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	front := startFront(t, newTestBroker(t, o, nil), testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)
 
 	for _, path := range []string{"/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"} {
@@ -114,7 +114,7 @@ func TestProtectedResourceMetadata(t *testing.T) {
 }
 
 func TestChallenges(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, nil), up.URL)
 
@@ -134,7 +134,7 @@ func TestChallenges(t *testing.T) {
 		}
 	})
 	t.Run("token in the query string", func(t *testing.T) {
-		tok := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid"}, testResource)
+		tok := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid"}, testResource)
 		resp := get(t, front.URL+"/mcp?access_token="+tok, nil)
 		var e oauthError
 		decodeJSON(t, resp, &e)
@@ -158,7 +158,7 @@ func TestChallenges(t *testing.T) {
 // TestRefusedTokensGet401 runs each kind of bad token through the handler: each gets the
 // 401 challenge with error="invalid_token", and none reaches the upstream.
 func TestRefusedTokensGet401(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, nil), up.URL)
 	opKey := o.SigningKey()
@@ -170,7 +170,7 @@ func TestRefusedTokensGet401(t *testing.T) {
 		token func(t *testing.T) string
 	}{
 		{"alg none", func(t *testing.T) string {
-			return compactJWS(t, map[string]any{"alg": "none", "typ": "JWT", "kid": opKey.KeyID}, valid(), nil)
+			return testenv.CompactJWS(t, map[string]any{"alg": "none", "typ": "JWT", "kid": opKey.KeyID}, valid(), nil)
 		}},
 		{"HS256 signed with the public key", func(t *testing.T) string {
 			pub, err := x509.MarshalPKIXPublicKey(opKey.Public().Key)
@@ -178,14 +178,14 @@ func TestRefusedTokensGet401(t *testing.T) {
 				t.Fatal(err)
 			}
 			secret := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub})
-			return compactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(), func(in []byte) []byte {
+			return testenv.CompactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(), func(in []byte) []byte {
 				m := hmac.New(sha256.New, secret)
 				m.Write(in)
 				return m.Sum(nil)
 			})
 		}},
 		{"a key the IdP never published", func(t *testing.T) string {
-			return signWithKey(t, attackerKey(t), jose.RS256, opKey.KeyID, valid())
+			return testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, opKey.KeyID, valid())
 		}},
 		{"wrong issuer", func(t *testing.T) string {
 			c := valid()
@@ -208,9 +208,9 @@ func TestRefusedTokensGet401(t *testing.T) {
 			return signed(c)
 		}},
 		{"cross-client opaque token", func(t *testing.T) string {
-			return loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"})
+			return o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"})
 		}},
-		{"inactive opaque token", func(t *testing.T) string { return revokedOpaqueToken(t, o) }},
+		{"inactive opaque token", func(t *testing.T) string { return o.RevokedOpaqueToken(t, verifierResource) }},
 		{"garbage", func(t *testing.T) string { return "not-a-token" }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -249,10 +249,10 @@ func connect(t *testing.T, front, token string) *mcp.ClientSession {
 }
 
 func TestNoPassthrough(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, nil), up.URL)
-	tok := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	tok := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
 
 	// A client that names itself someone else in the subject header is overruled.
 	c := mcp.NewClient(&mcp.Implementation{Name: "spoofer", Version: "1"}, nil)
@@ -312,11 +312,11 @@ func (h headerTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 func TestToolScopes(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, func(c *Config) { c.MaxBodyBytes = 4096 }), up.URL)
-	readOnly := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
-	readWrite := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read", "notes:write"}, testResource)
+	readOnly := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	readWrite := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read", "notes:write"}, testResource)
 
 	t.Run("a read-only token lists tools and calls the read tool", func(t *testing.T) {
 		s := connect(t, front.URL, readOnly)

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -49,7 +50,7 @@ func TestAuthorizationRecordsOnDiskAreAtMost7KiB(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", func(c *Config) {
 		c.Registration = true
 		c.Records = storage.New(&certmagic.FileStorage{Path: dir}, ring)

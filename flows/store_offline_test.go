@@ -60,7 +60,7 @@ func TestOfflineAccessGrantKeyHidesTheSubject(t *testing.T) {
 // another user's session or subject.
 func TestSealedValuesAreBoundToWhereTheyAreRead(t *testing.T) {
 	t.Run("session", func(t *testing.T) {
-		e := newTokenEnv(t, verifierOP(t), nil)
+		e := newTokenEnv(t, testenv.SharedOP(t), nil)
 		victim, attacker := e.session(t, testenv.NativeClientID), e.session(t, testenv.NativeClientID)
 		copyRecord(t, e.b, sessionKey(victim.ID), sessionKey(attacker.ID))
 		s, err := e.b.sessions.load(t.Context(), attacker.ID)

@@ -22,7 +22,7 @@ import (
 )
 
 func TestRefreshGrant(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	e := newTokenEnv(t, o, nil)
 
 	t.Run("a refresh token works at once after the exchange and rotates", func(t *testing.T) {
@@ -209,7 +209,7 @@ func TestRefreshRepeats(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := newTokenEnv(t, verifierOP(t), func(c *Config) { c.Records = storage.New(counter, ring) })
+	e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) { c.Records = storage.New(counter, ring) })
 
 	t.Run("repeats within the window get the same pair, write nothing and are logged at Info", func(t *testing.T) {
 		first := e.login(t)
@@ -268,7 +268,7 @@ func TestRefreshRepeats(t *testing.T) {
 // repeats within the grace window write nothing and do not count.
 func TestRefreshRateLimitPerGrant(t *testing.T) {
 	const perMinute = 30 // the documented limit (README, "Hybrid mode")
-	e := newTokenEnv(t, verifierOP(t), nil)
+	e := newTokenEnv(t, testenv.SharedOP(t), nil)
 	tok := e.login(t)
 	for i := range perMinute {
 		next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)

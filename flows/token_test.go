@@ -116,22 +116,8 @@ func (e *tokenEnv) assertNoSecretsLogged(t *testing.T) {
 // and returns the IdP's grant with its refresh token.
 func (e *tokenEnv) idpGrant(t *testing.T) IdPGrant {
 	t.Helper()
-	cfg := oauth2.Config{
-		ClientID:     testenv.BrokerClientID,
-		ClientSecret: testenv.BrokerClientSecret,
-		Endpoint:     e.o.Endpoint(),
-		RedirectURL:  verifierCallback,
-		Scopes:       []string{"openid", "offline_access", "notes:read", "notes:write"},
-	}
-	verifier := oauth2.GenerateVerifier()
-	callback, err := e.o.Login(t.Context(), cfg.AuthCodeURL("state", oauth2.S256ChallengeOption(verifier)))
-	if err != nil {
-		t.Fatalf("logging in at the OP: %v", err)
-	}
-	tok, err := cfg.Exchange(t.Context(), callback.Query().Get("code"), oauth2.VerifierOption(verifier))
-	if err != nil {
-		t.Fatalf("exchanging the OP's code: %v", err)
-	}
+	scopes := []string{"openid", "offline_access", "notes:read", "notes:write"}
+	tok := e.o.LoginGrant(t, e.o.User, testenv.BrokerClientID, testenv.BrokerClientSecret, scopes)
 	if tok.RefreshToken == "" {
 		t.Fatal("the OP issued no refresh token")
 	}
@@ -140,7 +126,7 @@ func (e *tokenEnv) idpGrant(t *testing.T) IdPGrant {
 	return IdPGrant{
 		Token:   oauth2.Token{AccessToken: tok.AccessToken, RefreshToken: tok.RefreshToken, Expiry: tok.Expiry},
 		IDToken: idToken,
-		Scopes:  cfg.Scopes,
+		Scopes:  scopes,
 	}
 }
 
@@ -306,7 +292,7 @@ func (e *tokenEnv) countRecords(t *testing.T, kind string) int {
 }
 
 func TestCodeExchange(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	e := newTokenEnv(t, o, nil)
 
 	t.Run("a code yields broker tokens that work on the protected endpoint without reaching the upstream", func(t *testing.T) {
@@ -502,7 +488,7 @@ func TestCodeExchange(t *testing.T) {
 }
 
 func TestTokenEndpointRequests(t *testing.T) {
-	e := newTokenEnv(t, verifierOP(t), nil)
+	e := newTokenEnv(t, testenv.SharedOP(t), nil)
 	origin := http.Header{"Origin": {"https://inspector.example"}}
 
 	t.Run("preflight is answered for browser clients, without credentials", func(t *testing.T) {
@@ -612,7 +598,7 @@ func (e *tokenEnv) storedRefreshToken(t *testing.T, rt string) RefreshToken {
 // client must be able to redeem its code without it too; one it does send must still be
 // the registered URI.
 func TestCodeRedeemedWithoutRedirectURIWhenOmittedAtAuthorize(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	_, front := startHybridFront(t, o, "", hybridClients)
 
 	redeem := func(t *testing.T, redirectURI string) *http.Response {

@@ -27,10 +27,10 @@ func utf16LE(s string) []byte {
 // middleware, Python's json.loads detecting UTF-16/32) and run a tool no one checked
 // (SECURITY.md S1.10).
 func TestToolScopeEncodings(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	front := startFront(t, newTestBroker(t, o, nil), up.URL)
-	readOnly := loginAccessToken(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
+	readOnly := o.LoginAccessToken(t, testenv.NativeClientID, "", []string{"openid", "notes:read"}, testResource)
 	const call = `{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"x"}}}`
 
 	var gz bytes.Buffer

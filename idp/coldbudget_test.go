@@ -28,7 +28,7 @@ func TestColdVerificationBudgetGlobal(t *testing.T) {
 	for i := range 4 {
 		for range 3 {
 			ctx := withClientIP(t.Context(), "203.0.113."+string(rune('1'+i)))
-			_, err := v.Verify(ctx, "junk-"+randomKID())
+			_, err := v.Verify(ctx, "junk-"+testenv.RandomKID())
 			var later *RetryLaterError
 			if errors.As(err, &later) {
 				refused = append(refused, later.Status)
@@ -46,7 +46,7 @@ func TestColdVerificationBudgetGlobal(t *testing.T) {
 		}
 	}
 	clock.advance(time.Minute)
-	if _, err := v.Verify(withClientIP(t.Context(), "203.0.113.1"), "junk-"+randomKID()); !errors.Is(err, ErrInvalidToken) {
+	if _, err := v.Verify(withClientIP(t.Context(), "203.0.113.1"), "junk-"+testenv.RandomKID()); !errors.Is(err, ErrInvalidToken) {
 		t.Errorf("a minute later: %v, want a plain refusal", err)
 	}
 }
@@ -66,7 +66,7 @@ func TestJWKSRefetchAtMostEvery30s(t *testing.T) {
 	o.ResetCounts()
 	for i := range 20 {
 		ctx := withClientIP(t.Context(), "203.0.113."+string(rune('1'+i%9)))
-		forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+		forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
 		_, err := v.Verify(ctx, forged)
 		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
 			t.Fatalf("forged JWT %d within 30 s of a fetch: %v, want unavailable (retry later), not invalid", i, err)
@@ -80,7 +80,7 @@ func TestJWKSRefetchAtMostEvery30s(t *testing.T) {
 	}
 
 	clock.advance(JWKSRefetchInterval)
-	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+	forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
 	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
 		t.Errorf("an unknown kid 30 s later: %v, want invalid after one fetch", err)
 	}
@@ -98,7 +98,7 @@ func TestJWKSKnownKidBadSignatureNoFetch(t *testing.T) {
 		t.Fatal(err)
 	}
 	o.ResetCounts()
-	forged := signWithKey(t, attackerKey(t), jose.RS256, o.SigningKey().KeyID, claims)
+	forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, o.SigningKey().KeyID, claims)
 	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) || errors.Is(err, ErrUnavailable) {
 		t.Errorf("Verify = %v, want invalid", err)
 	}
@@ -138,8 +138,8 @@ func TestColdBudgetWarnsOfASingleProxyAddress(t *testing.T) {
 // A budget refusal is the spent address's, not the token's: a caller from another address
 // that joined the refused verification of the same token verifies on its own budget.
 func TestColdBudgetRefusalIsNotTheWaiters(t *testing.T) {
-	o := verifierOP(t)
-	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	o := testenv.SharedOP(t)
+	raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 	fault := newFaultHoldDiscovery()
 	clock := &testClock{base: time.Now()}
 	v := newVerifierFor(o, func(c *VerifierConfig) {

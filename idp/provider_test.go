@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
 // faultHoldDiscovery is a fault injector in front of the real OP: while holding, it keeps
@@ -65,7 +67,7 @@ func (f *faultHoldDiscovery) RoundTrip(r *http.Request) (*http.Response, error) 
 // connection right after asking for the protected-resource metadata) must not fail
 // discovery for everyone else (SECURITY.md: discovery kept failing).
 func TestDiscoveryCancelledCallerDoesNotFailOthers(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	fault := newFaultHoldDiscovery()
 	idp := NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
 	now := time.Unix(1_800_000_000, 0)
@@ -98,7 +100,7 @@ func TestDiscoveryCancelledCallerDoesNotFailOthers(t *testing.T) {
 // While a stale document is revalidated against a slow IdP, callers get the last good
 // one at once instead of queueing behind the fetch.
 func TestDiscoveryRefreshDoesNotStallCallers(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	fault := newFaultHoldDiscovery()
 	idp := NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
 	var mu sync.Mutex
@@ -152,7 +154,7 @@ func TestDiscoveryRefreshDoesNotStallCallers(t *testing.T) {
 // A caller waiting for the first document is bounded by its own context, not by the
 // fetch, which goes on for the others.
 func TestDiscoveryWaiterBoundedByItsContext(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	fault := newFaultHoldDiscovery()
 	idp := NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
 

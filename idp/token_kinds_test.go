@@ -1,7 +1,6 @@
 package idp
 
 import (
-	"encoding/json"
 	"net/http"
 	"net/url"
 	"strings"
@@ -10,7 +9,6 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
-	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
@@ -19,20 +17,7 @@ import (
 // response: the access token and the ID token.
 func loginTokens(t *testing.T, o *testenv.OP, clientID, secret string, scopes []string, resources ...string) (access, id string) {
 	t.Helper()
-	cfg := oauth2.Config{ClientID: clientID, ClientSecret: secret, Endpoint: o.Endpoint(), RedirectURL: verifierCallback, Scopes: scopes}
-	verifier := oauth2.GenerateVerifier()
-	opts := []oauth2.AuthCodeOption{oauth2.S256ChallengeOption(verifier)}
-	for _, r := range resources {
-		opts = append(opts, oauth2.SetAuthURLParam("resource", r))
-	}
-	callback, err := o.Login(t.Context(), cfg.AuthCodeURL("state", opts...))
-	if err != nil {
-		t.Fatalf("logging in: %v", err)
-	}
-	tok, err := cfg.Exchange(t.Context(), callback.Query().Get("code"), oauth2.VerifierOption(verifier))
-	if err != nil {
-		t.Fatalf("exchanging code: %v", err)
-	}
+	tok := o.LoginGrant(t, o.User, clientID, secret, scopes, resources...)
 	id, _ = tok.Extra("id_token").(string)
 	if id == "" {
 		t.Fatal("no id_token")
@@ -44,32 +29,7 @@ func loginTokens(t *testing.T, o *testenv.OP, clientID, secret string, scopes []
 func signTyped(t *testing.T, o *testenv.OP, typ string, claims map[string]any) string {
 	t.Helper()
 	k := o.SigningKey()
-	return signWithKeyTyped(t, k.Key, jose.SignatureAlgorithm(k.Algorithm), k.KeyID, typ, claims)
-}
-
-func signWithKeyTyped(t *testing.T, key any, alg jose.SignatureAlgorithm, kid, typ string, claims map[string]any) string {
-	t.Helper()
-	opts := &jose.SignerOptions{}
-	if typ != "" {
-		opts = opts.WithType(jose.ContentType(typ))
-	}
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: alg, Key: jose.JSONWebKey{Key: key, KeyID: kid}}, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	payload, err := json.Marshal(claims)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jws, err := signer.Sign(payload)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := jws.CompactSerialize()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return testenv.SignJWS(t, k.Key, jose.SignatureAlgorithm(k.Algorithm), k.KeyID, typ, claims)
 }
 
 // TestTokenVerifierRefusesOtherKindsOfToken (SECURITY.md, tokens of the wrong kind): an
@@ -78,7 +38,7 @@ func signWithKeyTyped(t *testing.T, key any, alg jose.SignatureAlgorithm, kid, t
 // background and delegated tokens), must still never pass as an MCP client's access
 // token. Real tokens of the in-process OP, and tokens shaped as other IdPs issue them.
 func TestTokenVerifierRefusesOtherKindsOfToken(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	// The operator lists the MCP client's id, as an IdP with aud = client id makes one do.
 	listed := func(c *VerifierConfig) { c.Audiences = append(c.Audiences, testenv.NativeClientID) }
 	nativeAccess, nativeID := loginTokens(t, o, testenv.NativeClientID, "", []string{"openid", "notes:read"}, verifierResource)
@@ -135,11 +95,11 @@ func TestTokenVerifierRefusesOtherKindsOfToken(t *testing.T) {
 // IntrospectionCacheTTL, so an opaque token revoked at the IdP stops working within it,
 // not at its exp.
 func TestIntrospectionCacheTTL(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	var now atomic.Int64
 	now.Store(time.Now().UnixNano())
 	clock := func() time.Time { return time.Unix(0, now.Load()) }
-	tok := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	tok := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 
 	t.Run("default is five minutes", func(t *testing.T) {
 		if got := newVerifierFor(o, nil).cfg.IntrospectionCacheTTL; got != 5*time.Minute {

@@ -2,13 +2,15 @@ package idp
 
 import (
 	"testing"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
 // warmVerifier returns a verifier for the shared OP and a JWT access token of that OP,
 // signed with its real key, verified once so that it is cached.
 func warmVerifier(b *testing.B) (*Verifier, string) {
 	b.Helper()
-	o := verifierOP(b)
+	o := testenv.SharedOP(b)
 	v := newVerifierFor(o, nil)
 	raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
 	if _, err := v.Verify(b.Context(), raw); err != nil {

@@ -3,17 +3,12 @@ package idp
 import (
 	"context"
 	"crypto/hmac"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
-	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"net/http"
-	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -22,7 +17,6 @@ import (
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
-	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
@@ -30,26 +24,6 @@ import (
 
 // verifierResource is the protected resource the tokens of these tests are meant for.
 const verifierResource = "https://mcp.example.test/mcp"
-
-// verifierCallback is a redirect URI nobody listens on: Login stops before it.
-const verifierCallback = "http://127.0.0.1:49152/callback"
-
-var (
-	verifierOPOnce sync.Once
-	verifierOPVal  *testenv.OP
-	verifierOPErr  error
-)
-
-// verifierOP is the OP shared by the tests that neither count its requests nor take it
-// down, started once per package.
-func verifierOP(t testing.TB) *testenv.OP {
-	t.Helper()
-	verifierOPOnce.Do(func() { verifierOPVal, verifierOPErr = testenv.NewOP() })
-	if verifierOPErr != nil {
-		t.Fatalf("starting OP: %v", verifierOPErr)
-	}
-	return verifierOPVal
-}
 
 // newVerifierFor builds a Verifier for o's tokens meant for verifierResource, with
 // the broker's credentials, after applying change to its configuration.
@@ -68,106 +42,8 @@ func newVerifierFor(o *testenv.OP, change func(*VerifierConfig)) *Verifier {
 	return NewVerifier(cfg)
 }
 
-// loginAccessToken signs test-user in on o's login form as client and redeems the code,
-// with PKCE; resources, if any, become the access token's audience.
-func loginAccessToken(t *testing.T, o *testenv.OP, clientID, secret string, scopes []string, resources ...string) string {
-	t.Helper()
-	cfg := oauth2.Config{
-		ClientID:     clientID,
-		ClientSecret: secret,
-		Endpoint:     o.Endpoint(),
-		RedirectURL:  verifierCallback,
-		Scopes:       scopes,
-	}
-	verifier := oauth2.GenerateVerifier()
-	opts := []oauth2.AuthCodeOption{oauth2.S256ChallengeOption(verifier)}
-	for _, r := range resources {
-		opts = append(opts, oauth2.SetAuthURLParam("resource", r))
-	}
-	callback, err := o.Login(t.Context(), cfg.AuthCodeURL("state", opts...))
-	if err != nil {
-		t.Fatalf("logging in: %v", err)
-	}
-	tok, err := cfg.Exchange(t.Context(), callback.Query().Get("code"), oauth2.VerifierOption(verifier))
-	if err != nil {
-		t.Fatalf("exchanging code: %v", err)
-	}
-	return tok.AccessToken
-}
-
-// compactJWS assembles header.payload.signature by hand, for what go-jose refuses to sign.
-func compactJWS(t *testing.T, header, claims map[string]any, sign func(signingInput []byte) []byte) string {
-	t.Helper()
-	h, err := json.Marshal(header)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := json.Marshal(claims)
-	if err != nil {
-		t.Fatal(err)
-	}
-	input := base64.RawURLEncoding.EncodeToString(h) + "." + base64.RawURLEncoding.EncodeToString(c)
-	var sig []byte
-	if sign != nil {
-		sig = sign([]byte(input))
-	}
-	return input + "." + base64.RawURLEncoding.EncodeToString(sig)
-}
-
-var (
-	attackerKeyOnce sync.Once
-	attackerKeyVal  *rsa.PrivateKey
-)
-
-// attackerKey is an RSA key the OP never published.
-func attackerKey(t *testing.T) *rsa.PrivateKey {
-	t.Helper()
-	attackerKeyOnce.Do(func() {
-		k, err := rsa.GenerateKey(rand.Reader, 2048)
-		if err != nil {
-			panic(err)
-		}
-		attackerKeyVal = k
-	})
-	return attackerKeyVal
-}
-
-// signWithKey signs claims with go-jose under kid, as an OP would, with key.
-func signWithKey(t *testing.T, key any, alg jose.SignatureAlgorithm, kid string, claims map[string]any) string {
-	t.Helper()
-	return signWithKeyTyped(t, key, alg, kid, "JWT", claims)
-}
-
-func randomKID() string {
-	b := make([]byte, 8)
-	rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
-// revokedOpaqueToken is an opaque token of o that its client has revoked.
-func revokedOpaqueToken(t *testing.T, o *testenv.OP) string {
-	t.Helper()
-	tok := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
-	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, o.RevocationEndpoint,
-		strings.NewReader(url.Values{"token": {tok}}.Encode()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.SetBasicAuth(testenv.OpaqueClientID, testenv.OpaqueClientSecret)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("revoking: %s", resp.Status)
-	}
-	return tok
-}
-
 func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	for _, tc := range []struct {
 		name         string
 		token        func(t *testing.T) string
@@ -177,7 +53,7 @@ func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
 		{
 			name: "JWT from a real login speaks for the user with its scopes",
 			token: func(t *testing.T) string {
-				return loginAccessToken(t, o, testenv.NativeClientID, "",
+				return o.LoginAccessToken(t, testenv.NativeClientID, "",
 					[]string{"openid", "notes:read"}, verifierResource)
 			},
 			wantClientID: testenv.NativeClientID,
@@ -186,7 +62,7 @@ func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
 		{
 			name: "opaque token from a real login is accepted by introspection",
 			token: func(t *testing.T) string {
-				tok := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret,
+				tok := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret,
 					[]string{"openid", "notes:write"}, verifierResource)
 				if LooksLikeJWS(tok) {
 					t.Fatalf("opaque client got a JWT")
@@ -257,7 +133,7 @@ func TestTokenVerifierAcceptsValidTokens(t *testing.T) {
 }
 
 func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	opKey := o.SigningKey()
 	valid := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
 
@@ -268,7 +144,7 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 		{
 			name: "alg none is refused",
 			token: func(t *testing.T) string {
-				return compactJWS(t, map[string]any{"alg": "none", "typ": "JWT", "kid": opKey.KeyID}, valid(), nil)
+				return testenv.CompactJWS(t, map[string]any{"alg": "none", "typ": "JWT", "kid": opKey.KeyID}, valid(), nil)
 			},
 		},
 		{
@@ -279,7 +155,7 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 					t.Fatal(err)
 				}
 				secret := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub})
-				return compactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(),
+				return testenv.CompactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(),
 					func(in []byte) []byte {
 						m := hmac.New(sha256.New, secret)
 						m.Write(in)
@@ -294,7 +170,7 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				return compactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(),
+				return testenv.CompactJWS(t, map[string]any{"alg": "HS256", "typ": "JWT", "kid": opKey.KeyID}, valid(),
 					func(in []byte) []byte {
 						m := hmac.New(sha256.New, secret)
 						m.Write(in)
@@ -305,19 +181,19 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 		{
 			name: "unpublished key under the OP's kid is refused",
 			token: func(t *testing.T) string {
-				return signWithKey(t, attackerKey(t), jose.RS256, opKey.KeyID, valid())
+				return testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, opKey.KeyID, valid())
 			},
 		},
 		{
 			name: "unpublished key under a new kid is refused",
 			token: func(t *testing.T) string {
-				return signWithKey(t, attackerKey(t), jose.RS256, randomKID(), valid())
+				return testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), valid())
 			},
 		},
 		{
 			name: "unpublished key without a kid is refused",
 			token: func(t *testing.T) string {
-				return signWithKey(t, attackerKey(t), jose.PS256, "", valid())
+				return testenv.SignJWT(t, testenv.AttackerKey(), jose.PS256, "", valid())
 			},
 		},
 		{
@@ -339,7 +215,7 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 		{
 			name: "JWT of a real login by another client for itself is refused",
 			token: func(t *testing.T) string {
-				return loginAccessToken(t, o, testenv.BrokerClientID, testenv.BrokerClientSecret, []string{"openid"})
+				return o.LoginAccessToken(t, testenv.BrokerClientID, testenv.BrokerClientSecret, []string{"openid"})
 			},
 		},
 		{
@@ -388,16 +264,16 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 		{
 			name: "opaque token of another client, for itself, is refused (cross-client)",
 			token: func(t *testing.T) string {
-				return loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"})
+				return o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"})
 			},
 		},
 		{
 			name:  "revoked opaque token is refused as inactive",
-			token: func(t *testing.T) string { return revokedOpaqueToken(t, o) },
+			token: func(t *testing.T) string { return o.RevokedOpaqueToken(t, verifierResource) },
 		},
 		{
 			name:  "garbage opaque token is refused as inactive",
-			token: func(t *testing.T) string { return "not-a-token-" + randomKID() },
+			token: func(t *testing.T) string { return "not-a-token-" + testenv.RandomKID() },
 		},
 		{
 			name:  "JWE-shaped token is refused as inactive",
@@ -427,7 +303,7 @@ func TestTokenVerifierRefusesInvalidTokens(t *testing.T) {
 }
 
 func TestTokenVerifierRefusesOpaqueTokensWithoutIntrospection(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	v := newVerifierFor(o, nil)
 	d, err := v.cfg.Provider.Discovery(t.Context())
 	if err != nil {
@@ -466,7 +342,7 @@ func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
 	// (TestJWKSRefetchAtMostEvery30s).
 	o.ResetCounts()
 	clock.advance(JWKSRefetchInterval)
-	forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+	forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
 	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
 		t.Fatalf("Verify(forged) = %v, want ErrInvalidToken", err)
 	}
@@ -487,7 +363,7 @@ func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
 func TestTokenVerifierCache(t *testing.T) {
 	t.Run("second Verify of an opaque token does not call the IdP", func(t *testing.T) {
 		o := testenv.StartOP(t)
-		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 		v := newVerifierFor(o, nil)
 		first, err := v.Verify(t.Context(), raw)
 		if err != nil {
@@ -527,7 +403,7 @@ func TestTokenVerifierCache(t *testing.T) {
 	})
 
 	t.Run("valid entry lasts until the token's exp, no longer", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		exp := time.Now().Add(90 * time.Second).Truncate(time.Second)
 		c := o.AccessTokenClaims(o.User.Subject, verifierResource)
 		c["exp"] = exp.Unix()
@@ -546,7 +422,7 @@ func TestTokenVerifierCache(t *testing.T) {
 	})
 
 	t.Run("expired cached JWT is verified again and refused", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		var now atomic.Pointer[time.Time]
 		start := time.Now()
 		now.Store(&start)
@@ -566,7 +442,7 @@ func TestTokenVerifierCache(t *testing.T) {
 
 	t.Run("expired cached opaque token is introspected again and refused", func(t *testing.T) {
 		o := testenv.StartOP(t)
-		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 		var now atomic.Pointer[time.Time]
 		start := time.Now()
 		now.Store(&start)
@@ -594,7 +470,7 @@ func TestTokenVerifierCache(t *testing.T) {
 			c.Now = func() time.Time { return *now.Load() }
 			c.InactiveTTL = 5 * time.Second
 		})
-		raw := "garbage-" + randomKID()
+		raw := "garbage-" + testenv.RandomKID()
 		for range 2 {
 			if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrInvalidToken) {
 				t.Fatalf("Verify = %v, want ErrInvalidToken", err)
@@ -614,13 +490,13 @@ func TestTokenVerifierCache(t *testing.T) {
 	})
 
 	t.Run("cache stays within CacheEntries", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 3 })
 		for i := range 10 {
 			if _, err := v.Verify(t.Context(), o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))); err != nil {
 				t.Fatalf("token %d: %v", i, err)
 			}
-			if _, err := v.Verify(t.Context(), "garbage-"+randomKID()); !errors.Is(err, ErrInvalidToken) {
+			if _, err := v.Verify(t.Context(), "garbage-"+testenv.RandomKID()); !errors.Is(err, ErrInvalidToken) {
 				t.Fatalf("garbage %d: %v", i, err)
 			}
 			if n := v.cache.Len(); n > 3 {
@@ -630,7 +506,7 @@ func TestTokenVerifierCache(t *testing.T) {
 	})
 
 	t.Run("a flood of refusals does not evict a valid entry", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		// Refusals outlive the valid entry here, so only their being disposable, not an
 		// earlier expiry, can make the full cache evict them first.
 		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 4; c.InactiveTTL = time.Hour })
@@ -641,7 +517,7 @@ func TestTokenVerifierCache(t *testing.T) {
 			t.Fatal(err)
 		}
 		for range 20 {
-			if _, err := v.Verify(t.Context(), "garbage-"+randomKID()); !errors.Is(err, ErrInvalidToken) {
+			if _, err := v.Verify(t.Context(), "garbage-"+testenv.RandomKID()); !errors.Is(err, ErrInvalidToken) {
 				t.Fatal(err)
 			}
 		}
@@ -654,7 +530,7 @@ func TestTokenVerifierCache(t *testing.T) {
 	})
 
 	t.Run("a full cache evicts the valid entry expiring soonest", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		v := newVerifierFor(o, func(c *VerifierConfig) { c.CacheEntries = 3 })
 		// Each token expires after those before it, so every eviction must take the oldest
 		// cached one; nine in a row leave a random choice (1 in 3 each) no chance to pass.
@@ -681,7 +557,7 @@ func TestTokenVerifierCache(t *testing.T) {
 	})
 
 	t.Run("cache is keyed by the token's hash", func(t *testing.T) {
-		o := verifierOP(t)
+		o := testenv.SharedOP(t)
 		v := newVerifierFor(o, nil)
 		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
 		if _, err := v.Verify(t.Context(), raw); err != nil {
@@ -710,7 +586,7 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 
 	t.Run("introspection down is unavailable and not cached", func(t *testing.T) {
 		o := testenv.StartOP(t)
-		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 		v := newVerifierFor(o, nil)
 		if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 			t.Fatal(err)
@@ -739,7 +615,7 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 		}
 		o.SetDown(true)
 		clock.advance(JWKSRefetchInterval)
-		forged := signWithKey(t, attackerKey(t), jose.RS256, randomKID(), claims())
+		forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
 		_, err := v.Verify(t.Context(), forged)
 		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
 			t.Fatalf("Verify = %v, want ErrUnavailable alone", err)
@@ -753,7 +629,7 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 
 	t.Run("stalled introspection gives up at the client timeout", func(t *testing.T) {
 		o := testenv.StartOP(t)
-		raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+		raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 		v := newVerifierFor(o, func(c *VerifierConfig) { c.HTTPClient = &http.Client{Timeout: 100 * time.Millisecond} })
 		if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 			t.Fatal(err)
@@ -785,7 +661,7 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 
 func TestTokenVerifierSingleFlight(t *testing.T) {
 	o := testenv.StartOP(t)
-	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 	v := newVerifierFor(o, nil)
 	if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 		t.Fatal(err)
@@ -811,7 +687,7 @@ func TestTokenVerifierSingleFlight(t *testing.T) {
 
 func TestTokenVerifierWaiterOutlivesCanceledLeader(t *testing.T) {
 	o := testenv.StartOP(t)
-	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 	// The verifier's client makes only the introspection request: its start is the
 	// leader's flight under way.
 	introspecting := make(chan struct{})
@@ -884,7 +760,7 @@ func TestTokenVerifierDecodesScopeAndAudience(t *testing.T) {
 // address is read before the caller waits.
 func TestColdVerificationReadsTheClientAddressOnTheCallersGoroutine(t *testing.T) {
 	o := testenv.StartOP(t)
-	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 	fault := newFaultHoldDiscovery()
 	var returned, readLate atomic.Bool
 	v := newVerifierFor(o, func(c *VerifierConfig) {
@@ -931,7 +807,7 @@ func TestColdVerificationReadsTheClientAddressOnTheCallersGoroutine(t *testing.T
 // constant: an IdP slower than the bound answers unavailable, one within it is waited for.
 func TestColdVerificationTimeoutIsConfigured(t *testing.T) {
 	o := testenv.StartOP(t)
-	raw := loginAccessToken(t, o, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
+	raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 	slowIntrospection := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		select {
 		case <-time.After(300 * time.Millisecond):

@@ -3,8 +3,10 @@
 // server built with the go-sdk ([Upstream]) that checks the tokens it is sent
 // and reports what it saw. Production code never imports it.
 //
-// A package's tests share one OP, started in TestMain with [NewOP]; a test
-// that needs its own (with options, or for exact counts) uses [StartOP].
+// A package's tests share one OP, [SharedOP]; a test that needs its own (with
+// options, or for exact counts) uses [StartOP]. [OP.LoginGrant] and
+// [OP.LoginAccessToken] get real tokens through the OP's login form;
+// [AttackerKey], [SignJWT] and [CompactJWS] forge the tokens it never issued.
 //
 // The example OP logs every request through slog's default logger at info
 // level; a TestMain may raise that logger's level to keep failures readable.
