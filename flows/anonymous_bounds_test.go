@@ -117,7 +117,7 @@ func TestOneTimeValueEndpointsAreRateLimitedPerClientIP(t *testing.T) {
 		t.Run(endpoint, func(t *testing.T) {
 			b, _ := newLockCountingBroker(t, t.TempDir())
 			clock := newRegistrationClock()
-			b.now = clock.now
+			b.now = clock.Now
 			for i := range 60 {
 				if rec := answerOwn(t, b, junkRequest(endpoint, "203.0.113.7", i)); rec.Code != http.StatusBadRequest {
 					t.Fatalf("request %d: %d, want 400", i+1, rec.Code)
@@ -133,7 +133,7 @@ func TestOneTimeValueEndpointsAreRateLimitedPerClientIP(t *testing.T) {
 			if rec := answerOwn(t, b, junkRequest(endpoint, "198.51.100.9", 0)); rec.Code != http.StatusBadRequest {
 				t.Errorf("another address: %d, want 400", rec.Code)
 			}
-			clock.advance(time.Second)
+			clock.Advance(time.Second)
 			if rec := answerOwn(t, b, junkRequest(endpoint, "203.0.113.7", 61)); rec.Code != http.StatusBadRequest {
 				t.Errorf("a second later: %d, want 400", rec.Code)
 			}

@@ -14,8 +14,8 @@ import (
 func TestAuthorizeIsRateLimitedPerClientIP(t *testing.T) {
 	o := testenv.SharedOP(t)
 	b := newTestBroker(t, o, func(c *Config) { c.Mode = ModeHybrid })
-	clock := &testClock{base: time.Now()} // stands still: a slow machine refills no bucket
-	b.now = clock.now
+	clock := &testenv.Clock{Base: time.Now()} // stands still: a slow machine refills no bucket
+	b.now = clock.Now
 	authorize := func(ip string) *httptest.ResponseRecorder {
 		req := httptest.NewRequest(http.MethodGet, "/oauth/authorize?"+hybridAuthorizeQuery(testenv.NativeClientID, "http://127.0.0.1:49152/callback", "a-verifier-that-is-long-enough-for-pkce-0123456789", "s", nil).Encode(), nil)
 		req = req.WithContext(WithClientIP(req.Context(), ip))
@@ -37,7 +37,7 @@ func TestAuthorizeIsRateLimitedPerClientIP(t *testing.T) {
 	if rec := authorize("192.0.2.2"); rec.Code != http.StatusFound {
 		t.Errorf("another address was limited too: %d", rec.Code)
 	}
-	clock.advance(time.Minute)
+	clock.Advance(time.Minute)
 	if rec := authorize("192.0.2.1"); rec.Code != http.StatusFound {
 		t.Errorf("a minute later: %d", rec.Code)
 	}

@@ -52,7 +52,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); err != nil {
 			t.Fatalf("warm verification read storage: %v", err)
 		}
-		e.clock.advance(brokerCacheTTL)
+		e.clock.Advance(brokerCacheTTL)
 		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, idp.ErrInvalidToken) {
 			t.Fatalf("after the cache bound: %v, want idp.ErrInvalidToken", err)
 		}
@@ -73,7 +73,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 				if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); err != nil {
 					t.Fatal(err)
 				}
-				key, now := brokerTokenKey(tok.AccessToken), e.clock.now().UnixNano()
+				key, now := brokerTokenKey(tok.AccessToken), e.clock.Now().UnixNano()
 				if _, ok := e.b.brokerTokens.Get(key, now); !ok {
 					t.Fatal("not cached")
 				}
@@ -90,7 +90,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 	t.Run("an expired token is refused", func(t *testing.T) {
 		e := newTokenEnv(t, o, nil)
 		tok, _ := issueTestPair(t, e.b)
-		e.clock.advance(e.b.cfg.AccessTokenTTL)
+		e.clock.Advance(e.b.cfg.AccessTokenTTL)
 		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, idp.ErrInvalidToken) {
 			t.Fatalf("Verify = %v, want idp.ErrInvalidToken", err)
 		}
@@ -110,7 +110,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 		if st := nodeB.mcpStatus(t, tok.AccessToken); st != http.StatusOK {
 			t.Errorf("node B within the bound: %d (fine, but the cache did not serve it)", st)
 		}
-		nodeB.clock.advance(brokerCacheTTL)
+		nodeB.clock.Advance(brokerCacheTTL)
 		if st := nodeB.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
 			t.Errorf("node B after the bound: %d, want 401", st)
 		}
@@ -138,7 +138,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 		e := newTokenEnv(t, o, nil)
 		tok, familyID := issueTestPair(t, e.b)
 		epoch := e.b.brokerTokens.Epoch()
-		p, _, err := e.b.checkAccessToken(t.Context(), tok.AccessToken, e.clock.now()) // read before the revocation
+		p, _, err := e.b.checkAccessToken(t.Context(), tok.AccessToken, e.clock.Now()) // read before the revocation
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -146,7 +146,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 			t.Fatal(err)
 		}
 		if e.b.brokerTokens.PutSince(epoch, brokerTokenKey(tok.AccessToken), brokerVerdict{principal: p, familyID: familyID},
-			e.clock.now().Add(time.Minute).UnixNano(), false, e.clock.now().UnixNano()) {
+			e.clock.Now().Add(time.Minute).UnixNano(), false, e.clock.Now().UnixNano()) {
 			t.Error("a verdict read before the revocation was cached after it")
 		}
 		if _, err := e.b.verifyBrokerToken(t.Context(), tok.AccessToken); !errors.Is(err, idp.ErrInvalidToken) {

@@ -27,18 +27,18 @@ func TestMetadataDocumentFailureCached(t *testing.T) {
 			srv := startDocumentServer(t, tc.serve)
 			b := newDocumentBroker(t, srv, true)
 			clock := newRegistrationClock()
-			b.now = clock.now
+			b.now = clock.Now
 			id := srv.URL + "/client.json"
 			for range 5 {
 				if _, err := b.findClient(t.Context(), id); err == nil {
 					t.Fatal("a bad document was accepted")
 				}
-				clock.advance(5 * time.Second)
+				clock.Advance(5 * time.Second)
 			}
 			if n := srv.hits.Load(); n != 1 {
 				t.Errorf("5 lookups within 30 s: %d fetches, want 1", n)
 			}
-			clock.advance(documentFailureTTL)
+			clock.Advance(documentFailureTTL)
 			if _, err := b.findClient(t.Context(), id); err == nil {
 				t.Fatal("a bad document was accepted")
 			}
@@ -51,7 +51,7 @@ func TestMetadataDocumentFailureCached(t *testing.T) {
 
 func TestMetadataDocumentFailureCacheIsBounded(t *testing.T) {
 	d := newMetadataDocuments(2)
-	now := newRegistrationClock().now()
+	now := newRegistrationClock().Now()
 	for i := range maxCachedFailures + 10 {
 		d.fail(string(rune(i)), safehttp.ErrNonPublicAddress, now)
 	}

@@ -215,14 +215,14 @@ func TestMetadataDocumentCache(t *testing.T) {
 			srv := startDocumentServer(t, serveDocument(claudeCodeDocument, tc.cacheControl))
 			b := newDocumentBroker(t, srv, true)
 			clock := newRegistrationClock()
-			b.now = clock.now
+			b.now = clock.Now
 			id := srv.URL + "/client.json"
 			for i := range 2 {
 				if _, err := b.findClient(t.Context(), id); err != nil {
 					t.Fatal(err)
 				}
 				if i == 0 {
-					clock.advance(tc.after)
+					clock.Advance(tc.after)
 				}
 			}
 			if n := srv.hits.Load(); n != tc.wantHits {
@@ -266,7 +266,7 @@ func TestMetadataDocumentFetchedOnceConcurrently(t *testing.T) {
 
 func TestMetadataDocumentCacheIsBounded(t *testing.T) {
 	d := newMetadataDocuments(2)
-	now := newRegistrationClock().now()
+	now := newRegistrationClock().Now()
 	d.put("a", &Client{ID: "a"}, now.Add(time.Hour), now)
 	d.put("b", &Client{ID: "b"}, now.Add(time.Minute), now)
 	d.put("c", &Client{ID: "c"}, now.Add(2*time.Hour), now) // evicts b, the soonest to expire

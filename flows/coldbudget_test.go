@@ -35,8 +35,8 @@ func TestColdVerificationBudgetBoundsIntrospection(t *testing.T) {
 	valid := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
 	warm := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, testResource)
 	b := newTestBroker(t, o, nil)
-	clock := &testClock{base: time.Now()}
-	b.useIdPClocks(nil, clock.now) // frozen: no bucket refills during the test
+	clock := &testenv.Clock{Base: time.Now()}
+	b.useIdPClocks(nil, clock.Now) // frozen: no bucket refills during the test
 
 	const attacker, other = "198.51.100.7", "203.0.113.9"
 	if rec := callMCP(b, warm, attacker); rec.Code != http.StatusOK {

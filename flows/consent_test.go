@@ -5,7 +5,6 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -321,28 +320,12 @@ func TestConsentApproveRedirectsToIdP(t *testing.T) {
 	}
 }
 
-// testClock is a settable clock for b.now, safe to move while the front serves.
-// testClock is the real clock moved forward by advance; with base set it stands still at
-// base (plus what advance added), for rate limits that a slow machine must not refill.
-type testClock struct {
-	offset atomic.Int64
-	base   time.Time
-}
-
-func (c *testClock) now() time.Time {
-	if c.base.IsZero() {
-		return time.Now().Add(time.Duration(c.offset.Load()))
-	}
-	return c.base.Add(time.Duration(c.offset.Load()))
-}
-func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }
-
 // W15, the confused deputy: an approval spares the page only for the client id it was
 // given to, from the browser it was given in, within its scopes and lifetime.
 func TestConsentBoundToClientID(t *testing.T) {
 	o := testenv.SharedOP(t)
-	clock := &testClock{}
-	b, front := startHybridFrontWith(t, o, "", hybridClients, func(b *Broker) { b.now = clock.now })
+	clock := &testenv.Clock{}
+	b, front := startHybridFrontWith(t, o, "", hybridClients, func(b *Broker) { b.now = clock.Now })
 	isIdP := func(u *url.URL) bool { return strings.HasPrefix(u.String(), o.AuthorizationEndpoint+"?") }
 	isConsent := func(u *url.URL) bool { return strings.HasPrefix(u.String(), front.URL+pathConsent+"?") }
 
@@ -421,7 +404,7 @@ func TestConsentBoundToClientID(t *testing.T) {
 	})
 
 	t.Run("an approval expires", func(t *testing.T) {
-		clock.advance(consentRememberFor + time.Minute)
+		clock.Advance(consentRememberFor + time.Minute)
 		if next := br.authorize(front, hybridQuery(nil)); !isConsent(next) {
 			t.Errorf("after expiry: sent to %s", next.Redacted())
 		}

@@ -214,15 +214,15 @@ func TestLessonW2SignaturesAreVerified(t *testing.T) {
 	t.Run("forged access tokens at the MCP endpoint", func(t *testing.T) {
 		up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 		b := newTestBroker(t, o, func(c *Config) { c.Audience = []string{"mcp-server"} })
-		clock := &testClock{}
-		b.useIdPClocks(nil, clock.now)
+		clock := &testenv.Clock{}
+		b.useIdPClocks(nil, clock.Now)
 		front := startFront(t, b, up.URL)
 		genuine := o.MintJWT(claims())
 		if st := initStatus(t, front, genuine); st != http.StatusOK {
 			t.Fatalf("the control, signed by the IdP: %d", st)
 		}
 		// The new kid gets its JWKS fetch, not "retry later" (TestJWKSRefetchAtMostEvery30s).
-		clock.advance(idp.JWKSRefetchInterval)
+		clock.Advance(idp.JWKSRefetchInterval)
 		h, rest, _ := strings.Cut(genuine, ".")
 		_, sig, _ := strings.Cut(rest, ".")
 		other := claims()
@@ -531,10 +531,10 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 		}
 		return http.DefaultTransport.RoundTrip(r)
 	})}
-	clock := &testClock{}
+	clock := &testenv.Clock{}
 	b := newTestBroker(t, o, func(c *Config) { c.HTTPClient = counting })
-	keysClock := &testClock{} // apart: tokens are minted on the real clock
-	b.useIdPClocks(clock.now, keysClock.now)
+	keysClock := &testenv.Clock{} // apart: tokens are minted on the real clock
+	b.useIdPClocks(clock.Now, keysClock.Now)
 	front := startFront(t, b, testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)
 	traffic := func() {
 		t.Helper()
@@ -553,7 +553,7 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 		t.Errorf("8 requests fetched discovery %d times and the JWKS %d times, want 1 and 1", d, k)
 	}
 	forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), o.AccessTokenClaims(o.User.Subject, testResource))
-	keysClock.advance(idp.JWKSRefetchInterval) // an unknown kid is looked up at most once per 30 s
+	keysClock.Advance(idp.JWKSRefetchInterval) // an unknown kid is looked up at most once per 30 s
 	for range 3 {
 		if st := initStatus(t, front, forged); st != http.StatusUnauthorized {
 			t.Fatalf("forged token: %d", st)
@@ -562,7 +562,7 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 	if k := jwks.Load(); k != 2 {
 		t.Errorf("an unknown kid presented 3 times: %d JWKS fetches in all, want 2", k)
 	}
-	clock.advance(idp.DiscoveryMaxAge + time.Minute)
+	clock.Advance(idp.DiscoveryMaxAge + time.Minute)
 	traffic() // served the last good document while a new one is fetched in the background
 	for deadline := time.Now().Add(10 * time.Second); discoveries.Load() < 2 && time.Now().Before(deadline); {
 		runtime.Gosched()
@@ -579,10 +579,10 @@ func TestLessonW6DiscoveryAndKeysAreCached(t *testing.T) {
 // reuse detection. Thorough: TestCodeExchange, TestRefreshGrant, TestHybridLogin.
 func TestLessonW7ClientsGetBrokerTokens(t *testing.T) {
 	o := testenv.SharedOP(t)
-	clock := &testClock{}
+	clock := &testenv.Clock{}
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	b, front := startHybridFrontWith(t, o, up.URL, func(c *Config) { c.AccessTokenTTL = 17 * time.Minute },
-		func(b *Broker) { b.now = clock.now })
+		func(b *Broker) { b.now = clock.Now })
 	e := lessonTokens(o, b, front)
 	tok := lessonLogin(t, e, nil)
 	ss := sessions(t, b)
@@ -618,7 +618,7 @@ func TestLessonW7ClientsGetBrokerTokens(t *testing.T) {
 	if st := initStatus(t, front, next.AccessToken); st != http.StatusOK {
 		t.Errorf("the refreshed access token: %d", st)
 	}
-	clock.advance(b.cfg.RefreshGrace + time.Second)
+	clock.Advance(b.cfg.RefreshGrace + time.Second)
 	e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 	if st := initStatus(t, front, next.AccessToken); st != http.StatusUnauthorized {
 		t.Errorf("the family after a reused refresh token: %d, want 401", st)
@@ -755,9 +755,9 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 
 	t.Run("a cached verdict on the IdP's token ends with the token", func(t *testing.T) {
 		o := testenv.SharedOP(t)
-		clock := &testClock{}
+		clock := &testenv.Clock{}
 		b := newTestBroker(t, o, nil)
-		b.useIdPClocks(nil, clock.now)
+		b.useIdPClocks(nil, clock.Now)
 		front := startFront(t, b, testenv.StartUpstream(t, testenv.TrustedSubjectHeader()).URL)
 		c := o.AccessTokenClaims(o.User.Subject, testResource)
 		c["exp"] = time.Now().Add(2 * time.Minute).Unix()
@@ -765,7 +765,7 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 		if st := initStatus(t, front, tok); st != http.StatusOK {
 			t.Fatalf("before exp: %d", st)
 		}
-		clock.advance(2*time.Minute + idp.DefaultLeeway + time.Second)
+		clock.Advance(2*time.Minute + idp.DefaultLeeway + time.Second)
 		if st := initStatus(t, front, tok); st != http.StatusUnauthorized {
 			t.Errorf("after exp: %d, want 401", st)
 		}
@@ -777,7 +777,7 @@ func TestLessonW10NoFallbackSkipsChecks(t *testing.T) {
 		if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusOK {
 			t.Fatalf("before expiry: %d", st)
 		}
-		e.clock.advance(time.Minute)
+		e.clock.Advance(time.Minute)
 		if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
 			t.Errorf("at expiry: %d, want 401", st)
 		}

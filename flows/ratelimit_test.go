@@ -11,7 +11,7 @@ import (
 func TestRegistrationRateTotal(t *testing.T) {
 	b := newRegistrationBroker(t, func(c *Config) { c.RegistrationRate = 2; c.RegistrationRateTotal = 5 })
 	clock := newRegistrationClock()
-	b.now = clock.now
+	b.now = clock.Now
 	body := `{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`
 	for i := range 5 {
 		if rec := answerOwn(t, b, registerRequest(body, fmt.Sprintf("203.0.113.%d", i))); rec.Code != 201 {
@@ -23,7 +23,7 @@ func TestRegistrationRateTotal(t *testing.T) {
 	if got := rec.Header().Get("Retry-After"); got != "12" { // one token per 60/5 s
 		t.Errorf("Retry-After %q, want 12", got)
 	}
-	clock.advance(12 * time.Second)
+	clock.Advance(12 * time.Second)
 	if rec := answerOwn(t, b, registerRequest(body, "198.51.100.1")); rec.Code != 201 {
 		t.Errorf("after 12 s: %d", rec.Code)
 	}

@@ -25,13 +25,13 @@ func TestRegistrationExpiresUnlessUsed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	storeClock := &tokenClock{t: time.Now()}
+	storeClock := &testenv.Clock{Base: time.Now()}
 	e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) {
 		c.Registration = true
-		c.Records = storage.New(&certmagic.FileStorage{Path: t.TempDir()}, ring, storage.WithClock(storeClock.now))
+		c.Records = storage.New(&certmagic.FileStorage{Path: t.TempDir()}, ring, storage.WithClock(storeClock.Now))
 		c.SessionTTL, c.RefreshTokenTTL = 20*day, 20*day
 	})
-	advance := func(d time.Duration) { storeClock.advance(d); e.clock.advance(d) }
+	advance := func(d time.Duration) { storeClock.Advance(d); e.clock.Advance(d) }
 	register := func() string {
 		t.Helper()
 		rec := answerOwn(t, e.b, registerRequest(`{"redirect_uris":["`+tokenTestRedirect+`"],"token_endpoint_auth_method":"none"}`, ""))
@@ -64,7 +64,7 @@ func TestRegistrationExpiresUnlessUsed(t *testing.T) {
 	unused, used := register(), register()
 	code, verifier := e.codeFor(t, e.session(t, used), used, testResource)
 	tokens := e.exchange(t, used, code, verifier, nil).wantTokens(t)
-	loginAt := e.clock.now()
+	loginAt := e.clock.Now()
 	if got := renewedAt(used); !got.Equal(loginAt) {
 		t.Errorf("a code redemption left renewed_at %v, want %v", got, loginAt)
 	}
@@ -84,7 +84,7 @@ func TestRegistrationExpiresUnlessUsed(t *testing.T) {
 	}
 
 	tokens = e.refresh(t, used, tokens.RefreshToken, nil).wantTokens(t)
-	refreshedAt := e.clock.now()
+	refreshedAt := e.clock.Now()
 	if got := renewedAt(used); !got.Equal(refreshedAt) {
 		t.Errorf("a refresh a day after the login left renewed_at %v, want %v", got, refreshedAt)
 	}

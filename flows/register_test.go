@@ -30,8 +30,8 @@ func newRegistrationBroker(t *testing.T, change func(*Config)) *Broker {
 
 // newRegistrationClock is a clock standing still at a fixed date, for b.now and storage
 // expiry.
-func newRegistrationClock() *testClock {
-	return &testClock{base: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
+func newRegistrationClock() *testenv.Clock {
+	return &testenv.Clock{Base: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)}
 }
 
 // registerRequest is a registration POST from ip (none: httptest's default peer).
@@ -85,7 +85,7 @@ func wantRegistrationError(t *testing.T, rec *httptest.ResponseRecorder, status 
 func TestRegisterClient(t *testing.T) {
 	b := newRegistrationBroker(t, nil)
 	clock := newRegistrationClock()
-	b.now = clock.now
+	b.now = clock.Now
 
 	for _, tc := range []struct {
 		name       string
@@ -152,7 +152,7 @@ func TestRegisterClient(t *testing.T) {
 			var info clientInformation
 			_ = json.Unmarshal(rec.Body.Bytes(), &info)
 
-			if info.ClientID == "" || info.ClientIDIssuedAt != clock.now().Unix() {
+			if info.ClientID == "" || info.ClientIDIssuedAt != clock.Now().Unix() {
 				t.Errorf("client_id %q issued at %d", info.ClientID, info.ClientIDIssuedAt)
 			}
 			if _, has := raw["logo_uri"]; has {
@@ -300,7 +300,7 @@ func TestRegisterPreflightAndDisabled(t *testing.T) {
 func TestRegisterRateLimitPerClientIP(t *testing.T) {
 	b := newRegistrationBroker(t, func(c *Config) { c.RegistrationRate = 3 })
 	clock := newRegistrationClock()
-	b.now = clock.now
+	b.now = clock.Now
 	body := `{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`
 	reg := func(ip string) *httptest.ResponseRecorder { return answerOwn(t, b, registerRequest(body, ip)) }
 
@@ -323,11 +323,11 @@ func TestRegisterRateLimitPerClientIP(t *testing.T) {
 		t.Errorf("peer address: %d", rec.Code)
 	}
 
-	clock.advance(19 * time.Second)
+	clock.Advance(19 * time.Second)
 	if rec := reg("203.0.113.7"); rec.Code != http.StatusTooManyRequests || rec.Header().Get("Retry-After") != "1" {
 		t.Errorf("after 19 s: %d, Retry-After %q", rec.Code, rec.Header().Get("Retry-After"))
 	}
-	clock.advance(time.Second)
+	clock.Advance(time.Second)
 	if rec := reg("203.0.113.7"); rec.Code != http.StatusCreated {
 		t.Errorf("after 20 s: %d", rec.Code)
 	}

@@ -159,7 +159,7 @@ func TestRevocationEvictsDelegatedTokens(t *testing.T) {
 		}},
 		{"refresh token reused after the grace window", func(t *testing.T, tok TokenResponse, _, _ string) {
 			e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
-			e.clock.advance(e.b.cfg.RefreshGrace + time.Second)
+			e.clock.Advance(e.b.cfg.RefreshGrace + time.Second)
 			e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 		}},
 		{"code replayed", func(t *testing.T, _ TokenResponse, code, verifier string) {

@@ -92,10 +92,10 @@ func TestAuthorizationRecordsOnDiskAreAtMost7KiB(t *testing.T) {
 // one address or (ip nil) from a new address each time: every minute of the injected
 // clock it sends requests that pass the limiter and are then refused without a write,
 // until it answers 429. No time is waited.
-func admitted(t *testing.T, b *Broker, clock *testClock, window time.Duration, request func(ip string) *http.Request, ip func(i int) string) int {
+func admitted(t *testing.T, b *Broker, clock *testenv.Clock, window time.Duration, request func(ip string) *http.Request, ip func(i int) string) int {
 	t.Helper()
 	n, sent := 0, 0
-	for end := clock.now().Add(window); !clock.now().After(end); clock.advance(time.Minute) {
+	for end := clock.Now().Add(window); !clock.Now().After(end); clock.Advance(time.Minute) {
 		for {
 			sent++
 			rec := httptest.NewRecorder()
@@ -118,7 +118,7 @@ func admitted(t *testing.T, b *Broker, clock *testClock, window time.Duration, r
 func TestAnonymousStorageBoundPerAddress(t *testing.T) {
 	b := newRegistrationBroker(t, nil)
 	clock := newRegistrationClock()
-	b.now = clock.now
+	b.now = clock.Now
 	one := func(int) string { return "203.0.113.7" }
 	registration := func(ip string) *http.Request {
 		req := registerRequest(`{}`, ip)
@@ -141,7 +141,7 @@ func TestAnonymousStorageBoundPerAddress(t *testing.T) {
 	}
 
 	b = newRegistrationBroker(t, nil)
-	b.now = clock.now
+	b.now = clock.Now
 	all := admitted(t, b, clock, unusedRegistrationTTL+janitorDelay, registration, func(i int) string { return fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255) })
 	t.Logf("all addresses: %d registrations alive at once: %.1f MiB", all, float64(all*maxRegistrationRecordBytes)/(1<<20))
 	if all*maxRegistrationRecordBytes > maxHeldRegistrations {

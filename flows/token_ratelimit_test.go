@@ -40,8 +40,8 @@ func wantRateLimited(t *testing.T, rec *httptest.ResponseRecorder) {
 func TestTokenEndpointsAreRateLimited(t *testing.T) {
 	const perIP, perClient = 120, 60 // the documented limits (README, "Hybrid mode")
 	b := newRegistrationBroker(t, nil)
-	clock := &testClock{base: time.Now()} // stands still: a slow machine refills no bucket
-	b.now = clock.now
+	clock := &testenv.Clock{Base: time.Now()} // stands still: a slow machine refills no bucket
+	b.now = clock.Now
 	refresh := func(clientID string) url.Values {
 		return url.Values{"grant_type": {"refresh_token"}, "client_id": {clientID}, "refresh_token": {"garbage"}}
 	}
@@ -61,7 +61,7 @@ func TestTokenEndpointsAreRateLimited(t *testing.T) {
 		if rec := tokenRequest(t, b, pathToken, "192.0.2.2", refresh(testenv.NativeClientID)); rec.Code != http.StatusBadRequest {
 			t.Errorf("another address: %d %s", rec.Code, rec.Body)
 		}
-		clock.advance(time.Minute)
+		clock.Advance(time.Minute)
 		if rec := tokenRequest(t, b, pathToken, "192.0.2.1", refresh(testenv.NativeClientID)); rec.Code != http.StatusBadRequest {
 			t.Errorf("a minute later: %d %s", rec.Code, rec.Body)
 		}

@@ -77,7 +77,7 @@ func TestRefreshGrant(t *testing.T) {
 	t.Run("a retry within the grace window gets the same pair", func(t *testing.T) {
 		first := e.login(t)
 		next := e.refresh(t, testenv.NativeClientID, first.RefreshToken, nil).wantTokens(t)
-		e.clock.advance(e.b.cfg.RefreshGrace / 2)
+		e.clock.Advance(e.b.cfg.RefreshGrace / 2)
 		again := e.refresh(t, testenv.NativeClientID, first.RefreshToken, nil).wantTokens(t)
 		if again.AccessToken != next.AccessToken || again.RefreshToken != next.RefreshToken {
 			t.Fatal("the retry got another pair")
@@ -93,7 +93,7 @@ func TestRefreshGrant(t *testing.T) {
 	t.Run("reuse after the grace window revokes the family at once", func(t *testing.T) {
 		first := e.login(t)
 		next := e.refresh(t, testenv.NativeClientID, first.RefreshToken, nil).wantTokens(t)
-		e.clock.advance(e.b.cfg.RefreshGrace + time.Second)
+		e.clock.Advance(e.b.cfg.RefreshGrace + time.Second)
 		// Warm this node's cache, so that only the revocation's eviction can stop the tokens.
 		for _, at := range []string{first.AccessToken, next.AccessToken} {
 			if st := e.mcpStatus(t, at); st != http.StatusOK {
@@ -142,7 +142,7 @@ func TestRefreshGrant(t *testing.T) {
 
 	t.Run("an expired refresh token is invalid_grant", func(t *testing.T) {
 		first := e.login(t)
-		e.clock.advance(e.b.cfg.RefreshTokenTTL)
+		e.clock.Advance(e.b.cfg.RefreshTokenTTL)
 		e.refresh(t, testenv.NativeClientID, first.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 	})
 
@@ -289,7 +289,7 @@ func TestRefreshRateLimitPerGrant(t *testing.T) {
 	// Another grant is not limited, and this one recovers.
 	other := e.login(t)
 	e.refresh(t, testenv.NativeClientID, other.RefreshToken, nil).wantTokens(t)
-	e.clock.advance(time.Minute)
+	e.clock.Advance(time.Minute)
 	e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
 }
 
@@ -316,7 +316,7 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 	t.Run("a refresh within the interval does not ask the IdP", func(t *testing.T) {
 		tok := e.login(t)
 		n := idpRefreshes()
-		e.clock.advance(5 * time.Minute)
+		e.clock.Advance(5 * time.Minute)
 		e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
 		if got := idpRefreshes() - n; got != 0 {
 			t.Errorf("%d refreshes at the IdP, want none", got)
@@ -330,7 +330,7 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 			t.Fatalf("access token before the revocation: %d", st)
 		}
 		revokeAtOP(t, o, g.RefreshToken)
-		e.clock.advance(11 * time.Minute)
+		e.clock.Advance(11 * time.Minute)
 		e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 		if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
 			t.Errorf("access token after the IdP revoked the grant: %d, want 401", st)
@@ -347,7 +347,7 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 		defer o.DisableUser(o.User, false)
 		// Confirmed at the login: within the interval the broker does not ask.
 		next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
-		e.clock.advance(11 * time.Minute)
+		e.clock.Advance(11 * time.Minute)
 		e.refresh(t, testenv.NativeClientID, next.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 		if st := e.mcpStatus(t, next.AccessToken); st != http.StatusUnauthorized {
 			t.Errorf("access token of a disabled user: %d, want 401", st)
@@ -357,7 +357,7 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 	t.Run("a confirming refresh stores the IdP's rotated refresh token", func(t *testing.T) {
 		tok := e.login(t)
 		_, before := sessionGrant(t, tok.RefreshToken)
-		e.clock.advance(11 * time.Minute)
+		e.clock.Advance(11 * time.Minute)
 		n := idpRefreshes()
 		next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
 		if got := idpRefreshes() - n; got != 1 {
@@ -367,12 +367,12 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 		if after.RefreshToken == before.RefreshToken || after.RefreshToken == "" {
 			t.Error("the IdP's rotated refresh token was not stored")
 		}
-		if !s.ConfirmedAt.Equal(e.clock.now()) {
+		if !s.ConfirmedAt.Equal(e.clock.Now()) {
 			t.Errorf("confirmed at %v, want now", s.ConfirmedAt)
 		}
 		e.remember(after.AccessToken, after.RefreshToken, after.IDToken)
 		// Confirmed just now: the next refresh does not ask again.
-		e.clock.advance(time.Minute)
+		e.clock.Advance(time.Minute)
 		e.refresh(t, testenv.NativeClientID, next.RefreshToken, nil).wantTokens(t)
 		if got := idpRefreshes() - n; got != 1 {
 			t.Errorf("%d refreshes at the IdP, want still 1", got)
@@ -381,13 +381,13 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 
 	t.Run("an IdP that is down does not end the session; the next refresh confirms", func(t *testing.T) {
 		tok := e.login(t)
-		e.clock.advance(11 * time.Minute)
+		e.clock.Advance(11 * time.Minute)
 		o.SetDown(true)
 		next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil)
 		o.SetDown(false)
 		got := next.wantTokens(t)
 		n := idpRefreshes()
-		e.clock.advance(time.Minute)
+		e.clock.Advance(time.Minute)
 		e.refresh(t, testenv.NativeClientID, got.RefreshToken, nil).wantTokens(t)
 		if d := idpRefreshes() - n; d != 1 {
 			t.Errorf("%d refreshes at the IdP after the outage, want 1", d)
@@ -396,17 +396,17 @@ func TestRefreshConfirmsIdPGrant(t *testing.T) {
 
 	t.Run("the session's absolute lifetime ends it: refreshes cannot extend it", func(t *testing.T) {
 		tok := e.login(t)
-		e.clock.advance(20 * 24 * time.Hour)
+		e.clock.Advance(20 * 24 * time.Hour)
 		tok = e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
-		e.clock.advance(10*24*time.Hour - 30*time.Minute)
+		e.clock.Advance(10*24*time.Hour - 30*time.Minute)
 		tok = e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
 		if tok.ExpiresIn > int64(30*time.Minute/time.Second) {
 			t.Errorf("an access token issued 30 min before the session ends lives %d s", tok.ExpiresIn)
 		}
-		if rec := e.storedRefreshToken(t, tok.RefreshToken); rec.Expiry.After(e.clock.now().Add(30 * time.Minute)) {
+		if rec := e.storedRefreshToken(t, tok.RefreshToken); rec.Expiry.After(e.clock.Now().Add(30 * time.Minute)) {
 			t.Errorf("a refresh token issued 30 min before the session ends lives until %v", rec.Expiry)
 		}
-		e.clock.advance(31 * time.Minute)
+		e.clock.Advance(31 * time.Minute)
 		e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 	})
 	e.assertNoSecretsLogged(t)
@@ -445,14 +445,14 @@ func TestRefreshNarrowsToTheConfirmedGrant(t *testing.T) {
 	}
 	o.SetTokenAnswerFault(testenv.SetAnswerScope("refresh_token", "openid offline_access notes:read"))
 	defer o.SetTokenAnswerFault(nil)
-	e.clock.advance(11 * time.Minute)
+	e.clock.Advance(11 * time.Minute)
 	next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
 	if slices.Contains(strings.Fields(next.Scope), "notes:write") {
 		t.Errorf("after the IdP withdrew notes:write, a refresh still grants %q", next.Scope)
 	}
 	e.remember(next.AccessToken, next.RefreshToken)
 	// Nor may the next refresh, within the interval, ask for it back.
-	e.clock.advance(time.Minute)
+	e.clock.Advance(time.Minute)
 	e.refresh(t, testenv.NativeClientID, next.RefreshToken, func(f url.Values) { f.Set("scope", "notes:write") }).
 		wantError(t, http.StatusBadRequest, "invalid_scope")
 }

@@ -37,30 +37,12 @@ const (
 
 var tokenTestScopes = []string{"openid", "notes:read", "notes:write"}
 
-// tokenClock is a settable clock, safe for concurrent use.
-type tokenClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *tokenClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *tokenClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
-
 // tokenEnv is a hybrid broker for o in front of an MCP upstream that trusts the subject
 // header.
 type tokenEnv struct {
 	o     *testenv.OP
 	b     *Broker
-	clock *tokenClock
+	clock *testenv.Clock
 	up    *testenv.Upstream
 	front *httptest.Server
 	logs  *observer.ObservedLogs
@@ -80,8 +62,8 @@ func newTokenEnv(t *testing.T, o *testenv.OP, change func(*Config)) *tokenEnv {
 			change(c)
 		}
 	})
-	clock := &tokenClock{t: time.Now()}
-	b.now = clock.now // before anything serves: no race
+	clock := &testenv.Clock{Base: time.Now()}
+	b.now = clock.Now // before anything serves: no race
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	e := &tokenEnv{o: o, b: b, clock: clock, up: up, front: startFront(t, b, up.URL), logs: logs}
 	t.Cleanup(func() { e.assertNoSecretsLogged(t) })
@@ -337,7 +319,7 @@ func TestCodeExchange(t *testing.T) {
 		}
 		if p.Subject != o.User.Subject || p.ClientID != testenv.NativeClientID || p.ScopeString() != "openid notes:read notes:write" ||
 			len(p.Audience) != 1 || p.Audience[0] != testResource || p.SessionID == "" ||
-			!p.Expiry.Equal(e.clock.now().Add(e.b.cfg.AccessTokenTTL)) {
+			!p.Expiry.Equal(e.clock.Now().Add(e.b.cfg.AccessTokenTTL)) {
 			t.Errorf("principal %+v", p)
 		}
 	})
@@ -395,7 +377,7 @@ func TestCodeExchange(t *testing.T) {
 
 	t.Run("an expired code is refused", func(t *testing.T) {
 		code, verifier := e.code(t, testenv.NativeClientID)
-		e.clock.advance(e.b.cfg.CodeTTL + time.Second)
+		e.clock.Advance(e.b.cfg.CodeTTL + time.Second)
 		e.exchange(t, testenv.NativeClientID, code, verifier, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 	})
 

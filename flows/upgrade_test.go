@@ -78,7 +78,7 @@ func TestWriteUpgradeFixture(t *testing.T) {
 		c.BackgroundClients = []BackgroundClient{{ID: testWorkerID, Secret: testWorkerSecret}}
 		c.Records = storage.New(&certmagic.FileStorage{Path: filepath.Join(dir, "storage")}, ring)
 	})
-	e.clock.t = time.Now().UTC().Truncate(time.Second)
+	e.clock.Base = time.Now().UTC().Truncate(time.Second)
 
 	info := registerClient(t, e.b, `{"redirect_uris":["`+tokenTestRedirect+`"],"token_endpoint_auth_method":"none","client_name":"Upgrade fixture"}`)
 	code, verifier := e.code(t, info.ClientID)
@@ -95,7 +95,7 @@ func TestWriteUpgradeFixture(t *testing.T) {
 	}
 
 	fx := upgradeFixture{
-		WrittenAt:           e.clock.t,
+		WrittenAt:           e.clock.Base,
 		EncryptionKey:       base64.StdEncoding.EncodeToString(upgradeFixtureKey),
 		Resource:            testResource,
 		ClientID:            info.ClientID,
@@ -149,7 +149,7 @@ func newUpgradeEnv(t *testing.T, o *testenv.OP, fx upgradeFixture, dir string, c
 	if err != nil {
 		t.Fatal(err)
 	}
-	clock := &tokenClock{t: fx.WrittenAt.Add(time.Minute)}
+	clock := &testenv.Clock{Base: fx.WrittenAt.Add(time.Minute)}
 	core, logs := observer.New(zap.DebugLevel)
 	b := newTestBroker(t, o, func(c *Config) {
 		c.Mode = ModeHybrid
@@ -157,12 +157,12 @@ func newUpgradeEnv(t *testing.T, o *testenv.OP, fx upgradeFixture, dir string, c
 		c.Resource = fx.Resource
 		c.Registration = true
 		c.BackgroundClients = []BackgroundClient{{ID: fx.WorkerID, Secret: fx.WorkerSecret}}
-		c.Records = storage.New(&certmagic.FileStorage{Path: dir}, ring, storage.WithClock(clock.now))
+		c.Records = storage.New(&certmagic.FileStorage{Path: dir}, ring, storage.WithClock(clock.Now))
 		if change != nil {
 			change(c)
 		}
 	})
-	b.now = clock.now // before anything serves: no race
+	b.now = clock.Now // before anything serves: no race
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	e := &tokenEnv{o: o, b: b, clock: clock, up: up, front: startFront(t, b, up.URL), logs: logs}
 	t.Cleanup(func() { e.assertNoSecretsLogged(t) })

@@ -16,9 +16,9 @@ import (
 // The global budget caps what all addresses together can cost; its refusal is 503.
 func TestColdVerificationBudgetGlobal(t *testing.T) {
 	o := testenv.StartOP(t)
-	clock := &testClock{base: time.Now()}
+	clock := &testenv.Clock{Base: time.Now()}
 	v := newVerifierFor(o, func(c *VerifierConfig) {
-		c.ColdVerifyRate, c.ColdVerifyRateGlobal, c.Now = 3, 5, clock.now
+		c.ColdVerifyRate, c.ColdVerifyRateGlobal, c.Now = 3, 5, clock.Now
 	})
 	if _, err := v.cfg.Provider.Discovery(t.Context()); err != nil {
 		t.Fatal(err)
@@ -45,7 +45,7 @@ func TestColdVerificationBudgetGlobal(t *testing.T) {
 			t.Errorf("global refusal status %d, want 503", s)
 		}
 	}
-	clock.advance(time.Minute)
+	clock.Advance(time.Minute)
 	if _, err := v.Verify(withClientIP(t.Context(), "203.0.113.1"), "junk-"+testenv.RandomKID()); !errors.Is(err, ErrInvalidToken) {
 		t.Errorf("a minute later: %v, want a plain refusal", err)
 	}
@@ -57,8 +57,8 @@ func TestColdVerificationBudgetGlobal(t *testing.T) {
 // call out).
 func TestJWKSRefetchAtMostEvery30s(t *testing.T) {
 	o := testenv.StartOP(t)
-	clock := &testClock{base: time.Now()}
-	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.now })
+	clock := &testenv.Clock{Base: time.Now()}
+	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.Now })
 	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
 	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
 		t.Fatalf("Verify: %v", err)
@@ -79,7 +79,7 @@ func TestJWKSRefetchAtMostEvery30s(t *testing.T) {
 		t.Errorf("a token under the known key meanwhile: %v", err)
 	}
 
-	clock.advance(JWKSRefetchInterval)
+	clock.Advance(JWKSRefetchInterval)
 	forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
 	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
 		t.Errorf("an unknown kid 30 s later: %v, want invalid after one fetch", err)
@@ -141,13 +141,13 @@ func TestColdBudgetRefusalIsNotTheWaiters(t *testing.T) {
 	o := testenv.SharedOP(t)
 	raw := o.LoginAccessToken(t, testenv.OpaqueClientID, testenv.OpaqueClientSecret, []string{"openid"}, verifierResource)
 	fault := newFaultHoldDiscovery()
-	clock := &testClock{base: time.Now()}
+	clock := &testenv.Clock{Base: time.Now()}
 	v := newVerifierFor(o, func(c *VerifierConfig) {
 		c.Provider = NewProvider(ProviderConfig{Issuer: o.Issuer, HTTPClient: &http.Client{Transport: fault}})
-		c.ColdVerifyRate, c.Now = 1, clock.now // frozen: no bucket refills during the test
+		c.ColdVerifyRate, c.Now = 1, clock.Now // frozen: no bucket refills during the test
 	})
 	const spent, other = "198.51.100.7", "203.0.113.9"
-	if err := v.budget.admit(spent, clock.now()); err != nil {
+	if err := v.budget.admit(spent, clock.Now()); err != nil {
 		t.Fatal(err)
 	}
 

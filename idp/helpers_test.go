@@ -3,25 +3,7 @@ package idp
 import (
 	"context"
 	"net/http"
-	"sync/atomic"
-	"time"
 )
-
-// testClock is a clock tests move by hand: base (zero: the real time) plus what advance
-// added.
-type testClock struct {
-	offset atomic.Int64
-	base   time.Time
-}
-
-func (c *testClock) now() time.Time {
-	if c.base.IsZero() {
-		return time.Now().Add(time.Duration(c.offset.Load()))
-	}
-	return c.base.Add(time.Duration(c.offset.Load()))
-}
-
-func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }
 
 type clientIPKey struct{}
 

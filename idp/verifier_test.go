@@ -319,8 +319,8 @@ func TestTokenVerifierRefusesOpaqueTokensWithoutIntrospection(t *testing.T) {
 
 func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
 	o := testenv.StartOP(t)
-	clock := &testClock{base: time.Now()}
-	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.now })
+	clock := &testenv.Clock{Base: time.Now()}
+	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.Now })
 	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
 
 	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
@@ -341,7 +341,7 @@ func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
 	// An unknown kid is fetched for at most once per JWKSRefetchInterval
 	// (TestJWKSRefetchAtMostEvery30s).
 	o.ResetCounts()
-	clock.advance(JWKSRefetchInterval)
+	clock.Advance(JWKSRefetchInterval)
 	forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
 	if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
 		t.Fatalf("Verify(forged) = %v, want ErrInvalidToken", err)
@@ -607,21 +607,21 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 
 	t.Run("JWKS down for an unknown kid is unavailable", func(t *testing.T) {
 		o := testenv.StartOP(t)
-		clock := &testClock{base: time.Now()}
-		v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.now })
+		clock := &testenv.Clock{Base: time.Now()}
+		v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.Now })
 		claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
 		if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
 			t.Fatal(err)
 		}
 		o.SetDown(true)
-		clock.advance(JWKSRefetchInterval)
+		clock.Advance(JWKSRefetchInterval)
 		forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
 		_, err := v.Verify(t.Context(), forged)
 		if !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrInvalidToken) {
 			t.Fatalf("Verify = %v, want ErrUnavailable alone", err)
 		}
 		o.SetDown(false)
-		clock.advance(JWKSRefetchInterval)
+		clock.Advance(JWKSRefetchInterval)
 		if _, err := v.Verify(t.Context(), forged); !errors.Is(err, ErrInvalidToken) {
 			t.Fatalf("Verify once the IdP is back = %v, want ErrInvalidToken", err)
 		}

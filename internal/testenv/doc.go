@@ -6,7 +6,8 @@
 // A package's tests share one OP, [SharedOP]; a test that needs its own (with
 // options, or for exact counts) uses [StartOP]. [OP.LoginGrant] and
 // [OP.LoginAccessToken] get real tokens through the OP's login form;
-// [AttackerKey], [SignJWT] and [CompactJWS] forge the tokens it never issued.
+// [AttackerKey], [SignJWT] and [CompactJWS] forge the tokens it never issued;
+// [Clock] is a clock a test moves by hand.
 //
 // The example OP logs every request through slog's default logger at info
 // level; a TestMain may raise that logger's level to keep failures readable.
