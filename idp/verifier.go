@@ -583,21 +583,9 @@ func unixTime(secs float64) time.Time {
 type ScopeList []string
 
 func (s *ScopeList) UnmarshalJSON(b []byte) error {
-	if string(b) == "null" {
-		*s = nil
-		return nil
-	}
-	if len(b) > 0 && b[0] == '"' {
-		var str string
-		if err := json.Unmarshal(b, &str); err != nil {
-			return err
-		}
-		*s = strings.Fields(str)
-		return nil
-	}
-	var list []string
-	if err := json.Unmarshal(b, &list); err != nil {
-		return fmt.Errorf("scope: want a string or an array of strings: %w", err)
+	list, err := stringOrList(b, "scope", strings.Fields)
+	if err != nil {
+		return err
 	}
 	*s = list
 	return nil
@@ -607,18 +595,27 @@ func (s *ScopeList) UnmarshalJSON(b []byte) error {
 type Audience []string
 
 func (a *Audience) UnmarshalJSON(b []byte) error {
-	if len(b) > 0 && b[0] == '"' {
-		var str string
-		if err := json.Unmarshal(b, &str); err != nil {
-			return err
-		}
-		*a = Audience{str}
-		return nil
-	}
-	var list []string
-	if err := json.Unmarshal(b, &list); err != nil {
-		return fmt.Errorf("aud: want a string or an array of strings: %w", err)
+	list, err := stringOrList(b, "aud", func(str string) []string { return []string{str} })
+	if err != nil {
+		return err
 	}
 	*a = list
 	return nil
+}
+
+// stringOrList reads a claim written as a string, which fromString turns into the list,
+// or as an array of strings; null is the empty list.
+func stringOrList(b []byte, claim string, fromString func(string) []string) ([]string, error) {
+	if len(b) > 0 && b[0] == '"' {
+		var str string
+		if err := json.Unmarshal(b, &str); err != nil {
+			return nil, err
+		}
+		return fromString(str), nil
+	}
+	var list []string
+	if err := json.Unmarshal(b, &list); err != nil {
+		return nil, fmt.Errorf("%s: want a string or an array of strings: %w", claim, err)
+	}
+	return list, nil
 }
