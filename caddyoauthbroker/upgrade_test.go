@@ -6,7 +6,6 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,25 +16,12 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/internal/upgradefixture"
 )
 
 // flowsUpgradeDir is the storage an earlier release wrote, and fixture.json describing it
 // (flows' TestWriteUpgradeFixture).
 const flowsUpgradeDir = "../flows/testdata/upgrade"
-
-// upgradeFixture is what this test uses of flows/testdata/upgrade/fixture.json.
-type upgradeFixture struct {
-	WrittenAt           time.Time `json:"written_at"`
-	EncryptionKey       string    `json:"encryption_key"`
-	Resource            string    `json:"resource"`
-	ClientID            string    `json:"client_id"`
-	RedirectURI         string    `json:"redirect_uri"`
-	Subject             string    `json:"subject"`
-	OfflineRefreshToken string    `json:"offline_refresh_token"`
-	OfflineScopes       []string  `json:"offline_scopes"`
-	WorkerID            string    `json:"worker_id"`
-	WorkerSecret        string    `json:"worker_secret"`
-}
 
 // TestUpgradeCaddyfile adapts the Caddyfile of the release before issue 11's refactoring
 // (testdata/upgrade/Caddyfile, every subdirective form it had) and provisions its two
@@ -44,18 +30,7 @@ type upgradeFixture struct {
 // tokens, and the dynamically registered and configured clients are still known. A
 // directive renamed later must keep this passing, as a deprecated alias: adapting may warn.
 func TestUpgradeCaddyfile(t *testing.T) {
-	raw, err := os.ReadFile(filepath.Join(flowsUpgradeDir, "fixture.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var fx upgradeFixture
-	if err := json.Unmarshal(raw, &fx); err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	if err := os.CopyFS(dir, os.DirFS(filepath.Join(flowsUpgradeDir, "storage"))); err != nil {
-		t.Fatal(err)
-	}
+	fx, dir := upgradefixture.Load(t, flowsUpgradeDir)
 	o := testenv.StartOP(t)
 	t.Setenv("MCP_OAUTH_UPGRADE_ISSUER", o.Issuer)
 	t.Setenv("MCP_OAUTH_UPGRADE_SECRET", testenv.BrokerClientSecret)

@@ -19,42 +19,20 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/internal/upgradefixture"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
 // The upgrade fixture: storage written by an earlier release (testdata/upgrade/storage)
-// and what a test needs to use it (testdata/upgrade/fixture.json). Every secret in it is
-// a test secret of this fixture alone. It was written by TestWriteUpgradeFixture at
+// and what a test needs to use it (testdata/upgrade/fixture.json, read by package
+// upgradefixture). Every secret in it is a test secret of this fixture alone. It was
+// written by TestWriteUpgradeFixture at
 // commit f4bbd60, before offline access grants were kept per site and bound to background
 // clients; keep it, and add a fixture of a later release beside it when what is stored
 // changes again.
 
 // upgradeFixtureDir holds the fixture.
 const upgradeFixtureDir = "testdata/upgrade"
-
-// upgradeFixture is fixture.json.
-type upgradeFixture struct {
-	// WrittenAt is when the records were written; their TTLs count from it.
-	WrittenAt time.Time `json:"written_at"`
-	// EncryptionKey is the base64 key the records were sealed with.
-	EncryptionKey string `json:"encryption_key"`
-	// Resource is the protected resource of the broker that wrote them.
-	Resource string `json:"resource"`
-	// ClientID is a dynamically registered public client with RedirectURI.
-	ClientID    string `json:"client_id"`
-	RedirectURI string `json:"redirect_uri"`
-	// AccessToken and RefreshToken are the broker's pair issued to ClientID for Subject.
-	AccessToken  string `json:"access_token"`
-	RefreshToken string `json:"refresh_token"`
-	Subject      string `json:"subject"`
-	// OfflineRefreshToken is the IdP refresh token sealed in Subject's offline access grant,
-	// granted offline access through ClientID with OfflineScopes.
-	OfflineRefreshToken string   `json:"offline_refresh_token"`
-	OfflineScopes       []string `json:"offline_scopes"`
-	// WorkerID and WorkerSecret are the background client configured when the grant was made.
-	WorkerID     string `json:"worker_id"`
-	WorkerSecret string `json:"worker_secret"`
-}
 
 // upgradeFixtureKey is the fixture's encryption key: 32 bytes of 7, as newTestBroker's.
 var upgradeFixtureKey = bytes.Repeat([]byte{7}, 32)
@@ -94,7 +72,7 @@ func TestWriteUpgradeFixture(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	fx := upgradeFixture{
+	fx := upgradefixture.Fixture{
 		WrittenAt:           e.clock.Base,
 		EncryptionKey:       base64.StdEncoding.EncodeToString(upgradeFixtureKey),
 		Resource:            testResource,
@@ -117,29 +95,10 @@ func TestWriteUpgradeFixture(t *testing.T) {
 	}
 }
 
-// loadUpgradeFixture copies the fixture's storage into a fresh directory (the test
-// changes it) and reads fixture.json.
-func loadUpgradeFixture(t *testing.T) (upgradeFixture, string) {
-	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(upgradeFixtureDir, "fixture.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var fx upgradeFixture
-	if err := json.Unmarshal(raw, &fx); err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	if err := os.CopyFS(dir, os.DirFS(filepath.Join(upgradeFixtureDir, "storage"))); err != nil {
-		t.Fatal(err)
-	}
-	return fx, dir
-}
-
 // newUpgradeEnv is a hybrid broker of this release over the fixture's storage, as the
 // fixture's broker was configured, with the clock a minute after the fixture was
 // written so that its records are live.
-func newUpgradeEnv(t *testing.T, o *testenv.OP, fx upgradeFixture, dir string, change func(*Config)) *tokenEnv {
+func newUpgradeEnv(t *testing.T, o *testenv.OP, fx upgradefixture.Fixture, dir string, change func(*Config)) *tokenEnv {
 	t.Helper()
 	key, err := base64.StdEncoding.DecodeString(fx.EncryptionKey)
 	if err != nil {
@@ -176,7 +135,7 @@ func newUpgradeEnv(t *testing.T, o *testenv.OP, fx upgradeFixture, dir string, c
 // token (the OP of the run that wrote it is gone), so the background token proves the
 // grant was found, opened and its refresh token used.
 func TestUpgradeKeepsStoredRecords(t *testing.T) {
-	fx, dir := loadUpgradeFixture(t)
+	fx, dir := upgradefixture.Load(t, upgradeFixtureDir)
 	o := testenv.StartOP(t)
 	e := newUpgradeEnv(t, o, fx, dir, nil)
 
@@ -248,7 +207,7 @@ func TestUpgradeKeepsStoredRecords(t *testing.T) {
 // TestUpgradeGrantGoesToOneSite: of two sites on one storage, the one that first uses a
 // grant of an earlier release (which names no site) takes it; the other has none.
 func TestUpgradeGrantGoesToOneSite(t *testing.T) {
-	fx, dir := loadUpgradeFixture(t)
+	fx, dir := upgradefixture.Load(t, upgradeFixtureDir)
 	o := testenv.StartOP(t)
 	a := newUpgradeEnv(t, o, fx, dir, nil)
 	b := newUpgradeEnv(t, o, fx, dir, func(c *Config) { c.Resource = "https://other.example.test/mcp" })
