@@ -56,13 +56,7 @@ func TestColdVerificationBudgetGlobal(t *testing.T) {
 // key rotated at the IdP is still picked up (SECURITY.md: strangers can make the broker
 // call out).
 func TestJWKSRefetchAtMostEvery30s(t *testing.T) {
-	o := testenv.StartOP(t)
-	clock := &testenv.Clock{Base: time.Now()}
-	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.Now })
-	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
-	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
-		t.Fatalf("Verify: %v", err)
-	}
+	o, clock, v, claims := startWithKnownKey(t)
 	o.ResetCounts()
 	for i := range 20 {
 		ctx := withClientIP(t.Context(), "203.0.113."+string(rune('1'+i%9)))

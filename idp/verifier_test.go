@@ -318,14 +318,7 @@ func TestTokenVerifierRefusesOpaqueTokensWithoutIntrospection(t *testing.T) {
 }
 
 func TestTokenVerifierFetchesJWKSOnceForAnUnknownKid(t *testing.T) {
-	o := testenv.StartOP(t)
-	clock := &testenv.Clock{Base: time.Now()}
-	v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.Now })
-	claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
-
-	if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
-		t.Fatalf("Verify: %v", err)
-	}
+	o, clock, v, claims := startWithKnownKey(t)
 	if n := o.Count(testenv.CountJWKS); n != 1 {
 		t.Errorf("a kid not yet cached took %d JWKS fetches, want 1", n)
 	}
@@ -606,13 +599,7 @@ func TestTokenVerifierIdPUnavailable(t *testing.T) {
 	})
 
 	t.Run("JWKS down for an unknown kid is unavailable", func(t *testing.T) {
-		o := testenv.StartOP(t)
-		clock := &testenv.Clock{Base: time.Now()}
-		v := newVerifierFor(o, func(c *VerifierConfig) { c.Now = clock.Now })
-		claims := func() map[string]any { return o.AccessTokenClaims(o.User.Subject, verifierResource) }
-		if _, err := v.Verify(t.Context(), o.MintJWT(claims())); err != nil {
-			t.Fatal(err)
-		}
+		o, clock, v, claims := startWithKnownKey(t)
 		o.SetDown(true)
 		clock.Advance(JWKSRefetchInterval)
 		forged := testenv.SignJWT(t, testenv.AttackerKey(), jose.RS256, testenv.RandomKID(), claims())
