@@ -36,6 +36,21 @@ func sessions(t *testing.T, b *Broker) []Session {
 	return out
 }
 
+// onlySession is b's one stored session and its opened IdP grant; any other number of
+// sessions fails the test.
+func onlySession(t *testing.T, b *Broker) (Session, IdPGrant) {
+	t.Helper()
+	ss := sessions(t, b)
+	if len(ss) != 1 {
+		t.Fatalf("%d sessions, want 1", len(ss))
+	}
+	g, err := b.sessions.grant(&ss[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ss[0], g
+}
+
 // The whole hybrid login: the client's redirect URI gets a broker code with its state
 // and the broker's iss; the session holds the IdP grant of the user who logged in.
 func TestHybridLogin(t *testing.T) {
@@ -301,14 +316,7 @@ func TestHybridLoginLogsNoSecrets(t *testing.T) {
 	if code == "" {
 		t.Fatalf("no code: %v", final.Query())
 	}
-	ss := sessions(t, b)
-	if len(ss) != 1 {
-		t.Fatalf("%d sessions", len(ss))
-	}
-	g, err := b.sessions.grant(&ss[0])
-	if err != nil {
-		t.Fatal(err)
-	}
+	sess, g := onlySession(t, b)
 
 	var all strings.Builder
 	for _, e := range logs.All() {
@@ -321,7 +329,7 @@ func TestHybridLoginLogsNoSecrets(t *testing.T) {
 		"broker code": code, "PKCE verifier": verifier, "consent ticket": ticket, "CSRF token": csrf,
 		"IdP state": idp.Query().Get("state"), "nonce": idp.Query().Get("nonce"), "IdP code": cb.Query().Get("code"),
 		"IdP access token": g.AccessToken, "IdP refresh token": g.RefreshToken, "ID token": g.IDToken,
-		"client secret": testenv.BrokerClientSecret, "session id": ss[0].ID,
+		"client secret": testenv.BrokerClientSecret, "session id": sess.ID,
 	} {
 		if secret != "" && strings.Contains(all.String(), secret) {
 			t.Errorf("the log holds the %s", name)

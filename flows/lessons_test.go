@@ -585,14 +585,7 @@ func TestLessonW7ClientsGetBrokerTokens(t *testing.T) {
 		func(b *Broker) { b.now = clock.Now })
 	e := lessonTokens(o, b, front)
 	tok := lessonLogin(t, e, nil)
-	ss := sessions(t, b)
-	if len(ss) != 1 {
-		t.Fatalf("%d sessions", len(ss))
-	}
-	g, err := b.sessions.grant(&ss[0])
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, g := onlySession(t, b)
 
 	if !strings.HasPrefix(tok.AccessToken, accessTokenPrefix) || idp.LooksLikeJWS(tok.AccessToken) ||
 		tok.AccessToken == g.AccessToken || tok.RefreshToken == "" || tok.RefreshToken == g.RefreshToken {
@@ -1023,14 +1016,7 @@ func TestLessonW13NoSecretsInLogs(t *testing.T) {
 			t.Fatalf("%s: %v %+v", call.Name, err, res)
 		}
 	}
-	ss := sessions(t, b)
-	if len(ss) != 1 {
-		t.Fatalf("%d sessions", len(ss))
-	}
-	g, err := b.sessions.grant(&ss[0])
-	if err != nil {
-		t.Fatal(err)
-	}
+	sess, g := onlySession(t, b)
 	next := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil).wantTokens(t)
 	if res := e.post(t, pathRevoke, url.Values{"client_id": {testenv.NativeClientID}, "token": {next.RefreshToken}}, nil); res.status != http.StatusOK {
 		t.Fatalf("revocation: %d", res.status)
@@ -1046,7 +1032,7 @@ func TestLessonW13NoSecretsInLogs(t *testing.T) {
 		"broker code": code, "access token": tok.AccessToken, "refresh token": tok.RefreshToken,
 		"refreshed access token": next.AccessToken, "refreshed refresh token": next.RefreshToken,
 		"IdP access token": g.AccessToken, "IdP refresh token": g.RefreshToken, "ID token": g.IDToken,
-		"session id": ss[0].ID, "client secret": testenv.BrokerClientSecret, "password": o.User.Password,
+		"session id": sess.ID, "client secret": testenv.BrokerClientSecret, "password": o.User.Password,
 	}
 	delegated := 0
 	for _, r := range up.Seen() {
@@ -1218,14 +1204,7 @@ func TestLessonW19EveryPublishedAlgorithm(t *testing.T) {
 
 			b, hybrid := startHybridFront(t, o, "", nil)
 			hybridLogin(t, hybrid, o, testenv.NativeClientID, tokenTestRedirect, hybridVerifier, nil)
-			ss := sessions(t, b)
-			if len(ss) != 1 {
-				t.Fatalf("%d sessions after the hybrid login", len(ss))
-			}
-			g, err := b.sessions.grant(&ss[0])
-			if err != nil {
-				t.Fatal(err)
-			}
+			_, g := onlySession(t, b)
 			if jws, err := jose.ParseSignedCompact(g.IDToken, []jose.SignatureAlgorithm{tc.alg}); err != nil || jws.Signatures[0].Header.Algorithm != string(tc.alg) {
 				t.Errorf("the ID token the callback verified is not %s: %v", tc.alg, err)
 			}
