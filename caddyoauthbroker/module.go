@@ -327,6 +327,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	cfg.Records = h.records
 	cfg.Logger = h.logger
+	if reg := ctx.GetMetricsRegistry(); reg != nil {
+		m, err := newSiteMetrics(reg, h.Resource)
+		if err != nil {
+			return err
+		}
+		cfg.Metrics = m
+	}
 	if h.broker, err = flows.New(cfg); err != nil {
 		return err
 	}

@@ -33,6 +33,7 @@ func (b *Broker) serveBackgroundToken(w http.ResponseWriter, r *http.Request) {
 		b.writeError(w, r, err)
 		return
 	}
+	b.count(BackgroundTokenIssued)
 	writeJSON(w, http.StatusOK, resp)
 }
 

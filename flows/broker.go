@@ -109,6 +109,8 @@ type Config struct {
 	Records    *storage.Records
 	Logger     *zap.Logger
 	HTTPClient *http.Client
+	// Metrics counts what the broker does (metrics.go). Default: nothing is counted.
+	Metrics Metrics
 }
 
 // ClientConfig is an MCP client registered in the configuration.
@@ -166,6 +168,7 @@ const (
 type Broker struct {
 	cfg      Config
 	logger   *zap.Logger
+	metrics  Metrics // nil: nothing counted
 	idp      *idp.Provider
 	verifier *idp.Verifier
 	clients  *clientRegistry
@@ -288,9 +291,14 @@ func New(cfg Config) (*Broker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("resource: %w", err)
 	}
+	var timed *idpTransport
+	if cfg.Metrics != nil {
+		cfg.HTTPClient, timed = instrumentIdPClient(cfg.HTTPClient, cfg.Metrics)
+	}
 	b := &Broker{
 		cfg:            cfg,
 		logger:         cfg.Logger,
+		metrics:        cfg.Metrics,
 		idp:            newProvider(&cfg, nil),
 		now:            time.Now,
 		authorizations: ratelimit.New(ratelimit.MaxAddresses),
@@ -306,6 +314,9 @@ func New(cfg Config) (*Broker, error) {
 		toolScopes:       cfg.ToolScopes,
 		delegation:       deleg,
 		managedScopes:    managedScopes(&cfg),
+	}
+	if timed != nil {
+		timed.broker = b
 	}
 	b.constantTimeCompare = subtle.ConstantTimeCompare
 	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)

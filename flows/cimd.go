@@ -187,11 +187,13 @@ func (b *Broker) metadataDocumentClient(ctx context.Context, id string) (*Client
 		}
 		c, ttl, err := b.fetchMetadataDocument(ctx, id)
 		if err != nil {
+			b.count(MetadataDocumentRefused)
 			if !errors.Is(err, errDocumentFetchesBusy) { // the broker's state, not the document's
 				docs.fail(id, err, b.now())
 			}
 			return nil, err
 		}
+		b.count(MetadataDocumentFetched)
 		if ttl > 0 {
 			now := b.now()
 			docs.put(id, c, now.Add(ttl), now)

@@ -340,7 +340,8 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) error {
 	req := taken.Request
 	if decision == "deny" {
 		b.logger.Info("consent: denied", zap.String("client_id", req.ClientID))
-		return newRequestError(http.StatusBadRequest, "access_denied", "the user denied the request").to(req.RedirectURI, req.State, false)
+		return b.loginFailed(LoginHybrid, LoginFailedConsent,
+			newRequestError(http.StatusBadRequest, "access_denied", "the user denied the request").to(req.RedirectURI, req.State, false))
 	}
 	b.logger.Info("consent: approved", zap.String("client_id", req.ClientID))
 	b.rememberConsent(w, r, req.ClientID, req.RedirectURI, req.Scopes)

@@ -174,9 +174,11 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 		key = tokenDelegationKey(raw, scopes)
 	}
 	if h, ok := d.cache.get(key, b.now().UnixNano()); ok {
+		b.count(DelegationCacheHit)
 		out.Header.Set("Authorization", h)
 		return nil
 	}
+	b.count(DelegationCacheMiss)
 
 	h, err := b.delegateCold(ctx, mode, key, who, raw, scopes)
 	if err != nil {
@@ -216,6 +218,11 @@ func (b *Broker) delegateCold(ctx context.Context, mode string, key delegationKe
 		}
 		if err != nil {
 			return delegatedEntry{}, err
+		}
+		if mode == DelegationRefresh {
+			b.count(DelegationRefreshed)
+		} else {
+			b.count(DelegationExchanged)
 		}
 		return delegatedEntry{
 			header:  "Bearer " + tok.AccessToken,
@@ -286,6 +293,7 @@ func unavailable(doing string, err error) error {
 // delegationFailed logs a failed delegation and returns the error to answer the client
 // with. No path forwards the client's token instead.
 func (b *Broker) delegationFailed(who *idp.Principal, scopes []string, err error) error {
+	b.count(DelegationFailed)
 	kind := failInternal
 	var de *delegationError
 	switch {

@@ -199,6 +199,9 @@ func asRequestError(err error) *requestError {
 func (b *Broker) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	e := asRequestError(err)
 	b.logError(r, e)
+	if errors.Is(e.cause, ErrStorageUnavailable) {
+		b.count(StorageError)
+	}
 	if rd := e.redirect; rd != nil {
 		q := url.Values{"error": {e.code}, "iss": {b.issuer}}
 		if e.description != "" {

@@ -41,6 +41,7 @@ func BenchmarkHandleWarm(b *testing.B) {
 			br := newTestBroker(b, o, func(c *Config) {
 				c.DelegationMode = bc.delegation
 				c.DelegationAudience = "nextcloud"
+				c.Metrics = new(recordingMetrics) // counting must not allocate
 			})
 			claims := o.AccessTokenClaims(o.User.Subject, testResource)
 			claims["scope"] = "openid notes:read notes:write"

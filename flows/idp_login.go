@@ -50,6 +50,7 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 		oauth2.SetAuthURLParam("nonce", nonce),
 		oauth2.SetAuthURLParam("prompt", "consent"))
 	b.logger.Info("login: sending the browser to the identity provider", zap.String("client_id", req.ClientID))
+	b.login(LoginHybrid, LoginStarted)
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, target, http.StatusFound)
 	return nil
@@ -104,16 +105,18 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.logger.Warn("callback: the login returned to a browser that did not start it; nothing issued",
 			zap.String("client_id", pending.Request.ClientID), zap.String("state", Fingerprint(state)))
-		return errConsentPage(http.StatusForbidden, notThisBrowserMessage)
+		return b.loginFailed(LoginHybrid, LoginFailedCallback, errConsentPage(http.StatusForbidden, notThisBrowserMessage))
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
-		return errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: loading pending login", err))
+		return b.loginFailed(LoginHybrid, LoginFailedStorage,
+			errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: loading pending login", err)))
 	}
 	if pending, err = b.logins.take(r.Context(), state); err != nil {
 		if !errors.Is(err, storage.ErrNotFound) {
-			return errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: taking pending login", err))
+			return b.loginFailed(LoginHybrid, LoginFailedStorage,
+				errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: taking pending login", err)))
 		}
 		b.logger.Info("callback: unknown, replayed or expired state", zap.String("state", Fingerprint(state)))
-		return errInvalidRequest("unknown or expired login state")
+		return b.loginFailed(LoginHybrid, LoginFailedCallback, errInvalidRequest("unknown or expired login state"))
 	}
 	b.clearLoginBinding(w, state, pathCallback)
 	req := pending.Request
@@ -126,6 +129,17 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 // finishLogin redeems the IdP's code of a pending login and sends the browser back to the
 // client with a broker code. Its errors go to the client's redirect URI.
 func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) *requestError {
+	step, err := b.finishLoginStep(w, r, q, state, pending)
+	if err != nil {
+		b.login(LoginHybrid, step)
+		return err
+	}
+	b.login(LoginHybrid, LoginCompleted)
+	return nil
+}
+
+// finishLoginStep is finishLogin, saying at which step it failed.
+func (b *Broker) finishLoginStep(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) (LoginStep, *requestError) {
 	req := pending.Request
 	if idpErr := q.Get("error"); idpErr != "" {
 		// The IdP's words stay in the log (SECURITY.md W11); the client gets a fixed code.
@@ -133,20 +147,20 @@ func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Value
 			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))
 		switch idpErr {
 		case "access_denied":
-			return newRequestError(http.StatusBadRequest, "access_denied", "the user or the identity provider denied the request")
+			return LoginFailedIdP, newRequestError(http.StatusBadRequest, "access_denied", "the user or the identity provider denied the request")
 		case "temporarily_unavailable":
-			return newRequestError(http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+			return LoginFailedIdP, newRequestError(http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
 		default:
-			return newRequestError(http.StatusBadRequest, "server_error", "the identity provider refused the login")
+			return LoginFailedIdP, newRequestError(http.StatusBadRequest, "server_error", "the identity provider refused the login")
 		}
 	}
 	code := q.Get("code")
 	if code == "" {
-		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider returned no code")
+		return LoginFailedIdP, newRequestError(http.StatusBadGateway, "server_error", "the identity provider returned no code")
 	}
 	verifier, err := b.logins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
-		return errServer(http.StatusInternalServerError, "the login could not be finished", fmt.Errorf("callback: opening PKCE verifier: %w", err))
+		return LoginFailedStorage, errServer(http.StatusInternalServerError, "the login could not be finished", fmt.Errorf("callback: opening PKCE verifier: %w", err))
 	}
 
 	ctx, cancel := context.WithTimeout(r.Context(), b.cfg.IdPTimeout)
@@ -154,9 +168,9 @@ func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Value
 	grant, err := b.exchangeIdPCode(ctx, code, verifier, pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
 	if err != nil {
 		if errors.Is(err, idp.ErrUnavailable) {
-			return errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
+			return LoginFailedCodeExchange, errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
 		}
-		return errServer(http.StatusBadGateway, "the login at the identity provider could not be verified",
+		return LoginFailedCodeExchange, errServer(http.StatusBadGateway, "the login at the identity provider could not be verified",
 			fmt.Errorf("callback: login refused for client %s: %w", req.ClientID, err))
 	}
 
@@ -168,14 +182,14 @@ func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Value
 	}
 	s, err := b.sessions.create(r.Context(), grant.Subject, req.ClientID, req.Scopes, grant)
 	if err != nil {
-		return errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: creating session", err))
+		return LoginFailedStorage, errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: creating session", err))
 	}
 	brokerCode, err := b.issueCode(r.Context(), s, req)
 	if err != nil {
 		if derr := b.sessions.end(r.Context(), s.ID); derr != nil {
 			b.logger.Warn("callback: deleting unused session", zap.Error(derr))
 		}
-		return errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: issuing code", err))
+		return LoginFailedStorage, errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: issuing code", err))
 	}
 	b.logger.Info("callback: login finished", zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject))
 	q = url.Values{"code": {brokerCode}, "iss": {b.issuer}}
@@ -183,7 +197,7 @@ func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Value
 		q.Set("state", req.State)
 	}
 	redirectWithQuery(w, r, req.RedirectURI, q)
-	return nil
+	return LoginCompleted, nil
 }
 
 // exchangeIdPCode redeems an IdP authorization code with its PKCE verifier at the token

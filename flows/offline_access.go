@@ -220,6 +220,7 @@ func (b *Broker) redirectToIdPForOfflineAccess(w http.ResponseWriter, r *http.Re
 		oauth2.SetAuthURLParam("prompt", "consent"),
 	)
 	b.logger.Info("offline access: sending the user to the identity provider", zap.String("subject", subject))
+	b.login(LoginOfflineAccess, LoginStarted)
 	h := w.Header()
 	h.Set("Cache-Control", "no-store")
 	h.Set("Referrer-Policy", "no-referrer")
@@ -256,7 +257,8 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	}
 	ctx := r.Context()
 	notFinished := func(cause error) error {
-		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The login could not be finished; start again.").because(cause)
+		return b.loginFailed(LoginOfflineAccess, LoginFailedStorage,
+			b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The login could not be finished; start again.").because(cause))
 	}
 	// The browser binding is checked before the state is taken, so that another browser
 	// cannot spend it (see bindLoginToBrowser).
@@ -264,14 +266,15 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	switch {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.logger.Warn("offline access: the login returned to a browser that did not start it; nothing stored", zap.String("subject", pending.Subject))
-		return b.errOfflineAccessPage(http.StatusForbidden, "Wrong browser", notThisBrowserMessage)
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCallback, b.errOfflineAccessPage(http.StatusForbidden, "Wrong browser", notThisBrowserMessage))
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
 		return notFinished(storageFailed("offline access: loading state", err))
 	}
 	pending, err = b.offlineLogins.take(ctx, state)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		return b.errOfflineAccessPage(http.StatusBadRequest, "Login expired", "This login is unknown, expired or already finished. Start again.")
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCallback,
+			b.errOfflineAccessPage(http.StatusBadRequest, "Login expired", "This login is unknown, expired or already finished. Start again."))
 	case err != nil:
 		return notFinished(storageFailed("offline access: taking state", err))
 	}
@@ -279,11 +282,11 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	if q.Get("error") != "" {
 		// The IdP's own error text is not shown (SECURITY.md W11): only that access was not granted.
 		b.logger.Info("offline access: identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
-		return b.errOfflineAccessPage(http.StatusForbidden, "Not granted", "The identity provider did not grant offline access.")
+		return b.loginFailed(LoginOfflineAccess, LoginFailedIdP, b.errOfflineAccessPage(http.StatusForbidden, "Not granted", "The identity provider did not grant offline access."))
 	}
 	code := q.Get("code")
 	if code == "" {
-		return b.errOfflineAccessPage(http.StatusBadRequest, "Bad request", "The code parameter is missing.")
+		return b.loginFailed(LoginOfflineAccess, LoginFailedIdP, b.errOfflineAccessPage(http.StatusBadRequest, "Bad request", "The code parameter is missing."))
 	}
 	verifier, err := b.offlineLogins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
@@ -291,22 +294,25 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	}
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
-		return b.errOfflineAccessPage(http.StatusServiceUnavailable, "Try again", "The identity provider cannot be reached; start again shortly.").
-			because(fmt.Errorf("offline access: %w", err))
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+			b.errOfflineAccessPage(http.StatusServiceUnavailable, "Try again", "The identity provider cannot be reached; start again shortly.").
+				because(fmt.Errorf("offline access: %w", err)))
 	}
 	cfg := b.offlineAccessOAuth2(d, pending.Scopes)
 	idpCtx, cancel := b.offlineIdPContext(ctx)
 	defer cancel()
 	tok, err := cfg.Exchange(idpCtx, code, oauth2.VerifierOption(verifier))
 	if err != nil {
-		return b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider did not accept the login; start again.").
-			because(fmt.Errorf("offline access: exchanging authorization code for subject %s: %w", pending.Subject, oauthErrorOnly(err)))
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+			b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider did not accept the login; start again.").
+				because(fmt.Errorf("offline access: exchanging authorization code for subject %s: %w", pending.Subject, oauthErrorOnly(err))))
 	}
 	sub, err := b.verifyOfflineAccessIDToken(idpCtx, d, tok, pending.Nonce)
 	if err != nil {
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		return b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
-			because(fmt.Errorf("offline access: ID token refused for subject %s: %w", pending.Subject, err))
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+			b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
+				because(fmt.Errorf("offline access: ID token refused for subject %s: %w", pending.Subject, err)))
 	}
 	if subtle.ConstantTimeCompare([]byte(sub), []byte(pending.Subject)) != 1 {
 		// Someone else logged in at the IdP: their grant must not land under this user,
@@ -314,12 +320,13 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 		b.logger.Warn("offline access: a different user logged in at the identity provider; nothing stored",
 			zap.String("subject", pending.Subject), zap.String("logged_in", sub))
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		return b.errOfflineAccessPage(http.StatusForbidden, "Wrong account",
-			"You logged in at the identity provider as a different user than the one who asked for offline access. Nothing was stored.")
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange, b.errOfflineAccessPage(http.StatusForbidden, "Wrong account",
+			"You logged in at the identity provider as a different user than the one who asked for offline access. Nothing was stored."))
 	}
 	if tok.RefreshToken == "" {
-		return b.errOfflineAccessPage(http.StatusBadGateway, "No offline access", "The identity provider granted no offline access.").
-			because(fmt.Errorf("offline access: the identity provider issued no refresh token for subject %s", sub))
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+			b.errOfflineAccessPage(http.StatusBadGateway, "No offline access", "The identity provider granted no offline access.").
+				because(fmt.Errorf("offline access: the identity provider issued no refresh token for subject %s", sub)))
 	}
 	scopes := pending.Scopes
 	if s, ok := tok.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
@@ -332,10 +339,12 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	}
 	if err := b.storeOfflineAccessGrant(ctx, d, sub, pending.ClientID, scopes, workers, tok.RefreshToken); err != nil {
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "Offline access could not be stored; start again.").
-			because(fmt.Errorf("offline access: storing offline access grant for subject %s: %w", sub, err))
+		return b.loginFailed(LoginOfflineAccess, LoginFailedStorage,
+			b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "Offline access could not be stored; start again.").
+				because(fmt.Errorf("offline access: storing offline access grant for subject %s: %w", sub, err)))
 	}
 	b.logger.Info("offline access: granted", zap.String("subject", sub), zap.String("client_id", pending.ClientID))
+	b.login(LoginOfflineAccess, LoginCompleted)
 	b.offlineAccessPage(w, http.StatusOK, offlineAccessPageData{
 		Title:             "Offline access granted",
 		Message:           "Background jobs may now act for you with these scopes. You can close this window.",

@@ -81,9 +81,11 @@ func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	resp, err := b.register(w, r)
 	if err != nil {
+		b.count(RegistrationRefused)
 		b.writeError(w, r, err)
 		return
 	}
+	b.count(RegistrationAccepted)
 	writeJSON(w, http.StatusCreated, resp)
 }
 

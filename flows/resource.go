@@ -88,12 +88,17 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 	}
 	who, err := b.admit(w, r)
 	if err != nil {
+		if b.metrics != nil {
+			b.metrics.Count(requestOutcome(asRequestError(err)))
+		}
 		b.writeError(w, r, err)
 		return nil, nil
 	}
 	if who == nil {
+		b.count(RequestOfflineAccessNeeded)
 		return nil, nil // answered with a URL elicitation (offline_access_elicitation.go)
 	}
+	b.count(RequestPassed)
 	return r, who
 }
 

@@ -67,6 +67,7 @@ func (b *Broker) revoke(w http.ResponseWriter, r *http.Request) error {
 		b.logger.Warn("revocation of another client's token ignored",
 			zap.String("client_id", client.ID), zap.String("token", Fingerprint(raw)))
 	default:
+		b.count(TokenRevoked)
 		b.logger.Info("revoking broker tokens",
 			zap.String("client_id", client.ID), zap.String("family", Fingerprint(familyID)))
 		b.revokeGrant(ctx, familyID, sessionID)

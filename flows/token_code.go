@@ -110,6 +110,7 @@ func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) 
 	if err != nil {
 		return TokenResponse{}, errStorage("redeeming authorization code", err)
 	}
+	b.count(TokenIssued)
 	b.logger.Info("issued broker tokens for an authorization code",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 	b.renewRegistration(ctx, client)
@@ -127,6 +128,7 @@ func (b *Broker) codeReplayed(ctx context.Context, code string) {
 		b.logger.Error("reading authorization code replay marker", zap.Error(err))
 		return
 	}
+	b.count(TokenReuseDetected)
 	b.logger.Warn("authorization code replayed; revoking what it issued",
 		zap.String("code", Fingerprint(code)), zap.String("family", Fingerprint(used.FamilyID)))
 	b.revokeGrant(ctx, used.FamilyID, used.SessionID)

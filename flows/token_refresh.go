@@ -136,6 +136,7 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 		// The old token is still unrotated: the client may retry.
 		return TokenResponse{}, errStorage("refreshing broker tokens", err)
 	}
+	b.count(TokenRefreshed)
 	b.logger.Info("rotated broker refresh token",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 	b.renewRegistration(ctx, client)
@@ -164,6 +165,7 @@ func (b *Broker) repeatedRefresh(ctx context.Context, rec *RefreshToken, client 
 		}
 	}
 	if reuse != "" {
+		b.count(TokenReuseDetected)
 		b.logger.Warn("rotated refresh token reused; revoking its family", zap.String("when", reuse),
 			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
 			zap.String("family", Fingerprint(rec.FamilyID)))

@@ -145,6 +145,14 @@ func (i *Provider) Discovery(ctx context.Context) (*Discovery, error) {
 	}
 }
 
+// Known returns the discovery document fetched last, or nil: it never fetches, so a
+// caller inside a fetch (an instrumented transport naming the endpoint) can use it.
+func (i *Provider) Known() *Discovery {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.cached
+}
+
 // refresh fetches the document under its own timeout, detached from every request, and
 // records the outcome.
 func (i *Provider) refresh() (any, error) {

@@ -1,0 +1,244 @@
+package caddyoauthbroker
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-mcp/oauth-broker/flows"
+)
+
+// The module's metrics, in Caddy's registry (caddy.Context.GetMetricsRegistry): served
+// wherever Caddy serves its metrics (the admin endpoint's /metrics, the `metrics` handler).
+// Every series has a `site` label, the resource URL's host and path, which tells the
+// mcp_oauth handlers of one configuration apart; the other labels are fixed enumerations
+// (flows/metrics.go), never a client id, subject or tool name.
+
+const metricsNamespace = "caddy"
+const metricsSubsystem = "mcp_oauth"
+
+// brokerCollectors are the module's metric families, registered once per registry and
+// shared by every handler of it.
+type brokerCollectors struct {
+	requests          *prometheus.CounterVec   // site, outcome
+	loginsStarted     *prometheus.CounterVec   // site, flow
+	loginsCompleted   *prometheus.CounterVec   // site, flow
+	loginsFailed      *prometheus.CounterVec   // site, flow, step
+	tokens            *prometheus.CounterVec   // site, event
+	delegations       *prometheus.CounterVec   // site, result
+	registrations     *prometheus.CounterVec   // site, result
+	metadataDocuments *prometheus.CounterVec   // site, result
+	storageErrors     *prometheus.CounterVec   // site
+	idpDuration       *prometheus.HistogramVec // site, endpoint, result
+}
+
+func newBrokerCollectors() *brokerCollectors {
+	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help,
+		}, append([]string{"site"}, labels...))
+	}
+	return &brokerCollectors{
+		requests: counter("requests_total",
+			"Requests to the MCP endpoint, by outcome.", "outcome"),
+		loginsStarted: counter("logins_started_total",
+			"Logins that sent the browser to the identity provider, by flow (hybrid, offline_access).", "flow"),
+		loginsCompleted: counter("logins_completed_total",
+			"Logins that stored a session or an offline access grant, by flow.", "flow"),
+		loginsFailed: counter("logins_failed_total",
+			"Logins that failed, by flow and the step that failed.", "flow", "step"),
+		tokens: counter("tokens_total",
+			"Broker token events: issued, refreshed, reuse_detected, revoked, background_issued.", "event"),
+		delegations: counter("delegations_total",
+			"Delegated tokens for the upstream, by result: cache_hit, cache_miss, exchanged, refreshed, failed.", "result"),
+		registrations: counter("registrations_total",
+			"Dynamic client registrations (RFC 7591), by result.", "result"),
+		metadataDocuments: counter("metadata_document_fetches_total",
+			"Client metadata document fetches, by result.", "result"),
+		storageErrors: counter("storage_errors_total",
+			"Requests answered with an error because storage could not be read or written."),
+		idpDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem,
+			Name:    "idp_request_duration_seconds",
+			Help:    "Latency of requests to the identity provider, by endpoint and result.",
+			Buckets: prometheus.DefBuckets,
+		}, []string{"site", "endpoint", "result"}),
+	}
+}
+
+// register registers c's families with reg, or takes those already there: two handlers
+// of one configuration share Caddy's registry.
+func (c *brokerCollectors) register(reg prometheus.Registerer) error {
+	for _, p := range []any{&c.requests, &c.loginsStarted, &c.loginsCompleted, &c.loginsFailed,
+		&c.tokens, &c.delegations, &c.registrations, &c.metadataDocuments, &c.storageErrors} {
+		v := p.(**prometheus.CounterVec)
+		got, err := registerOrGet(reg, *v)
+		if err != nil {
+			return err
+		}
+		*v = got
+	}
+	got, err := registerOrGet(reg, c.idpDuration)
+	if err != nil {
+		return err
+	}
+	c.idpDuration = got
+	return nil
+}
+
+// registerOrGet registers col with reg, or returns the collector of the same description
+// registered before it.
+func registerOrGet[C prometheus.Collector](reg prometheus.Registerer, col C) (C, error) {
+	err := reg.Register(col)
+	if err == nil {
+		return col, nil
+	}
+	var already prometheus.AlreadyRegisteredError
+	if errors.As(err, &already) {
+		if existing, ok := already.ExistingCollector.(C); ok {
+			return existing, nil
+		}
+	}
+	var zero C
+	return zero, fmt.Errorf("registering metrics: %w", err)
+}
+
+// siteMetrics is flows.Metrics for one site: every series resolved once, so that counting
+// is an atomic add.
+type siteMetrics struct {
+	events [flows.NumEvents]prometheus.Counter
+	logins [flows.NumLoginFlows][flows.NumLoginSteps]prometheus.Counter
+	idp    [flows.NumIdPEndpoints][flows.NumIdPResults]prometheus.Observer
+}
+
+// eventSeries says which family and label value counts each flows.Event.
+func (c *brokerCollectors) eventSeries(e flows.Event) (*prometheus.CounterVec, string) {
+	switch e {
+	case flows.RequestPassed:
+		return c.requests, "passed"
+	case flows.RequestNoToken:
+		return c.requests, "no_token"
+	case flows.RequestInvalidToken:
+		return c.requests, "invalid_token"
+	case flows.RequestInsufficientScope:
+		return c.requests, "insufficient_scope"
+	case flows.RequestRefused:
+		return c.requests, "refused"
+	case flows.RequestOfflineAccessNeeded:
+		return c.requests, "offline_access_required"
+	case flows.RequestRateLimited:
+		return c.requests, "rate_limited"
+	case flows.RequestUnavailable:
+		return c.requests, "unavailable"
+	case flows.RequestFailed:
+		return c.requests, "error"
+	case flows.TokenIssued:
+		return c.tokens, "issued"
+	case flows.TokenRefreshed:
+		return c.tokens, "refreshed"
+	case flows.TokenReuseDetected:
+		return c.tokens, "reuse_detected"
+	case flows.TokenRevoked:
+		return c.tokens, "revoked"
+	case flows.BackgroundTokenIssued:
+		return c.tokens, "background_issued"
+	case flows.DelegationCacheHit:
+		return c.delegations, "cache_hit"
+	case flows.DelegationCacheMiss:
+		return c.delegations, "cache_miss"
+	case flows.DelegationExchanged:
+		return c.delegations, "exchanged"
+	case flows.DelegationRefreshed:
+		return c.delegations, "refreshed"
+	case flows.DelegationFailed:
+		return c.delegations, "failed"
+	case flows.RegistrationAccepted:
+		return c.registrations, "accepted"
+	case flows.RegistrationRefused:
+		return c.registrations, "refused"
+	case flows.MetadataDocumentFetched:
+		return c.metadataDocuments, "fetched"
+	case flows.MetadataDocumentRefused:
+		return c.metadataDocuments, "refused"
+	case flows.StorageError:
+		return c.storageErrors, ""
+	}
+	return nil, ""
+}
+
+// forSite resolves every series of site.
+func (c *brokerCollectors) forSite(site string) (*siteMetrics, error) {
+	m := new(siteMetrics)
+	for e := range flows.NumEvents {
+		vec, value := c.eventSeries(e)
+		switch {
+		case vec == nil:
+			return nil, fmt.Errorf("metrics: flows event %d has no series", e)
+		case vec == c.storageErrors:
+			m.events[e] = vec.WithLabelValues(site)
+		default:
+			m.events[e] = vec.WithLabelValues(site, value)
+		}
+	}
+	for f := range flows.NumLoginFlows {
+		for s := range flows.NumLoginSteps {
+			switch {
+			case s == flows.LoginStarted:
+				m.logins[f][s] = c.loginsStarted.WithLabelValues(site, f.String())
+			case s == flows.LoginCompleted:
+				m.logins[f][s] = c.loginsCompleted.WithLabelValues(site, f.String())
+			default:
+				m.logins[f][s] = c.loginsFailed.WithLabelValues(site, f.String(), s.String())
+			}
+		}
+	}
+	for e := range flows.NumIdPEndpoints {
+		for r := range flows.NumIdPResults {
+			m.idp[e][r] = c.idpDuration.WithLabelValues(site, e.String(), r.String())
+		}
+	}
+	return m, nil
+}
+
+func (m *siteMetrics) Count(e flows.Event) {
+	if e < flows.NumEvents {
+		m.events[e].Inc()
+	}
+}
+
+func (m *siteMetrics) Login(f flows.LoginFlow, s flows.LoginStep) {
+	if f < flows.NumLoginFlows && s < flows.NumLoginSteps {
+		m.logins[f][s].Inc()
+	}
+}
+
+func (m *siteMetrics) IdPRequest(e flows.IdPEndpoint, r flows.IdPResult, took time.Duration) {
+	if e < flows.NumIdPEndpoints && r < flows.NumIdPResults {
+		m.idp[e][r].Observe(took.Seconds())
+	}
+}
+
+// metricsSite is the site label of the handler protecting resource: its host and path,
+// which the configuration names, so the label's values are bounded by it.
+func metricsSite(resource string) string {
+	u, err := url.Parse(resource)
+	if err != nil {
+		return resource
+	}
+	return u.Host + u.Path
+}
+
+// newSiteMetrics registers the module's families with reg, once per registry, and
+// resolves the series of the site serving resource.
+func newSiteMetrics(reg prometheus.Registerer, resource string) (*siteMetrics, error) {
+	c := newBrokerCollectors()
+	if err := c.register(reg); err != nil {
+		return nil, err
+	}
+	return c.forSite(metricsSite(resource))
+}
+
+var _ flows.Metrics = (*siteMetrics)(nil)
