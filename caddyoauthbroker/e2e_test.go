@@ -50,12 +50,18 @@ func startCaddy(t *testing.T, port int, handler map[string]any, upstream string)
 // startCaddyWith is startCaddy with any handler after mcp_oauth.
 func startCaddyWith(t *testing.T, port int, handler, next map[string]any) string {
 	t.Helper()
+	handler["handler"] = "mcp_oauth"
+	return startCaddyRoutes(t, port, []any{map[string]any{"handle": []any{handler, next}}})
+}
+
+// startCaddyRoutes is startCaddy with the server's routes.
+func startCaddyRoutes(t *testing.T, port int, routes []any) string {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "mcp_oauth-e2e-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	handler["handler"] = "mcp_oauth"
 	cfg := map[string]any{
 		"admin":   map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
 		"storage": map[string]any{"module": "file_system", "root": dir},
@@ -63,7 +69,7 @@ func startCaddyWith(t *testing.T, port int, handler, next map[string]any) string
 		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"mcp": map[string]any{
 			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
 			"automatic_https": map[string]any{"disable": true},
-			"routes":          []any{map[string]any{"handle": []any{handler, next}}},
+			"routes":          routes,
 		}}}},
 	}
 	raw, err := json.Marshal(cfg)

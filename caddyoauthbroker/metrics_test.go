@@ -1,0 +1,219 @@
+package caddyoauthbroker
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/modelcontextprotocol/go-sdk/auth"
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"github.com/modelcontextprotocol/go-sdk/oauthex"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-mcp/oauth-broker/flows"
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+)
+
+// scrapeValue reads the value of the sample name that has every one of labels (`k="v"`)
+// from a Prometheus text exposition; -1 when there is none.
+func scrapeValue(exposition, name string, labels ...string) float64 {
+line:
+	for _, l := range strings.Split(exposition, "\n") {
+		if !strings.HasPrefix(l, name+"{") {
+			continue
+		}
+		end := strings.LastIndexByte(l, '}')
+		if end < 0 {
+			continue
+		}
+		for _, want := range labels {
+			if !strings.Contains(l[:end], want) {
+				continue line
+			}
+		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(l[end+1:]), 64)
+		if err != nil {
+			return -1
+		}
+		return v
+	}
+	return -1
+}
+
+// TestMetricsScrapedAfterAFlow runs a progressive login, tool calls and a step-up through
+// a whole Caddy, scrapes its /metrics (Caddy's `metrics` handler over its registry) and
+// finds the requests counted by outcome and the IdP's requests timed.
+func TestMetricsScrapedAfterAFlow(t *testing.T) {
+	o := testenv.StartOP(t)
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	port := freePort(t)
+	resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+	site := fmt.Sprintf(`site="127.0.0.1:%d/mcp"`, port)
+	upstream, _ := url.Parse(up.URL)
+	base := startCaddyRoutes(t, port, []any{
+		map[string]any{
+			"match":  []any{map[string]any{"path": []string{"/metrics"}}},
+			"handle": []any{map[string]any{"handler": "metrics"}},
+		},
+		map[string]any{"handle": []any{
+			map[string]any{
+				"handler":         "mcp_oauth",
+				"mode":            "progressive",
+				"issuer":          o.Issuer,
+				"client_id":       testenv.BrokerClientID,
+				"client_secret":   testenv.BrokerClientSecret,
+				"resource":        resource,
+				"scopes":          []string{"openid", "notes:read", "notes:write"},
+				"encryption_keys": []string{testKey},
+				"clients":         []any{map[string]any{"client_id": testenv.NativeClientID, "redirect_uris": []string{"http://127.0.0.1/callback"}}},
+				"delegation":      map[string]any{"mode": "none"},
+				"tool_scopes":     []any{map[string]any{"tool": "notes_write", "scopes": []string{"notes:write"}}},
+			},
+			map[string]any{"handler": "reverse_proxy", "upstreams": []any{map[string]any{"dial": upstream.Host}}},
+		}},
+	})
+
+	var visited []string
+	handler, err := auth.NewAuthorizationCodeHandler(&auth.AuthorizationCodeHandlerConfig{
+		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: testenv.NativeClientID},
+		RedirectURL:              "http://127.0.0.1:49152/callback",
+		AuthorizationCodeFetcher: fetcherFor(o, &visited),
+		ScopeFilter: func(discovered []string) []string {
+			if len(visited) == 0 {
+				return []string{"openid", "notes:read"}
+			}
+			return discovered
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := mcp.NewClient(&mcp.Implementation{Name: "metrics", Version: "1"}, nil)
+	session, err := client.Connect(t.Context(), &mcp.StreamableClientTransport{
+		Endpoint: base + "/mcp", OAuthHandler: handler, DisableStandaloneSSE: true,
+	}, nil)
+	if err != nil {
+		t.Fatalf("connecting through Caddy: %v", err)
+	}
+	defer session.Close()
+	if _, err := session.ListTools(t.Context(), nil); err != nil {
+		t.Fatalf("tools/list: %v", err)
+	}
+	if res, err := session.CallTool(t.Context(), &mcp.CallToolParams{Name: "notes_write", Arguments: map[string]any{"text": "hi"}}); err != nil || res.IsError {
+		t.Fatalf("notes_write after step-up: %v", err)
+	}
+
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	exposition := string(body)
+	for _, c := range []struct {
+		name   string
+		labels []string
+	}{
+		{"caddy_mcp_oauth_requests_total", []string{site, `outcome="passed"`}},
+		{"caddy_mcp_oauth_requests_total", []string{site, `outcome="no_token"`}},
+		{"caddy_mcp_oauth_requests_total", []string{site, `outcome="insufficient_scope"`}},
+		{"caddy_mcp_oauth_idp_request_duration_seconds_count", []string{site, `endpoint="discovery"`, `result="ok"`}},
+		{"caddy_mcp_oauth_idp_request_duration_seconds_count", []string{site, `endpoint="jwks"`, `result="ok"`}},
+	} {
+		if v := scrapeValue(exposition, c.name, c.labels...); v < 1 {
+			t.Errorf("%s%v = %v after the flow, want at least 1", c.name, c.labels, v)
+		}
+	}
+	if v := scrapeValue(exposition, "caddy_mcp_oauth_requests_total", site, `outcome="invalid_token"`); v != 0 {
+		t.Errorf("invalid_token requests: %v, want 0", v)
+	}
+	for _, bad := range []string{o.User.Subject, testenv.NativeClientID, "notes_write"} {
+		if strings.Contains(exposition, bad) {
+			t.Errorf("the metrics name %q: labels must stay bounded", bad)
+		}
+	}
+}
+
+// TestMetricsTwoSitesAndAReprovision: two mcp_oauth handlers in one configuration share
+// Caddy's registry, and provisioning one again (a reload on the same registry) does not
+// fail on the families already registered; each site counts its own requests.
+func TestMetricsTwoSitesAndAReprovision(t *testing.T) {
+	ctx, _ := provisionContext(t)
+	sites := map[string]string{
+		"https://a.example.com/mcp":       "a.example.com/mcp",
+		"https://b.example.com/tools/mcp": "b.example.com/tools/mcp",
+	}
+	handlers := map[string]*Handler{}
+	for _, resource := range []string{"https://a.example.com/mcp", "https://b.example.com/tools/mcp", "https://a.example.com/mcp"} {
+		cfg := progressiveConfig()
+		cfg["resource"] = resource
+		h, err := load(t, ctx, cfg)
+		if err != nil {
+			t.Fatalf("provisioning %s: %v", resource, err)
+		}
+		handlers[resource] = h
+	}
+	next := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })
+	request := func(h *Handler, resource string) {
+		r := httptest.NewRequest(http.MethodPost, resource, strings.NewReader(`{}`))
+		r = caddyhttp.PrepareRequest(r, caddy.NewReplacer(), nil, nil)
+		if err := h.ServeHTTP(httptest.NewRecorder(), r, next); err != nil {
+			t.Fatal(err)
+		}
+	}
+	request(handlers["https://a.example.com/mcp"], "https://a.example.com/mcp")
+	request(handlers["https://a.example.com/mcp"], "https://a.example.com/mcp")
+	request(handlers["https://b.example.com/tools/mcp"], "https://b.example.com/tools/mcp")
+
+	reg := ctx.GetMetricsRegistry()
+	want := map[string]float64{"a.example.com/mcp": 2, "b.example.com/tools/mcp": 1}
+	for _, site := range sites {
+		got := counterValue(t, reg, "caddy_mcp_oauth_requests_total", map[string]string{"site": site, "outcome": "no_token"})
+		if got != want[site] {
+			t.Errorf("site %s: %v requests without a token, want %v", site, got, want[site])
+		}
+	}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() == "caddy_mcp_oauth_requests_total" {
+			if n, want := len(f.GetMetric()), 2*int(flows.RequestFailed-flows.RequestPassed+1); n != want {
+				t.Errorf("%d request series, want %d: every outcome of both sites, resolved at Provision", n, want)
+			}
+		}
+	}
+}
+
+// counterValue is the value of the counter name with labels in reg, failing when absent.
+func counterValue(t *testing.T, reg prometheus.Gatherer, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+	metric:
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if v, ok := labels[l.GetName()]; ok && v != l.GetValue() {
+					continue metric
+				}
+			}
+			return m.GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no %s%v", name, labels)
+	return 0
+}
