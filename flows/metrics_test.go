@@ -150,3 +150,62 @@ func TestRequestOutcomes(t *testing.T) {
 		t.Error("errBearer changed: requestOutcome reads error= in the challenge")
 	}
 }
+
+// TestMetricsCountAnOfflineAccessLogin: the offline access login is counted apart from
+// the hybrid one, and so is a background token.
+func TestMetricsCountAnOfflineAccessLogin(t *testing.T) {
+	o := testenv.StartOP(t)
+	m := new(recordingMetrics)
+	f := startOfflineAccess(t, o, func(c *Config) { c.Metrics = m })
+	f.grantOfflineAccess(t, f.userToken(t, o.User))
+	resp := f.backgroundRequest(t, basicCredentials(testWorkerID, testWorkerSecret), url.Values{"subject": {o.User.Subject}})
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("background token: %s", resp.Status)
+	}
+	for _, c := range []struct {
+		name string
+		got  *atomic.Int64
+		want int64
+	}{
+		{"offline access logins started", &m.logins[LoginOfflineAccess][LoginStarted], 1},
+		{"offline access logins completed", &m.logins[LoginOfflineAccess][LoginCompleted], 1},
+		{"hybrid logins started", &m.logins[LoginHybrid][LoginStarted], 0},
+		{"background tokens", &m.events[BackgroundTokenIssued], 1},
+	} {
+		if got := c.got.Load(); got != c.want {
+			t.Errorf("%s: %d, want %d", c.name, got, c.want)
+		}
+	}
+}
+
+// TestMetricsCountDelegations: a cold delegation is a miss and an exchange, a warm one a
+// hit that reaches no IdP.
+func TestMetricsCountDelegations(t *testing.T) {
+	o := testenv.StartOP(t)
+	m := new(recordingMetrics)
+	b := newTestBroker(t, o, delegating(ModeHybrid, "", func(c *Config) { c.Metrics = m }))
+	who, _ := hybridPrincipal(t, b, o, o.User)
+	for range 2 {
+		if w, _, ok := delegate(t.Context(), b, who, "broker-token", []string{"notes:read"}); !ok {
+			t.Fatalf("delegation refused: %d %s", w.Code, w.Body.String())
+		}
+	}
+	for _, c := range []struct {
+		name string
+		got  *atomic.Int64
+		want int64
+	}{
+		{"misses", &m.events[DelegationCacheMiss], 1},
+		{"exchanges", &m.events[DelegationExchanged], 1},
+		{"hits", &m.events[DelegationCacheHit], 1},
+		{"failures", &m.events[DelegationFailed], 0},
+	} {
+		if got := c.got.Load(); got != c.want {
+			t.Errorf("delegation %s: %d, want %d", c.name, got, c.want)
+		}
+	}
+	if m.idp[IdPToken][IdPOK].Load() == 0 {
+		t.Error("the token exchange at the IdP was not timed")
+	}
+}
