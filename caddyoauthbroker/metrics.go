@@ -33,6 +33,7 @@ type brokerCollectors struct {
 	metadataDocuments *prometheus.CounterVec   // site, result
 	storageErrors     *prometheus.CounterVec   // site
 	idpDuration       *prometheus.HistogramVec // site, endpoint, result
+	storageDuration   *prometheus.HistogramVec // site, operation, result
 }
 
 func newBrokerCollectors() *brokerCollectors {
@@ -66,6 +67,12 @@ func newBrokerCollectors() *brokerCollectors {
 			Help:    "Latency of requests to the identity provider, by endpoint and result.",
 			Buckets: prometheus.DefBuckets,
 		}, []string{"site", "endpoint", "result"}),
+		storageDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem,
+			Name:    "storage_operation_duration_seconds",
+			Help:    "Latency of the broker's storage operations, by operation and result (ok, not_found, error).",
+			Buckets: prometheus.DefBuckets,
+		}, []string{"site", "operation", "result"}),
 	}
 }
 
@@ -81,11 +88,13 @@ func (c *brokerCollectors) register(reg prometheus.Registerer) error {
 		}
 		*v = got
 	}
-	got, err := registerOrGet(reg, c.idpDuration)
-	if err != nil {
-		return err
+	for _, v := range []**prometheus.HistogramVec{&c.idpDuration, &c.storageDuration} {
+		got, err := registerOrGet(reg, *v)
+		if err != nil {
+			return err
+		}
+		*v = got
 	}
-	c.idpDuration = got
 	return nil
 }
 
@@ -112,6 +121,8 @@ type siteMetrics struct {
 	events [flows.NumEvents]prometheus.Counter
 	logins [flows.NumLoginFlows][flows.NumLoginSteps]prometheus.Counter
 	idp    [flows.NumIdPEndpoints][flows.NumIdPResults]prometheus.Observer
+	// storage times the site's storage operations (timeStorage).
+	storage *storageObservers
 }
 
 // eventSeries says which family and label value counts each flows.Event.
@@ -200,6 +211,7 @@ func (c *brokerCollectors) forSite(site string) (*siteMetrics, error) {
 			m.idp[e][r] = c.idpDuration.WithLabelValues(site, e.String(), r.String())
 		}
 	}
+	m.storage = newStorageObservers(c.storageDuration, site)
 	return m, nil
 }
 

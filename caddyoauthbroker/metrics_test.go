@@ -1,8 +1,10 @@
 package caddyoauthbroker
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
 	"github.com/modelcontextprotocol/go-sdk/auth"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/modelcontextprotocol/go-sdk/oauthex"
@@ -216,4 +219,54 @@ func counterValue(t *testing.T, reg prometheus.Gatherer, name string, labels map
 	}
 	t.Fatalf("no %s%v", name, labels)
 	return 0
+}
+
+// TestStorageOperationsAreTimed: the records' storage is timed by operation and result,
+// a missing key apart from a failure, and keeps TryLock for the janitor.
+func TestStorageOperationsAreTimed(t *testing.T) {
+	reg := prometheus.NewPedanticRegistry()
+	m, err := newSiteMetrics(reg, "https://mcp.example.com/mcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := timeStorage(&certmagic.FileStorage{Path: t.TempDir()}, m.storage)
+	if _, ok := st.(certmagic.TryLocker); !ok {
+		t.Fatal("the timed file storage lost TryLock")
+	}
+	if err := st.Store(t.Context(), "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Load(t.Context(), "k"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Load(t.Context(), "missing"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("loading a missing key: %v", err)
+	}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]uint64{}
+	for _, f := range families {
+		if f.GetName() != "caddy_mcp_oauth_storage_operation_duration_seconds" {
+			continue
+		}
+		for _, s := range f.GetMetric() {
+			l := map[string]string{}
+			for _, p := range s.GetLabel() {
+				l[p.GetName()] = p.GetValue()
+			}
+			if n := s.GetHistogram().GetSampleCount(); n > 0 {
+				got[l["site"]+" "+l["operation"]+" "+l["result"]] = n
+			}
+		}
+	}
+	want := map[string]uint64{
+		"mcp.example.com/mcp store ok":       1,
+		"mcp.example.com/mcp load ok":        1,
+		"mcp.example.com/mcp load not_found": 1,
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("storage observations %v, want %v", got, want)
+	}
 }

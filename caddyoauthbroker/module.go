@@ -319,6 +319,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		st = ctx.Storage()
 	}
 
+	var metrics *siteMetrics
+	if reg := ctx.GetMetricsRegistry(); reg != nil {
+		if metrics, err = newSiteMetrics(reg, h.Resource); err != nil {
+			return err
+		}
+		st = timeStorage(st, metrics.storage)
+	}
 	h.records = storage.New(st, ring, storage.WithLogger(h.logger.Named("storage")), storage.WithClock(h.now))
 
 	cfg, err := h.flowsConfig()
@@ -327,12 +334,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	cfg.Records = h.records
 	cfg.Logger = h.logger
-	if reg := ctx.GetMetricsRegistry(); reg != nil {
-		m, err := newSiteMetrics(reg, h.Resource)
-		if err != nil {
-			return err
-		}
-		cfg.Metrics = m
+	if metrics != nil {
+		cfg.Metrics = metrics
 	}
 	if h.broker, err = flows.New(cfg); err != nil {
 		return err

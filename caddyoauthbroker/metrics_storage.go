@@ -1,0 +1,157 @@
+package caddyoauthbroker
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// storageOperation is a certmagic.Storage method, as the `operation` label names it.
+type storageOperation uint8
+
+const (
+	opLoad storageOperation = iota
+	opStore
+	opDelete
+	opList
+	opStat
+	opExists
+	opLock
+	opUnlock
+	numStorageOperations
+)
+
+var storageOperationNames = [numStorageOperations]string{"load", "store", "delete", "list", "stat", "exists", "lock", "unlock"}
+
+// storageResult is how a storage operation ended, as the `result` label names it.
+type storageResult uint8
+
+const (
+	storageOK storageResult = iota
+	storageNotFound
+	storageFailed
+	numStorageResults
+)
+
+var storageResultNames = [numStorageResults]string{"ok", "not_found", "error"}
+
+// storageObservers are the resolved series of one site's storage operations.
+type storageObservers [numStorageOperations][numStorageResults]prometheus.Observer
+
+func newStorageObservers(vec *prometheus.HistogramVec, site string) *storageObservers {
+	o := new(storageObservers)
+	for op := range numStorageOperations {
+		for r := range numStorageResults {
+			o[op][r] = vec.WithLabelValues(site, storageOperationNames[op], storageResultNames[r])
+		}
+	}
+	return o
+}
+
+// observe times one operation that started at start and ended with err.
+func (o *storageObservers) observe(op storageOperation, start time.Time, err error) {
+	r := storageOK
+	switch {
+	case err == nil:
+	case errors.Is(err, fs.ErrNotExist):
+		r = storageNotFound
+	default:
+		r = storageFailed
+	}
+	o[op][r].Observe(time.Since(start).Seconds())
+}
+
+// timedStorage is a certmagic.Storage whose operations are timed into the module's
+// metrics; the records' storage is wrapped with it in Provision.
+type timedStorage struct {
+	next certmagic.Storage
+	obs  *storageObservers
+}
+
+// timedTryLockStorage is timedStorage for a storage that can also try a lock, which the
+// janitor uses to skip a round another node holds.
+type timedTryLockStorage struct {
+	timedStorage
+	try certmagic.TryLocker
+}
+
+// timeStorage wraps st so that its operations are timed into obs, keeping TryLock.
+func timeStorage(st certmagic.Storage, obs *storageObservers) certmagic.Storage {
+	t := timedStorage{next: st, obs: obs}
+	if tl, ok := st.(certmagic.TryLocker); ok {
+		return &timedTryLockStorage{timedStorage: t, try: tl}
+	}
+	return &t
+}
+
+func (s *timedStorage) Lock(ctx context.Context, name string) error {
+	start := time.Now()
+	err := s.next.Lock(ctx, name)
+	s.obs.observe(opLock, start, err)
+	return err
+}
+
+func (s *timedStorage) Unlock(ctx context.Context, name string) error {
+	start := time.Now()
+	err := s.next.Unlock(ctx, name)
+	s.obs.observe(opUnlock, start, err)
+	return err
+}
+
+func (s *timedStorage) Store(ctx context.Context, key string, value []byte) error {
+	start := time.Now()
+	err := s.next.Store(ctx, key, value)
+	s.obs.observe(opStore, start, err)
+	return err
+}
+
+func (s *timedStorage) Load(ctx context.Context, key string) ([]byte, error) {
+	start := time.Now()
+	v, err := s.next.Load(ctx, key)
+	s.obs.observe(opLoad, start, err)
+	return v, err
+}
+
+func (s *timedStorage) Delete(ctx context.Context, key string) error {
+	start := time.Now()
+	err := s.next.Delete(ctx, key)
+	s.obs.observe(opDelete, start, err)
+	return err
+}
+
+func (s *timedStorage) Exists(ctx context.Context, key string) bool {
+	start := time.Now()
+	ok := s.next.Exists(ctx, key)
+	s.obs.observe(opExists, start, nil)
+	return ok
+}
+
+func (s *timedStorage) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+	start := time.Now()
+	keys, err := s.next.List(ctx, path, recursive)
+	s.obs.observe(opList, start, err)
+	return keys, err
+}
+
+func (s *timedStorage) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
+	start := time.Now()
+	info, err := s.next.Stat(ctx, key)
+	s.obs.observe(opStat, start, err)
+	return info, err
+}
+
+func (s *timedTryLockStorage) TryLock(ctx context.Context, name string) (bool, error) {
+	start := time.Now()
+	got, err := s.try.TryLock(ctx, name)
+	s.obs.observe(opLock, start, err)
+	return got, err
+}
+
+var (
+	_ certmagic.Storage   = (*timedStorage)(nil)
+	_ certmagic.TryLocker = (*timedTryLockStorage)(nil)
+)
