@@ -30,7 +30,7 @@ func (m *recordingMetrics) IdPRequest(e IdPEndpoint, r IdPResult, _ time.Duratio
 // TestMetricsCountAHybridLogin runs a hybrid login, its tokens and MCP requests, and
 // checks each step was counted where it happened: once, with the right outcome.
 func TestMetricsCountAHybridLogin(t *testing.T) {
-	o := verifierOP(t)
+	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	m := new(recordingMetrics)
 	_, front := startHybridFront(t, o, up.URL, func(c *Config) {
@@ -112,10 +112,10 @@ func TestMetricsCountAHybridLogin(t *testing.T) {
 // window revokes its family and is counted as reuse, not as a refresh.
 func TestMetricsCountAReusedRefreshToken(t *testing.T) {
 	m := new(recordingMetrics)
-	e := newTokenEnv(t, verifierOP(t), func(c *Config) { c.Metrics = m })
+	e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) { c.Metrics = m })
 	first := e.login(t)
 	e.refresh(t, testenv.NativeClientID, first.RefreshToken, nil).wantTokens(t)
-	e.clock.advance(e.b.cfg.RefreshGrace + time.Second)
+	e.clock.Advance(e.b.cfg.RefreshGrace + time.Second)
 	e.refresh(t, testenv.NativeClientID, first.RefreshToken, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 	if got := m.events[TokenReuseDetected].Load(); got != 1 {
 		t.Errorf("reuse detected %d times, want 1", got)
