@@ -40,22 +40,30 @@ staticcheck ./...
 step "dev build"
 go build -o ./caddy ./cmd/caddy
 ./caddy list-modules | grep -x http.handlers.mcp_oauth
-./caddy adapt --config Caddyfile.example >/dev/null
-echo "Caddyfile.example adapts"
-# caddy validate provisions the module: with the secrets it names, and no IdP reachable.
+# The examples: each adapts, is formatted as `caddy fmt` writes it, and validates (which
+# provisions the module) with the secrets it names, and no IdP reachable.
 example=$(mktemp -d)
 head -c 32 /dev/urandom | base64 >"$example/key"
+secrets=(MCP_BROKER_CLIENT_ID=mcp-broker MCP_BROKER_CLIENT_SECRET=secret MCP_BACKGROUND_SECRET=secret
+  XDG_DATA_HOME="$example" XDG_CONFIG_HOME="$example")
+for f in docs/examples/*.Caddyfile Caddyfile.example; do
+  ./caddy adapt --config "$f" >/dev/null
+  ./caddy fmt --diff "$f" >"$example/out" 2>&1 || { cat "$example/out"; echo "$f: not as caddy fmt writes it"; exit 1; }
+  sed "s#/etc/caddy/mcp_oauth.key#$example/key#" "$f" >"$example/Caddyfile"
+  env "${secrets[@]}" ./caddy validate --config "$example/Caddyfile" --adapter caddyfile 2>/dev/null | grep -x "Valid configuration"
+  echo "$f adapts, is formatted and validates"
+done
+sed "s#/etc/caddy/mcp_oauth.key#$example/key#; s#/var/lib/caddy#$example/storage#" docs/examples/config.json >"$example/config.json"
+env "${secrets[@]}" ./caddy validate --config "$example/config.json" 2>/dev/null | grep -x "Valid configuration"
+echo "docs/examples/config.json validates"
 sed "s#/etc/caddy/mcp_oauth.key#$example/key#" Caddyfile.example >"$example/Caddyfile"
-MCP_BROKER_CLIENT_ID=mcp-broker MCP_BROKER_CLIENT_SECRET=secret MCP_BACKGROUND_SECRET=secret \
-  XDG_DATA_HOME="$example" XDG_CONFIG_HOME="$example" \
-  ./caddy validate --config "$example/Caddyfile" --adapter caddyfile 2>/dev/null | grep -x "Valid configuration"
 echo "c2hvcnQ=" >"$example/key" # 5 bytes: refused at load, naming the field
 if MCP_BROKER_CLIENT_ID=mcp-broker XDG_DATA_HOME="$example" XDG_CONFIG_HOME="$example" \
   ./caddy validate --config "$example/Caddyfile" --adapter caddyfile >"$example/out" 2>&1; then
   echo "caddy validate accepted a 5-byte key"; exit 1
 fi
 grep -q "encryption_keys\[0\]: want 32 bytes of base64, got 5" "$example/out" || { cat "$example/out"; exit 1; }
-echo "Caddyfile.example validates; a short key is refused naming encryption_keys[0]"
+echo "a short key is refused naming encryption_keys[0]"
 rm -rf "$example"
 
 step "demo (the README's run command) answers with the discovery challenge"
