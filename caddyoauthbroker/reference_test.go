@@ -76,6 +76,17 @@ func TestConfigurationReference(t *testing.T) {
 	compareNames(t, "JSON section `storage` object", doc.firstColumn(t, "`storage` object"), []string{caddyTag(storage, "inline_key")})
 
 	accepted := caddyfileSubdirectives(t)
+	var anySubdirective []string
+	for _, names := range accepted {
+		anySubdirective = append(anySubdirective, names...)
+	}
+	for heading := range jsonSections {
+		for _, span := range doc.column(t, heading, 3) {
+			if first, _, _ := strings.Cut(span, " "); !slices.Contains(anySubdirective, first) {
+				t.Errorf("%s, section %s: Caddyfile column names %q, which the Caddyfile parser does not accept", referenceDoc, heading, span)
+			}
+		}
+	}
 	for heading, s := range caddyfileSections {
 		names, ok := accepted[s.parser]
 		if !ok {
@@ -139,6 +150,42 @@ func caddyTag(f reflect.StructField, key string) string {
 		}
 	}
 	return ""
+}
+
+// TestConfigurationReferenceSyntaxBlock: the reference's syntax block is the one in
+// UnmarshalCaddyfile's doc comment, which Caddy's generated documentation shows.
+func TestConfigurationReferenceSyntaxBlock(t *testing.T) {
+	f, err := parser.ParseFile(token.NewFileSet(), "caddyfile.go", nil, parser.ParseComments)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var comment string
+	for _, decl := range f.Decls {
+		if fn, ok := decl.(*ast.FuncDecl); ok && fn.Name.Name == "UnmarshalCaddyfile" && fn.Doc != nil {
+			comment = fn.Doc.Text()
+		}
+	}
+	_, after, ok := strings.Cut(comment, "Syntax:\n\n")
+	if !ok {
+		t.Fatal("UnmarshalCaddyfile's doc comment has no \"Syntax:\" block")
+	}
+	var want strings.Builder
+	for line := range strings.Lines(after) {
+		code, ok := strings.CutPrefix(line, "\t")
+		if !ok {
+			break
+		}
+		want.WriteString(code)
+	}
+	for _, b := range fencedBlocks(t, referenceDoc, "caddyfile-fragment") {
+		if strings.HasPrefix(b.text, "mcp_oauth ") {
+			if b.text != want.String() {
+				t.Errorf("%s:%d: the syntax block differs from UnmarshalCaddyfile's doc comment, which is:\n%s", referenceDoc, b.line, want.String())
+			}
+			return
+		}
+	}
+	t.Errorf("%s has no caddyfile-fragment block starting with mcp_oauth", referenceDoc)
 }
 
 // caddyfileSubdirectives reads caddyfile.go and returns, per function, the string labels
@@ -285,7 +332,7 @@ func TestDocsCaddyfileSnippetsAdapt(t *testing.T) {
 	adapter := caddyconfig.GetAdapter("caddyfile")
 	blocks := 0
 	for _, file := range append([]string{"../README.md"}, docs...) {
-		for _, b := range caddyfileBlocks(t, file) {
+		for _, b := range fencedBlocks(t, file, "caddyfile") {
 			blocks++
 			in := b.text
 			if first := strings.Fields(in); len(first) > 0 && first[0] == "mcp_oauth" {
@@ -302,13 +349,14 @@ func TestDocsCaddyfileSnippetsAdapt(t *testing.T) {
 	}
 }
 
-// fencedBlock is one ```caddyfile block and the line its fence opens on.
+// fencedBlock is one fenced block and the line its fence opens on.
 type fencedBlock struct {
 	line int
 	text string
 }
 
-func caddyfileBlocks(t *testing.T, file string) []fencedBlock {
+// fencedBlocks lists the blocks of file fenced as ```lang.
+func fencedBlocks(t *testing.T, file, lang string) []fencedBlock {
 	t.Helper()
 	raw, err := os.ReadFile(file)
 	if err != nil {
@@ -326,7 +374,7 @@ func caddyfileBlocks(t *testing.T, file string) []fencedBlock {
 		switch {
 		case !fenced && strings.HasPrefix(trimmed, "```"):
 			fenced = true
-			if strings.TrimPrefix(trimmed, "```") == "caddyfile" {
+			if strings.TrimPrefix(trimmed, "```") == lang {
 				cur = &fencedBlock{line: n}
 			}
 		case fenced && trimmed == "```":
