@@ -218,6 +218,9 @@ type Broker struct {
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.
 	brokerTokens tokencache.Cache[brokerVerdict]
+
+	// readiness probes the storage and key ring for the health endpoint (health.go).
+	readiness readinessProbe
 }
 
 // New builds a broker from a validated configuration. It does not touch the network.
@@ -428,6 +431,9 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 		return nil, nil
 	case pathBackgroundToken:
 		b.serveBackgroundToken(w, r)
+		return nil, nil
+	case pathHealth:
+		b.serveHealth(w, r)
 		return nil, nil
 	}
 	if b.cfg.Mode == ModeHybrid {

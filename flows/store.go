@@ -42,6 +42,8 @@ func (b *Broker) openStores() {
 	b.offline = offlineAccessGrantStore{records: records, site: b.site}
 	b.registrations = clientStore{records: records, lifetime: b.registrationLifetime()}
 	b.cookies = cookieSealer{records: records}
+	// Each broker instance probes a record of its own (health.go).
+	b.readiness.store = healthProbeStore{records: records, key: storage.Key(kindHealthProbe, b.site, randomToken())}
 }
 
 // cookieSealer seals the values of cookies the broker reads back (the remembered

@@ -30,6 +30,7 @@ const (
 	kindLegacyOfflineAccessGrant = "provisioning" // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
 	kindOfflineAccessState       = "flow2_state"  // PendingOfflineAccess, by Hash(state)
 	kindOfflineAccessLink        = "flow2_link"   // OfflineAccessLink, by Hash(link token)
+	kindHealthProbe              = "health"       // HealthProbe, by site, then a random id of the broker instance
 )
 
 // recordKey builds the storage key of a record of kind for a client-supplied or random id.

@@ -227,3 +227,27 @@ func (i *Provider) browserURL(endpoint string) string {
 	e.Scheme, e.Host = pub.Scheme, pub.Host
 	return e.String()
 }
+
+// DiscoveryStatus is what the Provider last learned of the IdP's discovery document,
+// without asking the IdP again: for a health report beside the broker's readiness.
+type DiscoveryStatus struct {
+	// Known: a document is cached and in use (also while refreshing it fails).
+	Known bool
+	// FetchedAt is when the cached document was fetched; zero without one.
+	FetchedAt time.Time
+	// FailedAt and Err are the last failed fetch, when no fetch succeeded since.
+	FailedAt time.Time
+	Err      error
+}
+
+// Status reports the discovery document's state. Like Known it never fetches: a probe
+// of the broker's health must not become a request to the IdP.
+func (i *Provider) Status() DiscoveryStatus {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	s := DiscoveryStatus{Known: i.cached != nil, FetchedAt: i.fetchedAt}
+	if i.lastErr != nil {
+		s.FailedAt, s.Err = i.failedAt, i.lastErr
+	}
+	return s
+}
