@@ -345,6 +345,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	janitorCtx, h.stopJanitor = context.WithCancel(ctx)
 	h.janitorDone = make(chan struct{})
 	go h.sweepExpiredRecords(janitorCtx)
+	liveSites.add(h)
 	return nil
 }
 
@@ -497,9 +498,11 @@ const janitorInterval = 10 * time.Minute
 // janitorDelay is how long after Provision the first sweep waits; a variable for tests.
 var janitorDelay = time.Minute
 
-// Cleanup stops the janitor and waits for it. It copes with a Provision that failed half
+// Cleanup stops the janitor, waits for it, and takes the handler off the admin API's
+// sites (admin.go). It copes with a Provision that failed half
 // way.
 func (h *Handler) Cleanup() error {
+	liveSites.remove(h)
 	if h.stopJanitor != nil {
 		h.stopJanitor()
 		<-h.janitorDone
