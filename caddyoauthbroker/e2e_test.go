@@ -261,3 +261,69 @@ func TestPlaceholders(t *testing.T) {
 		t.Errorf("placeholders gave %q, want %q", body, want)
 	}
 }
+
+// TestRefusalsBypassHandleErrors: the broker answers a refusal itself, so a server's
+// handle_errors routes, which do answer the upstream's errors, never replace the challenge
+// MCP clients discover the authorization server by (the Handler's doc comment).
+func TestRefusalsBypassHandleErrors(t *testing.T) {
+	port := freePort(t)
+	resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+	cfg, _ := json.Marshal(map[string]any{
+		"admin":   map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
+		"storage": map[string]any{"module": "file_system", "root": t.TempDir()},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"mcp": map[string]any{
+			"listen":          []string{fmt.Sprintf("127.0.0.1:%d", port)},
+			"automatic_https": map[string]any{"disable": true},
+			"routes": []any{map[string]any{
+				"match":  []any{map[string]any{"path": []string{"/broken"}}},
+				"handle": []any{map[string]any{"handler": "error", "status_code": 502, "error": "broken"}},
+			}, map[string]any{"handle": []any{map[string]any{
+				"handler":         "mcp_oauth",
+				"issuer":          "https://idp.example.com",
+				"client_id":       "broker",
+				"resource":        resource,
+				"encryption_keys": []string{testKey},
+				"delegation":      map[string]any{"mode": "none"},
+			}, map[string]any{"handler": "static_response", "body": "upstream"}}}},
+			"errors": map[string]any{"routes": []any{map[string]any{"handle": []any{map[string]any{
+				"handler": "static_response", "status_code": 418, "body": "handled by handle_errors",
+			}}}}},
+		}}}},
+	})
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatalf("loading Caddy config: %v", err)
+	}
+	t.Cleanup(func() { caddy.Stop() })
+
+	do := func(bearer string, path ...string) (*http.Response, string) {
+		target := resource
+		if len(path) > 0 {
+			target = fmt.Sprintf("http://127.0.0.1:%d%s", port, path[0])
+		}
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, target, strings.NewReader(`{}`))
+		if bearer != "" {
+			req.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp, string(body)
+	}
+	resp, body := do("")
+	if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(resp.Header.Get("WWW-Authenticate"), `resource_metadata="`) || strings.Contains(body, "handled") {
+		t.Errorf("no token: %d %q %q, want the broker's 401 challenge", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), body)
+	}
+	resp, body = do("mcpat_not-a-token")
+	if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(resp.Header.Get("WWW-Authenticate"), `error="invalid_token"`) || !strings.Contains(body, `"error":"invalid_token"`) {
+		t.Errorf("a bad token: %d %q %q, want the broker's 401 invalid_token", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), body)
+	}
+	// Another handler's error does reach handle_errors: the routes are live.
+	resp, body = do("", "/broken")
+	if resp.StatusCode != http.StatusTeapot || body != "handled by handle_errors" {
+		t.Errorf("another handler's error: %d %q, want handle_errors' answer", resp.StatusCode, body)
+	}
+}

@@ -36,6 +36,23 @@ func init() {
 // authorization-server endpoints of the MCP authorization spec, authenticates every other
 // request it matches, and hands the next handler a delegated upstream token instead of the
 // client's own.
+//
+// It writes its refusals itself and returns nil, rather than returning a caddyhttp.Error:
+// 401 and 403 with the RFC 6750 §3 `WWW-Authenticate` challenge, the OAuth JSON error body
+// (RFC 6749 §5.2), 429 and 503 with `Retry-After`, and errors redirected to the client in
+// the query (RFC 6749 §4.1.2.1). A returned error would go to the server's `handle_errors`
+// routes, which answer with a body and headers of their own, or with a bare status when
+// there are none; but MCP clients depend on the exact answer: they find the authorization
+// server only through the challenge's `resource_metadata` (RFC 9728 §5.1), and step up
+// or log in again by its `error` and `scope`. ServeHTTP returns an error only when the next
+// handler does, so `handle_errors` sees the upstream's failures and never the broker's
+// refusals.
+//
+// On a request it passes on, it sets the placeholders `{http.auth.user.id}` (the token's
+// subject at the IdP, which Caddy's access log records as `user_id`),
+// `{http.auth.user.scopes}` (the token's scopes, space-separated) and
+// `{http.auth.user.client_id}` (the MCP client the token was issued to; empty when the
+// token does not say), for later handlers such as `reverse_proxy`'s `header_up`.
 type Handler struct {
 	// How MCP clients obtain tokens. `hybrid`: the broker is the clients' authorization
 	// server and issues its own tokens after the user logs in at the IdP. `progressive`:
