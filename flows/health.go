@@ -16,8 +16,8 @@ import (
 
 // The readiness probe: whether this broker can serve, for a load balancer.
 //
-// Ready means the two things no request can do without: the storage takes a write and
-// gives it back, and the key ring seals and opens. The IdP's state is reported beside it
+// Ready means what logins and the broker's own tokens cannot do without: the storage takes
+// a write and gives it back, and the key ring seals and opens. The IdP's state is reported beside it
 // but never makes the broker unready: an IdP outage reaches every node and every site at
 // once, so failing readiness on it would take them all out of their load balancers
 // together, including the requests that need no IdP (warm tokens, metadata). It is read
@@ -25,10 +25,12 @@ import (
 //
 // The public answer is at pathHealth on the broker's own site, like its other endpoints:
 // each mcp_oauth handler (each site) answers for itself on its own host, with no route to
-// add to the Caddyfile. Not under /.well-known/, which RFC 8615 keeps for registered
+// add to the Caddyfile; a separate handler module placed on a route of its own would have to
+// be told which mcp_oauth handler it speaks for. Not under /.well-known/, which RFC 8615 keeps for registered
 // names. Strangers learn ready or not ready (200 or 503, a one-word body) and nothing
-// more; the detail (which check failed, the error, the IdP's discovery state) is for
-// admins, through Caddy's admin endpoint (Broker.Readiness).
+// more, and a flood of probes costs one storage write per readinessProbeInterval
+// (SECURITY.md S2.21); the detail (which check failed, the error, the IdP's discovery
+// state) is for admins, through Caddy's admin endpoint (Broker.Readiness).
 
 // pathHealth is the readiness probe's endpoint.
 const pathHealth = "/oauth/health"
