@@ -123,7 +123,7 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 		return refused.to(redirectURI, state, page)
 	}
 	if b.consentRemembered(r, client.ID, redirectURI, req.Scopes) {
-		b.logger.Info("authorize: consent remembered for this browser", zap.String("client_id", client.ID))
+		b.log.authorize.Info("consent remembered for this browser", zap.String("client_id", client.ID))
 		return b.redirectToIdP(w, r, req)
 	}
 	ticket := randomToken()
@@ -131,7 +131,7 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 		return errServer(http.StatusInternalServerError, "the request could not be stored", storageFailed("authorize: storing consent ticket", err)).
 			to(redirectURI, state, page)
 	}
-	b.logger.Info("authorize: asking for consent", zap.String("client_id", client.ID))
+	b.log.authorize.Info("asking for consent", zap.String("client_id", client.ID))
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, b.issuer+pathConsent+"?"+url.Values{"ticket": {ticket}}.Encode(), http.StatusFound)
 	return nil

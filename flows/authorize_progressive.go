@@ -82,7 +82,7 @@ func (b *Broker) authorizeProgressive(w http.ResponseWriter, r *http.Request) er
 			idp.Set(k, v)
 		}
 	}
-	b.logger.Info("flow 1: sending client to the identity provider", zap.String("client_id", clientID))
+	b.log.authorize.Info("sending client to the identity provider", zap.String("client_id", clientID))
 	redirectWithQuery(w, r, d.BrowserAuthorizationEndpoint, idp)
 	return nil
 }

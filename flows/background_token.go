@@ -70,10 +70,12 @@ func (b *Broker) backgroundTokenRequest(w http.ResponseWriter, r *http.Request) 
 	case errors.Is(err, errNoOfflineAccess):
 		return TokenResponse{}, errInvalidGrant("the user has not granted offline access")
 	case errors.Is(err, errBackgroundClientNotGranted):
-		b.logger.Info("background token: the user did not grant this background client", zap.String("client_id", clientID), zap.String("subject", subject))
+		b.log.offline.Info("the user did not grant this background client", zap.String("client_id", clientID), zap.String("subject", subject))
 		return TokenResponse{}, newRequestError(http.StatusForbidden, "access_denied", "the user did not grant this background client offline access")
 	case errors.Is(err, errOfflineAccessGrantDead):
-		b.logger.Info("background token: offline access grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))
+		b.log.offline.Info("offline access grant no longer valid; deleted", zap.String("client_id", clientID), zap.String("subject", subject))
+		b.audit(auditOfflineAccessRevoked, clientIP(r), zap.String("reason", "identity_provider_refused"), zap.String("subject", subject),
+			zap.String("client_id", clientID))
 		return TokenResponse{}, errInvalidGrant("the user's offline access is no longer valid; the user must grant it again")
 	case errors.Is(err, idp.ErrUnavailable):
 		return TokenResponse{}, errIdPUnavailable(fmt.Errorf("background token for subject %s: %w", subject, err))
@@ -85,7 +87,7 @@ func (b *Broker) backgroundTokenRequest(w http.ResponseWriter, r *http.Request) 
 	if !tok.Expiry.IsZero() {
 		expiresIn = max(int64(tok.Expiry.Sub(b.now())/time.Second), 0)
 	}
-	b.logger.Info("background token issued", zap.String("client_id", clientID), zap.String("subject", subject),
+	b.audit(auditBackgroundTokenIssued, clientIP(r), zap.String("subject", subject), zap.String("client_id", clientID),
 		zap.String("token", Fingerprint(tok.AccessToken)))
 	return TokenResponse{
 		AccessToken: tok.AccessToken,

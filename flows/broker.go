@@ -168,6 +168,7 @@ const (
 type Broker struct {
 	cfg      Config
 	logger   *zap.Logger
+	log      loggers // the named loggers under logger (audit.go)
 	metrics  Metrics // nil: nothing counted
 	idp      *idp.Provider
 	verifier *idp.Verifier
@@ -301,6 +302,7 @@ func New(cfg Config) (*Broker, error) {
 	b := &Broker{
 		cfg:            cfg,
 		logger:         cfg.Logger,
+		log:            newLoggers(cfg.Logger),
 		metrics:        cfg.Metrics,
 		idp:            newProvider(&cfg, nil),
 		now:            time.Now,

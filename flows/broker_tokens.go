@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -95,6 +97,9 @@ func (b *Broker) verifyBrokerTokenCold(ctx context.Context, key [sha256.Size]byt
 	// by caching what was read before it: putSince drops the verdict then.
 	epoch := b.brokerTokens.Epoch()
 	p, familyID, err := b.checkAccessToken(ctx, raw, now)
+	if ce := b.log.token.Check(zap.DebugLevel, "broker access token checked"); ce != nil {
+		ce.Write(zap.String("token", Fingerprint(raw)), zap.String("family", fingerprintOrEmpty(familyID)), zap.Error(err))
+	}
 	switch {
 	case err == nil:
 		expires := min(p.Expiry.UnixNano(), now.Add(brokerCacheTTL).UnixNano())

@@ -192,7 +192,7 @@ func (b *Broker) renewRegistration(ctx context.Context, c *Client) {
 		return
 	}
 	if err := b.registrations.renew(ctx, c.ID, now); err != nil {
-		b.logger.Warn("renewing client registration", zap.String("client_id", c.ID), zap.Error(err))
+		b.log.register.Warn("renewing client registration", zap.String("client_id", c.ID), zap.Error(err))
 	}
 }
 

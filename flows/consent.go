@@ -186,7 +186,7 @@ func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientI
 			}
 			sealed, err := b.cookies.seal(consentCookieKey, plain)
 			if err != nil {
-				b.logger.Warn("consent: sealing the consent cookie", zap.Error(err))
+				b.log.consent.Warn("sealing the consent cookie", zap.Error(err))
 				return
 			}
 			if len(sealed) <= maxConsentCookieLen {
@@ -241,7 +241,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) error {
 	req := ct.Request
 	client, err := b.findClient(r.Context(), req.ClientID)
 	if err != nil {
-		b.logger.Warn("consent: client no longer found", zap.String("client_id", req.ClientID), zap.Error(err))
+		b.log.consent.Warn("client no longer found", zap.String("client_id", req.ClientID), zap.Error(err))
 		return errConsentPage(http.StatusBadRequest, "The application asking for access is no longer known. Start again from the application.")
 	}
 	redirect, err := url.Parse(req.RedirectURI)
@@ -294,7 +294,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) error {
 		return nil
 	}
 	if err := consentTemplate.Execute(w, page); err != nil {
-		b.logger.Warn("consent: rendering the page", zap.Error(err))
+		b.log.consent.Warn("rendering the page", zap.Error(err))
 	}
 	return nil
 }
@@ -310,7 +310,7 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if site := r.Header.Get("Sec-Fetch-Site"); site != "" && site != "same-origin" {
-		b.logger.Warn("consent: cross-site form post refused", zap.String("client_id", ct.Request.ClientID), zap.String("sec_fetch_site", site))
+		b.log.consent.Warn("cross-site form post refused", zap.String("client_id", ct.Request.ClientID), zap.String("sec_fetch_site", site))
 		return errConsentPage(http.StatusForbidden, "This form was not sent from the consent page. Start again from the application.")
 	}
 	var cookieValue string
@@ -319,7 +319,7 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) error {
 	}
 	form := r.PostForm.Get("csrf")
 	if ct.CSRF == "" || !constantTimeEqual(form, ct.CSRF) || !constantTimeEqual(cookieValue, ct.CSRF) {
-		b.logger.Warn("consent: CSRF check failed", zap.String("client_id", ct.Request.ClientID),
+		b.log.consent.Warn("CSRF check failed", zap.String("client_id", ct.Request.ClientID),
 			zap.Bool("form_token", form != ""), zap.Bool("cookie", cookieValue != ""))
 		return errConsentPage(http.StatusForbidden, "This form could not be verified. Open the consent page again from the application, in this browser.")
 	}
@@ -332,18 +332,19 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		e := errConsentPage(http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
 		if !errors.Is(err, storage.ErrNotFound) {
-			b.logger.Error("consent: taking ticket", zap.Error(storageFailed("taking consent ticket", err)))
+			b.log.consent.Error("taking ticket", zap.Error(storageFailed("taking consent ticket", err)))
 		}
 		return e
 	}
 	http.SetCookie(w, b.csrfCookie(ticket, "", -1))
 	req := taken.Request
 	if decision == "deny" {
-		b.logger.Info("consent: denied", zap.String("client_id", req.ClientID))
+		b.log.consent.Info("denied", zap.String("client_id", req.ClientID))
 		return b.loginFailed(LoginHybrid, LoginFailedConsent,
 			newRequestError(http.StatusBadRequest, "access_denied", "the user denied the request").to(req.RedirectURI, req.State, false))
 	}
-	b.logger.Info("consent: approved", zap.String("client_id", req.ClientID))
+	b.log.consent.Info("approved", zap.String("client_id", req.ClientID))
+	b.audit(auditConsentGiven, clientIP(r), zap.String("client_id", req.ClientID), zap.Strings("scopes", req.Scopes))
 	b.rememberConsent(w, r, req.ClientID, req.RedirectURI, req.Scopes)
 	return b.redirectToIdP(w, r, req)
 }

@@ -176,6 +176,7 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 	if h, ok := d.cache.get(key, b.now().UnixNano()); ok {
 		b.count(DelegationCacheHit)
 		out.Header.Set("Authorization", h)
+		b.debugDelegated("delegated token from the cache", mode, who, scopes)
 		return nil
 	}
 	b.count(DelegationCacheMiss)
@@ -185,7 +186,18 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 		return b.delegationFailed(who, scopes, err)
 	}
 	out.Header.Set("Authorization", h)
+	b.debugDelegated("delegated token obtained", mode, who, scopes)
 	return nil
+}
+
+// debugDelegated logs at DEBUG which delegated token a request carries on: whose, for
+// which scopes, never the token. Checked first, so that nothing is built (and scopes,
+// which may live on the caller's stack, is only read) unless DEBUG is on.
+func (b *Broker) debugDelegated(msg, mode string, who *idp.Principal, scopes []string) {
+	if ce := b.log.delegation.Check(zap.DebugLevel, msg); ce != nil {
+		ce.Write(zap.String("delegation", mode), zap.String("subject", who.Subject),
+			zap.String("session", fingerprintOrEmpty(who.SessionID)), zap.String("scopes", strings.Join(scopes, " ")))
+	}
 }
 
 // delegateCold obtains the delegated token for key, once for all concurrent callers.
@@ -245,7 +257,7 @@ func (b *Broker) resolveDelegationMode(ctx context.Context) (string, error) {
 		mode = DelegationTokenExchange
 	}
 	if b.delegation.resolved.CompareAndSwap(nil, &mode) {
-		b.logger.Info("delegation mode chosen from the identity provider's discovery", zap.String("delegation", mode))
+		b.log.delegation.Info("delegation mode chosen from the identity provider's discovery", zap.String("delegation", mode))
 	}
 	return *b.delegation.resolved.Load(), nil
 }
@@ -310,35 +322,35 @@ func (b *Broker) delegationFailed(who *idp.Principal, scopes []string, err error
 	// no cause, so the writer does not log it again.
 	switch kind {
 	case failUnavailable:
-		b.logger.Warn("delegation: identity provider unavailable", fields...)
+		b.log.delegation.Warn("identity provider unavailable", fields...)
 		return errIdPUnavailable(nil)
 	case failStorage:
-		b.logger.Error("delegation: session storage failed", fields...)
+		b.log.delegation.Error("session storage failed", fields...)
 		e := newRequestError(http.StatusServiceUnavailable, "temporarily_unavailable", "the session store cannot be reached; try again shortly")
 		e.retryAfter = unavailableRetry
 		return e
 	case failRejected:
-		b.logger.Info("delegation: identity provider refused the user's grant", fields...)
+		b.log.delegation.Info("identity provider refused the user's grant", fields...)
 		return b.errBearer("invalid_token", "the identity provider refused the user's grant; sign in again")
 	case failSessionGone:
-		b.logger.Debug("delegation: session gone", fields...)
+		b.log.delegation.Debug("session gone", fields...)
 		return b.errBearer("invalid_token", "the session has ended; sign in again")
 	case failScope:
-		b.logger.Warn("delegation: identity provider refused the scopes", append(fields, zap.String("scopes", strings.Join(scopes, " ")))...)
+		b.log.delegation.Warn("identity provider refused the scopes", append(fields, zap.String("scopes", strings.Join(scopes, " ")))...)
 		return b.errInsufficientScope(who, scopes)
 	case failMalformed:
-		b.logger.Error("delegation: unusable answer from the identity provider", fields...)
+		b.log.delegation.Error("unusable answer from the identity provider", fields...)
 		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider gave an unusable answer")
 	case failRefused:
-		b.logger.Error("delegation: identity provider refused the broker's request; check its client configuration", fields...)
+		b.log.delegation.Error("identity provider refused the broker's request; check its client configuration", fields...)
 		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider refused the broker's delegation request")
 	case failNoExchange:
 		if b.delegation.noExchangeLogged.CompareAndSwap(false, true) {
-			b.logger.Error("delegation: the identity provider offers no token exchange (RFC 8693), which progressive mode needs; use mode hybrid or an IdP with token exchange")
+			b.log.delegation.Error("the identity provider offers no token exchange (RFC 8693), which progressive mode needs; use mode hybrid or an IdP with token exchange")
 		}
 		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider offers no token exchange")
 	default:
-		b.logger.Error("delegation failed", fields...)
+		b.log.delegation.Error("delegation failed", fields...)
 		return newRequestError(http.StatusInternalServerError, "server_error", "delegation failed")
 	}
 }

@@ -126,7 +126,7 @@ func (b *Broker) storeRotatedGrant(ctx context.Context, s *Session, g IdPGrant) 
 		err = b.sessions.rotateGrant(ctx, s, g)
 	}
 	if err != nil {
-		b.logger.Error("delegation: the IdP rotated a session's refresh token and storing it failed; the session will need a new login")
+		b.log.delegation.Error("the IdP rotated a session's refresh token and storing it failed; the session will need a new login")
 		return &delegationError{failStorage, fmt.Errorf("storing refreshed session grant: %w", err)}
 	}
 	return nil

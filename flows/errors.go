@@ -243,7 +243,7 @@ func (b *Broker) logError(r *http.Request, e *requestError) {
 	if e.status >= http.StatusInternalServerError && e.cause != nil {
 		level = zapcore.ErrorLevel
 	}
-	ce := b.logger.Check(level, "request failed")
+	ce := b.log.forPath(r.URL.Path).Check(level, "request failed")
 	if ce == nil {
 		return
 	}

@@ -11,3 +11,11 @@ func Fingerprint(secret string) string {
 	sum := sha256.Sum256([]byte(secret))
 	return hex.EncodeToString(sum[:4])
 }
+
+// fingerprintOrEmpty is Fingerprint, or "" for "" (no session, no family).
+func fingerprintOrEmpty(secret string) string {
+	if secret == "" {
+		return ""
+	}
+	return Fingerprint(secret)
+}

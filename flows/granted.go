@@ -65,7 +65,7 @@ func (b *Broker) grantedScopes(ctx context.Context, d *idp.Discovery, answerScop
 			return s, nil
 		}
 	}
-	b.logger.Info("login: the identity provider says nothing of the scopes it granted; taking those asked for (RFC 6749 §5.1)")
+	b.log.login.Info("the identity provider says nothing of the scopes it granted; taking those asked for (RFC 6749 §5.1)")
 	return requested, nil
 }
 
@@ -80,7 +80,7 @@ func (b *Broker) introspectScopes(ctx context.Context, endpoint, token string) (
 	case status >= 500 || status == http.StatusTooManyRequests:
 		return nil, false, fmt.Errorf("%w: introspecting the login's access token: the IdP answered %d", idp.ErrUnavailable, status)
 	case status != http.StatusOK:
-		b.logger.Warn("login: the identity provider refused to introspect the broker's access token", zap.Int("status", status))
+		b.log.login.Warn("the identity provider refused to introspect the broker's access token", zap.Int("status", status))
 		return nil, false, nil
 	case len(body) > idp.MaxIntrospectionBytes:
 		return nil, false, fmt.Errorf("introspecting the login's access token: answer over %d bytes", idp.MaxIntrospectionBytes)

@@ -49,7 +49,7 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 		oauth2.S256ChallengeOption(verifier),
 		oauth2.SetAuthURLParam("nonce", nonce),
 		oauth2.SetAuthURLParam("prompt", "consent"))
-	b.logger.Info("login: sending the browser to the identity provider", zap.String("client_id", req.ClientID))
+	b.log.login.Info("sending the browser to the identity provider", zap.String("client_id", req.ClientID))
 	b.login(LoginHybrid, LoginStarted)
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, target, http.StatusFound)
@@ -103,7 +103,7 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 	pending, err := b.logins.peek(r.Context(), state)
 	switch {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
-		b.logger.Warn("callback: the login returned to a browser that did not start it; nothing issued",
+		b.log.login.Warn("the login returned to a browser that did not start it; nothing issued",
 			zap.String("client_id", pending.Request.ClientID), zap.String("state", Fingerprint(state)))
 		return b.loginFailed(LoginHybrid, LoginFailedCallback, errConsentPage(http.StatusForbidden, notThisBrowserMessage))
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
@@ -115,7 +115,7 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 			return b.loginFailed(LoginHybrid, LoginFailedStorage,
 				errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: taking pending login", err)))
 		}
-		b.logger.Info("callback: unknown, replayed or expired state", zap.String("state", Fingerprint(state)))
+		b.log.login.Info("unknown, replayed or expired state", zap.String("state", Fingerprint(state)))
 		return b.loginFailed(LoginHybrid, LoginFailedCallback, errInvalidRequest("unknown or expired login state"))
 	}
 	b.clearLoginBinding(w, state, pathCallback)
@@ -143,7 +143,7 @@ func (b *Broker) finishLoginStep(w http.ResponseWriter, r *http.Request, q url.V
 	req := pending.Request
 	if idpErr := q.Get("error"); idpErr != "" {
 		// The IdP's words stay in the log (SECURITY.md W11); the client gets a fixed code.
-		b.logger.Info("callback: the identity provider refused the login",
+		b.log.login.Info("the identity provider refused the login",
 			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))
 		switch idpErr {
 		case "access_denied":
@@ -177,7 +177,7 @@ func (b *Broker) finishLoginStep(w http.ResponseWriter, r *http.Request, q url.V
 	// The session, its code and tokens carry what the client asked for and the IdP granted.
 	var dropped []string
 	if req.Scopes, dropped = b.narrowToGrant(req.Scopes, grant.Scopes); len(dropped) > 0 {
-		b.logger.Info("callback: the identity provider did not grant scopes the client asked for",
+		b.log.login.Info("the identity provider did not grant scopes the client asked for",
 			zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject), zap.Strings("scopes", dropped))
 	}
 	s, err := b.sessions.create(r.Context(), grant.Subject, req.ClientID, req.Scopes, grant)
@@ -187,11 +187,13 @@ func (b *Broker) finishLoginStep(w http.ResponseWriter, r *http.Request, q url.V
 	brokerCode, err := b.issueCode(r.Context(), s, req)
 	if err != nil {
 		if derr := b.sessions.end(r.Context(), s.ID); derr != nil {
-			b.logger.Warn("callback: deleting unused session", zap.Error(derr))
+			b.log.login.Warn("deleting unused session", zap.Error(derr))
 		}
 		return LoginFailedStorage, errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: issuing code", err))
 	}
-	b.logger.Info("callback: login finished", zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject))
+	b.log.login.Info("login finished", zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject))
+	b.audit(auditSessionCreated, clientIP(r), zap.String("subject", grant.Subject), zap.String("client_id", req.ClientID),
+		zap.String("session", Fingerprint(s.ID)))
 	q = url.Values{"code": {brokerCode}, "iss": {b.issuer}}
 	if req.State != "" {
 		q.Set("state", req.State)

@@ -219,7 +219,7 @@ func (b *Broker) redirectToIdPForOfflineAccess(w http.ResponseWriter, r *http.Re
 		oidc.Nonce(nonce),
 		oauth2.SetAuthURLParam("prompt", "consent"),
 	)
-	b.logger.Info("offline access: sending the user to the identity provider", zap.String("subject", subject))
+	b.log.offline.Info("sending the user to the identity provider", zap.String("subject", subject))
 	b.login(LoginOfflineAccess, LoginStarted)
 	h := w.Header()
 	h.Set("Cache-Control", "no-store")
@@ -265,7 +265,7 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	pending, err := b.offlineLogins.peek(ctx, state)
 	switch {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
-		b.logger.Warn("offline access: the login returned to a browser that did not start it; nothing stored", zap.String("subject", pending.Subject))
+		b.log.offline.Warn("the login returned to a browser that did not start it; nothing stored", zap.String("subject", pending.Subject))
 		return b.loginFailed(LoginOfflineAccess, LoginFailedCallback, b.errOfflineAccessPage(http.StatusForbidden, "Wrong browser", notThisBrowserMessage))
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
 		return notFinished(storageFailed("offline access: loading state", err))
@@ -281,7 +281,7 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	b.clearLoginBinding(w, state, b.cfg.OfflineAccessCallbackPath)
 	if q.Get("error") != "" {
 		// The IdP's own error text is not shown (SECURITY.md W11): only that access was not granted.
-		b.logger.Info("offline access: identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
+		b.log.offline.Info("identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
 		return b.loginFailed(LoginOfflineAccess, LoginFailedIdP, b.errOfflineAccessPage(http.StatusForbidden, "Not granted", "The identity provider did not grant offline access."))
 	}
 	code := q.Get("code")
@@ -317,7 +317,7 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	if subtle.ConstantTimeCompare([]byte(sub), []byte(pending.Subject)) != 1 {
 		// Someone else logged in at the IdP: their grant must not land under this user,
 		// nor linger at the IdP.
-		b.logger.Warn("offline access: a different user logged in at the identity provider; nothing stored",
+		b.log.offline.Warn("a different user logged in at the identity provider; nothing stored",
 			zap.String("subject", pending.Subject), zap.String("logged_in", sub))
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
 		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange, b.errOfflineAccessPage(http.StatusForbidden, "Wrong account",
@@ -343,7 +343,9 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 			b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "Offline access could not be stored; start again.").
 				because(fmt.Errorf("offline access: storing offline access grant for subject %s: %w", sub, err)))
 	}
-	b.logger.Info("offline access: granted", zap.String("subject", sub), zap.String("client_id", pending.ClientID))
+	b.log.offline.Info("granted", zap.String("subject", sub), zap.String("client_id", pending.ClientID))
+	b.audit(auditOfflineAccessGranted, clientIP(r), zap.String("subject", sub), zap.String("client_id", pending.ClientID),
+		zap.Strings("background_clients", workers), zap.Strings("scopes", scopes))
 	b.login(LoginOfflineAccess, LoginCompleted)
 	b.offlineAccessPage(w, http.StatusOK, offlineAccessPageData{
 		Title:             "Offline access granted",
@@ -419,7 +421,7 @@ func (b *Broker) offlineAccessStatus(w http.ResponseWriter, r *http.Request) (Of
 	allowCORS(w, "GET, DELETE, OPTIONS")
 	ctx := r.Context()
 	if r.Method == http.MethodDelete {
-		status, err := b.revokeOfflineAccessGrant(ctx, who.Subject)
+		status, err := b.revokeOfflineAccessGrant(ctx, who.Subject, clientIP(r))
 		if err != nil {
 			return OfflineAccessStatus{}, errServer(http.StatusInternalServerError, "offline access could not be revoked",
 				fmt.Errorf("offline access: revoking offline access grant of subject %s: %w", who.Subject, err))
@@ -485,6 +487,6 @@ func (b *Broker) offlineAccessPage(w http.ResponseWriter, status int, data offli
 	h.Set("Referrer-Policy", "no-referrer")
 	w.WriteHeader(status)
 	if err := offlineAccessPageTemplate.Execute(w, data); err != nil {
-		b.logger.Debug("offline access: writing page", zap.Error(err))
+		b.log.offline.Debug("writing page", zap.Error(err))
 	}
 }

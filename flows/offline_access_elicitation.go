@@ -84,7 +84,7 @@ func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who 
 			Message:       "This tool needs offline access to your account" + forWhom + ". Sign in to grant it, then try again.",
 		}}},
 	}
-	b.logger.Info("offline access: tool needs offline access; URL elicitation sent", zap.String("subject", who.Subject))
+	b.log.offline.Info("tool needs offline access; URL elicitation sent", zap.String("subject", who.Subject))
 
 	// requiredScopes left the body, bounded, in r.Body.
 	body, _ := io.ReadAll(io.LimitReader(r.Body, b.cfg.MaxBodyBytes))

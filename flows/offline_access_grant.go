@@ -63,7 +63,7 @@ func (b *Broker) moveOfflineAccessGrant(ctx context.Context, g *OfflineAccessGra
 		// Put back what was taken, so that a failed move loses nothing.
 		if legacy {
 			if err := b.offline.putBack(ctx, &before); err != nil {
-				b.logger.Error("offline access: restoring offline access grant of an earlier release", zap.Error(err))
+				b.log.offline.Error("restoring offline access grant of an earlier release", zap.Error(err))
 			}
 		}
 	}
@@ -82,10 +82,10 @@ func (b *Broker) moveOfflineAccessGrant(ctx context.Context, g *OfflineAccessGra
 	}
 	if !legacy {
 		if err := b.offline.delete(ctx, from); err != nil {
-			b.logger.Warn("offline access: deleting offline access grant under a retired key", zap.Error(err))
+			b.log.offline.Warn("deleting offline access grant under a retired key", zap.Error(err))
 		}
 	}
-	b.logger.Info("offline access: offline access grant moved to the current key", zap.Bool("from_earlier_release", legacy))
+	b.log.offline.Info("offline access grant moved to the current key", zap.Bool("from_earlier_release", legacy))
 	return nil
 }
 
@@ -115,7 +115,7 @@ func (b *Broker) storeOfflineAccessGrant(ctx context.Context, d *idp.Discovery, 
 	err = b.offline.put(ctx, g, refreshToken)
 	if err == nil && old != nil && old.key != g.key {
 		if derr := b.offline.delete(ctx, old.key); derr != nil {
-			b.logger.Warn("offline access: deleting the replaced offline access grant", zap.Error(derr))
+			b.log.offline.Warn("deleting the replaced offline access grant", zap.Error(derr))
 		}
 	}
 	unlock()
@@ -129,8 +129,8 @@ func (b *Broker) storeOfflineAccessGrant(ctx context.Context, d *idp.Discovery, 
 }
 
 // revokeOfflineAccessGrant deletes subject's offline access grant and revokes its refresh token at
-// the IdP, when the IdP has a revocation endpoint.
-func (b *Broker) revokeOfflineAccessGrant(ctx context.Context, subject string) (OfflineAccessStatus, error) {
+// the IdP, when the IdP has a revocation endpoint. ip is the address of the client asking.
+func (b *Broker) revokeOfflineAccessGrant(ctx context.Context, subject, ip string) (OfflineAccessStatus, error) {
 	st := OfflineAccessStatus{Granted: false}
 	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
@@ -151,12 +151,13 @@ func (b *Broker) revokeOfflineAccessGrant(ctx context.Context, subject string) (
 	if err != nil {
 		return st, fmt.Errorf("deleting offline access grant: %w", err)
 	}
-	b.logger.Info("offline access: revoked", zap.String("subject", subject))
+	b.log.offline.Info("revoked", zap.String("subject", subject))
+	b.audit(auditOfflineAccessRevoked, ip, zap.String("reason", "revocation_request"), zap.String("subject", subject))
 	revoked := false
 	if openErr != nil {
-		b.logger.Warn("offline access: revoked grant could not be opened for revocation at the identity provider", zap.Error(openErr))
+		b.log.offline.Warn("revoked grant could not be opened for revocation at the identity provider", zap.Error(openErr))
 	} else if d, derr := b.idp.Discovery(ctx); derr != nil {
-		b.logger.Warn("offline access: identity provider unavailable for revocation", zap.Error(derr))
+		b.log.offline.Warn("identity provider unavailable for revocation", zap.Error(derr))
 	} else {
 		revoked = b.revokeOfflineRefreshToken(ctx, d, refreshToken)
 	}
@@ -176,7 +177,7 @@ func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *idp.Discovery
 	form := url.Values{"token": {token}, "token_type_hint": {"refresh_token"}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.RevocationEndpoint, strings.NewReader(form.Encode()))
 	if err != nil {
-		b.logger.Warn("offline access: building revocation request", zap.Error(err))
+		b.log.offline.Warn("building revocation request", zap.Error(err))
 		return false
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
@@ -184,13 +185,13 @@ func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *idp.Discovery
 	req.SetBasicAuth(url.QueryEscape(b.cfg.ClientID), url.QueryEscape(b.cfg.ClientSecret))
 	resp, err := b.cfg.HTTPClient.Do(req)
 	if err != nil {
-		b.logger.Warn("offline access: revoking refresh token at the identity provider", zap.String("token", Fingerprint(token)), zap.Error(err))
+		b.log.offline.Warn("revoking refresh token at the identity provider", zap.String("token", Fingerprint(token)), zap.Error(err))
 		return false
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode != http.StatusOK {
-		b.logger.Warn("offline access: identity provider refused the revocation", zap.String("token", Fingerprint(token)), zap.Int("status", resp.StatusCode))
+		b.log.offline.Warn("identity provider refused the revocation", zap.String("token", Fingerprint(token)), zap.Int("status", resp.StatusCode))
 		return false
 	}
 	return true
@@ -223,7 +224,7 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 		return nil, nil, errBackgroundClientNotGranted
 	}
 	if g.FromUpgrade {
-		b.logger.Warn("offline access: offline access grant made before grants were bound to background clients; "+
+		b.log.offline.Warn("offline access grant made before grants were bound to background clients; "+
 			"every background client configured at the upgrade may use it until the user grants offline access again",
 			zap.String("subject", subject), zap.Strings("background_clients", g.BackgroundClients))
 	}
@@ -242,7 +243,7 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 		var re *oauth2.RetrieveError
 		if errors.As(err, &re) && re.ErrorCode == "invalid_grant" {
 			if derr := b.offline.delete(ctx, g.key); derr != nil {
-				b.logger.Error("offline access: deleting dead offline access grant", zap.String("subject", subject), zap.Error(derr))
+				b.log.offline.Error("deleting dead offline access grant", zap.String("subject", subject), zap.Error(derr))
 			}
 			return nil, nil, errOfflineAccessGrantDead
 		}

@@ -151,11 +151,13 @@ func (b *Broker) register(w http.ResponseWriter, r *http.Request) (clientInforma
 	if err := b.registrations.register(r.Context(), &rec); err != nil {
 		return clientInformation{}, errServer(http.StatusInternalServerError, "the registration could not be stored", storageFailed("storing registered client", err))
 	}
-	b.logger.Info("client registered",
+	b.log.register.Info("client registered",
 		zap.String("client_id", rec.ClientID),
 		zap.String("client_name", rec.ClientName),
 		zap.String("token_endpoint_auth_method", rec.TokenEndpointAuthMethod),
 		zap.String("client_ip", ip))
+	b.audit(auditClientRegistered, ip, zap.String("client_id", rec.ClientID),
+		zap.String("token_endpoint_auth_method", rec.TokenEndpointAuthMethod))
 	return resp, nil
 }
 

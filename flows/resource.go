@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"strings"
 
+	"go.uber.org/zap"
+
 	"github.com/caddy-mcp/oauth-broker/idp"
 )
 
@@ -131,6 +133,11 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	r.Trailer = nil
 	if err := b.delegateInto(r, who, raw, need); err != nil {
 		return nil, err
+	}
+	// Checked first: the fields are built only when DEBUG is on (the warm path allocates nothing).
+	if ce := b.log.resource.Check(zap.DebugLevel, "request admitted"); ce != nil {
+		ce.Write(zap.String("subject", who.Subject), zap.String("client_id", who.ClientID),
+			zap.String("session", fingerprintOrEmpty(who.SessionID)), zap.Int("tools", len(tools)))
 	}
 	return who, nil
 }

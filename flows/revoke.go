@@ -46,16 +46,16 @@ func (b *Broker) revoke(w http.ResponseWriter, r *http.Request) error {
 	}
 	// token_type_hint needs no reading: the prefix of a broker token says its type.
 	ctx := context.WithoutCancel(r.Context()) // a revocation, once begun, is carried out whole
-	var familyID, sessionID, owner string
+	var familyID, sessionID, owner, subject string
 	switch {
 	case isBrokerToken(raw, accessTokenPrefix):
 		var at AccessToken
 		at, err = b.families.accessToken(ctx, raw)
-		familyID, sessionID, owner = at.FamilyID, at.SessionID, at.ClientID
+		familyID, sessionID, owner, subject = at.FamilyID, at.SessionID, at.ClientID, at.Subject
 	case isBrokerToken(raw, refreshTokenPrefix):
 		var rt RefreshToken
 		rt, err = b.families.refreshToken(ctx, raw)
-		familyID, sessionID, owner = rt.FamilyID, rt.SessionID, rt.ClientID
+		familyID, sessionID, owner, subject = rt.FamilyID, rt.SessionID, rt.ClientID, rt.Subject
 	default:
 		err = storage.ErrNotFound
 	}
@@ -64,13 +64,15 @@ func (b *Broker) revoke(w http.ResponseWriter, r *http.Request) error {
 	case err != nil:
 		return errStorage("reading token to revoke", err) // RFC 7009 §2.2.1 allows 503
 	case owner != client.ID:
-		b.logger.Warn("revocation of another client's token ignored",
+		b.log.token.Warn("revocation of another client's token ignored",
 			zap.String("client_id", client.ID), zap.String("token", Fingerprint(raw)))
 	default:
 		b.count(TokenRevoked)
-		b.logger.Info("revoking broker tokens",
+		b.log.token.Info("revoking broker tokens",
 			zap.String("client_id", client.ID), zap.String("family", Fingerprint(familyID)))
 		b.revokeGrant(ctx, familyID, sessionID)
+		b.audit(auditSessionRevoked, clientIP(r), zap.String("reason", "revocation_request"), zap.String("subject", subject),
+			zap.String("client_id", client.ID), zap.String("family", Fingerprint(familyID)))
 	}
 	return nil
 }
@@ -85,7 +87,7 @@ func (b *Broker) revokeGrant(ctx context.Context, familyID, sessionID string) {
 		b.evictDelegated(sessionID)
 	}
 	if err := b.revokeFamily(ctx, familyID, sessionID); err != nil {
-		b.logger.Error("revoking token family", zap.String("family", Fingerprint(familyID)), zap.Error(err))
+		b.log.token.Error("revoking token family", zap.String("family", Fingerprint(familyID)), zap.Error(err))
 	}
 	if sessionID != "" {
 		b.endSession(ctx, sessionID)
@@ -100,7 +102,7 @@ func (b *Broker) revokeGrant(ctx context.Context, familyID, sessionID string) {
 func (b *Broker) endSession(ctx context.Context, id string) {
 	unlock, err := b.sessions.lock(ctx, id)
 	if err != nil {
-		b.logger.Error("locking session to end it", zap.Error(err))
+		b.log.token.Error("locking session to end it", zap.Error(err))
 		return
 	}
 	defer unlock()
@@ -109,16 +111,16 @@ func (b *Broker) endSession(ctx context.Context, id string) {
 	case errors.Is(err, storage.ErrNotFound):
 		return
 	case err != nil:
-		b.logger.Error("reading session to end it", zap.Error(err))
+		b.log.token.Error("reading session to end it", zap.Error(err))
 		return
 	}
 	if g, err := b.sessions.grant(s); err != nil {
-		b.logger.Error("ending session", zap.Error(err))
+		b.log.token.Error("ending session", zap.Error(err))
 	} else {
 		b.revokeAtIdP(ctx, g)
 	}
 	if err := b.sessions.end(ctx, id); err != nil {
-		b.logger.Error("deleting session", zap.Error(err))
+		b.log.token.Error("deleting session", zap.Error(err))
 	}
 }
 
@@ -137,7 +139,7 @@ func (b *Broker) revokeAtIdP(ctx context.Context, g IdPGrant) {
 	defer cancel()
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
-		b.logger.Warn("revoking the IdP grant: no discovery", zap.Error(err))
+		b.log.token.Warn("revoking the IdP grant: no discovery", zap.Error(err))
 		return
 	}
 	if d.RevocationEndpoint == "" {
@@ -146,7 +148,7 @@ func (b *Broker) revokeAtIdP(ctx context.Context, g IdPGrant) {
 	form := url.Values{"token": {token}, "token_type_hint": {hint}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.RevocationEndpoint, strings.NewReader(form.Encode()))
 	if err != nil {
-		b.logger.Warn("revoking the IdP grant: building request", zap.Error(err))
+		b.log.token.Warn("revoking the IdP grant: building request", zap.Error(err))
 		return
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
@@ -154,12 +156,12 @@ func (b *Broker) revokeAtIdP(ctx context.Context, g IdPGrant) {
 	req.SetBasicAuth(url.QueryEscape(b.cfg.ClientID), url.QueryEscape(b.cfg.ClientSecret))
 	resp, err := b.cfg.HTTPClient.Do(req)
 	if err != nil {
-		b.logger.Warn("revoking the IdP grant", zap.Error(err))
+		b.log.token.Warn("revoking the IdP grant", zap.Error(err))
 		return
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxIdPRevocationBytes))
 	if resp.StatusCode != http.StatusOK {
-		b.logger.Warn("revoking the IdP grant: the IdP refused", zap.Int("status", resp.StatusCode))
+		b.log.token.Warn("revoking the IdP grant: the IdP refused", zap.Int("status", resp.StatusCode))
 	}
 }

@@ -31,7 +31,7 @@ func (b *Broker) openStores() {
 	now := func() time.Time { return b.now() }
 	b.sessions = sessionStore{records: records, now: now, ttl: b.cfg.SessionTTL, maxLifetime: b.cfg.SessionMaxLifetime}
 	b.families = familyStore{
-		records: records, logger: b.logger, now: now,
+		records: records, logger: b.log.storage, now: now,
 		accessTTL: b.cfg.AccessTokenTTL, refreshTTL: b.cfg.RefreshTokenTTL, grace: b.cfg.RefreshGrace,
 	}
 	b.codes = codeStore{records: records, ttl: b.cfg.CodeTTL}

@@ -68,7 +68,7 @@ func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) 
 	rec, err := b.codes.take(ctx, code)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		b.codeReplayed(ctx, code)
+		b.codeReplayed(ctx, code, clientIP(r))
 		return TokenResponse{}, errInvalidGrant("the authorization code is invalid, expired or already used")
 	case err != nil:
 		return TokenResponse{}, errStorage("taking authorization code", err)
@@ -79,7 +79,7 @@ func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) 
 	case !now.Before(rec.ExpiresAt):
 		return TokenResponse{}, errInvalidGrant("the authorization code is invalid, expired or already used")
 	case rec.ClientID != client.ID:
-		b.logger.Warn("authorization code presented by another client",
+		b.log.token.Warn("authorization code presented by another client",
 			zap.String("client_id", client.ID), zap.String("code", Fingerprint(code)))
 		return TokenResponse{}, errInvalidGrant("the authorization code was issued to another client")
 	case redirectURI == "" && !rec.RedirectURIOmitted:
@@ -111,27 +111,30 @@ func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) 
 		return TokenResponse{}, errStorage("redeeming authorization code", err)
 	}
 	b.count(TokenIssued)
-	b.logger.Info("issued broker tokens for an authorization code",
+	b.log.token.Info("issued broker tokens for an authorization code",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 	b.renewRegistration(ctx, client)
 	return resp, nil
 }
 
 // codeReplayed revokes what a code issued when the code is presented again after its
-// redemption (RFC 6749 §10.5): the family and the session behind it.
-func (b *Broker) codeReplayed(ctx context.Context, code string) {
+// redemption (RFC 6749 §10.5): the family and the session behind it. ip is the client's.
+func (b *Broker) codeReplayed(ctx context.Context, code, ip string) {
 	used, err := b.codes.used(ctx, code)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		return // never issued, or long gone
 	case err != nil:
-		b.logger.Error("reading authorization code replay marker", zap.Error(err))
+		b.log.token.Error("reading authorization code replay marker", zap.Error(err))
 		return
 	}
 	b.count(TokenReuseDetected)
-	b.logger.Warn("authorization code replayed; revoking what it issued",
+	b.log.token.Warn("authorization code replayed; revoking what it issued",
 		zap.String("code", Fingerprint(code)), zap.String("family", Fingerprint(used.FamilyID)))
+	b.audit(auditReuseDetected, ip, zap.String("token_type", "authorization_code"), zap.String("code", Fingerprint(code)),
+		zap.String("family", Fingerprint(used.FamilyID)))
 	b.revokeGrant(ctx, used.FamilyID, used.SessionID)
+	b.audit(auditSessionRevoked, ip, zap.String("reason", "authorization_code_replay"), zap.String("family", Fingerprint(used.FamilyID)))
 }
 
 // pkceMatches checks an RFC 7636 S256 code verifier against the stored challenge in

@@ -64,7 +64,7 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 	now := b.now()
 	switch {
 	case rec.ClientID != client.ID:
-		b.logger.Warn("refresh token presented by another client",
+		b.log.token.Warn("refresh token presented by another client",
 			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)))
 		return TokenResponse{}, errInvalidGrant("the refresh token was issued to another client")
 	case !now.Before(rec.Expiry):
@@ -83,7 +83,7 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 	}
 
 	if !rec.RotatedAt.IsZero() {
-		return b.repeatedRefresh(ctx, &rec, client, raw, scopes, now)
+		return b.repeatedRefresh(ctx, &rec, client, raw, scopes, now, clientIP(r))
 	}
 	// Only rotations count: repeats above write nothing.
 	if ok, wait := b.refreshes.Allow(rec.FamilyID, refreshRatePerGrant, now); !ok {
@@ -102,9 +102,11 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 	case errors.Is(err, storage.ErrNotFound), errors.Is(err, errSessionEnded):
 		// The IdP grant behind the tokens is gone (expired, ended, refused by the IdP, or
 		// past the session's lifetime): so is the family.
-		b.logger.Info("session ended at a refresh; revoking its tokens", zap.String("client_id", client.ID),
+		b.log.token.Info("session ended at a refresh; revoking its tokens", zap.String("client_id", client.ID),
 			zap.String("family", Fingerprint(rec.FamilyID)), zap.Error(err))
 		b.revokeGrant(ctx, rec.FamilyID, rec.SessionID)
+		b.audit(auditSessionRevoked, clientIP(r), zap.String("reason", "session_ended"), zap.String("subject", rec.Subject),
+			zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)), zap.Error(err))
 		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	case err != nil:
 		return TokenResponse{}, errStorage("refreshing broker tokens", err)
@@ -115,7 +117,7 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 		var dropped []string
 		scopes, _ = b.narrowToGrant(scopes, granted)
 		if refreshScopes, dropped = b.narrowToGrant(rec.Scopes, granted); len(dropped) > 0 {
-			b.logger.Info("refresh: the identity provider no longer grants scopes of this family",
+			b.log.token.Info("the identity provider no longer grants scopes of this family",
 				zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)), zap.Strings("scopes", dropped))
 		}
 	}
@@ -137,8 +139,10 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 		return TokenResponse{}, errStorage("refreshing broker tokens", err)
 	}
 	b.count(TokenRefreshed)
-	b.logger.Info("rotated broker refresh token",
+	b.log.token.Info("rotated broker refresh token",
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
+	b.audit(auditTokenRefreshed, clientIP(r), zap.String("subject", rec.Subject), zap.String("client_id", client.ID),
+		zap.String("family", Fingerprint(rec.FamilyID)))
 	b.renewRegistration(ctx, client)
 	return resp, nil
 }
@@ -148,7 +152,7 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 // processes of one client, a client refreshing from several places): it gets the pair the
 // first refresh yielded, with the same scopes, and writes nothing. Otherwise it is reuse
 // (OAuth 2.1 §4.3.1: someone else may hold the token), which revokes the whole family.
-func (b *Broker) repeatedRefresh(ctx context.Context, rec *RefreshToken, client *Client, raw string, scopes []string, now time.Time) (TokenResponse, error) {
+func (b *Broker) repeatedRefresh(ctx context.Context, rec *RefreshToken, client *Client, raw string, scopes []string, now time.Time, ip string) (TokenResponse, error) {
 	resp, err := b.families.successor(raw, rec)
 	if err != nil {
 		return TokenResponse{}, errUnavailable("opening successor pair", err)
@@ -166,10 +170,15 @@ func (b *Broker) repeatedRefresh(ctx context.Context, rec *RefreshToken, client 
 	}
 	if reuse != "" {
 		b.count(TokenReuseDetected)
-		b.logger.Warn("rotated refresh token reused; revoking its family", zap.String("when", reuse),
+		b.log.token.Warn("rotated refresh token reused; revoking its family", zap.String("when", reuse),
 			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
 			zap.String("family", Fingerprint(rec.FamilyID)))
+		b.audit(auditReuseDetected, ip, zap.String("token_type", "refresh_token"), zap.String("subject", rec.Subject),
+			zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
+			zap.String("family", Fingerprint(rec.FamilyID)), zap.String("when", reuse))
 		b.revokeGrant(ctx, rec.FamilyID, rec.SessionID)
+		b.audit(auditSessionRevoked, ip, zap.String("reason", "refresh_token_reuse"), zap.String("subject", rec.Subject),
+			zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	}
 	if !sameScopes(scopes, strings.Fields(resp.Scope)) {
@@ -181,7 +190,7 @@ func (b *Broker) repeatedRefresh(ctx context.Context, rec *RefreshToken, client 
 	case err != nil:
 		return TokenResponse{}, errStorage("refreshing broker tokens", err)
 	}
-	b.logger.Info("repeated refresh within the grace window; answering with the same pair",
+	b.log.token.Info("repeated refresh within the grace window; answering with the same pair",
 		zap.String("client_id", client.ID), zap.String("refresh_token", Fingerprint(raw)),
 		zap.String("family", Fingerprint(rec.FamilyID)))
 	// The access token has aged since it was issued: say how long it has left.
@@ -240,9 +249,9 @@ func (b *Broker) renewSession(ctx context.Context, id string, now time.Time) (en
 		case errors.Is(err, errGrantStoreFailed):
 			return end, nil, err
 		case errors.Is(err, errNoIdPRefreshToken):
-			b.logger.Debug("session's IdP grant cannot be confirmed: no refresh token", zap.String("session", Fingerprint(id)))
+			b.log.token.Debug("session's IdP grant cannot be confirmed: no refresh token", zap.String("session", Fingerprint(id)))
 		default:
-			b.logger.Warn("could not confirm a session's IdP grant; the next refresh tries again",
+			b.log.token.Warn("could not confirm a session's IdP grant; the next refresh tries again",
 				zap.String("session", Fingerprint(id)), zap.Error(err))
 		}
 	}
