@@ -27,7 +27,8 @@ import (
 // writerBroker is a Broker with only what the error writer uses, logging to logs.
 func writerBroker() (*Broker, *observer.ObservedLogs) {
 	core, logs := observer.New(zap.DebugLevel)
-	return &Broker{logger: zap.New(core), issuer: "https://broker.example"}, logs
+	l := zap.New(core)
+	return &Broker{logger: l, log: newLoggers(l), issuer: "https://broker.example"}, logs
 }
 
 // errSecretCause is a cause no answer may carry: paths and texts of the broker's insides.
