@@ -2,6 +2,7 @@ package flows
 
 import (
 	"bytes"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -48,7 +49,7 @@ func assertNoSecretInLogs(t *testing.T, logs *observer.ObservedLogs, secrets aud
 
 // TestAuditEventsAndNoSecretsInLogs drives every flow with the broker's logger at DEBUG:
 // a registered confidential client's hybrid login with consent, its code exchange, tool
-// calls with delegation, refreshes, refresh-token reuse, a replayed code, revocation, bad
+// calls with delegation, a client known by its metadata document, refreshes, refresh-token reuse, a replayed code, revocation, bad
 // codes, verifiers and secrets; and in progressive mode an offline access grant, a
 // background token and the grant's revocation. Each audit event is logged once on the
 // audit logger with who and from where, every logger is one of the named ones, and no
@@ -62,7 +63,14 @@ func TestAuditEventsAndNoSecretsInLogs(t *testing.T) {
 
 	// Hybrid mode, token exchange.
 	up := delegationUpstream(t, o)
-	b, front := startHybridFront(t, o, up.URL, delegating(ModeHybrid, DelegationTokenExchange, func(c *Config) { c.Logger, c.Registration = logger, true }))
+	docs := startDocumentServer(t, serveDocument(claudeCodeDocument, "max-age=3600"))
+	b, front := startHybridFrontWith(t, o, up.URL, delegating(ModeHybrid, DelegationTokenExchange, func(c *Config) {
+		c.Logger, c.Registration, c.CIMDAllowPrivate = logger, true, true
+	}), func(b *Broker) {
+		roots := x509.NewCertPool()
+		roots.AddCert(docs.Certificate())
+		b.clients.documents.rootCAs = roots
+	})
 	e := lessonTokens(o, b, front)
 
 	reg := postJSON(t, front.URL+pathRegister, `{"redirect_uris":["`+tokenTestRedirect+`"],"token_endpoint_auth_method":"client_secret_post","client_name":"Audit"}`)
@@ -149,7 +157,15 @@ func TestAuditEventsAndNoSecretsInLogs(t *testing.T) {
 	if res := e.post(t, pathRevoke, url.Values{"client_id": {client.ClientID}, "client_secret": {client.ClientSecret}, "token": {third.RefreshToken}}, nil); res.status != http.StatusOK {
 		t.Fatalf("revocation: %d", res.status)
 	}
-	for i, tk := range []TokenResponse{tok, next, last, third} {
+	// A client known by its metadata document, in a browser of its own.
+	cimdID := docs.URL + "/oauth/client-metadata.json"
+	verifier = oauth2.GenerateVerifier()
+	secrets.add("metadata document client's PKCE verifier", verifier)
+	code = newHybridBrowser(t).login(front, o, cimdID, tokenTestRedirect, verifier, []string{"openid", "notes:read"})
+	secrets.add("metadata document client's code", code)
+	cimdTok := e.exchange(t, cimdID, code, verifier, nil).wantTokens(t)
+	addSessions()
+	for i, tk := range []TokenResponse{tok, next, last, third, cimdTok} {
 		secrets.add(fmt.Sprintf("access token %d", i), tk.AccessToken)
 		secrets.add(fmt.Sprintf("refresh token %d", i), tk.RefreshToken)
 	}
@@ -203,7 +219,7 @@ func TestAuditEventsAndNoSecretsInLogs(t *testing.T) {
 		}
 	}
 	for event, want := range map[string]int{
-		auditClientRegistered: 1, auditConsentGiven: 1, auditSessionCreated: 3, auditTokenRefreshed: 2,
+		auditClientRegistered: 1, auditConsentGiven: 2, auditSessionCreated: 4, auditTokenRefreshed: 2,
 		auditReuseDetected: 2, auditSessionRevoked: 3, auditOfflineAccessGranted: 1, auditOfflineAccessRevoked: 1,
 		auditBackgroundTokenIssued: 1,
 	} {
@@ -212,7 +228,7 @@ func TestAuditEventsAndNoSecretsInLogs(t *testing.T) {
 		}
 	}
 	for _, entry := range logs.FilterMessage(auditSessionCreated).All() {
-		if f := entry.ContextMap(); f["subject"] != o.User.Subject || f["client_id"] != client.ClientID {
+		if f := entry.ContextMap(); f["subject"] != o.User.Subject || (f["client_id"] != client.ClientID && f["client_id"] != cimdID) {
 			t.Errorf("session_created: %v", f)
 		}
 	}
