@@ -1,10 +1,6 @@
 package flows
 
-import (
-	"strings"
-
-	"go.uber.org/zap"
-)
+import "go.uber.org/zap"
 
 // loggers are the broker's named loggers, one per concern, all under Config.Logger (in
 // Caddy: http.handlers.mcp_oauth), so that an admin can level or route each by name
@@ -56,10 +52,7 @@ func (l *loggers) forPath(path string) *zap.Logger {
 		OfflineAccessCallback, OfflineAccessCallbackLegacy, pathBackgroundToken:
 		return l.offline
 	}
-	if strings.HasPrefix(path, "/.well-known/") {
-		return l.register // metadata documents, as clients discover the broker
-	}
-	return l.resource
+	return l.resource // the MCP endpoint, the metadata documents
 }
 
 // The audit events: the messages of the audit logger (http.handlers.mcp_oauth.audit). Their
