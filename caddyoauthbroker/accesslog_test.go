@@ -21,15 +21,15 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// readmeAccessLogFilter is the access log filter the README ships: the caddyfile block
-// after its access-log-filter marker.
+// readmeAccessLogFilter is the access log filter the README ships: the log directive of
+// the caddyfile block after its access-log-filter marker, indented for a site block.
 func readmeAccessLogFilter(t *testing.T) string {
 	t.Helper()
 	readme, err := os.ReadFile("../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile("(?s)<!-- access-log-filter[^>]*-->\n```caddyfile\n(.*?)```").FindSubmatch(readme)
+	m := regexp.MustCompile("(?s)<!-- access-log-filter[^>]*-->\n```caddyfile\n.*?\n(\tlog \\{\n.*?\n\t\\})\n.*?```").FindSubmatch(readme)
 	if m == nil {
 		t.Fatal("no access log filter in README.md")
 	}
@@ -46,7 +46,6 @@ func TestAccessLogFilter(t *testing.T) {
 	dir := t.TempDir()
 	accessLog := filepath.Join(dir, "access.log")
 	filter := strings.Replace(readmeAccessLogFilter(t), "/var/log/caddy/mcp-access.log", accessLog, 1)
-	filter = "\t" + strings.ReplaceAll(strings.TrimSpace(filter), "\n", "\n\t") // inside the site block
 	if !strings.Contains(filter, accessLog) {
 		t.Fatal("the README's filter has no output line to replace")
 	}

@@ -13,15 +13,16 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// readmeAccessLogFilter is the access log filter the README ships (the caddyfile block
-// after its access-log-filter marker), writing to file, indented for a site block.
+// readmeAccessLogFilter is the access log filter the README ships (the log directive of
+// the caddyfile block after its access-log-filter marker), writing to file, indented for a
+// site block.
 func readmeAccessLogFilter(t *testing.T, file string) string {
 	t.Helper()
 	readme, err := os.ReadFile("../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile("(?s)<!-- access-log-filter[^>]*-->\n```caddyfile\n(.*?)```").FindSubmatch(readme)
+	m := regexp.MustCompile("(?s)<!-- access-log-filter[^>]*-->\n```caddyfile\n.*?\n(\tlog \\{\n.*?\n\t\\})\n.*?```").FindSubmatch(readme)
 	if m == nil {
 		t.Fatal("no access log filter in README.md")
 	}
@@ -29,7 +30,7 @@ func readmeAccessLogFilter(t *testing.T, file string) string {
 	if !strings.Contains(filter, file) {
 		t.Fatal("the README's filter has no output line to replace")
 	}
-	return "\t" + strings.ReplaceAll(strings.TrimSpace(filter), "\n", "\n\t")
+	return filter
 }
 
 // TestAccessLogFilterThroughCaddyBinary: a site with the README's access log filter, a
