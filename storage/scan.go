@@ -1,0 +1,72 @@
+package storage
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// ErrScanLimit is returned by Scan when there were more records under the prefix than it
+// was allowed to read: what was handed to fn is a part of them.
+var ErrScanLimit = errors.New("scan stopped at its limit")
+
+// Scan calls fn with the key, expiry and raw JSON value of each live record under prefix
+// (recursive), reading at most limit records; when there are more it stops there and
+// returns ErrScanLimit. It is for operators' listings, never a request's path: certmagic
+// storage has no index, so it costs one read per record. An error from fn stops the scan
+// and is returned.
+func (r *Records) Scan(ctx context.Context, prefix string, limit int, fn func(key string, expiresAt time.Time, value json.RawMessage) error) error {
+	if !validKey(prefix, false) {
+		return errInvalidKey
+	}
+	keys, err := r.listRecords(ctx, prefix)
+	if err != nil {
+		return err
+	}
+	for i, k := range keys {
+		if i >= limit {
+			return ErrScanLimit
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("scanning records: %w", err)
+		}
+		env, err := r.load(ctx, k)
+		if err != nil || r.expired(env) {
+			// Deleted meanwhile, not a record, or expired: not live.
+			continue
+		}
+		if err := fn(k, env.ExpiresAt, env.Value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// SealedKeyID is the id of the ring key a value produced by Seal was sealed with, read
+// from its envelope without opening it; false for anything Seal did not produce.
+func SealedKeyID(sealed string) (string, bool) {
+	id, body, ok := strings.Cut(sealed, ".")
+	if !ok || len(id) != 8 || body == "" || strings.Trim(id, "0123456789abcdef") != "" {
+		return "", false
+	}
+	return id, true
+}
+
+// KeyIDs are the ids of the ring's keys, the sealing key first.
+func (k *KeyRing) KeyIDs() []string {
+	if k == nil {
+		return nil
+	}
+	out := make([]string, len(k.keys))
+	for i, key := range k.keys {
+		out[i] = key.id
+	}
+	return out
+}
+
+// KeyIDs are the ids of the keys of the records' ring, the sealing key first; empty
+// without a ring.
+func (r *Records) KeyIDs() []string { return r.ring.KeyIDs() }
