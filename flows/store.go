@@ -29,7 +29,7 @@ import (
 func (b *Broker) openStores() {
 	records := b.cfg.Records
 	now := func() time.Time { return b.now() }
-	b.sessions = sessionStore{records: records, now: now, ttl: b.cfg.SessionTTL, maxLifetime: b.cfg.SessionMaxLifetime}
+	b.sessions = sessionStore{records: records, now: now, site: b.site, ttl: b.cfg.SessionTTL, maxLifetime: b.cfg.SessionMaxLifetime}
 	b.families = familyStore{
 		records: records, logger: b.log.storage, now: now,
 		accessTTL: b.cfg.AccessTokenTTL, refreshTTL: b.cfg.RefreshTokenTTL, grace: b.cfg.RefreshGrace,

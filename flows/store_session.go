@@ -16,6 +16,7 @@ import (
 type sessionStore struct {
 	records *storage.Records
 	now     func() time.Time
+	site    string // see Broker.site
 	// ttl is how long a session lives unused; maxLifetime how long it lives at all.
 	ttl, maxLifetime time.Duration
 }
@@ -32,6 +33,7 @@ func (st sessionStore) create(ctx context.Context, subject, clientID string, sco
 		Subject:   subject,
 		ClientID:  clientID,
 		Scopes:    scopes,
+		Site:      st.site,
 		CreatedAt: st.now(),
 	}
 	if err := st.seal(s, grant); err != nil {

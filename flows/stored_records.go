@@ -97,10 +97,13 @@ type Session struct {
 	// there, so a session record copied to another key is useless.
 	key string
 
-	ID        string    `json:"id"`
-	Subject   string    `json:"subject"`
-	ClientID  string    `json:"client_id"`
-	Scopes    []string  `json:"scopes"`
+	ID       string   `json:"id"`
+	Subject  string   `json:"subject"`
+	ClientID string   `json:"client_id"`
+	Scopes   []string `json:"scopes"`
+	// Site is the site (Broker.site) the session was created on, for the admin API's
+	// listings; empty for sessions of earlier releases.
+	Site      string    `json:"site,omitempty"`
 	Grant     string    `json:"grant_sealed"` // a sealed JSON IdPGrant
 	CreatedAt time.Time `json:"created_at"`
 	// ConfirmedAt is when a refresh at the IdP last showed the grant alive (zero: at

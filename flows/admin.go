@@ -1,0 +1,208 @@
+package flows
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// What the admin API (Caddy's admin endpoint, never the public site) reads and ends. Every
+// answer names sessions by Fingerprint of their id and holds no token, secret, code or
+// sealed value (SECURITY.md W13). Listings are bounded scans (AdminScanLimit).
+
+// AdminSession is one of a user's sessions as the admin API shows it.
+type AdminSession struct {
+	// ID is the Fingerprint of the session id, which EndSessions takes.
+	ID        string    `json:"id"`
+	ClientID  string    `json:"client_id"`
+	Scopes    []string  `json:"scopes"`
+	CreatedAt time.Time `json:"created_at"`
+	// ConfirmedAt is when a refresh at the IdP last showed the grant alive; zero until
+	// the first.
+	ConfirmedAt time.Time `json:"confirmed_at,omitzero"`
+	// ExpiresAt is when the session ends unless a refresh renews it.
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// AdminUser is what the broker keeps of one user on this site.
+type AdminUser struct {
+	Subject       string              `json:"subject"`
+	Sessions      []AdminSession      `json:"sessions"`
+	OfflineAccess OfflineAccessStatus `json:"offline_access"`
+	// Truncated: the scan stopped at AdminScanLimit records; Sessions may miss some.
+	Truncated bool `json:"truncated,omitempty"`
+}
+
+// Sessions lists subject's sessions on this site and its offline access grant. Sessions
+// of releases before sessions recorded their site are listed on every site of their
+// storage.
+func (b *Broker) Sessions(ctx context.Context, subject string) (AdminUser, error) {
+	out := AdminUser{Subject: subject, Sessions: []AdminSession{}}
+	sessions, truncated, err := b.admin().sessionsOf(ctx, subject, b.site)
+	if err != nil {
+		return out, fmt.Errorf("listing sessions: %w", err)
+	}
+	out.Truncated = truncated
+	for _, s := range sessions {
+		out.Sessions = append(out.Sessions, AdminSession{
+			ID: Fingerprint(s.ID), ClientID: s.ClientID, Scopes: s.Scopes,
+			CreatedAt: s.CreatedAt, ConfirmedAt: s.ConfirmedAt, ExpiresAt: s.ExpiresAt,
+		})
+	}
+	if out.OfflineAccess, err = b.OfflineAccess(ctx, subject); err != nil {
+		return out, err
+	}
+	return out, nil
+}
+
+// OfflineAccess is subject's offline access grant on this site, if any.
+func (b *Broker) OfflineAccess(ctx context.Context, subject string) (OfflineAccessStatus, error) {
+	g, err := b.loadOfflineAccessGrant(ctx, subject)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return OfflineAccessStatus{Granted: false}, nil
+	case err != nil:
+		return OfflineAccessStatus{}, fmt.Errorf("reading offline access grant: %w", err)
+	}
+	st := OfflineAccessStatus{Granted: true, GrantedAt: &g.GrantedAt, Scopes: g.Scopes, ClientID: g.ClientID, BackgroundClients: g.BackgroundClients}
+	if !g.RotatedAt.IsZero() {
+		st.RotatedAt = &g.RotatedAt
+	}
+	return st, nil
+}
+
+// EndSessions ends subject's session whose id has the Fingerprint id, or all of subject's
+// sessions on this site when id is empty, as a revocation does (revoke.go): their token
+// families revoked, their delegated tokens and verified tokens evicted from this node's
+// caches, their IdP grants revoked at the IdP and deleted. It returns how many it ended.
+func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, error) {
+	admin := b.admin()
+	sessions, _, err := admin.sessionsOf(ctx, subject, b.site)
+	if err != nil {
+		return 0, fmt.Errorf("listing sessions: %w", err)
+	}
+	ending := map[string]bool{}
+	for _, s := range sessions {
+		if id == "" || Fingerprint(s.ID) == id {
+			ending[s.ID] = true
+		}
+	}
+	if len(ending) == 0 {
+		return 0, nil
+	}
+	families, _, err := admin.familiesOf(ctx, ending)
+	if err != nil {
+		return 0, fmt.Errorf("listing token families: %w", err)
+	}
+	for sid := range ending {
+		// As revokeGrant: evicted before storage is touched and again once the session
+		// is gone.
+		b.evictDelegated(sid)
+		for _, fid := range families[sid] {
+			if err := b.revokeFamily(ctx, fid, sid); err != nil {
+				b.logger.Error("admin: revoking token family", zap.String("family", Fingerprint(fid)), zap.Error(err))
+			}
+		}
+		// A family the scan missed still loses this node's cached verdicts.
+		b.brokerTokens.DeleteFunc(func(vd brokerVerdict) bool {
+			return vd.principal != nil && vd.principal.SessionID == sid
+		})
+		b.endSession(ctx, sid)
+		b.evictDelegated(sid)
+		b.logger.Info("admin: session ended", zap.String("subject", subject), zap.String("session", Fingerprint(sid)))
+	}
+	return len(ending), nil
+}
+
+// RevokeOfflineAccess deletes subject's offline access grant on this site and revokes its
+// refresh token at the IdP; background tokens are refused from then on.
+func (b *Broker) RevokeOfflineAccess(ctx context.Context, subject string) (OfflineAccessStatus, error) {
+	return b.revokeOfflineAccessGrant(ctx, subject)
+}
+
+// AdminClient is a dynamically registered client as the admin API shows it; its secret's
+// hash is never shown.
+type AdminClient struct {
+	ClientID     string    `json:"client_id"`
+	ClientName   string    `json:"client_name,omitempty"`
+	RedirectURIs []string  `json:"redirect_uris"`
+	RegisteredAt time.Time `json:"registered_at"`
+	// RenewedAt is the last login or refresh that extended the registration.
+	RenewedAt time.Time `json:"renewed_at,omitzero"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// RegisteredClients lists the clients registered dynamically (RFC 7591) in this site's
+// storage, which sites sharing a storage share, and whether the scan stopped at
+// AdminScanLimit.
+func (b *Broker) RegisteredClients(ctx context.Context) ([]AdminClient, bool, error) {
+	clients, truncated, err := b.admin().clients(ctx)
+	if err != nil {
+		return nil, false, fmt.Errorf("listing registered clients: %w", err)
+	}
+	out := make([]AdminClient, 0, len(clients))
+	for _, c := range clients {
+		out = append(out, AdminClient{
+			ClientID: c.ClientID, ClientName: c.ClientName, RedirectURIs: c.RedirectURIs,
+			RegisteredAt: c.IssuedAt, RenewedAt: c.RenewedAt, ExpiresAt: c.ExpiresAt,
+		})
+	}
+	return out, truncated, nil
+}
+
+// DeleteClient deletes the registration of the dynamically registered client id and
+// tells whether there was one. The client can no longer start a login or refresh its
+// tokens; tokens it holds stay valid until they expire or their sessions are ended.
+func (b *Broker) DeleteClient(ctx context.Context, id string) (bool, error) {
+	switch _, err := b.registrations.load(ctx, id); {
+	case errors.Is(err, storage.ErrNotFound):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("reading registration: %w", err)
+	}
+	if err := b.registrations.delete(ctx, id); err != nil {
+		return false, fmt.Errorf("deleting registration: %w", err)
+	}
+	b.logger.Info("admin: registered client deleted", zap.String("client_id", id))
+	return true, nil
+}
+
+// KeyUse is one key of the ring and how many sealed values in storage it still seals.
+type KeyUse struct {
+	ID string `json:"id"`
+	// Sealing: the ring's first key, which seals everything new.
+	Sealing bool `json:"sealing"`
+	Sealed  int  `json:"sealed"`
+}
+
+// KeyRingUsage is the key ring's keys and what they seal: a key that seals nothing can
+// be dropped from the ring. Unknown counts values sealed by keys the ring no longer
+// holds, which nothing can open.
+type KeyRingUsage struct {
+	Keys      []KeyUse `json:"keys"`
+	Unknown   int      `json:"sealed_by_unknown_keys"`
+	Truncated bool     `json:"truncated,omitempty"`
+}
+
+// KeyUsage scans the broker's storage (every site's records on it) for sealed values
+// and counts them by key.
+func (b *Broker) KeyUsage(ctx context.Context) (KeyRingUsage, error) {
+	ring, sealed, truncated, err := b.admin().keyUsage(ctx)
+	if err != nil {
+		return KeyRingUsage{}, fmt.Errorf("scanning sealed records: %w", err)
+	}
+	out := KeyRingUsage{Keys: make([]KeyUse, 0, len(ring)), Truncated: truncated}
+	for i, id := range ring {
+		out.Keys = append(out.Keys, KeyUse{ID: id, Sealing: i == 0, Sealed: sealed[id]})
+		delete(sealed, id)
+	}
+	for _, n := range sealed {
+		out.Unknown += n
+	}
+	return out, nil
+}
