@@ -24,6 +24,24 @@ func init() {
 // (`/oauth/health`, which tells strangers only ready or not): per site, whether its storage
 // and key ring work and, if not, the error; and what its cached OIDC discovery knows of
 // the IdP. It answers 200 whatever the sites' state; `ready` says it per site.
+//
+// The grant routes address one site by `?site=` (its `resource`, as the health route
+// names it), which may be left out when the configuration has one mcp_oauth site:
+//
+//   - `GET /mcp_oauth/sessions?subject=` lists a user's sessions (session ids as
+//     fingerprints, client, scopes, created, last confirmed at the IdP, expiry) and the
+//     user's offline access grant; `DELETE` ends them all, or with `&session=` (a listed
+//     id) one: their token families revoked, this node's cached tokens evicted, the IdP
+//     grant revoked at the IdP and deleted.
+//   - `GET /mcp_oauth/offline-access?subject=` is the user's offline access grant;
+//     `DELETE` revokes it, here and at the IdP.
+//   - `GET /mcp_oauth/clients` lists the dynamically registered clients; `DELETE` with
+//     `?client_id=` deletes one.
+//   - `GET /mcp_oauth/keys` lists the key ring's key ids and how many sealed values in
+//     storage each still seals.
+//
+// Listings read at most flows.AdminScanLimit records and say `truncated` when they stop
+// there. No answer holds a token, secret, code or sealed value (SECURITY.md W13).
 type AdminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -36,7 +54,13 @@ func (AdminAPI) CaddyModule() caddy.ModuleInfo {
 
 // Routes returns the admin API's routes.
 func (a *AdminAPI) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{{Pattern: "/mcp_oauth/health", Handler: caddy.AdminHandlerFunc(a.serveHealth)}}
+	return []caddy.AdminRoute{
+		{Pattern: "/mcp_oauth/health", Handler: caddy.AdminHandlerFunc(a.serveHealth)},
+		{Pattern: "/mcp_oauth/sessions", Handler: caddy.AdminHandlerFunc(a.serveSessions)},
+		{Pattern: "/mcp_oauth/offline-access", Handler: caddy.AdminHandlerFunc(a.serveOfflineAccess)},
+		{Pattern: "/mcp_oauth/clients", Handler: caddy.AdminHandlerFunc(a.serveClients)},
+		{Pattern: "/mcp_oauth/keys", Handler: caddy.AdminHandlerFunc(a.serveKeys)},
+	}
 }
 
 // siteHealth is one site's entry in `GET /mcp_oauth/health`.

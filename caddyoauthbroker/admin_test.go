@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -148,6 +149,20 @@ func TestHealthThroughCaddy(t *testing.T) {
 	}
 	if n := idpAsked.Load() - asked; n != 0 {
 		t.Errorf("the probes asked the IdP %d times, want 0", n)
+	}
+
+	// The grant routes address one site: with two, the site must be named.
+	status, _, body = get(fmt.Sprintf("http://127.0.0.1:%d/mcp_oauth/clients", adminPort))
+	if status != http.StatusBadRequest || !strings.Contains(body, goodSite) || !strings.Contains(body, badSite) {
+		t.Errorf("admin, clients of no named site among two: %d %s, want 400 naming both", status, body)
+	}
+	status, _, body = get(fmt.Sprintf("http://127.0.0.1:%d/mcp_oauth/clients?site=%s", adminPort, url.QueryEscape(goodSite)))
+	if status != http.StatusOK || !strings.Contains(body, `"clients":[]`) {
+		t.Errorf("admin, clients of the good site: %d %s, want 200 and none", status, body)
+	}
+	status, _, body = get(fmt.Sprintf("http://127.0.0.1:%d/mcp_oauth/sessions?site=%s&subject=someone", adminPort, url.QueryEscape(badSite)))
+	if status != http.StatusInternalServerError || !strings.Contains(body, "fake storage outage") {
+		t.Errorf("admin, sessions on the site whose storage fails: %d %s, want 500 with the error", status, body)
 	}
 }
 

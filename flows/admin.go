@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -38,7 +39,8 @@ type AdminUser struct {
 	Truncated bool `json:"truncated,omitempty"`
 }
 
-// Sessions lists subject's sessions on this site and its offline access grant. Sessions
+// Sessions lists subject's sessions on this site, oldest first, and its offline access
+// grant. Sessions
 // of releases before sessions recorded their site are listed on every site of their
 // storage.
 func (b *Broker) Sessions(ctx context.Context, subject string) (AdminUser, error) {
@@ -54,6 +56,7 @@ func (b *Broker) Sessions(ctx context.Context, subject string) (AdminUser, error
 			CreatedAt: s.CreatedAt, ConfirmedAt: s.ConfirmedAt, ExpiresAt: s.ExpiresAt,
 		})
 	}
+	slices.SortFunc(out.Sessions, func(a, b AdminSession) int { return a.CreatedAt.Compare(b.CreatedAt) })
 	if out.OfflineAccess, err = b.OfflineAccess(ctx, subject); err != nil {
 		return out, err
 	}
@@ -138,7 +141,7 @@ type AdminClient struct {
 }
 
 // RegisteredClients lists the clients registered dynamically (RFC 7591) in this site's
-// storage, which sites sharing a storage share, and whether the scan stopped at
+// storage, oldest first, which sites sharing a storage share, and whether the scan stopped at
 // AdminScanLimit.
 func (b *Broker) RegisteredClients(ctx context.Context) ([]AdminClient, bool, error) {
 	clients, truncated, err := b.admin().clients(ctx)
@@ -152,6 +155,7 @@ func (b *Broker) RegisteredClients(ctx context.Context) ([]AdminClient, bool, er
 			RegisteredAt: c.IssuedAt, RenewedAt: c.RenewedAt, ExpiresAt: c.ExpiresAt,
 		})
 	}
+	slices.SortFunc(out, func(a, b AdminClient) int { return a.RegisteredAt.Compare(b.RegisteredAt) })
 	return out, truncated, nil
 }
 

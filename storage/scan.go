@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"strings"
 	"time"
 )
@@ -15,7 +16,7 @@ var ErrScanLimit = errors.New("scan stopped at its limit")
 
 // Scan calls fn with the key, expiry and raw JSON value of each live record under prefix
 // (recursive), reading at most limit records; when there are more it stops there and
-// returns ErrScanLimit. It is for operators' listings, never a request's path: certmagic
+// returns ErrScanLimit. A record storage fails to read fails the scan. It is for operators' listings, never a request's path: certmagic
 // storage has no index, so it costs one read per record. An error from fn stops the scan
 // and is returned.
 func (r *Records) Scan(ctx context.Context, prefix string, limit int, fn func(key string, expiresAt time.Time, value json.RawMessage) error) error {
@@ -33,10 +34,16 @@ func (r *Records) Scan(ctx context.Context, prefix string, limit int, fn func(ke
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("scanning records: %w", err)
 		}
-		env, err := r.load(ctx, k)
+		data, err := r.store.Load(ctx, k)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			continue // deleted meanwhile
+		case err != nil:
+			return fmt.Errorf("scanning records: %w", err)
+		}
+		env, err := decodeEnvelope(data)
 		if err != nil || r.expired(env) {
-			// Deleted meanwhile, not a record, or expired: not live.
-			continue
+			continue // not a record, or expired: not live
 		}
 		if err := fn(k, env.ExpiresAt, env.Value); err != nil {
 			return err

@@ -1,9 +1,11 @@
 package storage
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -72,5 +74,24 @@ func TestSealedKeyID(t *testing.T) {
 		if id, ok := SealedKeyID(bad); ok {
 			t.Errorf("SealedKeyID(%q) = %q, want not sealed", bad, id)
 		}
+	}
+}
+
+// loadFailing is file storage whose reads fail.
+type loadFailing struct{ *certmagic.FileStorage }
+
+func (loadFailing) Load(context.Context, string) ([]byte, error) {
+	return nil, errors.New("input/output error")
+}
+
+// A record storage cannot read fails the scan: a listing never silently misses it.
+func TestScanFailsOnUnreadableRecords(t *testing.T) {
+	fsys := &certmagic.FileStorage{Path: t.TempDir()}
+	if err := New(fsys, nil).Put(t.Context(), Key("things", "a"), 1, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	err := New(loadFailing{fsys}, nil).Scan(t.Context(), Key("things"), 10, func(string, time.Time, json.RawMessage) error { return nil })
+	if err == nil || !strings.Contains(err.Error(), "input/output error") {
+		t.Errorf("Scan over a failing storage: %v, want its error", err)
 	}
 }
