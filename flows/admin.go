@@ -108,7 +108,7 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, erro
 		b.evictDelegated(sid)
 		for _, fid := range families[sid] {
 			if err := b.revokeFamily(ctx, fid, sid); err != nil {
-				b.logger.Error("admin: revoking token family", zap.String("family", Fingerprint(fid)), zap.Error(err))
+				b.log.token.Error("admin: revoking token family", zap.String("family", Fingerprint(fid)), zap.Error(err))
 			}
 		}
 		// A family the scan missed still loses this node's cached verdicts.
@@ -117,7 +117,7 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, erro
 		})
 		b.endSession(ctx, sid)
 		b.evictDelegated(sid)
-		b.logger.Info("admin: session ended", zap.String("subject", subject), zap.String("session", Fingerprint(sid)))
+		b.audit(auditSessionRevoked, "", zap.String("reason", "admin"), zap.String("subject", subject), zap.String("session", Fingerprint(sid)))
 	}
 	return len(ending), nil
 }
@@ -125,7 +125,7 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, erro
 // RevokeOfflineAccess deletes subject's offline access grant on this site and revokes its
 // refresh token at the IdP; background tokens are refused from then on.
 func (b *Broker) RevokeOfflineAccess(ctx context.Context, subject string) (OfflineAccessStatus, error) {
-	return b.revokeOfflineAccessGrant(ctx, subject)
+	return b.revokeOfflineAccessGrant(ctx, subject, "")
 }
 
 // AdminClient is a dynamically registered client as the admin API shows it; its secret's
@@ -172,7 +172,7 @@ func (b *Broker) DeleteClient(ctx context.Context, id string) (bool, error) {
 	if err := b.registrations.delete(ctx, id); err != nil {
 		return false, fmt.Errorf("deleting registration: %w", err)
 	}
-	b.logger.Info("admin: registered client deleted", zap.String("client_id", id))
+	b.log.register.Info("admin: registered client deleted", zap.String("client_id", id))
 	return true, nil
 }
 
