@@ -39,6 +39,10 @@ func (r *Records) Scan(ctx context.Context, prefix string, limit int, fn func(ke
 		case errors.Is(err, fs.ErrNotExist):
 			continue // deleted meanwhile
 		case err != nil:
+			// An emptied directory is listed like a record and fails to load: not an error.
+			if info, serr := r.store.Stat(ctx, k); serr == nil && !info.IsTerminal {
+				continue
+			}
 			return fmt.Errorf("scanning records: %w", err)
 		}
 		env, err := decodeEnvelope(data)

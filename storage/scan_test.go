@@ -47,6 +47,16 @@ func TestScanBoundedLiveRecords(t *testing.T) {
 	if !errors.Is(err, ErrScanLimit) || n > 2 {
 		t.Errorf("Scan with limit 2: %d records, %v; want at most 2 and ErrScanLimit", n, err)
 	}
+	// A directory emptied by deletes is listed too, and skipped.
+	if err := r.Put(ctx, Key("things", "dir", "x"), 1, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Delete(ctx, Key("things", "dir", "x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Scan(ctx, Key("things"), 10, func(string, time.Time, json.RawMessage) error { return nil }); err != nil {
+		t.Errorf("Scan with an emptied directory: %v", err)
+	}
 	if err := r.Scan(ctx, Key("nothing"), 2, func(string, time.Time, json.RawMessage) error { return nil }); err != nil {
 		t.Errorf("Scan of a missing prefix: %v", err)
 	}
