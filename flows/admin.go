@@ -108,7 +108,7 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, erro
 		b.evictDelegated(sid)
 		for _, fid := range families[sid] {
 			if err := b.revokeFamily(ctx, fid, sid); err != nil {
-				b.log.token.Error("admin: revoking token family", zap.String("family", Fingerprint(fid)), zap.Error(err))
+				b.log.token.Error("revoking a token family of a session the admin API ended", zap.String("family", Fingerprint(fid)), zap.Error(err))
 			}
 		}
 		// A family the scan missed still loses this node's cached verdicts.
@@ -172,7 +172,7 @@ func (b *Broker) DeleteClient(ctx context.Context, id string) (bool, error) {
 	if err := b.registrations.delete(ctx, id); err != nil {
 		return false, fmt.Errorf("deleting registration: %w", err)
 	}
-	b.log.register.Info("admin: registered client deleted", zap.String("client_id", id))
+	b.log.register.Info("registration deleted through the admin API", zap.String("client_id", id))
 	return true, nil
 }
 
