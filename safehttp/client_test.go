@@ -54,35 +54,42 @@ func TestNonPublicAddressRefusedAtDial(t *testing.T) {
 }
 
 func TestClient(t *testing.T) {
+	// The slow server answers only once the client has given up (or after 5s): answering
+	// when it sees the client leave would race the client's timeout on a loaded machine.
+	slowRelease := make(chan struct{})
 	for _, tc := range []struct {
 		name    string
 		handler http.HandlerFunc
 		opts    Options
-		status  int // 0: the request fails
+		status  int           // 0: the request fails
+		release chan struct{} // closed once the client returned
 	}{
-		{"a private address is reached when allowed", ok, Options{AllowPrivate: true}, http.StatusOK},
+		{"a private address is reached when allowed", ok, Options{AllowPrivate: true}, http.StatusOK, nil},
 		{"a redirect is returned, not followed", func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Path == "/start" {
 				http.Redirect(w, r, "/moved", http.StatusFound)
 				return
 			}
 			ok(w, r)
-		}, Options{AllowPrivate: true}, http.StatusFound},
+		}, Options{AllowPrivate: true}, http.StatusFound, nil},
 		{"a server slower than the timeout fails the request", func(w http.ResponseWriter, r *http.Request) {
 			select {
-			case <-r.Context().Done():
+			case <-slowRelease:
 			case <-time.After(5 * time.Second):
 			}
-		}, Options{AllowPrivate: true, Timeout: 50 * time.Millisecond}, 0},
+		}, Options{AllowPrivate: true, Timeout: 50 * time.Millisecond}, 0, slowRelease},
 		{"oversized response headers fail the request", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("X-Filler", strings.Repeat("a", maxResponseHeaderBytes+1))
 			ok(w, r)
-		}, Options{AllowPrivate: true}, 0},
+		}, Options{AllowPrivate: true}, 0, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			srv, hits := startServer(t, tc.handler)
 			tc.opts.RootCAs = trusting(srv)
 			resp, err := NewClient(tc.opts).Get(srv.URL + "/start")
+			if tc.release != nil {
+				close(tc.release)
+			}
 			if err == nil {
 				resp.Body.Close()
 			}
