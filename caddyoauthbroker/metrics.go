@@ -34,6 +34,10 @@ type brokerCollectors struct {
 	storageErrors     *prometheus.CounterVec   // site
 	idpDuration       *prometheus.HistogramVec // site, endpoint, result
 	storageDuration   *prometheus.HistogramVec // site, operation, result
+	// The records counted after each janitor interval (countRecords): gauges, not counters.
+	sessions       *prometheus.GaugeVec // site
+	offlineGrants  *prometheus.GaugeVec // site
+	recordsCounted *prometheus.GaugeVec // site: when the two above were last set
 }
 
 func newBrokerCollectors() *brokerCollectors {
@@ -41,6 +45,11 @@ func newBrokerCollectors() *brokerCollectors {
 		return prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help,
 		}, append([]string{"site"}, labels...))
+	}
+	gauge := func(name, help string) *prometheus.GaugeVec {
+		return prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help,
+		}, []string{"site"})
 	}
 	return &brokerCollectors{
 		requests: counter("requests_total",
@@ -73,6 +82,12 @@ func newBrokerCollectors() *brokerCollectors {
 			Help:    "Latency of the broker's storage operations, by operation and result (ok, not_found, error).",
 			Buckets: prometheus.DefBuckets,
 		}, []string{"site", "operation", "result"}),
+		sessions: gauge("sessions",
+			"Live sessions of the site, as last counted (sessions of earlier releases, without a site, count for every site of their storage)."),
+		offlineGrants: gauge("offline_access_grants",
+			"Live offline access grants of the site, as last counted."),
+		recordsCounted: gauge("records_counted_timestamp_seconds",
+			"When the site's sessions and offline access grants were last counted, in seconds since the Unix epoch; 0 before the first count."),
 	}
 }
 
@@ -89,6 +104,13 @@ func (c *brokerCollectors) register(reg prometheus.Registerer) error {
 		*v = got
 	}
 	for _, v := range []**prometheus.HistogramVec{&c.idpDuration, &c.storageDuration} {
+		got, err := registerOrGet(reg, *v)
+		if err != nil {
+			return err
+		}
+		*v = got
+	}
+	for _, v := range []**prometheus.GaugeVec{&c.sessions, &c.offlineGrants, &c.recordsCounted} {
 		got, err := registerOrGet(reg, *v)
 		if err != nil {
 			return err
@@ -123,6 +145,8 @@ type siteMetrics struct {
 	idp    [flows.NumIdPEndpoints][flows.NumIdPResults]prometheus.Observer
 	// storage times the site's storage operations (timeStorage).
 	storage *storageObservers
+	// sessions, offlineGrants and recordsCounted are the site's gauges (setRecordCount).
+	sessions, offlineGrants, recordsCounted prometheus.Gauge
 }
 
 // eventSeries says which family and label value counts each flows.Event.
@@ -212,6 +236,9 @@ func (c *brokerCollectors) forSite(site string) (*siteMetrics, error) {
 		}
 	}
 	m.storage = newStorageObservers(c.storageDuration, site)
+	m.sessions = c.sessions.WithLabelValues(site)
+	m.offlineGrants = c.offlineGrants.WithLabelValues(site)
+	m.recordsCounted = c.recordsCounted.WithLabelValues(site)
 	return m, nil
 }
 
@@ -231,6 +258,13 @@ func (m *siteMetrics) IdPRequest(e flows.IdPEndpoint, r flows.IdPResult, took ti
 	if e < flows.NumIdPEndpoints && r < flows.NumIdPResults {
 		m.idp[e][r].Observe(took.Seconds())
 	}
+}
+
+// setRecordCount sets the site's gauges to n, counted at.
+func (m *siteMetrics) setRecordCount(n flows.RecordCount, at time.Time) {
+	m.sessions.Set(float64(n.Sessions))
+	m.offlineGrants.Set(float64(n.OfflineAccessGrants))
+	m.recordsCounted.Set(float64(at.UnixNano()) / 1e9)
 }
 
 // metricsSite is the site label of the handler protecting resource: its host and path,

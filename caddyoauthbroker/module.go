@@ -217,6 +217,8 @@ type Handler struct {
 	// runs while that context lives, as in tests.
 	stopJanitor context.CancelFunc
 	janitorDone chan struct{}
+	// metrics are the site's series; nil without a metrics registry.
+	metrics *siteMetrics
 }
 
 // Client is an MCP client registered in the configuration.
@@ -353,6 +355,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	cfg.Logger = h.logger
 	if metrics != nil {
 		cfg.Metrics = metrics
+		h.metrics = metrics
 	}
 	if h.broker, err = flows.New(cfg); err != nil {
 		return err
@@ -506,7 +509,49 @@ func (h *Handler) sweepExpiredRecords(ctx context.Context) {
 		return
 	case <-wait.C:
 	}
-	<-h.records.StartJanitor(ctx, janitorInterval).Done()
+	janitor := h.records.StartJanitor(ctx, janitorInterval)
+	if h.metrics != nil {
+		h.countRecordsEvery(ctx, janitorInterval)
+	}
+	<-janitor.Done()
+}
+
+// countRecordsEvery sets the site's gauges of live sessions and offline access grants at
+// once and then every interval until ctx ends. Every node counts, each site its own
+// (another site's janitor may hold the sweep): a bounded scan of each kind
+// (flows.AdminScanLimit) per interval, beside the janitor and never on a request's path.
+// A failed count leaves the gauges as they were, its timestamp showing their age.
+func (h *Handler) countRecordsEvery(ctx context.Context, interval time.Duration) {
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		h.countRecords(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+	}
+}
+
+// countRecords counts the site's live records once into its gauges.
+func (h *Handler) countRecords(ctx context.Context) {
+	n, err := h.broker.CountRecords(ctx)
+	switch {
+	case err != nil:
+		if ctx.Err() == nil {
+			h.logger.Warn("counting sessions and offline access grants", zap.Error(err))
+		}
+		return
+	case n.Truncated:
+		h.logger.Warn("counting sessions and offline access grants stopped at the scan limit; the gauges are lower bounds",
+			zap.Int("limit", flows.AdminScanLimit))
+	}
+	now := time.Now
+	if h.now != nil {
+		now = h.now
+	}
+	h.metrics.setRecordCount(n, now())
 }
 
 // janitorInterval is how often one node of a cluster sweeps expired records.

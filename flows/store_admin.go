@@ -31,7 +31,12 @@ func (b *Broker) admin() adminStore {
 // scan decodes each live record of kind into a T and hands it to fn with its key and
 // expiry. It reports whether the scan stopped at the limit.
 func scanKind[T any](ctx context.Context, st adminStore, kind string, fn func(key string, expiresAt time.Time, v *T)) (truncated bool, err error) {
-	err = st.records.Scan(ctx, storage.Key(kind), st.limit, func(key string, expiresAt time.Time, value json.RawMessage) error {
+	return scanPrefix(ctx, st, storage.Key(kind), fn)
+}
+
+// scanPrefix is scanKind over the records under prefix.
+func scanPrefix[T any](ctx context.Context, st adminStore, prefix string, fn func(key string, expiresAt time.Time, v *T)) (truncated bool, err error) {
+	err = st.records.Scan(ctx, prefix, st.limit, func(key string, expiresAt time.Time, value json.RawMessage) error {
 		var v T
 		if json.Unmarshal(value, &v) != nil {
 			return nil // not a record of this shape: skipped
@@ -121,4 +126,48 @@ func (st adminStore) keyUsage(ctx context.Context) (ring []string, sealed map[st
 		truncated, err = true, nil
 	}
 	return st.records.KeyIDs(), sealed, truncated, err
+}
+
+// RecordCount is how many live sessions and offline access grants a site has in storage,
+// for the operator's gauges. Truncated: a scan stopped at AdminScanLimit, so a count is a
+// lower bound.
+type RecordCount struct {
+	Sessions            int
+	OfflineAccessGrants int
+	Truncated           bool
+}
+
+// CountRecords counts this site's live sessions and offline access grants: one bounded
+// scan of each kind (at most AdminScanLimit records), for the metrics' gauges; never on a
+// request's path. Sessions of earlier releases, which do not say their site, and offline
+// access grants of releases that kept them for every site count for every site sharing
+// the storage, as the admin API lists them.
+func (b *Broker) CountRecords(ctx context.Context) (RecordCount, error) {
+	return b.admin().count(ctx, b.site)
+}
+
+func (st adminStore) count(ctx context.Context, site string) (RecordCount, error) {
+	var n RecordCount
+	truncated, err := scanKind(ctx, st, kindSession, func(key string, _ time.Time, s *Session) {
+		if (s.Site == site || s.Site == "") && key == sessionKey(s.ID) {
+			n.Sessions++
+		}
+	})
+	if err != nil {
+		return RecordCount{}, err
+	}
+	n.Truncated = truncated
+	countGrants := func(_ string, _ time.Time, g *OfflineAccessGrant) {
+		if g.Subject != "" {
+			n.OfflineAccessGrants++
+		}
+	}
+	for _, prefix := range []string{storage.Key(kindOfflineAccessGrant, site), storage.Key(kindLegacyOfflineAccessGrant)} {
+		truncated, err = scanPrefix(ctx, st, prefix, countGrants)
+		if err != nil {
+			return RecordCount{}, err
+		}
+		n.Truncated = n.Truncated || truncated
+	}
+	return n, nil
 }
