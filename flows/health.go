@@ -90,13 +90,8 @@ func (b *Broker) Readiness(ctx context.Context) Health {
 
 func (b *Broker) probeStorage(ctx context.Context) probeResult {
 	rp := &b.readiness
-	rp.mu.Lock()
-	last := rp.last
-	rp.mu.Unlock()
-	if last != nil {
-		if age := b.now().Sub(last.at); age >= 0 && age < readinessProbeInterval {
-			return *last
-		}
+	if last, ok := b.freshProbe(); ok {
+		return last
 	}
 	select {
 	case res := <-rp.flight.DoChan("probe", b.runProbe):
@@ -106,9 +101,28 @@ func (b *Broker) probeStorage(ctx context.Context) probeResult {
 	}
 }
 
+// freshProbe is the last probe's result while it is younger than readinessProbeInterval.
+func (b *Broker) freshProbe() (probeResult, bool) {
+	rp := &b.readiness
+	rp.mu.Lock()
+	last := rp.last
+	rp.mu.Unlock()
+	if last == nil {
+		return probeResult{}, false
+	}
+	if age := b.now().Sub(last.at); age >= 0 && age < readinessProbeInterval {
+		return *last, true
+	}
+	return probeResult{}, false
+}
+
 // runProbe probes under its own timeout, detached from the request that started it, and
 // keeps the result; a failure is logged once per probe, not once per request.
 func (b *Broker) runProbe() (any, error) {
+	// A flight that ended between the caller's look and this one has probed already.
+	if last, ok := b.freshProbe(); ok {
+		return last, nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), readinessProbeTimeout)
 	defer cancel()
 	keyRingErr, storErr := b.readiness.store.probe(ctx, randomToken())
