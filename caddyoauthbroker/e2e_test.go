@@ -83,6 +83,36 @@ func startCaddyRoutes(t *testing.T, port int, routes []any) string {
 	return fmt.Sprintf("http://127.0.0.1:%d", port)
 }
 
+// connectSteppingUp connects a go-sdk client (the native test client) to base's /mcp
+// through Caddy, logging test-user in at o wherever it is sent (visited records where).
+// It starts read-only, so that the write tool needs a step-up, then takes what is
+// challenged.
+func connectSteppingUp(t *testing.T, o *testenv.OP, base, name string, visited *[]string) *mcp.ClientSession {
+	t.Helper()
+	handler, err := auth.NewAuthorizationCodeHandler(&auth.AuthorizationCodeHandlerConfig{
+		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: testenv.NativeClientID},
+		RedirectURL:              "http://127.0.0.1:49152/callback",
+		AuthorizationCodeFetcher: fetcherFor(o, visited),
+		ScopeFilter: func(discovered []string) []string {
+			if len(*visited) == 0 {
+				return []string{"openid", "notes:read"}
+			}
+			return discovered
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := mcp.NewClient(&mcp.Implementation{Name: name, Version: "1"}, nil)
+	session, err := client.Connect(t.Context(), &mcp.StreamableClientTransport{
+		Endpoint: base + "/mcp", OAuthHandler: handler, DisableStandaloneSSE: true,
+	}, nil)
+	if err != nil {
+		t.Fatalf("connecting through Caddy: %v", err)
+	}
+	return session
+}
+
 // fetcherFor logs test-user in at o wherever the client is sent, and hands back the code.
 func fetcherFor(o *testenv.OP, visited *[]string) auth.AuthorizationCodeFetcher {
 	return func(ctx context.Context, args *auth.AuthorizationArgs) (*auth.AuthorizationResult, error) {
@@ -119,28 +149,7 @@ func TestProgressiveEndToEnd(t *testing.T) {
 	}, up.URL)
 
 	var visited []string
-	handler, err := auth.NewAuthorizationCodeHandler(&auth.AuthorizationCodeHandlerConfig{
-		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: testenv.NativeClientID},
-		RedirectURL:              "http://127.0.0.1:49152/callback",
-		AuthorizationCodeFetcher: fetcherFor(o, &visited),
-		// Start read-only, so that the write tool needs a step-up; then take what is challenged.
-		ScopeFilter: func(discovered []string) []string {
-			if len(visited) == 0 {
-				return []string{"openid", "notes:read"}
-			}
-			return discovered
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	client := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil)
-	session, err := client.Connect(t.Context(), &mcp.StreamableClientTransport{
-		Endpoint: base + "/mcp", OAuthHandler: handler, DisableStandaloneSSE: true,
-	}, nil)
-	if err != nil {
-		t.Fatalf("connecting through Caddy: %v", err)
-	}
+	session := connectSteppingUp(t, o, base, "e2e", &visited)
 	defer session.Close()
 
 	if len(visited) != 1 || !strings.HasPrefix(visited[0], o.AuthorizationEndpoint+"?") {

@@ -15,9 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/certmagic"
-	"github.com/modelcontextprotocol/go-sdk/auth"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
-	"github.com/modelcontextprotocol/go-sdk/oauthex"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/caddy-mcp/oauth-broker/flows"
@@ -84,27 +82,7 @@ func TestMetricsScrapedAfterAFlow(t *testing.T) {
 	})
 
 	var visited []string
-	handler, err := auth.NewAuthorizationCodeHandler(&auth.AuthorizationCodeHandlerConfig{
-		PreregisteredClient:      &oauthex.ClientCredentials{ClientID: testenv.NativeClientID},
-		RedirectURL:              "http://127.0.0.1:49152/callback",
-		AuthorizationCodeFetcher: fetcherFor(o, &visited),
-		ScopeFilter: func(discovered []string) []string {
-			if len(visited) == 0 {
-				return []string{"openid", "notes:read"}
-			}
-			return discovered
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	client := mcp.NewClient(&mcp.Implementation{Name: "metrics", Version: "1"}, nil)
-	session, err := client.Connect(t.Context(), &mcp.StreamableClientTransport{
-		Endpoint: base + "/mcp", OAuthHandler: handler, DisableStandaloneSSE: true,
-	}, nil)
-	if err != nil {
-		t.Fatalf("connecting through Caddy: %v", err)
-	}
+	session := connectSteppingUp(t, o, base, "metrics", &visited)
 	defer session.Close()
 	if _, err := session.ListTools(t.Context(), nil); err != nil {
 		t.Fatalf("tools/list: %v", err)
