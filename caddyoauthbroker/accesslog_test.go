@@ -21,21 +21,6 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// readmeAccessLogFilter is the access log filter the README ships: the log directive of
-// the caddyfile block after its access-log-filter marker, indented for a site block.
-func readmeAccessLogFilter(t *testing.T) string {
-	t.Helper()
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := regexp.MustCompile("(?s)<!-- access-log-filter[^>]*-->\n```caddyfile\n.*?\n(\tlog \\{\n.*?\n\t\\})\n.*?```").FindSubmatch(readme)
-	if m == nil {
-		t.Fatal("no access log filter in README.md")
-	}
-	return string(m[1])
-}
-
 // TestAccessLogFilter runs a whole hybrid login through a Caddy whose site logs with the
 // README's access log filter, and finds the callback's and the redirects' lines in the
 // access log without the codes, states, ticket or cookies they carried (SECURITY.md W13).
@@ -45,10 +30,7 @@ func TestAccessLogFilter(t *testing.T) {
 	port := freePort(t)
 	dir := t.TempDir()
 	accessLog := filepath.Join(dir, "access.log")
-	filter := strings.Replace(readmeAccessLogFilter(t), "/var/log/caddy/mcp-access.log", accessLog, 1)
-	if !strings.Contains(filter, accessLog) {
-		t.Fatal("the README's filter has no output line to replace")
-	}
+	filter := testenv.AccessLogFilter(t, "../README.md", accessLog)
 	upstream, _ := url.Parse(up.URL)
 	site := fmt.Sprintf(`{
 	admin off

@@ -5,33 +5,12 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
-
-// readmeAccessLogFilter is the access log filter the README ships (the log directive of
-// the caddyfile block after its access-log-filter marker), writing to file, indented for a
-// site block.
-func readmeAccessLogFilter(t *testing.T, file string) string {
-	t.Helper()
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := regexp.MustCompile("(?s)<!-- access-log-filter[^>]*-->\n```caddyfile\n.*?\n(\tlog \\{\n.*?\n\t\\})\n.*?```").FindSubmatch(readme)
-	if m == nil {
-		t.Fatal("no access log filter in README.md")
-	}
-	filter := strings.Replace(string(m[1]), "/var/log/caddy/mcp-access.log", file, 1)
-	if !strings.Contains(filter, file) {
-		t.Fatal("the README's filter has no output line to replace")
-	}
-	return filter
-}
 
 // TestAccessLogFilterThroughCaddyBinary: a site with the README's access log filter, a
 // hybrid login and tool calls through it. The access log has the broker's URIs with code
@@ -42,7 +21,7 @@ func TestAccessLogFilterThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI, "nextcloud"))
 	accessLog := filepath.Join(t.TempDir(), "access.log")
-	site := strings.Replace(hybridSite(o, up.URL, "\t\tregistration off"), " {\n", " {\n"+readmeAccessLogFilter(t, accessLog)+"\n", 1)
+	site := strings.Replace(hybridSite(o, up.URL, "\t\tregistration off"), " {\n", " {\n"+testenv.AccessLogFilter(t, "../README.md", accessLog)+"\n", 1)
 	caddy := startCaddy(t, site)
 	br := newBrowser(o)
 	s, tok := connectPreregistered(t, caddy.Base, br)

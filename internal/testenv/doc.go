@@ -7,7 +7,8 @@
 // options, or for exact counts) uses [StartOP]. [OP.LoginGrant] and
 // [OP.LoginAccessToken] get real tokens through the OP's login form;
 // [AttackerKey], [SignJWT] and [CompactJWS] forge the tokens it never issued;
-// [Clock] is a clock a test moves by hand.
+// [Clock] is a clock a test moves by hand; [AccessLogFilter] is the README's
+// Caddy access log filter, for the tests that hold it to its promise.
 //
 // The example OP logs every request through slog's default logger at info
 // level; a TestMain may raise that logger's level to keep failures readable.
