@@ -4,8 +4,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/caddy-mcp/oauth-broker/flows"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -28,7 +26,7 @@ func TestRecordGauges(t *testing.T) {
 		handlers[resource] = h
 	}
 	reg := ctx.GetMetricsRegistry()
-	if at := gaugeValue(t, reg, "caddy_mcp_oauth_records_counted_timestamp_seconds", labelA); at != 0 {
+	if at := metricValue(t, reg, "caddy_mcp_oauth_records_counted_timestamp_seconds", map[string]string{"site": labelA}); at != 0 {
 		t.Errorf("counted at %v before any count, want 0", at)
 	}
 
@@ -53,37 +51,14 @@ func TestRecordGauges(t *testing.T) {
 		h.countRecords(t.Context())
 	}
 	for label, want := range map[string][2]float64{labelA: {3, 1}, labelB: {2, 2}} {
-		if got := gaugeValue(t, reg, "caddy_mcp_oauth_sessions", label); got != want[0] {
+		if got := metricValue(t, reg, "caddy_mcp_oauth_sessions", map[string]string{"site": label}); got != want[0] {
 			t.Errorf("site %s: %v sessions, want %v", label, got, want[0])
 		}
-		if got := gaugeValue(t, reg, "caddy_mcp_oauth_offline_access_grants", label); got != want[1] {
+		if got := metricValue(t, reg, "caddy_mcp_oauth_offline_access_grants", map[string]string{"site": label}); got != want[1] {
 			t.Errorf("site %s: %v offline access grants, want %v", label, got, want[1])
 		}
-		if at := gaugeValue(t, reg, "caddy_mcp_oauth_records_counted_timestamp_seconds", label); at < float64(before.Unix()) {
+		if at := metricValue(t, reg, "caddy_mcp_oauth_records_counted_timestamp_seconds", map[string]string{"site": label}); at < float64(before.Unix()) {
 			t.Errorf("site %s: counted at %v, want at least %v", label, at, before.Unix())
 		}
 	}
-}
-
-// gaugeValue is the value of the gauge name of site in reg, failing when absent.
-func gaugeValue(t *testing.T, reg prometheus.Gatherer, name, site string) float64 {
-	t.Helper()
-	families, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "site" && l.GetValue() == site {
-					return m.GetGauge().GetValue()
-				}
-			}
-		}
-	}
-	t.Fatalf("no %s{site=%q}", name, site)
-	return 0
 }

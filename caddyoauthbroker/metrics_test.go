@@ -156,7 +156,7 @@ func TestMetricsTwoSitesAndAReprovision(t *testing.T) {
 	reg := ctx.GetMetricsRegistry()
 	want := map[string]float64{"a.example.com/mcp": 2, "b.example.com/tools/mcp": 1}
 	for _, site := range sites {
-		got := counterValue(t, reg, "caddy_mcp_oauth_requests_total", map[string]string{"site": site, "outcome": "no_token"})
+		got := metricValue(t, reg, "caddy_mcp_oauth_requests_total", map[string]string{"site": site, "outcome": "no_token"})
 		if got != want[site] {
 			t.Errorf("site %s: %v requests without a token, want %v", site, got, want[site])
 		}
@@ -174,8 +174,9 @@ func TestMetricsTwoSitesAndAReprovision(t *testing.T) {
 	}
 }
 
-// counterValue is the value of the counter name with labels in reg, failing when absent.
-func counterValue(t *testing.T, reg prometheus.Gatherer, name string, labels map[string]string) float64 {
+// metricValue is the value of the counter or gauge name with labels in reg, failing when
+// absent.
+func metricValue(t *testing.T, reg prometheus.Gatherer, name string, labels map[string]string) float64 {
 	t.Helper()
 	families, err := reg.Gather()
 	if err != nil {
@@ -191,6 +192,9 @@ func counterValue(t *testing.T, reg prometheus.Gatherer, name string, labels map
 				if v, ok := labels[l.GetName()]; ok && v != l.GetValue() {
 					continue metric
 				}
+			}
+			if g := m.GetGauge(); g != nil {
+				return g.GetValue()
 			}
 			return m.GetCounter().GetValue()
 		}
