@@ -46,6 +46,12 @@ func newBrokerCollectors() *brokerCollectors {
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help,
 		}, append([]string{"site"}, labels...))
 	}
+	histogram := func(name, help string, labels ...string) *prometheus.HistogramVec {
+		return prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help,
+			Buckets: prometheus.DefBuckets,
+		}, append([]string{"site"}, labels...))
+	}
 	gauge := func(name, help string) *prometheus.GaugeVec {
 		return prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help,
@@ -70,18 +76,10 @@ func newBrokerCollectors() *brokerCollectors {
 			"Client metadata document fetches, by result.", "result"),
 		storageErrors: counter("storage_errors_total",
 			"Requests answered with an error because storage could not be read or written."),
-		idpDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: metricsNamespace, Subsystem: metricsSubsystem,
-			Name:    "idp_request_duration_seconds",
-			Help:    "Latency of requests to the identity provider, by endpoint and result.",
-			Buckets: prometheus.DefBuckets,
-		}, []string{"site", "endpoint", "result"}),
-		storageDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: metricsNamespace, Subsystem: metricsSubsystem,
-			Name:    "storage_operation_duration_seconds",
-			Help:    "Latency of the broker's storage operations, by operation and result (ok, not_found, error).",
-			Buckets: prometheus.DefBuckets,
-		}, []string{"site", "operation", "result"}),
+		idpDuration: histogram("idp_request_duration_seconds",
+			"Latency of requests to the identity provider, by endpoint and result.", "endpoint", "result"),
+		storageDuration: histogram("storage_operation_duration_seconds",
+			"Latency of the broker's storage operations, by operation and result (ok, not_found, error).", "operation", "result"),
 		sessions: gauge("sessions",
 			"Live sessions of the site, as last counted (sessions of earlier releases, without a site, count for every site of their storage)."),
 		offlineGrants: gauge("offline_access_grants",
@@ -94,47 +92,40 @@ func newBrokerCollectors() *brokerCollectors {
 // register registers c's families with reg, or takes those already there: two handlers
 // of one configuration share Caddy's registry.
 func (c *brokerCollectors) register(reg prometheus.Registerer) error {
-	for _, p := range []any{&c.requests, &c.loginsStarted, &c.loginsCompleted, &c.loginsFailed,
-		&c.tokens, &c.delegations, &c.registrations, &c.metadataDocuments, &c.storageErrors} {
-		v := p.(**prometheus.CounterVec)
-		got, err := registerOrGet(reg, *v)
-		if err != nil {
+	for _, v := range []**prometheus.CounterVec{&c.requests, &c.loginsStarted, &c.loginsCompleted,
+		&c.loginsFailed, &c.tokens, &c.delegations, &c.registrations, &c.metadataDocuments, &c.storageErrors} {
+		if err := registerOrReuse(reg, v); err != nil {
 			return err
 		}
-		*v = got
 	}
 	for _, v := range []**prometheus.HistogramVec{&c.idpDuration, &c.storageDuration} {
-		got, err := registerOrGet(reg, *v)
-		if err != nil {
+		if err := registerOrReuse(reg, v); err != nil {
 			return err
 		}
-		*v = got
 	}
 	for _, v := range []**prometheus.GaugeVec{&c.sessions, &c.offlineGrants, &c.recordsCounted} {
-		got, err := registerOrGet(reg, *v)
-		if err != nil {
+		if err := registerOrReuse(reg, v); err != nil {
 			return err
 		}
-		*v = got
 	}
 	return nil
 }
 
-// registerOrGet registers col with reg, or returns the collector of the same description
-// registered before it.
-func registerOrGet[C prometheus.Collector](reg prometheus.Registerer, col C) (C, error) {
-	err := reg.Register(col)
+// registerOrReuse registers *col with reg, or replaces it with the collector of the same
+// description registered before it.
+func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, col *C) error {
+	err := reg.Register(*col)
 	if err == nil {
-		return col, nil
+		return nil
 	}
 	var already prometheus.AlreadyRegisteredError
 	if errors.As(err, &already) {
 		if existing, ok := already.ExistingCollector.(C); ok {
-			return existing, nil
+			*col = existing
+			return nil
 		}
 	}
-	var zero C
-	return zero, fmt.Errorf("registering metrics: %w", err)
+	return fmt.Errorf("registering metrics: %w", err)
 }
 
 // siteMetrics is flows.Metrics for one site: every series resolved once, so that counting
