@@ -275,3 +275,19 @@ func mustParse(t *testing.T, s string) *url.URL {
 	}
 	return u
 }
+
+// TestAuditedPathsResolveTheClientAddress: every endpoint whose audit events carry
+// client_ip asks the server in front for the client's address (NeedsClientIP); else,
+// behind a proxy, its events would name the proxy.
+func TestAuditedPathsResolveTheClientAddress(t *testing.T) {
+	for _, p := range []string{
+		pathRegister, pathConsent, pathCallback, pathToken, pathRevoke, // client registered, consent given, session created, token refreshed, reuse, revoked
+		OfflineAccessCallback, OfflineAccessCallbackLegacy, // offline access granted
+		pathOfflineAccessStatus, pathOfflineAccessStatusLegacy, // offline access revoked
+		pathBackgroundToken, // background token issued, offline access revoked at the IdP
+	} {
+		if !NeedsClientIP(p) {
+			t.Errorf("NeedsClientIP(%q) = false: its audit events would name the proxy's address", p)
+		}
+	}
+}

@@ -447,14 +447,16 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 	return b.protect(w, r)
 }
 
-// NeedsClientIP tells whether requests to path are rate-limited per client IP, so that the
-// server in front should resolve it (WithClientIP): registration, authorization, and the
-// browser endpoints that redeem a login state or an offline access link, and the token and
-// revocation endpoints.
+// NeedsClientIP tells whether requests to path use the client's IP, so that the server in
+// front should resolve it (WithClientIP): the endpoints rate-limited per client address
+// (registration, authorization, the browser endpoints that redeem a login state or an
+// offline access link, token and revocation) and those whose audit events name it
+// (consent, offline access status, background tokens).
 func NeedsClientIP(path string) bool {
 	switch path {
 	case pathRegister, pathAuthorize, pathCallback, OfflineAccessCallback, OfflineAccessCallbackLegacy,
-		pathOfflineAccessStart, pathOfflineAccessStartLegacy, pathToken, pathRevoke:
+		pathOfflineAccessStart, pathOfflineAccessStartLegacy, pathToken, pathRevoke,
+		pathConsent, pathOfflineAccessStatus, pathOfflineAccessStatusLegacy, pathBackgroundToken:
 		return true
 	}
 	return false
