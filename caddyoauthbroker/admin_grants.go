@@ -96,16 +96,18 @@ func (a *AdminAPI) serveSessions(w http.ResponseWriter, r *http.Request) error {
 		return writeAdminJSON(w, user)
 	}
 	session := r.URL.Query().Get("session")
-	n, err := h.broker.EndSessions(r.Context(), subject, session)
+	n, truncated, err := h.broker.EndSessions(r.Context(), subject, session)
 	if err != nil {
 		return apiError(http.StatusInternalServerError, "%w", err)
 	}
-	if n == 0 && session != "" {
+	if n == 0 && session != "" && !truncated {
 		return apiError(http.StatusNotFound, "subject %q has no session %q on this site", subject, session)
 	}
 	return writeAdminJSON(w, struct {
 		Ended int `json:"ended"`
-	}{n})
+		// Truncated: the scan stopped at its limit; sessions it did not reach live on.
+		Truncated bool `json:"truncated,omitempty"`
+	}{n, truncated})
 }
 
 // serveOfflineAccess is /mcp_oauth/offline-access: GET is a user's offline access grant,

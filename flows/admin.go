@@ -82,12 +82,14 @@ func (b *Broker) OfflineAccess(ctx context.Context, subject string) (OfflineAcce
 // EndSessions ends subject's session whose id has the Fingerprint id, or all of subject's
 // sessions on this site when id is empty, as a revocation does (revoke.go): their token
 // families revoked, their delegated tokens and verified tokens evicted from this node's
-// caches, their IdP grants revoked at the IdP and deleted. It returns how many it ended.
-func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, error) {
+// caches, their IdP grants revoked at the IdP and deleted. It returns how many it ended,
+// and whether the scan for them stopped at the limit: then some of subject's sessions may
+// live on, and the admin must know it.
+func (b *Broker) EndSessions(ctx context.Context, subject, id string) (ended int, truncated bool, err error) {
 	admin := b.admin()
-	sessions, _, err := admin.sessionsOf(ctx, subject, b.site)
+	sessions, truncated, err := admin.sessionsOf(ctx, subject, b.site)
 	if err != nil {
-		return 0, fmt.Errorf("listing sessions: %w", err)
+		return 0, false, fmt.Errorf("listing sessions: %w", err)
 	}
 	ending := map[string]bool{}
 	for _, s := range sessions {
@@ -96,11 +98,12 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, erro
 		}
 	}
 	if len(ending) == 0 {
-		return 0, nil
+		return 0, truncated, nil
 	}
+	// A family the scan misses dies with its session: a refresh needs the session.
 	families, _, err := admin.familiesOf(ctx, ending)
 	if err != nil {
-		return 0, fmt.Errorf("listing token families: %w", err)
+		return 0, truncated, fmt.Errorf("listing token families: %w", err)
 	}
 	for sid := range ending {
 		// As revokeGrant: evicted before storage is touched and again once the session
@@ -119,7 +122,7 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (int, erro
 		b.evictDelegated(sid)
 		b.audit(auditSessionRevoked, "", zap.String("reason", "admin"), zap.String("subject", subject), zap.String("session", Fingerprint(sid)))
 	}
-	return len(ending), nil
+	return len(ending), truncated, nil
 }
 
 // RevokeOfflineAccess deletes subject's offline access grant on this site and revokes its

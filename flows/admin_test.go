@@ -48,7 +48,7 @@ func TestAdminSessions(t *testing.T) {
 	}
 
 	revokes := o.Count(testenv.CountRevoke)
-	if n, err := e.b.EndSessions(t.Context(), subject, Fingerprint(firstSession)); n != 1 || err != nil {
+	if n, truncated, err := e.b.EndSessions(t.Context(), subject, Fingerprint(firstSession)); n != 1 || truncated || err != nil {
 		t.Fatalf("EndSessions(one): %d, %v", n, err)
 	}
 	if st := e.mcpStatus(t, first.AccessToken); st != http.StatusUnauthorized {
@@ -61,11 +61,11 @@ func TestAdminSessions(t *testing.T) {
 	if n := o.Count(testenv.CountRevoke) - revokes; n != 1 {
 		t.Errorf("the IdP's revocation endpoint was called %d times, want 1", n)
 	}
-	if n, err := e.b.EndSessions(t.Context(), subject, Fingerprint(firstSession)); n != 0 || err != nil {
+	if n, truncated, err := e.b.EndSessions(t.Context(), subject, Fingerprint(firstSession)); n != 0 || truncated || err != nil {
 		t.Errorf("ending it again: %d, %v; want 0", n, err)
 	}
 
-	if n, err := e.b.EndSessions(t.Context(), subject, ""); n != 1 || err != nil {
+	if n, truncated, err := e.b.EndSessions(t.Context(), subject, ""); n != 1 || truncated || err != nil {
 		t.Fatalf("EndSessions(all): %d, %v", n, err)
 	}
 	if st := e.mcpStatus(t, second.AccessToken); st != http.StatusUnauthorized {
@@ -167,5 +167,24 @@ func TestAdminKeyUsage(t *testing.T) {
 	// Once the old key is dropped, what it sealed is sealed by an unknown key.
 	if usage, err := before.KeyUsage(t.Context()); err != nil || usage.Unknown != 1 || usage.Keys[0].Sealed != 2 {
 		t.Errorf("KeyUsage with the old ring: %+v, %v; want 2 by its key and 1 unknown", usage, err)
+	}
+}
+
+// Ending all of a user's sessions says when its scan stopped at the limit: the sessions it
+// did not reach live on, and the admin must not read the answer as "all ended".
+func TestAdminEndSessionsReportsATruncatedScan(t *testing.T) {
+	o := testenv.StartOP(t)
+	e := newTokenEnv(t, o, nil)
+	for range 3 {
+		e.login(t)
+	}
+	e.b.adminScanLimit = 2
+	first, truncated, err := e.b.EndSessions(t.Context(), o.User.Subject, "")
+	if err != nil || !truncated || first > 2 {
+		t.Fatalf("EndSessions over 3 sessions with a scan limit of 2: ended %d, truncated %v, %v; want at most 2 and truncated", first, truncated, err)
+	}
+	e.b.adminScanLimit = AdminScanLimit
+	if n, truncated, err := e.b.EndSessions(t.Context(), o.User.Subject, ""); err != nil || truncated || first+n != 3 {
+		t.Errorf("ending the rest: ended %d after %d, truncated %v, %v; want all 3 ended", n, first, truncated, err)
 	}
 }

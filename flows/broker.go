@@ -220,6 +220,10 @@ type Broker struct {
 	// zero value is ready.
 	brokerTokens tokencache.Cache[brokerVerdict]
 
+	// adminScanLimit bounds the admin API's and the gauges' scans (store_admin.go):
+	// AdminScanLimit, smaller in tests.
+	adminScanLimit int
+
 	// readiness probes the storage and key ring for the health endpoint (health.go).
 	readiness readinessProbe
 }
@@ -326,6 +330,7 @@ func New(cfg Config) (*Broker, error) {
 	b.constantTimeCompare = subtle.ConstantTimeCompare
 	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
+	b.adminScanLimit = AdminScanLimit
 	b.openStores()
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
 	b.challengeTail = `resource_metadata="` + b.metadataURL + `"`

@@ -25,7 +25,7 @@ type adminStore struct {
 
 // admin is the admin store over the broker's records.
 func (b *Broker) admin() adminStore {
-	return adminStore{records: b.cfg.Records, limit: AdminScanLimit}
+	return adminStore{records: b.cfg.Records, limit: b.adminScanLimit}
 }
 
 // scan decodes each live record of kind into a T and hands it to fn with its key and
