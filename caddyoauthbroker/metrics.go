@@ -26,7 +26,7 @@ type brokerCollectors struct {
 	requests          *prometheus.CounterVec   // site, outcome
 	loginsStarted     *prometheus.CounterVec   // site, flow
 	loginsCompleted   *prometheus.CounterVec   // site, flow
-	loginsFailed      *prometheus.CounterVec   // site, flow, step
+	loginsFailed      *prometheus.CounterVec   // site, flow, step, reason
 	tokens            *prometheus.CounterVec   // site, event
 	delegations       *prometheus.CounterVec   // site, result
 	registrations     *prometheus.CounterVec   // site, result
@@ -65,7 +65,7 @@ func newBrokerCollectors() *brokerCollectors {
 		loginsCompleted: counter("logins_completed_total",
 			"Logins that stored a session or an offline access grant, by flow.", "flow"),
 		loginsFailed: counter("logins_failed_total",
-			"Logins that failed, by flow and the step that failed.", "flow", "step"),
+			"Logins that failed, by flow, the step that failed and why.", "flow", "step", "reason"),
 		tokens: counter("tokens_total",
 			"Broker token events: issued, refreshed, reuse_detected, revoked, background_issued.", "event"),
 		delegations: counter("delegations_total",
@@ -132,7 +132,7 @@ func registerOrReuse[C prometheus.Collector](reg prometheus.Registerer, col *C) 
 // is an atomic add.
 type siteMetrics struct {
 	events [flows.NumEvents]prometheus.Counter
-	logins [flows.NumLoginFlows][flows.NumLoginSteps]prometheus.Counter
+	logins [flows.NumLoginFlows][flows.NumLoginOutcomes]prometheus.Counter
 	idp    [flows.NumIdPEndpoints][flows.NumIdPResults]prometheus.Observer
 	// storage times the site's storage operations (timeStorage).
 	storage *storageObservers
@@ -210,14 +210,14 @@ func (c *brokerCollectors) forSite(site string) (*siteMetrics, error) {
 		}
 	}
 	for f := range flows.NumLoginFlows {
-		for s := range flows.NumLoginSteps {
+		for o := range flows.NumLoginOutcomes {
 			switch {
-			case s == flows.LoginStarted:
-				m.logins[f][s] = c.loginsStarted.WithLabelValues(site, f.String())
-			case s == flows.LoginCompleted:
-				m.logins[f][s] = c.loginsCompleted.WithLabelValues(site, f.String())
+			case o == flows.LoginStarted:
+				m.logins[f][o] = c.loginsStarted.WithLabelValues(site, f.String())
+			case o == flows.LoginCompleted:
+				m.logins[f][o] = c.loginsCompleted.WithLabelValues(site, f.String())
 			default:
-				m.logins[f][s] = c.loginsFailed.WithLabelValues(site, f.String(), s.String())
+				m.logins[f][o] = c.loginsFailed.WithLabelValues(site, f.String(), o.Step(), o.Reason())
 			}
 		}
 	}
@@ -239,9 +239,9 @@ func (m *siteMetrics) Count(e flows.Event) {
 	}
 }
 
-func (m *siteMetrics) Login(f flows.LoginFlow, s flows.LoginStep) {
-	if f < flows.NumLoginFlows && s < flows.NumLoginSteps {
-		m.logins[f][s].Inc()
+func (m *siteMetrics) Login(f flows.LoginFlow, o flows.LoginOutcome) {
+	if f < flows.NumLoginFlows && o < flows.NumLoginOutcomes {
+		m.logins[f][o].Inc()
 	}
 }
 

@@ -252,3 +252,28 @@ func TestStorageOperationsAreTimed(t *testing.T) {
 		t.Errorf("storage observations %v, want %v", got, want)
 	}
 }
+
+// TestLoginFailuresCarryStepAndReason: a failed login's series names the flow, the step
+// that failed and why.
+func TestLoginFailuresCarryStepAndReason(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := newSiteMetrics(reg, "https://a.example.com/mcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Login(flows.LoginOfflineAccess, flows.LoginFailedWrongAccount)
+	m.Login(flows.LoginHybrid, flows.LoginFailedWrongBrowser)
+	m.Login(flows.LoginHybrid, flows.LoginFailedWrongBrowser)
+	for _, c := range []struct {
+		labels map[string]string
+		want   float64
+	}{
+		{map[string]string{"site": "a.example.com/mcp", "flow": "offline_access", "step": "code_exchange", "reason": "wrong_account"}, 1},
+		{map[string]string{"site": "a.example.com/mcp", "flow": "hybrid", "step": "callback", "reason": "wrong_browser"}, 2},
+		{map[string]string{"site": "a.example.com/mcp", "flow": "hybrid", "step": "callback", "reason": "unknown_state"}, 0},
+	} {
+		if got := metricValue(t, reg, "caddy_mcp_oauth_logins_failed_total", c.labels); got != c.want {
+			t.Errorf("%v: %v, want %v", c.labels, got, c.want)
+		}
+	}
+}

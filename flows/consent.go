@@ -340,7 +340,7 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) error {
 	req := taken.Request
 	if decision == "deny" {
 		b.log.consent.Info("denied", zap.String("client_id", req.ClientID))
-		return b.loginFailed(LoginHybrid, LoginFailedConsent,
+		return b.loginFailed(LoginHybrid, LoginFailedConsentDenied,
 			newRequestError(http.StatusBadRequest, "access_denied", "the user denied the request").to(req.RedirectURI, req.State, false))
 	}
 	b.log.consent.Info("approved", zap.String("client_id", req.ClientID))

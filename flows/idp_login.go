@@ -105,7 +105,7 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.log.login.Warn("the login returned to a browser that did not start it; nothing issued",
 			zap.String("client_id", pending.Request.ClientID), zap.String("state", Fingerprint(state)))
-		return b.loginFailed(LoginHybrid, LoginFailedCallback, errConsentPage(http.StatusForbidden, notThisBrowserMessage))
+		return b.loginFailed(LoginHybrid, LoginFailedWrongBrowser, errConsentPage(http.StatusForbidden, notThisBrowserMessage))
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
 		return b.loginFailed(LoginHybrid, LoginFailedStorage,
 			errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: loading pending login", err)))
@@ -116,7 +116,7 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 				errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: taking pending login", err)))
 		}
 		b.log.login.Info("unknown, replayed or expired state", zap.String("state", Fingerprint(state)))
-		return b.loginFailed(LoginHybrid, LoginFailedCallback, errInvalidRequest("unknown or expired login state"))
+		return b.loginFailed(LoginHybrid, LoginFailedUnknownState, errInvalidRequest("unknown or expired login state"))
 	}
 	b.clearLoginBinding(w, state, pathCallback)
 	req := pending.Request
@@ -129,17 +129,17 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 // finishLogin redeems the IdP's code of a pending login and sends the browser back to the
 // client with a broker code. Its errors go to the client's redirect URI.
 func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) *requestError {
-	step, err := b.finishLoginStep(w, r, q, state, pending)
+	outcome, err := b.finishLoginOutcome(w, r, q, state, pending)
 	if err != nil {
-		b.login(LoginHybrid, step)
+		b.login(LoginHybrid, outcome)
 		return err
 	}
 	b.login(LoginHybrid, LoginCompleted)
 	return nil
 }
 
-// finishLoginStep is finishLogin, saying at which step it failed.
-func (b *Broker) finishLoginStep(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) (LoginStep, *requestError) {
+// finishLoginOutcome is finishLogin, saying why it failed.
+func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) (LoginOutcome, *requestError) {
 	req := pending.Request
 	if idpErr := q.Get("error"); idpErr != "" {
 		// The IdP's words stay in the log (SECURITY.md W11); the client gets a fixed code.
@@ -147,16 +147,16 @@ func (b *Broker) finishLoginStep(w http.ResponseWriter, r *http.Request, q url.V
 			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))
 		switch idpErr {
 		case "access_denied":
-			return LoginFailedIdP, newRequestError(http.StatusBadRequest, "access_denied", "the user or the identity provider denied the request")
+			return LoginFailedIdPDenied, newRequestError(http.StatusBadRequest, "access_denied", "the user or the identity provider denied the request")
 		case "temporarily_unavailable":
-			return LoginFailedIdP, newRequestError(http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
+			return LoginFailedIdPUnavailable, newRequestError(http.StatusServiceUnavailable, "temporarily_unavailable", "the identity provider cannot be reached; try again shortly")
 		default:
-			return LoginFailedIdP, newRequestError(http.StatusBadRequest, "server_error", "the identity provider refused the login")
+			return LoginFailedIdPError, newRequestError(http.StatusBadRequest, "server_error", "the identity provider refused the login")
 		}
 	}
 	code := q.Get("code")
 	if code == "" {
-		return LoginFailedIdP, newRequestError(http.StatusBadGateway, "server_error", "the identity provider returned no code")
+		return LoginFailedIdPNoCode, newRequestError(http.StatusBadGateway, "server_error", "the identity provider returned no code")
 	}
 	verifier, err := b.logins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
@@ -168,9 +168,9 @@ func (b *Broker) finishLoginStep(w http.ResponseWriter, r *http.Request, q url.V
 	grant, err := b.exchangeIdPCode(ctx, code, verifier, pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
 	if err != nil {
 		if errors.Is(err, idp.ErrUnavailable) {
-			return LoginFailedCodeExchange, errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
+			return LoginFailedIdPUnreachable, errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
 		}
-		return LoginFailedCodeExchange, errServer(http.StatusBadGateway, "the login at the identity provider could not be verified",
+		return LoginFailedCodeRefused, errServer(http.StatusBadGateway, "the login at the identity provider could not be verified",
 			fmt.Errorf("callback: login refused for client %s: %w", req.ClientID, err))
 	}
 

@@ -16,8 +16,8 @@ import (
 type Metrics interface {
 	// Count adds one to e's counter.
 	Count(e Event)
-	// Login counts a login of flow reaching step.
-	Login(flow LoginFlow, step LoginStep)
+	// Login counts a login of flow ending in (or, for LoginStarted, reaching) outcome.
+	Login(flow LoginFlow, outcome LoginOutcome)
 	// IdPRequest observes one HTTP request to the IdP, how it ended and how long it took.
 	IdPRequest(endpoint IdPEndpoint, result IdPResult, took time.Duration)
 }
@@ -65,7 +65,7 @@ const (
 	NumEvents
 )
 
-// LoginFlow is which login a LoginStep belongs to.
+// LoginFlow is which login a LoginOutcome belongs to.
 type LoginFlow uint8
 
 const (
@@ -82,43 +82,60 @@ func (f LoginFlow) String() string {
 	return "hybrid"
 }
 
-// LoginStep is how far a login got: started, completed, or the step where it failed.
-type LoginStep uint8
+// LoginOutcome is how far a login got: started, completed, or why it failed. Each
+// failure belongs to one step (Step) and says why (Reason), both bounded label values.
+type LoginOutcome uint8
 
 const (
-	LoginStarted   LoginStep = iota // the browser was sent to the IdP
-	LoginCompleted                  // a session (or an offline access grant) was stored
-	// The steps a login fails at.
-	LoginFailedConsent      // the user denied consent
-	LoginFailedIdP          // the IdP answered the login with an error
-	LoginFailedCallback     // an unknown, expired or replayed state, or another browser
-	LoginFailedCodeExchange // the IdP's code or ID token was refused, or another user logged in
-	LoginFailedStorage      // the session or grant could not be stored
-	NumLoginSteps
+	LoginStarted   LoginOutcome = iota // the browser was sent to the IdP
+	LoginCompleted                     // a session (or an offline access grant) was stored
+
+	// Failures at the consent page.
+	LoginFailedConsentDenied // the user denied consent
+	// Failures the IdP answered with on the callback.
+	LoginFailedIdPDenied      // the user or the IdP denied the login (access_denied)
+	LoginFailedIdPUnavailable // the IdP said it cannot serve now (temporarily_unavailable)
+	LoginFailedIdPError       // another error from the IdP
+	LoginFailedIdPNoCode      // a callback without a code
+	// Failures of the callback itself.
+	LoginFailedWrongBrowser // the callback came to a browser that did not start the login
+	LoginFailedUnknownState // an unknown, expired or replayed state
+	// Failures redeeming the IdP's code.
+	LoginFailedIdPUnreachable // the IdP's token endpoint did not answer
+	LoginFailedCodeRefused    // the IdP refused the code, or its ID token was refused
+	LoginFailedWrongAccount   // another user logged in than the one who started the flow
+	LoginFailedNoRefreshToken // the IdP granted no refresh token for offline access
+	// Failures storing what the login made.
+	LoginFailedStorage // the pending login, session or grant could not be read or stored
+	NumLoginOutcomes
 )
 
-// Failed tells whether s is a failure.
-func (s LoginStep) Failed() bool { return s >= LoginFailedConsent }
-
-// String is the step's label value; for a failure, the step that failed.
-func (s LoginStep) String() string {
-	switch s {
-	case LoginStarted:
-		return "started"
-	case LoginCompleted:
-		return "completed"
-	case LoginFailedConsent:
-		return "consent"
-	case LoginFailedIdP:
-		return "idp"
-	case LoginFailedCallback:
-		return "callback"
-	case LoginFailedCodeExchange:
-		return "code_exchange"
-	default:
-		return "storage"
-	}
+// loginOutcomeLabels are each outcome's step and reason label values.
+var loginOutcomeLabels = [NumLoginOutcomes][2]string{
+	LoginStarted:              {"started", ""},
+	LoginCompleted:            {"completed", ""},
+	LoginFailedConsentDenied:  {"consent", "denied"},
+	LoginFailedIdPDenied:      {"idp", "denied"},
+	LoginFailedIdPUnavailable: {"idp", "unavailable"},
+	LoginFailedIdPError:       {"idp", "error"},
+	LoginFailedIdPNoCode:      {"idp", "no_code"},
+	LoginFailedWrongBrowser:   {"callback", "wrong_browser"},
+	LoginFailedUnknownState:   {"callback", "unknown_state"},
+	LoginFailedIdPUnreachable: {"code_exchange", "unreachable"},
+	LoginFailedCodeRefused:    {"code_exchange", "refused"},
+	LoginFailedWrongAccount:   {"code_exchange", "wrong_account"},
+	LoginFailedNoRefreshToken: {"code_exchange", "no_refresh_token"},
+	LoginFailedStorage:        {"storage", "storage"},
 }
+
+// Failed tells whether o is a failure.
+func (o LoginOutcome) Failed() bool { return o >= LoginFailedConsentDenied }
+
+// Step is the outcome's step label value: started, completed, or the step that failed.
+func (o LoginOutcome) Step() string { return loginOutcomeLabels[o][0] }
+
+// Reason is a failure's reason label value; empty for started and completed.
+func (o LoginOutcome) Reason() string { return loginOutcomeLabels[o][1] }
 
 // IdPEndpoint is which of the IdP's endpoints a request went to.
 type IdPEndpoint uint8
@@ -161,16 +178,16 @@ func (b *Broker) count(e Event) {
 	}
 }
 
-// login counts a login of flow reaching step when the broker has metrics.
-func (b *Broker) login(flow LoginFlow, step LoginStep) {
+// login counts a login of flow with outcome when the broker has metrics.
+func (b *Broker) login(flow LoginFlow, outcome LoginOutcome) {
 	if b.metrics != nil {
-		b.metrics.Login(flow, step)
+		b.metrics.Login(flow, outcome)
 	}
 }
 
-// loginFailed counts a login of flow failing at step and returns err.
-func (b *Broker) loginFailed(flow LoginFlow, step LoginStep, err *requestError) *requestError {
-	b.login(flow, step)
+// loginFailed counts a login of flow failing with outcome and returns err.
+func (b *Broker) loginFailed(flow LoginFlow, outcome LoginOutcome, err *requestError) *requestError {
+	b.login(flow, outcome)
 	return err
 }
 

@@ -17,12 +17,12 @@ import (
 // atomic adds into arrays, allocating nothing.
 type recordingMetrics struct {
 	events [NumEvents]atomic.Int64
-	logins [NumLoginFlows][NumLoginSteps]atomic.Int64
+	logins [NumLoginFlows][NumLoginOutcomes]atomic.Int64
 	idp    [NumIdPEndpoints][NumIdPResults]atomic.Int64
 }
 
-func (m *recordingMetrics) Count(e Event)                  { m.events[e].Add(1) }
-func (m *recordingMetrics) Login(f LoginFlow, s LoginStep) { m.logins[f][s].Add(1) }
+func (m *recordingMetrics) Count(e Event)                     { m.events[e].Add(1) }
+func (m *recordingMetrics) Login(f LoginFlow, o LoginOutcome) { m.logins[f][o].Add(1) }
 func (m *recordingMetrics) IdPRequest(e IdPEndpoint, r IdPResult, _ time.Duration) {
 	m.idp[e][r].Add(1)
 }
@@ -86,9 +86,10 @@ func TestMetricsCountAHybridLogin(t *testing.T) {
 	}{
 		{"hybrid logins started", &m.logins[LoginHybrid][LoginStarted], 1},
 		{"hybrid logins completed", &m.logins[LoginHybrid][LoginCompleted], 1},
-		{"hybrid logins denied at consent", &m.logins[LoginHybrid][LoginFailedConsent], 1},
-		{"hybrid logins failed at the callback", &m.logins[LoginHybrid][LoginFailedCallback], 1},
-		{"hybrid logins failed at the code exchange", &m.logins[LoginHybrid][LoginFailedCodeExchange], 0},
+		{"hybrid logins denied at consent", &m.logins[LoginHybrid][LoginFailedConsentDenied], 1},
+		{"hybrid logins failed on an unknown state", &m.logins[LoginHybrid][LoginFailedUnknownState], 1},
+		{"hybrid logins failed in another browser", &m.logins[LoginHybrid][LoginFailedWrongBrowser], 0},
+		{"hybrid logins refused at the code exchange", &m.logins[LoginHybrid][LoginFailedCodeRefused], 0},
 		{"tokens issued", &m.events[TokenIssued], 1},
 		{"tokens refreshed", &m.events[TokenRefreshed], 1},
 		{"tokens revoked", &m.events[TokenRevoked], 1},
@@ -207,5 +208,24 @@ func TestMetricsCountDelegations(t *testing.T) {
 	}
 	if m.idp[IdPToken][IdPOK].Load() == 0 {
 		t.Error("the token exchange at the IdP was not timed")
+	}
+}
+
+// TestLoginOutcomeLabels: every outcome has a step; every failure a reason; no two failures
+// share a (step, reason) pair, so each failure is its own series.
+func TestLoginOutcomeLabels(t *testing.T) {
+	seen := map[[2]string]LoginOutcome{}
+	for o := range NumLoginOutcomes {
+		if o.Step() == "" {
+			t.Errorf("outcome %d has no step", o)
+		}
+		if o.Failed() != (o.Reason() != "") {
+			t.Errorf("outcome %d (%s): failed %v with reason %q", o, o.Step(), o.Failed(), o.Reason())
+		}
+		pair := [2]string{o.Step(), o.Reason()}
+		if prev, dup := seen[pair]; dup {
+			t.Errorf("outcomes %d and %d share step %q and reason %q", prev, o, pair[0], pair[1])
+		}
+		seen[pair] = o
 	}
 }

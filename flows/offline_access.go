@@ -266,14 +266,14 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	switch {
 	case err == nil && !b.loginBoundToBrowser(r, state, pending.BrowserBinding):
 		b.log.offline.Warn("the login returned to a browser that did not start it; nothing stored", zap.String("subject", pending.Subject))
-		return b.loginFailed(LoginOfflineAccess, LoginFailedCallback, b.errOfflineAccessPage(http.StatusForbidden, "Wrong browser", notThisBrowserMessage))
+		return b.loginFailed(LoginOfflineAccess, LoginFailedWrongBrowser, b.errOfflineAccessPage(http.StatusForbidden, "Wrong browser", notThisBrowserMessage))
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
 		return notFinished(storageFailed("offline access: loading state", err))
 	}
 	pending, err = b.offlineLogins.take(ctx, state)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
-		return b.loginFailed(LoginOfflineAccess, LoginFailedCallback,
+		return b.loginFailed(LoginOfflineAccess, LoginFailedUnknownState,
 			b.errOfflineAccessPage(http.StatusBadRequest, "Login expired", "This login is unknown, expired or already finished. Start again."))
 	case err != nil:
 		return notFinished(storageFailed("offline access: taking state", err))
@@ -282,11 +282,15 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	if q.Get("error") != "" {
 		// The IdP's own error text is not shown (SECURITY.md W11): only that access was not granted.
 		b.log.offline.Info("identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
-		return b.loginFailed(LoginOfflineAccess, LoginFailedIdP, b.errOfflineAccessPage(http.StatusForbidden, "Not granted", "The identity provider did not grant offline access."))
+		outcome := LoginFailedIdPError
+		if q.Get("error") == "access_denied" {
+			outcome = LoginFailedIdPDenied
+		}
+		return b.loginFailed(LoginOfflineAccess, outcome, b.errOfflineAccessPage(http.StatusForbidden, "Not granted", "The identity provider did not grant offline access."))
 	}
 	code := q.Get("code")
 	if code == "" {
-		return b.loginFailed(LoginOfflineAccess, LoginFailedIdP, b.errOfflineAccessPage(http.StatusBadRequest, "Bad request", "The code parameter is missing."))
+		return b.loginFailed(LoginOfflineAccess, LoginFailedIdPNoCode, b.errOfflineAccessPage(http.StatusBadRequest, "Bad request", "The code parameter is missing."))
 	}
 	verifier, err := b.offlineLogins.openVerifier(state, pending.PKCEVerifier)
 	if err != nil {
@@ -294,7 +298,7 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	}
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
-		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+		return b.loginFailed(LoginOfflineAccess, LoginFailedIdPUnreachable,
 			b.errOfflineAccessPage(http.StatusServiceUnavailable, "Try again", "The identity provider cannot be reached; start again shortly.").
 				because(fmt.Errorf("offline access: %w", err)))
 	}
@@ -303,14 +307,14 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	defer cancel()
 	tok, err := cfg.Exchange(idpCtx, code, oauth2.VerifierOption(verifier))
 	if err != nil {
-		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeRefused,
 			b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider did not accept the login; start again.").
 				because(fmt.Errorf("offline access: exchanging authorization code for subject %s: %w", pending.Subject, oauthErrorOnly(err))))
 	}
 	sub, err := b.verifyOfflineAccessIDToken(idpCtx, d, tok, pending.Nonce)
 	if err != nil {
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeRefused,
 			b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
 				because(fmt.Errorf("offline access: ID token refused for subject %s: %w", pending.Subject, err)))
 	}
@@ -320,11 +324,11 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 		b.log.offline.Warn("a different user logged in at the identity provider; nothing stored",
 			zap.String("subject", pending.Subject), zap.String("logged_in", sub))
 		b.revokeOfflineRefreshToken(ctx, d, tok.RefreshToken)
-		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange, b.errOfflineAccessPage(http.StatusForbidden, "Wrong account",
+		return b.loginFailed(LoginOfflineAccess, LoginFailedWrongAccount, b.errOfflineAccessPage(http.StatusForbidden, "Wrong account",
 			"You logged in at the identity provider as a different user than the one who asked for offline access. Nothing was stored."))
 	}
 	if tok.RefreshToken == "" {
-		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeExchange,
+		return b.loginFailed(LoginOfflineAccess, LoginFailedNoRefreshToken,
 			b.errOfflineAccessPage(http.StatusBadGateway, "No offline access", "The identity provider granted no offline access.").
 				because(fmt.Errorf("offline access: the identity provider issued no refresh token for subject %s", sub)))
 	}
