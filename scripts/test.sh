@@ -75,3 +75,6 @@ scripts/xcaddy-build.sh
 step "go test -race"
 export MCP_OAUTH_CADDY="$PWD/caddy"  # the e2e tests run this binary
 go test -race -count=1 -timeout 20m ./...
+
+step "fuzz: every target for a few seconds (scripts/fuzz.sh SECONDS runs them longer)"
+scripts/fuzz.sh 3
