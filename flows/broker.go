@@ -30,6 +30,15 @@ const (
 	DelegationNone          = "none"
 )
 
+// Which calls delegation narrows (Config.DelegationNarrow).
+const (
+	// DelegationNarrowToolCalls narrows a tools/call to its tool_scope scopes; other calls
+	// get the client's whole grant, or delegation.scopes where configured.
+	DelegationNarrowToolCalls = "tool_calls"
+	// DelegationNarrowNone gives every call the client's whole grant.
+	DelegationNarrowNone = "none"
+)
+
 // Config is everything the broker needs, in plain Go types. Zero values take the
 // documented defaults in New.
 type Config struct {
@@ -51,8 +60,14 @@ type Config struct {
 
 	DelegationMode     string
 	DelegationAudience string
-	DelegationScopes   []string
-	SubjectHeader      string
+	// DelegationScopes, when set, are delegated to calls no tool_scope rule covers;
+	// unset, those calls get the client's whole grant.
+	DelegationScopes []string
+	// DelegationNarrow is which calls delegation narrows: DelegationNarrowToolCalls (to
+	// their tool_scope scopes) or DelegationNarrowNone (every call gets the client's whole
+	// grant). Default: DelegationNarrowToolCalls.
+	DelegationNarrow string
+	SubjectHeader    string
 
 	ToolScopes   []ToolScopeRule
 	MaxBodyBytes int64
@@ -280,6 +295,17 @@ func New(cfg Config) (*Broker, error) {
 	case ModeProgressive, ModeHybrid:
 	default:
 		return nil, fmt.Errorf("mode: unknown mode %q; want hybrid or progressive", cfg.Mode)
+	}
+	switch cfg.DelegationNarrow {
+	case "":
+		cfg.DelegationNarrow = DelegationNarrowToolCalls
+	case DelegationNarrowToolCalls:
+	case DelegationNarrowNone:
+		if len(cfg.DelegationScopes) > 0 {
+			return nil, errors.New("delegation: scopes are never delegated with narrow none, where every call gets the client's whole grant; remove one of them")
+		}
+	default:
+		return nil, fmt.Errorf("delegation: narrow: unknown value %q; want tool_calls or none", cfg.DelegationNarrow)
 	}
 	var deleg *delegation
 	switch cfg.DelegationMode {

@@ -22,9 +22,10 @@ import (
 //   - token_exchange (RFC 8693): the subject is the client's own token in progressive
 //     mode, the session's IdP access token in hybrid mode (refreshed first when it has
 //     expired). One token per (session or client token, scope set): a tools/call gets
-//     its tool_scope scopes, anything else delegation.scopes.
+//     its tool_scope scopes, anything else the client's whole grant (delegation.scopes
+//     when configured); with `narrow none` every call gets the whole grant.
 //   - refresh (IdPs without RFC 8693, hybrid mode only): the refresh grant on the
-//     session's own IdP grant, narrowed to every scope delegation may need (see
+//     session's own IdP grant, narrowed to one scope set per session (see
 //     refreshScopes). The token a refresh yields is the session's IdP access token from
 //     then on, sealed in the session like the login's was, so that every node of a
 //     cluster uses the one token a rotation produced.
@@ -41,14 +42,20 @@ type delegation struct {
 	// resolved is the mode auto settled on, once discovery answered.
 	resolved atomic.Pointer[string]
 	// defaultScopes are asked for a call no tool_scope rule covers: delegation.scopes,
-	// else the configured scopes without the identity scopes. Sorted.
+	// sorted; nil (not configured): the client's whole grant, its identity scopes
+	// included, since an upstream may show its tools by the token's scopes (the Nextcloud
+	// MCP server filters tools/list so, and gates its own tools on openid).
 	defaultScopes []string
 	// refreshScopes are what refresh delegation narrows to: defaultScopes and every
-	// tool_scope scope. Sorted. One set per session, because a refresh at the Nextcloud
-	// oidc app (and zitadel) kills the access token the previous one gave, and some IdPs
-	// (zitadel) narrow the refresh token along with the access token: per-call scope sets
-	// would kill each other's tokens or lose scopes for good.
+	// tool_scope scope, sorted; nil: the client's whole grant. One set per session,
+	// because a refresh at the Nextcloud oidc app (and zitadel) kills the access token
+	// the previous one gave, and some IdPs (zitadel) narrow the refresh token along with
+	// the access token: per-call scope sets would kill each other's tokens or lose scopes
+	// for good.
 	refreshScopes []string
+	// wholeGrant gives every call, tool calls too, the client's whole grant
+	// (delegation `narrow none`).
+	wholeGrant bool
 	// resource is sent as RFC 8707 `resource` on refresh: the delegation audience when it
 	// is an absolute URI (RFC 8707 §2 allows nothing else), else nothing.
 	resource string
@@ -59,7 +66,8 @@ type delegation struct {
 }
 
 // identityScopes describe the user to the client (OIDC Core §5.4, §11); they grant no
-// access to an upstream API, so they are left out of delegation's default scopes.
+// access to an upstream API, so the scopes the broker compares with the IdP's grant
+// leave them out (granted.go).
 var identityScopes = []string{"openid", "offline_access", "profile", "email", "address", "phone"}
 
 // newDelegation builds the delegation state of cfg (defaults filled in).
@@ -68,19 +76,15 @@ func newDelegation(cfg *Config) *delegation {
 		configured: cfg.DelegationMode,
 		cache:      newDelegatedCache(delegationCacheEntries),
 	}
-	if len(cfg.DelegationScopes) > 0 {
+	switch {
+	case cfg.DelegationNarrow == DelegationNarrowNone:
+		d.wholeGrant = true
+	case len(cfg.DelegationScopes) > 0:
 		d.defaultScopes = sortedSet(nil, cfg.DelegationScopes)
-	} else {
-		for _, s := range cfg.Scopes {
-			if !slices.Contains(identityScopes, s) {
-				d.defaultScopes = append(d.defaultScopes, s)
-			}
+		d.refreshScopes = d.defaultScopes
+		for _, rule := range cfg.ToolScopes {
+			d.refreshScopes = sortedSet(d.refreshScopes, rule.Scopes)
 		}
-		d.defaultScopes = sortedSet(nil, d.defaultScopes)
-	}
-	d.refreshScopes = d.defaultScopes
-	for _, rule := range cfg.ToolScopes {
-		d.refreshScopes = sortedSet(d.refreshScopes, rule.Scopes)
 	}
 	if u, err := url.Parse(cfg.DelegationAudience); err == nil && u.IsAbs() && u.Host != "" {
 		d.resource = cfg.DelegationAudience
@@ -124,7 +128,7 @@ func (b *Broker) delegationFlightTimeout() time.Duration { return 3 * b.cfg.IdPT
 // delegateInto gives the upstream request out what the configured delegation mode says
 // in place of the client's token, or returns the error to answer the client with.
 // raw is the client's token (the subject of a token exchange in progressive mode); need
-// is what this call needs by the tool_scope rules (empty: delegation.scopes).
+// is what this call needs by the tool_scope rules (empty: the default scopes).
 func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string, need []string) error {
 	if b.cfg.DelegationMode == DelegationNone {
 		out.Header.Set(b.cfg.SubjectHeader, who.Subject)
@@ -151,18 +155,29 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 
 	var buf [8]string
 	want := need
-	if mode == DelegationRefresh {
+	switch {
+	case mode == DelegationRefresh:
 		want = d.refreshScopes
-	} else if len(want) == 0 {
+	case d.wholeGrant:
+		want = nil
+	case len(want) == 0:
 		want = d.defaultScopes
 	}
+	whole := want == nil
+	if whole {
+		want = who.Scopes
+	}
 	scopes := narrowScopes(buf[:0], want, who.Scopes)
-	if hybrid && len(scopes) == 0 && len(want) > 0 {
+	if hybrid && len(scopes) == 0 && (len(want) > 0 || whole) {
 		// Nothing left to narrow to: asking without `scope` (or refreshing the whole
 		// grant) would hand the upstream every scope of the session's IdP grant, which
-		// holds all the configured scopes whatever this client was granted.
+		// may hold more than this client was granted (sessions of earlier releases hold
+		// every configured scope).
 		step := want
-		if mode == DelegationRefresh && len(d.defaultScopes) > 0 {
+		switch {
+		case whole:
+			step = advertisedScopes(b.cfg.Scopes)
+		case mode == DelegationRefresh && len(d.defaultScopes) > 0:
 			step = d.defaultScopes
 		}
 		return b.errInsufficientScope(who, step)

@@ -108,7 +108,7 @@ func TestDelegationIdPAnswers(t *testing.T) {
 		if tok := mustDelegate(t, b, who, raw, nil); tok != "delegated" {
 			t.Fatalf("token %q", tok)
 		}
-		key := tokenDelegationKey(raw, []string{"notes:read", "notes:write"})
+		key := tokenDelegationKey(raw, sortedSet(nil, who.Scopes)) // the whole grant: no tool_scope rule
 		// 120 s less the margin: a tenth of the lifetime, 12 s.
 		if _, ok := b.delegation.cache.get(key, now.Add(107*time.Second).UnixNano()); !ok {
 			t.Error("not served before the margin")

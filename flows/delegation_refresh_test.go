@@ -20,7 +20,9 @@ import (
 // falls back to the refresh grant on the session's own grant.
 func TestDelegationRefreshFallback(t *testing.T) {
 	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised())
-	b := newTestBroker(t, o, delegating(ModeHybrid, ""))
+	// delegation.scopes configured: the refresh set is those and the tool_scope scopes
+	// (without them, the client's whole grant: TestDelegationWholeGrant).
+	b := newTestBroker(t, o, delegating(ModeHybrid, "", func(c *Config) { c.DelegationScopes = []string{"notes:read"} }))
 	// The hybrid login asks the IdP for the upstream as resource: the refreshed tokens
 	// keep that audience.
 	who, idp := hybridPrincipal(t, b, o, o.User, "nextcloud")

@@ -216,9 +216,9 @@ func TestDelegationDefaultScopes(t *testing.T) {
 		cfg           Config
 		want, refresh []string
 	}{
-		{"the configured scopes without identity scopes",
-			Config{Scopes: []string{"openid", "profile", "notes:write", "email", "offline_access", "notes:read"}},
-			[]string{"notes:read", "notes:write"}, []string{"notes:read", "notes:write"}},
+		{"unset: the client's whole grant (nil), not the configured scopes",
+			Config{Scopes: []string{"openid", "profile", "notes:write", "email", "offline_access", "notes:read"}, ToolScopes: delegationToolScopes},
+			nil, nil},
 		{"delegation scopes win over the configured scopes",
 			Config{Scopes: []string{"openid", "notes:read", "notes:write"}, DelegationScopes: []string{"files"}},
 			[]string{"files"}, []string{"files"}},
@@ -228,8 +228,12 @@ func TestDelegationDefaultScopes(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := newDelegation(&tc.cfg)
-			if !slices.Equal(d.defaultScopes, tc.want) || !slices.Equal(d.refreshScopes, tc.refresh) {
+			if !slices.Equal(d.defaultScopes, tc.want) || !slices.Equal(d.refreshScopes, tc.refresh) ||
+				(d.defaultScopes == nil) != (tc.want == nil) || (d.refreshScopes == nil) != (tc.refresh == nil) {
 				t.Errorf("default %v refresh %v, want %v %v", d.defaultScopes, d.refreshScopes, tc.want, tc.refresh)
+			}
+			if d.wholeGrant {
+				t.Error("whole grant for every call without narrow none")
 			}
 		})
 	}
@@ -271,7 +275,7 @@ func TestDelegationThroughUpstream(t *testing.T) {
 		args       any
 		want       []string
 	}{
-		{"a call without a rule gets the default scopes", "whoami", nil, []string{"notes:read", "notes:write"}},
+		{"a call without a rule gets the client's whole grant", "whoami", nil, []string{"notes:read", "notes:write", "offline_access", "openid"}},
 		{"the read tool gets only notes:read", "notes_read", nil, []string{"notes:read"}},
 		{"the write tool gets only notes:write", "notes_write", map[string]any{"text": "hi"}, []string{"notes:write"}},
 	} {
@@ -374,7 +378,7 @@ func TestDelegationSingleFlightAndWarmPath(t *testing.T) {
 			func(t *testing.T, b *Broker, o *testenv.OP) (*idp.Principal, string) {
 				who, _ := hybridPrincipal(t, b, o, o.User, "nextcloud")
 				return who, "broker-token"
-			}, "notes:read notes:write offline_access"},
+			}, "notes:read notes:write offline_access openid"}, // one set per session: the whole grant
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := testenv.StartOP(t, tc.opts...)
@@ -472,7 +476,7 @@ func TestDelegationHybridTokenExchange(t *testing.T) {
 
 	t.Run("read and write calls get their own scopes, never the session's token", func(t *testing.T) {
 		who, idp := hybridPrincipal(t, b, o, o.User)
-		for need, want := range map[string]string{"notes:read": "notes:read", "notes:write": "notes:write", "": "notes:read notes:write"} {
+		for need, want := range map[string]string{"notes:read": "notes:read", "notes:write": "notes:write", "": "notes:read notes:write offline_access openid"} {
 			tok := mustDelegate(t, b, who, "broker-token", strings.Fields(need))
 			if tok == idp.AccessToken {
 				t.Fatal("the session's IdP token was passed on")
@@ -628,4 +632,83 @@ func TestDelegationNeverWidensScopes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDelegationWholeGrant: a call no tool_scope rule covers gets the client's whole
+// grant, identity scopes included (an upstream may show tools by them); delegation.scopes,
+// when configured, keeps its meaning; `narrow none` gives every call the whole grant.
+func TestDelegationWholeGrant(t *testing.T) {
+	whole := "notes:read notes:write offline_access openid" // delegationLoginScopes, sorted
+	for _, tc := range []struct {
+		name      string
+		opts      []testenv.OPOption
+		mode      string
+		change    func(*Config)
+		resources []string
+		// want is the scope of the delegated token for a call without a rule, and for
+		// the notes_read tool call.
+		wantOther, wantTool string
+		// shared: both calls use one token (one IdP call for both).
+		shared bool
+	}{
+		{"token exchange, by default", nil, DelegationTokenExchange, nil, nil, whole, "notes:read", false},
+		{"token exchange, delegation.scopes configured", nil, DelegationTokenExchange,
+			func(c *Config) { c.DelegationScopes = []string{"notes:write"} }, nil, "notes:write", "notes:read", false},
+		{"token exchange, narrow none", nil, DelegationTokenExchange,
+			func(c *Config) { c.DelegationNarrow = DelegationNarrowNone }, nil, whole, whole, true},
+		{"refresh, by default", []testenv.OPOption{testenv.WithoutTokenExchangeAdvertised()}, DelegationRefresh, nil,
+			[]string{"nextcloud"}, whole, whole, true},
+		{"refresh, narrow none", []testenv.OPOption{testenv.WithoutTokenExchangeAdvertised()}, DelegationRefresh,
+			func(c *Config) { c.DelegationNarrow = DelegationNarrowNone }, []string{"nextcloud"}, whole, whole, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := testenv.StartOP(t, tc.opts...)
+			var more []func(*Config)
+			if tc.change != nil {
+				more = append(more, tc.change)
+			}
+			b := newTestBroker(t, o, delegating(ModeHybrid, tc.mode, more...))
+			who, _ := hybridPrincipal(t, b, o, o.User, tc.resources...)
+			o.ResetCounts()
+			other := mustDelegate(t, b, who, "broker-token", nil)
+			if c := delegatedClaims(t, o, other); c.Scope != tc.wantOther {
+				t.Errorf("a call without a rule: scope %q, want %q", c.Scope, tc.wantOther)
+			}
+			tool := mustDelegate(t, b, who, "broker-token", []string{"notes:read"})
+			if c := delegatedClaims(t, o, tool); c.Scope != tc.wantTool {
+				t.Errorf("the notes_read call: scope %q, want %q", c.Scope, tc.wantTool)
+			}
+			if calls := tokenGrants(o); (tool == other) != tc.shared || (calls == 1) != tc.shared {
+				t.Errorf("one token for both calls: %v after %d IdP calls, want %v", tool == other, calls, tc.shared)
+			}
+		})
+	}
+	t.Run("a client granted nothing gets 403, and the IdP is not asked", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		b := newTestBroker(t, o, delegating(ModeHybrid, DelegationTokenExchange,
+			func(c *Config) { c.Scopes = []string{"openid", "notes:read"} }))
+		who, _ := hybridPrincipal(t, b, o, o.User)
+		who.Scopes = nil
+		o.ResetCounts()
+		w, _, ok := delegate(context.Background(), b, who, "broker-token", nil)
+		if ok || w.Code != http.StatusForbidden || !strings.Contains(w.Header().Get("WWW-Authenticate"), `scope="openid notes:read"`) {
+			t.Errorf("%d %q, want 403 with a step-up to the configured scopes", w.Code, w.Header().Get("WWW-Authenticate"))
+		}
+		if n := tokenGrants(o); n != 0 {
+			t.Errorf("%d IdP calls", n)
+		}
+	})
+	t.Run("narrow is checked", func(t *testing.T) {
+		o := testenv.SharedOP(t)
+		for narrow, want := range map[string]string{
+			"all": `delegation: narrow: unknown value "all"; want tool_calls or none`,
+			DelegationNarrowNone: "delegation: scopes are never delegated with narrow none, where every call gets the client's whole grant; remove one of them",
+		} {
+			_, err := New(Config{Issuer: o.Issuer, Resource: testResource, DelegationNarrow: narrow, DelegationScopes: []string{"notes:read"},
+				Records: storage.New(&certmagic.FileStorage{Path: t.TempDir()}, nil)})
+			if err == nil || err.Error() != want {
+				t.Errorf("narrow %q: %v, want %q", narrow, err, want)
+			}
+		}
+	})
 }
