@@ -701,7 +701,7 @@ func TestDelegationWholeGrant(t *testing.T) {
 	t.Run("narrow is checked", func(t *testing.T) {
 		o := testenv.SharedOP(t)
 		for narrow, want := range map[string]string{
-			"all": `delegation: narrow: unknown value "all"; want tool_calls or none`,
+			"all":                `delegation: narrow: unknown value "all"; want tool_calls or none`,
 			DelegationNarrowNone: "delegation: scopes are never delegated with narrow none, where every call gets the client's whole grant; remove one of them",
 		} {
 			_, err := New(Config{Issuer: o.Issuer, Resource: testResource, DelegationNarrow: narrow, DelegationScopes: []string{"notes:read"},
