@@ -13,7 +13,6 @@ import (
 	"unicode/utf8"
 
 	"go.uber.org/zap"
-	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -273,7 +272,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) error {
 		Resource:     b.cfg.Resource,
 		Scopes:       scopes,
 		// The same list redirectToIdP sends: the page names everything the IdP is asked.
-		IdPScopes: b.idpOAuthConfig(oauth2.Endpoint{}).Scopes,
+		IdPScopes: idpLoginScopes(req.Scopes),
 		Ticket:    ticket,
 		CSRF:      ct.CSRF,
 	}

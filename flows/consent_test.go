@@ -260,7 +260,8 @@ func TestConsentDeny(t *testing.T) {
 }
 
 // Approving sends the browser to the IdP as the broker's own client, with PKCE S256,
-// a nonce, a fresh state, offline_access and every configured scope.
+// a nonce, a fresh state, openid, offline_access and the client's scopes (not every
+// configured scope: SECURITY.md S1.20).
 func TestConsentApproveRedirectsToIdP(t *testing.T) {
 	o := testenv.SharedOP(t)
 	b, front := startHybridFront(t, o, "", hybridClients)
@@ -277,7 +278,7 @@ func TestConsentApproveRedirectsToIdP(t *testing.T) {
 		"response_type":         "code",
 		"code_challenge_method": "S256",
 		"prompt":                "consent",
-		"scope":                 "openid offline_access notes:read notes:write",
+		"scope":                 "openid offline_access notes:read",
 	} {
 		if q.Get(k) != want {
 			t.Errorf("%s = %q, want %q", k, q.Get(k), want)

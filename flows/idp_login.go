@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"slices"
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
@@ -42,13 +41,10 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 		return errServer(http.StatusInternalServerError, "the login could not be started", storageFailed("login: storing pending login", err)).
 			to(req.RedirectURI, req.State, false)
 	}
-	conf := b.idpOAuthConfig(oauth2.Endpoint{AuthURL: d.BrowserAuthorizationEndpoint})
+	conf := b.idpOAuthConfig(oauth2.Endpoint{AuthURL: d.BrowserAuthorizationEndpoint}, req.Scopes)
 	// prompt=consent: Nextcloud and Keycloak issue a refresh token for offline_access
 	// only with consent.
-	target := conf.AuthCodeURL(state,
-		oauth2.S256ChallengeOption(verifier),
-		oauth2.SetAuthURLParam("nonce", nonce),
-		oauth2.SetAuthURLParam("prompt", "consent"))
+	target := conf.AuthCodeURL(state, b.idpAuthorizeOptions(verifier, nonce)...)
 	b.log.login.Info("sending the browser to the identity provider", zap.String("client_id", req.ClientID))
 	b.login(LoginHybrid, LoginStarted)
 	w.Header().Set("Cache-Control", "no-store")
@@ -56,22 +52,46 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 	return nil
 }
 
-// idpOAuthConfig is the broker as a client of the IdP at endpoint. It asks for openid,
-// offline_access and every configured scope: one IdP grant has to cover every tool.
-func (b *Broker) idpOAuthConfig(endpoint oauth2.Endpoint) *oauth2.Config {
-	scopes := []string{"openid", "offline_access"}
-	for _, s := range b.cfg.Scopes {
-		if !slices.Contains(scopes, s) {
-			scopes = append(scopes, s)
-		}
-	}
+// idpOAuthConfig is the broker as a client of the IdP at endpoint, for a login of a
+// client granted granted: see idpLoginScopes.
+func (b *Broker) idpOAuthConfig(endpoint oauth2.Endpoint, granted []string) *oauth2.Config {
 	return &oauth2.Config{
 		ClientID:     b.cfg.ClientID,
 		ClientSecret: b.cfg.ClientSecret,
 		Endpoint:     endpoint,
 		RedirectURL:  b.issuer + pathCallback,
-		Scopes:       scopes,
+		Scopes:       idpLoginScopes(granted),
 	}
+}
+
+// idpLoginScopes are what the IdP is asked for in the login of a client granted granted
+// (the scopes of its authorization request, as the broker decided them): openid for the
+// ID token, offline_access for the refresh token that delegation and the confirmation
+// of the grant use, and the client's scopes; never a configured scope the client was not
+// granted. An IdP that ignores `scope` on refresh (the Nextcloud oidc app) would put
+// every scope of the login into each delegated token (SECURITY.md S1.20).
+func idpLoginScopes(granted []string) []string {
+	scopes := []string{"openid", "offline_access"}
+	for _, s := range granted {
+		scopes = appendUnique(scopes, s)
+	}
+	return scopes
+}
+
+// idpAuthorizeOptions are the parameters of a login at the IdP's authorization endpoint
+// besides those of oauth2.Config: PKCE S256, the nonce, prompt=consent, and RFC 8707
+// `resource` when the delegation audience is a URL (the Nextcloud oidc app fixes the
+// `aud` of every token of the grant from it at authorization).
+func (b *Broker) idpAuthorizeOptions(verifier, nonce string) []oauth2.AuthCodeOption {
+	opts := []oauth2.AuthCodeOption{
+		oauth2.S256ChallengeOption(verifier),
+		oauth2.SetAuthURLParam("nonce", nonce),
+		oauth2.SetAuthURLParam("prompt", "consent"),
+	}
+	if b.delegation != nil && b.delegation.resource != "" {
+		opts = append(opts, oauth2.SetAuthURLParam("resource", b.delegation.resource))
+	}
+	return opts
 }
 
 // serveCallback finishes a hybrid login at /oauth/callback.
@@ -165,7 +185,7 @@ func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q ur
 
 	ctx, cancel := context.WithTimeout(r.Context(), b.cfg.IdPTimeout)
 	defer cancel()
-	grant, err := b.exchangeIdPCode(ctx, code, verifier, pending.Nonce, q.Get("iss"), b.issuer+pathCallback)
+	grant, err := b.exchangeIdPCode(ctx, code, verifier, pending.Nonce, q.Get("iss"), req.Scopes)
 	if err != nil {
 		if errors.Is(err, idp.ErrUnavailable) {
 			return LoginFailedIdPUnreachable, errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
@@ -206,9 +226,9 @@ func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q ur
 // endpoint and verifies the ID token that comes with it: signature, issuer, audience =
 // the broker's client id (and azp when there are several), expiry, nonce, and at_hash
 // when present. iss is the callback's RFC 9207 parameter, checked when the IdP sent one
-// (mix-up defense). Errors wrap idp.ErrUnavailable when the IdP could not be reached or
-// failed.
-func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss, redirectURL string) (IdPGrant, error) {
+// (mix-up defense). clientScopes are the client's scopes the login was asked for. Errors
+// wrap idp.ErrUnavailable when the IdP could not be reached or failed.
+func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss string, clientScopes []string) (IdPGrant, error) {
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
 		return IdPGrant{}, fmt.Errorf("%w: %w", idp.ErrUnavailable, err)
@@ -216,8 +236,7 @@ func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss
 	if iss != "" && iss != d.Issuer {
 		return IdPGrant{}, errors.New("callback iss differs from the identity provider's issuer")
 	}
-	conf := b.idpOAuthConfig(d.Provider.Endpoint())
-	conf.RedirectURL = redirectURL
+	conf := b.idpOAuthConfig(d.Provider.Endpoint(), clientScopes)
 	tok, err := conf.Exchange(context.WithValue(ctx, oauth2.HTTPClient, b.cfg.HTTPClient), code, oauth2.VerifierOption(verifier))
 	if err != nil {
 		var re *oauth2.RetrieveError

@@ -7,12 +7,14 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/oauth2"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -78,10 +80,15 @@ func TestHybridLogin(t *testing.T) {
 	if g.AccessToken == "" || g.RefreshToken == "" || g.IDToken == "" || g.Expiry.IsZero() {
 		t.Errorf("IdP grant incomplete: access %v refresh %v id %v expiry %v", g.AccessToken != "", g.RefreshToken != "", g.IDToken != "", g.Expiry)
 	}
-	for _, want := range []string{"openid", "offline_access", "notes:read", "notes:write"} {
+	// The IdP was asked for the client's scopes, openid and offline_access: not the
+	// configured notes:write (S1.20).
+	for _, want := range []string{"openid", "offline_access", "notes:read"} {
 		if !slices.Contains(g.Scopes, want) {
 			t.Errorf("IdP grant scopes %v lack %s", g.Scopes, want)
 		}
+	}
+	if slices.Contains(g.Scopes, "notes:write") {
+		t.Errorf("IdP grant scopes %v hold notes:write, which the client did not ask for", g.Scopes)
 	}
 	if keys, _ := b.cfg.Records.List(t.Context(), storage.Key(kindIdPState)); len(keys) != 0 {
 		t.Errorf("%d pending logins left behind", len(keys))
@@ -334,5 +341,75 @@ func TestHybridLoginLogsNoSecrets(t *testing.T) {
 		if secret != "" && strings.Contains(all.String(), secret) {
 			t.Errorf("the log holds the %s", name)
 		}
+	}
+}
+
+// TestIdPLoginAsksForTheClientsGrant (SECURITY.md S1.20): the IdP is asked for the
+// client's scopes, openid and offline_access, never every configured scope. At an IdP
+// that ignores `scope` on refresh (the Nextcloud oidc app) refresh delegation cannot
+// narrow, so a login that asked for more would put it into every delegated token. The
+// delegation audience, a URL, goes to the IdP's authorize as RFC 8707 `resource`.
+func TestIdPLoginAsksForTheClientsGrant(t *testing.T) {
+	const audience = "https://cloud.example/mcp"
+	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised(), testenv.WithRefreshScopeIgnored())
+	b, front := startHybridFront(t, o, "", func(c *Config) {
+		c.Scopes = []string{"openid", "notes:read", "notes:write"}
+		c.DelegationMode = DelegationRefresh
+		c.DelegationAudience = audience
+		c.ToolScopes = delegationToolScopes
+	})
+	br := newHybridBrowser(t)
+	state := "st-" + randomToken()[:12]
+	idpURL := br.toIdP(front, hybridAuthorizeQuery(testenv.NativeClientID, hybridRedirectURI, hybridVerifier, state, []string{"openid", "notes:read"}))
+	q := idpURL.Query()
+	if got, want := q.Get("scope"), "openid offline_access notes:read"; got != want {
+		t.Errorf("the IdP is asked for scope %q, want %q", got, want)
+	}
+	if got := q["resource"]; !slices.Equal(got, []string{audience}) {
+		t.Errorf("resource %q at the IdP's authorize, want %q", got, audience)
+	}
+	final := br.redirect(br.get(br.loginAtIdP(o, idpURL).String()))
+	if final.Query().Get("code") == "" {
+		t.Fatalf("no code: %s", final.Redacted())
+	}
+	s, g := onlySession(t, b)
+	if slices.Contains(g.Scopes, "notes:write") || !slices.Equal(s.Scopes, []string{"openid", "notes:read"}) {
+		t.Errorf("session scopes %v, IdP grant %v: want no notes:write", s.Scopes, g.Scopes)
+	}
+
+	who := &idp.Principal{Subject: s.Subject, ClientID: s.ClientID, Scopes: s.Scopes, SessionID: s.ID, Expiry: time.Now().Add(time.Hour)}
+	o.ResetCounts()
+	c := delegatedClaims(t, o, mustDelegate(t, b, who, "broker-token", []string{"notes:read"}))
+	if n := o.Count("refresh_token"); n != 1 {
+		t.Fatalf("%d refreshes, want 1", n)
+	}
+	if strings.Contains(c.Scope, "notes:write") || !strings.Contains(c.Scope, "notes:read") {
+		t.Errorf("the delegated token carries scope %q; the client was granted openid notes:read", c.Scope)
+	}
+	if !slices.Equal(c.Audience, []string{audience}) {
+		t.Errorf("the delegated token's aud %v, want %s", c.Audience, audience)
+	}
+}
+
+// TestIdPAuthorizeResourceOnlyForAURL: `resource` goes to the IdP only when the
+// delegation audience is an absolute URL (RFC 8707 §2), and never without delegation.
+func TestIdPAuthorizeResourceOnlyForAURL(t *testing.T) {
+	o := testenv.SharedOP(t)
+	for _, tc := range []struct {
+		name, mode, audience string
+	}{
+		{"a logical name", DelegationTokenExchange, "nextcloud"},
+		{"delegation none", DelegationNone, "https://cloud.example/mcp"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, front := startHybridFront(t, o, "", func(c *Config) {
+				c.DelegationMode = tc.mode
+				c.DelegationAudience = tc.audience
+			})
+			idpURL := newHybridBrowser(t).toIdP(front, hybridQuery(nil))
+			if q := idpURL.Query(); q.Has("resource") || q.Get("scope") != "openid offline_access notes:read" {
+				t.Errorf("resource %q scope %q", q["resource"], q.Get("scope"))
+			}
+		})
 	}
 }

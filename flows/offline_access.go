@@ -214,11 +214,7 @@ func (b *Broker) redirectToIdPForOfflineAccess(w http.ResponseWriter, r *http.Re
 		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The login could not be started; try again.").
 			because(storageFailed("offline access: storing state", err))
 	}
-	target := b.offlineAccessOAuth2(d, scopes).AuthCodeURL(state,
-		oauth2.S256ChallengeOption(verifier),
-		oidc.Nonce(nonce),
-		oauth2.SetAuthURLParam("prompt", "consent"),
-	)
+	target := b.offlineAccessOAuth2(d, scopes).AuthCodeURL(state, b.idpAuthorizeOptions(verifier, nonce)...)
 	b.log.offline.Info("sending the user to the identity provider", zap.String("subject", subject))
 	b.login(LoginOfflineAccess, LoginStarted)
 	h := w.Header()

@@ -758,3 +758,20 @@ func TestBackgroundTokenIdPDown(t *testing.T) {
 		t.Errorf("a failed refresh changed the grant: %v", err)
 	}
 }
+
+// TestOfflineAccessLoginSendsResource: the offline access login sends the delegation
+// audience, a URL, as RFC 8707 `resource` to the IdP's authorize, and asks for its own
+// scopes, not the client's.
+func TestOfflineAccessLoginSendsResource(t *testing.T) {
+	o := testenv.SharedOP(t)
+	const audience = "https://cloud.example/mcp"
+	f := startOfflineAccess(t, o, func(c *Config) {
+		c.DelegationMode = DelegationTokenExchange
+		c.DelegationAudience = audience
+	})
+	to := redirectTarget(t, getWithoutRedirect(t, f.link(t, f.userToken(t, o.User))))
+	q := to.Query()
+	if !slices.Equal(q["resource"], []string{audience}) || q.Get("scope") != "openid offline_access notes:read" {
+		t.Errorf("resource %q scope %q at the IdP's authorize", q["resource"], q.Get("scope"))
+	}
+}

@@ -84,6 +84,8 @@ type OP struct {
 	latency atomic.Int64
 	// answerFault rewrites token endpoint answers (op_faults.go).
 	answerFault atomic.Pointer[TokenAnswerFault]
+	// refreshTakesAll: see WithRefreshScopeIgnored.
+	refreshTakesAll bool
 
 	mu     sync.Mutex
 	paths  map[string]string // endpoint path → Count key
@@ -95,6 +97,8 @@ type opConfig struct {
 	redirectURIs  []string
 	signingAlg    jose.SignatureAlgorithm // "": the example storage's RS256 key
 	refusedScopes []string
+	// refreshScopeIgnored: see WithRefreshScopeIgnored.
+	refreshScopeIgnored bool
 }
 
 // OPOption configures an OP.
@@ -120,6 +124,13 @@ func WithRedirectURIGlobs(globs ...string) OPOption {
 // answer's scope, the JWT scope claim and introspection all lack them.
 func WithScopesRefused(scopes ...string) OPOption {
 	return func(c *opConfig) { c.refusedScopes = append(c.refusedScopes, scopes...) }
+}
+
+// WithRefreshScopeIgnored makes the OP take no `scope` or `resource` on the refresh
+// grant, as the Nextcloud oidc app up to 2.0.9 does: a refresh always yields a token
+// for the whole grant of the login, whatever it asks.
+func WithRefreshScopeIgnored() OPOption {
+	return func(c *opConfig) { c.refreshScopeIgnored = true }
 }
 
 // StartOP starts an OP and stops it when the test ends.
@@ -170,6 +181,8 @@ func NewOP(opts ...OPOption) (*OP, error) {
 		RestrictedUser: users.account("restricted-user"),
 		storage:        st,
 		counts:         make(map[string]int),
+
+		refreshTakesAll: cfg.refreshScopeIgnored,
 	}
 	// A nil logger leaves slog's default logger alone.
 	router := exampleop.SetupServer(issuer, served, nil, false)
@@ -273,6 +286,13 @@ func (o *OP) intercept(next http.Handler) http.Handler {
 		if key == CountAuthorize {
 			if err := r.ParseForm(); err == nil && len(r.Form["resource"]) > 0 {
 				r = r.WithContext(withResources(r.Context(), r.Form["resource"]))
+			}
+		}
+		if key == "refresh_token" && o.refreshTakesAll {
+			// ParseForm ran above; the OP's own ParseForm keeps what is left.
+			for _, p := range []string{"scope", "resource"} {
+				r.PostForm.Del(p)
+				r.Form.Del(p)
 			}
 		}
 		if f := o.answerFault.Load(); f != nil && counted && r.URL.Path == o.tokenPath() {
