@@ -46,6 +46,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		delegation        token_exchange|refresh|none {
 //			audience       <aud>
 //			scopes         <scope...>
+//			narrow         tool_calls|none
 //			subject_header <header>
 //		}
 //		tool_scope        <tool name or glob> <scope...>
@@ -378,6 +379,10 @@ func unmarshalDelegation(d *caddyfile.Dispenser) (*Delegation, error) {
 			}
 		case "subject_header":
 			if !d.AllArgs(&del.SubjectHeader) {
+				return nil, d.ArgErr()
+			}
+		case "narrow":
+			if !d.AllArgs(&del.Narrow) {
 				return nil, d.ArgErr()
 			}
 		default:

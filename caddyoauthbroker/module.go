@@ -249,9 +249,19 @@ type Delegation struct {
 	Audience string `json:"audience,omitempty"`
 
 	// The scopes of a delegated token when no `tool_scopes` rule applies; never more
-	// than the client was granted. Default: the handler's `scopes` without `openid`,
-	// `offline_access` and the OpenID profile scopes (profile, email, address, phone).
+	// than the client was granted. Configured, they keep the meaning of earlier releases
+	// (which defaulted to the handler's `scopes` without the identity scopes). Default:
+	// the client's whole grant, `openid` and the other identity scopes included, for an
+	// upstream that shows its tools by the token's scopes (the Nextcloud MCP server).
 	Scopes []string `json:"scopes,omitempty"`
+
+	// Which calls get a token narrowed to what they need: `tool_calls` (a `tools/call`
+	// gets its `tool_scopes` scopes, any other call the client's whole grant or
+	// `scopes`) or `none` (every call gets the client's whole grant, for an upstream
+	// that checks each tool's scopes itself; `scopes` must then be unset). With mode
+	// `refresh` every call of a session gets one token whatever this says. Default:
+	// tool_calls.
+	Narrow string `json:"narrow,omitempty"`
 
 	// The request header that carries the authenticated subject to the upstream when
 	// mode is `none`. Default: `X-Auth-Subject`.
@@ -647,6 +657,15 @@ func (h *Handler) Validate() error {
 		if err := checkScopes(d.Scopes); err != nil {
 			return fmt.Errorf("delegation: %w", err)
 		}
+		switch d.Narrow {
+		case "", flows.DelegationNarrowToolCalls:
+		case flows.DelegationNarrowNone:
+			if len(d.Scopes) > 0 {
+				return errors.New("delegation: scopes are never delegated with narrow none, where every call gets the client's whole grant; remove one of them")
+			}
+		default:
+			return fmt.Errorf("delegation: narrow: unknown value %q; want tool_calls or none", d.Narrow)
+		}
 	}
 	for i, t := range h.ToolScopes {
 		if t == nil || t.Tool == "" || len(t.Scopes) == 0 {
@@ -839,6 +858,7 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		cfg.DelegationMode = d.Mode
 		cfg.DelegationAudience = d.Audience
 		cfg.DelegationScopes = d.Scopes
+		cfg.DelegationNarrow = d.Narrow
 		cfg.SubjectHeader = d.SubjectHeader
 	}
 	for _, t := range h.ToolScopes {

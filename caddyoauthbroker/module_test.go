@@ -113,6 +113,11 @@ func TestValidateErrors(t *testing.T) {
 		{"an empty audience", func(h *Handler) { h.Audience = []string{"", "mcp"} }, "audience[0]: empty"},
 		{"an empty client scope", func(h *Handler) { h.Clients[0].Scopes = []string{""} }, `clients "claude": scopes[0]: empty`},
 		{"an empty delegation scope", func(h *Handler) { h.Delegation.Scopes = []string{"notes:read", ""} }, "delegation: scopes[1]: empty"},
+		{"an unknown narrow", func(h *Handler) { h.Delegation.Narrow = "everything" }, `delegation: narrow: unknown value "everything"; want tool_calls or none`},
+		{"narrow none with delegation scopes", func(h *Handler) {
+			h.Delegation.Narrow = "none"
+			h.Delegation.Scopes = []string{"notes:read"}
+		}, "delegation: scopes are never delegated with narrow none"},
 		{"an empty tool scope", func(h *Handler) { h.ToolScopes[0].Scopes = []string{""} }, `tool_scopes "notes_*": scopes[0]: empty`},
 		{"an empty offline_access scope", func(h *Handler) { h.OfflineAccess = &OfflineAccess{Scopes: []string{""}} }, "offline_access: scopes[0]: empty"},
 		{"private documents with documents off", func(h *Handler) {
