@@ -750,10 +750,8 @@ func checkScopes(scopes []string) error {
 		if s == "" {
 			return fmt.Errorf("scopes[%d]: empty", i)
 		}
-		for _, c := range []byte(s) {
-			if c <= ' ' || c > '~' || c == '"' || c == '\\' {
-				return fmt.Errorf("scopes[%d]: %q is not a scope token; want printable ASCII without space, quote or backslash (RFC 6749 §3.3)", i, s)
-			}
+		if !flows.IsScopeToken(s) {
+			return fmt.Errorf("scopes[%d]: %q is not a scope token; want printable ASCII without space, quote or backslash (RFC 6749 §3.3)", i, s)
 		}
 	}
 	return nil

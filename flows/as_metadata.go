@@ -29,7 +29,7 @@ func (b *Broker) authorizationServerMetadata() AuthorizationServerMetadata {
 		AuthorizationEndpoint:                      b.issuer + pathAuthorize,
 		TokenEndpoint:                              b.issuer + pathToken,
 		RevocationEndpoint:                         b.issuer + pathRevoke,
-		ScopesSupported:                            advertisedScopes(b.cfg.Scopes),
+		ScopesSupported:                            b.offer().advertised,
 		ResponseTypesSupported:                     []string{"code"},
 		GrantTypesSupported:                        []string{"authorization_code", "refresh_token"},
 		TokenEndpointAuthMethodsSupported:          authMethods,

@@ -10,7 +10,7 @@ type loggers struct {
 	consent    *zap.Logger // consent.go
 	login      *zap.Logger // idp_login.go, granted.go: the IdP login and its callback
 	token      *zap.Logger // token*.go, broker_tokens.go, revoke.go
-	resource   *zap.Logger // resource.go, forward.go: requests to the MCP endpoint
+	resource   *zap.Logger // resource.go, forward.go, upstream_scopes.go: requests to the MCP endpoint, its metadata
 	delegation *zap.Logger // delegation*.go
 	offline    *zap.Logger // offline_access*.go, background_token.go
 	register   *zap.Logger // register.go, clients.go, cimd.go

@@ -199,11 +199,13 @@ func (b *Broker) grantableScopes(c *Client, asked []string) ([]string, bool) {
 	if len(asked) > maxScopes {
 		return nil, false
 	}
-	configured := append([]string{"openid"}, b.cfg.Scopes...)
+	offer := b.offer()
+	configured := append([]string{"openid"}, offer.scopes...)
 	if len(asked) == 0 {
-		advertised := advertisedScopes(b.cfg.Scopes)
-		out := make([]string, 0, len(c.Scopes))
-		for _, s := range c.Scopes {
+		advertised := offer.advertised
+		mine := b.scopesOf(c)
+		out := make([]string, 0, len(mine))
+		for _, s := range mine {
 			if slices.Contains(advertised, s) && !slices.Contains(out, s) {
 				out = append(out, s)
 			}
@@ -215,7 +217,7 @@ func (b *Broker) grantableScopes(c *Client, asked []string) ([]string, bool) {
 		if s == "offline_access" || slices.Contains(out, s) {
 			continue
 		}
-		if !c.allowsScopes([]string{s}) || !slices.Contains(configured, s) {
+		if !b.clientAllows(c, []string{s}) || !slices.Contains(configured, s) {
 			return nil, false
 		}
 		out = append(out, s)

@@ -53,7 +53,7 @@ func (b *Broker) authorizeProgressive(w http.ResponseWriter, r *http.Request) er
 		return newRequestError(http.StatusUnauthorized, "unauthorized_client", "unknown client")
 	case !MatchRedirectURI(client.RedirectURIs, redirectURI):
 		return newRequestError(http.StatusUnauthorized, "unauthorized_client", "redirect_uri is not registered for this client")
-	case !client.allowsScopes(scopes):
+	case !b.clientAllows(client, scopes):
 		return newRequestError(http.StatusUnauthorized, "unauthorized_client", "scope is not allowed for this client")
 	}
 	if res := q.Get("resource"); res != "" && res != b.cfg.Resource {
@@ -65,7 +65,7 @@ func (b *Broker) authorizeProgressive(w http.ResponseWriter, r *http.Request) er
 		return errIdPUnavailable(fmt.Errorf("authorize: %w", err))
 	}
 	if len(scopes) == 0 {
-		scopes = client.Scopes
+		scopes = b.scopesOf(client)
 	}
 	idp := url.Values{
 		"response_type":         {"code"},

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -71,6 +72,9 @@ type Config struct {
 
 	ToolScopes   []ToolScopeRule
 	MaxBodyBytes int64
+	// UpstreamMetadata is the URL of the upstream's RFC 9728 protected-resource metadata,
+	// whose scopes_supported join Scopes once read (upstream_scopes.go). Default: none.
+	UpstreamMetadata string
 
 	SessionTTL      time.Duration
 	CodeTTL         time.Duration
@@ -213,11 +217,14 @@ type Broker struct {
 	resourceURL   *url.URL
 	resourcePath  string // path of the resource, "" for the root
 	metadataURL   string // the resource-suffixed RFC 9728 metadata URL
-	challengeTail string // `resource_metadata="…", scope="…"`, prebuilt for the hot path
 	toolScopes    []ToolScopeRule
 	delegation    *delegation // per-request delegation (delegation.go); nil for mode none
-	// managedScopes are compared with what the IdP granted (granted.go).
-	managedScopes []string
+	// offered is the scopes the broker offers now: configured, and learned from the
+	// upstream's metadata (upstream_scopes.go).
+	offered atomic.Pointer[scopeOffer]
+	// upstreamClient fetches the upstream's metadata; learnSchedule says when.
+	upstreamClient *http.Client
+	learnSchedule  learnSchedule
 
 	// The typed record stores (store.go): the only way to storage.Records.
 	sessions           sessionStore
@@ -348,7 +355,8 @@ func New(cfg Config) (*Broker, error) {
 		resourcePath:     strings.TrimSuffix(u.EscapedPath(), "/"),
 		toolScopes:       cfg.ToolScopes,
 		delegation:       deleg,
-		managedScopes:    managedScopes(&cfg),
+		upstreamClient:   newUpstreamClient(cfg.IdPTimeout),
+		learnSchedule:    defaultLearnSchedule,
 	}
 	if timed != nil {
 		timed.broker = b
@@ -359,10 +367,7 @@ func New(cfg Config) (*Broker, error) {
 	b.adminScanLimit = AdminScanLimit
 	b.openStores()
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath
-	b.challengeTail = `resource_metadata="` + b.metadataURL + `"`
-	if s := advertisedScopes(cfg.Scopes); len(s) > 0 {
-		b.challengeTail += `, scope="` + strings.Join(s, " ") + `"`
-	}
+	b.offered.Store(b.newScopeOffer(&b.cfg, nil))
 	b.verifier = newVerifier(&cfg, b.idp, nil)
 	return b, nil
 }

@@ -323,11 +323,12 @@ func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, 
 			return nil, errors.New("document grant_types lack authorization_code")
 		}
 	}
-	scopes := b.clients.defaultScopes
-	if doc.Scope != "" {
+	scopes, offered := b.clients.defaultScopes, doc.Scope == ""
+	if !offered {
 		scopes = nil
+		offer := b.offer().scopes
 		for _, s := range strings.Fields(doc.Scope) {
-			if slices.Contains(b.clients.defaultScopes, s) {
+			if slices.Contains(offer, s) {
 				scopes = append(scopes, s)
 			}
 		}
@@ -341,6 +342,7 @@ func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, 
 		Name:         name,
 		RedirectURIs: doc.RedirectURIs,
 		Scopes:       scopes,
+		offered:      offered,
 		AuthMethod:   AuthMethodNone,
 		GrantTypes:   grants,
 		Source:       ClientSourceMetadataDocument,

@@ -11,7 +11,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -55,6 +54,9 @@ type Client struct {
 	RedirectURIs []string
 	// Scopes the client may ask for (`openid` is always allowed besides).
 	Scopes []string
+	// offered: Scopes were not set for this client, which may ask for every scope the
+	// broker offers at the moment, learned ones included (Broker.scopesOf).
+	offered bool
 	// AuthMethod is how the client authenticates at the token and revocation endpoints:
 	// AuthMethodNone (public), AuthMethodBasic or AuthMethodPost.
 	AuthMethod string
@@ -70,13 +72,6 @@ type Client struct {
 
 	// secretHash is storage.Hash of the client secret; empty for public clients.
 	secretHash string
-}
-
-// allowsScopes tells whether every scope asked is one the client may ask for; `openid`
-// is always allowed.
-func (c *Client) allowsScopes(asked []string) bool {
-	p := idp.Principal{Scopes: append([]string{"openid"}, c.Scopes...)}
-	return p.HasScopes(asked)
 }
 
 // allowsGrantType tells whether the client registered grant type gt.
@@ -124,7 +119,7 @@ func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegist
 			cl.Name = cl.ID
 		}
 		if len(cl.Scopes) == 0 {
-			cl.Scopes = defaultScopes
+			cl.Scopes, cl.offered = defaultScopes, true
 		}
 		reg.static[c.ClientID] = cl
 	}
@@ -213,6 +208,7 @@ func clientFromRegistration(rec *RegisteredClient, defaultScopes []string) *Clie
 		Name:         rec.ClientName,
 		RedirectURIs: rec.RedirectURIs,
 		Scopes:       defaultScopes,
+		offered:      true,
 		AuthMethod:   rec.TokenEndpointAuthMethod,
 		GrantTypes:   rec.GrantTypes,
 		Source:       ClientSourceRegistered,

@@ -176,7 +176,7 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 		step := want
 		switch {
 		case whole:
-			step = advertisedScopes(b.cfg.Scopes)
+			step = b.offer().advertised
 		case mode == DelegationRefresh && len(d.defaultScopes) > 0:
 			step = d.defaultScopes
 		}

@@ -21,7 +21,7 @@ import (
 // were asked for.
 //
 // Only the scopes the broker manages are compared: the configured scopes, the tool_scope
-// scopes and the delegation scopes, less the identity scopes (openid, profile, …), which
+// scopes, the delegation scopes and those learned from the upstream, less the identity scopes (openid, profile, …), which
 // grant nothing upstream and which an IdP's access token need not list. Scopes an IdP
 // adds of its own (Keycloak's default client scopes: roles, web-origins, …) never become
 // broker scopes and never fail a check.
@@ -98,8 +98,9 @@ func (b *Broker) introspectScopes(ctx context.Context, endpoint, token string) (
 // narrowToGrant returns requested less the managed scopes the IdP did not grant, and
 // those it dropped.
 func (b *Broker) narrowToGrant(requested, granted []string) (kept, dropped []string) {
+	managed := b.offer().managed
 	for _, s := range requested {
-		if slices.Contains(b.managedScopes, s) && !slices.Contains(granted, s) {
+		if slices.Contains(managed, s) && !slices.Contains(granted, s) {
 			dropped = append(dropped, s)
 			continue
 		}
@@ -168,9 +169,10 @@ func (b *Broker) checkDelegatedToken(tok IdPGrant, subject string, exchanged boo
 		return nil
 	}
 	scopes, _ := c.scopes()
+	managed := b.offer().managed
 	var wider []string
 	for _, s := range scopes {
-		if slices.Contains(b.managedScopes, s) && !slices.Contains(granted, s) {
+		if slices.Contains(managed, s) && !slices.Contains(granted, s) {
 			wider = append(wider, s)
 		}
 	}

@@ -128,7 +128,8 @@ func TestMetricsCountAReusedRefreshToken(t *testing.T) {
 
 // TestRequestOutcomes names the outcome of each refusal at the MCP endpoint.
 func TestRequestOutcomes(t *testing.T) {
-	b := &Broker{challengeTail: `resource_metadata="x"`, metadataURL: "x"}
+	b := &Broker{metadataURL: "x"}
+	b.offered.Store(&scopeOffer{challengeTail: `resource_metadata="x"`})
 	for _, c := range []struct {
 		name string
 		err  *requestError

@@ -237,7 +237,7 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) error {
 	if len(scopes) > maxRegistrationScopes {
 		return errClientMetadata("scope names too many scopes")
 	}
-	known := idp.Principal{Scopes: append([]string{"openid"}, b.clients.defaultScopes...)}
+	known := idp.Principal{Scopes: append([]string{"openid"}, b.offer().scopes...)}
 	for _, s := range scopes {
 		if !known.HasScopes([]string{s}) {
 			return errClientMetadata("scope names a scope this server does not offer")

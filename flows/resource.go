@@ -28,7 +28,7 @@ func (b *Broker) serveProtectedResourceMetadata(w http.ResponseWriter, r *http.R
 		return ProtectedResourceMetadata{
 			Resource:               b.cfg.Resource,
 			AuthorizationServers:   []string{b.authorizationServer(r.Context())},
-			ScopesSupported:        advertisedScopes(b.cfg.Scopes),
+			ScopesSupported:        b.offer().advertised,
 			BearerMethodsSupported: []string{"header"},
 			ResourceName:           b.resourceName(),
 		}
@@ -197,7 +197,7 @@ const mcpMethods = "GET, POST, DELETE, OPTIONS"
 // errBearer is 401 with the RFC 9728 / RFC 6750 §3 challenge that starts discovery; code
 // is empty when the request carried no token (RFC 6750 §3.1).
 func (b *Broker) errBearer(code, description string) *requestError {
-	v := "Bearer " + b.challengeTail
+	v := "Bearer " + b.offer().challengeTail
 	if code != "" {
 		v += `, error="` + code + `"`
 	}
