@@ -213,12 +213,12 @@ type Broker struct {
 	issuer string
 	// site names this broker's records among those of other sites on the same storage
 	// (store_offline.go).
-	site          string
-	resourceURL   *url.URL
-	resourcePath  string // path of the resource, "" for the root
-	metadataURL   string // the resource-suffixed RFC 9728 metadata URL
-	toolScopes    []ToolScopeRule
-	delegation    *delegation // per-request delegation (delegation.go); nil for mode none
+	site         string
+	resourceURL  *url.URL
+	resourcePath string // path of the resource, "" for the root
+	metadataURL  string // the resource-suffixed RFC 9728 metadata URL
+	toolScopes   []ToolScopeRule
+	delegation   *delegation // per-request delegation (delegation.go); nil for mode none
 	// offered is the scopes the broker offers now: configured, and learned from the
 	// upstream's metadata (upstream_scopes.go).
 	offered atomic.Pointer[scopeOffer]
