@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/modelcontextprotocol/go-sdk/auth"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"github.com/modelcontextprotocol/go-sdk/oauthex"
 )
 
 // SubjectHeader names the user of a request to an Upstream that trusts it
@@ -57,6 +59,15 @@ type UpstreamOption func(*upstreamConfig)
 type upstreamConfig struct {
 	scopes          []string
 	responseHeaders http.Header
+	// metadataScopes, when set, are the scopes_supported of the RFC 9728 document served.
+	metadataScopes []string
+}
+
+// ProtectedResourceMetadata makes an Upstream serve its RFC 9728 protected-resource
+// metadata, with scopes_supported, at MetadataURL (go-sdk's handler), as the Nextcloud
+// MCP server does.
+func ProtectedResourceMetadata(scopesSupported ...string) UpstreamOption {
+	return func(c *upstreamConfig) { c.metadataScopes = append([]string{}, scopesSupported...) }
 }
 
 // ResponseHeader makes an Upstream add the header to every response it sends, as an
@@ -129,6 +140,11 @@ type NoteInput struct {
 type Upstream struct {
 	// URL is the MCP endpoint, "http://127.0.0.1:PORT/mcp".
 	URL string
+	// MetadataURL is where the RFC 9728 document is served with ProtectedResourceMetadata:
+	// "http://127.0.0.1:PORT/.well-known/oauth-protected-resource/mcp".
+	MetadataURL string
+	// metadata is the document served there (SetScopesSupported changes it).
+	metadata atomic.Pointer[oauthex.ProtectedResourceMetadata]
 
 	auth    UpstreamAuth
 	keys    *oidc.RemoteKeySet
@@ -187,6 +203,14 @@ func NewUpstream(a UpstreamAuth, opts ...UpstreamOption) (*Upstream, error) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/mcp", mcpHandler)
+	if cfg.metadataScopes != nil {
+		const path = "/.well-known/oauth-protected-resource/mcp"
+		u.MetadataURL = "http://" + ln.Addr().String() + path
+		u.SetScopesSupported(cfg.metadataScopes...)
+		mux.Handle(path, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			auth.ProtectedResourceMetadataHandler(u.metadata.Load()).ServeHTTP(w, r)
+		}))
+	}
 	u.handler = mux
 	if extra := cfg.responseHeaders; extra != nil {
 		u.handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -200,6 +224,16 @@ func NewUpstream(a UpstreamAuth, opts ...UpstreamOption) (*Upstream, error) {
 	u.server = &http.Server{Handler: http.HandlerFunc(u.serveHTTP), ReadHeaderTimeout: 10 * time.Second}
 	go u.server.Serve(ln)
 	return u, nil
+}
+
+// SetScopesSupported changes the scopes_supported of the Upstream's protected-resource
+// metadata (see ProtectedResourceMetadata).
+func (u *Upstream) SetScopesSupported(scopes ...string) {
+	u.metadata.Store(&oauthex.ProtectedResourceMetadata{
+		Resource:               u.URL,
+		ScopesSupported:        scopes,
+		BearerMethodsSupported: []string{"header"},
+	})
 }
 
 // Close stops the Upstream, dropping open connections and streams.

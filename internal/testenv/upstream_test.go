@@ -13,6 +13,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"github.com/modelcontextprotocol/go-sdk/oauthex"
 )
 
 // connect opens an MCP session to u with client's HTTP client.
@@ -240,4 +241,29 @@ func postInitialize(t *testing.T, endpoint string, headers map[string]string) in
 	}
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// TestUpstreamProtectedResourceMetadata: with ProtectedResourceMetadata the Upstream
+// serves an RFC 9728 document that go-sdk's own client reads, and SetScopesSupported
+// changes it.
+func TestUpstreamProtectedResourceMetadata(t *testing.T) {
+	u := StartUpstream(t, TrustedSubjectHeader(), ProtectedResourceMetadata("notes.read", "openid"))
+	read := func() []string {
+		t.Helper()
+		prm, err := oauthex.GetProtectedResourceMetadata(t.Context(), u.MetadataURL, u.URL, http.DefaultClient)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return prm.ScopesSupported
+	}
+	if got := read(); !slices.Equal(got, []string{"notes.read", "openid"}) {
+		t.Errorf("scopes_supported %v", got)
+	}
+	u.SetScopesSupported("notes.write")
+	if got := read(); !slices.Equal(got, []string{"notes.write"}) {
+		t.Errorf("scopes_supported %v after a change", got)
+	}
+	if StartUpstream(t, TrustedSubjectHeader()).MetadataURL != "" {
+		t.Error("a metadata URL without ProtectedResourceMetadata")
+	}
 }
