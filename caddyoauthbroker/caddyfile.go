@@ -50,6 +50,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			subject_header <header>
 //		}
 //		tool_scope        <tool name or glob> <scope...>
+//		upstream_metadata <url>
 //		session_ttl       <duration>
 //		code_ttl          <duration>
 //		access_token_ttl  <duration>
@@ -132,6 +133,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("tool_scope: want a tool name or glob and at least one scope")
 			}
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: args[0], Scopes: args[1:]})
+		case "upstream_metadata":
+			err = unmarshalString(d, &h.UpstreamMetadata)
 		case "require_jwt_access_token_type":
 			err = unmarshalFlag(d, &h.RequireJWTAccessTokenType)
 		case "introspection_cache_ttl":

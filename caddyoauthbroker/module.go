@@ -121,6 +121,16 @@ type Handler struct {
 	// The first rule whose tool pattern matches applies. Default: none.
 	ToolScopes []*ToolScope `json:"tool_scopes,omitempty"`
 
+	// The URL of the upstream MCP server's RFC 9728 protected-resource metadata, e.g.
+	// `http://mcp-internal:8000/.well-known/oauth-protected-resource/mcp`. Its
+	// `scopes_supported` join `scopes` once read: advertised in the broker's metadata and
+	// challenges, allowed to clients whose scopes are not configured, and so asked of the
+	// IdP when a client asks for them. Read in the background after start (never during
+	// `caddy validate`), again every hour, retried with backoff; until then `scopes` alone
+	// apply. Fetched within `idp_timeout`, at most 64 KiB, no redirects, at most 100 scope
+	// tokens of at most 128 bytes each, or refused whole. Default: none (nothing learned).
+	UpstreamMetadata string `json:"upstream_metadata,omitempty"`
+
 	// How long an authenticated session (the IdP grant behind the broker's tokens) lives
 	// without use. Default: 720h (30 days).
 	SessionTTL caddy.Duration `json:"session_ttl,omitempty"`
@@ -212,11 +222,13 @@ type Handler struct {
 	// time.Now.
 	now func() time.Time
 
-	// stopJanitor ends the janitor's goroutine, which closes janitorDone as it exits.
-	// Caddy cancels the Provision context first anyway; Cleanup also stops it when it
-	// runs while that context lives, as in tests.
+	// stopJanitor ends the janitor's goroutine, which closes janitorDone as it exits, and
+	// the goroutine learning the upstream's scopes, which closes learnerDone. Caddy
+	// cancels the Provision context first anyway; Cleanup also stops them when it runs
+	// while that context lives, as in tests.
 	stopJanitor context.CancelFunc
 	janitorDone chan struct{}
+	learnerDone chan struct{}
 	// metrics are the site's series; nil without a metrics registry.
 	metrics *siteMetrics
 }
@@ -375,6 +387,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	janitorCtx, h.stopJanitor = context.WithCancel(ctx)
 	h.janitorDone = make(chan struct{})
 	go h.sweepExpiredRecords(janitorCtx)
+	h.learnerDone = make(chan struct{})
+	go func() {
+		defer close(h.learnerDone)
+		h.broker.LearnUpstreamScopes(janitorCtx) // its first fetch waits: nothing during `caddy validate`
+	}()
 	liveSites.add(h)
 	return nil
 }
@@ -396,6 +413,9 @@ func (h *Handler) applyDefaults() {
 	}
 	if h.Delegation.SubjectHeader == "" {
 		h.Delegation.SubjectHeader = flows.DefaultSubjectHeader
+	}
+	if h.Delegation.Narrow == "" {
+		h.Delegation.Narrow = flows.DelegationNarrowToolCalls
 	}
 	if h.ClientMetadataDocuments == nil {
 		on := true
@@ -578,6 +598,7 @@ func (h *Handler) Cleanup() error {
 	if h.stopJanitor != nil {
 		h.stopJanitor()
 		<-h.janitorDone
+		<-h.learnerDone
 	}
 	return nil
 }
@@ -595,6 +616,11 @@ func (h *Handler) Validate() error {
 	}
 	if err := checkAbsoluteURL(h.Issuer); err != nil {
 		return fmt.Errorf("issuer: %w", err)
+	}
+	if h.UpstreamMetadata != "" {
+		if err := checkAbsoluteURL(h.UpstreamMetadata); err != nil {
+			return fmt.Errorf("upstream_metadata: %w", err)
+		}
 	}
 	if h.PublicIssuer != "" {
 		if err := checkAbsoluteURL(h.PublicIssuer); err != nil {
@@ -802,22 +828,23 @@ func checkResource(raw string) error {
 // flowsConfig turns the JSON configuration into the broker's.
 func (h *Handler) flowsConfig() (flows.Config, error) {
 	cfg := flows.Config{
-		Mode:            h.Mode,
-		Issuer:          h.Issuer,
-		PublicIssuer:    h.PublicIssuer,
-		ClientID:        h.ClientID,
-		ClientSecret:    h.ClientSecret,
-		Resource:        h.Resource,
-		Audience:        h.Audience,
-		Scopes:          h.Scopes,
-		Registration:    !h.DisableRegistration,
-		MaxBodyBytes:    h.MaxBodyBytes,
-		SessionTTL:      time.Duration(h.SessionTTL),
-		CodeTTL:         time.Duration(h.CodeTTL),
-		AccessTokenTTL:  time.Duration(h.AccessTokenTTL),
-		RefreshTokenTTL: time.Duration(h.RefreshTokenTTL),
-		RefreshGrace:    time.Duration(h.RefreshGrace),
-		IdPTimeout:      time.Duration(h.IdPTimeout),
+		Mode:             h.Mode,
+		Issuer:           h.Issuer,
+		PublicIssuer:     h.PublicIssuer,
+		ClientID:         h.ClientID,
+		ClientSecret:     h.ClientSecret,
+		Resource:         h.Resource,
+		Audience:         h.Audience,
+		Scopes:           h.Scopes,
+		Registration:     !h.DisableRegistration,
+		MaxBodyBytes:     h.MaxBodyBytes,
+		UpstreamMetadata: h.UpstreamMetadata,
+		SessionTTL:       time.Duration(h.SessionTTL),
+		CodeTTL:          time.Duration(h.CodeTTL),
+		AccessTokenTTL:   time.Duration(h.AccessTokenTTL),
+		RefreshTokenTTL:  time.Duration(h.RefreshTokenTTL),
+		RefreshGrace:     time.Duration(h.RefreshGrace),
+		IdPTimeout:       time.Duration(h.IdPTimeout),
 
 		RegistrationRate:               h.RegistrationRate,
 		RegistrationRateTotal:          h.RegistrationRateTotal,

@@ -113,6 +113,8 @@ func TestValidateErrors(t *testing.T) {
 		{"an empty audience", func(h *Handler) { h.Audience = []string{"", "mcp"} }, "audience[0]: empty"},
 		{"an empty client scope", func(h *Handler) { h.Clients[0].Scopes = []string{""} }, `clients "claude": scopes[0]: empty`},
 		{"an empty delegation scope", func(h *Handler) { h.Delegation.Scopes = []string{"notes:read", ""} }, "delegation: scopes[1]: empty"},
+		{"upstream_metadata not a URL", func(h *Handler) { h.UpstreamMetadata = "mcp-internal/.well-known/oauth-protected-resource" },
+			`upstream_metadata: want an absolute http(s) URL, got "mcp-internal/.well-known/oauth-protected-resource"`},
 		{"an unknown narrow", func(h *Handler) { h.Delegation.Narrow = "everything" }, `delegation: narrow: unknown value "everything"; want tool_calls or none`},
 		{"narrow none with delegation scopes", func(h *Handler) {
 			h.Delegation.Narrow = "none"

@@ -2,13 +2,18 @@ package caddyoauthbroker
 
 import (
 	"encoding/json"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
 // provisionContext is a Caddy context whose storage is a fresh folder, as Caddy builds it
@@ -218,5 +223,56 @@ func TestProvisionReadsTheOldNameOfOfflineAccess(t *testing.T) {
 	both["provisioning"], both["offline_access"] = offline, offline
 	if _, err := load(t, ctx, both); err == nil || !strings.Contains(err.Error(), "keep only offline_access") {
 		t.Errorf("provisioning and offline_access both: %v, want an error", err)
+	}
+}
+
+// TestUpstreamMetadataReadAfterProvision: Provision reads nothing from upstream_metadata
+// (it also runs for `caddy validate`, which stops at once); once the site runs, the
+// upstream's scopes_supported join the broker's metadata without a request.
+func TestUpstreamMetadataReadAfterProvision(t *testing.T) {
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader(), testenv.ProtectedResourceMetadata("notes.read"))
+	cfg := progressiveConfig()
+	cfg["upstream_metadata"] = up.MetadataURL
+	cfg["scopes"] = []string{"openid"}
+
+	ctx, _ := provisionContext(t)
+	h, err := load(t, ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Cleanup(); err != nil { // as `caddy validate` ends
+		t.Fatal(err)
+	}
+	if n := len(up.Seen()); n != 0 {
+		t.Fatalf("%d requests to the upstream from Provision and a Cleanup before start", n)
+	}
+
+	ctx, _ = provisionContext(t)
+	if h, err = load(t, ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		var prm struct {
+			ScopesSupported []string `json:"scopes_supported"`
+		}
+		w := serve(t, h, httptest.NewRequest(http.MethodGet, "https://mcp.example.com/.well-known/oauth-protected-resource/mcp", nil))
+		if err := json.Unmarshal(w.Body.Bytes(), &prm); err != nil {
+			t.Fatal(err)
+		}
+		if slices.Equal(prm.ScopesSupported, []string{"openid", "notes.read"}) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("scopes_supported %v: the upstream's scopes never joined", prm.ScopesSupported)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-h.learnerDone:
+	default:
+		t.Error("Cleanup returned before the learner stopped")
 	}
 }
