@@ -97,8 +97,9 @@ type Handler struct {
 	// (never past the token's `exp`). Default: 5m.
 	IntrospectionCacheTTL caddy.Duration `json:"introspection_cache_ttl,omitempty"`
 
-	// The scopes the broker asks the IdP for and advertises to MCP clients. `openid` is
-	// always requested from the IdP. Default: `openid profile email`.
+	// The scopes the broker advertises to MCP clients and lets them ask for; a login asks
+	// the IdP for those a client was granted, with `openid` and `offline_access` always.
+	// Default: `openid profile email`.
 	Scopes []string `json:"scopes,omitempty"`
 
 	// AES-256 keys, base64 of 32 bytes each, that seal secrets at rest. The first encrypts;
