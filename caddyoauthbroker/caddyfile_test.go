@@ -149,6 +149,20 @@ func TestCaddyfileErrors(t *testing.T) {
 				actor me
 			}
 		}`, `delegation: unrecognized subdirective "actor"`},
+		{"narrow takes one value", `mcp_oauth {
+			delegation {
+				narrow tool_calls none
+			}
+		}`, "wrong argument count"},
+		{"narrow given twice", `mcp_oauth {
+			delegation {
+				narrow none
+				narrow tool_calls
+			}
+		}`, "narrow: already specified"},
+		{"upstream_metadata takes one URL", `mcp_oauth {
+			upstream_metadata http://a/ http://b/
+		}`, "wrong argument count"},
 		{"unknown storage module", `mcp_oauth {
 			storage nowhere
 		}`, "caddy.storage.nowhere"},
