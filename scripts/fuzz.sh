@@ -2,7 +2,8 @@
 # Runs every fuzz target of the module for SECONDS each (default 10), one after another:
 #   scripts/fuzz.sh 600        # a long run; record its result in RELIABILITY.md
 # A failure leaves the input under the package's testdata/fuzz/<target>/; `go test` then
-# replays it on every run until it is fixed. scripts/test.sh runs this with a few seconds.
+# replays it on every run until it is fixed. scripts/test.sh runs this with a few seconds;
+# RELIABILITY.md records the long runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
