@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -67,13 +68,30 @@ func (c *nodeIdPClient) login(t *testing.T, scopes []string, extra ...oauth2.Aut
 	return tok
 }
 
-// postForm POSTs form to the IdP endpoint named in discovery, as the broker client, and
-// decodes the JSON answer.
+// as is c acting as another client of the IdP.
+func (c *nodeIdPClient) as(clientID, secret string) *nodeIdPClient {
+	other := *c
+	other.cfg.ClientID, other.cfg.ClientSecret = clientID, secret
+	return &other
+}
+
+// postForm POSTs form to the IdP endpoint named in discovery, as c's client, and decodes
+// the JSON answer.
 func (c *nodeIdPClient) postForm(t *testing.T, endpoint string, form url.Values) (int, map[string]any) {
+	t.Helper()
+	return c.postFormHost(t, endpoint, "", form)
+}
+
+// postFormHost is postForm with the Host header set to host (when not empty), as a
+// request through a proxy or by another name would carry.
+func (c *nodeIdPClient) postFormHost(t *testing.T, endpoint, host string, form url.Values) (int, map[string]any) {
 	t.Helper()
 	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, c.disc[endpoint].(string), strings.NewReader(form.Encode()))
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.SetBasicAuth(nodeBrokerClientID, nodeBrokerClientSecret)
+	req.SetBasicAuth(c.cfg.ClientID, c.cfg.ClientSecret)
+	if host != "" {
+		req.Host = host
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -87,8 +105,19 @@ func (c *nodeIdPClient) postForm(t *testing.T, endpoint string, form url.Values)
 	return resp.StatusCode, out
 }
 
-// jwtClaims verifies a JWT with the IdP's keys and returns its claims.
+// jwtClaims verifies a JWT with the IdP's keys and returns its claims; iss must be the
+// IdP's issuer.
 func (c *nodeIdPClient) jwtClaims(t *testing.T, token string) map[string]any {
+	t.Helper()
+	claims := c.jwtClaimsAnyIssuer(t, token)
+	if claims["iss"] != c.idp.Issuer {
+		t.Errorf("iss %v", claims["iss"])
+	}
+	return claims
+}
+
+// jwtClaimsAnyIssuer verifies a JWT with the IdP's keys and returns its claims.
+func (c *nodeIdPClient) jwtClaimsAnyIssuer(t *testing.T, token string) map[string]any {
 	t.Helper()
 	keys := oidc.NewRemoteKeySet(t.Context(), c.disc["jwks_uri"].(string))
 	payload, err := keys.VerifySignature(t.Context(), token)
@@ -99,10 +128,31 @@ func (c *nodeIdPClient) jwtClaims(t *testing.T, token string) map[string]any {
 	if err := json.Unmarshal(payload, &claims); err != nil {
 		t.Fatal(err)
 	}
-	if claims["iss"] != c.idp.Issuer {
-		t.Errorf("iss %v", claims["iss"])
-	}
 	return claims
+}
+
+// jwtHeader is the decoded protected header of a compact JWS.
+func jwtHeader(t *testing.T, token string) map[string]any {
+	t.Helper()
+	raw, err := base64.RawURLEncoding.DecodeString(strings.SplitN(token, ".", 2)[0])
+	var h map[string]any
+	if err != nil || json.Unmarshal(raw, &h) != nil {
+		t.Fatalf("JWT header: %v", err)
+	}
+	return h
+}
+
+// advanceClock moves the Node IdP's clock forward (POST /test/clock).
+func (n *NodeIdP) advanceClock(t *testing.T, d time.Duration) {
+	t.Helper()
+	resp, err := http.Post(fmt.Sprintf("%s/test/clock?advance=%d", n.Issuer, int(d.Seconds())), "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("moving the IdP's clock: %s", resp.Status)
+	}
 }
 
 func audiences(claims map[string]any) []string {
@@ -129,17 +179,43 @@ func grantTypes(disc map[string]any) []string {
 
 var brokerScopes = []string{"openid", "offline_access", "notes:read", "notes:write"}
 
+// Clients of the Nextcloud-like IdP whose `oidc` app token type is JWT: one with no
+// resource identifier, one with.
+const (
+	nodeJWTClientID           = "nc-jwt"
+	nodeJWTResourceClientID   = "nc-jwt-resource"
+	nodeJWTClientSecret       = "node-idp-jwt-secret-0123456789"
+	nodeJWTResourceIdentifier = "https://mcp.example.test"
+)
+
+// nodeJWTClient is a confidential client of the Nextcloud-like IdP, meant to be given the
+// token type jwt ("tokenTypes" in idp.mjs's config).
+func nodeJWTClient(clientID string) nodeClient {
+	c := nodeBrokerClient()
+	c["client_id"], c["client_secret"] = clientID, nodeJWTClientSecret
+	return c
+}
+
 // TestNodeIdPNextcloudProfile: the oidc-provider IdP configured like Nextcloud's oidc app
-// behaves as the broker's refresh fallback expects: no RFC 8693 in discovery or at the
-// token endpoint, opaque access tokens that introspect active for 900 s, refresh tokens
-// only with offline_access, rotated on every use (the old one is refused); token answers
-// without scope, and a scope the client is not allowed dropped without an error.
+// 2.0.9 (interop/idp.mjs) behaves as the app does and as the broker's refresh fallback
+// expects: no RFC 8693 in discovery, and token exchange answered invalid_grant; opaque
+// access tokens (the default token type) that introspect active for 900 s; for a client
+// of token type JWT, RS256 access tokens carrying the whole grant (openid included) whose
+// aud is fixed at authorization (the resource, else the client's resource identifier,
+// else its client id) and whose iss is the scheme and Host of the token request; refresh
+// tokens only with offline_access, ignoring scope and resource, rotated on every use
+// without grace (the old one is refused, the new one unharmed), and dead expireTime +
+// refreshExpireTime (1800 s) after issue; token answers without scope, with
+// refresh_expires_in; a scope the client is not allowed dropped without an error.
 func TestNodeIdPNextcloudProfile(t *testing.T) {
 	idp := startNodeIdPConfig(t, profileNextcloud, map[string]any{
-		"clients":       []nodeClient{nodeBrokerClient(), nodeRSClient()},
+		"clients":       []nodeClient{nodeBrokerClient(), nodeRSClient(), nodeJWTClient(nodeJWTClientID), nodeJWTClient(nodeJWTResourceClientID)},
 		"allowedScopes": map[string]string{nodeRSClientID: "openid notes:read"},
+		"tokenTypes":    map[string]string{nodeJWTClientID: "jwt", nodeJWTResourceClientID: "jwt"},
+		"resourceUrls":  map[string]string{nodeJWTResourceClientID: nodeJWTResourceIdentifier},
 	})
 	c := newNodeIdPClient(t, idp)
+	jc := c.as(nodeJWTClientID, nodeJWTClientSecret)
 	introspect := func(t *testing.T, token string) map[string]any {
 		t.Helper()
 		status, in := c.postForm(t, "introspection_endpoint", url.Values{"token": {token}})
@@ -147,6 +223,14 @@ func TestNodeIdPNextcloudProfile(t *testing.T) {
 			t.Fatalf("introspection %d %v", status, in)
 		}
 		return in
+	}
+	refresh := func(t *testing.T, c *nodeIdPClient, rt string, extra url.Values) (int, map[string]any) {
+		t.Helper()
+		form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}}
+		for k, v := range extra {
+			form[k] = v
+		}
+		return c.postForm(t, "token_endpoint", form)
 	}
 
 	t.Run("discovery has introspection and no token exchange", func(t *testing.T) {
@@ -177,23 +261,30 @@ func TestNodeIdPNextcloudProfile(t *testing.T) {
 		}
 	})
 
-	t.Run("refresh rotates and the old refresh token is refused", func(t *testing.T) {
+	t.Run("refresh ignores scope, rotates, and the old refresh token is refused without harm to the new", func(t *testing.T) {
 		if tok.RefreshToken == "" {
 			t.Fatal("no refresh token with offline_access")
 		}
-		status, fresh := c.postForm(t, "token_endpoint", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tok.RefreshToken}, "scope": {"openid notes:read"}})
+		before := introspect(t, tok.AccessToken)["scope"]
+		status, fresh := refresh(t, c, tok.RefreshToken, url.Values{"scope": {"openid notes:read"}})
 		if status != http.StatusOK || fresh["refresh_token"] == nil || fresh["refresh_token"] == tok.RefreshToken {
 			t.Fatalf("refresh: %d %v", status, fresh)
 		}
 		if _, said := fresh["scope"]; said {
 			t.Errorf("refresh answer has scope %v", fresh["scope"])
 		}
-		if in := introspect(t, fresh["access_token"].(string)); in["scope"] != "openid notes:read" {
-			t.Errorf("narrowed refresh scope %v", in["scope"])
+		if fresh["refresh_expires_in"] != float64(900) {
+			t.Errorf("refresh_expires_in %v", fresh["refresh_expires_in"])
 		}
-		status, again := c.postForm(t, "token_endpoint", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tok.RefreshToken}})
+		if in := introspect(t, fresh["access_token"].(string)); in["scope"] != before {
+			t.Errorf("refresh asking for less gave scope %v, want the grant's %v", in["scope"], before)
+		}
+		status, again := refresh(t, c, tok.RefreshToken, nil)
 		if status != http.StatusBadRequest || again["error"] != "invalid_grant" {
 			t.Errorf("reusing the rotated refresh token: %d %v", status, again)
+		}
+		if status, next := refresh(t, c, fresh["refresh_token"].(string), nil); status != http.StatusOK {
+			t.Errorf("the new refresh token after the old one was replayed: %d %v", status, next)
 		}
 	})
 
@@ -204,8 +295,7 @@ func TestNodeIdPNextcloudProfile(t *testing.T) {
 	})
 
 	t.Run("a scope the client is not allowed is dropped without an error", func(t *testing.T) {
-		rs := *c
-		rs.cfg.ClientID, rs.cfg.ClientSecret = nodeRSClientID, nodeRSClientSecret
+		rs := c.as(nodeRSClientID, nodeRSClientSecret)
 		rs.cfg.RedirectURL = "http://127.0.0.1/unused"
 		tok := rs.login(t, []string{"openid", "notes:read", "notes:write"})
 		if in := introspect(t, tok.AccessToken); in["scope"] != "openid notes:read" {
@@ -213,10 +303,10 @@ func TestNodeIdPNextcloudProfile(t *testing.T) {
 		}
 	})
 
-	t.Run("token exchange is an unsupported grant", func(t *testing.T) {
+	t.Run("token exchange is refused as an invalid grant", func(t *testing.T) {
 		status, out := c.postForm(t, "token_endpoint", url.Values{"grant_type": {tokenExchangeGrant}, "subject_token": {tok.AccessToken},
 			"subject_token_type": {"urn:ietf:params:oauth:token-type:access_token"}, "audience": {"nextcloud"}})
-		if status != http.StatusBadRequest || out["error"] != "unsupported_grant_type" {
+		if status != http.StatusBadRequest || out["error"] != "invalid_grant" {
 			t.Errorf("token exchange: %d %v", status, out)
 		}
 	})
@@ -226,6 +316,100 @@ func TestNodeIdPNextcloudProfile(t *testing.T) {
 			t.Errorf("refresh token issued without offline_access")
 		}
 	})
+
+	jwtScopes := []string{"openid", "offline_access", "notes:read"}
+	jtok := jc.login(t, jwtScopes)
+	t.Run("a JWT client's access token is RS256 and carries the whole grant for aud = its client id", func(t *testing.T) {
+		if h := jwtHeader(t, jtok.AccessToken); h["alg"] != "RS256" || !strings.EqualFold(fmt.Sprint(h["typ"]), "at+jwt") || h["kid"] == nil {
+			t.Errorf("header %v", h)
+		}
+		claims := jc.jwtClaims(t, jtok.AccessToken)
+		if !slices.Equal(audiences(claims), []string{nodeJWTClientID}) || claims["sub"] != nodeUser ||
+			claims["client_id"] != nodeJWTClientID || claims["azp"] != nodeJWTClientID || claims["preferred_username"] != nodeUser {
+			t.Errorf("claims %v", claims)
+		}
+		if got := strings.Fields(fmt.Sprint(claims["scope"])); !sameSet(got, jwtScopes) {
+			t.Errorf("scope %v, want %v", claims["scope"], jwtScopes)
+		}
+		if life := claims["exp"].(float64) - claims["iat"].(float64); life != 900 {
+			t.Errorf("access token lives %vs", life)
+		}
+		if s := jtok.Extra("scope"); s != nil {
+			t.Errorf("code answer has scope %v", s)
+		}
+	})
+
+	t.Run("aud is the resource, else the client's resource identifier", func(t *testing.T) {
+		const resource = "http://127.0.0.1:49153/mcp"
+		if aud := audiences(jc.jwtClaims(t, jc.login(t, jwtScopes, oauth2.SetAuthURLParam("resource", resource)).AccessToken)); !slices.Equal(aud, []string{resource}) {
+			t.Errorf("aud %v, want the resource", aud)
+		}
+		withID := c.as(nodeJWTResourceClientID, nodeJWTClientSecret)
+		if aud := audiences(withID.jwtClaims(t, withID.login(t, jwtScopes).AccessToken)); !slices.Equal(aud, []string{nodeJWTResourceIdentifier}) {
+			t.Errorf("aud %v, want the resource identifier", aud)
+		}
+	})
+
+	t.Run("aud is fixed at authorization: resource at the token endpoint and at refresh is ignored", func(t *testing.T) {
+		const resource = "http://127.0.0.1:49153/mcp"
+		cfg := jc.cfg
+		cfg.Scopes = jwtScopes
+		verifier := oauth2.GenerateVerifier()
+		cb, err := idp.Login(t.Context(), cfg.AuthCodeURL("st4te", oauth2.S256ChallengeOption(verifier), oauth2.SetAuthURLParam("prompt", "consent"),
+			oauth2.SetAuthURLParam("resource", resource)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, err := cfg.Exchange(t.Context(), cb.Query().Get("code"), oauth2.VerifierOption(verifier), oauth2.SetAuthURLParam("resource", "https://elsewhere.example.test"))
+		if err != nil {
+			t.Fatalf("code with another resource: %v", err)
+		}
+		if aud := audiences(jc.jwtClaims(t, tok.AccessToken)); !slices.Equal(aud, []string{resource}) {
+			t.Errorf("aud %v after the token endpoint named another resource", aud)
+		}
+		status, fresh := refresh(t, jc, tok.RefreshToken, url.Values{"resource": {"https://elsewhere.example.test"}, "scope": {"openid"}})
+		if status != http.StatusOK {
+			t.Fatalf("refresh: %d %v", status, fresh)
+		}
+		claims := jc.jwtClaims(t, fresh["access_token"].(string))
+		if aud := audiences(claims); !slices.Equal(aud, []string{resource}) || !sameSet(strings.Fields(fmt.Sprint(claims["scope"])), jwtScopes) {
+			t.Errorf("refreshed aud %v scope %v, want the authorization's", aud, claims["scope"])
+		}
+	})
+
+	t.Run("iss is the scheme and Host of the token request", func(t *testing.T) {
+		host := "localhost" + strings.TrimPrefix(idp.Issuer, "http://127.0.0.1")
+		tok := jc.login(t, jwtScopes)
+		status, fresh := jc.postFormHost(t, "token_endpoint", host, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tok.RefreshToken}})
+		if status != http.StatusOK {
+			t.Fatalf("refresh: %d %v", status, fresh)
+		}
+		if iss := jc.jwtClaimsAnyIssuer(t, fresh["access_token"].(string))["iss"]; iss != "http://"+host {
+			t.Errorf("iss %v, want http://%s", iss, host)
+		}
+	})
+
+	// Last: it moves the IdP's clock.
+	t.Run("a refresh token dies expireTime + refreshExpireTime after issue", func(t *testing.T) {
+		tok := jc.login(t, jwtScopes)
+		idp.advanceClock(t, 1790*time.Second)
+		status, fresh := refresh(t, jc, tok.RefreshToken, nil)
+		if status != http.StatusOK {
+			t.Fatalf("refresh 1790 s after issue: %d %v", status, fresh)
+		}
+		idp.advanceClock(t, 1801*time.Second)
+		if status, out := refresh(t, jc, fresh["refresh_token"].(string), nil); status != http.StatusBadRequest || out["error"] != "invalid_grant" {
+			t.Errorf("refresh 1801 s after issue: %d %v", status, out)
+		}
+	})
+}
+
+// sameSet reports whether a and b hold the same strings, in any order.
+func sameSet(a, b []string) bool {
+	a, b = slices.Clone(a), slices.Clone(b)
+	slices.Sort(a)
+	slices.Sort(b)
+	return slices.Equal(slices.Compact(a), slices.Compact(b))
 }
 
 // TestNodeIdPKeycloakProfile: the oidc-provider IdP configured like Keycloak issues JWT

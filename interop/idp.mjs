@@ -2,21 +2,40 @@
 // A second, spec-complete IdP for the interop tests: npm oidc-provider, in one of two
 // profiles that mimic the IdPs mcp_oauth meets in Nextcloud deployments.
 //
-//   nextcloud  like the Nextcloud `oidc` app: opaque access tokens checked by introspection,
-//              900 s access and refresh tokens, refresh tokens only with offline_access and
-//              rotated on every use, no token-exchange grant; token answers without `scope`,
-//              and a scope the client is not allowed (allowedScopes) dropped silently.
+//   nextcloud  like the Nextcloud `oidc` app, release 2.0.9 (see "The nextcloud profile" below).
 //   keycloak   like Keycloak: JWT access tokens whose aud is the RFC 8707 resource (or a
 //              default audience), and an RFC 8693 token-exchange grant.
 //
 // Usage: node idp.mjs --profile nextcloud|keycloak [--port N] [--config JSON]
-// JSON: {"clients": [oidc-provider client metadata...], "defaultAudience": "...",
-//        "allowedScopes": {"<client_id>": "<scope ...>"}} (nextcloud: the scopes a client
-//        may be granted; others it asks for are dropped without an error).
+// JSON: {"clients": [oidc-provider client metadata...], "defaultAudience": "..."} and, for
+//        nextcloud, the `oidc` app's client settings and app settings:
+//        "allowedScopes": {"<client_id>": "<scope ...>"} (the scopes a client may be granted;
+//                         others it asks for are dropped without an error; default: all),
+//        "tokenTypes":    {"<client_id>": "jwt"|"opaque"} (access token type; default opaque),
+//        "resourceUrls":  {"<client_id>": "<url>"} (the client's resource identifier),
+//        "expireTime": 900, "refreshExpireTime": 900 (the app's two lifetimes, seconds).
 // On loopback only. Prints one JSON line {"issuer": ...} on stdout once it listens.
 // Logins go through oidc-provider's devInteractions: any login name is accepted as the
-// subject; the harness drives the forms with an HTTP client. POST /test/revoke-grants?sub=
-// revokes an account's grants (see below).
+// subject; the harness drives the forms with an HTTP client. Test hooks, not OAuth
+// endpoints: POST /test/revoke-grants?sub= revokes an account's grants, POST
+// /test/clock?advance=SECONDS moves the IdP's clock forward (see below).
+//
+// The nextcloud profile follows the `oidc` app 2.0.9 (lib/Controller/LoginRedirectorController.php,
+// OIDCApiController.php, Util/JwtGenerator.php, AppInfo/Application.php):
+//   - access tokens are the client's token type: opaque (the app's default; checked by
+//     introspection) or an RS256 JWT (typ at+JWT) with sub = the uid, client_id, azp,
+//     preferred_username, acr "0" and scope = everything granted, openid included;
+//   - a JWT's aud is fixed at authorization: the `resource` parameter, else the client's
+//     resource identifier, else its client id (one string); `resource` at the token
+//     endpoint is ignored;
+//   - a JWT's iss is the scheme and Host of the token request, not a configured issuer;
+//   - refresh takes no `scope` and no `resource` (both ignored); refresh tokens come only
+//     with offline_access, rotate on every use without grace (the old one is simply
+//     unknown, the new one stays good) and die refreshExpireTime after the access token
+//     issued with them expires, i.e. expireTime + refreshExpireTime (1800 s) after issue;
+//   - token answers carry no `scope`, and refresh_expires_in beside a refresh token;
+//   - grant types other than authorization_code and refresh_token (token exchange) are
+//     answered 400 invalid_grant, as the app does.
 import { createServer } from 'node:http';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
@@ -41,6 +60,15 @@ if (!['nextcloud', 'keycloak'].includes(args.profile)) {
 }
 const keycloak = args.profile === 'keycloak';
 const cfg = JSON.parse(args.config);
+const expireTime = cfg.expireTime ?? 900;
+const refreshExpireTime = cfg.refreshExpireTime ?? 900;
+const tokenTypeOf = (clientId) => (cfg.tokenTypes ?? {})[clientId] ?? 'opaque';
+
+// The IdP's clock, moved forward by POST /test/clock: oidc-provider and its memory
+// adapter read Date.now.
+let clockOffsetMs = 0;
+const realNow = Date.now;
+Date.now = () => realNow() + clockOffsetMs;
 
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
 const signingJWK = { ...privateKey.export({ format: 'jwk' }), kid: `${args.profile}-1`, use: 'sig', alg: 'RS256' };
@@ -76,13 +104,43 @@ function resourceServer(audience, scope = API_SCOPES.join(' ')) {
   };
 }
 
+const ALL_SCOPES = ['openid', 'offline_access', 'profile', 'email', ...API_SCOPES];
+
+// Nextcloud: a JWT client's token without a `resource` and without a resource
+// identifier is for the client itself. oidc-provider wants a URI as the indicator, so
+// this one stands for "aud = the client id".
+const CLIENT_ID_AUDIENCE = 'urn:test:nextcloud-oidc:client-id:';
+
+// nextcloudResources is the resource indicators feature as the `oidc` app behaves: every
+// JWT client's token is bound to one audience at authorization, and carries every scope
+// granted (openid included); opaque clients' tokens are bound to none.
+const nextcloudResources = {
+  enabled: true,
+  defaultResource(ctx, client, oneOf) {
+    if (oneOf) return oneOf;
+    if (ctx.path !== '/auth' || tokenTypeOf(client.clientId) !== 'jwt') return undefined;
+    return (cfg.resourceUrls ?? {})[client.clientId] ?? `${CLIENT_ID_AUDIENCE}${client.clientId}`;
+  },
+  useGrantedResource: () => true,
+  getResourceServerInfo(_ctx, indicator, client) {
+    const jwt = tokenTypeOf(client.clientId) === 'jwt';
+    return {
+      scope: ALL_SCOPES.join(' '),
+      audience: indicator.startsWith(CLIENT_ID_AUDIENCE) ? indicator.slice(CLIENT_ID_AUDIENCE.length) : indicator,
+      accessTokenTTL: expireTime,
+      accessTokenFormat: jwt ? 'jwt' : 'opaque',
+      ...(jwt ? { jwt: { sign: { alg: 'RS256' } } } : {}),
+    };
+  },
+};
+
 const configuration = {
   clients,
   jwks: { keys: [signingJWK] },
   cookies: { keys: [randomBytes(32).toString('hex')] },
   // API scopes are listed for both (DCR checks a client's scope against them); with
   // resource indicators (keycloak) they end up in the resource's JWT, not at userinfo.
-  scopes: ['openid', 'offline_access', 'profile', 'email', ...API_SCOPES],
+  scopes: ALL_SCOPES,
   claims: { profile: ['name', 'preferred_username'], email: ['email', 'email_verified'] },
   async findAccount(_ctx, sub) {
     return {
@@ -106,13 +164,34 @@ const configuration = {
         useGrantedResource: () => true,
         getResourceServerInfo: (_ctx, indicator) => resourceServer(indicator),
       }
-      : { enabled: false },
+      : nextcloudResources,
+  },
+  // The `oidc` app's JWT access token: iss from the token request's Host (the app builds
+  // it from getServerProtocol() and getServerHost()), and its other claims.
+  formats: keycloak ? undefined : {
+    customizers: {
+      jwt(ctx, token, jwt) {
+        jwt.payload.iss = `${ctx.protocol}://${ctx.host}`;
+        jwt.payload.azp = token.clientId;
+        jwt.payload.preferred_username = token.accountId;
+        jwt.payload.acr = '0';
+        jwt.header = { typ: 'at+JWT' };
+      },
+    },
   },
   issueRefreshToken: async (_ctx, client, code) => client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access'),
   rotateRefreshToken: () => true,
   ttl: keycloak
     ? { AccessToken: 300, RefreshToken: 1800, IdToken: 300, AuthorizationCode: 60, Interaction: 600, Session: 3600, Grant: 3600 }
-    : { AccessToken: 900, RefreshToken: 900, IdToken: 900, AuthorizationCode: 60, Interaction: 600, Session: 3600, Grant: 3600 },
+    : {
+      AccessToken: expireTime,
+      RefreshToken: expireTime + refreshExpireTime,
+      IdToken: expireTime,
+      AuthorizationCode: 60,
+      Interaction: 600,
+      Session: 3600,
+      Grant: 30 * 24 * 3600, // the app keeps a grant as long as its refresh tokens are used
+    },
   // Silences the "change me" advice; the defaults are what a test wants.
   clientBasedCORS: () => true,
   renderError(ctx, out) {
@@ -125,18 +204,46 @@ const provider = new Provider(issuer, configuration);
 
 if (!keycloak) {
   // The Nextcloud oidc app grants a client only its allowed scopes and drops the others
-  // without an error, and its token answers carry no `scope`: a client learns what it
-  // was granted by introspection.
+  // without an error; an opaque client's token has no audience. Its token endpoint knows
+  // two grants, ignores `resource` (and `scope` on refresh), and answers without `scope`:
+  // a client learns what it was granted by introspection or from the JWT.
   const allowed = cfg.allowedScopes ?? {};
   provider.use(async (ctx, next) => {
-    const only = ctx.path === '/auth' && allowed[ctx.query.client_id];
-    if (only && typeof ctx.query.scope === 'string') {
-      const keep = new Set(only.split(' '));
-      ctx.query = { ...ctx.query, scope: ctx.query.scope.split(' ').filter((s) => keep.has(s)).join(' ') };
+    if (ctx.path === '/auth') {
+      const only = allowed[ctx.query.client_id];
+      const query = { ...ctx.query };
+      if (only && typeof query.scope === 'string') {
+        const keep = new Set(only.split(' '));
+        query.scope = query.scope.split(' ').filter((s) => keep.has(s)).join(' ');
+      }
+      if (tokenTypeOf(query.client_id) !== 'jwt') delete query.resource;
+      ctx.query = query;
+    }
+    if (ctx.path === '/token' && ctx.method === 'POST' && ctx.is('application/x-www-form-urlencoded')) {
+      const chunks = [];
+      for await (const chunk of ctx.req) chunks.push(chunk);
+      const form = new URLSearchParams(Buffer.concat(chunks).toString());
+      const grantType = form.get('grant_type');
+      if (grantType !== 'authorization_code' && grantType !== 'refresh_token') {
+        process.stderr.write(`${JSON.stringify({ event: 'grant.error', grant_type: grantType, error: 'invalid grant_type' })}\n`);
+        ctx.status = 400;
+        ctx.type = 'json';
+        ctx.body = { error: 'invalid_grant', error_description: 'Invalid grant_type provided. Must be authorization_code or refresh_token.' };
+        return;
+      }
+      form.delete('resource');
+      if (grantType === 'refresh_token') form.delete('scope');
+      ctx.request.body = form.toString();
     }
     await next();
-    if (ctx.path === '/token' && ctx.body && typeof ctx.body === 'object') delete ctx.body.scope;
+    if (ctx.path === '/token' && ctx.body && typeof ctx.body === 'object') {
+      delete ctx.body.scope;
+      if (ctx.body.refresh_token) ctx.body.refresh_expires_in = refreshExpireTime;
+    }
   });
+  // Rotation without grace: the app overwrites the grant's one refresh token, so the old
+  // value is unknown afterwards (invalid_grant), and presenting it revokes nothing.
+  provider.on('refresh_token.consumed', (token) => { token.destroy(); });
 }
 
 if (keycloak) {
@@ -206,12 +313,24 @@ for (const ev of ['access_token.saved', 'refresh_token.saved']) {
     grantsOf.get(token.accountId).add(token.grantId);
   });
 }
+// POST /test/clock?advance=SECONDS moves the IdP's clock forward, so that tests see
+// lifetimes end without waiting for them. Answers {"offset": SECONDS}.
 const callback = provider.callback();
 server.on('request', async (req, res) => {
   const u = new URL(req.url, issuer);
-  if (u.pathname !== '/test/revoke-grants') return callback(req, res);
+  if (u.pathname !== '/test/revoke-grants' && u.pathname !== '/test/clock') return callback(req, res);
   if (req.method !== 'POST') {
     res.writeHead(405).end();
+    return;
+  }
+  if (u.pathname === '/test/clock') {
+    const advance = Number(u.searchParams.get('advance'));
+    if (!Number.isInteger(advance) || advance < 0) {
+      res.writeHead(400).end();
+      return;
+    }
+    clockOffsetMs += advance * 1000;
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ offset: clockOffsetMs / 1000 }));
     return;
   }
   const grants = grantsOf.get(u.searchParams.get('sub') ?? '') ?? new Set();
