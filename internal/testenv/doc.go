@@ -1,7 +1,9 @@
 // Package testenv runs the real parts the broker's tests talk to, in-process
 // on loopback ports: zitadel/oidc's example OpenID Provider ([OP]) and an MCP
 // server built with the go-sdk ([Upstream]) that checks the tokens it is sent
-// and reports what it saw. Production code never imports it.
+// and reports what it saw; [NextcloudMCP] is a stand-in for the Nextcloud MCP server
+// in its login_flow mode (its token rules, scope filtering and isError refusals).
+// Production code never imports it.
 //
 // A package's tests share one OP, [SharedOP]; a test that needs its own (with
 // options, or for exact counts) uses [StartOP]. [OP.LoginGrant] and
