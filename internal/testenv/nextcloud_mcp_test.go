@@ -125,7 +125,9 @@ func TestNextcloudMCPValidatesTokensAsTheServerDoes(t *testing.T) {
 		{"preferred_username stands in for sub", func() string { return idp.token(t, n, scope, func(c map[string]any) { delete(c, "sub") }) }, true},
 		{"another aud is refused", func() string { return idp.token(t, n, scope, func(c map[string]any) { c["aud"] = "nextcloud" }) }, false},
 		{"the broker's client id as aud is refused", func() string { return idp.token(t, n, scope, func(c map[string]any) { c["aud"] = "mcp-broker" }) }, false},
-		{"another iss is refused", func() string { return idp.token(t, n, scope, func(c map[string]any) { c["iss"] = "http://127.0.0.1:9" }) }, false},
+		{"another iss is refused", func() string {
+			return idp.token(t, n, scope, func(c map[string]any) { c["iss"] = "http://127.0.0.1:9" })
+		}, false},
 		{"an expired token is refused", func() string {
 			return idp.token(t, n, scope, func(c map[string]any) { c["exp"] = time.Now().Add(-time.Second).Unix() })
 		}, false},
