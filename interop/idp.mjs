@@ -18,7 +18,8 @@
 // Logins go through oidc-provider's devInteractions: any login name is accepted as the
 // subject; the harness drives the forms with an HTTP client. Test hooks, not OAuth
 // endpoints: POST /test/revoke-grants?sub= revokes an account's grants, POST
-// /test/clock?advance=SECONDS moves the IdP's clock forward (see below).
+// /test/clock?advance=SECONDS moves the IdP's clock forward, POST
+// /test/client-settings?client_id= changes a client's oidc app settings (see below).
 //
 // The nextcloud profile follows the `oidc` app 2.0.9 (lib/Controller/LoginRedirectorController.php,
 // OIDCApiController.php, Util/JwtGenerator.php, AppInfo/Application.php):
@@ -45,7 +46,9 @@ import { jwtVerify, createLocalJWKSet } from 'jose';
 
 const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
 const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
-const API_SCOPES = ['notes:read', 'notes:write'];
+// API scopes in both spellings: the broker's examples (notes:read) and the Nextcloud MCP
+// server's per-app scopes (notes.read). The oidc app takes any scope a client is allowed.
+const API_SCOPES = ['notes:read', 'notes:write', 'notes.read', 'notes.write'];
 
 const { values: args } = parseArgs({
   options: {
@@ -60,9 +63,12 @@ if (!['nextcloud', 'keycloak'].includes(args.profile)) {
 }
 const keycloak = args.profile === 'keycloak';
 const cfg = JSON.parse(args.config);
+cfg.allowedScopes ??= {};
+cfg.tokenTypes ??= {};
+cfg.resourceUrls ??= {};
 const expireTime = cfg.expireTime ?? 900;
 const refreshExpireTime = cfg.refreshExpireTime ?? 900;
-const tokenTypeOf = (clientId) => (cfg.tokenTypes ?? {})[clientId] ?? 'opaque';
+const tokenTypeOf = (clientId) => cfg.tokenTypes[clientId] ?? 'opaque';
 
 // The IdP's clock, moved forward by POST /test/clock: oidc-provider and its memory
 // adapter read Date.now.
@@ -119,7 +125,7 @@ const nextcloudResources = {
   defaultResource(ctx, client, oneOf) {
     if (oneOf) return oneOf;
     if (ctx.path !== '/auth' || tokenTypeOf(client.clientId) !== 'jwt') return undefined;
-    return (cfg.resourceUrls ?? {})[client.clientId] ?? `${CLIENT_ID_AUDIENCE}${client.clientId}`;
+    return cfg.resourceUrls[client.clientId] ?? `${CLIENT_ID_AUDIENCE}${client.clientId}`;
   },
   useGrantedResource: () => true,
   getResourceServerInfo(_ctx, indicator, client) {
@@ -207,7 +213,7 @@ if (!keycloak) {
   // without an error; an opaque client's token has no audience. Its token endpoint knows
   // two grants, ignores `resource` (and `scope` on refresh), and answers without `scope`:
   // a client learns what it was granted by introspection or from the JWT.
-  const allowed = cfg.allowedScopes ?? {};
+  const allowed = cfg.allowedScopes;
   provider.use(async (ctx, next) => {
     if (ctx.path === '/auth') {
       const only = allowed[ctx.query.client_id];
@@ -315,12 +321,32 @@ for (const ev of ['access_token.saved', 'refresh_token.saved']) {
 }
 // POST /test/clock?advance=SECONDS moves the IdP's clock forward, so that tests see
 // lifetimes end without waiting for them. Answers {"offset": SECONDS}.
+// POST /test/client-settings?client_id=ID with {"tokenType", "resourceUrl",
+// "allowedScopes"} (any of them) changes what an admin sets for a client in the oidc app,
+// for the logins that follow. Answers 204.
 const callback = provider.callback();
 server.on('request', async (req, res) => {
   const u = new URL(req.url, issuer);
-  if (u.pathname !== '/test/revoke-grants' && u.pathname !== '/test/clock') return callback(req, res);
+  if (!['/test/revoke-grants', '/test/clock', '/test/client-settings'].includes(u.pathname)) return callback(req, res);
   if (req.method !== 'POST') {
     res.writeHead(405).end();
+    return;
+  }
+  if (u.pathname === '/test/client-settings') {
+    const id = u.searchParams.get('client_id') ?? '';
+    const chunks = [];
+    for await (const chunk of req) chunks.push(chunk);
+    let settings;
+    try {
+      settings = JSON.parse(Buffer.concat(chunks).toString() || '{}');
+    } catch {
+      res.writeHead(400).end();
+      return;
+    }
+    if (settings.tokenType !== undefined) cfg.tokenTypes[id] = settings.tokenType;
+    if (settings.resourceUrl !== undefined) cfg.resourceUrls[id] = settings.resourceUrl;
+    if (settings.allowedScopes !== undefined) cfg.allowedScopes[id] = settings.allowedScopes;
+    res.writeHead(204).end();
     return;
   }
   if (u.pathname === '/test/clock') {

@@ -1,0 +1,264 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"golang.org/x/oauth2"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+)
+
+// nextcloudSiteA is deployment A of the Nextcloud guide for the `oidc` app, as
+// Caddyfile.example has it, with the test's addresses: the broker is the MCP clients'
+// authorization server (hybrid), users log in at Nextcloud, and the MCP server, in its
+// login_flow mode, gets for each call a token it validates itself: the refresh grant (the
+// app has no RFC 8693) of a JWT whose audience is the MCP server's URL. No tool_scope
+// rule: the MCP server filters its tools and enforces each tool's scope itself.
+func nextcloudSiteA(idp *NodeIdP, mcpServer *testenv.NextcloudMCP) string {
+	up, _ := url.Parse(mcpServer.URL)
+	return fmt.Sprintf(`http://127.0.0.1:{port} {
+	mcp_oauth {
+		mode hybrid
+		issuer %s
+		client_id %s
+		client_secret %s
+		resource http://127.0.0.1:{port}/mcp
+		scopes openid notes.read notes.write
+		encryption_key %s
+		delegation refresh {
+			audience %s/mcp
+		}
+	}
+	reverse_proxy %s
+}`, idp.Issuer, nodeBrokerClientID, nodeBrokerClientSecret, testKey, mcpServer.URL, up.Host)
+}
+
+// TestNextcloudDeploymentAThroughCaddyBinary (issue 12, deployment A): the caddy binary
+// in front of the stand-in for the Nextcloud MCP server in login_flow mode
+// (testenv.NextcloudMCP), with the Nextcloud-like IdP (the oidc app 2.0.9; the broker's
+// client there of token type JWT, with no resource identifier). A user logs in through
+// the broker asking only notes.read: tools/list shows the tools that scope covers (the
+// server hides nc_notes_create_note); the user provisions an app password (the openid
+// the broker delegates makes that possible; the login URL is opened directly, not
+// through the broker); the read tool works; the write tool answers the server's own
+// isError refusal in an HTTP 200, since no tool_scope rule stops it at the broker; after a
+// re-authorization asking notes.write it works. Every token the server saw was a JWT it
+// accepts (iss the IdP, aud its URL, sub the user), never one the client holds.
+//
+// The audience reaches the JWT two ways, one row each: the broker sends the delegation
+// audience as the RFC 8707 resource at the IdP's authorization endpoint; or the admin
+// sets it as the resource identifier of the broker's client in the oidc app.
+func TestNextcloudDeploymentAThroughCaddyBinary(t *testing.T) {
+	for _, row := range []struct {
+		name               string
+		resourceIdentifier bool
+	}{
+		{"audience sent as the resource at the IdP", false},
+		{"audience set as the client's resource identifier in the oidc app", true},
+	} {
+		t.Run(row.name, func(t *testing.T) { nextcloudDeploymentA(t, row.resourceIdentifier) })
+	}
+}
+
+func nextcloudDeploymentA(t *testing.T, resourceIdentifier bool) {
+	requireInterop(t)
+	idp := startNodeIdPConfig(t, profileNextcloud, map[string]any{
+		"clients":    []nodeClient{nodeBrokerClient()},
+		"tokenTypes": map[string]string{nodeBrokerClientID: "jwt"},
+	})
+	disc, err := idp.Discovery(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := testenv.StartNextcloudMCP(t, testenv.NextcloudMCPSettings{
+		Issuer:        idp.Issuer, // the issuer its discovery finds
+		NextcloudHost: idp.Issuer,
+		JWKSURI:       disc["jwks_uri"].(string),
+		ClientID:      "nextcloud-mcp-server",
+	})
+	if resourceIdentifier {
+		idp.setClientSettings(t, nodeBrokerClientID, map[string]string{"resourceUrl": server.URL + "/mcp"})
+	}
+	caddy := startCaddy(t, nextcloudSiteA(idp, server))
+
+	var held []string // hashes of every token the client held
+	login := func(t *testing.T, scopes ...string) *oauth2.Token {
+		t.Helper()
+		cfg := brokerClient(t, caddy, "e2e Nextcloud client")
+		cfg.Scopes = scopes
+		authURL, verifier := brokerAuthorizeURL(cfg, caddy)
+		br := newNodeHybridBrowser(idp)
+		final, err := br.login(t.Context(), authURL)
+		if err != nil {
+			t.Fatalf("hybrid login: %v\n%s", err, tail(caddy.logs.String()))
+		}
+		tok, err := cfg.Exchange(t.Context(), final.Query().Get("code"), oauth2.VerifierOption(verifier),
+			oauth2.SetAuthURLParam("resource", caddy.Base+"/mcp"))
+		if err != nil {
+			t.Fatalf("code at the broker: %v", err)
+		}
+		for _, s := range []string{tok.AccessToken, tok.RefreshToken} {
+			sum := sha256.Sum256([]byte(s))
+			held = append(held, hex.EncodeToString(sum[:]))
+		}
+		t.Cleanup(func() {
+			caddy.assertLogsFree(append(br.codes, tok.AccessToken, tok.RefreshToken, nodeBrokerClientSecret, testKey)...)
+		})
+		return tok
+	}
+	connect := func(t *testing.T, tok *oauth2.Token) *mcp.ClientSession {
+		t.Helper()
+		s, err := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil).Connect(t.Context(),
+			&mcp.StreamableClientTransport{Endpoint: caddy.Base + "/mcp", HTTPClient: testenv.BearerClient(tok.AccessToken), DisableStandaloneSSE: true}, nil)
+		if err != nil {
+			t.Fatalf("connecting through the broker: %v\n%s\nthe server refused: %v", err, tail(caddy.logs.String()), refusals(server))
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	call := func(t *testing.T, s *mcp.ClientSession, name string, args map[string]any) (string, *mcp.CallToolResult) {
+		t.Helper()
+		res, err := s.CallTool(t.Context(), &mcp.CallToolParams{Name: name, Arguments: args})
+		if err != nil {
+			t.Fatalf("%s: %v (a refusal must be a tool result, not an HTTP error)", name, err)
+		}
+		var text []string
+		for _, c := range res.Content {
+			if tc, ok := c.(*mcp.TextContent); ok {
+				text = append(text, tc.Text)
+			}
+		}
+		return strings.Join(text, "\n"), res
+	}
+	newNote := map[string]any{"title": "groceries", "content": "milk", "category": ""}
+
+	// 1. Login asking only the read scope.
+	readTok := login(t, "notes.read")
+	if got := strings.Fields(fmt.Sprint(readTok.Extra("scope"))); !slices.Contains(got, "notes.read") || slices.Contains(got, "notes.write") {
+		t.Fatalf("broker token scope %v", got)
+	}
+	s := connect(t, readTok)
+
+	t.Run("tools/list shows the tools notes.read and openid cover", func(t *testing.T) {
+		res, err := s.ListTools(t.Context(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, tool := range res.Tools {
+			names = append(names, tool.Name)
+		}
+		slices.Sort(names)
+		if want := []string{"nc_auth_check_status", "nc_auth_provision_access", "nc_notes_search_notes"}; !slices.Equal(names, want) {
+			t.Errorf("tools %v, want %v (openid delegated, notes.write not)", names, want)
+		}
+	})
+
+	t.Run("the user provisions an app password; the login URL is not the broker's", func(t *testing.T) {
+		text, res := call(t, s, "nc_auth_provision_access", map[string]any{})
+		var p testenv.ProvisionAccess
+		b, _ := json.Marshal(res.StructuredContent)
+		json.Unmarshal(b, &p)
+		if res.IsError || p.Status != "login_required" || !strings.HasPrefix(p.LoginURL, server.URL+"/") {
+			t.Fatalf("provisioning: %q %+v", text, p)
+		}
+		resp, err := http.Get(p.LoginURL) // the user's browser, straight to the MCP server's Nextcloud login
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("the login URL: %v %v", err, resp)
+		}
+		resp.Body.Close()
+		if text, res := call(t, s, "nc_auth_check_status", map[string]any{}); res.IsError || !strings.Contains(text, `"provisioned"`) || !server.Provisioned(nodeUser) {
+			t.Errorf("status after the login: %q", text)
+		}
+	})
+
+	t.Run("the read tool works", func(t *testing.T) {
+		if text, res := call(t, s, "nc_notes_search_notes", map[string]any{"query": ""}); res.IsError {
+			t.Errorf("nc_notes_search_notes: %q", text)
+		}
+	})
+
+	t.Run("the write tool is refused by the server, in the tool result", func(t *testing.T) {
+		text, res := call(t, s, "nc_notes_create_note", newNote)
+		if !res.IsError || !strings.Contains(text, "Missing required scopes: notes.write") {
+			t.Errorf("nc_notes_create_note without notes.write: isError %v %q", res.IsError, text)
+		}
+	})
+
+	// 2. Re-authorization asking the write scope.
+	writeTok := login(t, "notes.read", "notes.write")
+	s = connect(t, writeTok)
+	t.Run("after a re-authorization with notes.write the write tool works", func(t *testing.T) {
+		if text, res := call(t, s, "nc_notes_create_note", newNote); res.IsError {
+			t.Errorf("nc_notes_create_note: %q", text)
+		}
+		if text, res := call(t, s, "nc_notes_search_notes", map[string]any{"query": "milk"}); res.IsError || !strings.Contains(text, "groceries") {
+			t.Errorf("the new note not found: %q", text)
+		}
+	})
+
+	t.Run("the server saw only delegated JWTs it accepts, never the client's", func(t *testing.T) {
+		seen := server.Seen()
+		if len(seen) == 0 {
+			t.Fatal("the server saw nothing")
+		}
+		audience := []string{server.URL + "/mcp"}
+		var sawWrite bool
+		for _, r := range seen {
+			if r.TokenSHA256 == "" || r.Error != "" {
+				t.Errorf("%s %s: token refused: %q", r.Method, r.RPCMethod, r.Error)
+				continue
+			}
+			if slices.Contains(held, r.TokenSHA256) {
+				t.Fatalf("%s %s reached the server with a token the client holds", r.Method, r.RPCMethod)
+			}
+			c := r.Claims
+			if c.Issuer != idp.Issuer || !slices.Equal(c.Audience, audience) || c.Subject != nodeUser || c.ClientID != nodeBrokerClientID {
+				t.Errorf("%s %s: claims %+v, want iss %s aud %v sub %s", r.Method, r.RPCMethod, c, idp.Issuer, audience, nodeUser)
+			}
+			if !slices.Contains(c.Scopes, "openid") || !slices.Contains(c.Scopes, "notes.read") {
+				t.Errorf("%s %s: scopes %v lack openid or notes.read", r.Method, r.RPCMethod, c.Scopes)
+			}
+			sawWrite = sawWrite || slices.Contains(c.Scopes, "notes.write")
+		}
+		if !sawWrite {
+			t.Errorf("no token with notes.write reached the server after the re-authorization")
+		}
+	})
+}
+
+// setClientSettings changes a client's settings in the Nextcloud-like IdP, as an admin
+// does in the oidc app (POST /test/client-settings of idp.mjs).
+func (n *NodeIdP) setClientSettings(t *testing.T, clientID string, settings map[string]string) {
+	t.Helper()
+	body, _ := json.Marshal(settings)
+	resp, err := http.Post(n.Issuer+"/test/client-settings?client_id="+url.QueryEscape(clientID), "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("client settings at the IdP: %s", resp.Status)
+	}
+}
+
+// refusals lists why the server refused tokens, for a failure message.
+func refusals(server *testenv.NextcloudMCP) []string {
+	var out []string
+	for _, r := range server.Seen() {
+		if r.Error != "" {
+			out = append(out, r.Error)
+		}
+	}
+	return out
+}
