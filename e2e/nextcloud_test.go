@@ -237,6 +237,30 @@ func nextcloudDeploymentA(t *testing.T, resourceIdentifier bool) {
 	})
 }
 
+// nextcloudLogin registers an MCP client at the broker, logs the IdP's user in through
+// the broker asking scopes, and returns the broker's tokens. When the test ends, caddy's
+// logs must hold none of them, nor the codes of the login.
+func nextcloudLogin(t *testing.T, caddy *caddyProc, idp *NodeIdP, scopes ...string) *oauth2.Token {
+	t.Helper()
+	cfg := brokerClient(t, caddy, "e2e Nextcloud client")
+	cfg.Scopes = scopes
+	authURL, verifier := brokerAuthorizeURL(cfg, caddy)
+	br := newNodeHybridBrowser(idp)
+	final, err := br.login(t.Context(), authURL)
+	if err != nil {
+		t.Fatalf("hybrid login: %v\n%s", err, tail(caddy.logs.String()))
+	}
+	tok, err := cfg.Exchange(t.Context(), final.Query().Get("code"), oauth2.VerifierOption(verifier),
+		oauth2.SetAuthURLParam("resource", caddy.Base+"/mcp"))
+	if err != nil {
+		t.Fatalf("code at the broker: %v (login ended at %s)", err, final.Redacted())
+	}
+	t.Cleanup(func() {
+		caddy.assertLogsFree(append(br.codes, tok.AccessToken, tok.RefreshToken, nodeBrokerClientSecret, testKey)...)
+	})
+	return tok
+}
+
 // setClientSettings changes a client's settings in the Nextcloud-like IdP, as an admin
 // does in the oidc app (POST /test/client-settings of idp.mjs).
 func (n *NodeIdP) setClientSettings(t *testing.T, clientID string, settings map[string]string) {
@@ -261,4 +285,50 @@ func refusals(server *testenv.NextcloudMCP) []string {
 		}
 	}
 	return out
+}
+
+// TestNextcloudDeploymentAIssuerMismatchThroughCaddyBinary: the oidc app puts in iss the
+// host its token endpoint was reached on, and the MCP server accepts only its configured
+// issuer and NEXTCLOUD_HOST. A broker whose `issuer` is neither (here: the MCP server
+// knows Nextcloud by other names) gets every delegated token refused: the MCP client sees
+// the MCP server's own 401, whose resource_metadata names the MCP server, not the broker,
+// which is how an admin tells this failure from a refusal by the broker.
+func TestNextcloudDeploymentAIssuerMismatchThroughCaddyBinary(t *testing.T) {
+	requireInterop(t)
+	idp := startNodeIdPConfig(t, profileNextcloud, map[string]any{
+		"clients":    []nodeClient{nodeBrokerClient()},
+		"tokenTypes": map[string]string{nodeBrokerClientID: "jwt"},
+	})
+	disc, err := idp.Discovery(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := testenv.StartNextcloudMCP(t, testenv.NextcloudMCPSettings{
+		Issuer:        "https://cloud.example.test",
+		NextcloudHost: "http://nextcloud.internal",
+		JWKSURI:       disc["jwks_uri"].(string),
+		ClientID:      "nextcloud-mcp-server",
+	})
+	idp.setClientSettings(t, nodeBrokerClientID, map[string]string{"resourceUrl": server.URL + "/mcp"})
+	caddy := startCaddy(t, nextcloudSiteA(idp, server))
+	tok := nextcloudLogin(t, caddy, idp, "notes.read")
+
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, caddy.Base+"/mcp",
+		strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"e2e","version":"1"}}}`))
+	req.Header.Set("Authorization", "Bearer "+tok.AccessToken)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	challenge := resp.Header.Get("WWW-Authenticate")
+	if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(challenge, `resource_metadata="`+server.URL+`/.well-known/oauth-protected-resource"`) {
+		t.Errorf("%s %q: want the MCP server's own 401", resp.Status, challenge)
+	}
+	seen := server.Seen()
+	if len(seen) == 0 || !strings.Contains(seen[len(seen)-1].Error, `invalid issuer "`+idp.Issuer+`"`) {
+		t.Errorf("the server's refusals: %v", refusals(server))
+	}
 }
