@@ -249,7 +249,7 @@ if (!keycloak) {
   });
   // Rotation without grace: the app overwrites the grant's one refresh token, so the old
   // value is unknown afterwards (invalid_grant), and presenting it revokes nothing.
-  provider.on('refresh_token.consumed', (token) => { token.destroy(); });
+  provider.on('refresh_token.consumed', (token) => { token.destroy().catch(() => {}); });
 }
 
 if (keycloak) {
