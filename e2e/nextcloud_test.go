@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"golang.org/x/oauth2"
@@ -330,5 +331,73 @@ func TestNextcloudDeploymentAIssuerMismatchThroughCaddyBinary(t *testing.T) {
 	seen := server.Seen()
 	if len(seen) == 0 || !strings.Contains(seen[len(seen)-1].Error, `invalid issuer "`+idp.Issuer+`"`) {
 		t.Errorf("the server's refusals: %v", refusals(server))
+	}
+}
+
+// TestNextcloudDeploymentAScopesFromUpstreamMetadataThroughCaddyBinary: deployment A with
+// the per-app scopes left to the MCP server: `scopes openid` and `upstream_metadata` at
+// the MCP server's protected-resource metadata. Once the broker has read it, it offers
+// notes.read and notes.write, a client asking notes.read gets it, and the read tool works.
+func TestNextcloudDeploymentAScopesFromUpstreamMetadataThroughCaddyBinary(t *testing.T) {
+	requireInterop(t)
+	idp := startNodeIdPConfig(t, profileNextcloud, map[string]any{
+		"clients":    []nodeClient{nodeBrokerClient()},
+		"tokenTypes": map[string]string{nodeBrokerClientID: "jwt"},
+	})
+	disc, err := idp.Discovery(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := testenv.StartNextcloudMCP(t, testenv.NextcloudMCPSettings{
+		Issuer: idp.Issuer, NextcloudHost: idp.Issuer, JWKSURI: disc["jwks_uri"].(string), ClientID: "nextcloud-mcp-server",
+	})
+	const configured = "scopes openid notes.read notes.write"
+	site := nextcloudSiteA(idp, server)
+	if !strings.Contains(site, configured) {
+		t.Fatal("nextcloudSiteA's scopes changed")
+	}
+	caddy := startCaddy(t, strings.Replace(site, configured,
+		"scopes openid\n\t\tupstream_metadata "+server.URL+"/.well-known/oauth-protected-resource/mcp", 1))
+
+	offered := func() []string {
+		resp, err := http.Get(caddy.Base + "/.well-known/oauth-authorization-server")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var md struct {
+			ScopesSupported []string `json:"scopes_supported"`
+		}
+		json.NewDecoder(resp.Body).Decode(&md)
+		return md.ScopesSupported
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for !slices.Contains(offered(), "notes.write") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the broker offers %v: never learned the MCP server's scopes\n%s", offered(), tail(caddy.logs.String()))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := offered(); !slices.Contains(got, "notes.read") || !slices.Contains(got, "openid") {
+		t.Errorf("the broker offers %v", got)
+	}
+
+	tok := nextcloudLogin(t, caddy, idp, "notes.read")
+	if got := strings.Fields(fmt.Sprint(tok.Extra("scope"))); !slices.Contains(got, "notes.read") || slices.Contains(got, "notes.write") {
+		t.Errorf("broker token scope %v", got)
+	}
+	s, err := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil).Connect(t.Context(),
+		&mcp.StreamableClientTransport{Endpoint: caddy.Base + "/mcp", HTTPClient: testenv.BearerClient(tok.AccessToken), DisableStandaloneSSE: true}, nil)
+	if err != nil {
+		t.Fatalf("connecting: %v; the server refused: %v", err, refusals(server))
+	}
+	defer s.Close()
+	res, err := s.ListTools(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(res.Tools, func(tool *mcp.Tool) bool { return tool.Name == "nc_notes_search_notes" }) ||
+		slices.ContainsFunc(res.Tools, func(tool *mcp.Tool) bool { return tool.Name == "nc_notes_create_note" }) {
+		t.Errorf("tools/list through the broker: %d tools", len(res.Tools))
 	}
 }
