@@ -21,8 +21,8 @@
 // /test/clock?advance=SECONDS moves the IdP's clock forward, POST
 // /test/client-settings?client_id= changes a client's oidc app settings (see below).
 //
-// The nextcloud profile follows the `oidc` app 2.0.9 (lib/Controller/LoginRedirectorController.php,
-// OIDCApiController.php, Util/JwtGenerator.php, AppInfo/Application.php):
+// The nextcloud profile follows the `oidc` app 2.0.9, as read in its authorization and
+// token controllers, its JWT generator and its defaults:
 //   - access tokens are the client's token type: opaque (the app's default; checked by
 //     introspection) or an RS256 JWT (typ at+JWT) with sub = the uid, client_id, azp,
 //     preferred_username, acr "0" and scope = everything granted, openid included;

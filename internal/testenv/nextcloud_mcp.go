@@ -45,9 +45,9 @@ const (
 
 // NextcloudMCP is a STAND-IN for the Nextcloud MCP server (cbcoutinho/nextcloud-mcp-server)
 // in its login_flow deployment mode, as release 0.181.0 validates and filters; that Python
-// server cannot be installed here. It mirrors these rules of 0.181.0
-// (auth/unified_verifier.py, auth/scope_authorization.py, app.py, server/auth_tools.py,
-// and the MCP Python SDK 1.29 it pins):
+// server cannot be installed here. It mirrors these rules of 0.181.0, read in its token
+// verifier, its scope decorator, its tool-list filter, its auth tools and the MCP Python
+// SDK 1.29 it pins:
 //
 //   - A request without a bearer token, or whose token fails the checks below, gets 401
 //     with `WWW-Authenticate: Bearer error="invalid_token", error_description="Authentication
@@ -69,8 +69,8 @@ const (
 //     provisioned first (an app password stored), else an isError result naming
 //     nc_auth_provision_access; then a scope the token lacks is an isError result
 //     ("Access denied to <tool>: Missing required scopes: …") in an HTTP 200, never a 403:
-//     FastMCP turns the exception its decorator raises into a tool error, so the 403
-//     handler of app.py is never reached from a tool.
+//     FastMCP turns the exception its decorator raises into a tool error, so the server's
+//     403 insufficient_scope handler is never reached from a tool.
 //   - nc_auth_provision_access and nc_auth_check_status need openid: without it a user
 //     can never provision, so no data tool ever runs.
 //   - Its protected-resource metadata (RFC 9728), at /.well-known/oauth-protected-resource
