@@ -122,6 +122,7 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (ended int
 		b.evictDelegated(sid)
 		b.audit(auditSessionRevoked, "", zap.String("reason", "admin"), zap.String("subject", subject), zap.String("session", Fingerprint(sid)))
 	}
+	b.revokeAppPassword(ctx, subject, "admin", "")
 	return len(ending), truncated, nil
 }
 

@@ -48,6 +48,8 @@ func (l *loggers) forPath(path string) *zap.Logger {
 		return l.token
 	case pathRegister:
 		return l.register
+	case pathAppPasswordStart:
+		return l.delegation
 	case pathOfflineAccessStart, pathOfflineAccessStartLegacy, pathOfflineAccessStatus, pathOfflineAccessStatusLegacy,
 		OfflineAccessCallback, OfflineAccessCallbackLegacy, pathBackgroundToken:
 		return l.offline
@@ -67,6 +69,13 @@ const (
 	auditOfflineAccessGranted  = "offline_access_granted"
 	auditOfflineAccessRevoked  = "offline_access_revoked"
 	auditBackgroundTokenIssued = "background_token_issued"
+	// Delegation mode app_password: a Login Flow v2 started for a user; the app password
+	// it yielded stored (the user's own), refused (another account's, or unverifiable:
+	// deleted in Nextcloud), revoked (by the user, or found invalid by Nextcloud).
+	auditAppPasswordFlowStarted = "app_password_flow_started"
+	auditAppPasswordGranted     = "app_password_granted"
+	auditAppPasswordRefused     = "app_password_refused"
+	auditAppPasswordRevoked     = "app_password_revoked"
 )
 
 // audit logs event at INFO with the client's IP (when known, else "") and fields. Fields

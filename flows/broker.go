@@ -69,6 +69,8 @@ type Config struct {
 	// grant). Default: DelegationNarrowToolCalls.
 	DelegationNarrow string
 	SubjectHeader    string
+	// AppPassword configures DelegationAppPassword (delegation_app_password.go).
+	AppPassword AppPasswordConfig
 
 	ToolScopes   []ToolScopeRule
 	MaxBodyBytes int64
@@ -225,6 +227,9 @@ type Broker struct {
 	// upstreamClient fetches the upstream's metadata; learnSchedule says when.
 	upstreamClient *http.Client
 	learnSchedule  learnSchedule
+	// appPasswords is delegation mode app_password's state (delegation_app_password.go);
+	// nil in the other modes.
+	appPasswords *appPasswords
 
 	// The typed record stores (store.go): the only way to storage.Records.
 	sessions           sessionStore
@@ -324,8 +329,16 @@ func New(cfg Config) (*Broker, error) {
 		deleg = newDelegation(&cfg)
 	case "", DelegationTokenExchange: // "": token_exchange if the IdP advertises it, else refresh
 		deleg = newDelegation(&cfg)
+	case DelegationAppPassword:
 	default:
-		return nil, fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh or none", cfg.DelegationMode)
+		return nil, fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh, app_password or none", cfg.DelegationMode)
+	}
+	var appPasswords *appPasswords
+	if cfg.DelegationMode == DelegationAppPassword {
+		var err error
+		if appPasswords, err = newAppPasswords(&cfg); err != nil {
+			return nil, err
+		}
 	}
 
 	u, err := url.Parse(cfg.Resource)
@@ -357,6 +370,7 @@ func New(cfg Config) (*Broker, error) {
 		delegation:       deleg,
 		upstreamClient:   newUpstreamClient(cfg.IdPTimeout),
 		learnSchedule:    defaultLearnSchedule,
+		appPasswords:     appPasswords,
 	}
 	if timed != nil {
 		timed.broker = b
@@ -473,6 +487,11 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 	case pathHealth:
 		b.serveHealth(w, r)
 		return nil, nil
+	case pathAppPasswordStart:
+		if b.appPasswords != nil {
+			b.serveAppPasswordStart(w, r)
+			return nil, nil
+		}
 	}
 	if b.cfg.Mode == ModeHybrid {
 		if serve := b.hybridEndpoint(p); serve != nil {
@@ -492,7 +511,7 @@ func NeedsClientIP(path string) bool {
 	switch path {
 	case pathRegister, pathAuthorize, pathCallback, OfflineAccessCallback, OfflineAccessCallbackLegacy,
 		pathOfflineAccessStart, pathOfflineAccessStartLegacy, pathToken, pathRevoke,
-		pathConsent, pathOfflineAccessStatus, pathOfflineAccessStatusLegacy, pathBackgroundToken:
+		pathConsent, pathOfflineAccessStatus, pathOfflineAccessStatusLegacy, pathBackgroundToken, pathAppPasswordStart:
 		return true
 	}
 	return false

@@ -74,19 +74,28 @@ func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who 
 	if ids := b.backgroundClientIDs(); len(ids) > 0 {
 		forWhom = " for the background clients " + strings.Join(ids, ", ")
 	}
+	b.log.offline.Info("tool needs offline access; URL elicitation sent", zap.String("subject", who.Subject))
+	b.answerURLElicitation(w, r, link,
+		"This tool needs offline access to your account"+forWhom+". Open "+link+" to grant it, then try again.",
+		"This tool needs offline access to your account"+forWhom+". Sign in to grant it, then try again.")
+	return true, nil
+}
+
+// answerURLElicitation answers a JSON-RPC request (or batch, whole) with the URL
+// elicitation error of link: message is the error's text, which names the link for
+// clients without URL elicitation; prompt is the elicitation's own. The body was read,
+// bounded, and put back in r.Body.
+func (b *Broker) answerURLElicitation(w http.ResponseWriter, r *http.Request, link, message, prompt string) {
 	e := urlElicitationError{
 		Code:    codeURLElicitationRequired,
-		Message: "This tool needs offline access to your account" + forWhom + ". Open " + link + " to grant it, then try again.",
+		Message: message,
 		Data: map[string][]urlElicitation{"elicitations": {{
 			Mode:          "url",
 			ElicitationID: randomToken(),
 			URL:           link,
-			Message:       "This tool needs offline access to your account" + forWhom + ". Sign in to grant it, then try again.",
+			Message:       prompt,
 		}}},
 	}
-	b.log.offline.Info("tool needs offline access; URL elicitation sent", zap.String("subject", who.Subject))
-
-	// requiredScopes left the body, bounded, in r.Body.
 	body, _ := io.ReadAll(io.LimitReader(r.Body, b.cfg.MaxBodyBytes))
 	var answer any
 	if trimmed := bytes.TrimLeft(body, " \t\r\n"); len(trimmed) > 0 && trimmed[0] == '[' {
@@ -110,7 +119,6 @@ func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who 
 	}
 	allowCORS(w, "GET, POST, DELETE, OPTIONS")
 	writeJSON(w, http.StatusOK, answer)
-	return true, nil
 }
 
 // needsOfflineAccess tells whether any of tools matches a OfflineAccessTools glob.

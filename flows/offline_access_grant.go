@@ -132,6 +132,8 @@ func (b *Broker) storeOfflineAccessGrant(ctx context.Context, d *idp.Discovery, 
 // the IdP, when the IdP has a revocation endpoint. ip is the address of the client asking.
 func (b *Broker) revokeOfflineAccessGrant(ctx context.Context, subject, ip string) (OfflineAccessStatus, error) {
 	st := OfflineAccessStatus{Granted: false}
+	// The user's Nextcloud app password (delegation mode app_password) goes with it.
+	defer b.revokeAppPassword(ctx, subject, "offline_access_revoked", ip)
 	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
 		return st, err

@@ -131,7 +131,11 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	// and so after any stripping; an upstream merging them into its headers would read
 	// identity headers the client sent. MCP uses none: none is forwarded.
 	r.Trailer = nil
-	if err := b.delegateInto(r, who, raw, need); err != nil {
+	if b.appPasswords != nil {
+		if answered, err := b.delegateAppPassword(w, r, who, raw, tools); err != nil || answered {
+			return nil, err
+		}
+	} else if err := b.delegateInto(r, who, raw, need); err != nil {
 		return nil, err
 	}
 	// Checked first: the fields are built only when DEBUG is on (the warm path allocates nothing).

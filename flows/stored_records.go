@@ -17,20 +17,23 @@ import (
 
 // Storage key prefixes, one per record kind.
 const (
-	kindClient                   = "clients"      // RegisteredClient, by Hash(client_id)
-	kindConsent                  = "consent"      // ConsentTicket, by Hash(ticket)
-	kindIdPState                 = "idp_state"    // PendingLogin, by Hash(state sent to the IdP)
-	kindSession                  = "sessions"     // Session, by session id
-	kindCode                     = "codes"        // AuthorizationCode, by Hash(code)
-	kindUsedCode                 = "used_codes"   // UsedCode, by Hash(code): replay detection
-	kindAccessToken              = "access"       // AccessToken, by Hash(token)
-	kindRefreshToken             = "refresh"      // RefreshToken, by Hash(token)
-	kindFamily                   = "families"     // TokenFamily, by family id
-	kindOfflineAccessGrant       = "offline"      // OfflineAccessGrant, by site, then keyed hash of subject
-	kindLegacyOfflineAccessGrant = "provisioning" // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
-	kindOfflineAccessState       = "flow2_state"  // PendingOfflineAccess, by Hash(state)
-	kindOfflineAccessLink        = "flow2_link"   // OfflineAccessLink, by Hash(link token)
-	kindHealthProbe              = "health"       // HealthProbe, by site, then a random id of the broker instance
+	kindClient                   = "clients"           // RegisteredClient, by Hash(client_id)
+	kindConsent                  = "consent"           // ConsentTicket, by Hash(ticket)
+	kindIdPState                 = "idp_state"         // PendingLogin, by Hash(state sent to the IdP)
+	kindSession                  = "sessions"          // Session, by session id
+	kindCode                     = "codes"             // AuthorizationCode, by Hash(code)
+	kindUsedCode                 = "used_codes"        // UsedCode, by Hash(code): replay detection
+	kindAccessToken              = "access"            // AccessToken, by Hash(token)
+	kindRefreshToken             = "refresh"           // RefreshToken, by Hash(token)
+	kindFamily                   = "families"          // TokenFamily, by family id
+	kindOfflineAccessGrant       = "offline"           // OfflineAccessGrant, by site, then keyed hash of subject
+	kindLegacyOfflineAccessGrant = "provisioning"      // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
+	kindOfflineAccessState       = "flow2_state"       // PendingOfflineAccess, by Hash(state)
+	kindOfflineAccessLink        = "flow2_link"        // OfflineAccessLink, by Hash(link token)
+	kindHealthProbe              = "health"            // HealthProbe, by site, then a random id of the broker instance
+	kindAppPassword              = "app_password"      // AppPasswordGrant, by site, then keyed hash of subject
+	kindLoginFlow                = "login_flow"        // PendingLoginFlow, by site, then keyed hash of subject
+	kindAppPasswordLink          = "app_password_link" // AppPasswordLink, by Hash(link token)
 )
 
 // recordKey builds the storage key of a record of kind for a client-supplied or random id.
@@ -248,4 +251,53 @@ type OfflineAccessGrant struct {
 	RefreshToken string    `json:"refresh_token_sealed"` // sealed
 	GrantedAt    time.Time `json:"provisioned_at"`       // the JSON name of earlier releases: stored records keep opening
 	RotatedAt    time.Time `json:"rotated_at,omitzero"`
+}
+
+// AppPasswordLink is a one-time link that lets a browser start Login Flow v2 for the user
+// whose bearer token minted it (delegation mode app_password). Taken once.
+type AppPasswordLink struct {
+	Subject  string `json:"subject"`
+	ClientID string `json:"client_id,omitempty"`
+	// NextcloudUser is the Nextcloud user id the app password must authenticate as: the
+	// user's user_claim when the link was minted.
+	NextcloudUser string    `json:"nextcloud_user"`
+	CreatedAt     time.Time `json:"created_at"`
+}
+
+// PendingLoginFlow is a Login Flow v2 the broker started for a user and polls until
+// Nextcloud answers the app password, or the flow's 1200 s are over. One per user and
+// site; a new start replaces it.
+type PendingLoginFlow struct {
+	// key is where the flow was read from or written to: the sealed poll token opens only
+	// there.
+	key string
+
+	Subject       string    `json:"subject"`
+	ClientID      string    `json:"client_id,omitempty"`
+	NextcloudUser string    `json:"nextcloud_user"`
+	PollToken     string    `json:"poll_token_sealed"` // sealed
+	StartedAt     time.Time `json:"started_at"`
+	// NextPollAt holds polls back after Nextcloud throttled the broker or failed.
+	NextPollAt time.Time `json:"next_poll_at,omitzero"`
+}
+
+// AppPasswordGrant is a user's Nextcloud app password (delegation mode app_password),
+// sealed, with the login name it goes with and the Nextcloud user it was verified to
+// authenticate as.
+type AppPasswordGrant struct {
+	// key is where the grant was read from or written to: the sealed app password opens
+	// only there.
+	key string
+
+	Subject       string    `json:"subject"`
+	ClientID      string    `json:"client_id,omitempty"`
+	NextcloudUser string    `json:"nextcloud_user"`
+	LoginName     string    `json:"login_name"`
+	AppPassword   string    `json:"app_password_sealed"` // sealed; empty once revoked
+	GrantedAt     time.Time `json:"granted_at"`
+	// ConfirmedAt is when Nextcloud last said who the app password authenticates as.
+	ConfirmedAt time.Time `json:"confirmed_at"`
+	// RevokedAt is when Nextcloud said the app password is not valid (OCS 401): the
+	// password is erased and the user asked to grant one again.
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
 }

@@ -15,7 +15,7 @@ import (
 // framed the one way the check reads it, or it is refused (SECURITY.md S1.10): see
 // mcprequest.Inspect.
 func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, tools []string, refused *mcprequest.Refusal) {
-	if len(b.toolScopes) == 0 && len(b.cfg.OfflineAccessTools) == 0 {
+	if len(b.toolScopes) == 0 && len(b.cfg.OfflineAccessTools) == 0 && b.appPasswords == nil {
 		return nil, nil, nil
 	}
 	msg, refused := mcprequest.Inspect(w, r, b.cfg.MaxBodyBytes)

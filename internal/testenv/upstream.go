@@ -35,6 +35,7 @@ type UpstreamAuth struct {
 	issuer, jwksURL string
 	audiences       []string
 	subjectHeader   bool
+	basic           bool
 }
 
 // AccessTokens makes an Upstream take JWT bearer tokens whose signature checks
@@ -51,6 +52,14 @@ func AccessTokens(issuer, jwksURL string, audiences ...string) UpstreamAuth {
 // without the header is refused with 401. A bearer token is ignored.
 func TrustedSubjectHeader() UpstreamAuth {
 	return UpstreamAuth{subjectHeader: true}
+}
+
+// BasicPassThrough makes an Upstream behave as the Nextcloud MCP server in its
+// multi_user_basic mode: no request is refused at the gate, and the login name of an
+// `Authorization: Basic` header, when there is one, is the caller a tool sees (that
+// server hands the header on to Nextcloud, which checks it).
+func BasicPassThrough() UpstreamAuth {
+	return UpstreamAuth{basic: true}
 }
 
 // UpstreamOption configures an Upstream.
@@ -173,7 +182,7 @@ func NewUpstream(a UpstreamAuth, opts ...UpstreamOption) (*Upstream, error) {
 	for _, opt := range opts {
 		opt(&cfg)
 	}
-	if !a.subjectHeader && (a.issuer == "" || a.jwksURL == "") {
+	if !a.subjectHeader && !a.basic && (a.issuer == "" || a.jwksURL == "") {
 		return nil, errors.New("upstream auth: want AccessTokens with an issuer and a JWKS URL, or TrustedSubjectHeader")
 	}
 
@@ -193,9 +202,11 @@ func NewUpstream(a UpstreamAuth, opts ...UpstreamOption) (*Upstream, error) {
 		func(*http.Request) *mcp.Server { return server },
 		&mcp.StreamableHTTPOptions{DisableLocalhostProtection: true},
 	))
-	if a.subjectHeader {
+	switch {
+	case a.basic:
+	case a.subjectHeader:
 		mcpHandler = requireSubjectHeader(mcpHandler)
-	} else {
+	default:
 		// Bounded so that a stalled OP cannot hang a request.
 		client := &http.Client{Timeout: 5 * time.Second}
 		u.keys = oidc.NewRemoteKeySet(oidc.ClientContext(context.Background(), client), a.jwksURL)
@@ -283,7 +294,13 @@ func (u *Upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	seen.Trailer = r.Trailer.Clone()
 	var v verdict
-	if u.auth.subjectHeader {
+	if u.auth.basic {
+		if login, _, ok := r.BasicAuth(); ok {
+			seen.Identity = Identity{Subject: login}
+		} else {
+			seen.AuthError = "no Basic credentials"
+		}
+	} else if u.auth.subjectHeader {
 		if seen.SubjectHeader == "" {
 			seen.AuthError = "no " + SubjectHeader + " header"
 		} else {
@@ -383,6 +400,9 @@ func caller(req *mcp.CallToolRequest) Identity {
 	}
 	if req.Extra.TokenInfo != nil {
 		return identityOf(req.Extra.TokenInfo)
+	}
+	if login, _, ok := (&http.Request{Header: req.Extra.Header}).BasicAuth(); ok {
+		return Identity{Subject: login}
 	}
 	return Identity{Subject: req.Extra.Header.Get(SubjectHeader)}
 }

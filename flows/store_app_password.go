@@ -1,0 +1,185 @@
+package flows
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/caddy-mcp/oauth-broker/nextcloud"
+	"github.com/caddy-mcp/oauth-broker/storage"
+)
+
+// appPasswordStore keeps delegation mode app_password's records: each user's app password
+// (AppPasswordGrant) and the Login Flow v2 being polled for it (PendingLoginFlow). Both
+// belong to one site and are keyed, like offline access grants (store_offline.go), by a
+// keyed hash of the subject, so that a storage reader cannot test whether a given user
+// has one. The app password and the poll token are sealed with their record's key.
+// Every change holds the subject's lock.
+type appPasswordStore struct {
+	records *storage.Records
+	site    string // see Broker.site
+}
+
+const (
+	// appPasswordHashLabel keeps the keyed hashes of subjects here apart from other uses.
+	appPasswordHashLabel = "app password\x00"
+	// appPasswordGrantTTL is how long an app password record is kept without a
+	// confirmation at Nextcloud; every confirmation rewrites it.
+	appPasswordGrantTTL = 365 * 24 * time.Hour
+	// loginFlowTTL outlives Nextcloud's flow by a minute, so that the poller sees it end.
+	loginFlowTTL = nextcloud.FlowLifetime + time.Minute
+)
+
+// keys returns where kind's record of subject may be, the current key first. Empty
+// without an encryption key.
+func (st appPasswordStore) keys(kind, subject string) []string {
+	hashes := st.records.KeyedHashes(appPasswordHashLabel + subject)
+	keys := make([]string, len(hashes))
+	for i, h := range hashes {
+		keys[i] = storage.Key(kind, st.site, h)
+	}
+	return keys
+}
+
+func (st appPasswordStore) currentKey(kind, subject string) (string, error) {
+	keys := st.keys(kind, subject)
+	if len(keys) == 0 {
+		return "", errors.New("app passwords: no encryption key configured")
+	}
+	return keys[0], nil
+}
+
+// lock takes the cluster-wide lock serializing changes to subject's app password and
+// login flow on this site.
+func (st appPasswordStore) lock(ctx context.Context, subject string) (func(), error) {
+	key, err := st.currentKey(kindAppPassword, subject)
+	if err != nil {
+		return nil, err
+	}
+	return st.records.Lock(ctx, "app_password/"+key)
+}
+
+// loadGrant returns subject's app password record, or storage.ErrNotFound.
+func (st appPasswordStore) loadGrant(ctx context.Context, subject string) (*AppPasswordGrant, error) {
+	for _, key := range st.keys(kindAppPassword, subject) {
+		var g AppPasswordGrant
+		switch err := st.records.Get(ctx, key, &g); {
+		case err == nil:
+			g.key = key
+			return &g, nil
+		case !errors.Is(err, storage.ErrNotFound):
+			return nil, err
+		}
+	}
+	return nil, storage.ErrNotFound
+}
+
+// putGrant seals password into g and stores it under the current key; an empty
+// password stores g revoked. The caller holds the lock.
+func (st appPasswordStore) putGrant(ctx context.Context, g *AppPasswordGrant, password string) error {
+	key, err := st.currentKey(kindAppPassword, g.Subject)
+	if err != nil {
+		return err
+	}
+	g.AppPassword = ""
+	if password != "" {
+		if g.AppPassword, err = st.records.Seal(key, []byte(password)); err != nil {
+			return fmt.Errorf("sealing app password: %w", err)
+		}
+	}
+	if err := st.records.Put(ctx, key, g, appPasswordGrantTTL); err != nil {
+		return fmt.Errorf("storing app password: %w", err)
+	}
+	if g.key != "" && g.key != key {
+		_ = st.records.Delete(ctx, g.key) // moved to the current key
+	}
+	g.key = key
+	return nil
+}
+
+// password opens the app password sealed in g.
+func (st appPasswordStore) password(g *AppPasswordGrant) (string, error) {
+	if g.key == "" || g.AppPassword == "" {
+		return "", errors.New("opening app password: none stored")
+	}
+	plain, err := st.records.Open(g.key, g.AppPassword)
+	if err != nil {
+		return "", fmt.Errorf("opening app password: %w", err)
+	}
+	return string(plain), nil
+}
+
+// deleteGrant removes the record at g's key.
+func (st appPasswordStore) deleteGrant(ctx context.Context, g *AppPasswordGrant) error {
+	return st.records.Delete(ctx, g.key)
+}
+
+// putFlow seals pollToken into f and stores it under subject's current key, replacing
+// any flow pending for subject. The caller holds the lock.
+func (st appPasswordStore) putFlow(ctx context.Context, f *PendingLoginFlow, pollToken string) error {
+	key, err := st.currentKey(kindLoginFlow, f.Subject)
+	if err != nil {
+		return err
+	}
+	if pollToken != "" {
+		if f.PollToken, err = st.records.Seal(key, []byte(pollToken)); err != nil {
+			return fmt.Errorf("sealing poll token: %w", err)
+		}
+	}
+	if err := st.records.Put(ctx, key, f, loginFlowTTL); err != nil {
+		return fmt.Errorf("storing login flow: %w", err)
+	}
+	f.key = key
+	return nil
+}
+
+// loadFlow returns the flow pending for subject, or storage.ErrNotFound.
+func (st appPasswordStore) loadFlow(ctx context.Context, subject string) (*PendingLoginFlow, error) {
+	for _, key := range st.keys(kindLoginFlow, subject) {
+		if f, err := st.loadFlowAt(ctx, key); !errors.Is(err, storage.ErrNotFound) {
+			return f, err
+		}
+	}
+	return nil, storage.ErrNotFound
+}
+
+// loadFlowAt reads the flow at key.
+func (st appPasswordStore) loadFlowAt(ctx context.Context, key string) (*PendingLoginFlow, error) {
+	var f PendingLoginFlow
+	if err := st.records.Get(ctx, key, &f); err != nil {
+		return nil, err
+	}
+	f.key = key
+	return &f, nil
+}
+
+// pendingFlowKeys lists the keys of this site's pending flows, at most limit.
+func (st appPasswordStore) pendingFlowKeys(ctx context.Context, limit int) ([]string, error) {
+	keys, err := st.records.List(ctx, storage.Key(kindLoginFlow, st.site))
+	if err != nil {
+		return nil, err
+	}
+	out := keys[:0]
+	for _, k := range keys {
+		if strings.HasPrefix(k, storage.Key(kindLoginFlow, st.site)+"/") && len(out) < limit {
+			out = append(out, k)
+		}
+	}
+	return out, nil
+}
+
+// pollToken opens the poll token sealed in f.
+func (st appPasswordStore) pollToken(f *PendingLoginFlow) (string, error) {
+	plain, err := st.records.Open(f.key, f.PollToken)
+	if err != nil {
+		return "", fmt.Errorf("opening poll token: %w", err)
+	}
+	return string(plain), nil
+}
+
+// deleteFlow removes the flow at f's key.
+func (st appPasswordStore) deleteFlow(ctx context.Context, f *PendingLoginFlow) error {
+	return st.records.Delete(ctx, f.key)
+}
