@@ -333,13 +333,6 @@ func New(cfg Config) (*Broker, error) {
 	default:
 		return nil, fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh, app_password or none", cfg.DelegationMode)
 	}
-	var appPasswords *appPasswords
-	if cfg.DelegationMode == DelegationAppPassword {
-		var err error
-		if appPasswords, err = newAppPasswords(&cfg); err != nil {
-			return nil, err
-		}
-	}
 
 	u, err := url.Parse(cfg.Resource)
 	if err != nil {
@@ -370,7 +363,6 @@ func New(cfg Config) (*Broker, error) {
 		delegation:       deleg,
 		upstreamClient:   newUpstreamClient(cfg.IdPTimeout),
 		learnSchedule:    defaultLearnSchedule,
-		appPasswords:     appPasswords,
 	}
 	if timed != nil {
 		timed.broker = b
@@ -378,6 +370,11 @@ func New(cfg Config) (*Broker, error) {
 	b.constantTimeCompare = subtle.ConstantTimeCompare
 	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)
 	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
+	if cfg.DelegationMode == DelegationAppPassword {
+		if b.appPasswords, err = newAppPasswords(&cfg, func() time.Time { return b.now() }); err != nil {
+			return nil, err
+		}
+	}
 	b.adminScanLimit = AdminScanLimit
 	b.openStores()
 	b.metadataURL = u.Scheme + "://" + u.Host + wellKnownProtectedResource + b.resourcePath

@@ -139,8 +139,8 @@ func (c *appPasswordCache) evict(subject string) {
 }
 
 // newAppPasswords builds the state of delegation mode app_password from cfg (defaults
-// filled in).
-func newAppPasswords(cfg *Config) (*appPasswords, error) {
+// filled in), on the broker's clock now.
+func newAppPasswords(cfg *Config, now func() time.Time) (*appPasswords, error) {
 	ac := cfg.AppPassword
 	client := ac.HTTPClient
 	if client == nil {
@@ -148,7 +148,7 @@ func newAppPasswords(cfg *Config) (*appPasswords, error) {
 	}
 	nc, err := nextcloud.New(nextcloud.Config{
 		URL: ac.NextcloudURL, PublicURL: ac.PublicURL, UserAgent: ac.UserAgent,
-		HTTPClient: client, Timeout: cfg.IdPTimeout,
+		HTTPClient: client, Timeout: cfg.IdPTimeout, Now: now,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("delegation app_password: %w", err)

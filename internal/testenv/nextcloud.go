@@ -249,6 +249,18 @@ func (n *NextcloudStandIn) Grant(loginURL, uid string) error {
 	return nil
 }
 
+// RevokeAppPasswords deletes uid's app passwords as the user would under Settings,
+// Security, Devices & sessions.
+func (n *NextcloudStandIn) RevokeAppPasswords(uid string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, p := range n.passwords {
+		if p.UID == uid {
+			p.Deleted = true
+		}
+	}
+}
+
 // Throttle makes the OCS calls answer 429 as a blocked address, or stop doing so.
 func (n *NextcloudStandIn) Throttle(on bool) {
 	n.mu.Lock()
