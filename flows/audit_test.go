@@ -291,3 +291,49 @@ func TestAuditedPathsResolveTheClientAddress(t *testing.T) {
 		}
 	}
 }
+
+// TestAppPasswordAuditEventsAndNoSecretsInLogs drives delegation mode app_password with the
+// broker's logger at DEBUG: a grant by another account (refused), the user's own grant,
+// tool calls carrying it, and its revocation. Each of its audit events is logged on the
+// audit logger, and no app password, poll token, login token, Basic value or client
+// token is in any entry (SECURITY.md W13).
+func TestAppPasswordAuditEventsAndNoSecretsInLogs(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	f := startAppPassword(t, o, nc, nil)
+	token := f.token(t, o.User)
+	if err := nc.Grant(f.open(t, f.elicit(t, token)), o.OtherUser.Subject); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.b.PollLoginFlows(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	f.provision(t, o.User)
+	f.whoami(t, token)
+	auth := f.up.Seen()[len(f.up.Seen())-1].Authorization
+	resp := do(t, http.MethodDelete, f.front.URL+pathOfflineAccessStatus, bearer(token), "")
+	resp.Body.Close()
+
+	for event, want := range map[string]int{
+		auditAppPasswordFlowStarted: 2, auditAppPasswordRefused: 1, auditAppPasswordGranted: 1, auditAppPasswordRevoked: 1,
+	} {
+		entries := f.logs.FilterLoggerName("audit").FilterMessage(event).All()
+		if len(entries) != want {
+			t.Errorf("%s logged %d times, want %d", event, len(entries), want)
+		}
+		for _, e := range entries {
+			if e.ContextMap()["subject"] != o.User.Subject {
+				t.Errorf("%s names %v", event, e.ContextMap()["subject"])
+			}
+		}
+	}
+	secrets := auditSecrets{"client token": token}
+	secrets.add("Basic value", strings.TrimPrefix(auth, "Basic "))
+	for i, s := range nc.Secrets() {
+		secrets.add(fmt.Sprintf("Nextcloud secret %d", i), s)
+	}
+	if len(secrets) < 7 { // two flows' poll and login tokens, two app passwords
+		t.Fatalf("only %d secrets to look for", len(secrets))
+	}
+	assertNoSecretInLogs(t, f.logs, secrets)
+}

@@ -54,6 +54,7 @@ type NextcloudStandIn struct {
 	throttled  bool
 	failStatus int
 	requests   []StandInRequest
+	issued     []string // poll and login tokens, app passwords: the secrets it handed out
 }
 
 type standInFlow struct {
@@ -137,6 +138,7 @@ func (n *NextcloudStandIn) initFlow(w http.ResponseWriter, r *http.Request) {
 	n.mu.Lock()
 	n.flows[poll] = f
 	n.byLogin[f.loginToken] = f
+	n.issued = append(n.issued, poll, f.loginToken)
 	n.mu.Unlock()
 	base := "http://" + r.Host + "/index.php"
 	writeStandInJSON(w, http.StatusOK, map[string]any{
@@ -245,6 +247,7 @@ func (n *NextcloudStandIn) Grant(loginURL, uid string) error {
 		return errors.New("the flow was granted already")
 	}
 	f.loginName, f.password = uid, standInRandom(72)
+	n.issued = append(n.issued, f.password)
 	n.passwords[f.password] = &StandInAppPassword{UID: uid, LoginName: uid, Name: f.userAgent}
 	return nil
 }
@@ -291,6 +294,14 @@ func (n *NextcloudStandIn) Requests() []StandInRequest {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return append([]StandInRequest(nil), n.requests...)
+}
+
+// Secrets are the poll tokens, login tokens and app passwords handed out so far, for
+// tests that look for them where they must not be.
+func (n *NextcloudStandIn) Secrets() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]string(nil), n.issued...)
 }
 
 // PendingFlows is how many flows are known and not taken.
