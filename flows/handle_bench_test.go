@@ -1,12 +1,14 @@
 package flows
 
 import (
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/nextcloud"
 )
 
 // discardWriter is a ResponseWriter that keeps nothing, so the benchmarks below measure
@@ -36,13 +38,21 @@ func BenchmarkHandleWarm(b *testing.B) {
 		{"delegation none, tools/call", DelegationNone, toolCall},
 		{"token exchange, tools/list", DelegationTokenExchange, list},
 		{"token exchange, tools/call", DelegationTokenExchange, toolCall},
+		{"app password, tools/list", DelegationAppPassword, list},
+		{"app password, tools/call", DelegationAppPassword, toolCall},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			br := newTestBroker(b, o, func(c *Config) {
 				c.DelegationMode = bc.delegation
 				c.DelegationAudience = "nextcloud"
 				c.Metrics = new(recordingMetrics) // counting must not allocate
+				c.AppPassword = AppPasswordConfig{NextcloudURL: "http://127.0.0.1:9"} // never called: the password is cached
 			})
+			if br.appPasswords != nil {
+				br.appPasswords.cache.put(o.User.Subject, appPasswordEntry{
+					header: nextcloud.BasicAuthorization(o.User.Subject, "app-password"), until: math.MaxInt64,
+				})
+			}
 			claims := o.AccessTokenClaims(o.User.Subject, testResource)
 			claims["scope"] = "openid notes:read notes:write"
 			tok := o.MintJWT(claims)
