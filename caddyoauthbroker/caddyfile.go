@@ -49,6 +49,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			narrow         tool_calls|none
 //			subject_header <header>
 //		}
+//		delegation        app_password {
+//			nextcloud_url        <url>
+//			nextcloud_public_url <url>
+//			user_claim           <claim>
+//			user_agent           <text>
+//		}
 //		tool_scope        <tool name or glob> <scope...>
 //		upstream_metadata <url>
 //		session_ttl       <duration>
@@ -386,6 +392,22 @@ func unmarshalDelegation(d *caddyfile.Dispenser) (*Delegation, error) {
 			}
 		case "narrow":
 			if !d.AllArgs(&del.Narrow) {
+				return nil, d.ArgErr()
+			}
+		case "nextcloud_url":
+			if !d.AllArgs(&del.NextcloudURL) {
+				return nil, d.ArgErr()
+			}
+		case "nextcloud_public_url":
+			if !d.AllArgs(&del.NextcloudPublicURL) {
+				return nil, d.ArgErr()
+			}
+		case "user_claim":
+			if !d.AllArgs(&del.UserClaim) {
+				return nil, d.ArgErr()
+			}
+		case "user_agent":
+			if !d.AllArgs(&del.UserAgent) {
 				return nil, d.ArgErr()
 			}
 		default:

@@ -253,9 +253,11 @@ type Client struct {
 // Delegation configures the token the upstream MCP server receives.
 type Delegation struct {
 	// `token_exchange` (RFC 8693 at the IdP), `refresh` (the refresh grant on the
-	// session's IdP grant, for IdPs without RFC 8693), or `none` (no token at all: the
-	// authenticated subject goes in `subject_header`). Default: token_exchange when the
-	// IdP's discovery advertises it, otherwise refresh.
+	// session's IdP grant, for IdPs without RFC 8693), `app_password` (the user's
+	// Nextcloud app password, obtained through Login Flow v2, as `Authorization: Basic`:
+	// for the Nextcloud MCP server's multi_user_basic mode), or `none` (no token at all:
+	// the authenticated subject goes in `subject_header`). Default: token_exchange when
+	// the IdP's discovery advertises it, otherwise refresh.
 	Mode string `json:"mode,omitempty"`
 
 	// The audience requested for delegated tokens, e.g. `nextcloud`. Default: none.
@@ -279,6 +281,27 @@ type Delegation struct {
 	// The request header that carries the authenticated subject to the upstream when
 	// mode is `none`. Default: `X-Auth-Subject`.
 	SubjectHeader string `json:"subject_header,omitempty"`
+
+	// Mode app_password: where the broker reaches Nextcloud (its base URL, e.g.
+	// `http://nextcloud:80` inside a container network). Required in that mode.
+	// Default: none.
+	NextcloudURL string `json:"nextcloud_url,omitempty"`
+
+	// Mode app_password: where users' browsers reach Nextcloud; the login URL Nextcloud
+	// answers is rewritten to it. Default: `nextcloud_url`.
+	NextcloudPublicURL string `json:"nextcloud_public_url,omitempty"`
+
+	// Mode app_password: the claim of the user's token that holds the Nextcloud user id,
+	// which the app password granted must authenticate as. With Nextcloud's oidc app
+	// `sub` is the user id; with Keycloak and user_oidc it is the claim user_oidc maps
+	// to the user id. Default: `sub`.
+	UserClaim string `json:"user_claim,omitempty"`
+
+	// Mode app_password: the User-Agent of the broker's Login Flow v2 requests, which
+	// names the app passwords in the user's Devices & sessions and must pass Nextcloud's
+	// `core.login_flow_v2.allowed_user_agents` when that is set. Default:
+	// `MCP OAuth broker`.
+	UserAgent string `json:"user_agent,omitempty"`
 }
 
 // OfflineAccess configures offline access.
@@ -533,6 +556,15 @@ func caddyClientIP(ctx context.Context) string {
 // and cancels ctx at once. The delay is short so that config reloads cannot starve it.
 func (h *Handler) sweepExpiredRecords(ctx context.Context) {
 	defer close(h.janitorDone)
+	// Beside the janitor, the Login Flow v2 polls of delegation app_password (nothing in
+	// other modes). The first comes an interval after Provision, when `caddy validate`
+	// has cancelled ctx already.
+	polled := make(chan struct{})
+	go func() {
+		defer close(polled)
+		h.broker.PollLoginFlowsEvery(ctx, flows.DefaultLoginFlowPollInterval)
+	}()
+	defer func() { <-polled }()
 	wait := time.NewTimer(janitorDelay)
 	defer wait.Stop()
 	select {
@@ -674,9 +706,12 @@ func (h *Handler) Validate() error {
 	}
 	if d := h.Delegation; d != nil {
 		switch d.Mode {
-		case "", flows.DelegationTokenExchange, flows.DelegationRefresh, flows.DelegationNone:
+		case "", flows.DelegationTokenExchange, flows.DelegationRefresh, flows.DelegationNone, flows.DelegationAppPassword:
 		default:
-			return fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh or none", d.Mode)
+			return fmt.Errorf("delegation: unknown mode %q; want token_exchange, refresh, app_password or none", d.Mode)
+		}
+		if err := d.validateAppPassword(); err != nil {
+			return err
 		}
 		if d.SubjectHeader != "" && !isToken(d.SubjectHeader) {
 			return fmt.Errorf("delegation: subject_header %q: not an HTTP header name; want letters, digits and !#$%%&'*+-.^_`|~ only (RFC 9110 §5.1)", d.SubjectHeader)
@@ -886,6 +921,9 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		cfg.DelegationScopes = d.Scopes
 		cfg.DelegationNarrow = d.Narrow
 		cfg.SubjectHeader = d.SubjectHeader
+		cfg.AppPassword = flows.AppPasswordConfig{
+			NextcloudURL: d.NextcloudURL, PublicURL: d.NextcloudPublicURL, UserClaim: d.UserClaim, UserAgent: d.UserAgent,
+		}
 	}
 	for _, t := range h.ToolScopes {
 		if t == nil {

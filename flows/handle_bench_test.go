@@ -45,7 +45,7 @@ func BenchmarkHandleWarm(b *testing.B) {
 			br := newTestBroker(b, o, func(c *Config) {
 				c.DelegationMode = bc.delegation
 				c.DelegationAudience = "nextcloud"
-				c.Metrics = new(recordingMetrics) // counting must not allocate
+				c.Metrics = new(recordingMetrics)                                     // counting must not allocate
 				c.AppPassword = AppPasswordConfig{NextcloudURL: "http://127.0.0.1:9"} // never called: the password is cached
 			})
 			if br.appPasswords != nil {
