@@ -24,8 +24,12 @@ var derivedDefaults = map[string]bool{
 	"Handler.StorageRaw":    true, // Caddy's storage
 	"Delegation.Mode":       true, // what the IdP's discovery advertises
 	"Delegation.Scopes":     true, // the handler's scopes, less the OpenID ones
-	"Client.Name":           true, // the client id
-	"Client.Scopes":         true, // the handler's scopes
+	// Mode app_password's fields: set only in that mode, the public URL from nextcloud_url.
+	"Delegation.NextcloudPublicURL": true,
+	"Delegation.UserClaim":          true,
+	"Delegation.UserAgent":          true,
+	"Client.Name":                   true, // the client id
+	"Client.Scopes":                 true, // the handler's scopes
 }
 
 // documentedDefaults reads module.go's doc comments: for each exported field of the

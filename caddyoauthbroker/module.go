@@ -25,6 +25,7 @@ import (
 
 	"github.com/caddy-mcp/oauth-broker/flows"
 	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/nextcloud"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -440,6 +441,17 @@ func (h *Handler) applyDefaults() {
 	}
 	if h.Delegation.Narrow == "" {
 		h.Delegation.Narrow = flows.DelegationNarrowToolCalls
+	}
+	if d := h.Delegation; d.Mode == flows.DelegationAppPassword {
+		if d.NextcloudPublicURL == "" {
+			d.NextcloudPublicURL = d.NextcloudURL
+		}
+		if d.UserClaim == "" {
+			d.UserClaim = "sub"
+		}
+		if d.UserAgent == "" {
+			d.UserAgent = nextcloud.DefaultUserAgent
+		}
 	}
 	if h.ClientMetadataDocuments == nil {
 		on := true

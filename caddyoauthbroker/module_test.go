@@ -70,6 +70,23 @@ func TestValidateErrors(t *testing.T) {
 		{"client redirect with userinfo", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"http://localhost:@evil.com/cb"} },
 			"redirect_uri must not contain userinfo"},
 		{"unknown delegation", func(h *Handler) { h.Delegation = &Delegation{Mode: "passthrough"} }, `delegation: unknown mode "passthrough"`},
+		{"app_password without nextcloud_url", func(h *Handler) { h.Delegation = &Delegation{Mode: "app_password"} },
+			"delegation app_password: nextcloud_url is required"},
+		{"app_password with a relative nextcloud_url", func(h *Handler) {
+			h.Delegation = &Delegation{Mode: "app_password", NextcloudURL: "nextcloud:80"}
+		}, `delegation app_password: nextcloud_url "nextcloud:80": want an http or https URL`},
+		{"app_password with userinfo in nextcloud_public_url", func(h *Handler) {
+			h.Delegation = &Delegation{Mode: "app_password", NextcloudURL: "http://nc", NextcloudPublicURL: "https://u:p@cloud.example.com"}
+		}, "delegation app_password: nextcloud_public_url"},
+		{"app_password with an audience", func(h *Handler) {
+			h.Delegation = &Delegation{Mode: "app_password", NextcloudURL: "http://nc", Audience: "nextcloud"}
+		}, "delegation app_password: audience and scopes do not apply"},
+		{"app_password with a control character in user_agent", func(h *Handler) {
+			h.Delegation = &Delegation{Mode: "app_password", NextcloudURL: "http://nc", UserAgent: "MCP\r\nX-Evil: 1"}
+		}, "delegation app_password: user_agent"},
+		{"nextcloud_url outside mode app_password", func(h *Handler) {
+			h.Delegation = &Delegation{Mode: "refresh", NextcloudURL: "http://nc"}
+		}, "delegation: nextcloud_url, nextcloud_public_url, user_claim and user_agent belong to mode app_password"},
 		{"tool_scope without scopes", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "x"}} }, "tool_scopes[0]: want a tool name or glob and at least one scope"},
 		{"tool_scope bad glob", func(h *Handler) { h.ToolScopes = []*ToolScope{{Tool: "[", Scopes: []string{"s"}}} }, `tool_scopes "[": bad glob`},
 		// First match wins: a second rule for the same tool would never apply, so the tool would

@@ -128,7 +128,7 @@ func TestProvisionRefusesWhatCannotWork(t *testing.T) {
 		{"a null tool scope", func(c map[string]any) { c["tool_scopes"] = []any{nil} }, "tool_scopes[0]: want a tool name"},
 		{"unknown mode, found by Provision", func(c map[string]any) { c["mode"] = "magic" }, `mode: unknown mode "magic"; want hybrid or progressive`},
 		{"unknown delegation, found by Provision", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "passthrough"} },
-			`delegation: unknown mode "passthrough"; want token_exchange, refresh or none`},
+			`delegation: unknown mode "passthrough"; want token_exchange, refresh, app_password or none`},
 		{"an offline access callback the broker does not serve", func(c map[string]any) { c["offline_access"] = map[string]any{"callback_path": "/elsewhere"} },
 			`offline_access: callback_path: want /oauth/offline-access/callback or /oauth/callback-nextcloud, got "/elsewhere"`},
 		{"refresh delegation in progressive mode", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "refresh"} },

@@ -194,7 +194,7 @@ func TestNewDelegationModes(t *testing.T) {
 		{"refresh in hybrid mode", ModeHybrid, DelegationRefresh, ""},
 		{"refresh in progressive mode is refused", ModeProgressive, DelegationRefresh,
 			"delegation refresh: needs mode hybrid, where the broker holds the IdP grant"},
-		{"an unknown mode is refused", ModeHybrid, "passthrough", `delegation: unknown mode "passthrough"; want token_exchange, refresh or none`},
+		{"an unknown mode is refused", ModeHybrid, "passthrough", `delegation: unknown mode "passthrough"; want token_exchange, refresh, app_password or none`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Config{Mode: tc.mode, Issuer: o.Issuer, Resource: testResource, DelegationMode: tc.delegation,
