@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -402,4 +403,84 @@ func (f *appPasswordTest) whoami(t *testing.T, token string) string {
 	raw, _ := json.Marshal(res.StructuredContent)
 	_ = json.Unmarshal(raw, &who)
 	return who.Subject
+}
+
+// TestAppPasswordHybridSessionRevokedDeletesIt: in hybrid mode, the user's app password
+// is provisioned through the broker's own tokens, and revoking the session (RFC 7009)
+// deletes it in Nextcloud and here.
+func TestAppPasswordHybridSessionRevokedDeletesIt(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	up := testenv.StartUpstream(t, testenv.BasicPassThrough())
+	b, front := startHybridFront(t, o, up.URL, func(c *Config) {
+		c.DelegationMode = DelegationAppPassword
+		c.AppPassword = AppPasswordConfig{NextcloudURL: nc.URL, PublicURL: ncPublicURL}
+		c.ToolScopes = nil
+	})
+	f := &appPasswordTest{o: o, nc: nc, up: up, b: b, front: front, resource: front.URL + "/mcp"}
+	tok := brokerTokensFor(t, front, o, []string{"openid", "notes:read"})
+	if err := nc.Grant(f.open(t, f.elicit(t, tok.AccessToken)), o.User.Subject); err != nil {
+		t.Fatal(err)
+	}
+	if who := f.whoami(t, tok.AccessToken); who != o.User.Subject {
+		t.Fatalf("the upstream's tool saw %q", who)
+	}
+	if user, _ := f.upstreamBasic(t); user != o.User.Subject {
+		t.Fatalf("upstream Basic for %q", user)
+	}
+	resp := do(t, http.MethodPost, front.URL+pathRevoke, http.Header{"Content-Type": {"application/x-www-form-urlencoded"}},
+		url.Values{"token": {tok.RefreshToken}, "client_id": {testenv.NativeClientID}}.Encode())
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("revocation: %s", resp.Status)
+	}
+	if pws := nc.AppPasswords(); len(pws) != 1 || !pws[0].Deleted {
+		t.Errorf("app passwords in Nextcloud %+v", pws)
+	}
+	if f.stored(t, o.User.Subject) != nil {
+		t.Error("still stored")
+	}
+}
+
+// TestAppPasswordUserClaim: with user_claim set, the app password must authenticate as the
+// Nextcloud user that claim of the caller's token names, not as its sub.
+func TestAppPasswordUserClaim(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	f := &appPasswordTest{o: o, nc: nc, clock: &testenv.Clock{}, up: testenv.StartUpstream(t, testenv.BasicPassThrough())}
+	var handler http.Handler
+	f.front = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
+	t.Cleanup(f.front.Close)
+	f.resource = f.front.URL + "/mcp"
+	f.b = newTestBroker(t, o, func(c *Config) {
+		c.Resource = f.resource
+		c.DelegationMode = DelegationAppPassword
+		c.AppPassword = AppPasswordConfig{NextcloudURL: nc.URL, PublicURL: ncPublicURL, UserClaim: "nextcloud_uid"}
+		c.ToolScopes = nil
+	})
+	handler = startFront(t, f.b, f.up.URL).Config.Handler
+	claims := o.AccessTokenClaims(o.User.Subject, f.resource)
+	claims["scope"] = "openid notes:read"
+	claims["nextcloud_uid"] = "alice"
+	token := o.MintJWT(claims)
+
+	login := f.open(t, f.elicit(t, token))
+	if err := nc.Grant(login, o.User.Subject); err != nil { // the sub, not the Nextcloud user
+		t.Fatal(err)
+	}
+	if err := f.b.PollLoginFlows(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if f.stored(t, o.User.Subject) != nil {
+		t.Fatal("an app password of the sub's account was stored")
+	}
+	if err := nc.Grant(f.open(t, f.elicit(t, token)), "alice"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.b.PollLoginFlows(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if g := f.stored(t, o.User.Subject); g == nil || g.NextcloudUser != "alice" || g.LoginName != "alice" {
+		t.Fatalf("stored %+v", g)
+	}
 }
