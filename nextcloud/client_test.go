@@ -3,6 +3,7 @@ package nextcloud_test
 import (
 	"errors"
 	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -141,6 +142,22 @@ func TestConfigRefused(t *testing.T) {
 	} {
 		if _, err := nextcloud.New(cfg); err == nil {
 			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestLoginFlowUserAgentAllowList(t *testing.T) {
+	n := testenv.StartNextcloudStandIn(t)
+	n.AllowedUserAgents = []*regexp.Regexp{regexp.MustCompile(`(?i)^MCP broker`)}
+	for ua, allowed := range map[string]bool{"MCP broker test": true, "curl/8": false} {
+		c := newClient(t, n, func(cfg *nextcloud.Config) { cfg.UserAgent = ua })
+		flow, err := c.StartLoginFlow(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = n.Grant(strings.Replace(flow.LoginURL, "https://cloud.example.com/nc", n.URL, 1), "alice")
+		if (err == nil) != allowed {
+			t.Errorf("User-Agent %q: grant %v", ua, err)
 		}
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -46,6 +48,10 @@ type NextcloudStandIn struct {
 	server *http.Server
 	// Now is the stand-in's clock; it may be replaced before the first request.
 	Now func() time.Time
+	// AllowedUserAgents is core.login_flow_v2.allowed_user_agents: when set, Grant
+	// refuses a flow whose User-Agent matches none ("Please use original client"), as
+	// the auth picker and grant pages do. Set before the first request.
+	AllowedUserAgents []*regexp.Regexp
 
 	mu         sync.Mutex
 	flows      map[string]*standInFlow // by poll token
@@ -245,6 +251,9 @@ func (n *NextcloudStandIn) Grant(loginURL, uid string) error {
 	}
 	if f.password != "" {
 		return errors.New("the flow was granted already")
+	}
+	if len(n.AllowedUserAgents) > 0 && !slices.ContainsFunc(n.AllowedUserAgents, func(re *regexp.Regexp) bool { return re.MatchString(f.userAgent) }) {
+		return errors.New("please use original client")
 	}
 	f.loginName, f.password = uid, standInRandom(72)
 	n.issued = append(n.issued, f.password)
