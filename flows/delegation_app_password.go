@@ -338,23 +338,65 @@ func (b *Broker) updateAppPassword(ctx context.Context, g *AppPasswordGrant, cha
 }
 
 // deleteAtNextcloud deletes an app password in Nextcloud and tells whether it is gone
-// there (deleted now, or unknown already).
+// there (deleted now, or unknown already). When Nextcloud cannot be asked now, the
+// deletion is queued, sealed, for the poller to retry (retryDeletions).
 func (b *Broker) deleteAtNextcloud(ctx context.Context, subject string, creds nextcloud.Credentials) bool {
+	ctx = context.WithoutCancel(ctx)
+	var err error
 	if b.appPasswords.throttled(b.now()) {
-		b.log.delegation.Error("Nextcloud throttles the broker; the app password stays valid in Nextcloud until the user removes it under Settings, Security, Devices & sessions",
-			zap.String("subject", subject), zap.String("login_name", creds.LoginName))
+		err = errors.New("throttled by Nextcloud's brute-force protection")
+	} else {
+		callCtx, cancel := context.WithTimeout(ctx, b.cfg.IdPTimeout)
+		err = b.appPasswords.nc.DeleteAppPassword(callCtx, creds)
+		cancel()
+		if err == nil || errors.Is(err, nextcloud.ErrInvalidCredentials) {
+			return true
+		}
+		b.noteThrottle(err)
+	}
+	d := AppPasswordDeletion{Subject: subject, LoginName: creds.LoginName, CreatedAt: b.now().UTC()}
+	if qerr := b.appPasswords.store.putDeletion(ctx, &d, creds.AppPassword); qerr != nil {
+		b.log.delegation.Error("the app password could not be deleted in Nextcloud nor queued for deletion; it stays valid there until the user removes it under Settings, Security, Devices & sessions",
+			zap.String("subject", subject), zap.String("login_name", creds.LoginName), zap.Error(err), zap.NamedError("queueing", qerr))
 		return false
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.cfg.IdPTimeout)
-	defer cancel()
-	err := b.appPasswords.nc.DeleteAppPassword(ctx, creds)
-	if err == nil || errors.Is(err, nextcloud.ErrInvalidCredentials) {
-		return true
-	}
-	b.noteThrottle(err)
-	b.log.delegation.Error("the app password could not be deleted in Nextcloud; it stays valid there until the user removes it under Settings, Security, Devices & sessions",
+	b.log.delegation.Warn("the app password could not be deleted in Nextcloud yet; queued for retry",
 		zap.String("subject", subject), zap.String("login_name", creds.LoginName), zap.Error(err))
 	return false
+}
+
+// retryDeletions retries the queued deletions of app passwords in Nextcloud, once each,
+// while Nextcloud does not throttle the broker.
+func (b *Broker) retryDeletions(ctx context.Context) error {
+	ap := b.appPasswords
+	keys, err := ap.store.deletionKeys(ctx, loginFlowPollLimit)
+	if err != nil {
+		return fmt.Errorf("listing app password deletions: %w", err)
+	}
+	for _, key := range keys {
+		if ap.throttled(b.now()) || ctx.Err() != nil {
+			return ctx.Err()
+		}
+		d, password, err := ap.store.loadDeletionAt(ctx, key)
+		if err != nil {
+			if d != nil { // unopenable: nothing to delete with
+				_ = ap.store.deleteDeletion(ctx, d)
+			}
+			continue
+		}
+		callCtx, cancel := context.WithTimeout(ctx, b.cfg.IdPTimeout)
+		err = ap.nc.DeleteAppPassword(callCtx, nextcloud.Credentials{LoginName: d.LoginName, AppPassword: password})
+		cancel()
+		if err != nil && !errors.Is(err, nextcloud.ErrInvalidCredentials) {
+			b.noteThrottle(err)
+			continue
+		}
+		if err := ap.store.deleteDeletion(ctx, d); err != nil {
+			b.log.delegation.Warn("removing a done app password deletion", zap.Error(err))
+		}
+		b.log.delegation.Info("queued app password deleted in Nextcloud", zap.String("subject", d.Subject), zap.String("login_name", d.LoginName))
+	}
+	return nil
 }
 
 // elicitAppPassword answers a tool call of a user without an app password with the URL
@@ -491,8 +533,9 @@ func (b *Broker) appPasswordStart(w http.ResponseWriter, r *http.Request) error 
 	return nil
 }
 
-// PollLoginFlows polls each pending Login Flow v2 of this site that is due, once. Each
-// poll holds its user's storage lock, so nodes sharing the storage take turns.
+// PollLoginFlows polls each pending Login Flow v2 of this site that is due, once, and
+// retries the queued deletions of app passwords. Each poll holds its user's storage
+// lock, so nodes sharing the storage take turns.
 func (b *Broker) PollLoginFlows(ctx context.Context) error {
 	if b.appPasswords == nil {
 		return nil
@@ -509,7 +552,7 @@ func (b *Broker) PollLoginFlows(ctx context.Context) error {
 			b.log.delegation.Warn("polling a login flow", zap.Error(err))
 		}
 	}
-	return nil
+	return b.retryDeletions(ctx)
 }
 
 // PollLoginFlowsEvery runs PollLoginFlows every interval until ctx ends (the caller's

@@ -484,3 +484,51 @@ func TestAppPasswordUserClaim(t *testing.T) {
 		t.Fatalf("stored %+v", g)
 	}
 }
+
+// TestAppPasswordDeletionRetried: an app password that must be deleted in Nextcloud while
+// Nextcloud throttles the broker (here: another account's grant, which cannot even be
+// checked) is queued, sealed, and deleted by the poller once the throttling is over.
+func TestAppPasswordDeletionRetried(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	f := startAppPassword(t, o, nc, nil)
+	token := f.token(t, o.User)
+	if err := nc.Grant(f.open(t, f.elicit(t, token)), o.OtherUser.Subject); err != nil {
+		t.Fatal(err)
+	}
+	nc.Throttle(true)
+	if err := f.b.PollLoginFlows(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if f.stored(t, o.User.Subject) != nil {
+		t.Fatal("an unverifiable app password was stored")
+	}
+	if pws := nc.AppPasswords(); len(pws) != 1 || pws[0].Deleted {
+		t.Fatalf("app passwords %+v", pws)
+	}
+	if e := f.auditEvents(auditAppPasswordRefused); len(e) != 1 || e[0].ContextMap()["reason"] != "unverifiable" {
+		t.Errorf("audit %+v", e)
+	}
+	keys, err := f.b.appPasswords.store.deletionKeys(t.Context(), 10)
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("queued deletions %v %v", keys, err)
+	}
+	nc.Throttle(false)
+	if err := f.b.PollLoginFlows(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if pws := nc.AppPasswords(); pws[0].Deleted {
+		t.Error("deleted while the broker should still hold back")
+	}
+	f.clock.Advance(nextcloud.DefaultThrottleWait + time.Second)
+	if err := f.b.PollLoginFlows(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if pws := nc.AppPasswords(); !pws[0].Deleted {
+		t.Error("the queued deletion was not retried")
+	}
+	if keys, _ := f.b.appPasswords.store.deletionKeys(t.Context(), 10); len(keys) != 0 {
+		t.Errorf("deletions still queued: %d", len(keys))
+	}
+	assertNoSecretInLogs(t, f.logs, auditSecrets{"app password": nc.Secrets()[2]})
+}

@@ -30,6 +30,8 @@ const (
 	appPasswordGrantTTL = 365 * 24 * time.Hour
 	// loginFlowTTL outlives Nextcloud's flow by a minute, so that the poller sees it end.
 	loginFlowTTL = nextcloud.FlowLifetime + time.Minute
+	// appPasswordDeletionTTL is how long the poller keeps retrying a deletion in Nextcloud.
+	appPasswordDeletionTTL = 30 * 24 * time.Hour
 )
 
 // keys returns where kind's record of subject may be, the current key first. Empty
@@ -182,4 +184,48 @@ func (st appPasswordStore) pollToken(f *PendingLoginFlow) (string, error) {
 // deleteFlow removes the flow at f's key.
 func (st appPasswordStore) deleteFlow(ctx context.Context, f *PendingLoginFlow) error {
 	return st.records.Delete(ctx, f.key)
+}
+
+// putDeletion stores an app password to delete in Nextcloud later, sealed, under a random
+// id of this site.
+func (st appPasswordStore) putDeletion(ctx context.Context, d *AppPasswordDeletion, password string) error {
+	key := storage.Key(kindAppPasswordDeletion, st.site, storage.Hash(randomToken()))
+	sealed, err := st.records.Seal(key, []byte(password))
+	if err != nil {
+		return fmt.Errorf("sealing app password: %w", err)
+	}
+	d.AppPassword = sealed
+	if err := st.records.Put(ctx, key, d, appPasswordDeletionTTL); err != nil {
+		return fmt.Errorf("storing app password deletion: %w", err)
+	}
+	d.key = key
+	return nil
+}
+
+// deletionKeys lists this site's pending deletions, at most limit.
+func (st appPasswordStore) deletionKeys(ctx context.Context, limit int) ([]string, error) {
+	keys, err := st.records.List(ctx, storage.Key(kindAppPasswordDeletion, st.site))
+	if err != nil {
+		return nil, err
+	}
+	return keys[:min(len(keys), limit)], nil
+}
+
+// loadDeletionAt reads the deletion at key and opens its app password.
+func (st appPasswordStore) loadDeletionAt(ctx context.Context, key string) (*AppPasswordDeletion, string, error) {
+	var d AppPasswordDeletion
+	if err := st.records.Get(ctx, key, &d); err != nil {
+		return nil, "", err
+	}
+	d.key = key
+	plain, err := st.records.Open(key, d.AppPassword)
+	if err != nil {
+		return &d, "", fmt.Errorf("opening app password: %w", err)
+	}
+	return &d, string(plain), nil
+}
+
+// deleteDeletion removes a deletion record, done.
+func (st appPasswordStore) deleteDeletion(ctx context.Context, d *AppPasswordDeletion) error {
+	return st.records.Delete(ctx, d.key)
 }

@@ -17,23 +17,24 @@ import (
 
 // Storage key prefixes, one per record kind.
 const (
-	kindClient                   = "clients"           // RegisteredClient, by Hash(client_id)
-	kindConsent                  = "consent"           // ConsentTicket, by Hash(ticket)
-	kindIdPState                 = "idp_state"         // PendingLogin, by Hash(state sent to the IdP)
-	kindSession                  = "sessions"          // Session, by session id
-	kindCode                     = "codes"             // AuthorizationCode, by Hash(code)
-	kindUsedCode                 = "used_codes"        // UsedCode, by Hash(code): replay detection
-	kindAccessToken              = "access"            // AccessToken, by Hash(token)
-	kindRefreshToken             = "refresh"           // RefreshToken, by Hash(token)
-	kindFamily                   = "families"          // TokenFamily, by family id
-	kindOfflineAccessGrant       = "offline"           // OfflineAccessGrant, by site, then keyed hash of subject
-	kindLegacyOfflineAccessGrant = "provisioning"      // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
-	kindOfflineAccessState       = "flow2_state"       // PendingOfflineAccess, by Hash(state)
-	kindOfflineAccessLink        = "flow2_link"        // OfflineAccessLink, by Hash(link token)
-	kindHealthProbe              = "health"            // HealthProbe, by site, then a random id of the broker instance
-	kindAppPassword              = "app_password"      // AppPasswordGrant, by site, then keyed hash of subject
-	kindLoginFlow                = "login_flow"        // PendingLoginFlow, by site, then keyed hash of subject
-	kindAppPasswordLink          = "app_password_link" // AppPasswordLink, by Hash(link token)
+	kindClient                   = "clients"               // RegisteredClient, by Hash(client_id)
+	kindConsent                  = "consent"               // ConsentTicket, by Hash(ticket)
+	kindIdPState                 = "idp_state"             // PendingLogin, by Hash(state sent to the IdP)
+	kindSession                  = "sessions"              // Session, by session id
+	kindCode                     = "codes"                 // AuthorizationCode, by Hash(code)
+	kindUsedCode                 = "used_codes"            // UsedCode, by Hash(code): replay detection
+	kindAccessToken              = "access"                // AccessToken, by Hash(token)
+	kindRefreshToken             = "refresh"               // RefreshToken, by Hash(token)
+	kindFamily                   = "families"              // TokenFamily, by family id
+	kindOfflineAccessGrant       = "offline"               // OfflineAccessGrant, by site, then keyed hash of subject
+	kindLegacyOfflineAccessGrant = "provisioning"          // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
+	kindOfflineAccessState       = "flow2_state"           // PendingOfflineAccess, by Hash(state)
+	kindOfflineAccessLink        = "flow2_link"            // OfflineAccessLink, by Hash(link token)
+	kindHealthProbe              = "health"                // HealthProbe, by site, then a random id of the broker instance
+	kindAppPassword              = "app_password"          // AppPasswordGrant, by site, then keyed hash of subject
+	kindLoginFlow                = "login_flow"            // PendingLoginFlow, by site, then keyed hash of subject
+	kindAppPasswordLink          = "app_password_link"     // AppPasswordLink, by Hash(link token)
+	kindAppPasswordDeletion      = "app_password_deletion" // AppPasswordDeletion, by site, then a random id
 )
 
 // recordKey builds the storage key of a record of kind for a client-supplied or random id.
@@ -300,4 +301,19 @@ type AppPasswordGrant struct {
 	// RevokedAt is when Nextcloud said the app password is not valid (OCS 401): the
 	// password is erased and the user asked to grant one again.
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// AppPasswordDeletion is an app password the broker must delete in Nextcloud and could not
+// yet (Nextcloud throttled the broker or was down): one refused as another account's or
+// unverifiable, replaced, or revoked. It is never used upstream; the poller retries the
+// deletion until Nextcloud confirms it or the record expires.
+type AppPasswordDeletion struct {
+	// key is where the record was read from or written to: the sealed password opens only
+	// there.
+	key string
+
+	Subject     string    `json:"subject"`
+	LoginName   string    `json:"login_name"`
+	AppPassword string    `json:"app_password_sealed"` // sealed
+	CreatedAt   time.Time `json:"created_at"`
 }
