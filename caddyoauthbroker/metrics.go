@@ -155,6 +155,8 @@ func (c *brokerCollectors) eventSeries(e flows.Event) (*prometheus.CounterVec, s
 		return c.requests, "refused"
 	case flows.RequestOfflineAccessNeeded:
 		return c.requests, "offline_access_required"
+	case flows.RequestAppPasswordNeeded:
+		return c.requests, "app_password_required"
 	case flows.RequestRateLimited:
 		return c.requests, "rate_limited"
 	case flows.RequestUnavailable:

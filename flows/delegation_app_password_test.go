@@ -35,6 +35,7 @@ type appPasswordTest struct {
 	resource string
 	logs     *observer.ObservedLogs
 	clock    *testenv.Clock
+	metrics  recordingMetrics
 }
 
 func startAppPassword(t *testing.T, o *testenv.OP, nc *testenv.NextcloudStandIn, records *storage.Records) *appPasswordTest {
@@ -58,6 +59,7 @@ func (f *appPasswordTest) newBroker(t *testing.T, records *storage.Records, logg
 		c.DelegationMode = DelegationAppPassword
 		c.AppPassword = AppPasswordConfig{NextcloudURL: f.nc.URL, PublicURL: ncPublicURL, UserAgent: "MCP broker (test)"}
 		c.ToolScopes = nil
+		c.Metrics = &f.metrics
 		if records != nil {
 			c.Records = records
 		}
@@ -274,6 +276,9 @@ func TestAppPasswordGrantedByAnotherAccountIsRefused(t *testing.T) {
 		t.Error("the flow is still pending in Nextcloud")
 	}
 	f.elicit(t, token) // still none: the tool call asks again
+	if n := f.metrics.events[RequestAppPasswordNeeded].Load(); n != 2 {
+		t.Errorf("%d elicitations counted, want 2", n)
+	}
 }
 
 func TestAppPasswordPollSurvivesAnotherBroker(t *testing.T) {

@@ -34,6 +34,7 @@ const (
 	RequestInsufficientScope                // 403 insufficient_scope (step-up)
 	RequestRefused                          // another 4xx: framing, a token in the query, method
 	RequestOfflineAccessNeeded              // answered with the offline access elicitation
+	RequestAppPasswordNeeded                // answered with the app password elicitation (delegation app_password)
 	RequestRateLimited                      // 429
 	RequestUnavailable                      // 503: storage or the IdP
 	RequestFailed                           // another 5xx

@@ -97,8 +97,7 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 		return nil, nil
 	}
 	if who == nil {
-		b.count(RequestOfflineAccessNeeded)
-		return nil, nil // answered with a URL elicitation (offline_access_elicitation.go)
+		return nil, nil // answered with a URL elicitation, counted by admit
 	}
 	b.count(RequestPassed)
 	return r, who
@@ -121,6 +120,9 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	}
 	if len(tools) > 0 {
 		if answered, err := b.checkOfflineAccess(w, r, who, tools); err != nil || answered {
+			if err == nil {
+				b.count(RequestOfflineAccessNeeded) // answered with a URL elicitation (offline_access_elicitation.go)
+			}
 			return nil, err
 		}
 	}
@@ -133,6 +135,9 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	r.Trailer = nil
 	if b.appPasswords != nil {
 		if answered, err := b.delegateAppPassword(w, r, who, raw, tools); err != nil || answered {
+			if err == nil {
+				b.count(RequestAppPasswordNeeded) // answered with a URL elicitation (delegation_app_password.go)
+			}
 			return nil, err
 		}
 	} else if err := b.delegateInto(r, who, raw, need); err != nil {
