@@ -39,7 +39,7 @@ import (
 //   - The flow is polled from storage under the user's lock: by a loop beside the janitor
 //     (PollLoginFlows) and at once on the user's next tools/call, so a config reload or a
 //     killed instance loses nothing; it ends with Nextcloud's 1200 s.
-//   - The grant must come from the caller (SECURITY.md S1.20): before anything is stored, OCS
+//   - The grant must come from the caller (SECURITY.md S1.21): before anything is stored, OCS
 //     cloud/user says whom the new app password authenticates as, and that must be the
 //     Nextcloud user the caller's token names (user_claim). A mismatch, or no answer, and
 //     nothing is stored: the app password is deleted in Nextcloud.
@@ -47,7 +47,7 @@ import (
 //     too. It is marked revoked here only when Nextcloud itself says it is invalid (an OCS
 //     401), checked at most every appPasswordConfirmInterval; an outage (5xx, timeout, any
 //     other 401) changes nothing, and a 429 of Nextcloud's brute-force protection holds
-//     every call to Nextcloud back until its time is over (SECURITY.md S1.21, S2.23).
+//     every call to Nextcloud back until its time is over (SECURITY.md S1.22, S2.23).
 
 // AppPasswordConfig configures delegation mode app_password.
 type AppPasswordConfig struct {
