@@ -21,8 +21,8 @@ import (
 
 // Nextcloud's fixed parts of the protocol.
 const (
-	// FlowLifetime is how long Nextcloud keeps a Login Flow v2 (LoginFlowV2Mapper's
-	// lifetime): after it, polls answer 404 as for an unknown token.
+	// FlowLifetime is how long Nextcloud keeps a Login Flow v2: after it, polls answer
+	// 404 as for an unknown token.
 	FlowLifetime = 1200 * time.Second
 
 	pathLoginFlow   = "/index.php/login/v2"
@@ -30,8 +30,8 @@ const (
 	pathCurrentUser = "/ocs/v2.php/cloud/user"
 	pathAppPassword = "/ocs/v2.php/core/apppassword"
 
-	// ocsUnauthorised is OCS's statuscode for "not logged in" (OCSController::RESPOND_UNAUTHORISED),
-	// answered with HTTP 401 on /ocs/v2.php.
+	// ocsUnauthorised is OCS's statuscode for "not logged in", answered with HTTP 401 on
+	// /ocs/v2.php.
 	ocsUnauthorised = 997
 )
 

@@ -17,13 +17,13 @@ import (
 
 // NextcloudStandIn is a stand-in for the parts of a Nextcloud server that delegation mode
 // app_password talks to, since Nextcloud itself (PHP, a database) cannot run here: Login
-// Flow v2 (core/Controller/ClientFlowLoginV2Controller.php, LoginFlowV2Service,
-// LoginFlowV2Mapper) and two OCS calls made with an app password (GET
-// /ocs/v2.php/cloud/user, DELETE /ocs/v2.php/core/apppassword). It follows Nextcloud's
-// protocol as its controllers and core/openapi.json describe it:
+// Flow v2 and two OCS calls made with an app password (GET /ocs/v2.php/cloud/user, DELETE
+// /ocs/v2.php/core/apppassword). It follows Nextcloud's protocol as read in its Login Flow
+// v2 controller, service and record mapper, its app password controller, its OCS v2
+// responses, its brute-force throttler and its OpenAPI description of the core API:
 //
 //   - POST /index.php/login/v2 answers 200 {"poll":{"token","endpoint"},"login"}, the URLs
-//     built from the host the request reached (Nextcloud's linkToRouteAbsolute), the poll
+//     built from the host the request reached (absolute route URLs), the poll
 //     and login tokens 128 characters of [0-9a-zA-Z], the User-Agent kept as the name of
 //     the app password to come.
 //   - POST /index.php/login/v2/poll with form field token answers 404 with the body []
@@ -103,7 +103,8 @@ func StartNextcloudStandIn(t testing.TB) *NextcloudStandIn {
 	return n
 }
 
-// standInAlphabet is ISecureRandom's CHAR_DIGITS.CHAR_LOWER.CHAR_UPPER.
+// standInAlphabet is what Nextcloud draws its tokens and app passwords from: digits, lower
+// and upper case letters.
 const standInAlphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 func standInRandom(n int) string {
@@ -115,7 +116,7 @@ func standInRandom(n int) string {
 	return string(b)
 }
 
-// standInLifetime is LoginFlowV2Mapper's lifetime.
+// standInLifetime is how long Nextcloud keeps a login flow.
 const standInLifetime = 1200 * time.Second
 
 func (n *NextcloudStandIn) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -212,7 +213,7 @@ func (n *NextcloudStandIn) ocs(w http.ResponseWriter, r *http.Request, login, pa
 	}
 }
 
-// writeOCS writes an OCS v2 JSON answer (V2Response): status "ok" for 2xx, else "failure".
+// writeOCS writes an OCS v2 JSON answer: status "ok" for 2xx, else "failure".
 func writeOCS(w http.ResponseWriter, httpStatus, ocsStatus int, message string, data any) {
 	status := "failure"
 	if ocsStatus >= 200 && ocsStatus < 300 {
