@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -59,19 +60,64 @@ func nextcloudSiteA(idp *NodeIdP, mcpServer *testenv.NextcloudMCP) string {
 // The audience reaches the JWT two ways, one row each: the broker sends the delegation
 // audience as the RFC 8707 resource at the IdP's authorization endpoint; or the admin
 // sets it as the resource identifier of the broker's client in the oidc app.
+//
+// The first row runs Caddyfile.example itself, only its hosts, secrets and key replaced
+// (nextcloudExampleSite), so that what the README tells an admin to copy is what passes.
 func TestNextcloudDeploymentAThroughCaddyBinary(t *testing.T) {
 	for _, row := range []struct {
 		name               string
 		resourceIdentifier bool
+		example            bool
 	}{
-		{"audience sent as the resource at the IdP", false},
-		{"audience set as the client's resource identifier in the oidc app", true},
+		{"Caddyfile.example: audience sent as the resource at the IdP", false, true},
+		{"audience set as the client's resource identifier in the oidc app", true, false},
 	} {
-		t.Run(row.name, func(t *testing.T) { nextcloudDeploymentA(t, row.resourceIdentifier) })
+		t.Run(row.name, func(t *testing.T) { nextcloudDeploymentA(t, row.resourceIdentifier, row.example) })
 	}
 }
 
-func nextcloudDeploymentA(t *testing.T, resourceIdentifier bool) {
+// nextcloudExampleSite is Caddyfile.example without its comments, and with the names an
+// admin replaces replaced:
+// the broker's public URL by caddy's on port, both of Nextcloud's URLs by the IdP's, the
+// MCP server's address, the client's credentials and the key file by the test's.
+func nextcloudExampleSite(t *testing.T, idp *NodeIdP, mcpServer *testenv.NextcloudMCP, port int) string {
+	t.Helper()
+	example, err := os.ReadFile("../Caddyfile.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	up, _ := url.Parse(mcpServer.URL)
+	site := strings.NewReplacer(
+		"https://mcp.example.com", base,
+		"\nmcp.example.com {", "\n"+base+" {",
+		"http://nextcloud.internal", idp.Issuer,
+		"https://cloud.example.com", idp.Issuer,
+		"{env.MCP_BROKER_CLIENT_ID}", nodeBrokerClientID,
+		"{env.MCP_BROKER_CLIENT_SECRET}", nodeBrokerClientSecret,
+		"{file./etc/caddy/mcp_oauth.key}", testKey,
+		"reverse_proxy 127.0.0.1:8000", "reverse_proxy "+up.Host,
+	).Replace(stripCaddyfileComments(string(example)))
+	for _, left := range []string{"example.com", "nextcloud.internal", "{env.", "{file.", ":8000\n"} {
+		if strings.Contains(site, left) {
+			t.Fatalf("Caddyfile.example: %q left after replacing the names an admin changes", left)
+		}
+	}
+	return site
+}
+
+// stripCaddyfileComments drops the comment lines of a Caddyfile.
+func stripCaddyfileComments(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(l), "#") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+func nextcloudDeploymentA(t *testing.T, resourceIdentifier, example bool) {
 	requireInterop(t)
 	idp := startNodeIdPConfig(t, profileNextcloud, map[string]any{
 		"clients":    []nodeClient{nodeBrokerClient()},
@@ -81,16 +127,27 @@ func nextcloudDeploymentA(t *testing.T, resourceIdentifier bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	server := testenv.StartNextcloudMCP(t, testenv.NextcloudMCPSettings{
+	settings := testenv.NextcloudMCPSettings{
 		Issuer:        idp.Issuer, // the issuer its discovery finds
 		NextcloudHost: idp.Issuer,
 		JWKSURI:       disc["jwks_uri"].(string),
 		ClientID:      "nextcloud-mcp-server",
-	})
-	if resourceIdentifier {
-		idp.setClientSettings(t, nodeBrokerClientID, map[string]string{"resourceUrl": server.URL + "/mcp"})
 	}
-	caddy := startCaddy(t, nextcloudSiteA(idp, server))
+	var caddy *caddyProc
+	var server *testenv.NextcloudMCP
+	if example {
+		// As Caddyfile.example says: the MCP server's public URL is the broker's.
+		port := freePort(t)
+		settings.ServerURL = fmt.Sprintf("http://127.0.0.1:%d", port)
+		server = testenv.StartNextcloudMCP(t, settings)
+		caddy = startCaddy(t, nextcloudExampleSite(t, idp, server, port), withPort(port))
+	} else {
+		server = testenv.StartNextcloudMCP(t, settings)
+		if resourceIdentifier {
+			idp.setClientSettings(t, nodeBrokerClientID, map[string]string{"resourceUrl": server.URL + "/mcp"})
+		}
+		caddy = startCaddy(t, nextcloudSiteA(idp, server))
+	}
 
 	var held []string // hashes of every token the client held
 	login := func(t *testing.T, scopes ...string) *oauth2.Token {
@@ -213,7 +270,7 @@ func nextcloudDeploymentA(t *testing.T, resourceIdentifier bool) {
 		if len(seen) == 0 {
 			t.Fatal("the server saw nothing")
 		}
-		audience := []string{server.URL + "/mcp"}
+		audience := []string{server.ServerURL + "/mcp"}
 		var sawWrite bool
 		for _, r := range seen {
 			if r.TokenSHA256 == "" || r.Error != "" {

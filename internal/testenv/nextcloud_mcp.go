@@ -35,6 +35,10 @@ type NextcloudMCPSettings struct {
 	JWKSURI string
 	// ClientID is its own OIDC client's id (NEXTCLOUD_OIDC_CLIENT_ID), one aud it accepts.
 	ClientID string
+	// ServerURL is its NEXTCLOUD_MCP_SERVER_URL, the public URL clients reach it by (behind
+	// the broker: the broker's): aud may be it or ServerURL/mcp, and its metadata names it.
+	// Default: URL, where it listens.
+	ServerURL string
 }
 
 // The scopes of a NextcloudMCP's tools: per app, <app>.read and <app>.write.
@@ -85,9 +89,10 @@ const (
 // keep notes in memory per user: nc_notes_search_notes (notes.read) and
 // nc_notes_create_note (notes.write).
 type NextcloudMCP struct {
-	// URL is its NEXTCLOUD_MCP_SERVER_URL, "http://127.0.0.1:PORT"; the MCP endpoint is
-	// URL + "/mcp".
+	// URL is where it listens, "http://127.0.0.1:PORT"; the MCP endpoint is URL + "/mcp".
 	URL string
+	// ServerURL is its NEXTCLOUD_MCP_SERVER_URL: Settings.ServerURL, else URL.
+	ServerURL string
 
 	settings NextcloudMCPSettings
 	keys     *oidc.RemoteKeySet
@@ -143,10 +148,14 @@ func StartNextcloudMCP(t testing.TB, s NextcloudMCPSettings) *NextcloudMCP {
 	}
 	n := &NextcloudMCP{
 		URL:         "http://" + ln.Addr().String(),
+		ServerURL:   s.ServerURL,
 		settings:    s,
 		provisioned: map[string]bool{},
 		pending:     map[string]string{},
 		notes:       map[string][]NextcloudNote{},
+	}
+	if n.ServerURL == "" {
+		n.ServerURL = n.URL
 	}
 	client := &http.Client{Timeout: 5 * time.Second}
 	n.keys = oidc.NewRemoteKeySet(oidc.ClientContext(context.Background(), client), s.JWKSURI)
@@ -224,7 +233,7 @@ func (n *NextcloudMCP) serveMCP(w http.ResponseWriter, r *http.Request) {
 		const description = "Authentication required"
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer error="invalid_token", error_description=%q, resource_metadata=%q`,
-			description, n.URL+"/.well-known/oauth-protected-resource"))
+			description, n.ServerURL+"/.well-known/oauth-protected-resource"))
 		w.WriteHeader(http.StatusUnauthorized)
 		json.NewEncoder(w).Encode(map[string]string{"error": "invalid_token", "error_description": description})
 		return
@@ -284,8 +293,8 @@ func (n *NextcloudMCP) verify(ctx context.Context, token string) (*auth.TokenInf
 	if len(accepted) == 0 && c.ClientID != "" {
 		accepted = []string{c.ClientID}
 	}
-	if !slices.Contains(accepted, n.settings.ClientID) && !slices.Contains(accepted, n.URL) && !slices.Contains(accepted, n.URL+"/mcp") {
-		return nil, none, fmt.Errorf("bad audience %q, need %s or %s", aud, n.settings.ClientID, n.URL)
+	if !slices.Contains(accepted, n.settings.ClientID) && !slices.Contains(accepted, n.ServerURL) && !slices.Contains(accepted, n.ServerURL+"/mcp") {
+		return nil, none, fmt.Errorf("bad audience %q, need %s or %s", aud, n.settings.ClientID, n.ServerURL)
 	}
 	user := c.Subject
 	if user == "" {
@@ -318,9 +327,9 @@ func (n *NextcloudMCP) serveMetadata(w http.ResponseWriter, _ *http.Request) {
 	slices.Sort(scopes)
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(map[string]any{
-		"resource":                              n.URL + "/mcp",
+		"resource":                              n.ServerURL + "/mcp",
 		"scopes_supported":                      scopes,
-		"authorization_servers":                 []string{n.URL},
+		"authorization_servers":                 []string{n.ServerURL},
 		"bearer_methods_supported":              []string{"header"},
 		"resource_signing_alg_values_supported": []string{"RS256"},
 	})
