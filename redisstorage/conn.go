@@ -17,31 +17,39 @@ type conn struct {
 	logger *zap.Logger
 
 	// done closes when the client does; lock renewals stop then.
-	done chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
 
 	mu    sync.Mutex
 	locks map[string]*heldLock // by lock key
 
-	// checkOnce starts the check of the server's settings on first use.
+	// checkOnce starts the check of the server's settings on first use; checked closes
+	// when it is over.
 	checkOnce sync.Once
+	checked   chan struct{}
 	// lease is how long a lock lives without renewal; tests shorten it.
 	lease time.Duration
 }
 
 func newConn(client redis.UniversalClient, logger *zap.Logger) *conn {
 	return &conn{
-		client: client,
-		logger: logger,
-		done:   make(chan struct{}),
-		locks:  make(map[string]*heldLock),
-		lease:  defaultLease,
+		client:  client,
+		logger:  logger,
+		done:    make(chan struct{}),
+		checked: make(chan struct{}),
+		locks:   make(map[string]*heldLock),
+		lease:   defaultLease,
 	}
 }
 
-// Destruct closes the client once no configuration uses it.
+// Destruct closes the client once no configuration uses it. A second call does nothing.
 func (c *conn) Destruct() error {
-	close(c.done)
-	return c.client.Close()
+	var err error
+	c.closeOnce.Do(func() {
+		close(c.done)
+		err = c.client.Close()
+	})
+	return err
 }
 
 // used is called by every operation: the first one starts the server check.
@@ -53,6 +61,7 @@ func (c *conn) used() {
 // holds certificates, sessions and grants, and an evicted key is one lost. It reads INFO,
 // which managed services that rename CONFIG still answer, and CONFIG GET save when allowed.
 func (c *conn) checkServer() {
+	defer close(c.checked)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	go func() {
@@ -87,7 +96,7 @@ func (c *conn) checkServer() {
 		return
 	}
 	if strings.TrimSpace(save["save"]) == "" {
-		c.logger.Warn("the Redis server does not persist (no RDB snapshots, no AOF); enable appendonly or save: "+
+		c.logger.Warn("the Redis server does not persist (no RDB snapshots, no AOF); enable appendonly or save: " +
 			"this storage holds certificates, sessions and grants, which a restart would lose")
 	}
 }

@@ -30,7 +30,7 @@ type RedisServer struct {
 	cmd *exec.Cmd
 }
 
-// Redis starts a redis-server with no persistence (save '' and no AOF) and the extra
+// Redis starts a redis-server with no persistence (save ” and no AOF) and the extra
 // arguments given (e.g. "--maxmemory-policy", "allkeys-lru"). Without redis-server the test
 // fails under CI (scripts/test.sh installs it) and is skipped elsewhere, naming the package.
 func Redis(t testing.TB, args ...string) *RedisServer {
