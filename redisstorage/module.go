@@ -1,6 +1,7 @@
 package redisstorage
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -21,6 +22,18 @@ import (
 
 func init() {
 	caddy.RegisterModule(Storage{})
+	redis.SetLogger(clientLog{})
+}
+
+// clientLog sends go-redis's own messages (a failed dial, a pool event) to Caddy's log at
+// debug level instead of stderr: while Redis is down every operation would print one, and
+// the operations' errors already say what failed.
+type clientLog struct{}
+
+func (clientLog) Printf(_ context.Context, format string, v ...any) {
+	if ce := caddy.Log().Named("storage.mcp_oauth_redis.client").Check(zap.DebugLevel, "go-redis"); ce != nil {
+		ce.Write(zap.String("message", fmt.Sprintf(format, v...)))
+	}
 }
 
 // Defaults of the configuration, stated in the fields' doc comments.
