@@ -73,7 +73,11 @@ func (c *conn) checkServer() {
 	}()
 	info, err := c.client.Info(ctx, "memory", "persistence", "cluster").Result()
 	if err != nil {
-		c.logger.Warn("could not check the Redis server's eviction policy and persistence", zap.Error(err))
+		select {
+		case <-c.done: // closed meanwhile: nothing to warn about
+		default:
+			c.logger.Warn("could not check the Redis server's eviction policy and persistence", zap.Error(err))
+		}
 		return
 	}
 	fields := parseInfo(info)
