@@ -42,14 +42,39 @@ func newConn(client redis.UniversalClient, logger *zap.Logger) *conn {
 	}
 }
 
-// Destruct closes the client once no configuration uses it. A second call does nothing.
+// Destruct closes the client once no configuration uses it, first releasing the locks held
+// through it: their renewals stop now, and Caddy, when it exits, unloads its configuration
+// before it unlocks what it holds, which would find the client closed. A second call does
+// nothing.
 func (c *conn) Destruct() error {
 	var err error
 	c.closeOnce.Do(func() {
 		close(c.done)
+		c.mu.Lock()
+		held := c.locks
+		c.locks = make(map[string]*heldLock)
+		c.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		for key, h := range held {
+			if rerr := releaseScript.Run(ctx, c.client, []string{key}, h.token).Err(); rerr != nil {
+				c.logger.Warn("releasing a storage lock at close; it expires with its lease",
+					zap.String("lock", key), zap.Duration("lease", c.lease), zap.Error(rerr))
+			}
+		}
+		cancel()
 		err = c.client.Close()
 	})
 	return err
+}
+
+// closed reports whether Destruct ran.
+func (c *conn) closed() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
 }
 
 // used is called by every operation: the first one starts the server check.
@@ -73,9 +98,7 @@ func (c *conn) checkServer() {
 	}()
 	info, err := c.client.Info(ctx, "memory", "persistence", "cluster").Result()
 	if err != nil {
-		select {
-		case <-c.done: // closed meanwhile: nothing to warn about
-		default:
+		if !c.closed() { // else closed meanwhile: nothing to warn about
 			c.logger.Warn("could not check the Redis server's eviction policy and persistence", zap.Error(err))
 		}
 		return

@@ -164,6 +164,9 @@ func (s *Storage) Unlock(ctx context.Context, name string) error {
 	}
 	s.conn.mu.Unlock()
 	if h == nil {
+		if s.conn.closed() {
+			return nil // released when the client closed
+		}
 		return fmt.Errorf("releasing lock %q: not held by this process", name)
 	}
 	n, err := releaseScript.Run(ctx, s.conn.client, []string{key}, h.token).Int()

@@ -59,7 +59,11 @@ func TestLockExpiresWhenItsHolderDies(t *testing.T) {
 		t.Fatal(err)
 	}
 	died := time.Now()
-	_ = holder.conn.Destruct() // the process is gone: no Unlock, no renewal
+	// The process is gone: no Unlock, no renewal, no release at close.
+	holder.conn.closeOnce.Do(func() {
+		close(holder.conn.done)
+		_ = holder.conn.client.Close()
+	})
 
 	if got, err := other.TryLock(ctx, "x"); err != nil || got {
 		t.Fatalf("TryLock right after the holder died = %v, %v; want false until the lease runs out", got, err)
@@ -149,5 +153,26 @@ func TestLockHonoursItsContext(t *testing.T) {
 	}
 	if took := time.Since(start); took > time.Second {
 		t.Errorf("Lock returned %s after its ctx was cancelled", took)
+	}
+}
+
+// When the last configuration using a client unloads (Caddy exiting, or a reload to other
+// storage), the locks held through it are released at once rather than left to expire, and
+// an Unlock after that (Caddy unlocks what it holds after unloading) is no error.
+func TestCloseReleasesHeldLocks(t *testing.T) {
+	srv := testenv.Redis(t)
+	a, b := newStorage(t, srv), newStorage(t, srv)
+	ctx := context.Background()
+	if err := a.Lock(ctx, "issue_cert_example.com"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.conn.Destruct(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := b.TryLock(ctx, "issue_cert_example.com"); err != nil || !got {
+		t.Fatalf("TryLock after the holder's client closed = %v, %v; want the lock free", got, err)
+	}
+	if err := a.Unlock(ctx, "issue_cert_example.com"); err != nil {
+		t.Errorf("Unlock after close = %v, want nil", err)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 func init() {
@@ -278,6 +279,33 @@ func (s *Storage) Cleanup() error {
 	return err
 }
 
+// MarshalLogObject is how the storage appears in logs: certmagic and Caddy log their
+// storage with zap.Any (when cleaning storage, when a lock cannot be released), which would
+// otherwise print every field, passwords included. No secret is logged.
+func (s *Storage) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("module", "mcp_oauth_redis")
+	if err := enc.AddArray("addresses", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
+		for _, addr := range s.Addresses {
+			a.AppendString(addr)
+		}
+		return nil
+	})); err != nil {
+		return err
+	}
+	enc.AddInt("db", s.DB)
+	enc.AddString("key_prefix", s.KeyPrefix)
+	if s.SentinelMaster != "" {
+		enc.AddString("sentinel_master", s.SentinelMaster)
+	}
+	enc.AddBool("tls", s.TLS)
+	return nil
+}
+
+// String names the storage for messages that print it, without secrets.
+func (s *Storage) String() string {
+	return fmt.Sprintf("mcp_oauth_redis:%s/%d/%s", strings.Join(s.Addresses, ","), s.DB, s.KeyPrefix)
+}
+
 // CertMagicStorage returns the storage itself.
 func (s *Storage) CertMagicStorage() (certmagic.Storage, error) {
 	return s, nil
@@ -285,10 +313,12 @@ func (s *Storage) CertMagicStorage() (certmagic.Storage, error) {
 
 // Interface guards
 var (
-	_ caddy.Provisioner      = (*Storage)(nil)
-	_ caddy.Validator        = (*Storage)(nil)
-	_ caddy.CleanerUpper     = (*Storage)(nil)
-	_ caddy.StorageConverter = (*Storage)(nil)
-	_ certmagic.Storage      = (*Storage)(nil)
-	_ certmagic.TryLocker    = (*Storage)(nil)
+	_ caddy.Provisioner       = (*Storage)(nil)
+	_ caddy.Validator         = (*Storage)(nil)
+	_ caddy.CleanerUpper      = (*Storage)(nil)
+	_ caddy.StorageConverter  = (*Storage)(nil)
+	_ certmagic.Storage       = (*Storage)(nil)
+	_ certmagic.TryLocker     = (*Storage)(nil)
+	_ zapcore.ObjectMarshaler = (*Storage)(nil)
+	_ fmt.Stringer            = (*Storage)(nil)
 )

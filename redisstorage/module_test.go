@@ -3,6 +3,7 @@ package redisstorage
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -13,6 +14,9 @@ import (
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // provision loads the module from its JSON as Caddy does (Provision, then Validate) in a
@@ -151,6 +155,31 @@ func TestValidate(t *testing.T) {
 	} {
 		if _, err := provision(t, ok); err != nil {
 			t.Errorf("%s: %v", ok, err)
+		}
+	}
+}
+
+// Caddy and certmagic log their storage with zap.Any (when cleaning storage, when a lock
+// cannot be released) and print it with %s: neither shows a password.
+func TestLogsShowNoSecret(t *testing.T) {
+	s, err := provision(t, `{"addresses": ["sentinel:26379"], "sentinel_master": "m", "username": "u",
+		"password": "redis-pw-4b1d", "sentinel_username": "su", "sentinel_password": "sentinel-pw-9c2e"}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	zap.New(core).Info("cleaning storage unit", zap.Any("storage", s))
+	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
+	buf, err := enc.EncodeEntry(zapcore.Entry{Message: "m"}, logs.All()[0].Context)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, out := range []string{buf.String(), fmt.Sprintf("%s %v", s, s)} {
+		if strings.Contains(out, "pw-") {
+			t.Errorf("a secret is in %s", out)
+		}
+		if !strings.Contains(out, "sentinel:26379") {
+			t.Errorf("the storage's address is not in %s", out)
 		}
 	}
 }
