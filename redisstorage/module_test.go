@@ -174,7 +174,7 @@ func TestLogsShowNoSecret(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, out := range []string{buf.String(), fmt.Sprintf("%s %v", s, s)} {
+	for _, out := range []string{buf.String(), fmt.Sprintf("%v %+v", s, s)} {
 		if strings.Contains(out, "pw-") {
 			t.Errorf("a secret is in %s", out)
 		}
