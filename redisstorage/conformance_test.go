@@ -125,6 +125,20 @@ func TestStorageConformance(t *testing.T) {
 				}
 			}
 
+			// Characters SCAN would read as a pattern are names like any other.
+			if err := st.Store(ctx, "glob/a*b[1]?/c", []byte("x")); err != nil {
+				t.Fatal(err)
+			}
+			if got := list("glob", true); !slices.Equal(got, []string{"glob/a*b[1]?", "glob/a*b[1]?/c"}) {
+				t.Errorf("List(glob) = %q, want the key with pattern characters", got)
+			}
+			if _, err := st.List(ctx, "gl*", true); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("List(gl*) = %v, want fs.ErrNotExist: a prefix is no pattern", err)
+			}
+			if err := st.Delete(ctx, "glob"); err != nil || st.Exists(ctx, "glob/a*b[1]?/c") {
+				t.Errorf("Delete(glob) = %v, and its key is left: %v", err, st.Exists(ctx, "glob/a*b[1]?/c"))
+			}
+
 			if err := st.Delete(ctx, "acme/example.com"); err != nil {
 				t.Fatalf("Delete of a directory = %v", err)
 			}

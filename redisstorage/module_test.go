@@ -183,3 +183,24 @@ func TestLogsShowNoSecret(t *testing.T) {
 		}
 	}
 }
+
+// With sentinel_master, the module asks the Sentinels at addresses for the master and
+// stores there.
+func TestSentinel(t *testing.T) {
+	master := testenv.Redis(t)
+	sentinel := testenv.RedisSentinel(t, master, "mymaster")
+	s, err := provision(t, `{"addresses": ["`+sentinel.Addr+`"], "sentinel_master": "mymaster", "key_prefix": "s"}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := s.Store(ctx, "k", []byte("v")); err != nil {
+		t.Fatalf("Store through the Sentinel = %v", err)
+	}
+	if v, err := s.Load(ctx, "k"); err != nil || string(v) != "v" {
+		t.Fatalf("Load through the Sentinel = %q, %v", v, err)
+	}
+	if reply, err := master.Do("EXISTS s/k"); err != nil || reply != ":1" {
+		t.Errorf("EXISTS s/k on the master = %q, %v; want the value stored there", reply, err)
+	}
+}

@@ -22,9 +22,10 @@ type RedisServer struct {
 	// Addr is host:port, 127.0.0.1 and the server's port.
 	Addr string
 
-	t    testing.TB
-	dir  string
-	args []string
+	t            testing.TB
+	dir          string
+	args         []string
+	sentinelConf string // the configuration of a Sentinel; empty for a server
 
 	mu  sync.Mutex
 	cmd *exec.Cmd
@@ -35,13 +36,38 @@ type RedisServer struct {
 // fails under CI (scripts/test.sh installs it) and is skipped elsewhere, naming the package.
 func Redis(t testing.TB, args ...string) *RedisServer {
 	t.Helper()
+	r := &RedisServer{t: t, args: args}
+	r.launch()
+	return r
+}
+
+// RedisSentinel starts a Sentinel (redis-server --sentinel) that monitors master under the
+// name masterName, with a quorum of one.
+func RedisSentinel(t testing.TB, master *RedisServer, masterName string) *RedisServer {
+	t.Helper()
+	host, port, _ := net.SplitHostPort(master.Addr)
+	r := &RedisServer{t: t}
+	r.sentinelConf = fmt.Sprintf("sentinel monitor %s %s %s 1\n", masterName, host, port)
+	r.launch()
+	return r
+}
+
+// launch starts the server on a free port, registering its Stop for the test's cleanup.
+func (r *RedisServer) launch() {
+	r.t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		if os.Getenv("CI") != "" {
-			t.Fatal("redis-server is missing under CI: scripts/test.sh installs it (apt-get install -y redis-server)")
+			r.t.Fatal("redis-server is missing under CI: scripts/test.sh installs it (apt-get install -y redis-server)")
 		}
-		t.Skip("redis-server is not installed (apt-get install -y redis-server)")
+		r.t.Skip("redis-server is not installed (apt-get install -y redis-server)")
 	}
-	r := &RedisServer{t: t, dir: t.TempDir(), args: args}
+	r.dir = r.t.TempDir()
+	if r.sentinelConf != "" {
+		// Sentinel rewrites its configuration file, so it lives in the server's directory.
+		if err := os.WriteFile(filepath.Join(r.dir, "sentinel.conf"), []byte(r.sentinelConf), 0o600); err != nil {
+			r.t.Fatal(err)
+		}
+	}
 	var err error
 	for range 5 { // a free port can be taken between choosing and binding it
 		var port int
@@ -54,10 +80,9 @@ func Redis(t testing.TB, args ...string) *RedisServer {
 		}
 	}
 	if err != nil {
-		t.Fatalf("starting redis-server: %v", err)
+		r.t.Fatalf("starting redis-server: %v", err)
 	}
-	t.Cleanup(r.Stop)
-	return r
+	r.t.Cleanup(r.Stop)
 }
 
 func freePort() (int, error) {
@@ -79,9 +104,14 @@ func (r *RedisServer) Start() {
 
 func (r *RedisServer) start() error {
 	_, port, _ := net.SplitHostPort(r.Addr)
-	args := append([]string{"--bind", "127.0.0.1", "--port", port, "--dir", r.dir,
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
-		"--logfile", filepath.Join(r.dir, "redis.log")}, r.args...)
+	args := []string{"--bind", "127.0.0.1", "--port", port, "--dir", r.dir,
+		"--daemonize", "no", "--protected-mode", "yes", "--logfile", filepath.Join(r.dir, "redis.log")}
+	if r.sentinelConf != "" {
+		args = append([]string{filepath.Join(r.dir, "sentinel.conf"), "--sentinel"}, args...)
+	} else {
+		args = append(args, "--save", "", "--appendonly", "no")
+	}
+	args = append(args, r.args...)
 	cmd := exec.Command("redis-server", args...)
 	if err := cmd.Start(); err != nil {
 		return err
