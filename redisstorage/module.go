@@ -130,8 +130,15 @@ func (s *Storage) Provision(ctx caddy.Context) error {
 	for i := range s.Addresses {
 		s.Addresses[i] = repl.ReplaceKnown(s.Addresses[i], "")
 	}
-	for _, f := range []*string{&s.Username, &s.Password, &s.SentinelUsername, &s.SentinelPassword, &s.TLSServerName, &s.TLSCAFile} {
-		*f = repl.ReplaceKnown(*f, "")
+	for name, f := range map[string]*string{"username": &s.Username, "password": &s.Password,
+		"sentinel_username": &s.SentinelUsername, "sentinel_password": &s.SentinelPassword,
+		"tls_server_name": &s.TLSServerName, "tls_ca_file": &s.TLSCAFile} {
+		given := *f
+		*f = repl.ReplaceKnown(given, "")
+		if *f == "" && given != "" {
+			// An unset variable or an empty file would silently mean no password.
+			return fmt.Errorf("%s: %s is empty; set it, or leave %s out", name, given, name)
+		}
 	}
 
 	key, err := s.connectionKey()

@@ -141,6 +141,8 @@ func TestValidate(t *testing.T) {
 		{"tls settings without tls", `{"tls_server_name": "redis"}`, "need tls"},
 		{"sentinel auth without sentinel_master", `{"sentinel_password": "x"}`, "need sentinel_master"},
 		{"an unreadable CA file", `{"tls": true, "tls_ca_file": "/nonexistent/ca.pem"}`, "tls_ca_file:"},
+		{"a password placeholder that is empty", `{"password": "{env.MCP_OAUTH_TEST_UNSET_VARIABLE}"}`,
+			"password: {env.MCP_OAUTH_TEST_UNSET_VARIABLE} is empty"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := provision(t, c.config)
