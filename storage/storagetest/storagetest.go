@@ -40,8 +40,8 @@ func (c *clock) Advance(d time.Duration) {
 }
 
 // Records runs the records suite over backend: Put, Get and Delete; expiry by the
-// records' clock; List of live records only; TakeOnce once; and one winner among
-// concurrent TakeOnce calls spread over two instances.
+// records' clock; List of live records only; the janitor's Sweep; TakeOnce once; and one
+// winner among concurrent TakeOnce calls spread over two instances.
 func Records(t *testing.T, backend Backend) {
 	setup := func(t *testing.T) (*clock, func() *storage.Records) {
 		instance := backend(t)
@@ -118,6 +118,36 @@ func Records(t *testing.T, backend Backend) {
 		}
 		if got, err := r.List(ctx, storage.Key("nothing", "here")); err != nil || len(got) != 0 {
 			t.Errorf("List of a missing prefix = %q, %v; want empty, nil", got, err)
+		}
+	})
+
+	t.Run("sweep deletes expired records and keeps live ones", func(t *testing.T) {
+		c, open := setup(t)
+		r := open()
+		expired := []string{storage.Key("codes", "a"), storage.Key("grants", "u1", "old")}
+		live := []string{storage.Key("codes", "c"), storage.Key("grants", "u1", "new")}
+		for _, k := range expired {
+			if err := r.Put(ctx, k, 1, time.Minute); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, k := range live {
+			if err := r.Put(ctx, k, 1, time.Hour); err != nil {
+				t.Fatal(err)
+			}
+		}
+		c.Advance(2 * time.Minute)
+		if deleted, err := r.Sweep(ctx); err != nil || deleted != len(expired) {
+			t.Errorf("Sweep = %d, %v; want %d, nil", deleted, err, len(expired))
+		}
+		for _, k := range live {
+			var v int
+			if err := r.Get(ctx, k, &v); err != nil {
+				t.Errorf("live %s after Sweep: %v", k, err)
+			}
+		}
+		if deleted, err := r.Sweep(ctx); err != nil || deleted != 0 {
+			t.Errorf("second Sweep = %d, %v; want 0, nil", deleted, err)
 		}
 	})
 
