@@ -96,7 +96,9 @@ func (c *conn) checkServer() {
 		case <-ctx.Done():
 		}
 	}()
-	info, err := c.client.Info(ctx, "memory", "persistence", "cluster").Result()
+	// INFO's default sections include memory, persistence and cluster; naming several
+	// sections needs Redis 7.
+	info, err := c.client.Info(ctx).Result()
 	if err != nil {
 		if !c.closed() { // else closed meanwhile: nothing to warn about
 			c.logger.Warn("could not check the Redis server's eviction policy and persistence", zap.Error(err))
