@@ -48,7 +48,7 @@ func TestLockExcludesAcrossInstances(t *testing.T) {
 }
 
 // A holder that dies without Unlock (its client gone, its renewals with it) frees the
-// lock once the lease runs out, and not before.
+// lock once the lease runs out, and not before (SECURITY.md S2.24).
 func TestLockExpiresWhenItsHolderDies(t *testing.T) {
 	srv := testenv.Redis(t)
 	const lease = 600 * time.Millisecond
@@ -104,7 +104,7 @@ func TestLockIsRenewedWhileHeld(t *testing.T) {
 }
 
 // Unlock releases only the caller's own lock: another instance's Unlock, or a holder's
-// whose lease ran out and whose lock another took since, leaves it held.
+// whose lease ran out and whose lock another took since, leaves it held (SECURITY.md S2.24).
 func TestUnlockLeavesOthersLocksAlone(t *testing.T) {
 	srv := testenv.Redis(t)
 	a, b, c := newStorage(t, srv), newStorage(t, srv), newStorage(t, srv)

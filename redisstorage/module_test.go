@@ -162,7 +162,7 @@ func TestValidate(t *testing.T) {
 }
 
 // Caddy and certmagic log their storage with zap.Any (when cleaning storage, when a lock
-// cannot be released) and print it with %s: neither shows a password.
+// cannot be released) and print it with %s: neither shows a password (SECURITY.md S2.23).
 func TestLogsShowNoSecret(t *testing.T) {
 	s, err := provision(t, `{"addresses": ["sentinel:26379"], "sentinel_master": "m", "username": "u",
 		"password": "redis-pw-4b1d", "sentinel_username": "su", "sentinel_password": "sentinel-pw-9c2e"}`)
