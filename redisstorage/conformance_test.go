@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -187,5 +189,25 @@ func TestLockConformance(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// List gathers at most maxListKeys keys and fails beyond, rather than grow without bound.
+func TestListIsBounded(t *testing.T) {
+	st := newStorage(t, testenv.Redis(t))
+	ctx := context.Background()
+	for i := range 20 {
+		if err := st.Store(ctx, fmt.Sprintf("many/%02d", i), []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer func(n int) { maxListKeys = n }(maxListKeys)
+	maxListKeys = 10
+	if keys, err := st.List(ctx, "many", false); err == nil || !strings.Contains(err.Error(), "more than 10 keys") {
+		t.Errorf("List of 20 keys with a bound of 10 = %d keys, %v; want an error naming the bound", len(keys), err)
+	}
+	maxListKeys = 20
+	if keys, err := st.List(ctx, "many", false); err != nil || len(keys) != 20 {
+		t.Errorf("List of 20 keys with a bound of 20 = %d keys, %v", len(keys), err)
 	}
 }

@@ -15,14 +15,13 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// Bounds of a scan of the key space (List, and Exists, Stat and Delete of a directory).
-const (
-	// scanCount is the COUNT hint of each SCAN round trip.
-	scanCount = 1000
-	// maxListKeys is the most keys List gathers; beyond, it fails rather than grow without
-	// bound.
-	maxListKeys = 1 << 20
-)
+// scanCount is the COUNT hint of each SCAN round trip (List, and Exists, Stat and Delete
+// of a directory).
+const scanCount = 1000
+
+// maxListKeys is the most keys List gathers; beyond, it fails rather than grow without
+// bound. A variable for tests.
+var maxListKeys = 1 << 20
 
 // The hash fields of a value (see the package documentation).
 const (
