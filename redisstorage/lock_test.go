@@ -9,6 +9,9 @@ import (
 	"time"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // Two storages on one server with clients of their own are two Caddy instances: one holds
@@ -174,5 +177,39 @@ func TestCloseReleasesHeldLocks(t *testing.T) {
 	}
 	if err := a.Unlock(ctx, "issue_cert_example.com"); err != nil {
 		t.Errorf("Unlock after close = %v, want nil", err)
+	}
+}
+
+// A holder that cannot renew (Redis hung for longer than the lease) loses the lock: it
+// says so in the log, and its late Unlock fails without touching whoever holds it next.
+func TestLockLostWhileRedisHungIsReported(t *testing.T) {
+	srv := testenv.Redis(t)
+	const lease = 300 * time.Millisecond
+	holder := withLease(newStorage(t, srv, shortTimeouts), lease)
+	core, logs := observer.New(zapcore.WarnLevel)
+	holder.conn.logger = zap.New(core)
+	ctx := context.Background()
+	if err := holder.Lock(ctx, "x"); err != nil {
+		t.Fatal(err)
+	}
+	srv.Pause()
+	time.Sleep(2 * lease)
+	srv.Resume() // the lock's key expires as Redis sees its time has passed
+	deadline := time.Now().Add(5 * time.Second)
+	for logs.FilterMessageSnippet("expired while held").Len() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no error logged for the lost lock; logs: %v", logs.All())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	other := newStorage(t, srv)
+	if got, err := other.TryLock(ctx, "x"); err != nil || !got {
+		t.Fatalf("TryLock of the lost lock = %v, %v; want it free", got, err)
+	}
+	if err := holder.Unlock(ctx, "x"); err == nil {
+		t.Error("the former holder's Unlock succeeded")
+	}
+	if got, _ := newStorage(t, srv).TryLock(ctx, "x"); got {
+		t.Error("the former holder's Unlock released the new holder's lock")
 	}
 }
