@@ -8,6 +8,8 @@ import (
 
 	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
 // storageOperation is a certmagic.Storage method, as the `operation` label names it.
@@ -22,10 +24,11 @@ const (
 	opExists
 	opLock
 	opUnlock
+	opTake
 	numStorageOperations
 )
 
-var storageOperationNames = [numStorageOperations]string{"load", "store", "delete", "list", "stat", "exists", "lock", "unlock"}
+var storageOperationNames = [numStorageOperations]string{"load", "store", "delete", "list", "stat", "exists", "lock", "unlock", "take"}
 
 // storageResult is how a storage operation ended, as the `result` label names it.
 type storageResult uint8
@@ -79,11 +82,39 @@ type timedTryLockStorage struct {
 	try certmagic.TryLocker
 }
 
-// timeStorage wraps st so that its operations are timed into obs, keeping TryLock.
+// timedNative times the native fast path of a storage that has one (storage.Native:
+// server-side TTL and atomic take), so that wrapping a storage never hides it.
+type timedNative struct {
+	next storage.Native
+	obs  *storageObservers
+}
+
+// timedNativeStorage and timedTryLockNativeStorage are the two above for a storage that
+// also implements storage.Native.
+type (
+	timedNativeStorage struct {
+		timedStorage
+		timedNative
+	}
+	timedTryLockNativeStorage struct {
+		timedTryLockStorage
+		timedNative
+	}
+)
+
+// timeStorage wraps st so that its operations are timed into obs, keeping TryLock and
+// storage.Native.
 func timeStorage(st certmagic.Storage, obs *storageObservers) certmagic.Storage {
 	t := timedStorage{next: st, obs: obs}
-	if tl, ok := st.(certmagic.TryLocker); ok {
+	tl, try := st.(certmagic.TryLocker)
+	n, native := st.(storage.Native)
+	switch {
+	case try && native:
+		return &timedTryLockNativeStorage{timedTryLockStorage{t, tl}, timedNative{n, obs}}
+	case try:
 		return &timedTryLockStorage{timedStorage: t, try: tl}
+	case native:
+		return &timedNativeStorage{t, timedNative{n, obs}}
 	}
 	return &t
 }
@@ -151,7 +182,24 @@ func (s *timedTryLockStorage) TryLock(ctx context.Context, name string) (bool, e
 	return got, err
 }
 
+func (s *timedNative) StoreTTL(ctx context.Context, key string, value []byte, ttl time.Duration) error {
+	start := time.Now()
+	err := s.next.StoreTTL(ctx, key, value, ttl)
+	s.obs.observe(opStore, start, err)
+	return err
+}
+
+func (s *timedNative) LoadAndDelete(ctx context.Context, key string) ([]byte, error) {
+	start := time.Now()
+	v, err := s.next.LoadAndDelete(ctx, key)
+	s.obs.observe(opTake, start, err)
+	return v, err
+}
+
 var (
 	_ certmagic.Storage   = (*timedStorage)(nil)
 	_ certmagic.TryLocker = (*timedTryLockStorage)(nil)
+	_ storage.Native      = (*timedNativeStorage)(nil)
+	_ certmagic.TryLocker = (*timedTryLockNativeStorage)(nil)
+	_ storage.Native      = (*timedTryLockNativeStorage)(nil)
 )

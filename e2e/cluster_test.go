@@ -14,18 +14,32 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// TestTwoCaddyProcessesShareOneStorage: two caddy processes over one storage folder serve
-// one user's session interchangeably. The IdP has no token exchange, so the broker picks
-// the refresh fallback by itself; both processes delegating the same session at once
-// rotate the IdP grant exactly once, and both keep working after.
+// TestTwoCaddyProcessesShareOneStorage: two caddy processes over one storage (a folder;
+// Redis through the mcp_oauth_redis module) serve one user's session interchangeably. The
+// IdP has no token exchange, so the broker picks the refresh fallback by itself; both
+// processes delegating the same session at once rotate the IdP grant exactly once, and both
+// keep working after.
 func TestTwoCaddyProcessesShareOneStorage(t *testing.T) {
+	t.Run("shared folder", func(t *testing.T) {
+		shared, err := os.MkdirTemp("", "mcp_oauth-shared-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(shared) })
+		twoProcessesShareOneStorage(t, withStorage(shared))
+	})
+	t.Run("redis", func(t *testing.T) {
+		if testing.Short() {
+			t.Skip("runs the caddy binary; not with -short")
+		}
+		srv := testenv.Redis(t)
+		twoProcessesShareOneStorage(t, withGlobal("\tstorage mcp_oauth_redis {\n\t\taddresses "+srv.Addr+"\n\t}"))
+	})
+}
+
+func twoProcessesShareOneStorage(t *testing.T, storage caddyOption) {
 	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised())
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI))
-	shared, err := os.MkdirTemp("", "mcp_oauth-shared-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(shared) })
 	upURL, _ := url.Parse(up.URL)
 	resourcePort := freePort(t)
 	site := fmt.Sprintf(`http://127.0.0.1:{port} {
@@ -41,8 +55,8 @@ func TestTwoCaddyProcessesShareOneStorage(t *testing.T) {
 	}
 	reverse_proxy %s
 }`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, resourcePort, testKey, upURL.Host)
-	a := startCaddy(t, site, withStorage(shared), withPort(resourcePort))
-	b := startCaddy(t, site, withStorage(shared))
+	a := startCaddy(t, site, storage, withPort(resourcePort))
+	b := startCaddy(t, site, storage)
 
 	// Log in without touching /mcp, so that the first delegation of the session happens
 	// on both processes at once.

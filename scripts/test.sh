@@ -8,24 +8,33 @@ step() { printf '\n=== %s\n' "$*"; }
 
 # Set up what the tests need when it is missing, so this one command passes on a fresh machine
 # that has Go, Node 20 and gcc: Go tools at pinned versions, the interop npm packages (Node 22
-# among them) and Debian's chromium (installed when running as root, else named).
+# among them), Debian's chromium and Debian's redis-server (installed when running as root,
+# else named). The tests start redis-server processes of their own; no service is started.
 step "setup"
 command -v staticcheck >/dev/null || go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
 command -v xcaddy >/dev/null || go install github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
-if ! command -v chromium >/dev/null; then
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
   else
-    echo "chromium is missing: run 'sudo apt-get install -y chromium' (Debian), then this script again"
+    echo "${missing[*]} missing: run 'sudo apt-get install -y ${missing[*]}' (Debian), then this script again"
     exit 1
   fi
 fi
+# Debian's package starts a system service; the tests never use it, so stop it if it runs.
+if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+  systemctl stop redis-server || true
+fi
+redis-server --version
 if [ ! -e interop/node_modules/.package-lock.json ] || [ interop/package-lock.json -nt interop/node_modules/.package-lock.json ]; then
   (cd interop && npm ci --no-audit --no-fund)
 fi
 interop/node_modules/.bin/node --version | grep -q '^v22\.' || { echo "interop: Node 22 missing after npm ci"; exit 1; }
-echo "staticcheck, xcaddy, chromium and the interop packages are there"
+echo "staticcheck, xcaddy, chromium, redis-server and the interop packages are there"
 
 step "gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
@@ -40,6 +49,7 @@ staticcheck ./...
 step "dev build"
 go build -o ./caddy ./cmd/caddy
 ./caddy list-modules | grep -x http.handlers.mcp_oauth
+./caddy list-modules | grep -x caddy.storage.mcp_oauth_redis
 # The examples: each adapts, is formatted as `caddy fmt` writes it, and validates (which
 # provisions the module) with the secrets it names, and no IdP reachable.
 example=$(mktemp -d)

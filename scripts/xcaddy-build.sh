@@ -7,3 +7,4 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 xcaddy build v2.11.9 --with github.com/caddy-mcp/oauth-broker@v0.0.0=./ --output "$out/caddy"
 "$out/caddy" list-modules | grep -x http.handlers.mcp_oauth
+"$out/caddy" list-modules | grep -x caddy.storage.mcp_oauth_redis

@@ -24,8 +24,8 @@ func (*notFoundError) Is(target error) bool { return target == fs.ErrNotExist }
 
 var errInvalidKey = errors.New("invalid record key: build it with storage.Key")
 
-// Native is the optional fast path a backend may offer (a Redis storage
-// module will): native TTL and atomic get-and-delete. When the
+// Native is the optional fast path a backend may offer (the mcp_oauth_redis
+// storage module does): native TTL and atomic get-and-delete. When the
 // certmagic.Storage passed to New also implements Native, Put uses StoreTTL
 // and TakeOnce uses LoadAndDelete without taking any lock.
 type Native interface {

@@ -1,4 +1,5 @@
-// Command caddy is a development build of Caddy with the standard modules and mcp_oauth.
+// Command caddy is a development build of Caddy with the standard modules, mcp_oauth and
+// the mcp_oauth_redis storage.
 package main
 
 import (
@@ -7,6 +8,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-mcp/oauth-broker/caddyoauthbroker"
+	_ "github.com/caddy-mcp/oauth-broker/redisstorage"
 )
 
 func main() {

@@ -9,8 +9,10 @@
 // options, or for exact counts) uses [StartOP]. [OP.LoginGrant] and
 // [OP.LoginAccessToken] get real tokens through the OP's login form;
 // [AttackerKey], [SignJWT] and [CompactJWS] forge the tokens it never issued;
-// [Clock] is a clock a test moves by hand; [AccessLogFilter] is the README's
-// Caddy access log filter, for the tests that hold it to its promise.
+// [Redis] starts a redis-server process of the test's own (Debian's; without it
+// the test fails under CI and is skipped elsewhere); [Clock] is a clock a test
+// moves by hand; [AccessLogFilter] is the README's Caddy access log filter, for
+// the tests that hold it to its promise.
 //
 // The example OP logs every request through slog's default logger at info
 // level; a TestMain may raise that logger's level to keep failures readable.

@@ -1,0 +1,117 @@
+package redisstorage
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/storage"
+	"github.com/caddy-mcp/oauth-broker/storage/storagetest"
+	"github.com/caddyserver/certmagic"
+	"github.com/redis/go-redis/v9"
+)
+
+// TestRecordsOnRedis runs the storage package's records suite over Redis: two storages
+// with clients of their own on one server are two instances.
+func TestRecordsOnRedis(t *testing.T) {
+	storagetest.Records(t, func(t *testing.T) func() certmagic.Storage {
+		srv := testenv.Redis(t)
+		return func() certmagic.Storage { return newStorage(t, srv) }
+	})
+}
+
+// commandLog is a go-redis hook that records the commands a client sends.
+type commandLog struct {
+	mu   sync.Mutex
+	sent []string
+}
+
+func (l *commandLog) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (l *commandLog) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		l.mu.Lock()
+		l.sent = append(l.sent, cmd.Name())
+		l.mu.Unlock()
+		return next(ctx, cmd)
+	}
+}
+
+func (l *commandLog) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		l.mu.Lock()
+		for _, c := range cmds {
+			l.sent = append(l.sent, c.Name())
+		}
+		l.mu.Unlock()
+		return next(ctx, cmds)
+	}
+}
+
+func (l *commandLog) take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := l.sent
+	l.sent = nil
+	return out
+}
+
+// Records over this module take the native path: Put is one script that sets the
+// server-side TTL, TakeOnce one atomic script, no lock taken; the key expires in Redis.
+func TestRecordsUseTheNativePath(t *testing.T) {
+	srv := testenv.Redis(t)
+	st := newStorage(t, srv)
+	var log commandLog
+	st.conn.client.AddHook(&log)
+	r := storage.New(st, nil)
+	ctx := context.Background()
+	key := storage.Key("codes", storage.Hash("code-1"))
+
+	// Warm up: the connection's handshake, the server check of first use, the scripts'
+	// first EVAL (then cached by the server and sent as EVALSHA).
+	warm := storage.Key("codes", storage.Hash("warm-up"))
+	var v string
+	if err := r.Put(ctx, warm, "v", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.TakeOnce(ctx, warm, &v); err != nil {
+		t.Fatal(err)
+	}
+	<-st.conn.checked
+	log.take()
+
+	if err := r.Put(ctx, key, "v", 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if sent := log.take(); len(sent) != 1 || sent[0] != "evalsha" {
+		t.Errorf("Put sent %q, want one evalsha (the store script)", sent)
+	}
+	ttl, err := st.conn.client.PTTL(ctx, st.valueKey(key)).Result()
+	if err != nil || ttl <= 80*time.Second || ttl > 90*time.Second {
+		t.Errorf("the record's server-side TTL = %s, %v; want about 90s", ttl, err)
+	}
+	log.take()
+
+	if err := r.TakeOnce(ctx, key, &v); err != nil || v != "v" {
+		t.Fatalf("TakeOnce = %q, %v", v, err)
+	}
+	if sent := log.take(); len(sent) != 1 || sent[0] != "evalsha" {
+		t.Errorf("TakeOnce sent %q, want one round trip (the take script), no lock", sent)
+	}
+	if err := r.TakeOnce(ctx, key, &v); err != storage.ErrNotFound {
+		t.Errorf("second TakeOnce = %v, want ErrNotFound", err)
+	}
+
+	// A plain Store over a record clears its TTL: certmagic's files never expire.
+	if err := r.Put(ctx, key, "v", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Store(ctx, key, []byte("certificate")); err != nil {
+		t.Fatal(err)
+	}
+	if ttl, _ := st.conn.client.PTTL(ctx, st.valueKey(key)).Result(); ttl != -1 {
+		t.Errorf("TTL after Store = %s, want none", ttl)
+	}
+}
