@@ -46,6 +46,11 @@ func toolNames(body []byte) (names []string, ok bool) {
 	if !json.Valid(body) {
 		return nil, false
 	}
+	return toolNamesOfValid(body)
+}
+
+// toolNamesOfValid is toolNames of a body already known to be valid JSON.
+func toolNamesOfValid(body []byte) (names []string, ok bool) {
 	i := skipSpace(body, 0)
 	if body[i] != '[' {
 		return callNames(body[i:])
