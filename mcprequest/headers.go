@@ -153,29 +153,63 @@ func decodeHeaderValue(v string) (string, bool) {
 }
 
 // mirroredMessage is what a single JSON-RPC message says that its headers mirror, each
-// member under every spelling and duplicate a JSON decoder might read (see toolNames).
+// member under every spelling and duplicate a JSON decoder might read (see toolNames),
+// as raw JSON values: compared without decoding unless escaped, so that checking the
+// headers allocates little.
 type mirroredMessage struct {
 	id       []byte // the raw id, nil when the message has none
-	methods  []string
-	names    []string // params.name
-	uris     []string // params.uri
-	versions []string // params._meta["io.modelcontextprotocol/protocolVersion"]
+	methods  rawValues
+	names    rawValues // params.name
+	uris     rawValues // params.uri
+	versions rawValues // params._meta["io.modelcontextprotocol/protocolVersion"]
 }
 
-// notAString stands for a member that is not a JSON string: it matches no header value,
-// which never holds a NUL.
-const notAString = "\x00"
+// rawValues are the raw JSON values of one member; the first two are kept in place.
+type rawValues struct {
+	inline [2][]byte
+	more   [][]byte
+	n      int
+}
 
-// readMirroredMessage reads msg, one valid JSON object.
-func readMirroredMessage(msg []byte) mirroredMessage {
-	var m mirroredMessage
-	str := func(value []byte, into *[]string) {
-		s, ok := jsonString(value)
-		if !ok {
-			s = notAString
-		}
-		*into = append(*into, s)
+func (v *rawValues) add(raw []byte) {
+	if v.n < len(v.inline) {
+		v.inline[v.n] = raw
+	} else {
+		v.more = append(v.more, raw)
 	}
+	v.n++
+}
+
+func (v *rawValues) at(i int) []byte {
+	if i < len(v.inline) {
+		return v.inline[i]
+	}
+	return v.more[i-len(v.inline)]
+}
+
+// allAre tells whether there is at least one value and every one is the JSON string
+// want. A value that is not a string matches nothing.
+func (v *rawValues) allAre(want string) bool {
+	for i := 0; i < v.n; i++ {
+		if !rawStringIs(v.at(i), want) {
+			return false
+		}
+	}
+	return v.n > 0
+}
+
+// rawStringIs tells whether the raw JSON value is the string want; only one with escapes
+// costs a decode.
+func rawStringIs(raw []byte, want string) bool {
+	if len(raw) >= 2 && raw[0] == '"' && bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw[1:len(raw)-1]) == want
+	}
+	s, ok := jsonString(raw)
+	return ok && s == want
+}
+
+// readMirroredMessage reads msg, one valid JSON object, into m.
+func readMirroredMessage(msg []byte, m *mirroredMessage) {
 	jsonMembers(msg, func(key, value []byte) {
 		switch {
 		case keyIs(key, "id"):
@@ -183,35 +217,24 @@ func readMirroredMessage(msg []byte) mirroredMessage {
 				m.id = value
 			}
 		case keyIs(key, "method"):
-			str(value, &m.methods)
+			m.methods.add(value)
 		case keyIs(key, "params") && value[0] == '{':
 			jsonMembers(value, func(key, value []byte) {
 				switch {
 				case keyIs(key, "name"):
-					str(value, &m.names)
+					m.names.add(value)
 				case keyIs(key, "uri"):
-					str(value, &m.uris)
+					m.uris.add(value)
 				case keyIs(key, "_meta") && value[0] == '{':
 					jsonMembers(value, func(key, value []byte) {
 						if keyIs(key, metaProtocolVersion) {
-							str(value, &m.versions)
+							m.versions.add(value)
 						}
 					})
 				}
 			})
 		}
 	})
-	return m
-}
-
-// allAre tells whether values holds at least one value and every one is want.
-func allAre(values []string, want string) bool {
-	for _, v := range values {
-		if v != want {
-			return false
-		}
-	}
-	return len(values) > 0
 }
 
 // namedMethod tells whether a method's Mcp-Name mirrors params.name (uri false) or
@@ -269,25 +292,25 @@ func checkMirroredHeaders(h mirroredHeaders, body []byte) (id []byte, refused *R
 	}
 	var m mirroredMessage // a body that is not an object mirrors nothing
 	if i := skipSpace(body, 0); body[i] == '{' {
-		m = readMirroredMessage(body[i:])
+		readMirroredMessage(body[i:], &m)
 	}
 	if m.id != nil && (m.id[0] == '"' || m.id[0] == '-' || '0' <= m.id[0] && m.id[0] <= '9') {
 		id = m.id
 	}
-	modern := len(m.versions) > 0 || h.modernVersion()
+	modern := m.versions.n > 0 || h.modernVersion()
 	switch {
 	case modern && !h.hasVersion:
 		return id, ErrVersionHeaderMissing
-	case modern && !allAre(m.versions, h.version):
+	case modern && !m.versions.allAre(h.version):
 		return id, ErrVersionMismatch
 	}
 	request := m.id != nil
 	method := ""
-	if len(m.methods) > 0 {
-		method = m.methods[0]
+	if m.methods.n > 0 {
+		method, _ = jsonString(m.methods.at(0))
 	}
 	switch {
-	case h.hasMethod && !allAre(m.methods, h.method):
+	case h.hasMethod && !m.methods.allAre(h.method):
 		return id, ErrMethodMismatch
 	case !h.hasMethod && modern && request:
 		return id, ErrMethodHeaderMissing
@@ -303,9 +326,9 @@ func checkMirroredHeaders(h mirroredHeaders, body []byte) (id []byte, refused *R
 	switch {
 	case !ok:
 		return id, ErrHeaderInvalid
-	case !named || !allAre(m.methods, method):
+	case !named || !m.methods.allAre(method):
 		return id, ErrNameMismatch
-	case uri && !allAre(m.uris, name), !uri && !allAre(m.names, name):
+	case uri && !m.uris.allAre(name), !uri && !m.names.allAre(name):
 		return id, ErrNameMismatch
 	}
 	return id, nil
@@ -317,8 +340,11 @@ func batchNamesVersion(body []byte) bool {
 	i := skipSpace(body, 0)
 	for i = skipSpace(body, i+1); i < len(body) && body[i] != ']'; {
 		end := skipValue(body, i)
-		if body[i] == '{' && len(readMirroredMessage(body[i:end]).versions) > 0 {
-			return true
+		if body[i] == '{' {
+			var m mirroredMessage
+			if readMirroredMessage(body[i:end], &m); m.versions.n > 0 {
+				return true
+			}
 		}
 		if i = skipSpace(body, end); i < len(body) && body[i] == ',' {
 			i = skipSpace(body, i+1)

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -87,4 +88,16 @@ func FuzzToolNames(f *testing.F) {
 			}
 		}
 	})
+}
+
+// equalFold agrees with strings.EqualFold, which encoding/json's key matching follows.
+func TestEqualFold(t *testing.T) {
+	for _, tc := range [][2]string{
+		{"method", "method"}, {"METHOD", "method"}, {"Method", "methoD"}, {"\u212aey", "key"}, {"key", "\u212aEY"},
+		{"ſ", "S"}, {"method", "methods"}, {"", ""}, {"", "a"}, {"\xff", "\xff"}, {"\xff", "\ufffd"}, {"é", "É"}, {"é", "e"},
+	} {
+		if got, want := equalFold([]byte(tc[0]), tc[1]), strings.EqualFold(tc[0], tc[1]); got != want {
+			t.Errorf("equalFold(%q, %q) = %v, want %v", tc[0], tc[1], got, want)
+		}
+	}
 }
