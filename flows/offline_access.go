@@ -298,6 +298,12 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 			b.errOfflineAccessPage(http.StatusServiceUnavailable, "Try again", "The identity provider cannot be reached; start again shortly.").
 				because(fmt.Errorf("offline access: %w", err)))
 	}
+	if err := d.CheckAuthorizationResponseIssuer(q.Get("iss")); err != nil {
+		// RFC 9207 (mix-up defense): the code is never sent to the token endpoint.
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeRefused,
+			b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
+				because(fmt.Errorf("offline access: callback for subject %s: %w", pending.Subject, err)))
+	}
 	cfg := b.offlineAccessOAuth2(d, pending.Scopes)
 	idpCtx, cancel := b.offlineIdPContext(ctx)
 	defer cancel()
