@@ -61,6 +61,9 @@ type requestError struct {
 	// page, when set, answers a person's browser with this HTML page of the error's
 	// status instead of JSON (the consent and offline-access pages).
 	page func(w http.ResponseWriter, status int)
+	// bare answers with the status and headers only, no body: the no-token 401, which
+	// carries no error information (RFC 6750 §3.1).
+	bare bool
 	// rpc, when set, answers with a JSON-RPC error response instead of an OAuth error:
 	// the MCP transport's own refusals (HeaderMismatch), which MCP clients read.
 	rpc *rpcError
@@ -255,6 +258,11 @@ func (b *Broker) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		e.page(w, e.status)
 		return
 	}
+	if e.bare {
+		h.Set("Cache-Control", "no-store")
+		w.WriteHeader(e.status)
+		return
+	}
 	if e.rpc != nil {
 		answer := jsonrpcErrorResponse{JSONRPC: "2.0", ID: e.rpc.id}
 		answer.Error.Code, answer.Error.Message = e.rpc.code, e.description
@@ -275,6 +283,9 @@ func (b *Broker) logError(r *http.Request, e *requestError) {
 		return
 	}
 	fields := []zap.Field{zap.String("path", r.URL.Path), zap.Int("status", e.status), zap.String("code", e.code)}
+	if e.bare {
+		fields = append(fields, zap.String("reason", e.description))
+	}
 	switch {
 	case errors.Is(e.cause, ErrStorageUnavailable):
 		fields = append(fields, zap.String("failed", "storage"))

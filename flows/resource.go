@@ -217,7 +217,11 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 // who presented it, and the token.
 func (b *Broker) authenticate(r *http.Request) (*idp.Principal, string, error) {
 	if r.URL.Query().Has("access_token") {
-		return nil, "", errInvalidRequest("access tokens are accepted only in the Authorization header")
+		// RFC 6750 §3.1: a request using a method the resource does not accept is
+		// invalid_request, named in the challenge too.
+		e := errInvalidRequest("access tokens are accepted only in the Authorization header")
+		e.challenge, e.cors = "Bearer "+b.offer().challengeTail+`, error="invalid_request"`, mcpMethods
+		return nil, "", e
 	}
 	raw, ok := bearerToken(r)
 	if !ok {
@@ -266,17 +270,16 @@ func bearerToken(r *http.Request) (string, bool) {
 const mcpMethods = "GET, POST, DELETE, OPTIONS"
 
 // errBearer is 401 with the RFC 9728 / RFC 6750 §3 challenge that starts discovery; code
-// is empty when the request carried no token (RFC 6750 §3.1).
+// is empty when the request carried no token, and then the answer carries no error
+// information at all (RFC 6750 §3.1): the challenge alone, without a body. description
+// is then for the log only.
 func (b *Broker) errBearer(code, description string) *requestError {
 	v := "Bearer " + b.offer().challengeTail
 	if code != "" {
 		v += `, error="` + code + `"`
 	}
-	if code == "" {
-		code = "invalid_token"
-	}
 	e := newRequestError(http.StatusUnauthorized, code, description)
-	e.challenge, e.cors = v, mcpMethods
+	e.challenge, e.cors, e.bare = v, mcpMethods, code == ""
 	return e
 }
 
