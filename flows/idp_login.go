@@ -162,6 +162,12 @@ func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Value
 func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) (LoginOutcome, *requestError) {
 	req := pending.Request
 	if idpErr := q.Get("error"); idpErr != "" {
+		if err := b.checkIdPResponseIssuer(r.Context(), q.Get("iss")); errors.Is(err, idp.ErrUnavailable) {
+			return LoginFailedIdPUnreachable, errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
+		} else if err != nil {
+			return LoginFailedCodeRefused, errServer(http.StatusBadGateway, "the login at the identity provider could not be verified",
+				fmt.Errorf("callback: error response refused for client %s: %w", req.ClientID, err))
+		}
 		// The IdP's words stay in the log (SECURITY.md W11); the client gets a fixed code.
 		b.log.login.Info("the identity provider refused the login",
 			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))

@@ -100,3 +100,59 @@ func TestOfflineAccessCallbackComparesIss(t *testing.T) {
 	}
 	f.grantOfflineAccess(t, token) // without iss: passes
 }
+
+// RFC 9207 §2.4 applies to error responses too: with an IdP that advertises iss, an error
+// response without it (or with another issuer) is not acted on: the hybrid callback does
+// not relay its error to the client, the offline access callback does not report it.
+func TestIdPErrorResponseIssParameter(t *testing.T) {
+	o := testenv.StartOP(t, testenv.WithAuthorizationResponseIssuer())
+
+	t.Run("hybrid login", func(t *testing.T) {
+		_, front := startHybridFront(t, o, "", hybridClients)
+		for _, tc := range []struct {
+			name, iss, want string
+		}{
+			{"without iss", "", "server_error"},
+			{"with another issuer", "https://evil.example", "server_error"},
+			{"with the IdP's issuer", o.Issuer, "access_denied"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				br := newHybridBrowser(t)
+				state := br.toIdP(front, hybridQuery(nil)).Query().Get("state")
+				q := url.Values{"state": {state}, "error": {"access_denied"}}
+				if tc.iss != "" {
+					q.Set("iss", tc.iss)
+				}
+				final := br.redirect(br.get(front.URL + pathCallback + "?" + q.Encode()))
+				if got := final.Query().Get("error"); got != tc.want {
+					t.Errorf("the client got %q, want %q", got, tc.want)
+				}
+			})
+		}
+	})
+
+	t.Run("offline access", func(t *testing.T) {
+		f := startOfflineAccess(t, o, nil)
+		token := f.userToken(t, o.User)
+		for _, tc := range []struct {
+			name, iss string
+			want      int
+		}{
+			{"without iss", "", http.StatusBadGateway},
+			{"with another issuer", "https://evil.example", http.StatusBadGateway},
+			{"with the IdP's issuer", o.Issuer, http.StatusForbidden},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				to := redirectTarget(t, getWithoutRedirect(t, f.link(t, token)))
+				q := url.Values{"state": {to.Query().Get("state")}, "error": {"access_denied"}}
+				if tc.iss != "" {
+					q.Set("iss", tc.iss)
+				}
+				cb, _ := url.Parse(f.front.URL + f.b.cfg.OfflineAccessCallbackPath + "?" + q.Encode())
+				if resp, page := f.callback(t, cb); resp.StatusCode != tc.want {
+					t.Errorf("status %s, want %d: %s", resp.Status, tc.want, page)
+				}
+			})
+		}
+	})
+}

@@ -276,6 +276,11 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	}
 	b.clearLoginBinding(w, state, b.cfg.OfflineAccessCallbackPath)
 	if q.Get("error") != "" {
+		if err := b.checkIdPResponseIssuer(ctx, q.Get("iss")); err != nil {
+			return b.loginFailed(LoginOfflineAccess, LoginFailedCodeRefused,
+				b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
+					because(fmt.Errorf("offline access: error response for subject %s: %w", pending.Subject, err)))
+		}
 		// The IdP's own error text is not shown (SECURITY.md W11): only that access was not granted.
 		b.log.offline.Info("identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
 		outcome := LoginFailedIdPError
