@@ -208,3 +208,44 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		}
 	})
 }
+
+// TestModernClientThroughCaddyBinary: a go-sdk client speaking MCP 2026-07-28 reaches a
+// stateless go-sdk upstream through the caddy binary with tool rules, so the broker reads
+// each body and checks the headers that mirror it (SECURITY.md S1.20): the calls pass with
+// their headers as sent, and the tool scope is still enforced.
+func TestModernClientThroughCaddyBinary(t *testing.T) {
+	o := testenv.StartOP(t)
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader(), testenv.Stateless())
+	upURL, _ := url.Parse(up.URL)
+	caddy := startCaddy(t, progressiveSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret,
+		"openid notes:read notes:write", upURL.Host, nativeClientBlock))
+	claims := o.AccessTokenClaims(o.User.Subject, caddy.Base+"/mcp")
+	claims["scope"] = "openid notes:read"
+	claims["client_id"] = testenv.NativeClientID
+	tok := o.MintJWT(claims)
+
+	session, err := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil).Connect(t.Context(),
+		&mcp.StreamableClientTransport{Endpoint: caddy.Base + "/mcp", HTTPClient: testenv.BearerClient(tok)}, nil)
+	if err != nil {
+		t.Fatalf("connecting: %v\n%s", err, caddy.logs.String())
+	}
+	defer session.Close()
+	if who := whoami(t, session); who.Subject != o.User.Subject {
+		t.Errorf("upstream saw %q", who.Subject)
+	}
+	if _, err := session.CallTool(t.Context(), &mcp.CallToolParams{Name: "notes_write", Arguments: map[string]any{"text": "x"}}); err == nil {
+		t.Error("notes_write passed without notes:write")
+	}
+	modern := 0
+	for _, r := range up.Seen() {
+		if r.Header.Get("Mcp-Protocol-Version") == "2026-07-28" && r.Header.Get("Mcp-Method") != "" {
+			modern++
+		}
+		if r.RPCMethod == "tools/call" && r.Header.Get("Mcp-Name") != "whoami" {
+			t.Errorf("a tools/call reached the upstream with Mcp-Name %q", r.Header.Get("Mcp-Name"))
+		}
+	}
+	if modern == 0 {
+		t.Errorf("no 2026-07-28 request reached the upstream: %d requests", len(up.Seen()))
+	}
+}
