@@ -4,7 +4,8 @@
 // application/json in UTF-8; no content coding), reads the body once up to a bound and
 // puts it back for the upstream, and returns a Message: whether the body is a batch and
 // which tools it calls, read as generously as any JSON decoder could read them (the
-// scanner in jsonrpc.go, allocation-light on the hot path). A request it will not
+// scanner in jsonrpc.go, allocation-light on the hot path), having checked the MCP
+// 2026-07-28 headers that mirror the body against it (headers.go). A request it will not
 // vouch for gets a Refusal, one of the fixed Err values, with the status and
 // description to answer with; the package writes no response and knows nothing of
 // scopes or tool rules, which are the caller's policy. SameHeaderName compares header
