@@ -89,10 +89,12 @@ func readMirroredHeaders(h http.Header) (m mirroredHeaders, ok bool) {
 		default:
 			continue
 		}
-		if *has || len(vs) != 1 || vs[0] == "" {
-			return m, false // repeated (under two spellings, or twice), or empty
+		if *has || len(vs) > 1 || len(vs) == 1 && vs[0] == "" && dst != &m.version {
+			return m, false // repeated (under two spellings, or twice), or an empty mirror
 		}
-		*dst, *has = vs[0], true
+		if len(vs) == 1 && vs[0] != "" { // an empty MCP-Protocol-Version counts as none, as before
+			*dst, *has = vs[0], true
+		}
 	}
 	if m.hasVersion && !visibleASCII(m.version, false) || m.hasMethod && !visibleASCII(m.method, false) ||
 		m.hasName && !visibleASCII(m.name, true) {

@@ -103,6 +103,8 @@ func TestInspectMirroredHeaders(t *testing.T) {
 		{"a repeated Mcp-Name", full(n, "get_weather"), modernCall, ErrHeaderInvalid, nil, ""},
 		{"Mcp-Name under a second spelling", full("Mcp_Name", "get_weather"), modernCall, ErrHeaderInvalid, nil, ""},
 		{"an empty Mcp-Method", h(v, "2026-07-28", m, "", n, "get_weather"), modernCall, ErrHeaderInvalid, nil, ""},
+		{"an empty MCP-Protocol-Version is none", h(v, ""), `{"id":1,"method":"tools/call","params":{"name":"a"}}`, nil, []string{"a"}, ""},
+		{"an empty MCP-Protocol-Version with a versioned body", h(v, "", m, "tools/call", n, "get_weather"), modernCall, ErrVersionHeaderMissing, nil, "1"},
 		{"a control character in Mcp-Name", h(v, "2026-07-28", m, "tools/call", n, "get\x01weather"), modernCall, ErrHeaderInvalid, nil, ""},
 		{"a non-ASCII byte in Mcp-Name", h(v, "2026-07-28", m, "tools/call", n, "get_w\xc3\xa9ather"), modernCall, ErrHeaderInvalid, nil, ""},
 		{"a space in Mcp-Method", h(v, "2026-07-28", m, "tools/ call", n, "get_weather"), modernCall, ErrHeaderInvalid, nil, ""},
