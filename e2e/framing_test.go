@@ -79,7 +79,7 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		{"charset utf-7", http.MethodPost, "application/json; charset=utf-7", callUTF7, nil, http.StatusUnsupportedMediaType},
 		{"text/plain", http.MethodPost, "text/plain", call, nil, http.StatusUnsupportedMediaType},
 		{"X-HTTP-Method-Override", http.MethodPost, "application/json", initialize, map[string]string{"X-HTTP-Method-Override": "PATCH"}, http.StatusBadRequest},
-		// SECURITY.md S1.20: a router would read a read-only call.
+		// SECURITY.md S1.21: a router would read a read-only call.
 		{"a 2026-07-28 tools/call whose Mcp-Name names another tool", http.MethodPost, "application/json", modernCall,
 			map[string]string{"Mcp-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "notes_read"}, http.StatusBadRequest},
 		{"a 2026-07-28 tools/call without its headers", http.MethodPost, "application/json", modernCall, nil, http.StatusBadRequest},
@@ -176,7 +176,7 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		}
 	})
 
-	t.Run("an upstream's CORS headers are replaced by the broker's", func(t *testing.T) { // SECURITY.md S1.21
+	t.Run("an upstream's CORS headers are replaced by the broker's", func(t *testing.T) { // SECURITY.md S1.22
 		resp := send(t, http.MethodPost, "application/json", initialize, map[string]string{"Origin": "https://inspector.example"})
 		if got := resp.Header.Values("Access-Control-Allow-Origin"); len(got) != 1 || got[0] != "*" {
 			t.Errorf("%s: Access-Control-Allow-Origin %q, want *", resp.Status, got)
@@ -211,7 +211,7 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 
 // TestModernClientThroughCaddyBinary: a go-sdk client speaking MCP 2026-07-28 reaches a
 // stateless go-sdk upstream through the caddy binary with tool rules, so the broker reads
-// each body and checks the headers that mirror it (SECURITY.md S1.20): the calls pass with
+// each body and checks the headers that mirror it (SECURITY.md S1.21): the calls pass with
 // their headers as sent, and the tool scope is still enforced.
 func TestModernClientThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)

@@ -148,7 +148,7 @@ const corsHeaderPrefix = "Access-Control-"
 // replaceCORS removes the upstream's CORS headers from h, in any spelling, and sets the
 // broker's: any origin may read the response, without credentials, and the headers a
 // browser client needs. Some MCP servers allow any origin with credentials (SECURITY.md
-// W12, S1.21). One allocation for both values: the slices are the response's own, since
+// W12, S1.22). One allocation for both values: the slices are the response's own, since
 // a later handler (Caddy's header directive) may rewrite them in place.
 func replaceCORS(h http.Header) {
 	for k := range h {

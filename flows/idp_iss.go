@@ -10,7 +10,7 @@ import (
 // checkIdPResponseIssuer applies RFC 9207 §2.4 to an authorization response of the IdP
 // (iss "" when absent) before the broker acts on it, an error response included: a
 // response that may come from another authorization server is neither redeemed nor
-// reported (SECURITY.md S1.22). Errors wrap idp.ErrUnavailable when the IdP's discovery
+// reported (SECURITY.md S1.23). Errors wrap idp.ErrUnavailable when the IdP's discovery
 // document cannot be had.
 func (b *Broker) checkIdPResponseIssuer(ctx context.Context, iss string) error {
 	d, err := b.idp.Discovery(ctx)

@@ -10,7 +10,7 @@ import (
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
-// TestIdPCallbackIssParameter (SECURITY.md S1.22): as a client of the IdP, the broker
+// TestIdPCallbackIssParameter (SECURITY.md S1.23): as a client of the IdP, the broker
 // applies RFC 9207 §2.4 at both of its callbacks, the hybrid login's and offline
 // access's. With an IdP that advertises the parameter, a callback without iss, or with
 // another issuer (however close its spelling), is refused and its code never redeemed;

@@ -35,7 +35,7 @@ type rpcErrorAnswer struct {
 	} `json:"error"`
 }
 
-// TestMirroredHeadersThroughBroker (SECURITY.md S1.20): a go-sdk client speaking 2026-07-28
+// TestMirroredHeadersThroughBroker (SECURITY.md S1.21): a go-sdk client speaking 2026-07-28
 // reaches a 2026-07-28 upstream through a broker that reads the body (tool rules); a
 // request whose headers disagree with its body is refused with 400 HeaderMismatch and
 // never forwarded; the tool-scope decision is the body's, checked against its headers;
@@ -279,7 +279,7 @@ func TestMCPPreflightAllowsTransportHeaders(t *testing.T) {
 	}
 }
 
-// TestUpstreamCORSReplaced (SECURITY.md S1.21): an upstream that lets any origin read
+// TestUpstreamCORSReplaced (SECURITY.md S1.22): an upstream that lets any origin read
 // its responses with credentials does not get to: the broker sets the CORS headers of
 // every upstream response itself.
 func TestUpstreamCORSReplaced(t *testing.T) {

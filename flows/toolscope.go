@@ -15,7 +15,7 @@ import (
 // framed the one way the check reads it, or it is refused (SECURITY.md S1.10): see
 // mcprequest.Inspect. Having read the body, the broker is a party that processes it, so
 // the MCP request headers that mirror it (MCP 2026-07-28) must match it or the request is
-// refused with HeaderMismatch (SECURITY.md S1.20); the tools whose scopes are checked are
+// refused with HeaderMismatch (SECURITY.md S1.21); the tools whose scopes are checked are
 // the body's, which the headers were found to mirror. A request no rule applies to is not
 // read: the broker only forwards it, as an intermediary that does not process the body,
 // and the upstream, which does, checks its headers.
