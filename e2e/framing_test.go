@@ -28,7 +28,9 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader(),
 		testenv.ResponseHeader("Set-Cookie", "mcp_oauth_consent=forged; Path=/oauth"),
 		testenv.ResponseHeader("Set-Cookie", "__Host-mcp_oauth_consent=forged; Path=/; Secure"),
-		testenv.ResponseHeader("Set-Cookie", "app_session=kept; Path=/"))
+		testenv.ResponseHeader("Set-Cookie", "app_session=kept; Path=/"),
+		testenv.ResponseHeader("Access-Control-Allow-Origin", "https://evil.example"),
+		testenv.ResponseHeader("Access-Control-Allow-Credentials", "true"))
 	upURL, _ := url.Parse(up.URL)
 	caddy := startCaddy(t, progressiveSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret,
 		"openid notes:read notes:write", upURL.Host, nativeClientBlock),
@@ -40,6 +42,8 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 
 	const initialize = `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"e2e","version":"1"}}}`
 	const call = `{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"x"}}}`
+	const modernCall = `{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"x"},` +
+		`"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}`
 	send := func(t *testing.T, method, contentType, body string, header map[string]string) *http.Response {
 		t.Helper()
 		up.Reset()
@@ -75,6 +79,10 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		{"charset utf-7", http.MethodPost, "application/json; charset=utf-7", callUTF7, nil, http.StatusUnsupportedMediaType},
 		{"text/plain", http.MethodPost, "text/plain", call, nil, http.StatusUnsupportedMediaType},
 		{"X-HTTP-Method-Override", http.MethodPost, "application/json", initialize, map[string]string{"X-HTTP-Method-Override": "PATCH"}, http.StatusBadRequest},
+		// SECURITY.md S1.23: a router would read a read-only call.
+		{"a 2026-07-28 tools/call whose Mcp-Name names another tool", http.MethodPost, "application/json", modernCall,
+			map[string]string{"Mcp-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "notes_read"}, http.StatusBadRequest},
+		{"a 2026-07-28 tools/call without its headers", http.MethodPost, "application/json", modernCall, nil, http.StatusBadRequest},
 	} {
 		t.Run(tc.name+" is refused", func(t *testing.T) {
 			resp := send(t, tc.method, tc.contentType, tc.body, tc.header)
@@ -168,6 +176,16 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 		}
 	})
 
+	t.Run("an upstream's CORS headers are replaced by the broker's", func(t *testing.T) { // SECURITY.md S1.24
+		resp := send(t, http.MethodPost, "application/json", initialize, map[string]string{"Origin": "https://inspector.example"})
+		if got := resp.Header.Values("Access-Control-Allow-Origin"); len(got) != 1 || got[0] != "*" {
+			t.Errorf("%s: Access-Control-Allow-Origin %q, want *", resp.Status, got)
+		}
+		if got := resp.Header.Values("Access-Control-Allow-Credentials"); len(got) != 0 {
+			t.Errorf("%s: Access-Control-Allow-Credentials %q", resp.Status, got)
+		}
+	})
+
 	t.Run("a go-sdk session with its GET stream and DELETE still works", func(t *testing.T) {
 		up.Reset()
 		session, err := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil).Connect(t.Context(),
@@ -189,4 +207,45 @@ func TestFramingThroughCaddyBinary(t *testing.T) {
 			t.Errorf("upstream saw %v; want the session's DELETE", methods)
 		}
 	})
+}
+
+// TestModernClientThroughCaddyBinary: a go-sdk client speaking MCP 2026-07-28 reaches a
+// stateless go-sdk upstream through the caddy binary with tool rules, so the broker reads
+// each body and checks the headers that mirror it (SECURITY.md S1.23): the calls pass with
+// their headers as sent, and the tool scope is still enforced.
+func TestModernClientThroughCaddyBinary(t *testing.T) {
+	o := testenv.StartOP(t)
+	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader(), testenv.Stateless())
+	upURL, _ := url.Parse(up.URL)
+	caddy := startCaddy(t, progressiveSite(o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret,
+		"openid notes:read notes:write", upURL.Host, nativeClientBlock))
+	claims := o.AccessTokenClaims(o.User.Subject, caddy.Base+"/mcp")
+	claims["scope"] = "openid notes:read"
+	claims["client_id"] = testenv.NativeClientID
+	tok := o.MintJWT(claims)
+
+	session, err := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil).Connect(t.Context(),
+		&mcp.StreamableClientTransport{Endpoint: caddy.Base + "/mcp", HTTPClient: testenv.BearerClient(tok)}, nil)
+	if err != nil {
+		t.Fatalf("connecting: %v\n%s", err, caddy.logs.String())
+	}
+	defer session.Close()
+	if who := whoami(t, session); who.Subject != o.User.Subject {
+		t.Errorf("upstream saw %q", who.Subject)
+	}
+	if _, err := session.CallTool(t.Context(), &mcp.CallToolParams{Name: "notes_write", Arguments: map[string]any{"text": "x"}}); err == nil {
+		t.Error("notes_write passed without notes:write")
+	}
+	modern := 0
+	for _, r := range up.Seen() {
+		if r.Header.Get("Mcp-Protocol-Version") == "2026-07-28" && r.Header.Get("Mcp-Method") != "" {
+			modern++
+		}
+		if r.RPCMethod == "tools/call" && r.Header.Get("Mcp-Name") != "whoami" {
+			t.Errorf("a tools/call reached the upstream with Mcp-Name %q", r.Header.Get("Mcp-Name"))
+		}
+	}
+	if modern == 0 {
+		t.Errorf("no 2026-07-28 request reached the upstream: %d requests", len(up.Seen()))
+	}
 }

@@ -47,12 +47,20 @@ func (b *Broker) authorizationServerMetadata() AuthorizationServerMetadata {
 // serveAuthorizationServerMetadata answers RFC 8414 discovery, readable from any origin
 // without credentials (browser clients such as MCP Inspector fetch it).
 //
-// The same document answers at /.well-known/openid-configuration: MCP clients (the
-// TypeScript and Go SDKs) fall back to that path and read only its OAuth fields. It does
-// not claim to be an OpenID Provider: the broker issues no ID tokens, so it names no
-// jwks_uri, subject types or ID-token algorithms rather than advertising what it lacks.
-// The TypeScript SDK validates those OIDC fields only when it had to use the OIDC path,
-// which it never does here since the RFC 8414 path, tried first, answers.
+// /.well-known/openid-configuration is routed here too and answers 404: the broker
+// issues no ID tokens, so it has no valid OpenID Connect discovery document (OIDC
+// Discovery §3 requires jwks_uri, subject_types_supported and
+// id_token_signing_alg_values_supported), and serving its OAuth document there would
+// claim to be an OpenID Provider. MCP clients try the RFC 8414 path first and find the
+// document there. The 404 is readable from any origin, so that a browser client sees a
+// missing document rather than a network error.
 func (b *Broker) serveAuthorizationServerMetadata(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == wellKnownOpenIDConfiguration && r.Method != http.MethodOptions {
+		e := newRequestError(http.StatusNotFound, "invalid_request",
+			"the broker is not an OpenID Provider; its metadata is at "+wellKnownAuthorizationServer)
+		e.cors = "GET, OPTIONS"
+		b.writeError(w, r, e)
+		return
+	}
 	serveMetadata(b, w, r, b.authorizationServerMetadata)
 }

@@ -166,10 +166,10 @@ func (b *Broker) checkAuthorizationRequest(f url.Values, client *Client, redirec
 	}
 	resource := ""
 	for _, res := range f["resource"] {
-		if res != b.cfg.Resource {
+		if !sameResource(res, b.cfg.Resource) {
 			return AuthorizationRequest{}, errInvalidTarget("resource is not this server")
 		}
-		resource = res
+		resource = b.cfg.Resource // the configured spelling, which tokens are bound to
 	}
 	scopes, ok := b.grantableScopes(client, strings.Fields(f.Get("scope")))
 	if !ok {

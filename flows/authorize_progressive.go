@@ -56,7 +56,7 @@ func (b *Broker) authorizeProgressive(w http.ResponseWriter, r *http.Request) er
 	case !b.clientAllows(client, scopes):
 		return newRequestError(http.StatusUnauthorized, "unauthorized_client", "scope is not allowed for this client")
 	}
-	if res := q.Get("resource"); res != "" && res != b.cfg.Resource {
+	if res := q.Get("resource"); res != "" && !sameResource(res, b.cfg.Resource) {
 		return errInvalidTarget("resource is not this server")
 	}
 

@@ -61,10 +61,34 @@ type requestError struct {
 	// page, when set, answers a person's browser with this HTML page of the error's
 	// status instead of JSON (the consent and offline-access pages).
 	page func(w http.ResponseWriter, status int)
+	// bare answers with the status and headers only, no body: the no-token 401, which
+	// carries no error information (RFC 6750 §3.1).
+	bare bool
+	// rpc, when set, answers with a JSON-RPC error response instead of an OAuth error:
+	// the MCP transport's own refusals (HeaderMismatch), which MCP clients read.
+	rpc *rpcError
 	// redirect, when set, sends the error to the client's redirect URI instead of
 	// answering JSON. Only the authorization endpoint sets it, and only once the redirect
 	// URI is known to be the client's (RFC 6749 §4.1.2.1).
 	redirect *errorRedirect
+}
+
+// rpcError is the JSON-RPC side of an MCP transport refusal: its error code, and the raw
+// id of the request it answers (nil for none).
+type rpcError struct {
+	code int
+	id   json.RawMessage
+}
+
+// jsonrpcErrorResponse is a JSON-RPC 2.0 error response; its message is the requestError's
+// fixed description.
+type jsonrpcErrorResponse struct {
+	JSONRPC string          `json:"jsonrpc"`
+	ID      json.RawMessage `json:"id,omitempty"`
+	Error   struct {
+		Code    int    `json:"code"`
+		Message string `json:"message"`
+	} `json:"error"`
 }
 
 // errorRedirect is where an authorization error goes: the client's checked redirect URI
@@ -234,6 +258,17 @@ func (b *Broker) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		e.page(w, e.status)
 		return
 	}
+	if e.bare {
+		h.Set("Cache-Control", "no-store")
+		w.WriteHeader(e.status)
+		return
+	}
+	if e.rpc != nil {
+		answer := jsonrpcErrorResponse{JSONRPC: "2.0", ID: e.rpc.id}
+		answer.Error.Code, answer.Error.Message = e.rpc.code, e.description
+		writeJSON(w, e.status, answer)
+		return
+	}
 	writeJSON(w, e.status, oauthError{Error: e.code, Description: e.description})
 }
 
@@ -248,6 +283,9 @@ func (b *Broker) logError(r *http.Request, e *requestError) {
 		return
 	}
 	fields := []zap.Field{zap.String("path", r.URL.Path), zap.Int("status", e.status), zap.String("code", e.code)}
+	if e.bare {
+		fields = append(fields, zap.String("reason", e.description))
+	}
 	switch {
 	case errors.Is(e.cause, ErrStorageUnavailable):
 		fields = append(fields, zap.String("failed", "storage"))

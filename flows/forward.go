@@ -142,9 +142,30 @@ func dropBrokerCookies(h http.Header) {
 	}
 }
 
+// corsHeaderPrefix starts the name of every CORS response header (Fetch §3.2.3).
+const corsHeaderPrefix = "Access-Control-"
+
+// replaceCORS removes the upstream's CORS headers from h, in any spelling, and sets the
+// broker's: any origin may read the response, without credentials, and the headers a
+// browser client needs. Some MCP servers allow any origin with credentials (SECURITY.md
+// W12, S1.24). One allocation for both values: the slices are the response's own, since
+// a later handler (Caddy's header directive) may rewrite them in place.
+func replaceCORS(h http.Header) {
+	for k := range h {
+		if len(k) >= len(corsHeaderPrefix) && strings.EqualFold(k[:len(corsHeaderPrefix)], corsHeaderPrefix) {
+			delete(h, k)
+		}
+	}
+	v := make([]string, 2)
+	v[0], v[1] = "*", corsExposeHeaders
+	h["Access-Control-Allow-Origin"] = v[0:1:1]
+	h["Access-Control-Expose-Headers"] = v[1:2:2]
+}
+
 // ResponseGuard wraps the writer of a request passed to the upstream: when the upstream
-// writes its header, the Set-Cookies naming the broker's cookies are removed. Get one
-// with GuardResponse and Release it when the upstream's handler has returned.
+// writes its header, the Set-Cookies naming the broker's cookies are removed, and its
+// CORS headers are replaced by the broker's. Get one with GuardResponse and Release it
+// when the upstream's handler has returned.
 type ResponseGuard struct {
 	http.ResponseWriter
 	wrote bool
@@ -166,10 +187,13 @@ func (g *ResponseGuard) Release() {
 	guardPool.Put(g)
 }
 
-// WriteHeader removes the broker's cookies before any header (1xx included) goes out.
+// WriteHeader removes the broker's cookies before any header (1xx included) goes out, and
+// sets the broker's CORS headers on the final one.
 func (g *ResponseGuard) WriteHeader(status int) {
-	dropBrokerCookies(g.ResponseWriter.Header())
+	h := g.ResponseWriter.Header()
+	dropBrokerCookies(h)
 	if status >= 200 {
+		replaceCORS(h)
 		g.wrote = true
 	}
 	g.ResponseWriter.WriteHeader(status)

@@ -28,18 +28,24 @@ func BenchmarkHandleWarm(b *testing.B) {
 	toolCall := `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"` +
 		strings.Repeat("x", 512) + `"}}}`
 	list := `{"jsonrpc":"2.0","id":8,"method":"tools/list"}`
+	// A 2026-07-28 tools/call with the headers that mirror it, which the broker checks.
+	modernCall := `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"notes_write","arguments":{"text":"` +
+		strings.Repeat("x", 512) + `"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}`
+	modernHeaders := map[string]string{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "notes_write"}
 
 	for _, bc := range []struct {
 		name       string
 		delegation string
 		body       string
+		header     map[string]string
 	}{
-		{"delegation none, tools/list", DelegationNone, list},
-		{"delegation none, tools/call", DelegationNone, toolCall},
-		{"token exchange, tools/list", DelegationTokenExchange, list},
-		{"token exchange, tools/call", DelegationTokenExchange, toolCall},
-		{"app password, tools/list", DelegationAppPassword, list},
-		{"app password, tools/call", DelegationAppPassword, toolCall},
+		{"delegation none, tools/list", DelegationNone, list, nil},
+		{"delegation none, tools/call", DelegationNone, toolCall, nil},
+		{"token exchange, tools/list", DelegationTokenExchange, list, nil},
+		{"token exchange, tools/call", DelegationTokenExchange, toolCall, nil},
+		{"app password, tools/list", DelegationAppPassword, list, nil},
+		{"app password, tools/call", DelegationAppPassword, toolCall, nil},
+		{"delegation none, 2026-07-28 tools/call", DelegationNone, modernCall, modernHeaders},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			br := newTestBroker(b, o, func(c *Config) {
@@ -60,6 +66,9 @@ func BenchmarkHandleWarm(b *testing.B) {
 				r := httptest.NewRequest(http.MethodPost, "/mcp", strings.NewReader(bc.body))
 				r.Header.Set("Authorization", "Bearer "+tok)
 				r.Header.Set("Content-Type", "application/json")
+				for k, v := range bc.header {
+					r.Header.Set(k, v)
+				}
 				return r
 			}
 			w := &discardWriter{h: http.Header{}}

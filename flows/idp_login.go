@@ -162,6 +162,12 @@ func (b *Broker) finishLogin(w http.ResponseWriter, r *http.Request, q url.Value
 func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q url.Values, state string, pending PendingLogin) (LoginOutcome, *requestError) {
 	req := pending.Request
 	if idpErr := q.Get("error"); idpErr != "" {
+		if err := b.checkIdPResponseIssuer(r.Context(), q.Get("iss")); errors.Is(err, idp.ErrUnavailable) {
+			return LoginFailedIdPUnreachable, errIdPUnavailable(fmt.Errorf("callback: client %s: %w", req.ClientID, err))
+		} else if err != nil {
+			return LoginFailedCodeRefused, errServer(http.StatusBadGateway, "the login at the identity provider could not be verified",
+				fmt.Errorf("callback: error response refused for client %s: %w", req.ClientID, err))
+		}
 		// The IdP's words stay in the log (SECURITY.md W11); the client gets a fixed code.
 		b.log.login.Info("the identity provider refused the login",
 			zap.String("client_id", req.ClientID), zap.String("idp_error", truncateForLog(idpErr, 64)))
@@ -225,16 +231,17 @@ func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q ur
 // exchangeIdPCode redeems an IdP authorization code with its PKCE verifier at the token
 // endpoint and verifies the ID token that comes with it: signature, issuer, audience =
 // the broker's client id (and azp when there are several), expiry, nonce, and at_hash
-// when present. iss is the callback's RFC 9207 parameter, checked when the IdP sent one
-// (mix-up defense). clientScopes are the client's scopes the login was asked for. Errors
-// wrap idp.ErrUnavailable when the IdP could not be reached or failed.
+// when present. iss is the callback's RFC 9207 parameter ("" when absent): checked when
+// the IdP sent one, and required when the IdP advertises it (mix-up defense).
+// clientScopes are the client's scopes the login was asked for. Errors wrap
+// idp.ErrUnavailable when the IdP could not be reached or failed.
 func (b *Broker) exchangeIdPCode(ctx context.Context, code, verifier, nonce, iss string, clientScopes []string) (IdPGrant, error) {
 	d, err := b.idp.Discovery(ctx)
 	if err != nil {
 		return IdPGrant{}, fmt.Errorf("%w: %w", idp.ErrUnavailable, err)
 	}
-	if iss != "" && iss != d.Issuer {
-		return IdPGrant{}, errors.New("callback iss differs from the identity provider's issuer")
+	if err := d.CheckAuthorizationResponseIssuer(iss); err != nil {
+		return IdPGrant{}, fmt.Errorf("callback: %w", err)
 	}
 	conf := b.idpOAuthConfig(d.Provider.Endpoint(), clientScopes)
 	tok, err := conf.Exchange(context.WithValue(ctx, oauth2.HTTPClient, b.cfg.HTTPClient), code, oauth2.VerifierOption(verifier))

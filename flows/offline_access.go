@@ -276,6 +276,11 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 	}
 	b.clearLoginBinding(w, state, b.cfg.OfflineAccessCallbackPath)
 	if q.Get("error") != "" {
+		if err := b.checkIdPResponseIssuer(ctx, q.Get("iss")); err != nil {
+			return b.loginFailed(LoginOfflineAccess, LoginFailedCodeRefused,
+				b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
+					because(fmt.Errorf("offline access: error response for subject %s: %w", pending.Subject, err)))
+		}
 		// The IdP's own error text is not shown (SECURITY.md W11): only that access was not granted.
 		b.log.offline.Info("identity provider refused", zap.String("subject", pending.Subject), zap.String("error", q.Get("error")))
 		outcome := LoginFailedIdPError
@@ -297,6 +302,12 @@ func (b *Broker) offlineAccessCallback(w http.ResponseWriter, r *http.Request) e
 		return b.loginFailed(LoginOfflineAccess, LoginFailedIdPUnreachable,
 			b.errOfflineAccessPage(http.StatusServiceUnavailable, "Try again", "The identity provider cannot be reached; start again shortly.").
 				because(fmt.Errorf("offline access: %w", err)))
+	}
+	if err := d.CheckAuthorizationResponseIssuer(q.Get("iss")); err != nil {
+		// RFC 9207 (mix-up defense): the code is never sent to the token endpoint.
+		return b.loginFailed(LoginOfflineAccess, LoginFailedCodeRefused,
+			b.errOfflineAccessPage(http.StatusBadGateway, "Login failed", "The identity provider's answer could not be verified; start again.").
+				because(fmt.Errorf("offline access: callback for subject %s: %w", pending.Subject, err)))
 	}
 	cfg := b.offlineAccessOAuth2(d, pending.Scopes)
 	idpCtx, cancel := b.offlineIdPContext(ctx)

@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/mcprequest"
 )
 
 // ProtectedResourceMetadata is the RFC 9728 document.
@@ -70,22 +71,92 @@ func (b *Broker) resourceName() string {
 	return "MCP server at " + b.resourceURL.Host
 }
 
+// corsAllowHeaders are the request headers any origin may send: the bearer token, the
+// body's media type, and the MCP transport's headers of every revision (MCP-Protocol-
+// Version, and Mcp-Method and Mcp-Name from 2026-07-28; Mcp-Session-Id and Last-Event-ID
+// before). A preflight of the MCP endpoint adds the Mcp-Param-* headers it asks for.
+const corsAllowHeaders = "Authorization, Content-Type, MCP-Protocol-Version, Mcp-Method, Mcp-Name, Mcp-Session-Id, Last-Event-ID"
+
+// corsExposeHeaders are the response headers a browser client may read.
+const corsExposeHeaders = "WWW-Authenticate, Mcp-Session-Id"
+
 // allowCORS lets any origin read a public response. Credentials are never allowed (SECURITY.md W12).
 func allowCORS(w http.ResponseWriter, methods string) {
 	h := w.Header()
 	h.Set("Access-Control-Allow-Origin", "*")
 	h.Set("Access-Control-Allow-Methods", methods)
-	h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Mcp-Protocol-Version, Mcp-Session-Id, Last-Event-ID")
-	h.Set("Access-Control-Expose-Headers", "WWW-Authenticate, Mcp-Session-Id")
+	h.Set("Access-Control-Allow-Headers", corsAllowHeaders)
+	h.Set("Access-Control-Expose-Headers", corsExposeHeaders)
 	h.Set("Access-Control-Max-Age", "600")
+}
+
+// Bounds of the Mcp-Param-* headers a preflight may ask for: how many are allowed, and
+// how long a name may be. Others are left out of the answer, and the browser then refuses
+// to send them.
+const (
+	maxPreflightParamHeaders  = 32
+	maxPreflightParamNameSize = 128
+)
+
+// answerMCPPreflight answers a CORS preflight of the MCP endpoint. It carries no
+// credentials; browser MCP clients need its answer. Besides the fixed headers it allows
+// the Mcp-Param-{Name} headers the browser asks for (2026-07-28 mirrors annotated tool
+// arguments into them, and which exist only the tool list knows): each a well-formed
+// field name (RFC 9110 §5.1), at most maxPreflightParamHeaders of them.
+func answerMCPPreflight(w http.ResponseWriter, r *http.Request) {
+	allowCORS(w, mcpMethods)
+	h := w.Header()
+	h.Add("Vary", "Access-Control-Request-Headers")
+	if params := requestedParamHeaders(r.Header.Values("Access-Control-Request-Headers")); params != "" {
+		h.Set("Access-Control-Allow-Headers", corsAllowHeaders+", "+params)
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// requestedParamHeaders lists, comma-separated, the Mcp-Param-* names of a preflight's
+// Access-Control-Request-Headers that are well-formed field names, bounded in number and
+// length.
+func requestedParamHeaders(values []string) string {
+	var b strings.Builder
+	n := 0
+	for _, v := range values {
+		for name := range strings.SplitSeq(v, ",") {
+			name = strings.TrimSpace(name)
+			if n == maxPreflightParamHeaders {
+				return b.String()
+			}
+			if len(name) <= len(mcprequest.HeaderParamPrefix) || len(name) > maxPreflightParamNameSize ||
+				!strings.EqualFold(name[:len(mcprequest.HeaderParamPrefix)], mcprequest.HeaderParamPrefix) || !fieldName(name) {
+				continue
+			}
+			if n > 0 {
+				b.WriteString(", ")
+			}
+			b.WriteString(name)
+			n++
+		}
+	}
+	return b.String()
+}
+
+// fieldName tells whether s is an RFC 9110 §5.1 field name: one or more tchar.
+func fieldName(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return s != ""
 }
 
 // protect authenticates a request to the MCP endpoint and prepares it for the upstream.
 func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request, *idp.Principal) {
 	if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
-		// A CORS preflight carries no credentials; browser MCP clients need its answer.
-		allowCORS(w, mcpMethods)
-		w.WriteHeader(http.StatusNoContent)
+		answerMCPPreflight(w, r)
 		return nil, nil
 	}
 	who, err := b.admit(w, r)
@@ -113,7 +184,7 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	}
 	need, tools, refused := b.requiredScopes(w, r)
 	if refused != nil {
-		return nil, errRefusal(refused)
+		return nil, refused
 	}
 	if len(need) > 0 && !who.HasScopes(need) {
 		return nil, b.errInsufficientScope(who, need)
@@ -155,7 +226,11 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 // who presented it, and the token.
 func (b *Broker) authenticate(r *http.Request) (*idp.Principal, string, error) {
 	if r.URL.Query().Has("access_token") {
-		return nil, "", errInvalidRequest("access tokens are accepted only in the Authorization header")
+		// RFC 6750 §3.1: a request using a method the resource does not accept is
+		// invalid_request, named in the challenge too.
+		e := errInvalidRequest("access tokens are accepted only in the Authorization header")
+		e.challenge, e.cors = "Bearer "+b.offer().challengeTail+`, error="invalid_request"`, mcpMethods
+		return nil, "", e
 	}
 	raw, ok := bearerToken(r)
 	if !ok {
@@ -204,17 +279,16 @@ func bearerToken(r *http.Request) (string, bool) {
 const mcpMethods = "GET, POST, DELETE, OPTIONS"
 
 // errBearer is 401 with the RFC 9728 / RFC 6750 §3 challenge that starts discovery; code
-// is empty when the request carried no token (RFC 6750 §3.1).
+// is empty when the request carried no token, and then the answer carries no error
+// information at all (RFC 6750 §3.1): the challenge alone, without a body. description
+// is then for the log only.
 func (b *Broker) errBearer(code, description string) *requestError {
 	v := "Bearer " + b.offer().challengeTail
 	if code != "" {
 		v += `, error="` + code + `"`
 	}
-	if code == "" {
-		code = "invalid_token"
-	}
 	e := newRequestError(http.StatusUnauthorized, code, description)
-	e.challenge, e.cors = v, mcpMethods
+	e.challenge, e.cors, e.bare = v, mcpMethods, code == ""
 	return e
 }
 

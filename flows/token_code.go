@@ -88,7 +88,7 @@ func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) 
 		return TokenResponse{}, errInvalidGrant("redirect_uri does not match the authorization request")
 	case !pkceMatches(b.constantTimeCompare, rec.CodeChallengeMethod, rec.CodeChallenge, verifier):
 		return TokenResponse{}, errInvalidGrant("code_verifier does not match the code challenge")
-	case resource != "" && resource != rec.Resource:
+	case resource != "" && !sameResource(resource, rec.Resource):
 		return TokenResponse{}, errInvalidTarget("resource does not match the authorization request")
 	}
 

@@ -69,7 +69,7 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 		return TokenResponse{}, errInvalidGrant("the refresh token was issued to another client")
 	case !now.Before(rec.Expiry):
 		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
-	case resource != "" && resource != rec.Resource:
+	case resource != "" && !sameResource(resource, rec.Resource):
 		return TokenResponse{}, errInvalidTarget("resource does not match the refresh token")
 	}
 	scopes := rec.Scopes

@@ -37,6 +37,26 @@ type Discovery struct {
 	RevocationEndpoint    string   `json:"revocation_endpoint"`
 	JWKSURI               string   `json:"jwks_uri"`
 	GrantTypesSupported   []string `json:"grant_types_supported"`
+	// AuthorizationResponseIssParameterSupported is RFC 9207 §3: the IdP puts iss in its
+	// authorization responses, so a response without it is refused.
+	AuthorizationResponseIssParameterSupported bool `json:"authorization_response_iss_parameter_supported"`
+}
+
+// ErrAuthorizationResponseIssuer means an authorization response came back with an iss
+// other than the IdP's, or without the iss the IdP advertises (RFC 9207 §2.4): the
+// response may come from another authorization server (a mix-up) and its code is not
+// redeemed.
+var ErrAuthorizationResponseIssuer = errors.New("the authorization response's iss is not the identity provider's")
+
+// CheckAuthorizationResponseIssuer applies RFC 9207 §2.4 to the iss parameter of an
+// authorization response from this IdP ("" when absent): a present iss must be the
+// document's issuer exactly (simple string comparison, no normalisation); an absent one
+// is refused when the IdP advertises the parameter, and accepted otherwise.
+func (d *Discovery) CheckAuthorizationResponseIssuer(iss string) error {
+	if iss == "" && !d.AuthorizationResponseIssParameterSupported || iss != "" && iss == d.Issuer {
+		return nil
+	}
+	return ErrAuthorizationResponseIssuer
 }
 
 // SupportsTokenExchange tells whether the IdP advertises the RFC 8693 grant.

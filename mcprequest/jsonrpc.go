@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 var toolsCallMethod = []byte(`"tools/call"`)
@@ -46,6 +48,11 @@ func toolNames(body []byte) (names []string, ok bool) {
 	if !json.Valid(body) {
 		return nil, false
 	}
+	return toolNamesOfValid(body)
+}
+
+// toolNamesOfValid is toolNames of a body already known to be valid JSON.
+func toolNamesOfValid(body []byte) (names []string, ok bool) {
 	i := skipSpace(body, 0)
 	if body[i] != '[' {
 		return callNames(body[i:])
@@ -112,17 +119,47 @@ func jsonMembers(obj []byte, fn func(key, value []byte)) {
 	}
 }
 
-// keyIs compares a raw JSON key with name as encoding/json matches field names.
+// keyIs compares a raw JSON key with name as encoding/json matches field names (Unicode
+// simple case folding); only a key with escapes costs a decode.
 func keyIs(raw []byte, name string) bool {
+	if len(raw) >= 2 && raw[0] == '"' && bytes.IndexByte(raw, '\\') < 0 {
+		return equalFold(raw[1:len(raw)-1], name)
+	}
 	s, ok := jsonString(raw)
 	return ok && strings.EqualFold(s, name)
 }
 
-// stringIs tells whether the raw JSON value is the string want.
-func stringIs(raw []byte, want string) bool {
-	s, ok := jsonString(raw)
-	return ok && s == want
+// equalFold is strings.EqualFold of b and s, without converting b.
+func equalFold(b []byte, s string) bool {
+	for len(b) > 0 && len(s) > 0 {
+		r, n := utf8.DecodeRune(b)
+		t, m := utf8.DecodeRuneInString(s)
+		b, s = b[n:], s[m:]
+		if r == t {
+			continue
+		}
+		if t < r {
+			r, t = t, r
+		}
+		if t < utf8.RuneSelf {
+			if 'A' <= r && r <= 'Z' && t == r+'a'-'A' {
+				continue
+			}
+			return false
+		}
+		f := unicode.SimpleFold(r)
+		for f != r && f < t {
+			f = unicode.SimpleFold(f)
+		}
+		if f != t {
+			return false
+		}
+	}
+	return len(b) == 0 && len(s) == 0
 }
+
+// stringIs tells whether the raw JSON value is the string want.
+func stringIs(raw []byte, want string) bool { return rawStringIs(raw, want) }
 
 // jsonString decodes a raw JSON string value; only one with escapes costs a decode.
 func jsonString(raw []byte) (string, bool) {

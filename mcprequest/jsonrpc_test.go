@@ -2,7 +2,9 @@ package mcprequest
 
 import (
 	"encoding/json"
+	"net/http"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -47,10 +49,32 @@ func FuzzToolNames(f *testing.F) {
 		`[{"method":"tools/call","params":{"name":"a"}},{"method":"tools/list"}]`,
 		`{"method":"tools\/call","params":{"Name":"a","name":"b"}}`,
 		`{"params":{"name":"z"},"method":"tools/call"}`,
+		// 2026-07-28 bodies, whose headers checkMirroredHeaders compares.
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_weather","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}`,
+		`{"id":"r","method":"resources/read","params":{"uri":"file:///a","_meta":{"io.modelcontextprotocol/\u0070rotocolVersion":"2026-07-28"}}}`,
+		`[{"id":1,"method":"tools/call","params":{"name":"a","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}]`,
+		`{"id":{},"method":"tools/call","params":{"name":1,"uri":null,"_meta":[]}}`,
+		`null`,
 	} {
 		f.Add([]byte(s))
 	}
+	// Headers of a 2026-07-28 tools/call, for checkMirroredHeaders on every input.
+	headers, _ := readMirroredHeaders(http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Mcp-Method": {"tools/call"}, "Mcp-Name": {"=?base64?YQ==?="}})
 	f.Fuzz(func(t *testing.T, body []byte) {
+		if json.Valid(body) {
+			// Never panics, and passes only a body that mirrors its headers.
+			if _, refused := checkMirroredHeaders(headers, body); refused == nil {
+				var one struct {
+					Method string `json:"method"`
+					Params struct {
+						Name string `json:"name"`
+					} `json:"params"`
+				}
+				if json.Unmarshal(body, &one) == nil && (one.Method != "tools/call" || one.Params.Name != "a") && !isBatch(body) {
+					t.Fatalf("passed %s with headers of a tools/call of a", body)
+				}
+			}
+		}
 		names, ok := toolNames(body)
 		var one struct {
 			Method string `json:"method"`
@@ -64,4 +88,16 @@ func FuzzToolNames(f *testing.F) {
 			}
 		}
 	})
+}
+
+// equalFold agrees with strings.EqualFold, which encoding/json's key matching follows.
+func TestEqualFold(t *testing.T) {
+	for _, tc := range [][2]string{
+		{"method", "method"}, {"METHOD", "method"}, {"Method", "methoD"}, {"\u212aey", "key"}, {"key", "\u212aEY"},
+		{"ſ", "S"}, {"method", "methods"}, {"", ""}, {"", "a"}, {"\xff", "\xff"}, {"\xff", "\ufffd"}, {"é", "É"}, {"é", "e"},
+	} {
+		if got, want := equalFold([]byte(tc[0]), tc[1]), strings.EqualFold(tc[0], tc[1]); got != want {
+			t.Errorf("equalFold(%q, %q) = %v, want %v", tc[0], tc[1], got, want)
+		}
+	}
 }

@@ -4,7 +4,8 @@
 // application/json in UTF-8; no content coding), reads the body once up to a bound and
 // puts it back for the upstream, and returns a Message: whether the body is a batch and
 // which tools it calls, read as generously as any JSON decoder could read them (the
-// scanner in jsonrpc.go, allocation-light on the hot path). A request it will not
+// scanner in jsonrpc.go, allocation-light on the hot path), having checked the MCP
+// 2026-07-28 headers that mirror the body against it (headers.go). A request it will not
 // vouch for gets a Refusal, one of the fixed Err values, with the status and
 // description to answer with; the package writes no response and knows nothing of
 // scopes or tool rules, which are the caller's policy. SameHeaderName compares header
@@ -13,6 +14,7 @@ package mcprequest
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -21,13 +23,16 @@ import (
 
 // Refusal is why a request is refused before the upstream sees it: the HTTP status and
 // the OAuth error_description to answer with (error code invalid_request), and a header
-// to set on the answer when Header is not empty. The refusals are the package's fixed
-// Err values, compared by identity: refusing allocates nothing.
+// to set on the answer when Header is not empty. A refusal with an RPCCode is the MCP
+// transport's own (headers.go): it is answered as a JSON-RPC error response with that
+// code and Description as its message, not as an OAuth error. The refusals are the
+// package's fixed Err values, compared by identity: refusing allocates nothing.
 type Refusal struct {
 	Status      int
 	Description string
 	Header      string
 	Value       string
+	RPCCode     int
 }
 
 func (r *Refusal) Error() string { return r.Description }
@@ -50,6 +55,9 @@ type Message struct {
 	// Tools are the tools the body calls with tools/call, every spelling and duplicate a
 	// JSON decoder might read counted; "" stands for a call that names none.
 	Tools []string
+	// ID is the raw JSON-RPC id (a string or a number) of a single request refused for
+	// its mirrored headers, for the JSON-RPC error that answers it; nil otherwise.
+	ID []byte
 }
 
 // methodOverrides are the headers web frameworks read as the request's real method
@@ -59,7 +67,9 @@ var methodOverrides = []string{"X-HTTP-Method-Override", "X-HTTP-Method", "X-Met
 
 // Inspect checks the framing of r and, for a POST, reads its JSON-RPC body of at most
 // limit bytes once and puts it back in r.Body for the upstream (a request of another
-// method carries no body to read: its Message is empty). A body over the bound is
+// method carries no body to read: its Message is empty). Having read the body, it checks
+// the MCP request headers that mirror it (headers.go): a mismatch is refused with the
+// transport's HeaderMismatch error, and msg.ID names the request it answers. A body over the bound is
 // refused (413) rather than passed on unchecked; one that cannot be read, or is not JSON
 // this package can read, is a 400: a more lenient upstream might read a tool call in it
 // that nobody checked. w is only handed to http.MaxBytesReader, which asks the server to
@@ -84,13 +94,30 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	msg := Message{Batch: isBatch(body)}
-	if !mayCallTool(body) {
+	headers, ok := readMirroredHeaders(r.Header)
+	if !ok {
+		return msg, ErrHeaderInvalid
+	}
+	call, mirrored := mayCallTool(body), headers.mirror() || mayMirror(body)
+	if !call && !mirrored {
 		return msg, nil
 	}
-	tools, ok := toolNames(body)
-	if !ok {
+	if !json.Valid(body) {
 		// Fail closed: a body this decoder cannot read may still be read by a more lenient
 		// upstream (Python's json takes NaN), and then run a tool nobody checked.
+		return Message{}, ErrUnreadable
+	}
+	if mirrored {
+		if msg.ID, refused = checkMirroredHeaders(headers, body); refused != nil {
+			return msg, refused
+		}
+	}
+	if !call {
+		return msg, nil
+	}
+	tools, ok := toolNamesOfValid(body)
+	if !ok {
+		// A batch element that is not an object: fail closed as above.
 		return Message{}, ErrUnreadable
 	}
 	msg.Tools = tools

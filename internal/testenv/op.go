@@ -86,6 +86,8 @@ type OP struct {
 	answerFault atomic.Pointer[TokenAnswerFault]
 	// refreshTakesAll: see WithRefreshScopeIgnored.
 	refreshTakesAll bool
+	// issParameter adds RFC 9207 to the OP's answers (op_iss.go).
+	issParameter bool
 
 	mu     sync.Mutex
 	paths  map[string]string // endpoint path → Count key
@@ -99,6 +101,7 @@ type opConfig struct {
 	refusedScopes []string
 	// refreshScopeIgnored: see WithRefreshScopeIgnored.
 	refreshScopeIgnored bool
+	issParameter        bool // RFC 9207 (op_iss.go)
 }
 
 // OPOption configures an OP.
@@ -183,6 +186,7 @@ func NewOP(opts ...OPOption) (*OP, error) {
 		counts:         make(map[string]int),
 
 		refreshTakesAll: cfg.refreshScopeIgnored,
+		issParameter:    cfg.issParameter,
 	}
 	// A nil logger leaves slog's default logger alone.
 	router := exampleop.SetupServer(issuer, served, nil, false)
@@ -297,6 +301,10 @@ func (o *OP) intercept(next http.Handler) http.Handler {
 		}
 		if f := o.answerFault.Load(); f != nil && counted && r.URL.Path == o.tokenPath() {
 			serveWithFault(w, r, next, key, *f)
+			return
+		}
+		if o.issParameter {
+			o.serveWithIssParameter(w, r, next)
 			return
 		}
 		next.ServeHTTP(w, r)

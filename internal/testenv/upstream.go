@@ -70,6 +70,7 @@ type upstreamConfig struct {
 	responseHeaders http.Header
 	// metadataScopes, when set, are the scopes_supported of the RFC 9728 document served.
 	metadataScopes []string
+	stateless      bool
 }
 
 // ProtectedResourceMetadata makes an Upstream serve its RFC 9728 protected-resource
@@ -77,6 +78,14 @@ type upstreamConfig struct {
 // MCP server does.
 func ProtectedResourceMetadata(scopesSupported ...string) UpstreamOption {
 	return func(c *upstreamConfig) { c.metadataScopes = append([]string{}, scopesSupported...) }
+}
+
+// Stateless makes an Upstream serve MCP 2026-07-28 (go-sdk's stateless mode): no
+// sessions, no GET stream, every request carrying its version in _meta and the mirrored
+// headers, which the go-sdk checks against the body. A stateful Upstream (the default)
+// speaks 2025-11-25 and earlier; go-sdk clients fall back to it.
+func Stateless() UpstreamOption {
+	return func(c *upstreamConfig) { c.stateless = true }
 }
 
 // ResponseHeader makes an Upstream add the header to every response it sends, as an
@@ -200,7 +209,7 @@ func NewUpstream(a UpstreamAuth, opts ...UpstreamOption) (*Upstream, error) {
 	u.addTools(server)
 	mcpHandler := http.Handler(mcp.NewStreamableHTTPHandler(
 		func(*http.Request) *mcp.Server { return server },
-		&mcp.StreamableHTTPOptions{DisableLocalhostProtection: true},
+		&mcp.StreamableHTTPOptions{DisableLocalhostProtection: true, Stateless: cfg.stateless},
 	))
 	switch {
 	case a.basic:
