@@ -69,7 +69,7 @@ func newBrokerCollectors() *brokerCollectors {
 		tokens: counter("tokens_total",
 			"Broker token events: issued, refreshed, reuse_detected, revoked, background_issued.", "event"),
 		delegations: counter("delegations_total",
-			"Delegated tokens for the upstream, by result: cache_hit, cache_miss, exchanged, refreshed, failed.", "result"),
+			"Delegated tokens for the upstream, by result: cache_hit, cache_miss, exchanged, refreshed, failed, refused_by_upstream.", "result"),
 		registrations: counter("registrations_total",
 			"Dynamic client registrations (RFC 7591), by result.", "result"),
 		metadataDocuments: counter("metadata_document_fetches_total",
@@ -183,6 +183,8 @@ func (c *brokerCollectors) eventSeries(e flows.Event) (*prometheus.CounterVec, s
 		return c.delegations, "refreshed"
 	case flows.DelegationFailed:
 		return c.delegations, "failed"
+	case flows.DelegationRefusedUpstream:
+		return c.delegations, "refused_by_upstream"
 	case flows.RegistrationAccepted:
 		return c.registrations, "accepted"
 	case flows.RegistrationRefused:

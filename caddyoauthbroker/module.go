@@ -551,7 +551,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		repl.Set("http.auth.user.client_id", who.ClientID)
 	}
 	// The upstream's response must not set or clear the broker's cookies.
-	g := flows.GuardResponse(w)
+	g := h.broker.GuardResponse(w, pass, who)
 	defer g.Release()
 	return next.ServeHTTP(g, pass)
 }

@@ -348,9 +348,11 @@ func refusals(server *testenv.NextcloudMCP) []string {
 // TestNextcloudDeploymentAIssuerMismatchThroughCaddyBinary: the oidc app puts in iss the
 // host its token endpoint was reached on, and the MCP server accepts only its configured
 // issuer and NEXTCLOUD_HOST. A broker whose `issuer` is neither (here: the MCP server
-// knows Nextcloud by other names) gets every delegated token refused: the MCP client sees
-// the MCP server's own 401, whose resource_metadata names the MCP server, not the broker,
-// which is how an admin tells this failure from a refusal by the broker.
+// knows Nextcloud by other names) gets every delegated token refused. The MCP client gets
+// 502 server_error from the broker, not the MCP server's 401: that challenge would send it
+// to log in again, for a token refused the same way (and names the MCP server's own
+// address). Caddy's log names the subject and the error the MCP server gave, which is how
+// an admin tells this failure from a refusal by the broker.
 func TestNextcloudDeploymentAIssuerMismatchThroughCaddyBinary(t *testing.T) {
 	requireInterop(t)
 	idp := startNodeIdPConfig(t, profileNextcloud, map[string]any{
@@ -380,10 +382,16 @@ func TestNextcloudDeploymentAIssuerMismatchThroughCaddyBinary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var answer struct {
+		Error string `json:"error"`
+	}
+	json.NewDecoder(resp.Body).Decode(&answer)
 	resp.Body.Close()
-	challenge := resp.Header.Get("WWW-Authenticate")
-	if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(challenge, `resource_metadata="`+server.URL+`/.well-known/oauth-protected-resource"`) {
-		t.Errorf("%s %q: want the MCP server's own 401", resp.Status, challenge)
+	if challenge := resp.Header.Get("WWW-Authenticate"); resp.StatusCode != http.StatusBadGateway || answer.Error != "server_error" || challenge != "" {
+		t.Errorf("%s %q %q: want 502 server_error without the MCP server's challenge", resp.Status, answer.Error, challenge)
+	}
+	if logs := caddy.logs.String(); !strings.Contains(logs, "the upstream answered 401") || !strings.Contains(logs, `invalid_token`) {
+		t.Errorf("caddy's log does not say the MCP server refused the delegated token:\n%s", tail(logs))
 	}
 	seen := server.Seen()
 	if len(seen) == 0 || !strings.Contains(seen[len(seen)-1].Error, `invalid issuer "`+idp.Issuer+`"`) {

@@ -70,8 +70,8 @@ func startFront(t *testing.T, b *Broker, upstream string) *httptest.Server {
 		pr.SetURL(&url.URL{Scheme: target.Scheme, Host: target.Host})
 	}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if pass, _ := b.Handle(w, r); pass != nil {
-			g := GuardResponse(w)
+		if pass, who := b.Handle(w, r); pass != nil {
+			g := b.GuardResponse(w, pass, who)
 			defer g.Release()
 			proxy.ServeHTTP(g, pass)
 		}

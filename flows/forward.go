@@ -1,10 +1,12 @@
 package flows
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
 
+	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/mcprequest"
 )
 
@@ -166,9 +168,21 @@ func replaceCORS(h http.Header) {
 // writes its header, the Set-Cookies naming the broker's cookies are removed, and its
 // CORS headers are replaced by the broker's. Get one with GuardResponse and Release it
 // when the upstream's handler has returned.
+//
+// A guard from Broker.GuardResponse also stands for the broker when the upstream refuses
+// the token the broker delegated to it (see refusedByUpstream).
 type ResponseGuard struct {
 	http.ResponseWriter
 	wrote bool
+
+	// b, r and who are the broker, the request passed on and its principal, when an
+	// upstream 401 is the broker's to answer; b is nil otherwise.
+	b   *Broker
+	r   *http.Request
+	who *idp.Principal
+	// refused is set once the upstream's 401 was answered for it: the rest of the
+	// upstream's answer is dropped.
+	refused bool
 }
 
 var guardPool = sync.Pool{New: func() any { return new(ResponseGuard) }}
@@ -177,19 +191,48 @@ var guardPool = sync.Pool{New: func() any { return new(ResponseGuard) }}
 // The guard comes from a pool, so a warm request allocates nothing for it.
 func GuardResponse(w http.ResponseWriter) *ResponseGuard {
 	g := guardPool.Get().(*ResponseGuard)
-	g.ResponseWriter, g.wrote = w, false
+	g.ResponseWriter, g.wrote, g.refused = w, false, false
 	return g
+}
+
+// GuardResponse is the package's GuardResponse for the request pass that Handle passed on
+// for who. Where the upstream gets a token the broker delegated (token exchange, refresh),
+// an upstream 401 is answered 502 instead (see refusedByUpstream); in modes none and
+// app_password the upstream's 401 is its own business and goes to the client.
+func (b *Broker) GuardResponse(w http.ResponseWriter, pass *http.Request, who *idp.Principal) *ResponseGuard {
+	g := GuardResponse(w)
+	if who != nil && b.delegatesTokens() {
+		g.b, g.r, g.who = b, pass, who
+	}
+	return g
+}
+
+// delegatesTokens tells whether the upstream gets a token the broker obtained from the IdP.
+func (b *Broker) delegatesTokens() bool {
+	switch b.cfg.DelegationMode {
+	case DelegationNone, DelegationAppPassword:
+		return false
+	}
+	return true
 }
 
 // Release returns g to the pool; g must not be used afterwards.
 func (g *ResponseGuard) Release() {
-	g.ResponseWriter = nil
+	g.ResponseWriter, g.b, g.r, g.who = nil, nil, nil, nil
 	guardPool.Put(g)
 }
 
 // WriteHeader removes the broker's cookies before any header (1xx included) goes out, and
 // sets the broker's CORS headers on the final one.
 func (g *ResponseGuard) WriteHeader(status int) {
+	if g.refused {
+		return
+	}
+	if status == http.StatusUnauthorized && g.b != nil {
+		g.refused, g.wrote = true, true
+		g.b.refusedByUpstream(g.ResponseWriter, g.r, g.who)
+		return
+	}
 	h := g.ResponseWriter.Header()
 	dropBrokerCookies(h)
 	if status >= 200 {
@@ -201,6 +244,9 @@ func (g *ResponseGuard) WriteHeader(status int) {
 
 // Write sends the header first, as net/http does, so that it is checked.
 func (g *ResponseGuard) Write(p []byte) (int, error) {
+	if g.refused {
+		return len(p), nil
+	}
 	if !g.wrote {
 		g.WriteHeader(http.StatusOK)
 	}
@@ -212,6 +258,9 @@ func (g *ResponseGuard) Flush() { _ = g.FlushError() }
 
 // FlushError is Flush for http.ResponseController.
 func (g *ResponseGuard) FlushError() error {
+	if g.refused {
+		return nil
+	}
 	if !g.wrote {
 		g.WriteHeader(http.StatusOK)
 	}
@@ -220,3 +269,48 @@ func (g *ResponseGuard) FlushError() error {
 
 // Unwrap lets http.ResponseController reach the writer's Hijack and deadlines.
 func (g *ResponseGuard) Unwrap() http.ResponseWriter { return g.ResponseWriter }
+
+// upstreamAnswerHeaders are the headers of an upstream's answer that go with it when the
+// broker answers in its place; others (Caddy's own, a header directive's) stay.
+var upstreamAnswerHeaders = []string{"WWW-Authenticate", "Content-Type", "Content-Length", "Content-Encoding",
+	"Content-Range", "Transfer-Encoding", "ETag", "Last-Modified", "Mcp-Session-Id", "Set-Cookie"}
+
+// refusedByUpstream answers for an upstream that refused, with 401, the token the broker
+// delegated to it. Passing the 401 on would send the client to log in again, and again:
+// the new session's token would be refused the same way, since what the upstream does not
+// accept is the IdP's token (its issuer, audience or type; README "Nextcloud"), not the
+// client's. So the client gets 502, the session's delegated tokens on this node are
+// dropped (a token revoked at the IdP is fetched anew on the next call), and the log says
+// which error the upstream named.
+func (b *Broker) refusedByUpstream(w http.ResponseWriter, r *http.Request, who *idp.Principal) {
+	h := w.Header()
+	named := bearerErrorCode(h.Get("WWW-Authenticate"))
+	for _, k := range upstreamAnswerHeaders {
+		h.Del(k)
+	}
+	if who.SessionID != "" {
+		b.evictDelegated(who.SessionID)
+	}
+	b.count(DelegationRefusedUpstream)
+	b.writeError(w, r, errServer(http.StatusBadGateway, "the MCP server refused the token the broker delegated to it",
+		fmt.Errorf("the upstream answered 401 (error %q) to the delegated token of subject %s: it does not accept the IdP's token for it (issuer, audience, signature or type)", named, who.Subject)))
+}
+
+// bearerErrorCode is the `error` attribute of an RFC 6750 challenge, if it is an error
+// code's characters (RFC 6749 §A.7) and short; else "".
+func bearerErrorCode(challenge string) string {
+	_, rest, ok := strings.Cut(challenge, `error="`)
+	if !ok {
+		return ""
+	}
+	code, _, ok := strings.Cut(rest, `"`)
+	if !ok || len(code) > 64 {
+		return ""
+	}
+	for i := 0; i < len(code); i++ {
+		if c := code[i]; c < 0x20 || c > 0x7e || c == '\\' {
+			return ""
+		}
+	}
+	return code
+}

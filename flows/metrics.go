@@ -52,6 +52,8 @@ const (
 	DelegationExchanged // an RFC 8693 token exchange succeeded
 	DelegationRefreshed // a refresh of the session's IdP grant succeeded
 	DelegationFailed    // no delegated token: the request was refused
+	// DelegationRefusedUpstream is an upstream's 401 to a delegated token, answered 502.
+	DelegationRefusedUpstream
 
 	// Clients.
 	RegistrationAccepted    // an RFC 7591 registration stored
