@@ -207,26 +207,13 @@ func (s *Storage) newClient() (redis.UniversalClient, error) {
 			}
 		}
 	}
-	if s.SentinelMaster != "" {
-		return redis.NewFailoverClient(&redis.FailoverOptions{
-			MasterName:            s.SentinelMaster,
-			SentinelAddrs:         s.Addresses,
-			SentinelUsername:      s.SentinelUsername,
-			SentinelPassword:      s.SentinelPassword,
-			Username:              s.Username,
-			Password:              s.Password,
-			DB:                    s.DB,
-			DialTimeout:           time.Duration(s.DialTimeout),
-			ReadTimeout:           time.Duration(s.ReadTimeout),
-			WriteTimeout:          time.Duration(s.WriteTimeout),
-			ContextTimeoutEnabled: true,
-			MaxRetries:            maxRetries,
-			DialerRetries:         dialerRetries,
-			TLSConfig:             tlsConfig,
-		}), nil
-	}
-	return redis.NewClient(&redis.Options{
-		Addr:                  s.Addresses[0],
+	// One server, or its Sentinels when sentinel_master is set (Validate refuses several
+	// servers otherwise, so this is never a cluster client).
+	return redis.NewUniversalClient(&redis.UniversalOptions{
+		Addrs:                 s.Addresses,
+		MasterName:            s.SentinelMaster,
+		SentinelUsername:      s.SentinelUsername,
+		SentinelPassword:      s.SentinelPassword,
 		Username:              s.Username,
 		Password:              s.Password,
 		DB:                    s.DB,
