@@ -82,13 +82,9 @@ func TestNextcloudDeploymentAThroughCaddyBinary(t *testing.T) {
 // MCP server's address, the client's credentials and the key file by the test's.
 func nextcloudExampleSite(t *testing.T, idp *NodeIdP, mcpServer *testenv.NextcloudMCP, port int) string {
 	t.Helper()
-	example, err := os.ReadFile("../Caddyfile.example")
-	if err != nil {
-		t.Fatal(err)
-	}
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	up, _ := url.Parse(mcpServer.URL)
-	site := strings.NewReplacer(
+	return exampleSite(t, "../Caddyfile.example",
 		"https://mcp.example.com", base,
 		"\nmcp.example.com {", "\n"+base+" {",
 		"http://nextcloud.internal", idp.Issuer,
@@ -97,10 +93,22 @@ func nextcloudExampleSite(t *testing.T, idp *NodeIdP, mcpServer *testenv.Nextclo
 		"{env.MCP_BROKER_CLIENT_SECRET}", nodeBrokerClientSecret,
 		"{file./etc/caddy/mcp_oauth.key}", testKey,
 		"reverse_proxy 127.0.0.1:8000", "reverse_proxy "+up.Host,
-	).Replace(stripCaddyfileComments(string(example)))
-	for _, left := range []string{"example.com", "nextcloud.internal", "{env.", "{file.", ":8000\n"} {
+	)
+}
+
+// exampleSite is the example Caddyfile at path without its comments, with oldnew's pairs
+// (old, new, as strings.NewReplacer takes them) replaced: the names an admin replaces,
+// and nothing else. It fails the test when a name an admin would replace is left.
+func exampleSite(t *testing.T, path string, oldnew ...string) string {
+	t.Helper()
+	example, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	site := strings.NewReplacer(oldnew...).Replace(stripCaddyfileComments(string(example)))
+	for _, left := range []string{"example.com", ".internal", "{env.", "{file.", ":8000\n"} {
 		if strings.Contains(site, left) {
-			t.Fatalf("Caddyfile.example: %q left after replacing the names an admin changes", left)
+			t.Fatalf("%s: %q left after replacing the names an admin changes", path, left)
 		}
 	}
 	return site
@@ -152,52 +160,15 @@ func nextcloudDeploymentA(t *testing.T, resourceIdentifier, example bool) {
 	var held []string // hashes of every token the client held
 	login := func(t *testing.T, scopes ...string) *oauth2.Token {
 		t.Helper()
-		cfg := brokerClient(t, caddy, "e2e Nextcloud client")
-		cfg.Scopes = scopes
-		authURL, verifier := brokerAuthorizeURL(cfg, caddy)
-		br := newNodeHybridBrowser(idp)
-		final, err := br.login(t.Context(), authURL)
-		if err != nil {
-			t.Fatalf("hybrid login: %v\n%s", err, tail(caddy.logs.String()))
-		}
-		tok, err := cfg.Exchange(t.Context(), final.Query().Get("code"), oauth2.VerifierOption(verifier),
-			oauth2.SetAuthURLParam("resource", caddy.Base+"/mcp"))
-		if err != nil {
-			t.Fatalf("code at the broker: %v", err)
-		}
-		for _, s := range []string{tok.AccessToken, tok.RefreshToken} {
-			sum := sha256.Sum256([]byte(s))
-			held = append(held, hex.EncodeToString(sum[:]))
-		}
-		t.Cleanup(func() {
-			caddy.assertLogsFree(append(br.codes, tok.AccessToken, tok.RefreshToken, nodeBrokerClientSecret, testKey)...)
-		})
+		tok := nextcloudLogin(t, caddy, idp, scopes...)
+		held = append(held, tokenHashes(tok)...)
 		return tok
 	}
 	connect := func(t *testing.T, tok *oauth2.Token) *mcp.ClientSession {
 		t.Helper()
-		s, err := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil).Connect(t.Context(),
-			&mcp.StreamableClientTransport{Endpoint: caddy.Base + "/mcp", HTTPClient: testenv.BearerClient(tok.AccessToken), DisableStandaloneSSE: true}, nil)
-		if err != nil {
-			t.Fatalf("connecting through the broker: %v\n%s\nthe server refused: %v", err, tail(caddy.logs.String()), refusals(server))
-		}
-		t.Cleanup(func() { s.Close() })
-		return s
+		return connectNextcloud(t, caddy, server, tok)
 	}
-	call := func(t *testing.T, s *mcp.ClientSession, name string, args map[string]any) (string, *mcp.CallToolResult) {
-		t.Helper()
-		res, err := s.CallTool(t.Context(), &mcp.CallToolParams{Name: name, Arguments: args})
-		if err != nil {
-			t.Fatalf("%s: %v (a refusal must be a tool result, not an HTTP error)", name, err)
-		}
-		var text []string
-		for _, c := range res.Content {
-			if tc, ok := c.(*mcp.TextContent); ok {
-				text = append(text, tc.Text)
-			}
-		}
-		return strings.Join(text, "\n"), res
-	}
+	call := callNextcloudTool
 	newNote := map[string]any{"title": "groceries", "content": "milk", "category": ""}
 
 	// 1. Login asking only the read scope.
@@ -208,36 +179,11 @@ func nextcloudDeploymentA(t *testing.T, resourceIdentifier, example bool) {
 	s := connect(t, readTok)
 
 	t.Run("tools/list shows the tools notes.read and openid cover", func(t *testing.T) {
-		res, err := s.ListTools(t.Context(), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var names []string
-		for _, tool := range res.Tools {
-			names = append(names, tool.Name)
-		}
-		slices.Sort(names)
-		if want := []string{"nc_auth_check_status", "nc_auth_provision_access", "nc_notes_search_notes"}; !slices.Equal(names, want) {
-			t.Errorf("tools %v, want %v (openid delegated, notes.write not)", names, want)
-		}
+		checkNextcloudReadTools(t, s)
 	})
 
 	t.Run("the user provisions an app password; the login URL is not the broker's", func(t *testing.T) {
-		text, res := call(t, s, "nc_auth_provision_access", map[string]any{})
-		var p testenv.ProvisionAccess
-		b, _ := json.Marshal(res.StructuredContent)
-		json.Unmarshal(b, &p)
-		if res.IsError || p.Status != "login_required" || !strings.HasPrefix(p.LoginURL, server.URL+"/") {
-			t.Fatalf("provisioning: %q %+v", text, p)
-		}
-		resp, err := http.Get(p.LoginURL) // the user's browser, straight to the MCP server's Nextcloud login
-		if err != nil || resp.StatusCode != http.StatusOK {
-			t.Fatalf("the login URL: %v %v", err, resp)
-		}
-		resp.Body.Close()
-		if text, res := call(t, s, "nc_auth_check_status", map[string]any{}); res.IsError || !strings.Contains(text, `"provisioned"`) || !server.Provisioned(nodeUser) {
-			t.Errorf("status after the login: %q", text)
-		}
+		provisionNextcloud(t, s, server)
 	})
 
 	t.Run("the read tool works", func(t *testing.T) {
@@ -317,6 +263,87 @@ func nextcloudLogin(t *testing.T, caddy *caddyProc, idp *NodeIdP, scopes ...stri
 		caddy.assertLogsFree(append(br.codes, tok.AccessToken, tok.RefreshToken, nodeBrokerClientSecret, testKey)...)
 	})
 	return tok
+}
+
+// tokenHashes are the hex SHA-256 of a broker token's access and refresh tokens, as
+// testenv.NextcloudMCP records the tokens it sees.
+func tokenHashes(tok *oauth2.Token) []string {
+	var out []string
+	for _, s := range []string{tok.AccessToken, tok.RefreshToken} {
+		sum := sha256.Sum256([]byte(s))
+		out = append(out, hex.EncodeToString(sum[:]))
+	}
+	return out
+}
+
+// connectNextcloud connects an MCP client through the broker with the broker's token tok.
+func connectNextcloud(t *testing.T, caddy *caddyProc, server *testenv.NextcloudMCP, tok *oauth2.Token) *mcp.ClientSession {
+	t.Helper()
+	s, err := mcp.NewClient(&mcp.Implementation{Name: "e2e", Version: "1"}, nil).Connect(t.Context(),
+		&mcp.StreamableClientTransport{Endpoint: caddy.Base + "/mcp", HTTPClient: testenv.BearerClient(tok.AccessToken), DisableStandaloneSSE: true}, nil)
+	if err != nil {
+		t.Fatalf("connecting through the broker: %v\n%s\nthe server refused: %v", err, tail(caddy.logs.String()), refusals(server))
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// callNextcloudTool calls a tool and returns its text; a refusal by the MCP server is a
+// tool result, so an HTTP or protocol error fails the test.
+func callNextcloudTool(t *testing.T, s *mcp.ClientSession, name string, args map[string]any) (string, *mcp.CallToolResult) {
+	t.Helper()
+	res, err := s.CallTool(t.Context(), &mcp.CallToolParams{Name: name, Arguments: args})
+	if err != nil {
+		t.Fatalf("%s: %v (a refusal must be a tool result, not an HTTP error)", name, err)
+	}
+	var text []string
+	for _, c := range res.Content {
+		if tc, ok := c.(*mcp.TextContent); ok {
+			text = append(text, tc.Text)
+		}
+	}
+	return strings.Join(text, "\n"), res
+}
+
+// checkNextcloudReadTools checks that tools/list shows what notes.read and openid cover:
+// the MCP server hides the tools whose scopes the delegated token lacks.
+func checkNextcloudReadTools(t *testing.T, s *mcp.ClientSession) {
+	t.Helper()
+	res, err := s.ListTools(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, tool := range res.Tools {
+		names = append(names, tool.Name)
+	}
+	slices.Sort(names)
+	if want := []string{"nc_auth_check_status", "nc_auth_provision_access", "nc_notes_search_notes"}; !slices.Equal(names, want) {
+		t.Errorf("tools %v, want %v (openid delegated, notes.write not)", names, want)
+	}
+}
+
+// provisionNextcloud runs the MCP server's own provisioning of an app password for the
+// user (the data leg): nc_auth_provision_access answers a login URL on the MCP server,
+// not the broker's, which the user's browser opens directly; nc_auth_check_status then
+// answers provisioned.
+func provisionNextcloud(t *testing.T, s *mcp.ClientSession, server *testenv.NextcloudMCP) {
+	t.Helper()
+	text, res := callNextcloudTool(t, s, "nc_auth_provision_access", map[string]any{})
+	var p testenv.ProvisionAccess
+	b, _ := json.Marshal(res.StructuredContent)
+	json.Unmarshal(b, &p)
+	if res.IsError || p.Status != "login_required" || !strings.HasPrefix(p.LoginURL, server.URL+"/") {
+		t.Fatalf("provisioning: %q %+v", text, p)
+	}
+	resp, err := http.Get(p.LoginURL) // the user's browser, straight to the MCP server's Nextcloud login
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("the login URL: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	if text, res := callNextcloudTool(t, s, "nc_auth_check_status", map[string]any{}); res.IsError || !strings.Contains(text, `"provisioned"`) || !server.Provisioned(nodeUser) {
+		t.Errorf("status after the login: %q", text)
+	}
 }
 
 // setClientSettings changes a client's settings in the Nextcloud-like IdP, as an admin

@@ -70,6 +70,10 @@ type delegation struct {
 // leave them out (granted.go).
 var identityScopes = []string{"openid", "offline_access", "profile", "email", "address", "phone"}
 
+// sessionIdentityScopes are the identity scopes every hybrid session's IdP grant holds:
+// idpLoginScopes asks them at each login.
+var sessionIdentityScopes = []string{"openid"}
+
 // newDelegation builds the delegation state of cfg (defaults filled in).
 func newDelegation(cfg *Config) *delegation {
 	d := &delegation{
@@ -181,6 +185,14 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 			step = d.defaultScopes
 		}
 		return b.errInsufficientScope(who, step)
+	}
+	if whole && hybrid && mode != DelegationRefresh {
+		// The session's grant holds openid whether the client asked it or not (the login
+		// always asks it: idpLoginScopes), and a refresh of the whole grant hands it on;
+		// a token exchange does so only when asked (Keycloak puts openid in a token's
+		// scope only then). An upstream may gate tools on it: the Nextcloud MCP server
+		// its provisioning tools.
+		scopes = narrowScopes(scopes, sessionIdentityScopes, sessionIdentityScopes)
 	}
 	var key delegationKey
 	if hybrid {

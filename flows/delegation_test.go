@@ -698,6 +698,21 @@ func TestDelegationWholeGrant(t *testing.T) {
 			t.Errorf("%d IdP calls", n)
 		}
 	})
+	t.Run("token exchange: a client granted no openid still gets the session's openid on calls no rule covers", func(t *testing.T) {
+		// The login asked the IdP for openid whatever the client asked (idpLoginScopes),
+		// and the refresh grant hands it on with the rest of the session's grant; the
+		// Nextcloud MCP server gates its provisioning tools on it.
+		o := testenv.StartOP(t)
+		b := newTestBroker(t, o, delegating(ModeHybrid, DelegationTokenExchange))
+		who, _ := hybridPrincipal(t, b, o, o.User)
+		who.Scopes = []string{"notes:read"}
+		if c := delegatedClaims(t, o, mustDelegate(t, b, who, "broker-token", nil)); c.Scope != "notes:read openid" {
+			t.Errorf("a call without a rule: scope %q, want %q", c.Scope, "notes:read openid")
+		}
+		if c := delegatedClaims(t, o, mustDelegate(t, b, who, "broker-token", []string{"notes:read"})); c.Scope != "notes:read" {
+			t.Errorf("the notes_read call: scope %q, want notes:read alone", c.Scope)
+		}
+	})
 	t.Run("narrow is checked", func(t *testing.T) {
 		o := testenv.SharedOP(t)
 		for narrow, want := range map[string]string{

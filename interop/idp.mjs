@@ -4,7 +4,9 @@
 //
 //   nextcloud  like the Nextcloud `oidc` app, release 2.0.9 (see "The nextcloud profile" below).
 //   keycloak   like Keycloak: JWT access tokens whose aud is the RFC 8707 resource (or a
-//              default audience), and an RFC 8693 token-exchange grant.
+//              default audience), and an RFC 8693 token-exchange grant whose `audience`
+//              may be a client id (nextcloud-mcp-server) and whose `scope` may name
+//              openid, profile and email besides the API scopes the subject holds.
 //
 // Usage: node idp.mjs --profile nextcloud|keycloak [--port N] [--config JSON]
 // JSON: {"clients": [oidc-provider client metadata...], "defaultAudience": "..."} and, for
@@ -49,6 +51,8 @@ const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
 // API scopes in both spellings: the broker's examples (notes:read) and the Nextcloud MCP
 // server's per-app scopes (notes.read). The oidc app takes any scope a client is allowed.
 const API_SCOPES = ['notes:read', 'notes:write', 'notes.read', 'notes.write'];
+// Identity scopes a keycloak-profile token exchange keeps when asked (see the grant).
+const IDENTITY_SCOPES = ['openid', 'profile', 'email'];
 
 const { values: args } = parseArgs({
   options: {
@@ -274,9 +278,13 @@ if (keycloak) {
     const audiences = [].concat(p.audience ?? [], p.resource ?? []);
     if (audiences.length > 1) throw new errors.InvalidTarget('only one audience is supported');
     const audience = audiences[0] ?? subject.aud;
+    // API scopes narrow to those the subject token holds; openid, profile and email,
+    // asked in `scope`, are kept without being held, as Keycloak puts openid in a
+    // token's scope when the request names it and profile and email are client scopes
+    // of the requester client.
     const held = new Set(String(subject.scope ?? '').split(' ').filter(Boolean));
     const asked = p.scope ? p.scope.split(' ').filter(Boolean) : [...held];
-    const scope = asked.filter((s) => held.has(s) && API_SCOPES.includes(s));
+    const scope = asked.filter((s) => (held.has(s) && API_SCOPES.includes(s)) || (p.scope && IDENTITY_SCOPES.includes(s)));
     if (p.scope && scope.length !== asked.length) throw new errors.InvalidScope('scope exceeds the subject token', asked.filter((s) => !scope.includes(s)).join(' '));
 
     const token = new provider.AccessToken({
