@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"flag"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -13,6 +12,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/caddy-mcp/oauth-broker/internal/adapttest"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
@@ -21,47 +22,7 @@ var update = flag.Bool("update", false, "rewrite the golden adapt files")
 
 // TestCaddyfileAdapt adapts every testdata/adapt/*.caddyfile and compares the JSON with its
 // golden .json twin (go test -run TestCaddyfileAdapt -update rewrites them).
-func TestCaddyfileAdapt(t *testing.T) {
-	files, err := filepath.Glob("testdata/adapt/*.caddyfile")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no golden inputs: %v", err)
-	}
-	adapter := caddyconfig.GetAdapter("caddyfile")
-	for _, f := range files {
-		name := strings.TrimSuffix(filepath.Base(f), ".caddyfile")
-		t.Run(name, func(t *testing.T) {
-			in, err := os.ReadFile(f)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out, warnings, err := adapter.Adapt(in, map[string]any{"filename": f})
-			if err != nil {
-				t.Fatalf("adapting: %v", err)
-			}
-			if len(warnings) > 0 {
-				t.Errorf("warnings: %v", warnings)
-			}
-			var pretty bytes.Buffer
-			if err := json.Indent(&pretty, out, "", "\t"); err != nil {
-				t.Fatal(err)
-			}
-			pretty.WriteByte('\n')
-			golden := strings.TrimSuffix(f, ".caddyfile") + ".json"
-			if *update {
-				if err := os.WriteFile(golden, pretty.Bytes(), 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want, err := os.ReadFile(golden)
-			if err != nil {
-				t.Fatalf("reading golden file (run with -update to create it): %v", err)
-			}
-			if !bytes.Equal(pretty.Bytes(), want) {
-				t.Errorf("adapted JSON differs from %s:\n%s", golden, pretty.String())
-			}
-		})
-	}
-}
+func TestCaddyfileAdapt(t *testing.T) { adapttest.Golden(t, *update) }
 
 // TestCaddyfileAdaptedJSONIsTheConfig proves the Caddyfile fills exactly the JSON fields:
 // the handler JSON from the full example decodes into the struct without unknown fields.

@@ -4,16 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-mcp/oauth-broker/caddyoauthbroker" // for `mcp_oauth { storage mcp_oauth_redis }`
+	"github.com/caddy-mcp/oauth-broker/internal/adapttest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden adapt files")
@@ -21,46 +19,7 @@ var update = flag.Bool("update", false, "rewrite the golden adapt files")
 // TestCaddyfileAdapt adapts every testdata/adapt/*.caddyfile (the global `storage` option
 // and mcp_oauth's `storage`, each with defaults and with every subdirective) and compares
 // the JSON with its golden .json twin (-update rewrites them).
-func TestCaddyfileAdapt(t *testing.T) {
-	files, err := filepath.Glob("testdata/adapt/*.caddyfile")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no golden inputs: %v", err)
-	}
-	adapter := caddyconfig.GetAdapter("caddyfile")
-	for _, f := range files {
-		t.Run(strings.TrimSuffix(filepath.Base(f), ".caddyfile"), func(t *testing.T) {
-			in, err := os.ReadFile(f)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out, warnings, err := adapter.Adapt(in, map[string]any{"filename": f})
-			if err != nil {
-				t.Fatalf("adapting: %v", err)
-			}
-			if len(warnings) > 0 {
-				t.Errorf("warnings: %v", warnings)
-			}
-			var pretty bytes.Buffer
-			if err := json.Indent(&pretty, out, "", "\t"); err != nil {
-				t.Fatal(err)
-			}
-			pretty.WriteByte('\n')
-			golden := strings.TrimSuffix(f, ".caddyfile") + ".json"
-			if *update {
-				if err := os.WriteFile(golden, pretty.Bytes(), 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want, err := os.ReadFile(golden)
-			if err != nil {
-				t.Fatalf("reading golden file (run with -update to create it): %v", err)
-			}
-			if !bytes.Equal(pretty.Bytes(), want) {
-				t.Errorf("adapted JSON differs from %s:\n%s", golden, pretty.String())
-			}
-		})
-	}
-}
+func TestCaddyfileAdapt(t *testing.T) { adapttest.Golden(t, *update) }
 
 // The Caddyfile fills exactly the JSON fields: the block with every subdirective decodes
 // into Storage refusing unknown fields, with each value where its doc comment says.
