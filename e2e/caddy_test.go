@@ -238,6 +238,23 @@ func (p *caddyProc) assertLogsFree(secrets ...string) {
 	}
 }
 
+// waitForLog waits up to five seconds for caddy's logs to hold every one of parts and
+// returns them: a line reaches the test through a pipe, after the answer it logs may have.
+func (p *caddyProc) waitForLog(parts ...string) (string, bool) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		logs := p.logs.String()
+		found := true
+		for _, part := range parts {
+			found = found && strings.Contains(logs, part)
+		}
+		if found || time.Now().After(deadline) {
+			return logs, found
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func freePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")

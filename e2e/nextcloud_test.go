@@ -417,7 +417,7 @@ func TestNextcloudDeploymentAIssuerMismatchThroughCaddyBinary(t *testing.T) {
 	if challenge := resp.Header.Get("WWW-Authenticate"); resp.StatusCode != http.StatusBadGateway || answer.Error != "server_error" || challenge != "" {
 		t.Errorf("%s %q %q: want 502 server_error without the MCP server's challenge", resp.Status, answer.Error, challenge)
 	}
-	if logs := caddy.logs.String(); !strings.Contains(logs, "the upstream answered 401") || !strings.Contains(logs, `invalid_token`) {
+	if logs, ok := caddy.waitForLog("the upstream answered 401", `invalid_token`); !ok {
 		t.Errorf("caddy's log does not say the MCP server refused the delegated token:\n%s", tail(logs))
 	}
 	seen := server.Seen()
