@@ -68,6 +68,16 @@ type cluster struct {
 	o     *testenv.OP
 	up    *testenv.Upstream
 	nodes []*caddyProc // A, B, C
+
+	mu      sync.Mutex
+	secrets []string // codes and tokens that no node may log (W13)
+}
+
+// secret adds values to those no node may log.
+func (c *cluster) secret(values ...string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.secrets = append(c.secrets, values...)
 }
 
 func startCluster(t *testing.T, s sharedStorage) *cluster {
@@ -98,7 +108,7 @@ func startCluster(t *testing.T, s sharedStorage) *cluster {
 	c.nodes = append(c.nodes, startCaddy(t, site, s.global, withPort(portA)), startCaddy(t, site, s.global), startCaddy(t, site, s.global))
 	t.Cleanup(func() {
 		for _, n := range c.nodes {
-			n.assertLogsFree("worker-secret", testenv.BrokerClientSecret, testKey)
+			n.assertLogsFree(append(c.secrets, "worker-secret", testenv.BrokerClientSecret, testKey)...)
 		}
 	})
 	return c
@@ -148,6 +158,7 @@ func (c *cluster) login(t *testing.T, client *clusterClient, authorizeOn, callba
 			if next.Query().Get("code") == "" {
 				t.Fatalf("login ended at the client without a code: %s", next.Query().Get("error"))
 			}
+			c.secret(next.Query().Get("code"))
 			return next.Query().Get("code")
 		}
 	}
@@ -190,13 +201,17 @@ type tokenAnswer struct {
 
 func (c *cluster) redeem(t *testing.T, node *caddyProc, client *clusterClient, code string) (int, tokenAnswer) {
 	t.Helper()
-	return tokenRequest(t, node, url.Values{"grant_type": {"authorization_code"}, "code": {code}, "client_id": {client.id},
+	status, ans := tokenRequest(t, node, url.Values{"grant_type": {"authorization_code"}, "code": {code}, "client_id": {client.id},
 		"redirect_uri": {"http://127.0.0.1/cb"}, "code_verifier": {client.verifier}})
+	c.secret(ans.AccessToken, ans.RefreshToken)
+	return status, ans
 }
 
-func refreshAt(t *testing.T, node *caddyProc, client *clusterClient, refreshToken string) (int, tokenAnswer) {
+func (c *cluster) refreshAt(t *testing.T, node *caddyProc, client *clusterClient, refreshToken string) (int, tokenAnswer) {
 	t.Helper()
-	return tokenRequest(t, node, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refreshToken}, "client_id": {client.id}})
+	status, ans := tokenRequest(t, node, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refreshToken}, "client_id": {client.id}})
+	c.secret(ans.AccessToken, ans.RefreshToken)
+	return status, ans
 }
 
 // mcpStatus is the status of a tools/list with token at node's MCP endpoint.
@@ -373,11 +388,11 @@ func threeInstancesOneUser(t *testing.T, s sharedStorage) {
 
 	// The broker's refresh on B: a new pair that every node accepts; the old refresh token
 	// sent again on C inside the grace window gets the same pair.
-	status, fresh := refreshAt(t, b, client, tok.RefreshToken)
+	status, fresh := c.refreshAt(t, b, client, tok.RefreshToken)
 	if status != http.StatusOK || fresh.AccessToken == tok.AccessToken || fresh.RefreshToken == tok.RefreshToken {
 		t.Fatalf("refresh on B: %d %q, rotated %v", status, fresh.Error, fresh.RefreshToken != tok.RefreshToken)
 	}
-	if status, repeat := refreshAt(t, cc, client, tok.RefreshToken); status != http.StatusOK || repeat != fresh {
+	if status, repeat := c.refreshAt(t, cc, client, tok.RefreshToken); status != http.StatusOK || repeat != fresh {
 		t.Errorf("the old refresh token again on C inside the grace window: %d %q, same pair %v", status, repeat.Error, repeat == fresh)
 	}
 	rr.token.Store(&fresh.AccessToken)
@@ -395,8 +410,11 @@ func threeInstancesOneUser(t *testing.T, s sharedStorage) {
 			t.Errorf("node %s does not see the offline access granted on A", n.Base)
 		}
 	}
-	if resp, body := backgroundToken(t, b.Base, "worker", "worker-secret", c.o.User.Subject); resp.StatusCode != http.StatusOK || body["access_token"] == nil {
+	resp, body := backgroundToken(t, b.Base, "worker", "worker-secret", c.o.User.Subject)
+	if background, _ := body["access_token"].(string); resp.StatusCode != http.StatusOK || background == "" {
 		t.Errorf("background token on B: %s %v", resp.Status, body["error"])
+	} else {
+		c.secret(background)
 	}
 
 	// Revocation on A: at once there, and for the refresh token everywhere (a refresh
@@ -414,7 +432,7 @@ func threeInstancesOneUser(t *testing.T, s sharedStorage) {
 	if status := mcpStatus(t, a, fresh.AccessToken); status != http.StatusUnauthorized {
 		t.Errorf("A after its own revocation: %d, want 401", status)
 	}
-	if status, ans := refreshAt(t, cc, client, fresh.RefreshToken); status != http.StatusBadRequest || ans.Error != "invalid_grant" {
+	if status, ans := c.refreshAt(t, cc, client, fresh.RefreshToken); status != http.StatusBadRequest || ans.Error != "invalid_grant" {
 		t.Errorf("the revoked refresh token on C: %d %q, want 400 invalid_grant", status, ans.Error)
 	}
 	var wg sync.WaitGroup
@@ -503,7 +521,7 @@ func racesAcrossThreeInstances(t *testing.T, s sharedStorage) {
 					t.Errorf("%s accepts the token of a code redeemed 50 times: %d, want 401 (the family revoked)", n.Base, status)
 				}
 			}
-			if status, ans := refreshAt(t, c.nodes[2], client, w.RefreshToken); status != http.StatusBadRequest || ans.Error != "invalid_grant" {
+			if status, ans := c.refreshAt(t, c.nodes[2], client, w.RefreshToken); status != http.StatusBadRequest || ans.Error != "invalid_grant" {
 				t.Errorf("refresh token of a code redeemed 50 times: %d %q, want 400 invalid_grant", status, ans.Error)
 			}
 		}
@@ -516,7 +534,7 @@ func racesAcrossThreeInstances(t *testing.T, s sharedStorage) {
 		}
 		refreshes := c.o.Count("refresh_token")
 		answers := spread(c, 20, func(_ int, node *caddyProc) answer {
-			status, ans := refreshAt(t, node, client, tok.RefreshToken)
+			status, ans := c.refreshAt(t, node, client, tok.RefreshToken)
 			return answer{status, ans}
 		})
 		first := answers[0]
@@ -539,7 +557,7 @@ func racesAcrossThreeInstances(t *testing.T, s sharedStorage) {
 			}
 		}
 		// One rotation: the new refresh token is the live one, and it rotates once more.
-		if status, next := refreshAt(t, a, client, first.RefreshToken); status != http.StatusOK || next.RefreshToken == first.RefreshToken {
+		if status, next := c.refreshAt(t, a, client, first.RefreshToken); status != http.StatusOK || next.RefreshToken == first.RefreshToken {
 			t.Errorf("the rotated refresh token: %d %q", status, next.Error)
 		}
 	})
@@ -587,6 +605,7 @@ func racesAcrossThreeInstances(t *testing.T, s sharedStorage) {
 		results := spread(c, n, func(_ int, node *caddyProc) result {
 			resp, body := backgroundToken(t, node.Base, "worker", "worker-secret", c.o.User.Subject)
 			token, _ := body["access_token"].(string)
+			c.secret(token)
 			return result{resp.StatusCode, token}
 		})
 		seen := map[string]bool{}
