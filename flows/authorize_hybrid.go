@@ -84,6 +84,9 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 		return newRequestError(http.StatusBadRequest, "invalid_client", "this server does not accept client metadata documents (https client ids); register the client instead")
 	case errors.Is(err, ErrUnknownClient):
 		return newRequestError(http.StatusBadRequest, "invalid_client", "unknown client")
+	case errors.Is(err, ErrStorageUnavailable):
+		// Before the redirect URI is checked: the 503 goes to the browser, not the client.
+		return errStorage("authorize: finding client", err)
 	case err != nil:
 		return errServer(http.StatusInternalServerError, "the client could not be loaded", fmt.Errorf("authorize: finding client: %w", err))
 	}
@@ -128,8 +131,7 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 	}
 	ticket := randomToken()
 	if err := b.consents.put(r.Context(), ticket, ConsentTicket{Request: req, CSRF: randomToken()}); err != nil {
-		return errServer(http.StatusInternalServerError, "the request could not be stored", storageFailed("authorize: storing consent ticket", err)).
-			to(redirectURI, state, page)
+		return errStorage("authorize: storing consent ticket", err).to(redirectURI, state, page)
 	}
 	b.log.authorize.Info("asking for consent", zap.String("client_id", client.ID))
 	w.Header().Set("Cache-Control", "no-store")

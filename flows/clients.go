@@ -163,7 +163,7 @@ func (b *Broker) registeredClient(ctx context.Context, id string) (*Client, erro
 		if errors.Is(err, storage.ErrNotFound) {
 			return nil, ErrUnknownClient
 		}
-		return nil, fmt.Errorf("loading registered client: %w", err)
+		return nil, storageFailed("loading registered client", err)
 	}
 	return clientFromRegistration(rec, b.clients.defaultScopes), nil
 }

@@ -239,6 +239,9 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) error {
 	}
 	req := ct.Request
 	client, err := b.findClient(r.Context(), req.ClientID)
+	if errors.Is(err, ErrStorageUnavailable) {
+		return errConsentUnavailable("The consent request could not be loaded. Try again shortly.", err)
+	}
 	if err != nil {
 		b.log.consent.Warn("client no longer found", zap.String("client_id", req.ClientID), zap.Error(err))
 		return errConsentPage(http.StatusBadRequest, "The application asking for access is no longer known. Start again from the application.")
@@ -328,12 +331,12 @@ func (b *Broker) decideConsent(w http.ResponseWriter, r *http.Request) error {
 	}
 	// Only now is the ticket spent: one decision per ticket.
 	taken, err := b.consents.take(r.Context(), ticket)
-	if err != nil {
-		e := errConsentPage(http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
-		if !errors.Is(err, storage.ErrNotFound) {
-			b.log.consent.Error("taking ticket", zap.Error(storageFailed("taking consent ticket", err)))
-		}
-		return e
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return errConsentPage(http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
+	case err != nil:
+		// Not spent, as far as the broker knows: the same form may be sent again.
+		return errConsentUnavailable("This consent request could not be answered now. Try again shortly.", storageFailed("consent: taking ticket", err))
 	}
 	http.SetCookie(w, b.csrfCookie(ticket, "", -1))
 	req := taken.Request
@@ -360,8 +363,7 @@ func (b *Broker) loadConsentTicket(r *http.Request, ticket string) (ConsentTicke
 	case errors.Is(err, storage.ErrNotFound):
 		return ct, errConsentPage(http.StatusBadRequest, "This consent request was already answered or has expired. Start again from the application.")
 	case err != nil:
-		return ct, errConsentPage(http.StatusInternalServerError, "The consent request could not be loaded. Try again shortly.").
-			because(storageFailed("consent: loading ticket", err))
+		return ct, errConsentUnavailable("The consent request could not be loaded. Try again shortly.", storageFailed("consent: loading ticket", err))
 	}
 	return ct, nil
 }
@@ -403,6 +405,14 @@ func cspSource(u *url.URL) string {
 // errConsentPage is an error answered with the consent pages' short page of message.
 func errConsentPage(status int, message string) *requestError {
 	return errPage(status, func(w http.ResponseWriter, status int) { consentProblem(w, status, message) })
+}
+
+// errConsentUnavailable is the consent page's 503 with Retry-After when the broker's
+// storage fails: the browser may try again; cause goes to the log.
+func errConsentUnavailable(message string, cause error) *requestError {
+	e := errConsentPage(http.StatusServiceUnavailable, message).because(cause)
+	e.retryAfter = unavailableRetry
+	return e
 }
 
 // consentProblem answers a browser with a short page saying what went wrong, in fixed

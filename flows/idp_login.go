@@ -38,8 +38,7 @@ func (b *Broker) redirectToIdP(w http.ResponseWriter, r *http.Request, req Autho
 		err = b.logins.put(r.Context(), state, PendingLogin{Request: req, Nonce: nonce, PKCEVerifier: sealed, BrowserBinding: binding})
 	}
 	if err != nil {
-		return errServer(http.StatusInternalServerError, "the login could not be started", storageFailed("login: storing pending login", err)).
-			to(req.RedirectURI, req.State, false)
+		return errStorage("login: storing pending login", err).to(req.RedirectURI, req.State, false)
 	}
 	conf := b.idpOAuthConfig(oauth2.Endpoint{AuthURL: d.BrowserAuthorizationEndpoint}, req.Scopes)
 	// prompt=consent: Nextcloud and Keycloak issue a refresh token for offline_access
@@ -128,12 +127,12 @@ func (b *Broker) callback(w http.ResponseWriter, r *http.Request) error {
 		return b.loginFailed(LoginHybrid, LoginFailedWrongBrowser, errConsentPage(http.StatusForbidden, notThisBrowserMessage))
 	case err != nil && !errors.Is(err, storage.ErrNotFound):
 		return b.loginFailed(LoginHybrid, LoginFailedStorage,
-			errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: loading pending login", err)))
+			errStorage("callback: loading pending login", err))
 	}
 	if pending, err = b.logins.take(r.Context(), state); err != nil {
 		if !errors.Is(err, storage.ErrNotFound) {
 			return b.loginFailed(LoginHybrid, LoginFailedStorage,
-				errServer(http.StatusInternalServerError, "the login could not be loaded", storageFailed("callback: taking pending login", err)))
+				errStorage("callback: taking pending login", err))
 		}
 		b.log.login.Info("unknown, replayed or expired state", zap.String("state", Fingerprint(state)))
 		return b.loginFailed(LoginHybrid, LoginFailedUnknownState, errInvalidRequest("unknown or expired login state"))
@@ -208,14 +207,14 @@ func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q ur
 	}
 	s, err := b.sessions.create(r.Context(), grant.Subject, req.ClientID, req.Scopes, grant)
 	if err != nil {
-		return LoginFailedStorage, errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: creating session", err))
+		return LoginFailedStorage, errStorage("callback: creating session", err)
 	}
 	brokerCode, err := b.issueCode(r.Context(), s, req)
 	if err != nil {
 		if derr := b.sessions.end(r.Context(), s.ID); derr != nil {
 			b.log.login.Warn("deleting unused session", zap.Error(derr))
 		}
-		return LoginFailedStorage, errServer(http.StatusInternalServerError, "the login could not be stored", storageFailed("callback: issuing code", err))
+		return LoginFailedStorage, errStorage("callback: issuing code", err)
 	}
 	b.log.login.Info("login finished", zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject))
 	b.audit(auditSessionCreated, clientIP(r), zap.String("subject", grant.Subject), zap.String("client_id", req.ClientID),

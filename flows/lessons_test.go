@@ -891,9 +891,9 @@ func TestLessonW11NoInternalTextInResponses(t *testing.T) {
 			{"revocation", http.MethodPost, pathRevoke, formType,
 				url.Values{"client_id": {testenv.NativeClientID}, "token": {tok.RefreshToken}}.Encode(), http.StatusServiceUnavailable},
 			{"registration", http.MethodPost, pathRegister, http.Header{"Content-Type": {"application/json"}},
-				`{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`, http.StatusInternalServerError},
+				`{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`, http.StatusServiceUnavailable},
 			{"the MCP endpoint", http.MethodPost, "/mcp", mcpHeader, `{"jsonrpc":"2.0","id":1,"method":"ping"}`, http.StatusServiceUnavailable},
-			{"the callback", http.MethodGet, pathCallback + "?state=s&code=c", nil, "", http.StatusInternalServerError},
+			{"the callback", http.MethodGet, pathCallback + "?state=s&code=c", nil, "", http.StatusServiceUnavailable},
 		} {
 			resp := do(t, tc.method, e.front.URL+tc.path, tc.header, tc.body)
 			body, _ := io.ReadAll(resp.Body)

@@ -149,7 +149,7 @@ func (b *Broker) register(w http.ResponseWriter, r *http.Request) (clientInforma
 		return clientInformation{}, errClientMetadata("the client metadata is too large to register")
 	}
 	if err := b.registrations.register(r.Context(), &rec); err != nil {
-		return clientInformation{}, errServer(http.StatusInternalServerError, "the registration could not be stored", storageFailed("storing registered client", err))
+		return clientInformation{}, errStorage("storing registered client", err)
 	}
 	b.log.register.Info("client registered",
 		zap.String("client_id", rec.ClientID),
