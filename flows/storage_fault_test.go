@@ -15,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/caddyserver/certmagic"
+	"go.uber.org/goleak"
 	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
@@ -224,6 +225,16 @@ func (l *faultLogin) mcpStatus(token string) int {
 // redemption retried succeeds or is refused, and a login started again succeeds.
 func TestFaultStorageFailsOnNthWrite(t *testing.T) {
 	o := testenv.SharedOP(t)
+	before := goleak.IgnoreCurrent()
+	t.Run("each write", func(t *testing.T) { nthWriteRuns(t, o) })
+	if !t.Failed() {
+		goleak.VerifyNone(t, append(brokerLeakIgnores, before)...)
+	}
+}
+
+// nthWriteRuns is TestFaultStorageFailsOnNthWrite's broker and runs, whose servers close
+// when it ends.
+func nthWriteRuns(t *testing.T, o *testenv.OP) {
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	fault := &writeFaultStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
 	ring, err := storage.NewKeyRing(bytes.Repeat([]byte{7}, storage.KeySize))
