@@ -410,8 +410,7 @@ func (b *Broker) elicitAppPassword(w http.ResponseWriter, r *http.Request, who *
 	token := randomToken()
 	link := AppPasswordLink{Subject: who.Subject, ClientID: who.ClientID, NextcloudUser: user, CreatedAt: b.now().UTC()}
 	if err := b.appPasswords.links.put(ctx, token, link); err != nil {
-		return errServer(http.StatusInternalServerError, "the app password link could not be stored",
-			storageFailed("app password: storing link", err))
+		return errStorage("app password: storing link", err)
 	}
 	u := b.issuer + pathAppPasswordStart + "?" + url.Values{"link": {token}}.Encode()
 	b.log.delegation.Info("tool needs a Nextcloud app password; URL elicitation sent", zap.String("subject", who.Subject))

@@ -100,7 +100,7 @@ func (b *Broker) offlineAccessStart(w http.ResponseWriter, r *http.Request) erro
 		}
 		link, err := b.mintOfflineAccessLink(r.Context(), who)
 		if err != nil {
-			return errServer(http.StatusInternalServerError, "the offline access link could not be stored", storageFailed("offline access: storing offline access link", err))
+			return errStorage("offline access: storing offline access link", err)
 		}
 		allowCORS(w, "GET, OPTIONS")
 		writeJSON(w, http.StatusOK, OfflineAccessLinkResponse{
@@ -444,8 +444,7 @@ func (b *Broker) offlineAccessStatus(w http.ResponseWriter, r *http.Request) (Of
 	case errors.Is(err, storage.ErrNotFound):
 		return OfflineAccessStatus{Granted: false}, nil
 	case err != nil:
-		return OfflineAccessStatus{}, errServer(http.StatusInternalServerError, "the offline access status could not be read",
-			storageFailed("offline access: reading offline access grant of subject "+who.Subject, err))
+		return OfflineAccessStatus{}, errStorage("offline access: reading offline access grant of subject "+who.Subject, err)
 	}
 	st := OfflineAccessStatus{Granted: true, GrantedAt: &g.GrantedAt, Scopes: g.Scopes, ClientID: g.ClientID, BackgroundClients: g.BackgroundClients}
 	if !g.RotatedAt.IsZero() {

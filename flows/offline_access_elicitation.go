@@ -61,13 +61,11 @@ func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who 
 		return false, nil
 	}
 	if !errors.Is(err, storage.ErrNotFound) {
-		return false, errServer(http.StatusInternalServerError, "the offline access status could not be read",
-			storageFailed("offline access: reading offline access grant of subject "+who.Subject, err))
+		return false, errStorage("offline access: reading offline access grant of subject "+who.Subject, err)
 	}
 	link, err := b.mintOfflineAccessLink(ctx, who)
 	if err != nil {
-		return false, errServer(http.StatusInternalServerError, "the offline access link could not be stored",
-			storageFailed("offline access: storing offline access link", err))
+		return false, errStorage("offline access: storing offline access link", err)
 	}
 	// The user is told which background clients the grant is for before granting it.
 	forWhom := ""

@@ -368,3 +368,33 @@ func b2i(b bool) int {
 	}
 	return 0
 }
+
+// TestFaultStorageOfflineAccess: a storage that fails the write of an offline access link
+// answers 503 temporarily_unavailable with Retry-After, never a 500: at the start endpoint
+// and at the elicitation of a tool that needs offline access (FAULT: writeFaultStorage).
+func TestFaultStorageOfflineAccess(t *testing.T) {
+	o := testenv.SharedOP(t)
+	fault := &writeFaultStorage{Storage: &certmagic.FileStorage{Path: t.TempDir()}}
+	ring, err := storage.NewKeyRing(bytes.Repeat([]byte{7}, storage.KeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := startOfflineAccess(t, o, func(c *Config) { c.Records = storage.New(fault, ring) })
+	token := f.userToken(t, o.User)
+	check := func(what string, resp *http.Response) {
+		t.Helper()
+		var e oauthError
+		decodeJSON(t, resp, &e)
+		if resp.StatusCode != http.StatusServiceUnavailable || e.Error != "temporarily_unavailable" || resp.Header.Get("Retry-After") == "" {
+			t.Errorf("%s: %d %q Retry-After %q, want 503 temporarily_unavailable with Retry-After", what, resp.StatusCode, e.Error, resp.Header.Get("Retry-After"))
+		}
+	}
+	fault.arm(1, false)
+	check("offline access start", get(t, f.front.URL+pathOfflineAccessStart, bearer(token)))
+	fault.arm(1, false)
+	h := bearer(token)
+	h.Set("Content-Type", "application/json")
+	h.Set("Accept", "application/json, text/event-stream")
+	check("a tool that needs offline access", do(t, http.MethodPost, f.front.URL+"/mcp", h,
+		`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_read","arguments":{}}}`))
+}
