@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/oauth2"
@@ -76,6 +77,8 @@ func (b *Broker) moveOfflineAccessGrant(ctx context.Context, g *OfflineAccessGra
 		g.BackgroundClients = b.backgroundClientIDs()
 		g.FromUpgrade = true
 	}
+	// The stored access token is sealed for the key it leaves; the next one replaces it.
+	g.AccessToken, g.AccessTokenExpiry, g.AccessTokenScopes = "", time.Time{}, nil
 	if err := b.offline.put(ctx, g, refreshToken); err != nil {
 		restore()
 		return err
@@ -199,11 +202,17 @@ func (b *Broker) revokeOfflineRefreshToken(ctx context.Context, d *idp.Discovery
 	return true
 }
 
-// backgroundToken mints an access token from subject's offline access grant with the refresh
-// grant at the IdP, for the background client worker, which the grant must name.
+// backgroundTokenReuse is how long a stored background access token must still live to be
+// handed out again; one closer to its expiry is replaced by a refresh.
+const backgroundTokenReuse = time.Minute
+
+// backgroundToken is an access token from subject's offline access grant for the
+// background client worker, which the grant must name: the one the last refresh got while
+// it has backgroundTokenReuse left, else a new one from the refresh grant at the IdP.
 // Rotation is serialized cluster-wide, and the rotated refresh token is stored before
 // the access token is handed out: a token the caller never gets costs nothing, a rotated
-// refresh token that was never stored costs the grant.
+// refresh token that was never stored costs the grant. A grant the IdP revoked is found at
+// the next refresh, when the reused token is about to expire anyway.
 func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*oauth2.Token, []string, error) {
 	unlock, err := b.offline.lock(ctx, subject)
 	if err != nil {
@@ -230,6 +239,11 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 			"every background client configured at the upgrade may use it until the user grants offline access again",
 			zap.String("subject", subject), zap.Strings("background_clients", g.BackgroundClients))
 	}
+	if at, err := b.offline.accessToken(g); err != nil {
+		b.log.offline.Warn("the stored background access token does not open; refreshing instead", zap.String("subject", subject), zap.Error(err))
+	} else if at != "" && g.AccessTokenExpiry.Sub(b.now()) >= backgroundTokenReuse {
+		return &oauth2.Token{AccessToken: at, TokenType: "Bearer", Expiry: g.AccessTokenExpiry}, g.AccessTokenScopes, nil
+	}
 	refreshToken, err := b.offline.refreshToken(g)
 	if err != nil {
 		return nil, nil, err
@@ -251,15 +265,20 @@ func (b *Broker) backgroundToken(ctx context.Context, worker, subject string) (*
 		}
 		return nil, nil, fmt.Errorf("%w: refreshing offline access grant: %v", idp.ErrUnavailable, oauthErrorOnly(err))
 	}
-	if tok.RefreshToken != refreshToken {
-		g.RotatedAt = b.now().UTC()
-		if err := b.offline.put(ctx, g, tok.RefreshToken); err != nil {
-			return nil, nil, fmt.Errorf("storing rotated refresh token: %w", err)
-		}
-	}
 	scopes := g.Scopes
 	if s, ok := tok.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
 		scopes = strings.Fields(s)
+	}
+	next := refreshToken
+	if tok.RefreshToken != "" && tok.RefreshToken != refreshToken {
+		g.RotatedAt, next = b.now().UTC(), tok.RefreshToken
+	}
+	if err := b.offline.putAccessToken(ctx, g, next, tok.AccessToken, tok.Expiry, scopes); err != nil {
+		if next != refreshToken {
+			return nil, nil, fmt.Errorf("storing rotated refresh token: %w", err)
+		}
+		// The grant is unchanged at the IdP; only the reuse of this token is lost.
+		b.log.offline.Warn("storing the background access token for reuse", zap.String("subject", subject), zap.Error(err))
 	}
 	return tok, scopes, nil
 }

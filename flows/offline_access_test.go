@@ -140,6 +140,25 @@ func (f *offlineAccessTest) grant(t *testing.T, subject string) (*OfflineAccessG
 	return g, rt, nil
 }
 
+// editGrant changes the stored offline access grant of subject with edit, as a storage
+// writer or the passing of time would.
+func (f *offlineAccessTest) editGrant(t *testing.T, subject string, edit func(*OfflineAccessGrant)) {
+	t.Helper()
+	g, err := f.b.loadOfflineAccessGrant(t.Context(), subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edit(g)
+	if err := f.b.offline.putBack(t.Context(), g); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// forgetAccessToken drops the access token the grant of subject keeps for reuse.
+func (f *offlineAccessTest) forgetAccessToken(t *testing.T, subject string) {
+	f.editGrant(t, subject, func(g *OfflineAccessGrant) { g.AccessToken, g.AccessTokenExpiry = "", time.Time{} })
+}
+
 // refreshAsBroker uses a refresh token at the OP directly, as the broker's client.
 func refreshAsBroker(t *testing.T, o *testenv.OP, refreshToken string) (*oauth2.Token, error) {
 	t.Helper()
@@ -674,8 +693,51 @@ func TestBackgroundToken(t *testing.T) {
 		}
 	})
 
-	t.Run("concurrent requests for one user rotate in turn and all succeed", func(t *testing.T) {
+	t.Run("the token is handed out again while it lives; one about to expire is replaced", func(t *testing.T) {
+		get := func() TokenResponse {
+			t.Helper()
+			resp := f.backgroundRequest(t, worker, forUser)
+			var tr TokenResponse
+			decodeJSON(t, resp, &tr)
+			if resp.StatusCode != http.StatusOK || tr.AccessToken == "" {
+				t.Fatalf("background token: %s", resp.Status)
+			}
+			secrets = append(secrets, tr.AccessToken)
+			return tr
+		}
+		refreshes := o.Count("refresh_token")
+		first, again := get(), get()
+		if again.AccessToken != first.AccessToken || o.Count("refresh_token") != refreshes {
+			t.Errorf("a second request while the token lives: same token %v, %d IdP refreshes, want the same token and none",
+				again.AccessToken == first.AccessToken, o.Count("refresh_token")-refreshes)
+		}
+		if again.ExpiresIn <= 0 || again.ExpiresIn > first.ExpiresIn || again.Scope != first.Scope {
+			t.Errorf("the token again: expires_in %d (first %d), scope %q (first %q)", again.ExpiresIn, first.ExpiresIn, again.Scope, first.Scope)
+		}
+		f.editGrant(t, o.User.Subject, func(g *OfflineAccessGrant) { g.AccessTokenExpiry = time.Now().Add(backgroundTokenReuse / 2) })
+		if next := get(); next.AccessToken == first.AccessToken || o.Count("refresh_token") != refreshes+1 {
+			t.Errorf("a token about to expire was handed out again (%v), or not refreshed once", next.AccessToken == first.AccessToken)
+		}
+	})
+
+	t.Run("a refresh token swapped into the access token's field is never handed out", func(t *testing.T) {
+		_, rt, err := f.grant(t, o.User.Subject)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.editGrant(t, o.User.Subject, func(g *OfflineAccessGrant) { g.AccessToken = g.RefreshToken })
+		resp := f.backgroundRequest(t, worker, forUser)
+		var tr TokenResponse
+		decodeJSON(t, resp, &tr)
+		if resp.StatusCode != http.StatusOK || tr.AccessToken == "" || tr.AccessToken == rt {
+			t.Errorf("%s: the refresh token handed out %v", resp.Status, tr.AccessToken == rt)
+		}
+		secrets = append(secrets, tr.AccessToken)
+	})
+
+	t.Run("concurrent requests for one user cost one IdP refresh and get one token", func(t *testing.T) {
 		const n = 3
+		f.forgetAccessToken(t, o.User.Subject)
 		refreshes := o.Count("refresh_token")
 		var wg sync.WaitGroup
 		tokens := make([]string, n)
@@ -703,8 +765,13 @@ func TestBackgroundToken(t *testing.T) {
 				t.Errorf("request %d: status %d", i, statuses[i])
 			}
 		}
-		if got := o.Count("refresh_token"); got != refreshes+n {
-			t.Errorf("IdP refreshes %d, want %d (one per request, none refused)", got, refreshes+n)
+		if got := o.Count("refresh_token"); got != refreshes+1 {
+			t.Errorf("IdP refreshes %d, want %d (one, then its token handed out again)", got, refreshes+1)
+		}
+		for i := range n {
+			if tokens[i] != tokens[0] {
+				t.Errorf("request %d got another token than the first", i)
+			}
 		}
 		if _, rt, err := f.grant(t, o.User.Subject); err != nil {
 			t.Fatal(err)
@@ -715,7 +782,8 @@ func TestBackgroundToken(t *testing.T) {
 
 	t.Run("a grant the IdP no longer honours is deleted with a clear error", func(t *testing.T) {
 		// The previous subtest spent the stored refresh token at the IdP directly, which
-		// rotated it there: the stored one is dead.
+		// rotated it there: the stored one is dead. It is found at the next refresh.
+		f.forgetAccessToken(t, o.User.Subject)
 		resp := f.backgroundRequest(t, worker, forUser)
 		var e oauthError
 		decodeJSON(t, resp, &e)

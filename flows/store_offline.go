@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
@@ -121,6 +122,41 @@ func (st offlineAccessGrantStore) put(ctx context.Context, g *OfflineAccessGrant
 	}
 	g.key = key
 	return nil
+}
+
+// accessTokenAAD is the associated data of the access token sealed in a grant at key: not
+// key alone, so that a storage writer cannot swap the sealed refresh token into the access
+// token's field and have it handed to a worker.
+func accessTokenAAD(key string) string { return key + "#access_token" }
+
+// putAccessToken seals tok into g (its expiry and scopes beside) and stores g with
+// refreshToken. The caller holds the lock.
+func (st offlineAccessGrantStore) putAccessToken(ctx context.Context, g *OfflineAccessGrant, refreshToken, accessToken string, expiry time.Time, scopes []string) error {
+	key, err := st.currentKey(g.Subject)
+	if err != nil {
+		return err
+	}
+	g.AccessToken, g.AccessTokenExpiry, g.AccessTokenScopes = "", time.Time{}, nil
+	if !expiry.IsZero() {
+		sealed, err := st.records.Seal(accessTokenAAD(key), []byte(accessToken))
+		if err != nil {
+			return fmt.Errorf("sealing access token: %w", err)
+		}
+		g.AccessToken, g.AccessTokenExpiry, g.AccessTokenScopes = sealed, expiry.UTC(), scopes
+	}
+	return st.put(ctx, g, refreshToken)
+}
+
+// accessToken opens the access token sealed in g; "" when there is none.
+func (st offlineAccessGrantStore) accessToken(g *OfflineAccessGrant) (string, error) {
+	if g.AccessToken == "" {
+		return "", nil
+	}
+	plain, err := st.records.Open(accessTokenAAD(g.key), g.AccessToken)
+	if err != nil {
+		return "", fmt.Errorf("opening offline access token: %w", err)
+	}
+	return string(plain), nil
 }
 
 // refreshToken opens the refresh token sealed in g, with the key g was read from as the

@@ -252,6 +252,15 @@ type OfflineAccessGrant struct {
 	RefreshToken string    `json:"refresh_token_sealed"` // sealed
 	GrantedAt    time.Time `json:"provisioned_at"`       // the JSON name of earlier releases: stored records keep opening
 	RotatedAt    time.Time `json:"rotated_at,omitzero"`
+
+	// The access token the last background refresh got, sealed (bound to the key and its
+	// field, see accessTokenAAD), until AccessTokenExpiry, with its scopes: background
+	// tokens asked while it has backgroundTokenReuse left are this one, so that concurrent
+	// workers cost one IdP refresh, and a refresh at an IdP that kills the previous access
+	// token (Nextcloud's oidc app) does not kill the one a worker just got.
+	AccessToken       string    `json:"access_token_sealed,omitempty"`
+	AccessTokenExpiry time.Time `json:"access_token_expiry,omitzero"`
+	AccessTokenScopes []string  `json:"access_token_scopes,omitempty"`
 }
 
 // AppPasswordLink is a one-time link that lets a browser start Login Flow v2 for the user

@@ -173,6 +173,16 @@ func TestUpgradeKeepsStoredRecords(t *testing.T) {
 
 	o.SeedRefreshToken(fx.OfflineRefreshToken, testenv.BrokerClientID, fx.Subject, fx.OfflineScopes)
 	for i := range 2 { // the second one uses the refresh token the first one rotated in
+		if i == 1 { // rather than the access token the first one got
+			g, err := e.b.loadOfflineAccessGrant(t.Context(), fx.Subject)
+			if err != nil {
+				t.Fatal(err)
+			}
+			g.AccessToken, g.AccessTokenExpiry = "", time.Time{}
+			if err := e.b.offline.putBack(t.Context(), g); err != nil {
+				t.Fatal(err)
+			}
+		}
 		resp = do(t, http.MethodPost, e.front.URL+pathBackgroundToken,
 			http.Header{"Content-Type": {"application/x-www-form-urlencoded"}, "Authorization": {basicCredentials(fx.WorkerID, fx.WorkerSecret)}},
 			url.Values{"subject": {fx.Subject}}.Encode())
