@@ -194,8 +194,8 @@ func (b *Broker) checkAuthorizationRequest(f url.Values, client *Client, redirec
 }
 
 // grantableScopes decides the scopes of a request: those asked, each allowed for the
-// client and configured for the broker, or by default the client's scopes that the
-// broker advertises. offline_access is dropped: the broker's refresh tokens do not
+// client and configured for the broker, or by default the client's scopes among the base
+// scopes (Config.BaseScopes, else every scope advertised). offline_access is dropped: the broker's refresh tokens do not
 // depend on it, and the IdP is always asked for it anyway.
 func (b *Broker) grantableScopes(c *Client, asked []string) ([]string, bool) {
 	if len(asked) > maxScopes {
@@ -204,7 +204,7 @@ func (b *Broker) grantableScopes(c *Client, asked []string) ([]string, bool) {
 	offer := b.offer()
 	configured := append([]string{"openid"}, offer.scopes...)
 	if len(asked) == 0 {
-		advertised := offer.advertised
+		advertised := offer.base
 		mine := b.scopesOf(c)
 		out := make([]string, 0, len(mine))
 		for _, s := range mine {

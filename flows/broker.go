@@ -51,6 +51,12 @@ type Config struct {
 	Resource     string
 	Audience     []string
 	Scopes       []string
+	// BaseScopes, when set, are the least-privilege scopes a first login is pointed to:
+	// the 401 challenge's `scope`, the protected-resource metadata's `scopes_supported`
+	// (MCP 2026-07-28 reads it as the minimal set for basic functionality), and what an
+	// authorization request without `scope` is granted; a tool call needing more is a 403
+	// step-up. Unset, all of Scopes (with the learned ones) are named there. Default: none.
+	BaseScopes []string
 	// RequireJWTAccessTokenType and IntrospectionCacheTTL are the idp.VerifierConfig fields
 	// of the same names.
 	RequireJWTAccessTokenType bool

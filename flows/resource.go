@@ -23,13 +23,16 @@ type ProtectedResourceMetadata struct {
 }
 
 // serveProtectedResourceMetadata answers RFC 9728 discovery, at the root and at the
-// resource-suffixed path, readable from any origin without credentials.
+// resource-suffixed path, readable from any origin without credentials. Its
+// scopes_supported are the base scopes (Config.BaseScopes, else every scope offered): MCP
+// 2026-07-28 reads them as the minimal set for basic functionality, what a client asks
+// for when a challenge names none. The authorization server's metadata lists them all.
 func (b *Broker) serveProtectedResourceMetadata(w http.ResponseWriter, r *http.Request) {
 	serveMetadata(b, w, r, func() any {
 		return ProtectedResourceMetadata{
 			Resource:               b.cfg.Resource,
 			AuthorizationServers:   []string{b.authorizationServer(r.Context())},
-			ScopesSupported:        b.offer().advertised,
+			ScopesSupported:        b.offer().base,
 			BearerMethodsSupported: []string{"header"},
 			ResourceName:           b.resourceName(),
 		}

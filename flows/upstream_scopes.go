@@ -60,9 +60,13 @@ type scopeOffer struct {
 	scopes []string
 	// advertised are scopes less offline_access (advertisedScopes).
 	advertised []string
+	// base are what a first login is pointed to: Config.BaseScopes less offline_access,
+	// or advertised when none are configured. The protected-resource metadata's
+	// scopes_supported and the 401 challenge's scope name them.
+	base []string
 	// managed are compared with what the IdP granted (granted.go).
 	managed []string
-	// challengeTail is `resource_metadata="…"[, scope="…"]`, prebuilt for 401 challenges.
+	// challengeTail is `resource_metadata="…"[, scope="…"]` (base), prebuilt for 401 challenges.
 	challengeTail string
 	// learned are the scopes the upstream's metadata named, as read.
 	learned []string
@@ -78,9 +82,13 @@ func (b *Broker) newScopeOffer(cfg *Config, learned []string) *scopeOffer {
 	o.managed = sortedSet(managedScopes(cfg), slices.DeleteFunc(slices.Clone(learned), func(s string) bool {
 		return slices.Contains(identityScopes, s)
 	}))
+	o.base = o.advertised
+	if len(cfg.BaseScopes) > 0 {
+		o.base = advertisedScopes(cfg.BaseScopes)
+	}
 	o.challengeTail = `resource_metadata="` + b.metadataURL + `"`
-	if len(o.advertised) > 0 {
-		o.challengeTail += `, scope="` + strings.Join(o.advertised, " ") + `"`
+	if len(o.base) > 0 {
+		o.challengeTail += `, scope="` + strings.Join(o.base, " ") + `"`
 	}
 	return o
 }
