@@ -36,6 +36,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		require_jwt_access_token_type
 //		introspection_cache_ttl <duration>
 //		scopes            <scope...>
+//		base_scopes       <scope...>
 //		encryption_key    <base64 of 32 bytes> [<older>...]
 //		client <client_id> {
 //			name          <display name>
@@ -119,6 +120,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = unmarshalList(d, &h.Audience)
 		case "scopes":
 			err = unmarshalList(d, &h.Scopes)
+		case "base_scopes":
+			err = unmarshalList(d, &h.BaseScopes)
 		case "encryption_key":
 			err = unmarshalList(d, &h.EncryptionKeys)
 		case "client":

@@ -103,6 +103,18 @@ type Handler struct {
 	// Default: `openid profile email`.
 	Scopes []string `json:"scopes,omitempty"`
 
+	// Least-privilege scopes for a first login, each one of `scopes` (or, with
+	// `upstream_metadata`, learned from the upstream). When set, the 401 challenge's `scope`
+	// and the protected-resource metadata's `scopes_supported` name these alone (MCP
+	// 2026-07-28 reads `scopes_supported` as the minimal set for basic functionality; the
+	// authorization server metadata still lists every scope it grants), and an authorization
+	// request without `scope` is granted them; a tool call that needs more gets a 403
+	// `insufficient_scope` naming what the token holds plus what the call needs, and the
+	// client steps up. `offline_access` is never one of them. Default: none (every scope of
+	// `scopes` is named, so clients ask for everything at once; see the README on why that
+	// stays the default).
+	BaseScopes []string `json:"base_scopes,omitempty"`
+
 	// AES-256 keys, base64 of 32 bytes each, that seal secrets at rest. The first encrypts;
 	// all decrypt, so a new key goes first and old ones stay until their records expire.
 	// Supports `{env.*}` and `{file.*}` placeholders. Required.
@@ -120,7 +132,10 @@ type Handler struct {
 	Delegation *Delegation `json:"delegation,omitempty"`
 
 	// Per-tool scope requirements, checked on every JSON-RPC `tools/call`.
-	// The first rule whose tool pattern matches applies. Default: none.
+	// The first rule whose tool pattern matches applies. Each scope named must be one the
+	// broker can grant (`openid` or one of `scopes`), else the configuration is refused
+	// naming the rule; with `upstream_metadata` set, the scopes learned later may supply it,
+	// so a missing one is only logged at WARN when the configuration loads. Default: none.
 	ToolScopes []*ToolScope `json:"tool_scopes,omitempty"`
 
 	// The URL of the upstream MCP server's RFC 9728 protected-resource metadata, e.g.
@@ -684,6 +699,9 @@ func (h *Handler) Validate() error {
 	if err := checkScopes(h.Scopes); err != nil {
 		return err
 	}
+	if err := h.validateBaseScopes(); err != nil {
+		return err
+	}
 	for i, a := range h.Audience {
 		if a == "" {
 			return fmt.Errorf("audience[%d]: empty", i)
@@ -760,6 +778,16 @@ func (h *Handler) Validate() error {
 				return fmt.Errorf("tool_scopes %q: shadowed by the earlier %q, which matches first; remove it or put it first", t.Tool, e.Tool)
 			}
 		}
+		if missing := h.ungrantable(t.Scopes); len(missing) > 0 {
+			if h.UpstreamMetadata == "" {
+				return fmt.Errorf("tool_scopes %q: %s not among scopes, so no client can be granted what the tool needs and its calls are refused for good; add %s to scopes",
+					t.Tool, strings.Join(missing, " "), strings.Join(missing, " "))
+			}
+			if h.logger != nil {
+				h.logger.Warn("a tool_scope rule names scopes not among scopes; until upstream_metadata supplies them, no client can be granted them",
+					zap.String("tool_scope", t.Tool), zap.Strings("scopes", missing), zap.String("upstream_metadata", h.UpstreamMetadata))
+			}
+		}
 	}
 	seenWorkers := make(map[string]bool, len(h.BackgroundClients))
 	for i, c := range h.BackgroundClients {
@@ -814,6 +842,44 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("audience: must not list client_id %q: the broker's own ID tokens, background and delegated tokens would pass as MCP clients' tokens; list the resource or the MCP clients' ids", h.ClientID)
 	}
 	return nil
+}
+
+// validateBaseScopes checks base_scopes: scope tokens, never offline_access (MCP 2026-07-28
+// keeps it out of challenges and metadata), each one the broker can grant, as for tool_scopes.
+func (h *Handler) validateBaseScopes() error {
+	if err := checkScopes(h.BaseScopes); err != nil {
+		return fmt.Errorf("base_scopes: %w", err)
+	}
+	if slices.Contains(h.BaseScopes, "offline_access") {
+		return errors.New("base_scopes: offline_access is never advertised to MCP clients; remove it")
+	}
+	if missing := h.ungrantable(h.BaseScopes); len(missing) > 0 {
+		if h.UpstreamMetadata == "" {
+			return fmt.Errorf("base_scopes: %s not among scopes, so a first login asking for them is refused; add %s to scopes",
+				strings.Join(missing, " "), strings.Join(missing, " "))
+		}
+		if h.logger != nil {
+			h.logger.Warn("base_scopes names scopes not among scopes; until upstream_metadata supplies them, a first login asking for them is refused",
+				zap.Strings("scopes", missing), zap.String("upstream_metadata", h.UpstreamMetadata))
+		}
+	}
+	return nil
+}
+
+// ungrantable lists the scopes of list that the broker cannot grant from its configuration:
+// neither `openid` nor one of `scopes` (their default when unset).
+func (h *Handler) ungrantable(list []string) []string {
+	configured := h.Scopes
+	if len(configured) == 0 {
+		configured = flows.DefaultScopes
+	}
+	var missing []string
+	for _, s := range list {
+		if s != "openid" && !slices.Contains(configured, s) && !slices.Contains(missing, s) {
+			missing = append(missing, s)
+		}
+	}
+	return missing
 }
 
 // checkScopes refuses an empty entry in a scopes list, and one that is not a scope token
@@ -884,6 +950,7 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		Resource:         h.Resource,
 		Audience:         h.Audience,
 		Scopes:           h.Scopes,
+		BaseScopes:       h.BaseScopes,
 		Registration:     !h.DisableRegistration,
 		MaxBodyBytes:     h.MaxBodyBytes,
 		UpstreamMetadata: h.UpstreamMetadata,

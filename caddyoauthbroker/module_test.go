@@ -1,10 +1,13 @@
 package caddyoauthbroker
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 const testKey = "YWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWE=" // 32 bytes of 'a'
@@ -15,6 +18,7 @@ func validHandler() *Handler {
 		Issuer:         "https://cloud.example.com",
 		ClientID:       "mcp-broker",
 		Resource:       "https://mcp.example.com/mcp",
+		Scopes:         []string{"openid", "notes:read", "notes:write"},
 		EncryptionKeys: []string{testKey},
 		Clients: []*Client{{
 			ClientID:     "claude",
@@ -36,9 +40,33 @@ func TestValidateAcceptsAGoodConfig(t *testing.T) {
 	}
 	h = validHandler()
 	h.Delegation.SubjectHeader = "X-Forwarded-User_1!#$%&'*+.^`|~"
-	h.Scopes = []string{"openid", "notes:read", "https://api.example.com/notes.read"}
+	h.Scopes = []string{"openid", "notes:read", "notes:write", "https://api.example.com/notes.read"}
 	if err := h.Validate(); err != nil {
 		t.Fatalf("a header name of every token character, URL-shaped scopes: %v", err)
+	}
+}
+
+// TestValidateScopesLearnedLater: with upstream_metadata set, a tool_scope or base_scopes
+// scope not among scopes may be learned from the upstream after start, so it is not an
+// error; it is logged at WARN, naming the rule, when the configuration loads.
+func TestValidateScopesLearnedLater(t *testing.T) {
+	core, logs := observer.New(zap.WarnLevel)
+	h := validHandler()
+	h.logger = zap.New(core)
+	h.UpstreamMetadata = "http://mcp-internal:8000/.well-known/oauth-protected-resource/mcp"
+	h.Scopes = []string{"openid"}
+	h.BaseScopes = []string{"openid", "notes:read"}
+	if err := h.Validate(); err != nil {
+		t.Fatalf("scopes the upstream may supply: %v", err)
+	}
+	var rules []string
+	for _, e := range logs.All() {
+		if tool, ok := e.ContextMap()["tool_scope"]; ok {
+			rules = append(rules, tool.(string))
+		}
+	}
+	if logs.Len() != 2 || !slices.Equal(rules, []string{"notes_*"}) {
+		t.Errorf("warnings %d for rules %v, want one for base_scopes and one naming notes_*", logs.Len(), rules)
 	}
 }
 
@@ -97,6 +125,17 @@ func TestValidateErrors(t *testing.T) {
 		{"tool_scope shadowed by an earlier glob", func(h *Handler) {
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: "notes_delete", Scopes: []string{"notes:admin"}})
 		}, `tool_scopes "notes_delete": shadowed by the earlier "notes_*"`},
+		// A scope no client can be granted would refuse the tool's calls for good.
+		{"tool_scope naming a scope not among scopes", func(h *Handler) {
+			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: "deck_*", Scopes: []string{"notes:read", "deck:write"}})
+		}, `tool_scopes "deck_*": deck:write not among scopes`},
+		{"tool_scope naming a scope the default scopes lack", func(h *Handler) { h.Scopes = nil },
+			`tool_scopes "notes_*": notes:write not among scopes`},
+		{"base_scopes naming a scope not among scopes", func(h *Handler) { h.BaseScopes = []string{"openid", "notes:list"} },
+			"base_scopes: notes:list not among scopes"},
+		{"base_scopes with offline_access", func(h *Handler) { h.BaseScopes = []string{"openid", "offline_access"} },
+			"base_scopes: offline_access is never advertised"},
+		{"base_scopes with a quote", func(h *Handler) { h.BaseScopes = []string{`notes"read`} }, `base_scopes: scopes[0]: "notes\"read" is not a scope token`},
 		{"negative ttl", func(h *Handler) { h.CodeTTL = caddy.Duration(-1) }, "code_ttl: must not be negative"},
 		{"negative grace", func(h *Handler) { h.RefreshGrace = caddy.Duration(-1) }, "refresh_grace: must not be negative"},
 		{"negative session max lifetime", func(h *Handler) { h.SessionMaxLifetime = caddy.Duration(-1) }, "session_max_lifetime: must not be negative"},
