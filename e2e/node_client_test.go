@@ -22,6 +22,7 @@ type tsClientOptions struct {
 	Refresh     bool             // force the SDK's 401 → refresh path
 	SDKStepUp   bool             // leave step-up to the SDK alone
 	FirstScope  string           // ask for less than the first challenge names
+	SDK2        bool             // the 2.x @modelcontextprotocol/client instead of the 1.x SDK
 }
 
 // tsSummary is client.mjs's report.
@@ -122,6 +123,9 @@ func runTSClientErr(t *testing.T, mcpURL string, login tsLoginFunc, o tsClientOp
 	}
 	if o.SDKStepUp {
 		args = append(args, "--sdk-stepup")
+	}
+	if o.SDK2 {
+		args = append(args, "--sdk", "2")
 	}
 	p := startNode(t, "client.mjs", nil, args...)
 	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)

@@ -1,15 +1,18 @@
 #!/usr/bin/env node
 // A headless third-party MCP client: @modelcontextprotocol/sdk's Streamable HTTP client with
-// an OAuthClientProvider, against an MCP endpoint behind mcp_oauth.
+// an OAuthClientProvider, against an MCP endpoint behind mcp_oauth; with --sdk 2, the same
+// with the 2.x @modelcontextprotocol/client.
 //
 // Usage: node client.mjs --url <MCP URL> [--client-id ID] [--redirect-url URL]
-//          [--call JSON] [--stepup JSON] [--refresh] [--sdk-stepup]
+//          [--call JSON] [--stepup JSON] [--refresh] [--sdk-stepup] [--sdk 1|2]
 //   --client-id     a client pre-registered at the authorization server (else DCR)
 //   --call          {"name": tool, "arguments": {...}}: called after tools/list (repeatable)
 //   --stepup        a tool call that needs a scope the first token lacks (403 insufficient_scope)
 //   --refresh       force a refresh: the access token is made invalid, the next request's
 //                   401 makes the SDK use its refresh token
 //   --sdk-stepup    leave step-up to the SDK alone (see README: 1.32.2 refreshes first)
+//   --sdk           1 (default): @modelcontextprotocol/sdk 1.x; 2: @modelcontextprotocol/client 2.x,
+//                   whose callback is finished with the whole redirect (code and iss)
 //   --first-scope   ask for this scope first, as a client asking for less than the server's
 //                   challenge names (the scope of the first 401 is read as this), so that a
 //                   later call needs a step-up
@@ -24,9 +27,6 @@ import { createHash, randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 
-import { Client } from '@modelcontextprotocol/sdk/client/index.js';
-import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
-import { UnauthorizedError } from '@modelcontextprotocol/sdk/client/auth.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -39,6 +39,7 @@ const { values: args } = parseArgs({
     refresh: { type: 'boolean', default: false },
     'sdk-stepup': { type: 'boolean', default: false },
     'first-scope': { type: 'string' },
+    sdk: { type: 'string', default: '1' },
     timeout: { type: 'string', default: '60000' },
   },
 });
@@ -46,6 +47,14 @@ if (!args.url) {
   console.error('client: --url is required');
   process.exit(2);
 }
+const sdk2 = args.sdk === '2';
+const { Client, StreamableHTTPClientTransport, UnauthorizedError } = sdk2
+  ? await import('@modelcontextprotocol/client')
+  : {
+      ...(await import('@modelcontextprotocol/sdk/client/index.js')),
+      ...(await import('@modelcontextprotocol/sdk/client/streamableHttp.js')),
+      ...(await import('@modelcontextprotocol/sdk/client/auth.js')),
+    };
 
 const out = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
 const sha256 = (s) => createHash('sha256').update(s).digest('hex');
@@ -196,7 +205,7 @@ async function withAuth(what, fn) {
       const error = redirect.searchParams.get('error');
       if (error) throw new Error(`${what}: authorization answered error=${error}`);
       if (redirect.searchParams.get('state') !== provider._state) throw new Error(`${what}: state mismatch on the redirect`);
-      await transport.finishAuth(redirect.searchParams.get('code'));
+      await transport.finishAuth(sdk2 ? redirect.searchParams : redirect.searchParams.get('code'));
     }
   }
   throw new Error(`${what}: still unauthorized after 3 authorizations`);
