@@ -132,10 +132,11 @@ type Handler struct {
 	Delegation *Delegation `json:"delegation,omitempty"`
 
 	// Per-tool scope requirements, checked on every JSON-RPC `tools/call`.
-	// The first rule whose tool pattern matches applies. Each scope named must be one the
-	// broker can grant (`openid` or one of `scopes`), else the configuration is refused
-	// naming the rule; with `upstream_metadata` set, the scopes learned later may supply it,
-	// so a missing one is only logged at WARN when the configuration loads. Default: none.
+	// The first rule whose tool pattern matches applies. In hybrid mode each scope named must
+	// be one the broker can grant (`openid` or one of `scopes`), else the configuration is
+	// refused naming the rule; with `upstream_metadata` set, the scopes learned later may
+	// supply it, so a missing one is only logged at WARN when the configuration loads. In
+	// progressive mode the IdP grants scopes, so any is accepted. Default: none.
 	ToolScopes []*ToolScope `json:"tool_scopes,omitempty"`
 
 	// The URL of the upstream MCP server's RFC 9728 protected-resource metadata, e.g.
@@ -778,7 +779,9 @@ func (h *Handler) Validate() error {
 				return fmt.Errorf("tool_scopes %q: shadowed by the earlier %q, which matches first; remove it or put it first", t.Tool, e.Tool)
 			}
 		}
-		if missing := h.ungrantable(t.Scopes); len(missing) > 0 {
+		// In hybrid mode the broker grants the scopes, only those configured or learned;
+		// in progressive mode the IdP does, and may grant one the broker does not advertise.
+		if missing := h.ungrantable(t.Scopes); len(missing) > 0 && h.Mode != flows.ModeProgressive {
 			if h.UpstreamMetadata == "" {
 				return fmt.Errorf("tool_scopes %q: %s not among scopes, so no client can be granted what the tool needs and its calls are refused for good; add %s to scopes",
 					t.Tool, strings.Join(missing, " "), strings.Join(missing, " "))

@@ -29,7 +29,6 @@ func BenchmarkServeHTTPWarm(b *testing.B) {
 	cfg["client_id"] = testenv.BrokerClientID
 	cfg["client_secret"] = testenv.BrokerClientSecret
 	cfg["delegation"] = map[string]any{"mode": "token_exchange", "audience": "nextcloud"}
-	cfg["scopes"] = []string{"openid", "notes:read"}
 	cfg["tool_scopes"] = []any{map[string]any{"tool": "notes_read", "scopes": []string{"notes:read"}}}
 	h, err := load(b, ctx, cfg)
 	if err != nil {

@@ -18,7 +18,6 @@ func validHandler() *Handler {
 		Issuer:         "https://cloud.example.com",
 		ClientID:       "mcp-broker",
 		Resource:       "https://mcp.example.com/mcp",
-		Scopes:         []string{"openid", "notes:read", "notes:write"},
 		EncryptionKeys: []string{testKey},
 		Clients: []*Client{{
 			ClientID:     "claude",
@@ -33,14 +32,21 @@ func TestValidateAcceptsAGoodConfig(t *testing.T) {
 	if err := validHandler().Validate(); err != nil {
 		t.Fatal(err)
 	}
+	// In progressive mode the IdP grants scopes: a tool scope the broker does not advertise
+	// is the IdP's to grant.
 	h := validHandler()
+	h.Scopes = []string{"openid", "notes:read"}
+	if err := h.Validate(); err != nil {
+		t.Fatalf("progressive, a tool scope not among scopes: %v", err)
+	}
+	h = validHandler()
 	h.Resource = "http://127.0.0.1:8080/mcp"
 	if err := h.Validate(); err != nil {
 		t.Fatalf("http resource on loopback: %v", err)
 	}
 	h = validHandler()
 	h.Delegation.SubjectHeader = "X-Forwarded-User_1!#$%&'*+.^`|~"
-	h.Scopes = []string{"openid", "notes:read", "notes:write", "https://api.example.com/notes.read"}
+	h.Scopes = []string{"openid", "notes:read", "https://api.example.com/notes.read"}
 	if err := h.Validate(); err != nil {
 		t.Fatalf("a header name of every token character, URL-shaped scopes: %v", err)
 	}
@@ -52,6 +58,7 @@ func TestValidateAcceptsAGoodConfig(t *testing.T) {
 func TestValidateScopesLearnedLater(t *testing.T) {
 	core, logs := observer.New(zap.WarnLevel)
 	h := validHandler()
+	h.Mode = "hybrid"
 	h.logger = zap.New(core)
 	h.UpstreamMetadata = "http://mcp-internal:8000/.well-known/oauth-protected-resource/mcp"
 	h.Scopes = []string{"openid"}
@@ -127,9 +134,10 @@ func TestValidateErrors(t *testing.T) {
 		}, `tool_scopes "notes_delete": shadowed by the earlier "notes_*"`},
 		// A scope no client can be granted would refuse the tool's calls for good.
 		{"tool_scope naming a scope not among scopes", func(h *Handler) {
+			h.Mode, h.Scopes = "hybrid", []string{"openid", "notes:read", "notes:write"}
 			h.ToolScopes = append(h.ToolScopes, &ToolScope{Tool: "deck_*", Scopes: []string{"notes:read", "deck:write"}})
 		}, `tool_scopes "deck_*": deck:write not among scopes`},
-		{"tool_scope naming a scope the default scopes lack", func(h *Handler) { h.Scopes = nil },
+		{"tool_scope naming a scope the default scopes lack", func(h *Handler) { h.Mode, h.Scopes = "", nil },
 			`tool_scopes "notes_*": notes:write not among scopes`},
 		{"base_scopes naming a scope not among scopes", func(h *Handler) { h.BaseScopes = []string{"openid", "notes:list"} },
 			"base_scopes: notes:list not among scopes"},
