@@ -62,10 +62,12 @@ func TestLeastPrivilegeGoSDKThroughCaddyBinary(t *testing.T) {
 	}
 }
 
-// TestLeastPrivilegeTSClientThroughCaddyBinary: the 1.x TS SDK (@modelcontextprotocol/sdk
-// 1.32.2) with base_scopes set, no scope forced by hand. Its first login asks the base set
-// the 401 names. What it does with the write tool's 403 (which names
-// "openid notes:read notes:write") is recorded here and in the README:
+// TestLeastPrivilegeTSClientThroughCaddyBinary: the TS clients with base_scopes set, no
+// scope forced by hand. The 2.x @modelcontextprotocol/client 2.4.0, unmodified, steps up
+// alone: one re-authorization with the union of its scopes and the 403's, no refresh. The
+// 1.x SDK (@modelcontextprotocol/sdk 1.32.2) also first logs in with the base set the 401
+// names; what it does with the write tool's 403 (which names "openid notes:read
+// notes:write") is recorded here and in the README:
 //   - left alone, it holds a refresh token, so it refreshes first (same scope), meets the
 //     same 403 and gives up ("Server returned 403 after trying upscoping"): no step-up;
 //   - when its provider hides the refresh token during a step-up (interop/client.mjs without
