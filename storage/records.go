@@ -100,6 +100,17 @@ func (r *Records) KeyedHashes(text string) []string {
 	return r.ring.KeyedHashes(text)
 }
 
+// Tag authenticates data for purpose; see KeyRing.Tag.
+func (r *Records) Tag(purpose string, data []byte) (string, error) {
+	return r.ring.Tag(purpose, data)
+}
+
+// CheckTag tells whether tag is Tag(purpose, data) under a key of the ring; see
+// KeyRing.CheckTag.
+func (r *Records) CheckTag(purpose string, data []byte, tag string) bool {
+	return r.ring.CheckTag(purpose, data, tag)
+}
+
 // envelope is what is stored: the expiry lives inside the value because
 // certmagic storage has no TTL.
 type envelope struct {

@@ -35,11 +35,15 @@ type ringKey struct {
 	id   string // first 8 hex chars of SHA-256 of the key
 	aead cipher.AEAD
 	hash []byte // HMAC key of KeyedHashes, derived from the key
+	tag  []byte // HMAC key of Tag, derived from the key
 }
 
 // keyedHashLabel derives the KeyedHashes key from an encryption key, so that the one
 // is never used as the other.
 const keyedHashLabel = "mcp_oauth keyed hash v1"
+
+// tagLabel derives the Tag key from an encryption key, apart from the other two uses.
+const tagLabel = "mcp_oauth tag v1"
 
 // NewKeyRing takes raw 32-byte AES-256 keys; the first encrypts, all decrypt. Its
 // errors name a key by its index; the caller names the configuration field.
@@ -65,7 +69,9 @@ func NewKeyRing(keys ...[]byte) (*KeyRing, error) {
 		sum := sha256.Sum256(k)
 		mac := hmac.New(sha256.New, k)
 		mac.Write([]byte(keyedHashLabel))
-		ring.keys = append(ring.keys, ringKey{id: hex.EncodeToString(sum[:4]), aead: aead, hash: mac.Sum(nil)})
+		tag := hmac.New(sha256.New, k)
+		tag.Write([]byte(tagLabel))
+		ring.keys = append(ring.keys, ringKey{id: hex.EncodeToString(sum[:4]), aead: aead, hash: mac.Sum(nil), tag: tag.Sum(nil)})
 	}
 	return ring, nil
 }
@@ -156,4 +162,46 @@ func (k *KeyRing) KeyedHashes(text string) []string {
 		out[i] = base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
 	}
 	return out
+}
+
+// Tag authenticates data, which travels through someone else's hands and comes back
+// (a value a client must echo), for purpose: "<key id>.<base64url HMAC-SHA256>" under a
+// key derived from the sealing key, over purpose, a NUL and data. The purpose keeps a
+// tag made for one use from passing for another.
+func (k *KeyRing) Tag(purpose string, data []byte) (string, error) {
+	if k == nil || len(k.keys) == 0 {
+		return "", errors.New("tagging: no encryption key configured")
+	}
+	return k.keys[0].id + "." + base64.RawURLEncoding.EncodeToString(k.keys[0].mac(purpose, data)), nil
+}
+
+// CheckTag tells whether tag is Tag(purpose, data) under any key of the ring, compared
+// in constant time, so that a value tagged before a key rotation passes while its key is
+// in the ring.
+func (k *KeyRing) CheckTag(purpose string, data []byte, tag string) bool {
+	if k == nil {
+		return false
+	}
+	id, encoded, ok := strings.Cut(tag, ".")
+	if !ok || len(encoded) != base64.RawURLEncoding.EncodedLen(sha256.Size) {
+		return false
+	}
+	sum, err := base64.RawURLEncoding.DecodeString(encoded)
+	if err != nil {
+		return false
+	}
+	for _, key := range k.keys {
+		if key.id == id && hmac.Equal(key.mac(purpose, data), sum) {
+			return true
+		}
+	}
+	return false
+}
+
+func (key *ringKey) mac(purpose string, data []byte) []byte {
+	mac := hmac.New(sha256.New, key.tag)
+	mac.Write([]byte(purpose))
+	mac.Write([]byte{0})
+	mac.Write(data)
+	return mac.Sum(nil)
 }

@@ -224,3 +224,37 @@ func TestKeyedHashes(t *testing.T) {
 		t.Error("a nil ring hashed")
 	}
 }
+
+func TestTag(t *testing.T) {
+	a, b := newKey(t), newKey(t)
+	old, rotated, other := mustRing(t, a), mustRing(t, b, a), mustRing(t, b)
+	data := []byte(`{"p":"x"}`)
+	tag, err := old.Tag("request state", data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !old.CheckTag("request state", data, tag) {
+		t.Fatal("a tag does not check under its own ring")
+	}
+	if !rotated.CheckTag("request state", data, tag) {
+		t.Error("a tag made before a rotation does not check while its key is in the ring")
+	}
+	for name, ok := range map[string]bool{
+		"another ring":        other.CheckTag("request state", data, tag),
+		"other data":          old.CheckTag("request state", []byte(`{"p":"y"}`), tag),
+		"another purpose":     old.CheckTag("cookie", data, tag),
+		"the keyed hash":      old.CheckTag("request state", data, old.KeyedHashes("request state\x00" + string(data))[0]),
+		"no key id":           old.CheckTag("request state", data, strings.SplitN(tag, ".", 2)[1]),
+		"a truncated tag":     old.CheckTag("request state", data, tag[:len(tag)-1]),
+		"another key id":      old.CheckTag("request state", data, "00000000"+tag[8:]),
+		"a nil ring":          (*KeyRing)(nil).CheckTag("request state", data, tag),
+		"a tag of empty data": old.CheckTag("request state", nil, tag),
+	} {
+		if ok {
+			t.Errorf("%s: the tag checks", name)
+		}
+	}
+	if _, err := (*KeyRing)(nil).Tag("x", data); err == nil {
+		t.Error("a nil ring tagged")
+	}
+}
