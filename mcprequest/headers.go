@@ -55,8 +55,12 @@ func headerMismatch(description string) *Refusal {
 // names one in MCP-Protocol-Version and none in its body is served as it always was.
 var legacyVersions = []string{"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"}
 
-// metaProtocolVersion is the _meta key of a request's protocol version.
-const metaProtocolVersion = "io.modelcontextprotocol/protocolVersion"
+// The _meta keys of a request's protocol version and of the capabilities its client
+// declares for it.
+const (
+	metaProtocolVersion    = "io.modelcontextprotocol/protocolVersion"
+	metaClientCapabilities = "io.modelcontextprotocol/clientCapabilities"
+)
 
 // Base64 sentinel form of a header value (MCP 2026-07-28, "Value Encoding"): exactly
 // these lower-case markers around standard Base64 of the UTF-8 value.
@@ -164,6 +168,10 @@ type mirroredMessage struct {
 	names    rawValues // params.name
 	uris     rawValues // params.uri
 	versions rawValues // params._meta["io.modelcontextprotocol/protocolVersion"]
+	// What the request says of the multi round-trip pattern (input.go).
+	states       rawValues // params.requestState
+	responses    rawValues // params.inputResponses
+	capabilities rawValues // params._meta["io.modelcontextprotocol/clientCapabilities"]
 }
 
 // rawValues are the raw JSON values of one member; the first two are kept in place.
@@ -227,10 +235,17 @@ func readMirroredMessage(msg []byte, m *mirroredMessage) {
 					m.names.add(value)
 				case keyIs(key, "uri"):
 					m.uris.add(value)
+				case keyIs(key, "requestState"):
+					m.states.add(value)
+				case keyIs(key, "inputResponses"):
+					m.responses.add(value)
 				case keyIs(key, "_meta") && value[0] == '{':
 					jsonMembers(value, func(key, value []byte) {
-						if keyIs(key, metaProtocolVersion) {
+						switch {
+						case keyIs(key, metaProtocolVersion):
 							m.versions.add(value)
+						case keyIs(key, metaClientCapabilities):
+							m.capabilities.add(value)
 						}
 					})
 				}
@@ -269,7 +284,8 @@ func mayMirror(body []byte) bool {
 }
 
 // checkMirroredHeaders checks the mirrored headers of a request against its body, valid
-// JSON, and returns the request's raw id for the answer to a refusal. The rules
+// JSON, and returns the request's raw id for the answer to a refusal; m is what it read
+// of a single message. The rules
 // (MCP 2026-07-28, "Server Validation"):
 //
 //   - a body naming its protocol version needs MCP-Protocol-Version, equal to it; a
@@ -285,16 +301,16 @@ func mayMirror(body []byte) bool {
 //
 // A request with none of the headers and no version in its body is a legacy one: it
 // passes as before.
-func checkMirroredHeaders(h mirroredHeaders, body []byte) (id []byte, refused *Refusal) {
+func checkMirroredHeaders(h mirroredHeaders, body []byte, m *mirroredMessage) (id []byte, refused *Refusal) {
 	if isBatch(body) {
 		if h.mirror() || mayMirror(body) && batchNamesVersion(body) {
 			return nil, ErrBatchWithHeaders
 		}
 		return nil, nil
 	}
-	var m mirroredMessage // a body that is not an object mirrors nothing
+	// a body that is not an object mirrors nothing
 	if i := skipSpace(body, 0); body[i] == '{' {
-		readMirroredMessage(body[i:], &m)
+		readMirroredMessage(body[i:], m)
 	}
 	if m.id != nil && (m.id[0] == '"' || m.id[0] == '-' || '0' <= m.id[0] && m.id[0] <= '9') {
 		id = m.id

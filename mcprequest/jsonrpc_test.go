@@ -63,7 +63,7 @@ func FuzzToolNames(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		if json.Valid(body) {
 			// Never panics, and passes only a body that mirrors its headers.
-			if _, refused := checkMirroredHeaders(headers, body); refused == nil {
+			if _, refused := checkMirroredHeaders(headers, body, new(mirroredMessage)); refused == nil {
 				var one struct {
 					Method string `json:"method"`
 					Params struct {

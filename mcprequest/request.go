@@ -55,9 +55,23 @@ type Message struct {
 	// Tools are the tools the body calls with tools/call, every spelling and duplicate a
 	// JSON decoder might read counted; "" stands for a call that names none.
 	Tools []string
-	// ID is the raw JSON-RPC id (a string or a number) of a single request refused for
-	// its mirrored headers, for the JSON-RPC error that answers it; nil otherwise.
+	// ID is the raw JSON-RPC id (a string or a number) of a single request whose
+	// mirrored headers were checked, for the JSON-RPC answer the broker may give it
+	// itself (a refusal for those headers, an input request); nil otherwise.
 	ID []byte
+	// RoundTrip tells whether the body is a single request that names, in its _meta and
+	// its MCP-Protocol-Version header alike, a protocol version after 2025-11-25: one of
+	// MCP 2026-07-28's multi round-trip requests, where a server asks the client for input
+	// by answering an InputRequiredResult, never by a request of its own (input.go).
+	RoundTrip bool
+	// URLElicitation tells whether such a request's client declares URL-mode
+	// elicitation in the request's _meta clientCapabilities.
+	URLElicitation bool
+	// Retry tells whether such a request carries params.requestState or
+	// params.inputResponses, under any spelling: it may retry an InputRequiredResult.
+	Retry bool
+	// Body is the body as read, which r.Body reads again; nil for a request without one.
+	Body []byte
 }
 
 // methodOverrides are the headers web frameworks read as the request's real method
@@ -93,7 +107,7 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
-	msg := Message{Batch: isBatch(body)}
+	msg := Message{Batch: isBatch(body), Body: body}
 	headers, ok := readMirroredHeaders(r.Header)
 	if !ok {
 		return msg, ErrHeaderInvalid
@@ -108,8 +122,14 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 		return Message{}, ErrUnreadable
 	}
 	if mirrored {
-		if msg.ID, refused = checkMirroredHeaders(headers, body); refused != nil {
+		var m mirroredMessage
+		if msg.ID, refused = checkMirroredHeaders(headers, body, &m); refused != nil {
 			return msg, refused
+		}
+		if m.versions.n > 0 && headers.modernVersion() {
+			msg.RoundTrip = true
+			msg.URLElicitation = declaresURLElicitation(&m.capabilities)
+			msg.Retry = m.states.n > 0 || m.responses.n > 0
 		}
 	}
 	if !call {
