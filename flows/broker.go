@@ -248,6 +248,7 @@ type Broker struct {
 	offline            offlineAccessGrantStore
 	registrations      clientStore
 	cookies            cookieSealer
+	requestStates      requestStateTagger
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.

@@ -186,7 +186,7 @@ func (b *Broker) noteThrottle(err error) bool {
 // delegateAppPassword puts the user's app password in out's Authorization (stripped of
 // the client's), or answers a tool call of a user without one with the URL elicitation,
 // and tells whether it answered.
-func (b *Broker) delegateAppPassword(w http.ResponseWriter, out *http.Request, who *idp.Principal, raw string, tools []string) (bool, error) {
+func (b *Broker) delegateAppPassword(w http.ResponseWriter, out *http.Request, who *idp.Principal, raw string, tools []string, in *inputRound) (bool, error) {
 	ap := b.appPasswords
 	now := b.now().UnixNano()
 	if e, ok := ap.cache.get(who.Subject, now); ok && (e.header != "" || len(tools) == 0) {
@@ -215,7 +215,7 @@ func (b *Broker) delegateAppPassword(w http.ResponseWriter, out *http.Request, w
 	if len(tools) == 0 {
 		return false, nil // no credentials upstream: the MCP server needs them only in tools
 	}
-	return true, b.elicitAppPassword(w, out, who, raw)
+	return true, b.elicitAppPassword(w, out, who, raw, in)
 }
 
 // loadAppPassword is the upstream's Authorization value for subject, "" when the user
@@ -399,9 +399,9 @@ func (b *Broker) retryDeletions(ctx context.Context) error {
 	return nil
 }
 
-// elicitAppPassword answers a tool call of a user without an app password with the URL
-// elicitation of a one-time link that starts Login Flow v2.
-func (b *Broker) elicitAppPassword(w http.ResponseWriter, r *http.Request, who *idp.Principal, raw string) error {
+// elicitAppPassword answers a tool call of a user without an app password with a one-time
+// link that starts Login Flow v2, as the request's revision asks for user input (askUser).
+func (b *Broker) elicitAppPassword(w http.ResponseWriter, r *http.Request, who *idp.Principal, raw string, in *inputRound) error {
 	ctx := r.Context()
 	user, err := b.nextcloudUserOf(ctx, who, raw)
 	if err != nil {
@@ -414,10 +414,12 @@ func (b *Broker) elicitAppPassword(w http.ResponseWriter, r *http.Request, who *
 	}
 	u := b.issuer + pathAppPasswordStart + "?" + url.Values{"link": {token}}.Encode()
 	b.log.delegation.Info("tool needs a Nextcloud app password; URL elicitation sent", zap.String("subject", who.Subject))
-	b.answerURLElicitation(w, r, u,
-		"This tool needs access to your Nextcloud account. Open "+u+" to grant it, then try again.",
-		"This tool needs access to your Nextcloud account. Sign in to Nextcloud to grant it, then try again.")
-	return nil
+	return b.askUser(w, r, who, in, userStep{
+		key:     inputKeyAppPassword,
+		link:    u,
+		message: "This tool needs access to your Nextcloud account. Open " + u + " to grant it, then try again.",
+		prompt:  "This tool needs access to your Nextcloud account. Sign in to Nextcloud to grant it, then try again.",
+	})
 }
 
 // nextcloudUserOf is the Nextcloud user id the caller's token names: its user_claim.

@@ -16,9 +16,10 @@ import (
 )
 
 // Tools that need the user's offline access grant (OfflineAccessTools) are answered, until the
-// user has granted offline access, with MCP 2025-11-25's URL elicitation error (SEP-1036): a
-// JSON-RPC error -32042 whose data lists one URL-mode elicitation carrying a one-time
-// offline access link, so a client can open it for the user without a copy-paste step.
+// user has granted offline access, with a one-time offline access link the client can open
+// for the user without a copy-paste step: for MCP 2025-11-25, the URL elicitation error
+// (SEP-1036), a JSON-RPC error -32042 whose data lists one URL-mode elicitation carrying
+// the link; for 2026-07-28, an input request or a tool error (input_request.go).
 
 // codeURLElicitationRequired is the JSON-RPC error code of URLElicitationRequiredError.
 const codeURLElicitationRequired = -32042
@@ -49,9 +50,9 @@ type jsonrpcRequestID struct {
 }
 
 // checkOfflineAccess answers a tools/call of a tool that needs the user's offline access grant
-// when the user has none (a JSON-RPC URL elicitation) and tells that it answered. It runs
-// after authentication and the scope check, with the body read and put back.
-func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who *idp.Principal, tools []string) (answered bool, err error) {
+// when the user has none (askUser) and tells that it answered. It runs after
+// authentication and the scope check, with the body read (in) and put back.
+func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who *idp.Principal, tools []string, in *inputRound) (answered bool, err error) {
 	if !b.needsOfflineAccess(tools) {
 		return false, nil
 	}
@@ -73,10 +74,12 @@ func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who 
 		forWhom = " for the background clients " + strings.Join(ids, ", ")
 	}
 	b.log.offline.Info("tool needs offline access; URL elicitation sent", zap.String("subject", who.Subject))
-	b.answerURLElicitation(w, r, link,
-		"This tool needs offline access to your account"+forWhom+". Open "+link+" to grant it, then try again.",
-		"This tool needs offline access to your account"+forWhom+". Sign in to grant it, then try again.")
-	return true, nil
+	return true, b.askUser(w, r, who, in, userStep{
+		key:     inputKeyOfflineAccess,
+		link:    link,
+		message: "This tool needs offline access to your account" + forWhom + ". Open " + link + " to grant it, then try again.",
+		prompt:  "This tool needs offline access to your account" + forWhom + ". Sign in to grant it, then try again.",
+	})
 }
 
 // answerURLElicitation answers a JSON-RPC request (or batch, whole) with the URL

@@ -42,11 +42,18 @@ const (
 // the IdP sends browsers back to the broker's origin.
 func startOfflineAccess(t *testing.T, o *testenv.OP, change func(*Config)) *offlineAccessTest {
 	t.Helper()
+	return startOfflineAccessBefore(t, o, change)
+}
+
+// startOfflineAccessBefore is startOfflineAccess in front of an upstream with upstream's
+// options (testenv.Stateless for 2026-07-28).
+func startOfflineAccessBefore(t *testing.T, o *testenv.OP, change func(*Config), upstream ...testenv.UpstreamOption) *offlineAccessTest {
+	t.Helper()
 	var handler http.Handler
 	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
 	t.Cleanup(front.Close)
 	core, logs := observer.New(zap.DebugLevel)
-	f := &offlineAccessTest{o: o, logs: logs, front: front, resource: front.URL + "/mcp", up: testenv.StartUpstream(t, testenv.TrustedSubjectHeader())}
+	f := &offlineAccessTest{o: o, logs: logs, front: front, resource: front.URL + "/mcp", up: testenv.StartUpstream(t, testenv.TrustedSubjectHeader(), upstream...)}
 	f.b = newTestBroker(t, o, func(c *Config) {
 		c.Logger = zap.New(core)
 		c.Resource = f.resource

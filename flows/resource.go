@@ -185,15 +185,20 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	if err != nil {
 		return nil, err
 	}
-	need, tools, refused := b.requiredScopes(w, r)
+	need, msg, refused := b.requiredScopes(w, r)
 	if refused != nil {
 		return nil, refused
 	}
+	tools := msg.Tools
 	if len(need) > 0 && !who.HasScopes(need) {
 		return nil, b.errInsufficientScope(who, need)
 	}
+	in := inputRound{msg: msg} // the broker's own input requests (input_request.go)
+	if err := b.readInputRound(who, &in); err != nil {
+		return nil, err
+	}
 	if len(tools) > 0 {
-		if answered, err := b.checkOfflineAccess(w, r, who, tools); err != nil || answered {
+		if answered, err := b.checkOfflineAccess(w, r, who, tools, &in); err != nil || answered {
 			if err == nil {
 				b.count(RequestOfflineAccessNeeded) // answered with a URL elicitation (offline_access_elicitation.go)
 			}
@@ -208,7 +213,7 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	// identity headers the client sent. MCP uses none: none is forwarded.
 	r.Trailer = nil
 	if b.appPasswords != nil {
-		if answered, err := b.delegateAppPassword(w, r, who, raw, tools); err != nil || answered {
+		if answered, err := b.delegateAppPassword(w, r, who, raw, tools, &in); err != nil || answered {
 			if err == nil {
 				b.count(RequestAppPasswordNeeded) // answered with a URL elicitation (delegation_app_password.go)
 			}
@@ -217,6 +222,7 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	} else if err := b.delegateInto(r, who, raw, need); err != nil {
 		return nil, err
 	}
+	stripOwnInput(r, &in)
 	// Checked first: the fields are built only when DEBUG is on (the warm path allocates nothing).
 	if ce := b.log.resource.Check(zap.DebugLevel, "request admitted"); ce != nil {
 		ce.Write(zap.String("subject", who.Subject), zap.String("client_id", who.ClientID),

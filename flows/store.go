@@ -42,6 +42,7 @@ func (b *Broker) openStores() {
 	b.offline = offlineAccessGrantStore{records: records, site: b.site}
 	b.registrations = clientStore{records: records, lifetime: b.registrationLifetime()}
 	b.cookies = cookieSealer{records: records}
+	b.requestStates = requestStateTagger{records: records}
 	if b.appPasswords != nil {
 		b.appPasswords.store = appPasswordStore{records: records, site: b.site}
 		b.appPasswords.links = oneTimeStore[AppPasswordLink]{records: records, kind: kindAppPasswordLink, ttl: appPasswordLinkTTL}

@@ -8,8 +8,9 @@ import (
 )
 
 // requiredScopes reads a JSON-RPC body (one request or a batch) and returns the scopes
-// its `tools/call`s need under the configured rules, with the tools called. The body is
-// read at most once, up to the bound, and put back for the upstream.
+// its `tools/call`s need under the configured rules, with what was read (msg.Tools, the
+// tools called). The body is read at most once, up to the bound, and put back for the
+// upstream.
 //
 // While any rule applies (a tool_scope rule or an offline access tool), the request must be
 // framed the one way the check reads it, or it is refused (SECURITY.md S1.10): see
@@ -19,9 +20,9 @@ import (
 // the body's, which the headers were found to mirror. A request no rule applies to is not
 // read: the broker only forwards it, as an intermediary that does not process the body,
 // and the upstream, which does, checks its headers.
-func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, tools []string, err *requestError) {
+func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need []string, msg mcprequest.Message, err *requestError) {
 	if len(b.toolScopes) == 0 && len(b.cfg.OfflineAccessTools) == 0 && b.appPasswords == nil {
-		return nil, nil, nil
+		return nil, msg, nil
 	}
 	msg, refused := mcprequest.Inspect(w, r, b.cfg.MaxBodyBytes)
 	if refused != nil {
@@ -29,14 +30,14 @@ func (b *Broker) requiredScopes(w http.ResponseWriter, r *http.Request) (need, t
 		if e.rpc != nil {
 			e.rpc.id = msg.ID
 		}
-		return nil, nil, e
+		return nil, msg, e
 	}
 	for _, name := range msg.Tools {
 		for _, s := range b.scopesForTool(name) {
 			need = appendUnique(need, s)
 		}
 	}
-	return need, msg.Tools, nil
+	return need, msg, nil
 }
 
 // errRefusal is the answer to a request mcprequest refused: 4xx invalid_request, with

@@ -211,7 +211,8 @@ func (n *NextcloudMCP) Provisioned(user string) bool {
 }
 
 func (n *NextcloudMCP) serveMCP(w http.ResponseWriter, r *http.Request) {
-	seen := NextcloudMCPRequest{Method: r.Method, RPCMethod: peekRPCMethod(r)}
+	seen := NextcloudMCPRequest{Method: r.Method}
+	seen.RPCMethod, _ = peekRPCMethod(r)
 	header := r.Header.Get("Authorization")
 	var info *auth.TokenInfo
 	var err error

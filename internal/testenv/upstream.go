@@ -125,6 +125,8 @@ type SeenRequest struct {
 	SubjectHeader string
 	// RPCMethod is the JSON-RPC method of a POST ("initialize", "tools/call").
 	RPCMethod string
+	// Body is the body of a POST as received (its first MiB).
+	Body []byte
 	// Trailer is the request's trailers, read once the body was.
 	Trailer http.Header
 	// Identity is filled when the request authenticated.
@@ -299,8 +301,8 @@ func (u *Upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		Header:        r.Header.Clone(),
 		Authorization: r.Header.Get("Authorization"),
 		SubjectHeader: r.Header.Get(SubjectHeader),
-		RPCMethod:     peekRPCMethod(r),
 	}
+	seen.RPCMethod, seen.Body = peekRPCMethod(r)
 	seen.Trailer = r.Trailer.Clone()
 	var v verdict
 	if u.auth.basic {
@@ -332,24 +334,24 @@ func (u *Upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // peekRPCMethod reads the JSON-RPC method of a POST body and puts the body
-// back.
-func peekRPCMethod(r *http.Request) string {
+// back; it returns the body too.
+func peekRPCMethod(r *http.Request) (string, []byte) {
 	if r.Method != http.MethodPost || r.Body == nil {
-		return ""
+		return "", nil
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	r.Body.Close()
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	if err != nil {
-		return ""
+		return "", body
 	}
 	var msg struct {
 		Method string `json:"method"`
 	}
 	if json.Unmarshal(body, &msg) != nil {
-		return ""
+		return "", body
 	}
-	return msg.Method
+	return msg.Method, body
 }
 
 // verify checks a bearer token as AccessTokens describes.
