@@ -38,14 +38,14 @@ type appPasswordTest struct {
 	metrics  recordingMetrics
 }
 
-func startAppPassword(t *testing.T, o *testenv.OP, nc *testenv.NextcloudStandIn, records *storage.Records) *appPasswordTest {
+func startAppPassword(t *testing.T, o *testenv.OP, nc *testenv.NextcloudStandIn, records *storage.Records, upstream ...testenv.UpstreamOption) *appPasswordTest {
 	t.Helper()
 	var handler http.Handler
 	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
 	t.Cleanup(front.Close)
 	core, logs := observer.New(zap.DebugLevel)
 	f := &appPasswordTest{o: o, nc: nc, logs: logs, front: front, resource: front.URL + "/mcp", clock: &testenv.Clock{},
-		up: testenv.StartUpstream(t, testenv.BasicPassThrough())}
+		up: testenv.StartUpstream(t, testenv.BasicPassThrough(), upstream...)}
 	f.b = f.newBroker(t, records, zap.New(core))
 	handler = startFront(t, f.b, f.up.URL).Config.Handler
 	return f

@@ -299,3 +299,45 @@ func TestOfflineAccessInputRequestGoSDKClient(t *testing.T) {
 		t.Errorf("the upstream saw %d tool calls, want 1", calls)
 	}
 }
+
+// TestAppPasswordInputRequest (SECURITY.md S1.26): delegation app_password asks a
+// 2026-07-28 client for the Login Flow v2 link the same way; once the user granted it,
+// the retry reaches the upstream with the app password and without the broker's input.
+func TestAppPasswordInputRequest(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	f := startAppPassword(t, o, nc, nil, testenv.Stateless())
+	token := f.token(t, o.User)
+	linkPrefix := f.front.URL + pathAppPasswordStart + "?link="
+
+	t.Run("a client without URL elicitation gets a tool error naming the link", func(t *testing.T) {
+		h, body := roundTripCall(token, 1, "whoami", `{}`, `{}`, "")
+		resp, a := postRPC(t, f.resource, h, body)
+		if resp.StatusCode != http.StatusOK || !a.Result.IsError || len(a.Result.Content) != 1 || !strings.Contains(a.Result.Content[0].Text, linkPrefix) {
+			t.Errorf("%s %+v: want a tool error naming the link", resp.Status, a)
+		}
+	})
+	h, body := roundTripCall(token, 2, "whoami", `{}`, urlElicitationCaps, "")
+	resp, a := postRPC(t, f.resource, h, body)
+	ir, ok := a.Result.InputRequests[inputKeyAppPassword]
+	if resp.StatusCode != http.StatusOK || a.Result.ResultType != "input_required" || !ok || ir.Params.Mode != "url" ||
+		!strings.HasPrefix(ir.Params.URL, linkPrefix) || !strings.HasPrefix(a.Result.RequestState, requestStatePrefix) {
+		t.Fatalf("%s %+v: want an InputRequiredResult with the app password link", resp.Status, a)
+	}
+	if err := nc.Grant(f.open(t, ir.Params.URL), o.User.Subject); err != nil {
+		t.Fatal(err)
+	}
+	f.up.Reset()
+	h, body = roundTripCall(token, 3, "whoami", `{}`, urlElicitationCaps,
+		`"requestState":"`+a.Result.RequestState+`","inputResponses":{"mcp_oauth/app_password":{"action":"accept"}},`)
+	resp, a = postRPC(t, f.resource, h, body)
+	if resp.StatusCode != http.StatusOK || a.Error != nil || a.Result.IsError || len(a.Result.Content) == 0 || !strings.Contains(a.Result.Content[0].Text, o.User.Subject) {
+		t.Fatalf("%s %+v: want whoami's result", resp.Status, a)
+	}
+	if user, _ := f.upstreamBasic(t); user != o.User.Subject {
+		t.Errorf("upstream Basic for %q", user)
+	}
+	if seen := f.up.Seen(); len(seen) != 1 || strings.Contains(string(seen[0].Body), "requestState") || strings.Contains(string(seen[0].Body), "inputResponses") {
+		t.Errorf("the upstream got the broker's input: %s", seen[0].Body)
+	}
+}
