@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -136,11 +137,20 @@ type clusterClient struct {
 // the instances behind one host name.
 func (c *cluster) login(t *testing.T, client *clusterClient, authorizeOn, callbackOn *caddyProc) string {
 	t.Helper()
+	code, err := c.authorize(t.Context(), newBrowser(c.o), client, authorizeOn, callbackOn)
+	if err != nil {
+		t.Fatalf("login: %v", err)
+	}
+	c.secret(code)
+	return code
+}
+
+// authorize is login for callers off the test's goroutine: it returns what went wrong,
+// and logs in with br, whose client may carry what a load balancer adds.
+func (c *cluster) authorize(ctx context.Context, br *browser, client *clusterClient, authorizeOn, callbackOn *caddyProc) (string, error) {
 	client.verifier = oauth2.GenerateVerifier()
 	cfg := oauth2.Config{ClientID: client.id, RedirectURL: "http://127.0.0.1/cb", Scopes: []string{"openid", "notes:read", "notes:write"},
 		Endpoint: oauth2.Endpoint{AuthURL: authorizeOn.Base + "/oauth/authorize"}}
-	br := newBrowser(c.o)
-	ctx := t.Context()
 	next, _ := url.Parse(cfg.AuthCodeURL("st", oauth2.S256ChallengeOption(client.verifier)))
 	var err error
 	for hops := 0; hops < 20 && err == nil; hops++ {
@@ -156,14 +166,15 @@ func (c *cluster) login(t *testing.T, client *clusterClient, authorizeOn, callba
 			next, err = c.o.Login(ctx, next.String())
 		default:
 			if next.Query().Get("code") == "" {
-				t.Fatalf("login ended at the client without a code: %s", next.Query().Get("error"))
+				return "", fmt.Errorf("login ended at the client without a code: %s", next.Query().Get("error"))
 			}
-			c.secret(next.Query().Get("code"))
-			return next.Query().Get("code")
+			return next.Query().Get("code"), nil
 		}
 	}
-	t.Fatalf("login: %v", err)
-	return ""
+	if err == nil {
+		err = errors.New("too many hops")
+	}
+	return "", err
 }
 
 func (c *cluster) isNode(u *url.URL) bool {
@@ -239,6 +250,8 @@ type roundRobin struct {
 	next   atomic.Uint32
 	token  atomic.Pointer[string]
 	served []atomic.Int32 // requests per node
+	// transport sends the requests; nil is http.DefaultTransport.
+	transport http.RoundTripper
 }
 
 func newRoundRobin(nodes []*caddyProc, token string) *roundRobin {
@@ -253,6 +266,9 @@ func (rr *roundRobin) RoundTrip(req *http.Request) (*http.Response, error) {
 	r := req.Clone(req.Context())
 	r.URL.Host, r.Host = strings.TrimPrefix(rr.nodes[i].Base, "http://"), ""
 	r.Header.Set("Authorization", "Bearer "+*rr.token.Load())
+	if rr.transport != nil {
+		return rr.transport.RoundTrip(r)
+	}
 	return http.DefaultTransport.RoundTrip(r)
 }
 

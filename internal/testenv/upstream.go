@@ -71,6 +71,7 @@ type upstreamConfig struct {
 	// metadataScopes, when set, are the scopes_supported of the RFC 9728 document served.
 	metadataScopes []string
 	stateless      bool
+	unrecorded     bool
 }
 
 // ProtectedResourceMetadata makes an Upstream serve its RFC 9728 protected-resource
@@ -86,6 +87,12 @@ func ProtectedResourceMetadata(scopesSupported ...string) UpstreamOption {
 // speaks 2025-11-25 and earlier; go-sdk clients fall back to it.
 func Stateless() UpstreamOption {
 	return func(c *upstreamConfig) { c.stateless = true }
+}
+
+// Unrecorded makes an Upstream keep no SeenRequest, only the counts Served returns, so
+// that a long run (the soak) does not hold every request in memory.
+func Unrecorded() UpstreamOption {
+	return func(c *upstreamConfig) { c.unrecorded = true }
 }
 
 // ResponseHeader makes an Upstream add the header to every response it sends, as an
@@ -171,9 +178,13 @@ type Upstream struct {
 	handler http.Handler
 	server  *http.Server
 
+	unrecorded bool
+
 	mu    sync.Mutex
 	seen  []SeenRequest
 	notes map[string][]string
+
+	authenticated, refused atomic.Int64 // requests, whether recorded or not
 }
 
 // StartUpstream starts an Upstream and stops it when the test ends.
@@ -202,9 +213,10 @@ func NewUpstream(a UpstreamAuth, opts ...UpstreamOption) (*Upstream, error) {
 		return nil, fmt.Errorf("listening: %w", err)
 	}
 	u := &Upstream{
-		URL:   "http://" + ln.Addr().String() + "/mcp",
-		auth:  a,
-		notes: make(map[string][]string),
+		URL:        "http://" + ln.Addr().String() + "/mcp",
+		auth:       a,
+		notes:      make(map[string][]string),
+		unrecorded: cfg.unrecorded,
 	}
 
 	server := mcp.NewServer(&mcp.Implementation{Name: "testenv-upstream", Version: "v1.0.0"}, nil)
@@ -268,6 +280,12 @@ func (u *Upstream) Seen() []SeenRequest {
 	return slices.Clone(u.seen)
 }
 
+// Served returns how many requests the Upstream has received that authenticated and how
+// many did not, recorded or not (Unrecorded).
+func (u *Upstream) Served() (authenticated, refused int64) {
+	return u.authenticated.Load(), u.refused.Load()
+}
+
 // Reset forgets the requests received so far.
 func (u *Upstream) Reset() {
 	u.mu.Lock()
@@ -326,9 +344,16 @@ func (u *Upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	u.mu.Lock()
-	u.seen = append(u.seen, seen)
-	u.mu.Unlock()
+	if seen.AuthError == "" {
+		u.authenticated.Add(1)
+	} else {
+		u.refused.Add(1)
+	}
+	if !u.unrecorded {
+		u.mu.Lock()
+		u.seen = append(u.seen, seen)
+		u.mu.Unlock()
+	}
 
 	u.handler.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), verdictKey{}, v)))
 }
