@@ -593,6 +593,13 @@ func (h *Handler) sweepExpiredRecords(ctx context.Context) {
 		h.broker.PollLoginFlowsEvery(ctx, flows.DefaultLoginFlowPollInterval)
 	}()
 	defer func() { <-polled }()
+	// And the sweep of the memory caches' expired entries, which touches no storage.
+	swept := make(chan struct{})
+	go func() {
+		defer close(swept)
+		h.sweepCachesEvery(ctx, cacheSweepInterval)
+	}()
+	defer func() { <-swept }()
 	wait := time.NewTimer(janitorDelay)
 	defer wait.Stop()
 	select {
@@ -605,6 +612,22 @@ func (h *Handler) sweepExpiredRecords(ctx context.Context) {
 		h.countRecordsEvery(ctx, janitorInterval)
 	}
 	<-janitor.Done()
+}
+
+// sweepCachesEvery drops the expired entries of the broker's memory caches every interval
+// until ctx ends (flows.Broker.SweepCaches), so that a node's heap falls back after a burst
+// of logins.
+func (h *Handler) sweepCachesEvery(ctx context.Context, interval time.Duration) {
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+			h.broker.SweepCaches()
+		}
+	}
 }
 
 // countRecordsEvery sets the site's gauges of live sessions and offline access grants at
@@ -647,6 +670,9 @@ func (h *Handler) countRecords(ctx context.Context) {
 
 // janitorInterval is how often one node of a cluster sweeps expired records.
 const janitorInterval = 10 * time.Minute
+
+// cacheSweepInterval is how often a node drops the expired entries of its memory caches.
+const cacheSweepInterval = time.Minute
 
 // janitorDelay is how long after Provision the first sweep waits; a variable for tests.
 var janitorDelay = time.Minute

@@ -195,6 +195,13 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 
 var errTokenSize = fmt.Errorf("checking access token size: %w", ErrInvalidToken)
 
+// DeleteExpired drops the verdicts expired at now from the cache and returns how many: a
+// full cache evicts them itself, a periodic sweep gives their memory back when it is not.
+// It walks the cache under its lock: for a background sweep, never a request's path.
+func (v *Verifier) DeleteExpired(now time.Time) int {
+	return v.cache.DeleteExpired(now.UnixNano())
+}
+
 // lookup returns the cached verdict for key, if one is still good at now.
 func (v *Verifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
 	return v.cache.Get(key, now)

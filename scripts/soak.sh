@@ -51,7 +51,7 @@ done
 echo "soak: REQUESTS=${REQUESTS:-200000} LOGINS=${LOGINS:-5000} on $(nproc) cores; $(date -u +'%Y-%m-%d %H:%M UTC'); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 status=0
 SOAK_REDIS="127.0.0.1:$port" SOAK_REQUESTS="${REQUESTS:-200000}" SOAK_LOGINS="${LOGINS:-5000}" \
-  SOAK_WORKERS="${WORKERS:-8}" SOAK_LOGIN_WORKERS="${LOGIN_WORKERS:-2}" SOAK_TTL="${TTL:-60s}" \
+  SOAK_WORKERS="${WORKERS:-8}" SOAK_LOGIN_WORKERS="${LOGIN_WORKERS:-2}" SOAK_TTL="${TTL:-60s}" SOAK_PROFILES="${PROFILES:-}" \
   MCP_OAUTH_CADDY="$caddy" \
   go test -tags soak -run '^TestSoak$' -count=1 -timeout 3h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
 # The test's figures (its t.Log lines), then its failures, if any.

@@ -147,6 +147,23 @@ func (c *Cache[V]) DeleteFunc(drop func(V) bool) int {
 	return n
 }
 
+// DeleteExpired removes every entry expired at now (Unix ns) and returns how many. A full
+// cache evicts expired entries on its own; this gives their memory back when it is not
+// full, for a periodic sweep. It walks the whole cache under the write lock, so it is
+// meant to run rarely; it voids nothing computed before it (no PutSince is refused).
+func (c *Cache[V]) DeleteExpired(now int64) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for k, e := range c.entries {
+		if now >= e.expires {
+			delete(c.entries, k)
+			n++
+		}
+	}
+	return n
+}
+
 // Len is the number of entries, expired ones included.
 func (c *Cache[V]) Len() int {
 	c.mu.RLock()

@@ -35,4 +35,20 @@ func TestCache(t *testing.T) {
 			t.Error("the other family's entry went too")
 		}
 	})
+	t.Run("DeleteExpired gives back expired entries only, and voids nothing", func(t *testing.T) {
+		c := New[string](10)
+		c.Put(key(1), "old", 10, false, 0)
+		c.Put(key(2), "refusal", 12, true, 0)
+		c.Put(key(3), "live", 20, false, 0)
+		epoch := c.Epoch()
+		if n := c.DeleteExpired(12); n != 2 {
+			t.Errorf("deleted %d, want 2", n)
+		}
+		if v, ok := c.Get(key(3), 12); !ok || v != "live" || c.Len() != 1 {
+			t.Errorf("after the sweep: Get = %q %v, %d entries", v, ok, c.Len())
+		}
+		if !c.PutSince(epoch, key(4), "computed before", 30, false, 12) {
+			t.Error("a sweep of expired entries refused a value computed before it")
+		}
+	})
 }
