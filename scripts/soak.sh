@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The soak of RELIABILITY.md: three caddy processes (cmd/caddy) on one Redis in front of one
 # MCP upstream take REQUESTS proxied MCP calls on warm sessions (default 200000) while
-# LOGINS full hybrid logins run beside them (default 5000); e2e/soak_test.go (build tag
-# soak) drives them. It fails on any error, on a node whose heap after GC at the end is
+# LOGINS full hybrid logins run beside them (default 5000); e2e/long_soak_test.go (build tag
+# long) drives them. It fails on any error, on a node whose heap after GC at the end is
 # above 1.1x its heap after the warm-up, on goroutines not back to their number after the
 # warm-up, and on records in Redis not back to their floor once their TTLs have passed.
 #
@@ -53,7 +53,7 @@ status=0
 SOAK_REDIS="127.0.0.1:$port" SOAK_REQUESTS="${REQUESTS:-200000}" SOAK_LOGINS="${LOGINS:-5000}" \
   SOAK_WORKERS="${WORKERS:-8}" SOAK_LOGIN_WORKERS="${LOGIN_WORKERS:-2}" SOAK_TTL="${TTL:-60s}" SOAK_PROFILES="${PROFILES:-}" \
   MCP_OAUTH_CADDY="$caddy" \
-  go test -tags soak -run '^TestSoak$' -count=1 -timeout 3h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
+  go test -tags long -run '^TestSoak$' -count=1 -timeout 3h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
 # The test's figures (its t.Log lines), then its failures, if any.
 grep -E '^\s+soak_test\.go:[0-9]+:' "$work/out.txt" | sed -E 's/^\s+soak_test\.go:[0-9]+: /  /' || true
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

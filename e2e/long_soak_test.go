@@ -1,4 +1,4 @@
-//go:build soak
+//go:build long
 
 package e2e
 
@@ -26,7 +26,7 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// TestSoak is the bounded soak of RELIABILITY.md, run by scripts/soak.sh (build tag soak):
+// TestSoak is the bounded soak of RELIABILITY.md, run by scripts/soak.sh (build tag long):
 // three caddy processes on one Redis (caddy.storage.mcp_oauth_redis as Caddy's storage)
 // in front of one go-sdk upstream, behind a load balancer the test plays (round robin; each
 // user's address in X-Forwarded-For, which the nodes trust from loopback). It sends
@@ -72,7 +72,7 @@ func TestSoak(t *testing.T) {
 	// The floor: what the nodes store with no user logged in (clients registered before).
 	clients := make([]string, workers+loginWorkers)
 	for i := range clients {
-		clients[i] = s.register(s.c.nodes[i%3], soakAddress(250, i))
+		clients[i] = s.register(s.c.node(i), soakAddress(250, i))
 	}
 	// The janitor's first sweep (a minute after start) leaves its marker: part of the floor.
 	for deadline := time.Now().Add(2 * time.Minute); rdb.Exists(t.Context(), "caddy/mcp_oauth/janitor/last_run").Val() == 0; {
@@ -181,13 +181,25 @@ type soak struct {
 	t   *testing.T
 	ttl time.Duration
 	c   *cluster
+	// loginOnly ends each login at the token answer (no MCP session, no revocation).
+	loginOnly bool
 
 	errors atomic.Int64
 	mu     sync.Mutex
 	first  []string // the first errors, for the report
 }
 
+// node is the cluster's i-th node, counting round.
+func (c *cluster) node(i int) *caddyProc { return c.nodes[i%len(c.nodes)] }
+
+// start starts the soak's three nodes on Redis.
 func (s *soak) start(redisAddr string) {
+	s.startNodes(3, fmt.Sprintf("\tstorage mcp_oauth_redis {\n\t\taddresses %s\n\t}", redisAddr))
+}
+
+// startNodes starts the OP, the upstream and n nodes with the storage lines given for
+// Caddy's global options.
+func (s *soak) startNodes(n int, storage string) {
 	t := s.t
 	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised())
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI), testenv.Unrecorded())
@@ -211,9 +223,9 @@ func (s *soak) start(redisAddr string) {
 	}
 	reverse_proxy %s
 }`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, portA, testKey, s.ttl, s.ttl, s.ttl, upURL.Host)
-	global := withGlobal(fmt.Sprintf("\tstorage mcp_oauth_redis {\n\t\taddresses %s\n\t}\n\tservers {\n\t\ttrusted_proxies static 127.0.0.1/32\n\t}", redisAddr))
+	global := withGlobal(storage + "\n\tservers {\n\t\ttrusted_proxies static 127.0.0.1/32\n\t}")
 	s.c = &cluster{o: o, up: up}
-	for i := range 3 {
+	for i := range n {
 		opts := []caddyOption{global, withLogLevel("INFO"), withAdmin(freePort(t))}
 		if i == 0 {
 			opts = append(opts, withPort(portA))
@@ -292,8 +304,7 @@ func (s *soak) register(node *caddyProc, addr string) string {
 // login is one user's whole hybrid login from addr, spread over the nodes from first on,
 // ending with the code redeemed: the token answer.
 func (s *soak) login(ctx context.Context, clientID, addr string, first int) (*clusterClient, tokenAnswer, error) {
-	n := s.c.nodes
-	a, b, c := n[first%3], n[(first+1)%3], n[(first+2)%3]
+	a, b, c := s.c.node(first), s.c.node(first+1), s.c.node(first+2)
 	br := newBrowser(s.c.o)
 	br.client.Transport = forwardedFor{addr, soakTransport}
 	client := &clusterClient{id: clientID}
@@ -369,7 +380,7 @@ func (ws *soakSession) call(s *soak, i int) {
 	ctx := s.t.Context()
 	if time.Since(ws.refreshed) > s.ttl/3 {
 		ws.next++
-		node := s.c.nodes[ws.next%3]
+		node := s.c.node(ws.next)
 		status, tok, err := s.token(ctx, node, ws.addr, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {ws.refresh}, "client_id": {ws.client}})
 		switch {
 		case err != nil:
@@ -447,7 +458,10 @@ func (s *soak) loginAndUse(clientID string, n int) {
 		s.fail("login %d: %v", n, err)
 		return
 	}
-	node := s.c.nodes[(n+1)%3]
+	if s.loginOnly {
+		return
+	}
+	node := s.c.node(n + 1)
 	session, err := mcp.NewClient(&mcp.Implementation{Name: "soak-login", Version: "1"}, nil).Connect(ctx,
 		&mcp.StreamableClientTransport{Endpoint: node.Base + "/mcp", DisableStandaloneSSE: true,
 			HTTPClient: &http.Client{Transport: forwardedFor{addr, bearer{tok.AccessToken, soakTransport}}}}, nil)
@@ -460,7 +474,7 @@ func (s *soak) loginAndUse(clientID string, n int) {
 	}
 	session.Close()
 	if n%2 == 0 {
-		status, _, err := s.token(ctx, s.c.nodes[n%3], addr, url.Values{"token": {tok.RefreshToken}, "client_id": {client.id}})
+		status, _, err := s.token(ctx, s.c.node(n), addr, url.Values{"token": {tok.RefreshToken}, "client_id": {client.id}})
 		if err != nil || status != http.StatusOK {
 			s.fail("login %d: revoking: %d %v", n, status, err)
 		}

@@ -1,0 +1,198 @@
+//go:build long
+
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+)
+
+// TestScaleWarmPath is BENCHMARKS.md's warm path, run by scripts/scale.sh (build tag long):
+// the same MCP request through three caddy processes started side by side — Caddy's
+// reverse_proxy alone, mcp_oauth in hybrid mode (a broker token from a login, the delegated
+// token cached) and in progressive mode (the IdP's JWT, the exchanged token cached) — in
+// SCALE_ROUNDS rounds (default 7). In each round every configuration, in an order that
+// rotates, is warmed up (SCALE_WARMUP requests, default 2000) and then measured
+// (SCALE_REQUESTS, default 20000, from SCALE_CONCURRENCY goroutines, default 8): wall time
+// and caddy's CPU time (from /proc) per request. It reports each configuration's median and
+// range over the rounds, its throughput ratio to reverse_proxy alone, and the CPU it adds
+// per request. A ratio above 1 is noise larger than the difference: the test says so.
+func TestScaleWarmPath(t *testing.T) {
+	rounds := soakEnvInt(t, "SCALE_ROUNDS", 7)
+	warmup := soakEnvInt(t, "SCALE_WARMUP", 2000)
+	requests := soakEnvInt(t, "SCALE_REQUESTS", 20000)
+	concurrency := soakEnvInt(t, "SCALE_CONCURRENCY", 8)
+
+	o := testenv.StartOP(t)
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}`)
+	}))
+	t.Cleanup(upstream.Close)
+	up := strings.TrimPrefix(upstream.URL, "http://")
+	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_read","arguments":{}}}`
+
+	type config struct {
+		name  string
+		proc  *caddyProc
+		token string
+		wall  []float64 // µs per request, one per round
+		cpu   []float64
+	}
+	broker := func(mode, resource string) string {
+		return fmt.Sprintf(`mcp_oauth {
+		mode %s
+		issuer %s
+		client_id %s
+		client_secret %s
+		resource %s
+		scopes openid notes:read notes:write
+		encryption_key %s
+		delegation token_exchange {
+			audience nextcloud
+		}
+		tool_scope notes_read notes:read
+	}`, mode, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, resource, testKey)
+	}
+	var configs []*config
+	{
+		port := freePort(t)
+		configs = append(configs, &config{name: "reverse_proxy alone", token: "unused",
+			proc: startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\treverse_proxy %s\n}", port, up), withPort(port), withLogLevel("INFO"))})
+	}
+	{
+		port := freePort(t)
+		resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("hybrid", resource), up), withPort(port), withLogLevel("INFO"))
+		c := &cluster{o: o, nodes: []*caddyProc{p}}
+		client := &clusterClient{id: dcrRegister(t, p.Base)}
+		code := c.login(t, client, p, p)
+		status, tok := c.redeem(t, p, client, code)
+		if status != http.StatusOK {
+			t.Fatalf("hybrid login: %d %s", status, tok.Error)
+		}
+		configs = append(configs, &config{name: "mcp_oauth hybrid", proc: p, token: tok.AccessToken})
+	}
+	{
+		port := freePort(t)
+		resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("progressive", resource), up), withPort(port), withLogLevel("INFO"))
+		claims := o.AccessTokenClaims(o.User.Subject, resource)
+		claims["scope"] = "openid notes:read"
+		claims["exp"] = time.Now().Add(time.Hour).Unix()
+		configs = append(configs, &config{name: "mcp_oauth progressive", proc: p, token: o.MintJWT(claims)})
+	}
+
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	var failures atomic.Int64
+	send := func(c *config, n int) {
+		var wg sync.WaitGroup
+		var next atomic.Int64
+		for range concurrency {
+			wg.Go(func() {
+				for next.Add(1) <= int64(n) {
+					req, _ := http.NewRequest(http.MethodPost, c.proc.Base+"/mcp", strings.NewReader(body))
+					req.Header.Set("Authorization", "Bearer "+c.token)
+					req.Header.Set("Content-Type", "application/json")
+					resp, err := client.Do(req)
+					if err != nil {
+						failures.Add(1)
+						continue
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						failures.Add(1)
+					}
+				}
+			})
+		}
+		wg.Wait()
+	}
+	for r := range rounds {
+		for i := range configs {
+			c := configs[(i+r)%len(configs)]
+			send(c, warmup)
+			cpu, start := c.proc.cpuTime(), time.Now()
+			send(c, requests)
+			wall := time.Since(start)
+			c.wall = append(c.wall, float64(wall.Microseconds())/float64(requests))
+			c.cpu = append(c.cpu, float64((c.proc.cpuTime()-cpu).Microseconds())/float64(requests))
+		}
+		if failures.Load() != 0 {
+			t.Fatalf("round %d: %d requests failed", r+1, failures.Load())
+		}
+	}
+	base := configs[0]
+	for _, c := range configs {
+		t.Logf("%-22s wall %6.1f µs/request (range %.1f–%.1f), caddy CPU %6.1f µs/request (range %.1f–%.1f), throughput ratio %.3f, added CPU %+.1f µs/request",
+			c.name, median(c.wall), slices.Min(c.wall), slices.Max(c.wall), median(c.cpu), slices.Min(c.cpu), slices.Max(c.cpu),
+			median(base.wall)/median(c.wall), median(c.cpu)-median(base.cpu))
+		if c != base && median(base.wall)/median(c.wall) > 1 {
+			t.Logf("%s: a ratio above 1 is noise larger than the broker's cost: compare the CPU figures", c.name)
+		}
+	}
+	t.Logf("SCALE rounds=%d warmup=%d requests=%d concurrency=%d", rounds, warmup, requests, concurrency)
+}
+
+// TestScaleLogins is BENCHMARKS.md's login path: SCALE_LOGINS full hybrid logins (default
+// 300; authorize, consent, the IdP, the callback, the token) from SCALE_LOGIN_WORKERS loops
+// (default 4) through one caddy process on a shared folder and on Redis, in turn. The IdP
+// runs in the test's process, so the broker's own part is caddy's CPU per login; the
+// logins per second it implies on one core are 1 / that.
+func TestScaleLogins(t *testing.T) {
+	logins := soakEnvInt(t, "SCALE_LOGINS", 300)
+	workers := soakEnvInt(t, "SCALE_LOGIN_WORKERS", 4)
+	redisAddr := os.Getenv("SOAK_REDIS")
+	if redisAddr == "" {
+		redisAddr = testenv.Redis(t).Addr
+	}
+	dir, err := os.MkdirTemp("", "mcp_oauth-scale-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	for _, st := range []struct{ name, lines string }{
+		{"shared folder", "\tstorage file_system " + dir},
+		{"redis", fmt.Sprintf("\tstorage mcp_oauth_redis {\n\t\taddresses %s\n\t}", redisAddr)},
+	} {
+		s := &soak{t: t, ttl: time.Hour, loginOnly: true}
+		s.startNodes(1, st.lines)
+		clients := make([]string, workers)
+		for i := range clients {
+			clients[i] = s.register(s.c.node(0), soakAddress(250, i))
+		}
+		s.load(nil, clients, 0, 3*soakAddresses, 0) // warm-up
+		cpu, start := s.cpu(), time.Now()
+		s.load(nil, clients, 0, logins, 3*soakAddresses)
+		wall := time.Since(start)
+		used := s.cpu() - cpu
+		if s.failed() {
+			t.Fatalf("%s: %d errors: %v", st.name, s.errors.Load(), s.firstErrors())
+		}
+		perLogin := float64(used.Microseconds()) / float64(logins)
+		t.Logf("%-13s %d logins in %s: %.1f logins/s end to end; caddy CPU %.2f ms per login: %.0f logins/s per core for the broker's part",
+			st.name, logins, wall.Round(100*time.Millisecond), float64(logins)/wall.Seconds(), perLogin/1000, 1e6/perLogin)
+	}
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}

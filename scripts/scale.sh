@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The scale figures of BENCHMARKS.md, through the real caddy binary (e2e/long_scale_test.go,
+# build tag long):
+#   (a) the warm path: reverse_proxy alone, mcp_oauth hybrid and progressive, interleaved in
+#       ROUNDS rounds (default 7), each warmed up (WARMUP requests, default 2000) before it is
+#       measured (REQUESTS, default 20000, CONCURRENCY goroutines, default 8); medians,
+#       ranges, throughput ratios and caddy's added CPU per request;
+#   (b) the login path: LOGINS full hybrid logins (default 300) on a shared folder and on
+#       Redis; caddy's CPU per login, the broker's own part;
+#   (d) how long a revocation on one node takes to reach the others
+#       (TestThreeInstancesOneUser's log, on a shared folder and on Redis).
+# (c), heap per live session at 100k sessions, is not measured here (BENCHMARKS.md says why).
+#
+#   scripts/scale.sh
+#
+# The redis-server is the script's own, as in scripts/soak.sh. MCP_OAUTH_CADDY names a caddy
+# binary to use instead of building one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+work=$(mktemp -d /tmp/mcp_oauth-scale.XXXXXX)
+redis_pid=""
+cleanup() {
+  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+caddy=${MCP_OAUTH_CADDY:-}
+if [ -z "$caddy" ]; then
+  caddy="$work/caddy"
+  go build -o "$caddy" ./cmd/caddy
+fi
+for _ in 1 2 3 4 5; do
+  port=$((20000 + RANDOM % 40000))
+  redis-server --bind 127.0.0.1 --port "$port" --dir "$work" --save '' --appendonly no \
+    --maxmemory-policy noeviction --logfile "$work/redis.log" &
+  redis_pid=$!
+  for _ in $(seq 50); do
+    if redis-cli -p "$port" ping >/dev/null 2>&1; then break 2; fi
+    kill -0 "$redis_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill "$redis_pid" 2>/dev/null || true
+  wait "$redis_pid" 2>/dev/null || true
+  redis_pid=""
+done
+[ -n "$redis_pid" ] || { echo "could not start redis-server" >&2; exit 1; }
+
+echo "scale: $(nproc) cores; $(date -u +'%Y-%m-%d %H:%M UTC'); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+status=0
+SOAK_REDIS="127.0.0.1:$port" SCALE_ROUNDS="${ROUNDS:-7}" SCALE_WARMUP="${WARMUP:-2000}" \
+  SCALE_REQUESTS="${REQUESTS:-20000}" SCALE_CONCURRENCY="${CONCURRENCY:-8}" SCALE_LOGINS="${LOGINS:-300}" \
+  MCP_OAUTH_CADDY="$caddy" \
+  go test -tags long -run '^(TestScaleWarmPath|TestScaleLogins)$' -count=1 -timeout 1h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
+grep -E '^\s+long_scale_test\.go:[0-9]+:' "$work/out.txt" | sed -E 's/^\s+long_scale_test\.go:[0-9]+: /  /' || true
+echo "load after (a), (b): $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "$status" != 0 ]; then
+  tail -40 "$work/out.txt"
+  echo "FAIL: scale (go test exit $status)"
+  exit "$status"
+fi
+
+echo "(d) revocation on A, refused by B and C after:"
+MCP_OAUTH_CADDY="$caddy" go test -run '^TestThreeInstancesOneUser$' -count=1 -v ./e2e/ 2>&1 |
+  grep -E 'refused the revoked token after|^(--- |ok|FAIL)' | sed -E 's/^\s+cluster_three_test\.go:[0-9]+: /  /'
