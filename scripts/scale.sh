@@ -63,4 +63,6 @@ fi
 
 echo "(d) revocation on A, refused by B and C after:"
 MCP_OAUTH_CADDY="$caddy" go test -run '^TestThreeInstancesOneUser$' -count=1 -v ./e2e/ 2>&1 |
-  grep -E 'refused the revoked token after|^(--- |ok|FAIL)' | sed -E 's/^\s+cluster_three_test\.go:[0-9]+: /  /'
+  awk '/^=== (RUN|NAME|CONT)/ { name = $3 }
+       /refused the revoked token after/ { sub(/^ +cluster_three_test\.go:[0-9]+: /, ""); print "  " name ": " $0 }
+       /^(ok|FAIL)/ { print }'
