@@ -74,15 +74,14 @@ func TestSoak(t *testing.T) {
 	for i := range clients {
 		clients[i] = s.register(s.c.node(i), soakAddress(250, i))
 	}
-	// The janitor's first sweep (a minute after start) leaves its marker: part of the floor.
-	for deadline := time.Now().Add(2 * time.Minute); rdb.Exists(t.Context(), "caddy/mcp_oauth/janitor/last_run").Val() == 0; {
-		if time.Now().After(deadline) {
-			t.Fatal("the janitor has not swept within two minutes of start")
-		}
-		time.Sleep(time.Second)
-	}
+	// The floor, and the janitor's marker, which its first sweep (a minute after start)
+	// leaves: part of the floor once it is there.
 	floor := countRecords(t, rdb)
-	t.Logf("records at the floor (clients registered, the janitor swept once, nobody logged in): %d %v", floor.total, floor)
+	if rdb.Exists(t.Context(), janitorMarker).Val() == 0 {
+		floor.total++
+		floor.kinds["(the janitor's marker, to come)"]++
+	}
+	t.Logf("records at the floor (clients registered, nobody logged in): %d %v", floor.total, floor)
 
 	// Warm-up: the warm sessions log in and send a share of calls while logins run, so that
 	// every path, pool and cache has been used once before the baseline is taken.
@@ -139,6 +138,9 @@ func TestSoak(t *testing.T) {
 		time.Sleep(2 * time.Second)
 	}
 	t.Logf("records %s after the run: %d (floor %d) %v", time.Since(ended).Round(time.Second), end.total, floor.total, end)
+	if rdb.Exists(t.Context(), janitorMarker).Val() == 0 {
+		t.Error("the janitor has not swept during the run")
+	}
 	if end.total > floor.total {
 		t.Errorf("records did not fall back to their floor: %d, floor %d; %v", end.total, floor.total, end)
 	}
@@ -255,6 +257,10 @@ func (s *soak) firstErrors() []string {
 	defer s.mu.Unlock()
 	return slices.Clone(s.first)
 }
+
+// janitorMarker is the key of the janitor's marker record in Redis (storage's
+// janitorMarkerKey under the storage's default key prefix).
+const janitorMarker = "caddy/mcp_oauth/janitor/last_run"
 
 // soakAddresses is how many client addresses the logins come from. Few, so that state
 // kept per address (rate limits: bounded, never freed) is all there after the warm-up and
