@@ -211,9 +211,15 @@ func (p *caddyProc) restart() {
 // cpuTime is the CPU time caddy has used so far (user + system), from /proc.
 func (p *caddyProc) cpuTime() time.Duration {
 	p.t.Helper()
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	return processCPU(p.t, p.cmd.Process.Pid)
+}
+
+// processCPU is the CPU time process pid has used so far (user + system), from /proc.
+func processCPU(t testing.TB, pid int) time.Duration {
+	t.Helper()
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		p.t.Fatalf("reading caddy's CPU time: %v", err)
+		t.Fatalf("reading a process's CPU time: %v", err)
 	}
 	// Fields after the command name (which ends with ')'): utime and stime are the 12th
 	// and 13th, in clock ticks (100 per second on Linux).

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -27,7 +28,9 @@ import (
 // (SCALE_REQUESTS, default 20000, from SCALE_CONCURRENCY goroutines, default 8): wall time
 // and caddy's CPU time (from /proc) per request. It reports each configuration's median and
 // range over the rounds, its throughput ratio to reverse_proxy alone, and the CPU it adds
-// per request. A ratio above 1 is noise larger than the difference: the test says so.
+// per request. A ratio above 1 is noise larger than the difference: the test says so. With
+// SCALE_OAUTH2_PROXY, the path of an oauth2-proxy binary, oauth2-proxy validating the same
+// JWT as progressive mode joins the rounds.
 func TestScaleWarmPath(t *testing.T) {
 	rounds := soakEnvInt(t, "SCALE_ROUNDS", 7)
 	warmup := soakEnvInt(t, "SCALE_WARMUP", 2000)
@@ -44,12 +47,8 @@ func TestScaleWarmPath(t *testing.T) {
 	up := strings.TrimPrefix(upstream.URL, "http://")
 	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_read","arguments":{}}}`
 
-	type config struct {
-		name  string
-		proc  *caddyProc
-		token string
-		wall  []float64 // µs per request, one per round
-		cpu   []float64
+	caddyConfig := func(name string, p *caddyProc, token string) *config {
+		return &config{name: name, base: p.Base, cpu0: p.cpuTime, token: token}
 	}
 	broker := func(mode, resource string) string {
 		return fmt.Sprintf(`mcp_oauth {
@@ -69,8 +68,8 @@ func TestScaleWarmPath(t *testing.T) {
 	var configs []*config
 	{
 		port := freePort(t)
-		configs = append(configs, &config{name: "reverse_proxy alone", token: "unused",
-			proc: startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\treverse_proxy %s\n}", port, up), withPort(port), withLogLevel("INFO"))})
+		configs = append(configs, caddyConfig("reverse_proxy alone",
+			startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\treverse_proxy %s\n}", port, up), withPort(port), withLogLevel("INFO")), "unused"))
 	}
 	{
 		port := freePort(t)
@@ -83,7 +82,7 @@ func TestScaleWarmPath(t *testing.T) {
 		if status != http.StatusOK {
 			t.Fatalf("hybrid login: %d %s", status, tok.Error)
 		}
-		configs = append(configs, &config{name: "mcp_oauth hybrid", proc: p, token: tok.AccessToken})
+		configs = append(configs, caddyConfig("mcp_oauth hybrid", p, tok.AccessToken))
 	}
 	{
 		port := freePort(t)
@@ -92,7 +91,13 @@ func TestScaleWarmPath(t *testing.T) {
 		claims := o.AccessTokenClaims(o.User.Subject, resource)
 		claims["scope"] = "openid notes:read"
 		claims["exp"] = time.Now().Add(time.Hour).Unix()
-		configs = append(configs, &config{name: "mcp_oauth progressive", proc: p, token: o.MintJWT(claims)})
+		jwt := o.MintJWT(claims)
+		configs = append(configs, caddyConfig("mcp_oauth progressive", p, jwt))
+		if bin := os.Getenv("SCALE_OAUTH2_PROXY"); bin != "" {
+			// oauth2-proxy validating the same JWT (its issuer's JWKS, audience the resource),
+			// in front of the same upstream, its logs off.
+			configs = append(configs, startOAuth2Proxy(t, bin, o, resource, upstream.URL, jwt))
+		}
 	}
 
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
@@ -103,7 +108,7 @@ func TestScaleWarmPath(t *testing.T) {
 		for range concurrency {
 			wg.Go(func() {
 				for next.Add(1) <= int64(n) {
-					req, _ := http.NewRequest(http.MethodPost, c.proc.Base+"/mcp", strings.NewReader(body))
+					req, _ := http.NewRequest(http.MethodPost, c.base+"/mcp", strings.NewReader(body))
 					req.Header.Set("Authorization", "Bearer "+c.token)
 					req.Header.Set("Content-Type", "application/json")
 					resp, err := client.Do(req)
@@ -113,8 +118,8 @@ func TestScaleWarmPath(t *testing.T) {
 					}
 					io.Copy(io.Discard, resp.Body)
 					resp.Body.Close()
-					if resp.StatusCode != http.StatusOK {
-						failures.Add(1)
+					if resp.StatusCode != http.StatusOK && failures.Add(1) == 1 {
+						t.Logf("%s: %s", c.name, resp.Status)
 					}
 				}
 			})
@@ -125,11 +130,11 @@ func TestScaleWarmPath(t *testing.T) {
 		for i := range configs {
 			c := configs[(i+r)%len(configs)]
 			send(c, warmup)
-			cpu, start := c.proc.cpuTime(), time.Now()
+			cpu, start := c.cpu0(), time.Now()
 			send(c, requests)
 			wall := time.Since(start)
 			c.wall = append(c.wall, float64(wall.Microseconds())/float64(requests))
-			c.cpu = append(c.cpu, float64((c.proc.cpuTime()-cpu).Microseconds())/float64(requests))
+			c.cpu = append(c.cpu, float64((c.cpu0()-cpu).Microseconds())/float64(requests))
 		}
 		if failures.Load() != 0 {
 			t.Fatalf("round %d: %d requests failed", r+1, failures.Load())
@@ -137,7 +142,7 @@ func TestScaleWarmPath(t *testing.T) {
 	}
 	base := configs[0]
 	for _, c := range configs {
-		t.Logf("%-22s wall %6.1f µs/request (range %.1f–%.1f), caddy CPU %6.1f µs/request (range %.1f–%.1f), throughput ratio %.3f, added CPU %+.1f µs/request",
+		t.Logf("%-22s wall %6.1f µs/request (range %.1f–%.1f), proxy CPU %6.1f µs/request (range %.1f–%.1f), throughput ratio %.3f, added CPU %+.1f µs/request",
 			c.name, median(c.wall), slices.Min(c.wall), slices.Max(c.wall), median(c.cpu), slices.Min(c.cpu), slices.Max(c.cpu),
 			median(base.wall)/median(c.wall), median(c.cpu)-median(base.cpu))
 		if c != base && median(base.wall)/median(c.wall) > 1 {
@@ -186,6 +191,49 @@ func TestScaleLogins(t *testing.T) {
 		t.Logf("%-13s %d logins in %s: %.1f logins/s end to end; caddy CPU %.2f ms per login: %.0f logins/s per core for the broker's part",
 			st.name, logins, wall.Round(100*time.Millisecond), float64(logins)/wall.Seconds(), perLogin/1000, 1e6/perLogin)
 	}
+}
+
+// config is one proxy of the warm path's comparison and its figures.
+type config struct {
+	name  string
+	base  string               // http://127.0.0.1:PORT
+	cpu0  func() time.Duration // the proxy process's CPU time so far
+	token string
+	wall  []float64 // µs per request, one per round
+	cpu   []float64
+}
+
+// startOAuth2Proxy runs oauth2-proxy (bin) on a free port in front of upstream, accepting
+// bearer JWTs of o's issuer for audience, until the test ends.
+func startOAuth2Proxy(t *testing.T, bin string, o *testenv.OP, audience, upstream, token string) *config {
+	t.Helper()
+	port := freePort(t)
+	cmd := exec.Command(bin,
+		"--http-address", fmt.Sprintf("127.0.0.1:%d", port), "--upstream", upstream,
+		"--provider", "oidc", "--oidc-issuer-url", o.Issuer,
+		"--client-id", testenv.BrokerClientID, "--client-secret", testenv.BrokerClientSecret,
+		"--cookie-secret", "0123456789abcdef0123456789abcdef", "--cookie-secure=false",
+		"--email-domain", "*", "--oidc-email-claim", "sub", "--insecure-oidc-allow-unverified-email",
+		"--skip-jwt-bearer-tokens", "--extra-jwt-issuers", o.Issuer+"="+audience, "--bearer-token-login-fallback=false",
+		"--request-logging=false", "--auth-logging=false", "--standard-logging=false")
+	logs := new(syncBuffer)
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting oauth2-proxy: %v", err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if resp, err := http.Get(base + "/ping"); err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("oauth2-proxy did not start:\n%s", logs.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return &config{name: "oauth2-proxy v7.15.6", base: base, cpu0: func() time.Duration { return processCPU(t, cmd.Process.Pid) }, token: token}
 }
 
 func median(xs []float64) float64 {

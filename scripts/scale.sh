@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The scale figures of BENCHMARKS.md, through the real caddy binary (e2e/long_scale_test.go,
 # build tag long):
-#   (a) the warm path: reverse_proxy alone, mcp_oauth hybrid and progressive, interleaved in
+#   (a) the warm path: reverse_proxy alone, mcp_oauth hybrid and progressive, and
+#       oauth2-proxy v7.15.6 when installed (OAUTH2_PROXY, default $GOPATH/bin), interleaved in
 #       ROUNDS rounds (default 7), each warmed up (WARMUP requests, default 2000) before it is
 #       measured (REQUESTS, default 20000, CONCURRENCY goroutines, default 8); medians,
 #       ranges, throughput ratios and caddy's added CPU per request;
@@ -47,11 +48,18 @@ for _ in 1 2 3 4 5; do
 done
 [ -n "$redis_pid" ] || { echo "could not start redis-server" >&2; exit 1; }
 
+# oauth2-proxy joins (a) when installed: go install github.com/oauth2-proxy/oauth2-proxy/v7@v7.15.6
+oauth2_proxy=${OAUTH2_PROXY:-$(go env GOPATH)/bin/oauth2-proxy}
+if [ ! -x "$oauth2_proxy" ]; then
+  echo "oauth2-proxy not found at $oauth2_proxy: (a) runs without it"
+  oauth2_proxy=""
+fi
+
 echo "scale: $(nproc) cores; $(date -u +'%Y-%m-%d %H:%M UTC'); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 status=0
 SOAK_REDIS="127.0.0.1:$port" SCALE_ROUNDS="${ROUNDS:-7}" SCALE_WARMUP="${WARMUP:-2000}" \
   SCALE_REQUESTS="${REQUESTS:-20000}" SCALE_CONCURRENCY="${CONCURRENCY:-8}" SCALE_LOGINS="${LOGINS:-300}" \
-  MCP_OAUTH_CADDY="$caddy" \
+  SCALE_OAUTH2_PROXY="$oauth2_proxy" MCP_OAUTH_CADDY="$caddy" \
   go test -tags long -run '^(TestScaleWarmPath|TestScaleLogins)$' -count=1 -timeout 1h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
 grep -E '^\s+long_scale_test\.go:[0-9]+:' "$work/out.txt" | sed -E 's/^\s+long_scale_test\.go:[0-9]+: /  /' || true
 echo "load after (a), (b): $(cut -d' ' -f1-3 /proc/loadavg)"
