@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -243,4 +244,86 @@ func median(xs []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// TestScaleHeap is BENCHMARKS.md's (c): the heap of one caddy process (progressive mode,
+// delegation none, so that only the verdict cache grows) after a forced GC with no token
+// seen, and after one request each with SCALE_HEAP_TOKENS distinct valid JWTs (default
+// 5000, 10000, 20000: the verdict cache holds 10,000), as bytes per cached verdict.
+func TestScaleHeap(t *testing.T) {
+	steps := []int{5000, 10000, 20000}
+	if v := os.Getenv("SCALE_HEAP_TOKENS"); v != "" {
+		steps = nil
+		for _, f := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				t.Fatalf("SCALE_HEAP_TOKENS: %v", err)
+			}
+			steps = append(steps, n)
+		}
+	}
+	o := testenv.StartOP(t)
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{}}`)
+	}))
+	t.Cleanup(upstream.Close)
+	port := freePort(t)
+	resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+	p := startCaddy(t, fmt.Sprintf(`http://127.0.0.1:%d {
+	mcp_oauth {
+		mode progressive
+		issuer %s
+		client_id %s
+		client_secret %s
+		resource %s
+		scopes openid notes:read notes:write
+		encryption_key %s
+		delegation none
+	}
+	reverse_proxy %s
+}`, port, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, resource, testKey, strings.TrimPrefix(upstream.URL, "http://")),
+		withPort(port), withLogLevel("INFO"), withAdmin(freePort(t)))
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	send := func(token string) {
+		req, _ := http.NewRequest(http.MethodPost, p.Base+"/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("status %s", resp.Status)
+		}
+	}
+	mint := func(i int) string {
+		claims := o.AccessTokenClaims(fmt.Sprintf("user-%d", i), resource)
+		claims["scope"] = "openid notes:read"
+		claims["exp"] = time.Now().Add(time.Hour).Unix()
+		return o.MintJWT(claims)
+	}
+	send(mint(-1)) // the JWKS fetched, the paths used once
+	base := readNodeStats(t, p).heap
+	t.Logf("heap with one token seen: %s", mib(base))
+	seen := 0
+	for _, n := range steps {
+		var wg sync.WaitGroup
+		var next atomic.Int64
+		next.Store(int64(seen))
+		for range 4 {
+			wg.Go(func() {
+				for i := next.Add(1); i <= int64(n); i = next.Add(1) {
+					send(mint(int(i)))
+				}
+			})
+		}
+		wg.Wait()
+		seen = n
+		heap := readNodeStats(t, p).heap
+		grown := float64(int64(heap) - int64(base))
+		t.Logf("heap after %d distinct tokens: %s (%+.1f MiB, %.0f bytes per token seen)", n, mib(heap), grown/(1<<20), grown/float64(n))
+	}
 }

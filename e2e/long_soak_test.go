@@ -518,28 +518,11 @@ type nodeStats struct {
 func (s *soak) stats() []nodeStats {
 	out := make([]nodeStats, len(s.c.nodes))
 	for i, n := range s.c.nodes {
-		admin := "http://" + n.admin
-		for range 2 { // a second GC frees what finalizers of the first let go
-			s.adminGet(admin + "/debug/pprof/heap?gc=1")
-		}
-		var vars struct {
-			MemStats struct {
-				HeapAlloc uint64
-			} `json:"memstats"`
-		}
-		if err := json.Unmarshal(s.adminGet(admin+"/debug/vars"), &vars); err != nil {
-			s.t.Fatalf("node %c: /debug/vars: %v", 'A'+i, err)
-		}
-		line, _, _ := bufio.NewReader(strings.NewReader(string(s.adminGet(admin + "/debug/pprof/goroutine?debug=1")))).ReadLine()
-		total, err := strconv.Atoi(strings.TrimPrefix(string(line), "goroutine profile: total "))
-		if err != nil {
-			s.t.Fatalf("node %c: goroutine profile begins %q", 'A'+i, line)
-		}
-		out[i] = nodeStats{heap: vars.MemStats.HeapAlloc, goroutines: total}
+		out[i] = readNodeStats(s.t, n)
 		if dir := os.Getenv("SOAK_PROFILES"); dir != "" {
 			// The heap profile, for `go tool pprof -base` between the warm-up and the end.
 			name := fmt.Sprintf("%s/heap-%c-%d.pb.gz", dir, 'A'+i, time.Now().Unix())
-			if err := os.WriteFile(name, s.adminGet(admin+"/debug/pprof/heap"), 0o600); err != nil {
+			if err := os.WriteFile(name, adminGet(s.t, "http://"+n.admin+"/debug/pprof/heap"), 0o600); err != nil {
 				s.t.Fatal(err)
 			}
 		}
@@ -547,15 +530,37 @@ func (s *soak) stats() []nodeStats {
 	return out
 }
 
-func (s *soak) adminGet(u string) []byte {
+// readNodeStats reads n's heap after a forced GC and its goroutines (see soak.stats).
+func readNodeStats(t *testing.T, n *caddyProc) nodeStats {
+	admin := "http://" + n.admin
+	for range 2 { // a second GC frees what finalizers of the first let go
+		adminGet(t, admin+"/debug/pprof/heap?gc=1")
+	}
+	var vars struct {
+		MemStats struct {
+			HeapAlloc uint64
+		} `json:"memstats"`
+	}
+	if err := json.Unmarshal(adminGet(t, admin+"/debug/vars"), &vars); err != nil {
+		t.Fatalf("%s: /debug/vars: %v", n.Base, err)
+	}
+	line, _, _ := bufio.NewReader(strings.NewReader(string(adminGet(t, admin+"/debug/pprof/goroutine?debug=1")))).ReadLine()
+	total, err := strconv.Atoi(strings.TrimPrefix(string(line), "goroutine profile: total "))
+	if err != nil {
+		t.Fatalf("%s: goroutine profile begins %q", n.Base, line)
+	}
+	return nodeStats{heap: vars.MemStats.HeapAlloc, goroutines: total}
+}
+
+func adminGet(t *testing.T, u string) []byte {
 	resp, err := http.Get(u)
 	if err != nil {
-		s.t.Fatalf("admin API: %v", err)
+		t.Fatalf("admin API: %v", err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil || resp.StatusCode != http.StatusOK {
-		s.t.Fatalf("admin API %s: %s %v", u, resp.Status, err)
+		t.Fatalf("admin API %s: %s %v", u, resp.Status, err)
 	}
 	return body
 }
