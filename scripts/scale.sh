@@ -8,10 +8,10 @@
 #       ranges, throughput ratios and caddy's added CPU per request;
 #   (b) the login path: LOGINS full hybrid logins (default 300) on a shared folder and on
 #       Redis; caddy's CPU per login, the broker's own part;
-#   (d) how long a revocation on one node takes to reach the others
-#       (TestThreeInstancesOneUser's log, on a shared folder and on Redis).
 #   (c) the heap of one caddy process after 5000, 10000 and 20000 distinct valid JWTs seen
 #       (progressive mode, delegation none): bytes per cached verdict, and the cache's bound;
+#   (d) how long a revocation on one node takes to reach the others
+#       (TestThreeInstancesOneUser's log, on a shared folder and on Redis).
 #
 #   scripts/scale.sh
 #
