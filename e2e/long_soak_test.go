@@ -229,6 +229,9 @@ func (s *soak) startNodes(n int, storage string) {
 	s.c = &cluster{o: o, up: up}
 	for i := range n {
 		opts := []caddyOption{global, withLogLevel("INFO"), withAdmin(freePort(t))}
+		if os.Getenv("SOAK_PROFILES") != "" {
+			opts = append(opts, withEnv("GODEBUG=memprofilerate=4096")) // a finer heap profile
+		}
 		if i == 0 {
 			opts = append(opts, withPort(portA))
 		}
