@@ -20,34 +20,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-work=$(mktemp -d /tmp/mcp_oauth-scale.XXXXXX)
-redis_pid=""
-cleanup() {
-  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-caddy=${MCP_OAUTH_CADDY:-}
-if [ -z "$caddy" ]; then
-  caddy="$work/caddy"
-  go build -o "$caddy" ./cmd/caddy
-fi
-for _ in 1 2 3 4 5; do
-  port=$((20000 + RANDOM % 40000))
-  redis-server --bind 127.0.0.1 --port "$port" --dir "$work" --save '' --appendonly no \
-    --maxmemory-policy noeviction --logfile "$work/redis.log" &
-  redis_pid=$!
-  for _ in $(seq 50); do
-    if redis-cli -p "$port" ping >/dev/null 2>&1; then break 2; fi
-    kill -0 "$redis_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill "$redis_pid" 2>/dev/null || true
-  wait "$redis_pid" 2>/dev/null || true
-  redis_pid=""
-done
-[ -n "$redis_pid" ] || { echo "could not start redis-server" >&2; exit 1; }
+long_run=scale
+# shellcheck source=scripts/long-run-setup.sh
+. scripts/long-run-setup.sh
 
 # oauth2-proxy joins (a) when installed: go install github.com/oauth2-proxy/oauth2-proxy/v7@v7.15.6
 oauth2_proxy=${OAUTH2_PROXY:-$(go env GOPATH)/bin/oauth2-proxy}

@@ -15,38 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-work=$(mktemp -d /tmp/mcp_oauth-soak.XXXXXX)
-redis_pid=""
-cleanup() {
-  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-command -v redis-server >/dev/null || { echo "redis-server is missing (apt-get install -y redis-server)" >&2; exit 1; }
-
-caddy=${MCP_OAUTH_CADDY:-}
-if [ -z "$caddy" ]; then
-  caddy="$work/caddy"
-  go build -o "$caddy" ./cmd/caddy
-fi
-
-# A free port: redis-server refuses one that is taken, so try a few.
-for _ in 1 2 3 4 5; do
-  port=$((20000 + RANDOM % 40000))
-  redis-server --bind 127.0.0.1 --port "$port" --dir "$work" --save '' --appendonly no \
-    --maxmemory-policy noeviction --logfile "$work/redis.log" &
-  redis_pid=$!
-  for _ in $(seq 50); do
-    if redis-cli -p "$port" ping >/dev/null 2>&1; then break 2; fi
-    kill -0 "$redis_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill "$redis_pid" 2>/dev/null || true
-  wait "$redis_pid" 2>/dev/null || true
-  redis_pid=""
-done
-[ -n "$redis_pid" ] || { echo "could not start redis-server" >&2; exit 1; }
+long_run=soak
+# shellcheck source=scripts/long-run-setup.sh
+. scripts/long-run-setup.sh
 
 echo "soak: REQUESTS=${REQUESTS:-200000} LOGINS=${LOGINS:-5000} on $(nproc) cores; $(date -u +'%Y-%m-%d %H:%M UTC'); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 status=0
