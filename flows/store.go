@@ -1,6 +1,8 @@
 package flows
 
 import (
+	"context"
+	"errors"
 	"time"
 
 	"github.com/caddy-mcp/oauth-broker/storage"
@@ -65,4 +67,21 @@ func (c cookieSealer) seal(key string, plain []byte) (string, error) {
 // open opens a cookie value sealed by seal for key.
 func (c cookieSealer) open(key, sealed string) ([]byte, error) {
 	return c.records.Open(key, sealed)
+}
+
+// getFirst reads the record at the first of keys that holds one, a fresh T for each key
+// tried, and returns it with its key: the stores look a record up under the key of every
+// ring key (newest first) and of earlier releases. storage.ErrNotFound when none holds one;
+// any other error ends the search.
+func getFirst[T any](ctx context.Context, r *storage.Records, keys []string) (*T, string, error) {
+	for _, key := range keys {
+		var v T
+		switch err := r.Get(ctx, key, &v); {
+		case err == nil:
+			return &v, key, nil
+		case !errors.Is(err, storage.ErrNotFound):
+			return nil, "", err
+		}
+	}
+	return nil, "", storage.ErrNotFound
 }

@@ -65,17 +65,12 @@ func (st appPasswordStore) lock(ctx context.Context, subject string) (func(), er
 
 // loadGrant returns subject's app password record, or storage.ErrNotFound.
 func (st appPasswordStore) loadGrant(ctx context.Context, subject string) (*AppPasswordGrant, error) {
-	for _, key := range st.keys(kindAppPassword, subject) {
-		var g AppPasswordGrant
-		switch err := st.records.Get(ctx, key, &g); {
-		case err == nil:
-			g.key = key
-			return &g, nil
-		case !errors.Is(err, storage.ErrNotFound):
-			return nil, err
-		}
+	g, key, err := getFirst[AppPasswordGrant](ctx, st.records, st.keys(kindAppPassword, subject))
+	if err != nil {
+		return nil, err
 	}
-	return nil, storage.ErrNotFound
+	g.key = key
+	return g, nil
 }
 
 // putGrant seals password into g and stores it under the current key; an empty
@@ -139,12 +134,12 @@ func (st appPasswordStore) putFlow(ctx context.Context, f *PendingLoginFlow, pol
 
 // loadFlow returns the flow pending for subject, or storage.ErrNotFound.
 func (st appPasswordStore) loadFlow(ctx context.Context, subject string) (*PendingLoginFlow, error) {
-	for _, key := range st.keys(kindLoginFlow, subject) {
-		if f, err := st.loadFlowAt(ctx, key); !errors.Is(err, storage.ErrNotFound) {
-			return f, err
-		}
+	f, key, err := getFirst[PendingLoginFlow](ctx, st.records, st.keys(kindLoginFlow, subject))
+	if err != nil {
+		return nil, err
 	}
-	return nil, storage.ErrNotFound
+	f.key = key
+	return f, nil
 }
 
 // loadFlowAt reads the flow at key.

@@ -73,17 +73,12 @@ func (st offlineAccessGrantStore) load(ctx context.Context, subject string) (*Of
 	if len(keys) == 1 {
 		return nil, errors.New("offline access grants: no encryption key configured")
 	}
-	for _, key := range keys {
-		var g OfflineAccessGrant
-		switch err := st.records.Get(ctx, key, &g); {
-		case err == nil:
-			g.key = key
-			return &g, nil
-		case !errors.Is(err, storage.ErrNotFound):
-			return nil, err
-		}
+	g, key, err := getFirst[OfflineAccessGrant](ctx, st.records, keys)
+	if err != nil {
+		return nil, err
 	}
-	return nil, storage.ErrNotFound
+	g.key = key
+	return g, nil
 }
 
 // take takes the grant at key once, so that of several sites on one storage exactly one
