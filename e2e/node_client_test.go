@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/url"
 	"strings"
 	"testing"
@@ -23,6 +24,17 @@ type tsClientOptions struct {
 	SDKStepUp   bool             // leave step-up to the SDK alone
 	FirstScope  string           // ask for less than the first challenge names
 	SDK2        bool             // the 2.x @modelcontextprotocol/client instead of the 1.x SDK
+	// Negotiate is the 2.x client's versionNegotiation mode ("auto": 2026-07-28 where the
+	// server offers it); empty: legacy, the 2025 handshake.
+	Negotiate string
+	// ClientMetadataURL is the 2.x client's metadata document URL (CIMD).
+	ClientMetadataURL string
+	// Offline is a call that needs the user's offline access (after the step-up); the 2.x
+	// client declares URL elicitation for it.
+	Offline map[string]any
+	// Elicit plays the user for a URL-mode elicitation: it opens url and says what the
+	// user did ("accept", "decline", "cancel"). Nil: every elicitation fails the run.
+	Elicit func(ctx context.Context, url string) (string, error)
 }
 
 // tsSummary is client.mjs's report.
@@ -35,6 +47,10 @@ type tsSummary struct {
 		Status          int    `json:"status"`
 		WWWAuthenticate string `json:"wwwAuthenticate"`
 		Session         bool   `json:"session"`
+		// The MCP transport headers the client sent (MCP-Protocol-Version, Mcp-Method, Mcp-Name).
+		ProtocolVersion string `json:"protocolVersion"`
+		MCPMethod       string `json:"mcpMethod"`
+		MCPName         string `json:"mcpName"`
 	} `json:"requests"`
 	TokenGrants []struct {
 		GrantType string `json:"grant_type"`
@@ -73,6 +89,20 @@ type tsSummary struct {
 		Authorizations int    `json:"authorizations"`
 		Scope          string `json:"scope"`
 	} `json:"stepUp"`
+	ClientID        string `json:"clientId"`        // the client_id the SDK used last
+	ProtocolVersion string `json:"protocolVersion"` // the revision the connection negotiated
+	Elicitations    []struct {
+		Message string `json:"message"`
+		URL     string `json:"url"` // without the query
+		Action  string `json:"action"`
+		Via     string `json:"via"` // input_required or url_elicitation_error
+	} `json:"elicitations"`
+	Offline *struct {
+		OK           bool   `json:"ok"`
+		Error        string `json:"error"`
+		Elicitations int    `json:"elicitations"`
+		Text         string `json:"text"`
+	} `json:"offline"`
 	AccessTokens  []string `json:"accessTokens"` // SHA-256 hex of each access token held
 	AuthorizeURLs []string `json:"-"`            // as the SDK produced them
 }
@@ -127,6 +157,16 @@ func runTSClientErr(t *testing.T, mcpURL string, login tsLoginFunc, o tsClientOp
 	if o.SDK2 {
 		args = append(args, "--sdk", "2")
 	}
+	if o.Negotiate != "" {
+		args = append(args, "--negotiate", o.Negotiate)
+	}
+	if o.ClientMetadataURL != "" {
+		args = append(args, "--client-metadata-url", o.ClientMetadataURL)
+	}
+	if o.Offline != nil {
+		b, _ := json.Marshal(o.Offline)
+		args = append(args, "--offline", string(b))
+	}
 	p := startNode(t, "client.mjs", nil, args...)
 	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
 	defer cancel()
@@ -151,6 +191,18 @@ func runTSClientErr(t *testing.T, mcpURL string, login tsLoginFunc, o tsClientOp
 				return nil, err
 			}
 			if err := p.send(map[string]string{"redirect": final.String()}); err != nil {
+				return nil, err
+			}
+		case "elicit":
+			if o.Elicit == nil {
+				return nil, fmt.Errorf("client.mjs asked to open a URL elicitation, and the test has no user for it")
+			}
+			t.Logf("client.mjs: URL elicitation at %v", time.Since(start).Round(time.Millisecond))
+			action, err := o.Elicit(ctx, msg.URL)
+			if err != nil {
+				return nil, err
+			}
+			if err := p.send(map[string]string{"action": action}); err != nil {
 				return nil, err
 			}
 		case "summary", "error":

@@ -16,10 +16,22 @@
 //   --first-scope   ask for this scope first, as a client asking for less than the server's
 //                   challenge names (the scope of the first 401 is read as this), so that a
 //                   later call needs a step-up
+//   --negotiate     with --sdk 2: the client's versionNegotiation mode, "auto" (probe with
+//                   server/discover, 2026-07-28 where the server offers it) or "legacy" (the
+//                   default: the 2025 initialize handshake)
+//   --client-metadata-url  with --sdk 2: the https URL of this client's metadata document
+//                   (CIMD); the SDK uses it as client_id where the authorization server
+//                   advertises client_id_metadata_document_supported, else it registers
+//   --offline       a tool call that needs the user to grant offline access: a 2026-07-28
+//                   server answers it with an InputRequiredResult carrying a URL-mode
+//                   elicitation; the client declares URL elicitation and its handler asks
+//                   the harness to open the URL, the SDK retries with inputResponses
 //
 // Protocol with the harness (stdin/stdout, one JSON object per line):
 //   out {"type":"authorize","url":...}      the SDK wants the user's browser at url
 //   in  {"redirect": "<final URL>"}         where the browser ended: redirect_uri?code&state
+//   out {"type":"elicit","url":...,"message":...}   a URL-mode elicitation: open url for the user
+//   in  {"action": "accept"|"decline"|"cancel"}     what the user did, the handler's answer
 //   out {"type":"summary", ...}             what happened, for the harness to assert on
 //   out {"type":"error","message":...}      and exit 1
 // No token, code or secret is printed: tokens appear as SHA-256 hex digests.
@@ -40,6 +52,9 @@ const { values: args } = parseArgs({
     'sdk-stepup': { type: 'boolean', default: false },
     'first-scope': { type: 'string' },
     sdk: { type: 'string', default: '1' },
+    negotiate: { type: 'string', default: 'legacy' },
+    'client-metadata-url': { type: 'string' },
+    offline: { type: 'string' },
     timeout: { type: 'string', default: '60000' },
   },
 });
@@ -76,14 +91,21 @@ const summary = {
   refresh: undefined,
   stepUp: undefined,
   accessTokens: [], // SHA-256 of every access token the client held
+  clientId: undefined, // the client_id the SDK used last (a metadata document's URL with CIMD)
+  protocolVersion: undefined, // the revision the connection negotiated
+  elicitations: [], // URL-mode elicitations the client was asked to open: message, URL origin and path, the user's action, and how it came (input_required: the SDK's handler for a 2026-07-28 InputRequiredResult; url_elicitation_error: the 2025-era -32042 error, handled here)
+  offline: undefined,
 };
 
-// Lines from the harness: redirect results, in order.
+// Lines from the harness: redirect results and elicitation answers, in order.
 const stdinLines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-async function nextRedirect() {
+async function nextLine(what) {
   const { value, done } = await stdinLines.next();
-  if (done) throw new Error('client: stdin closed while waiting for the redirect');
-  return new URL(JSON.parse(value).redirect);
+  if (done) throw new Error(`client: stdin closed while waiting for ${what}`);
+  return JSON.parse(value);
+}
+async function nextRedirect() {
+  return new URL((await nextLine('the redirect')).redirect);
 }
 
 // The OAuth client provider: all in memory.
@@ -97,6 +119,8 @@ class HeadlessProvider {
   }
 
   get redirectUrl() { return args['redirect-url']; }
+
+  get clientMetadataUrl() { return args['client-metadata-url']; }
 
   get clientMetadata() {
     return {
@@ -117,7 +141,8 @@ class HeadlessProvider {
 
   saveClientInformation(info) {
     this._client = info;
-    if (!args['client-id']) summary.registeredClientId = info.client_id;
+    summary.clientId = info.client_id;
+    if (!args['client-id'] && info.client_id !== args['client-metadata-url']) summary.registeredClientId = info.client_id;
   }
 
   tokens() {
@@ -180,6 +205,11 @@ async function recordingFetch(input, init) {
     res = new Response(res.body, { status: res.status, statusText: res.statusText, headers });
   }
   const entry = { method, url: `${url.origin}${url.pathname}`, status: res.status };
+  // The 2026-07-28 transport headers the SDK sent, on requests to the MCP endpoint.
+  const sent = new Headers(init?.headers ?? (input instanceof Request ? input.headers : undefined));
+  for (const [key, name] of [['protocolVersion', 'mcp-protocol-version'], ['mcpMethod', 'mcp-method'], ['mcpName', 'mcp-name']]) {
+    if (sent.get(name)) entry[key] = sent.get(name);
+  }
   const www = res.headers.get('www-authenticate');
   if (www) entry.wwwAuthenticate = www;
   if (res.headers.get('mcp-session-id')) entry.session = true;
@@ -191,7 +221,33 @@ async function recordingFetch(input, init) {
 
 const newTransport = () => new StreamableHTTPClientTransport(new URL(args.url), { authProvider: provider, fetch: recordingFetch });
 let transport = newTransport();
-const client = new Client({ name: 'interop-ts-client', version: '1.0.0' });
+const client = sdk2
+  ? new Client({ name: 'interop-ts-client', version: '1.0.0' }, {
+      versionNegotiation: { mode: args.negotiate },
+      // URL-mode elicitation only: this client opens links for its user, it renders no forms.
+      capabilities: args.offline ? { elicitation: { url: {} } } : {},
+    })
+  : new Client({ name: 'interop-ts-client', version: '1.0.0' }, { capabilities: args.offline ? { elicitation: { url: {} } } : {} });
+// openURL has the harness open a URL-mode elicitation's URL for the user; it returns what
+// the user did.
+async function openURL(p, via) {
+  out({ type: 'elicit', url: p.url, message: p.message });
+  const { action } = await nextLine('the elicitation answer');
+  const u = new URL(p.url);
+  summary.elicitations.push({ message: p.message, url: `${u.origin}${u.pathname}`, action, via });
+  return action;
+}
+if (sdk2 && args.offline) {
+  // The SDK fulfils a 2026-07-28 InputRequiredResult through this handler and retries the
+  // call with the answers (inputResponses) and the server's requestState. What an
+  // application does with a URL elicitation is its own: here the harness opens the URL
+  // in the user's browser and reports what the user did.
+  client.setRequestHandler('elicitation/create', async (request) => {
+    const p = request.params;
+    if (p.mode !== 'url') return { action: 'decline' };
+    return { action: await openURL(p, 'input_required') };
+  });
+}
 
 // withAuth runs fn; when the SDK sends the user to authorize, it waits for the harness to
 // bring back the redirect, finishes the authorization, and runs fn again.
@@ -226,6 +282,7 @@ try {
     return client.connect(transport);
   });
   summary.serverInfo = client.getServerVersion();
+  summary.protocolVersion = sdk2 ? client.getNegotiatedProtocolVersion() : transport.protocolVersion;
   summary.sessionId = transport.sessionId ? true : undefined;
 
   const tools = await withAuth('tools/list', () => client.listTools());
@@ -264,6 +321,31 @@ try {
       summary.stepUp = { ok: !res.isError, authorizations: summary.authorizations.length - authsBefore, scope: summary.authorizations.at(-1)?.scope };
     } catch (err) {
       summary.stepUp = { ok: false, error: String(err?.message ?? err), authorizations: summary.authorizations.length - authsBefore };
+    }
+  }
+
+  if (args.offline) {
+    const call = JSON.parse(args.offline);
+    const before = summary.elicitations.length;
+    // On a 2025-era connection the server's answer is the URL elicitation error (-32042),
+    // which neither SDK acts on by itself: like an application, open its URL for the user,
+    // then call again once.
+    const callOnce = async () => {
+      try {
+        return await client.callTool(call);
+      } catch (err) {
+        const elicitation = err?.code === -32042 ? err.data?.elicitations?.[0] : undefined;
+        if (!elicitation?.url) throw err;
+        if (await openURL(elicitation, 'url_elicitation_error') !== 'accept') throw err;
+        return client.callTool(call);
+      }
+    };
+    try {
+      const res = await withAuth('offline', callOnce);
+      summary.calls.push(callResult(call.name, res));
+      summary.offline = { ok: !res.isError, elicitations: summary.elicitations.length - before, text: callResult(call.name, res).text };
+    } catch (err) {
+      summary.offline = { ok: false, error: String(err?.message ?? err), elicitations: summary.elicitations.length - before };
     }
   }
 
