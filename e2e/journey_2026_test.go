@@ -165,6 +165,9 @@ type journeyRow struct {
 	sdkStepUp bool
 	version   string // the revision the connection must negotiate
 	via       string // how the offline access link reached the client (client.mjs's elicitations)
+	// comesBack: the user first comes back from the link without granting offline access
+	// and the client retries; the broker asks again with a new link.
+	comesBack bool
 }
 
 // TestJourney2026ThroughCaddyBinary is issue 13's journey: the 2.x
@@ -195,6 +198,7 @@ func TestJourney2026ThroughCaddyBinary(t *testing.T) {
 	requireInterop(t)
 	rows := []journeyRow{
 		{name: "2.x client, 2026-07-28, CIMD", sdk2: true, negotiate: "auto", cimd: true, sdkStepUp: true, version: "2026-07-28", via: "input_required"},
+		{name: "2.x client, 2026-07-28, DCR, the user first comes back without granting", sdk2: true, negotiate: "auto", sdkStepUp: true, version: "2026-07-28", via: "input_required", comesBack: true},
 		{name: "2.x client, 2025-11-25, DCR", sdk2: true, negotiate: "legacy", sdkStepUp: true, version: "2025-11-25", via: "url_elicitation_error"},
 		{name: "1.x client, 2025-11-25, DCR", version: "2025-11-25", via: "url_elicitation_error"},
 	}
@@ -203,13 +207,31 @@ func TestJourney2026ThroughCaddyBinary(t *testing.T) {
 	}
 }
 
+// journey is what a journey runs against: the Node IdP, server2 behind a token recorder,
+// a client metadata document, caddy, and the user's browser.
+type journey struct {
+	idp        *NodeIdP
+	up         *server2
+	rec        *tokenRecorder
+	docURL     string
+	docFetches *atomic.Int32
+	caddy      *caddyProc
+	br         *nodeHybridBrowser
+}
+
+func startJourney(t *testing.T) *journey {
+	j := &journey{idp: startNodeIdP(t, profileKeycloak, nodeBrokerClient(), nodeRSClient()), up: startServer2(t)}
+	j.rec = startTokenRecorder(t, j.idp, j.up.URL)
+	var certFile string
+	j.docURL, certFile, j.docFetches = serveClientMetadata(t, "Journey 2026 Client", tsRedirectURL)
+	j.caddy = startCaddy(t, journeySite(j.idp, j.rec.URL), withEnv("SSL_CERT_FILE="+certFile))
+	j.br = newNodeHybridBrowser(j.idp)
+	return j
+}
+
 func runJourney(t *testing.T, row journeyRow) {
-	idp := startNodeIdP(t, profileKeycloak, nodeBrokerClient(), nodeRSClient())
-	up := startServer2(t)
-	rec := startTokenRecorder(t, idp, up.URL)
-	docURL, certFile, docFetches := serveClientMetadata(t, "Journey 2026 Client", tsRedirectURL)
-	caddy := startCaddy(t, journeySite(idp, rec.URL), withEnv("SSL_CERT_FILE="+certFile))
-	br := newNodeHybridBrowser(idp)
+	j := startJourney(t)
+	up, rec, docURL, docFetches, caddy, br := j.up, j.rec, j.docURL, j.docFetches, j.caddy, j.br
 	var links []string
 	opts := tsClientOptions{
 		SDK2: row.sdk2, SDKStepUp: row.sdkStepUp, Negotiate: row.negotiate,
@@ -218,6 +240,9 @@ func runJourney(t *testing.T, row journeyRow) {
 		Offline: map[string]any{"name": "notes_schedule_digest", "arguments": map[string]any{}},
 		Elicit: func(ctx context.Context, link string) (string, error) {
 			links = append(links, link)
+			if row.comesBack && len(links) == 1 {
+				return "accept", nil // back without having opened it
+			}
 			if err := br.grantOffline(ctx, link); err != nil {
 				return "", err
 			}
@@ -294,14 +319,23 @@ func runJourney(t *testing.T, row journeyRow) {
 		}
 	}
 	// The provisioning elicitation and the retry.
-	if s.Offline == nil || !s.Offline.OK || s.Offline.Elicitations != 1 || !strings.Contains(s.Offline.Text, "digest scheduled") {
-		t.Errorf("offline tool %+v: want one URL elicitation, then the upstream's result", s.Offline)
+	wantElicitations := 1
+	if row.comesBack {
+		wantElicitations = 2
 	}
-	if len(s.Elicitations) != 1 || s.Elicitations[0].URL != caddy.Base+"/oauth/offline-access" || s.Elicitations[0].Action != "accept" || s.Elicitations[0].Via != row.via {
-		t.Errorf("elicitations %+v: want one of the broker's offline access link, by %s, accepted", s.Elicitations, row.via)
+	if s.Offline == nil || !s.Offline.OK || s.Offline.Elicitations != wantElicitations || !strings.Contains(s.Offline.Text, "digest scheduled") {
+		t.Errorf("offline tool %+v: want %d URL elicitations, then the upstream's result", s.Offline, wantElicitations)
 	}
-	if len(links) != 1 || !strings.HasPrefix(links[0], caddy.Base+"/oauth/offline-access?link=") {
-		t.Errorf("elicited URLs %d: want the one-time offline access link", len(links))
+	if len(s.Elicitations) != wantElicitations || len(links) != wantElicitations {
+		t.Fatalf("elicitations %+v, %d links: want %d", s.Elicitations, len(links), wantElicitations)
+	}
+	for i, e := range s.Elicitations {
+		if e.URL != caddy.Base+"/oauth/offline-access" || e.Action != "accept" || e.Via != row.via || !strings.HasPrefix(links[i], caddy.Base+"/oauth/offline-access?link=") {
+			t.Errorf("elicitation %+v: want the broker's one-time offline access link, by %s, accepted", e, row.via)
+		}
+	}
+	if row.comesBack && links[0] == links[1] {
+		t.Errorf("the retry without a grant got the same one-time link again")
 	}
 
 	// The 2026-07-28 client sent the transport headers on every MCP request.
@@ -362,4 +396,31 @@ func runJourney(t *testing.T, row journeyRow) {
 		t.Errorf("caddy logged no offline access elicitation")
 	}
 	caddy.assertLogsFree(append(br.codes, links...)...)
+}
+
+// TestJourney2026NoURLElicitationThroughCaddyBinary: the 2.x client on MCP 2026-07-28
+// that declares no URL elicitation calls the tool that needs offline access: the broker
+// answers with a tool result with isError whose text carries the one-time link and says
+// what to do, and the call never reaches the upstream.
+func TestJourney2026NoURLElicitationThroughCaddyBinary(t *testing.T) {
+	requireInterop(t)
+	j := startJourney(t)
+	s, err := runTSClientErr(t, j.caddy.Base+"/mcp", j.br.login, tsClientOptions{
+		SDK2: true, SDKStepUp: true, Negotiate: "auto", ClientMetadataURL: j.docURL,
+		Calls: []map[string]any{{"name": "notes_schedule_digest", "arguments": map[string]any{}}},
+	})
+	if err != nil {
+		t.Fatalf("%v\ncaddy:\n%s", err, tail(j.caddy.logs.String()))
+	}
+	if s.ProtocolVersion != "2026-07-28" || len(s.Calls) != 1 || len(s.Elicitations) != 0 {
+		t.Fatalf("version %q, calls %+v, elicitations %+v", s.ProtocolVersion, s.Calls, s.Elicitations)
+	}
+	if c := s.Calls[0]; !c.IsError || !strings.Contains(c.Text, j.caddy.Base+"/oauth/offline-access?link=") || !strings.Contains(c.Text, "try again") {
+		t.Errorf("digest call %+v: want isError with the link and what to do", c)
+	}
+	for _, r := range j.up.Seen() {
+		if r.Tool == "notes_schedule_digest" {
+			t.Errorf("the upstream got the digest call without the user's offline access")
+		}
+	}
 }
