@@ -2,9 +2,11 @@ package e2e
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -19,17 +21,19 @@ import (
 // server2Request is one line of interop/server2.mjs's log: an HTTP request as the
 // upstream got it.
 type server2Request struct {
-	Type                string   `json:"type"`
-	Method              string   `json:"method"`
-	ProtocolVersion     string   `json:"protocolVersion"`
-	MCPMethod           string   `json:"mcpMethod"`
-	MCPName             string   `json:"mcpName"`
-	TokenSHA256         string   `json:"tokenSHA256"`
-	RPCMethod           string   `json:"rpcMethod"`
-	Tool                string   `json:"tool"`
-	MetaProtocolVersion string   `json:"metaProtocolVersion"`
-	RequestState        bool     `json:"requestState"`
-	InputResponses      []string `json:"inputResponses"`
+	Type            string `json:"type"`
+	Method          string `json:"method"`
+	ProtocolVersion string `json:"protocolVersion"`
+	MCPMethod       string `json:"mcpMethod"`
+	MCPName         string `json:"mcpName"`
+	// Params are the Mcp-Param-* headers, by lower-case name.
+	Params              map[string]string `json:"params"`
+	TokenSHA256         string            `json:"tokenSHA256"`
+	RPCMethod           string            `json:"rpcMethod"`
+	Tool                string            `json:"tool"`
+	MetaProtocolVersion string            `json:"metaProtocolVersion"`
+	RequestState        bool              `json:"requestState"`
+	InputResponses      []string          `json:"inputResponses"`
 }
 
 // server2 is interop/server2.mjs running: a 2026-07-28 MCP server of the 2.x SDK.
@@ -153,6 +157,10 @@ func (b *nodeHybridBrowser) grantOffline(ctx context.Context, link string) error
 	return nil
 }
 
+// journeyNote is the note the journey writes: not ASCII, so that its Mcp-Param header
+// takes the Base64 form.
+const journeyNote = "Grüße, 世界"
+
 // journeyRow is one client of the journey tests: which SDK, which revision, which way to
 // a client id.
 type journeyRow struct {
@@ -236,7 +244,7 @@ func runJourney(t *testing.T, row journeyRow) {
 	opts := tsClientOptions{
 		SDK2: row.sdk2, SDKStepUp: row.sdkStepUp, Negotiate: row.negotiate,
 		Calls:   []map[string]any{{"name": "notes_read", "arguments": map[string]any{}}},
-		StepUp:  map[string]any{"name": "notes_write", "arguments": map[string]any{"text": "hello"}},
+		StepUp:  map[string]any{"name": "notes_write", "arguments": map[string]any{"text": journeyNote}},
 		Offline: map[string]any{"name": "notes_schedule_digest", "arguments": map[string]any{}},
 		Elicit: func(ctx context.Context, link string) (string, error) {
 			links = append(links, link)
@@ -378,6 +386,18 @@ func runJourney(t *testing.T, row journeyRow) {
 	}
 	if len(calls["notes_write"]) != 1 || len(calls["notes_read"]) != 1 {
 		t.Errorf("upstream tool calls: %d notes_write, %d notes_read; want one each (the write after the step-up)", len(calls["notes_write"]), len(calls["notes_read"]))
+	}
+	// The write tool's argument annotated x-mcp-header: the 2026-07-28 client mirrors it
+	// into Mcp-Param-Text, Base64 since it is not ASCII; the broker forwards it untouched
+	// (and the server, which compares it with the body, answered the call).
+	wantParam := map[string]string{}
+	if modern {
+		wantParam["mcp-param-text"] = "=?base64?" + base64.StdEncoding.EncodeToString([]byte(journeyNote)) + "?="
+	}
+	for _, w := range calls["notes_write"] {
+		if !maps.Equal(w.Params, wantParam) {
+			t.Errorf("upstream notes_write headers %v, want %v", w.Params, wantParam)
+		}
 	}
 	if d := calls["notes_schedule_digest"]; len(d) != 1 || d[0].RequestState || len(d[0].InputResponses) != 0 {
 		t.Errorf("upstream digest calls %+v: want one, without the broker's requestState and inputResponses", d)

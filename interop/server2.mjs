@@ -4,13 +4,14 @@
 // stateless fallback), on a loopback port. Prints {"url": "http://127.0.0.1:PORT/mcp"} once
 // it listens, then one {"type":"request",...} line per HTTP request it gets, so that a test
 // can check what reached the upstream behind mcp_oauth:
-//   the MCP transport headers (MCP-Protocol-Version, Mcp-Method, Mcp-Name), the SHA-256 of
+//   the MCP transport headers (MCP-Protocol-Version, Mcp-Method, Mcp-Name, Mcp-Param-*), the SHA-256 of
 //   the bearer token (never the token), the body's JSON-RPC method, tool name and protocol
 //   version (params._meta), and whether the body carried a requestState or inputResponses.
 //
 // Tools (the test's Caddyfile gives them their scopes and marks the offline one):
 //   notes_read              {}            a read
-//   notes_write             {text}        a write
+//   notes_write             {text}        a write; text is mirrored into Mcp-Param-Text
+//                                         (x-mcp-header), which the SDK checks against the body
 //   notes_schedule_digest   {}            a background job: needs the user's offline access
 //
 // Usage: node server2.mjs [--port N]   (0, the default, picks a free port)
@@ -32,7 +33,7 @@ const factory = () => {
     async () => text(`notes: ${notes.length}`));
   server.registerTool('notes_write', {
     description: 'Write a note',
-    inputSchema: fromJsonSchema({ type: 'object', properties: { text: { type: 'string' } }, required: ['text'] }),
+    inputSchema: fromJsonSchema({ type: 'object', properties: { text: { type: 'string', 'x-mcp-header': 'Text' } }, required: ['text'] }),
   }, async ({ text: note }) => {
     notes.push(note);
     return text(`saved note ${notes.length}`);
@@ -52,6 +53,7 @@ function record(req, body) {
     mcpMethod: req.headers['mcp-method'],
     mcpName: req.headers['mcp-name'],
     sessionId: req.headers['mcp-session-id'],
+    params: Object.fromEntries(Object.entries(req.headers).filter(([k]) => k.startsWith('mcp-param-'))),
   };
   const bearer = /^Bearer (.+)$/.exec(req.headers.authorization ?? '');
   if (bearer) entry.tokenSHA256 = sha256(bearer[1]);
