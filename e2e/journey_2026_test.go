@@ -418,29 +418,50 @@ func runJourney(t *testing.T, row journeyRow) {
 	caddy.assertLogsFree(append(br.codes, links...)...)
 }
 
-// TestJourney2026NoURLElicitationThroughCaddyBinary: the 2.x client on MCP 2026-07-28
-// that declares no URL elicitation calls the tool that needs offline access: the broker
-// answers with a tool result with isError whose text carries the one-time link and says
-// what to do, and the call never reaches the upstream.
-func TestJourney2026NoURLElicitationThroughCaddyBinary(t *testing.T) {
+// TestJourney2026OfflineRefusedThroughCaddyBinary: the 2.x client on MCP 2026-07-28 calls
+// the tool that needs offline access, and gets no further than a tool result with isError
+// whose text carries the one-time link and says what to do: when it declares no URL
+// elicitation, at once; when the user declines the URL elicitation, on the SDK's retry
+// with that answer. The call never reaches the upstream.
+func TestJourney2026OfflineRefusedThroughCaddyBinary(t *testing.T) {
 	requireInterop(t)
-	j := startJourney(t)
-	s, err := runTSClientErr(t, j.caddy.Base+"/mcp", j.br.login, tsClientOptions{
-		SDK2: true, SDKStepUp: true, Negotiate: "auto", ClientMetadataURL: j.docURL,
-		Calls: []map[string]any{{"name": "notes_schedule_digest", "arguments": map[string]any{}}},
-	})
-	if err != nil {
-		t.Fatalf("%v\ncaddy:\n%s", err, tail(j.caddy.logs.String()))
-	}
-	if s.ProtocolVersion != "2026-07-28" || len(s.Calls) != 1 || len(s.Elicitations) != 0 {
-		t.Fatalf("version %q, calls %+v, elicitations %+v", s.ProtocolVersion, s.Calls, s.Elicitations)
-	}
-	if c := s.Calls[0]; !c.IsError || !strings.Contains(c.Text, j.caddy.Base+"/oauth/offline-access?link=") || !strings.Contains(c.Text, "try again") {
-		t.Errorf("digest call %+v: want isError with the link and what to do", c)
-	}
-	for _, r := range j.up.Seen() {
-		if r.Tool == "notes_schedule_digest" {
-			t.Errorf("the upstream got the digest call without the user's offline access")
+	for _, decline := range []bool{false, true} {
+		name := "no URL elicitation declared"
+		if decline {
+			name = "the user declines"
 		}
+		t.Run(name, func(t *testing.T) {
+			j := startJourney(t)
+			digest := map[string]any{"name": "notes_schedule_digest", "arguments": map[string]any{}}
+			opts := tsClientOptions{SDK2: true, SDKStepUp: true, Negotiate: "auto", ClientMetadataURL: j.docURL}
+			if decline {
+				opts.Offline = digest
+				opts.Elicit = func(context.Context, string) (string, error) { return "decline", nil }
+			} else {
+				opts.Calls = []map[string]any{digest}
+			}
+			s, err := runTSClientErr(t, j.caddy.Base+"/mcp", j.br.login, opts)
+			if err != nil {
+				t.Fatalf("%v\ncaddy:\n%s", err, tail(j.caddy.logs.String()))
+			}
+			wantElicitations := 0
+			if decline {
+				wantElicitations = 1
+				if s.Offline == nil || s.Offline.OK || s.Offline.Elicitations != 1 {
+					t.Errorf("offline %+v: want one elicitation, then the tool error", s.Offline)
+				}
+			}
+			if s.ProtocolVersion != "2026-07-28" || len(s.Calls) != 1 || len(s.Elicitations) != wantElicitations {
+				t.Fatalf("version %q, calls %+v, elicitations %+v", s.ProtocolVersion, s.Calls, s.Elicitations)
+			}
+			if c := s.Calls[0]; !c.IsError || !strings.Contains(c.Text, j.caddy.Base+"/oauth/offline-access?link=") || !strings.Contains(c.Text, "try again") {
+				t.Errorf("digest call %+v: want isError with the link and what to do", c)
+			}
+			for _, r := range j.up.Seen() {
+				if r.Tool == "notes_schedule_digest" {
+					t.Errorf("the upstream got the digest call without the user's offline access")
+				}
+			}
+		})
 	}
 }
