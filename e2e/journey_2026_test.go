@@ -176,6 +176,9 @@ type journeyRow struct {
 	// comesBack: the user first comes back from the link without granting offline access
 	// and the client retries; the broker asks again with a new link.
 	comesBack bool
+	// listen keeps a subscriptions/listen stream open through the calls; the write tool
+	// makes the server publish a tool list change on it.
+	listen bool
 }
 
 // TestJourney2026ThroughCaddyBinary is issue 13's journey: the 2.x
@@ -205,7 +208,7 @@ type journeyRow struct {
 func TestJourney2026ThroughCaddyBinary(t *testing.T) {
 	requireInterop(t)
 	rows := []journeyRow{
-		{name: "2.x client, 2026-07-28, CIMD", sdk2: true, negotiate: "auto", cimd: true, sdkStepUp: true, version: "2026-07-28", via: "input_required"},
+		{name: "2.x client, 2026-07-28, CIMD", sdk2: true, negotiate: "auto", cimd: true, sdkStepUp: true, version: "2026-07-28", via: "input_required", listen: true},
 		{name: "2.x client, 2026-07-28, DCR, the user first comes back without granting", sdk2: true, negotiate: "auto", sdkStepUp: true, version: "2026-07-28", via: "input_required", comesBack: true},
 		{name: "2.x client, 2025-11-25, DCR", sdk2: true, negotiate: "legacy", sdkStepUp: true, version: "2025-11-25", via: "url_elicitation_error"},
 		{name: "1.x client, 2025-11-25, DCR", version: "2025-11-25", via: "url_elicitation_error"},
@@ -242,7 +245,7 @@ func runJourney(t *testing.T, row journeyRow) {
 	up, rec, docURL, docFetches, caddy, br := j.up, j.rec, j.docURL, j.docFetches, j.caddy, j.br
 	var links []string
 	opts := tsClientOptions{
-		SDK2: row.sdk2, SDKStepUp: row.sdkStepUp, Negotiate: row.negotiate,
+		SDK2: row.sdk2, SDKStepUp: row.sdkStepUp, Negotiate: row.negotiate, Listen: row.listen,
 		Calls:   []map[string]any{{"name": "notes_read", "arguments": map[string]any{}}},
 		StepUp:  map[string]any{"name": "notes_write", "arguments": map[string]any{"text": journeyNote}},
 		Offline: map[string]any{"name": "notes_schedule_digest", "arguments": map[string]any{}},
@@ -326,6 +329,11 @@ func runJourney(t *testing.T, row journeyRow) {
 			t.Errorf("403 challenge %q", r.WWWAuthenticate)
 		}
 	}
+	// The subscription: opened through the broker, its stream carried the change the write
+	// made the server publish, while the calls went on.
+	if row.listen && (s.Listen == nil || !s.Listen.Honored.ToolsListChanged || s.Listen.Notifications == 0 || s.Listen.Closed != "local") {
+		t.Errorf("subscriptions/listen %+v: want tool list changes honored, one delivered, closed by the client", s.Listen)
+	}
 	// The provisioning elicitation and the retry.
 	wantElicitations := 1
 	if row.comesBack {
@@ -346,10 +354,12 @@ func runJourney(t *testing.T, row journeyRow) {
 		t.Errorf("the retry without a grant got the same one-time link again")
 	}
 
-	// The 2026-07-28 client sent the transport headers on every MCP request.
+	// The 2026-07-28 client sent the transport headers on every MCP request. For a
+	// notification (here notifications/cancelled, closing the subscription) the revision
+	// defines no header requirement, and the 2.x client sends no Mcp-Method.
 	for _, r := range s.Requests {
-		if modern && r.Method == http.MethodPost && strings.HasSuffix(r.URL, "/mcp") && (r.ProtocolVersion != row.version || r.MCPMethod == "") {
-			t.Errorf("client request %s %s: MCP-Protocol-Version %q, Mcp-Method %q", r.Method, r.URL, r.ProtocolVersion, r.MCPMethod)
+		if modern && r.Method == http.MethodPost && strings.HasSuffix(r.URL, "/mcp") && (r.ProtocolVersion != row.version || !mirrorsMethod(r.MCPMethod, r.RPCMethod)) {
+			t.Errorf("client request %s %s (%s): MCP-Protocol-Version %q, Mcp-Method %q", r.Method, r.URL, r.RPCMethod, r.ProtocolVersion, r.MCPMethod)
 		}
 	}
 	// What the upstream saw.
@@ -363,7 +373,7 @@ func runJourney(t *testing.T, row journeyRow) {
 			continue
 		}
 		switch {
-		case modern && (r.ProtocolVersion != row.version || r.MetaProtocolVersion != row.version || r.MCPMethod != r.RPCMethod || r.MCPName != r.Tool):
+		case modern && (r.ProtocolVersion != row.version || r.MetaProtocolVersion != row.version || !mirrorsMethod(r.MCPMethod, r.RPCMethod) || r.MCPName != r.Tool):
 			t.Errorf("upstream request %+v: want MCP-Protocol-Version %s and Mcp-Method/Mcp-Name as the body", r, row.version)
 		case !modern && r.RPCMethod != "initialize" && r.ProtocolVersion != row.version:
 			t.Errorf("upstream request %+v: want MCP-Protocol-Version %s", r, row.version)
@@ -379,7 +389,11 @@ func runJourney(t *testing.T, row journeyRow) {
 	if modern {
 		first = "server/discover"
 	}
-	for _, m := range []string{first, "tools/list", "tools/call"} {
+	want := []string{first, "tools/list", "tools/call"}
+	if row.listen {
+		want = append(want, "subscriptions/listen", "notifications/cancelled")
+	}
+	for _, m := range want {
 		if !slices.ContainsFunc(seen, func(r server2Request) bool { return r.RPCMethod == m }) {
 			t.Errorf("the upstream never got %s", m)
 		}
@@ -464,4 +478,14 @@ func TestJourney2026OfflineRefusedThroughCaddyBinary(t *testing.T) {
 			}
 		})
 	}
+}
+
+// mirrorsMethod tells whether a 2026-07-28 message's Mcp-Method header is right for its
+// JSON-RPC method: the same, and present on every request; a notification's may be absent
+// (MCP 2026-07-28 defines no header requirement for notification POSTs).
+func mirrorsMethod(header, method string) bool {
+	if header == "" {
+		return strings.HasPrefix(method, "notifications/")
+	}
+	return header == method
 }

@@ -32,6 +32,8 @@ type tsClientOptions struct {
 	// Offline is a call that needs the user's offline access (after the step-up); the 2.x
 	// client declares URL elicitation for it.
 	Offline map[string]any
+	// Listen keeps a 2026-07-28 subscriptions/listen for tool list changes open through the calls.
+	Listen bool
 	// Elicit plays the user for a URL-mode elicitation: it opens url and says what the
 	// user did ("accept", "decline", "cancel"). Nil: every elicitation fails the run.
 	Elicit func(ctx context.Context, url string) (string, error)
@@ -51,6 +53,7 @@ type tsSummary struct {
 		ProtocolVersion string `json:"protocolVersion"`
 		MCPMethod       string `json:"mcpMethod"`
 		MCPName         string `json:"mcpName"`
+		RPCMethod       string `json:"rpcMethod"` // the JSON-RPC body's method, if any
 	} `json:"requests"`
 	TokenGrants []struct {
 		GrantType string `json:"grant_type"`
@@ -103,6 +106,13 @@ type tsSummary struct {
 		Elicitations int    `json:"elicitations"`
 		Text         string `json:"text"`
 	} `json:"offline"`
+	Listen *struct {
+		Honored struct {
+			ToolsListChanged bool `json:"toolsListChanged"`
+		} `json:"honored"`
+		Notifications int    `json:"notifications"`
+		Closed        string `json:"closed"`
+	} `json:"listen"`
 	AccessTokens  []string `json:"accessTokens"` // SHA-256 hex of each access token held
 	AuthorizeURLs []string `json:"-"`            // as the SDK produced them
 }
@@ -162,6 +172,9 @@ func runTSClientErr(t *testing.T, mcpURL string, login tsLoginFunc, o tsClientOp
 	}
 	if o.ClientMetadataURL != "" {
 		args = append(args, "--client-metadata-url", o.ClientMetadataURL)
+	}
+	if o.Listen {
+		args = append(args, "--listen")
 	}
 	if o.Offline != nil {
 		b, _ := json.Marshal(o.Offline)

@@ -22,6 +22,9 @@
 //   --client-metadata-url  with --sdk 2: the https URL of this client's metadata document
 //                   (CIMD); the SDK uses it as client_id where the authorization server
 //                   advertises client_id_metadata_document_supported, else it registers
+//   --listen        with a 2026-07-28 connection: subscriptions/listen for tool list changes
+//                   after tools/list, kept open through the calls; the summary counts the
+//                   notifications that arrived on it
 //   --offline       a tool call that needs the user to grant offline access: a 2026-07-28
 //                   server answers it with an InputRequiredResult carrying a URL-mode
 //                   elicitation; the client declares URL elicitation and its handler asks
@@ -55,6 +58,7 @@ const { values: args } = parseArgs({
     negotiate: { type: 'string', default: 'legacy' },
     'client-metadata-url': { type: 'string' },
     offline: { type: 'string' },
+    listen: { type: 'boolean', default: false },
     timeout: { type: 'string', default: '60000' },
   },
 });
@@ -95,6 +99,7 @@ const summary = {
   protocolVersion: undefined, // the revision the connection negotiated
   elicitations: [], // URL-mode elicitations the client was asked to open: message, URL origin and path, the user's action, and how it came (input_required: the SDK's handler for a 2026-07-28 InputRequiredResult; url_elicitation_error: the 2025-era -32042 error, handled here)
   offline: undefined,
+  listen: undefined, // {honored, notifications, closed}
 };
 
 // Lines from the harness: redirect results and elicitation answers, in order.
@@ -210,6 +215,9 @@ async function recordingFetch(input, init) {
   for (const [key, name] of [['protocolVersion', 'mcp-protocol-version'], ['mcpMethod', 'mcp-method'], ['mcpName', 'mcp-name']]) {
     if (sent.get(name)) entry[key] = sent.get(name);
   }
+  if (typeof body === 'string' && body.startsWith('{')) {
+    try { entry.rpcMethod = JSON.parse(body).method; } catch { /* not JSON-RPC */ }
+  }
   const www = res.headers.get('www-authenticate');
   if (www) entry.wwwAuthenticate = www;
   if (res.headers.get('mcp-session-id')) entry.session = true;
@@ -288,6 +296,14 @@ try {
   const tools = await withAuth('tools/list', () => client.listTools());
   summary.tools = tools.tools.map((t) => t.name);
 
+  let subscription;
+  let toolsChanged = 0;
+  if (args.listen) {
+    client.setNotificationHandler('notifications/tools/list_changed', () => { toolsChanged += 1; });
+    subscription = await withAuth('listen', () => client.listen({ toolsListChanged: true }));
+    summary.listen = { honored: subscription.honoredFilter, notifications: 0 };
+  }
+
   for (const raw of args.call ?? []) {
     const call = JSON.parse(raw);
     summary.calls.push(callResult(call.name, await withAuth('tools/call', () => client.callTool(call))));
@@ -322,6 +338,14 @@ try {
     } catch (err) {
       summary.stepUp = { ok: false, error: String(err?.message ?? err), authorizations: summary.authorizations.length - authsBefore };
     }
+  }
+
+  if (subscription) {
+    // A change the server published reaches the client while the stream stays open.
+    for (let i = 0; i < 50 && toolsChanged === 0; i += 1) await new Promise((r) => setTimeout(r, 100));
+    summary.listen.notifications = toolsChanged;
+    await subscription.close();
+    summary.listen.closed = await subscription.closed;
   }
 
   if (args.offline) {

@@ -11,7 +11,9 @@
 // Tools (the test's Caddyfile gives them their scopes and marks the offline one):
 //   notes_read              {}            a read
 //   notes_write             {text}        a write; text is mirrored into Mcp-Param-Text
-//                                         (x-mcp-header), which the SDK checks against the body
+//                                         (x-mcp-header), which the SDK checks against the body;
+//                                         publishes notifications/tools/list_changed to
+//                                         subscriptions/listen streams
 //   notes_schedule_digest   {}            a background job: needs the user's offline access
 //
 // Usage: node server2.mjs [--port N]   (0, the default, picks a free port)
@@ -36,6 +38,9 @@ const factory = () => {
     inputSchema: fromJsonSchema({ type: 'object', properties: { text: { type: 'string', 'x-mcp-header': 'Text' } }, required: ['text'] }),
   }, async ({ text: note }) => {
     notes.push(note);
+    // Tell open subscriptions (subscriptions/listen) that the tools changed: a stream
+    // that must reach the client through the broker while the call's own answer does.
+    handler.notify.toolsChanged();
     return text(`saved note ${notes.length}`);
   });
   server.registerTool('notes_schedule_digest', { description: 'Schedule a nightly digest of the notes (runs in the background)', inputSchema: fromJsonSchema({ type: 'object', properties: {} }) },
