@@ -122,7 +122,13 @@ func (b *Broker) EndSessions(ctx context.Context, subject, id string) (ended int
 		b.evictDelegated(sid)
 		b.audit(auditSessionRevoked, "", zap.String("reason", "admin"), zap.String("subject", subject), zap.String("session", Fingerprint(sid)))
 	}
-	b.revokeAppPassword(ctx, subject, "admin", "")
+	if id == "" {
+		b.revokeAppPassword(ctx, subject, "admin", "")
+	} else {
+		for sid := range ending { // one session ended: the app password stays for the others
+			b.releaseAppPassword(ctx, subject, sid, "admin", "")
+		}
+	}
 	return len(ending), truncated, nil
 }
 

@@ -28,26 +28,32 @@ import (
 // and keeps sealed per site and user (store_app_password.go).
 //
 //   - A request carries the user's app password from memory (appPasswordCache): no
-//     storage read on the warm path. The client's token never goes upstream; without an
-//     app password the request goes on without Authorization, which the MCP server needs
-//     only inside tools (it reads Basic credentials when a tool calls Nextcloud; initialize,
-//     tools/list and notifications need none).
+//     storage read on the warm path; the record is read again after 30 s, so that a
+//     revocation on another node reaches this one (SECURITY.md S1.28). The client's token
+//     never goes upstream; without an app password the request goes on without
+//     Authorization, which the MCP server needs only inside tools (it reads Basic
+//     credentials when a tool calls Nextcloud; initialize, tools/list and notifications
+//     need none).
 //   - A tools/call of a user without an app password is answered with the URL elicitation
 //     error the offline access tools use (offline_access_elicitation.go), whose one-time
 //     link (/oauth/app-password?link=) starts Login Flow v2 and sends the browser to
-//     Nextcloud's login URL (on its public URL).
+//     Nextcloud's login URL (on its public URL). A user's calls in a row get the same link
+//     while it is unused and young (SECURITY.md S1.27).
 //   - The flow is polled from storage under the user's lock: by a loop beside the janitor
 //     (PollLoginFlows) and at once on the user's next tools/call, so a config reload or a
-//     killed instance loses nothing; it ends with Nextcloud's 1200 s.
+//     killed instance loses nothing; it ends with Nextcloud's 1200 s. A pending answer holds
+//     the next poll back loginFlowPendingWait, cluster-wide. The flow's identity is bound
+//     to its key and sealed poll token (SECURITY.md S1.30).
 //   - The grant must come from the caller (SECURITY.md S1.21): before anything is stored, OCS
 //     cloud/user says whom the new app password authenticates as, and that must be the
 //     Nextcloud user the caller's token names (user_claim). A mismatch, or no answer, and
 //     nothing is stored: the app password is deleted in Nextcloud.
-//   - Revoking the user's session or offline access deletes the app password in Nextcloud
-//     too. It is marked revoked here only when Nextcloud itself says it is invalid (an OCS
-//     401), checked at most every appPasswordConfirmInterval; an outage (5xx, timeout, any
-//     other 401) changes nothing, and a 429 of Nextcloud's brute-force protection holds
-//     every call to Nextcloud back until its time is over (SECURITY.md S1.22, S2.23).
+//   - Revoking offline access or the user's last session deletes the app password in
+//     Nextcloud too (SECURITY.md S1.29). It is marked revoked here only when Nextcloud
+//     itself says it is invalid (an OCS 401), checked at most every
+//     appPasswordConfirmInterval; an outage (5xx, timeout, any other 401) changes nothing,
+//     and a 429 of Nextcloud's brute-force protection holds every call to Nextcloud back
+//     until its time is over (SECURITY.md S1.22, S2.23).
 
 // AppPasswordConfig configures delegation mode app_password.
 type AppPasswordConfig struct {
@@ -72,12 +78,22 @@ const (
 	pathAppPasswordStart = "/oauth/app-password"
 	// appPasswordLinkTTL bounds how long a one-time app password link can be opened.
 	appPasswordLinkTTL = 10 * time.Minute
-	// appPasswordConfirmInterval is how long a node uses an app password from memory
-	// before reading it again and, at most this often, asking Nextcloud whom it
+	// appPasswordConfirmInterval is how often a node asks Nextcloud whom an app password
 	// authenticates as.
 	appPasswordConfirmInterval = 10 * time.Minute
+	// appPasswordMemoryTrust is how long a node uses an app password from memory before
+	// reading its record again: the delay for a revocation on another node to reach this
+	// one, the same as broker tokens' (SECURITY.md S1.28).
+	appPasswordMemoryTrust = brokerCacheTTL
 	// appPasswordRetry is how soon a node asks again after Nextcloud could not answer.
 	appPasswordRetry = time.Minute
+	// appPasswordLinkReuse is how long a user's tool calls are answered with the same
+	// link: a link reused has at least appPasswordLinkTTL - appPasswordLinkReuse left,
+	// and a user has at most two live links (SECURITY.md S1.27).
+	appPasswordLinkReuse = appPasswordLinkTTL / 2
+	// appPasswordSessionsMax bounds the sessions recorded per user (AppPasswordSessions);
+	// past it the ended ones are dropped, then the oldest.
+	appPasswordSessionsMax = 32
 	// appPasswordAbsentFor is how long a node remembers that a user has no app password,
 	// for the calls that are not tool calls.
 	appPasswordAbsentFor = 5 * time.Second
@@ -87,6 +103,10 @@ const (
 	loginFlowPollLimit = 1000
 	// loginFlowRetry holds a flow's polls back after Nextcloud failed to answer one.
 	loginFlowRetry = 30 * time.Second
+	// loginFlowPendingWait holds a flow's polls back after Nextcloud said it is pending:
+	// a user's tool calls in a row poll at most once per this, cluster-wide, and the
+	// poller's 3 s round still finds the flow due (SECURITY.md S1.27).
+	loginFlowPendingWait = 2 * time.Second
 	// DefaultLoginFlowPollInterval is how often PollLoginFlowsEvery polls pending flows.
 	DefaultLoginFlowPollInterval = 3 * time.Second
 )
@@ -114,6 +134,9 @@ type appPasswordCache struct {
 type appPasswordEntry struct {
 	header string // "" when the user has none
 	until  int64  // Unix nanoseconds
+	// retryConfirmAt (Unix nanoseconds) holds the next confirmation at Nextcloud back
+	// after one Nextcloud did not answer.
+	retryConfirmAt int64
 }
 
 func (c *appPasswordCache) get(subject string, now int64) (appPasswordEntry, bool) {
@@ -121,6 +144,13 @@ func (c *appPasswordCache) get(subject string, now int64) (appPasswordEntry, boo
 	e, ok := c.entries[subject]
 	c.mu.RUnlock()
 	return e, ok && now < e.until
+}
+
+// peek returns subject's entry, expired or not.
+func (c *appPasswordCache) peek(subject string) appPasswordEntry {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.entries[subject]
 }
 
 func (c *appPasswordCache) put(subject string, e appPasswordEntry) {
@@ -251,8 +281,11 @@ func (b *Broker) loadAppPasswordOnce(ctx context.Context, subject string) (strin
 	}
 	creds := nextcloud.Credentials{LoginName: g.LoginName, AppPassword: password}
 	header := nextcloud.BasicAuthorization(g.LoginName, password)
-	until := now.Add(appPasswordConfirmInterval)
-	if now.Sub(g.ConfirmedAt) >= appPasswordConfirmInterval {
+	// Read again from storage after appPasswordMemoryTrust, so that a revocation on
+	// another node reaches this one; Nextcloud is asked only every
+	// appPasswordConfirmInterval, or appPasswordRetry after it did not answer.
+	e := appPasswordEntry{header: header, until: now.Add(appPasswordMemoryTrust).UnixNano()}
+	if now.Sub(g.ConfirmedAt) >= appPasswordConfirmInterval && now.UnixNano() >= ap.cache.peek(subject).retryConfirmAt {
 		if !ap.throttled(now) {
 			ok, err := b.confirmAppPassword(ctx, g, creds)
 			if err != nil {
@@ -264,10 +297,12 @@ func (b *Broker) loadAppPasswordOnce(ctx context.Context, subject string) (strin
 			}
 		}
 		if now.Sub(g.ConfirmedAt) >= appPasswordConfirmInterval {
-			until = now.Add(appPasswordRetry) // not confirmed: used, and asked again soon
+			e.retryConfirmAt = now.Add(appPasswordRetry).UnixNano() // not confirmed: used, and asked again soon
 		}
+	} else if now.Sub(g.ConfirmedAt) >= appPasswordConfirmInterval {
+		e.retryConfirmAt = ap.cache.peek(subject).retryConfirmAt
 	}
-	ap.cache.put(subject, appPasswordEntry{header: header, until: until.UnixNano()})
+	ap.cache.put(subject, e)
 	return header, nil
 }
 
@@ -407,10 +442,9 @@ func (b *Broker) elicitAppPassword(w http.ResponseWriter, r *http.Request, who *
 	if err != nil {
 		return err
 	}
-	token := randomToken()
-	link := AppPasswordLink{Subject: who.Subject, ClientID: who.ClientID, NextcloudUser: user, CreatedAt: b.now().UTC()}
-	if err := b.appPasswords.links.put(ctx, token, link); err != nil {
-		return errStorage("app password: storing link", err)
+	token, err := b.appPasswordLink(ctx, who, user)
+	if err != nil {
+		return err
 	}
 	u := b.issuer + pathAppPasswordStart + "?" + url.Values{"link": {token}}.Encode()
 	b.log.delegation.Info("tool needs a Nextcloud app password; URL elicitation sent", zap.String("subject", who.Subject))
@@ -420,6 +454,29 @@ func (b *Broker) elicitAppPassword(w http.ResponseWriter, r *http.Request, who *
 		message: "This tool needs access to your Nextcloud account. Open " + u + " to grant it, then try again.",
 		prompt:  "This tool needs access to your Nextcloud account. Sign in to Nextcloud to grant it, then try again.",
 	})
+}
+
+// appPasswordLink is the token of the user's current one-time link for Nextcloud user
+// user: the one an earlier call stored while it is live and younger than
+// appPasswordLinkReuse, else a new one. A user's tool calls in a row thus store one
+// link, not one each (SECURITY.md S1.27).
+func (b *Broker) appPasswordLink(ctx context.Context, who *idp.Principal, user string) (string, error) {
+	ap := b.appPasswords
+	if token, err := ap.store.currentLink(ctx, who.Subject, user); err == nil {
+		if _, err := ap.links.peek(ctx, token); err == nil {
+			return token, nil
+		}
+	}
+	token := randomToken()
+	now := b.now().UTC()
+	link := AppPasswordLink{Subject: who.Subject, ClientID: who.ClientID, NextcloudUser: user, CreatedAt: now}
+	if err := ap.links.put(ctx, token, link); err != nil {
+		return "", errStorage("app password: storing link", err)
+	}
+	if err := ap.store.putCurrentLink(ctx, who.Subject, user, token, now, appPasswordLinkReuse); err != nil {
+		return "", errStorage("app password: storing link", err)
+	}
+	return token, nil
 }
 
 // nextcloudUserOf is the Nextcloud user id the caller's token names: its user_claim.
@@ -589,7 +646,7 @@ func (b *Broker) pollLoginFlow(ctx context.Context, key, subject string) error {
 		f, err = ap.store.loadFlow(ctx, subject)
 	}
 	if err != nil {
-		return err
+		return b.refuseFlow(ctx, f, err)
 	}
 	now := b.now()
 	if now.Before(f.NextPollAt) || ap.throttled(now) {
@@ -601,20 +658,24 @@ func (b *Broker) pollLoginFlow(ctx context.Context, key, subject string) error {
 	}
 	defer unlock()
 	if f, err = ap.store.loadFlowAt(ctx, f.key); err != nil {
-		return err // another node took it meanwhile
+		return b.refuseFlow(ctx, f, err) // or another node took it meanwhile
+	}
+	if now.Before(f.NextPollAt) {
+		return nil // another node polled it meanwhile
 	}
 	if now.Sub(f.StartedAt) > nextcloud.FlowLifetime {
 		b.log.delegation.Info("login flow expired without a grant", zap.String("subject", f.Subject))
 		return ap.store.deleteFlow(ctx, f)
 	}
-	pollToken, err := ap.store.pollToken(f)
-	if err != nil {
-		_ = ap.store.deleteFlow(ctx, f)
-		return err
-	}
-	creds, err := ap.nc.PollLoginFlow(ctx, pollToken)
+	creds, err := ap.nc.PollLoginFlow(ctx, f.pollToken)
 	switch {
 	case errors.Is(err, nextcloud.ErrPending):
+		// Held back, cluster-wide: a user's tool calls in a row poll once per
+		// loginFlowPendingWait (SECURITY.md S1.27).
+		f.NextPollAt = now.Add(loginFlowPendingWait)
+		if perr := ap.store.putFlow(ctx, f, ""); perr != nil {
+			b.log.delegation.Warn("holding a pending login flow back", zap.Error(perr))
+		}
 		return nil
 	case err != nil:
 		f.NextPollAt = now.Add(loginFlowRetry)
@@ -633,6 +694,19 @@ func (b *Broker) pollLoginFlow(ctx context.Context, key, subject string) error {
 	}
 	b.storeGrantedAppPassword(ctx, f, creds)
 	return nil
+}
+
+// refuseFlow deletes a flow whose identity is not the one it was stored with
+// (errFlowIdentity), and returns err.
+func (b *Broker) refuseFlow(ctx context.Context, f *PendingLoginFlow, err error) error {
+	if errors.Is(err, errFlowIdentity) && f != nil {
+		b.log.delegation.Error("a login flow's record does not match its key or seal; deleted, nothing polled",
+			zap.String("subject", f.Subject), zap.String("nextcloud_user", f.NextcloudUser))
+		if derr := b.appPasswords.store.deleteFlow(ctx, f); derr != nil {
+			b.log.delegation.Warn("deleting a refused login flow", zap.Error(derr))
+		}
+	}
+	return err
 }
 
 // storeGrantedAppPassword stores the app password a flow yielded when it authenticates as
@@ -675,7 +749,8 @@ func (b *Broker) storeGrantedAppPassword(ctx context.Context, f *PendingLoginFlo
 }
 
 // revokeAppPassword deletes subject's app password in Nextcloud and here, and any flow
-// pending for it (the user revoked a session or offline access). Failures are logged.
+// pending for it (the user revoked offline access, or the last session:
+// releaseAppPassword). Failures are logged.
 func (b *Broker) revokeAppPassword(ctx context.Context, subject, reason, ip string) {
 	ap := b.appPasswords
 	if ap == nil || subject == "" {
@@ -711,4 +786,95 @@ func (b *Broker) revokeAppPassword(ctx context.Context, subject, reason, ip stri
 	}
 	b.audit(auditAppPasswordRevoked, ip, zap.String("reason", reason), zap.String("subject", subject),
 		zap.String("nextcloud_user", g.NextcloudUser), zap.Bool("deleted_in_nextcloud", deleted))
+}
+
+// noteAppPasswordSession records a new hybrid session of subject (AppPasswordSessions), so
+// that ending another one knows this one lives. Failures are logged: a session not
+// recorded only makes an earlier revocation delete the app password.
+func (b *Broker) noteAppPasswordSession(ctx context.Context, subject, sessionID string) {
+	ap := b.appPasswords
+	if ap == nil {
+		return
+	}
+	ctx = context.WithoutCancel(ctx)
+	unlock, err := ap.store.lock(ctx, subject)
+	if err != nil {
+		b.log.delegation.Warn("recording the user's session: locking", zap.Error(err))
+		return
+	}
+	defer unlock()
+	ids, key, err := ap.store.sessions(ctx, subject)
+	if err != nil {
+		b.log.delegation.Warn("recording the user's session: reading", zap.Error(err))
+		return
+	}
+	if len(ids) >= appPasswordSessionsMax {
+		ids = b.liveSessions(ctx, ids, "")
+	}
+	ids = append(ids, sessionID)
+	if over := len(ids) - appPasswordSessionsMax; over > 0 {
+		ids = ids[over:]
+	}
+	if err := ap.store.putSessions(ctx, subject, ids, key, b.cfg.SessionMaxLifetime); err != nil {
+		b.log.delegation.Warn("recording the user's session", zap.Error(err))
+	}
+}
+
+// liveSessions are those of ids, but except, whose session still lives, in order. A
+// session that cannot be read counts as live.
+func (b *Broker) liveSessions(ctx context.Context, ids []string, except string) []string {
+	live := make([]string, 0, len(ids))
+	for _, id := range ids {
+		if id == except {
+			continue
+		}
+		if _, err := b.sessions.load(ctx, id); errors.Is(err, storage.ErrNotFound) {
+			continue
+		}
+		live = append(live, id)
+	}
+	return live
+}
+
+// releaseAppPassword is the end of subject's session sessionID for the user's app
+// password: it is the user's, not the session's, so it is revoked (revokeAppPassword)
+// only when no other recorded session of the user lives (SECURITY.md S1.29).
+func (b *Broker) releaseAppPassword(ctx context.Context, subject, sessionID, reason, ip string) {
+	ap := b.appPasswords
+	if ap == nil || subject == "" {
+		return
+	}
+	ctx = context.WithoutCancel(ctx)
+	if sessionID != "" {
+		if others := b.otherAppPasswordSessions(ctx, subject, sessionID); others > 0 {
+			b.log.delegation.Info("a session of the user ended; the app password stays for the user's other sessions",
+				zap.String("subject", subject), zap.Int("other_sessions", others))
+			return
+		}
+	}
+	b.revokeAppPassword(ctx, subject, reason, ip)
+}
+
+// otherAppPasswordSessions forgets sessionID and the ended sessions among subject's
+// recorded ones, and counts those left. When the record cannot be read or written it
+// says 0: the app password is then revoked, as before sessions were recorded.
+func (b *Broker) otherAppPasswordSessions(ctx context.Context, subject, sessionID string) int {
+	ap := b.appPasswords
+	unlock, err := ap.store.lock(ctx, subject)
+	if err != nil {
+		b.log.delegation.Warn("reading the user's sessions: locking", zap.Error(err))
+		return 0
+	}
+	defer unlock()
+	ids, key, err := ap.store.sessions(ctx, subject)
+	if err != nil {
+		b.log.delegation.Warn("reading the user's sessions", zap.Error(err))
+		return 0
+	}
+	live := b.liveSessions(ctx, ids, sessionID)
+	if err := ap.store.putSessions(ctx, subject, live, key, b.cfg.SessionMaxLifetime); err != nil {
+		b.log.delegation.Warn("recording the user's sessions", zap.Error(err))
+		return 0
+	}
+	return len(live)
 }

@@ -216,6 +216,7 @@ func (b *Broker) finishLoginOutcome(w http.ResponseWriter, r *http.Request, q ur
 		}
 		return LoginFailedStorage, errStorage("callback: issuing code", err)
 	}
+	b.noteAppPasswordSession(r.Context(), grant.Subject, s.ID)
 	b.log.login.Info("login finished", zap.String("client_id", req.ClientID), zap.String("subject", grant.Subject))
 	b.audit(auditSessionCreated, clientIP(r), zap.String("subject", grant.Subject), zap.String("client_id", req.ClientID),
 		zap.String("session", Fingerprint(s.ID)))

@@ -73,7 +73,9 @@ func (b *Broker) revoke(w http.ResponseWriter, r *http.Request) error {
 		b.revokeGrant(ctx, familyID, sessionID)
 		b.audit(auditSessionRevoked, clientIP(r), zap.String("reason", "revocation_request"), zap.String("subject", subject),
 			zap.String("client_id", client.ID), zap.String("family", Fingerprint(familyID)))
-		b.revokeAppPassword(ctx, subject, "revocation_request", clientIP(r))
+		// The user's app password is the user's: it ends with the user's last session
+		// (SECURITY.md S1.29).
+		b.releaseAppPassword(ctx, subject, sessionID, "revocation_request", clientIP(r))
 	}
 	return nil
 }

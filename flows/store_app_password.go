@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -15,8 +16,10 @@ import (
 // (AppPasswordGrant) and the Login Flow v2 being polled for it (PendingLoginFlow). Both
 // belong to one site and are keyed, like offline access grants (store_offline.go), by a
 // keyed hash of the subject, so that a storage reader cannot test whether a given user
-// has one. The app password and the poll token are sealed with their record's key.
-// Every change holds the subject's lock.
+// has one. The app password is sealed with its record's key, the poll token with its
+// record's key and the flow's identity (S1.30). Beside them: the user's current one-time
+// link (S1.27) and the user's hybrid sessions (S1.29). Every change holds the subject's
+// lock, but the current link's.
 type appPasswordStore struct {
 	records *storage.Records
 	site    string // see Broker.site
@@ -113,43 +116,77 @@ func (st appPasswordStore) deleteGrant(ctx context.Context, g *AppPasswordGrant)
 	return st.records.Delete(ctx, g.key)
 }
 
+// errFlowIdentity refuses a pending flow whose identity is not the one it was stored with:
+// its key is not its subject's, or its poll token does not open with its identity.
+var errFlowIdentity = errors.New("login flow: the record's identity does not match its key or seal (altered in storage?)")
+
+// flowAAD is the associated data of a flow's poll token: its key and identity, so that a
+// record whose subject, client or Nextcloud user was changed in storage does not open.
+func flowAAD(key string, f *PendingLoginFlow) string {
+	return key + "\x00" + f.Subject + "\x00" + f.ClientID + "\x00" + f.NextcloudUser
+}
+
 // putFlow seals pollToken into f and stores it under subject's current key, replacing
-// any flow pending for subject. The caller holds the lock.
+// any flow pending for subject; with pollToken empty, f's sealed one is kept (f was
+// read here, its identity unchanged). The caller holds the lock.
 func (st appPasswordStore) putFlow(ctx context.Context, f *PendingLoginFlow, pollToken string) error {
 	key, err := st.currentKey(kindLoginFlow, f.Subject)
 	if err != nil {
 		return err
 	}
+	if pollToken == "" && key != f.key {
+		// Moved to the current key: sealed again for it.
+		pollToken = f.pollToken
+	}
 	if pollToken != "" {
-		if f.PollToken, err = st.records.Seal(key, []byte(pollToken)); err != nil {
+		if f.PollToken, err = st.records.Seal(flowAAD(key, f), []byte(pollToken)); err != nil {
 			return fmt.Errorf("sealing poll token: %w", err)
 		}
+		f.pollToken = pollToken
 	}
 	if err := st.records.Put(ctx, key, f, loginFlowTTL); err != nil {
 		return fmt.Errorf("storing login flow: %w", err)
+	}
+	if f.key != "" && f.key != key {
+		_ = st.records.Delete(ctx, f.key)
 	}
 	f.key = key
 	return nil
 }
 
-// loadFlow returns the flow pending for subject, or storage.ErrNotFound.
+// loadFlow returns the flow pending for subject, or storage.ErrNotFound, or
+// errFlowIdentity (with the flow, to delete).
 func (st appPasswordStore) loadFlow(ctx context.Context, subject string) (*PendingLoginFlow, error) {
 	f, key, err := getFirst[PendingLoginFlow](ctx, st.records, st.keys(kindLoginFlow, subject))
 	if err != nil {
 		return nil, err
 	}
-	f.key = key
-	return f, nil
+	return st.checkFlow(f, key)
 }
 
-// loadFlowAt reads the flow at key.
+// loadFlowAt reads the flow at key, or storage.ErrNotFound, or errFlowIdentity (with the
+// flow, to delete).
 func (st appPasswordStore) loadFlowAt(ctx context.Context, key string) (*PendingLoginFlow, error) {
 	var f PendingLoginFlow
 	if err := st.records.Get(ctx, key, &f); err != nil {
 		return nil, err
 	}
+	return st.checkFlow(&f, key)
+}
+
+// checkFlow binds f, read at key, to its identity: key must be one of its subject's, and
+// its poll token must open with its identity as associated data.
+func (st appPasswordStore) checkFlow(f *PendingLoginFlow, key string) (*PendingLoginFlow, error) {
 	f.key = key
-	return &f, nil
+	if !slices.Contains(st.keys(kindLoginFlow, f.Subject), key) {
+		return f, errFlowIdentity
+	}
+	plain, err := st.records.Open(flowAAD(key, f), f.PollToken)
+	if err != nil {
+		return f, errFlowIdentity
+	}
+	f.pollToken = string(plain)
+	return f, nil
 }
 
 // pendingFlowKeys lists the keys of this site's pending flows, at most limit.
@@ -165,15 +202,6 @@ func (st appPasswordStore) pendingFlowKeys(ctx context.Context, limit int) ([]st
 		}
 	}
 	return out, nil
-}
-
-// pollToken opens the poll token sealed in f.
-func (st appPasswordStore) pollToken(f *PendingLoginFlow) (string, error) {
-	plain, err := st.records.Open(f.key, f.PollToken)
-	if err != nil {
-		return "", fmt.Errorf("opening poll token: %w", err)
-	}
-	return string(plain), nil
 }
 
 // deleteFlow removes the flow at f's key.
@@ -223,4 +251,78 @@ func (st appPasswordStore) loadDeletionAt(ctx context.Context, key string) (*App
 // deleteDeletion removes a deletion record, done.
 func (st appPasswordStore) deleteDeletion(ctx context.Context, d *AppPasswordDeletion) error {
 	return st.records.Delete(ctx, d.key)
+}
+
+// currentLinkAAD is the associated data of a current link's token: its key and subject.
+func currentLinkAAD(key, subject string) string { return key + "\x00" + subject }
+
+// currentLink returns the token of subject's current link for nextcloudUser, or
+// storage.ErrNotFound.
+func (st appPasswordStore) currentLink(ctx context.Context, subject, nextcloudUser string) (string, error) {
+	c, key, err := getFirst[CurrentAppPasswordLink](ctx, st.records, st.keys(kindAppPasswordCurrentLink, subject))
+	if err != nil {
+		return "", err
+	}
+	if c.Subject != subject || c.NextcloudUser != nextcloudUser {
+		return "", storage.ErrNotFound
+	}
+	token, err := st.records.Open(currentLinkAAD(key, subject), c.Link)
+	if err != nil {
+		return "", storage.ErrNotFound
+	}
+	return string(token), nil
+}
+
+// putCurrentLink makes token subject's current link for ttl.
+func (st appPasswordStore) putCurrentLink(ctx context.Context, subject, nextcloudUser, token string, now time.Time, ttl time.Duration) error {
+	key, err := st.currentKey(kindAppPasswordCurrentLink, subject)
+	if err != nil {
+		return err
+	}
+	sealed, err := st.records.Seal(currentLinkAAD(key, subject), []byte(token))
+	if err != nil {
+		return fmt.Errorf("sealing link: %w", err)
+	}
+	c := CurrentAppPasswordLink{Subject: subject, NextcloudUser: nextcloudUser, Link: sealed, CreatedAt: now}
+	if err := st.records.Put(ctx, key, &c, ttl); err != nil {
+		return fmt.Errorf("storing current link: %w", err)
+	}
+	return nil
+}
+
+// sessions returns the sessions recorded for subject (none: empty), and the key they
+// were read from.
+func (st appPasswordStore) sessions(ctx context.Context, subject string) ([]string, string, error) {
+	s, key, err := getFirst[AppPasswordSessions](ctx, st.records, st.keys(kindAppPasswordSessions, subject))
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return nil, "", nil
+	case err != nil:
+		return nil, "", err
+	case s.Subject != subject:
+		return nil, key, nil
+	}
+	return s.Sessions, key, nil
+}
+
+// putSessions records ids as subject's sessions for ttl (none: the record is deleted). The
+// caller holds the lock.
+func (st appPasswordStore) putSessions(ctx context.Context, subject string, ids []string, oldKey string, ttl time.Duration) error {
+	key, err := st.currentKey(kindAppPasswordSessions, subject)
+	if err != nil {
+		return err
+	}
+	if len(ids) == 0 {
+		if oldKey != "" {
+			return st.records.Delete(ctx, oldKey)
+		}
+		return nil
+	}
+	if err := st.records.Put(ctx, key, &AppPasswordSessions{Subject: subject, Sessions: ids}, ttl); err != nil {
+		return fmt.Errorf("storing the user's sessions: %w", err)
+	}
+	if oldKey != "" && oldKey != key {
+		_ = st.records.Delete(ctx, oldKey)
+	}
+	return nil
 }

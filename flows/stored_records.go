@@ -35,6 +35,8 @@ const (
 	kindLoginFlow                = "login_flow"            // PendingLoginFlow, by site, then keyed hash of subject
 	kindAppPasswordLink          = "app_password_link"     // AppPasswordLink, by Hash(link token)
 	kindAppPasswordDeletion      = "app_password_deletion" // AppPasswordDeletion, by site, then a random id
+	kindAppPasswordCurrentLink   = "app_password_current"  // CurrentAppPasswordLink, by site, then keyed hash of subject
+	kindAppPasswordSessions      = "app_password_sessions" // AppPasswordSessions, by site, then keyed hash of subject
 )
 
 // recordKey builds the storage key of a record of kind for a client-supplied or random id.
@@ -282,11 +284,17 @@ type PendingLoginFlow struct {
 	// there.
 	key string
 
-	Subject       string    `json:"subject"`
-	ClientID      string    `json:"client_id,omitempty"`
-	NextcloudUser string    `json:"nextcloud_user"`
-	PollToken     string    `json:"poll_token_sealed"` // sealed
-	StartedAt     time.Time `json:"started_at"`
+	// pollToken is PollToken opened, when the flow was read: its identity (Subject,
+	// ClientID, NextcloudUser) checked against its key and the seal (SECURITY.md S1.30).
+	pollToken string
+
+	Subject       string `json:"subject"`
+	ClientID      string `json:"client_id,omitempty"`
+	NextcloudUser string `json:"nextcloud_user"`
+	// PollToken is sealed with the record's key and the flow's identity as associated
+	// data: a record whose identity was changed does not open.
+	PollToken string    `json:"poll_token_sealed"`
+	StartedAt time.Time `json:"started_at"`
 	// NextPollAt holds polls back after Nextcloud throttled the broker or failed.
 	NextPollAt time.Time `json:"next_poll_at,omitzero"`
 }
@@ -310,6 +318,25 @@ type AppPasswordGrant struct {
 	// RevokedAt is when Nextcloud said the app password is not valid (OCS 401): the
 	// password is erased and the user asked to grant one again.
 	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// CurrentAppPasswordLink is the one-time link a user's tool calls without an app password
+// are answered with, reused while it is live and young, so that calls in a row do not each
+// store a link (SECURITY.md S1.27).
+type CurrentAppPasswordLink struct {
+	Subject       string `json:"subject"`
+	NextcloudUser string `json:"nextcloud_user"`
+	// Link is the link's token, sealed with the record's key and the subject.
+	Link      string    `json:"link_sealed"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// AppPasswordSessions are the hybrid sessions a user logged in with on a site in delegation
+// mode app_password, newest last: the app password is the user's, and ending one of them
+// (RFC 7009) deletes it only when none of the others is live (SECURITY.md S1.29).
+type AppPasswordSessions struct {
+	Subject  string   `json:"subject"`
+	Sessions []string `json:"sessions"` // session ids
 }
 
 // AppPasswordDeletion is an app password the broker must delete in Nextcloud and could not
