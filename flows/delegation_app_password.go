@@ -563,6 +563,22 @@ func (b *Broker) appPasswordStart(w http.ResponseWriter, r *http.Request) error 
 		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The link could not be read; try again.").
 			because(storageFailed("app password: taking link", err))
 	}
+	unlock, err := ap.store.lock(ctx, link.Subject)
+	if err != nil {
+		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The login could not be started; try again.").
+			because(storageFailed("app password: locking", err))
+	}
+	defer unlock()
+	// The user's flow pending with time left is the one this link continues: links
+	// opened in a row start one flow at Nextcloud, not one each (SECURITY.md S1.27).
+	if f, err := ap.store.loadFlow(ctx, link.Subject); err == nil && f.loginURL != "" && f.NextcloudUser == link.NextcloudUser &&
+		b.now().Sub(f.StartedAt) < nextcloud.FlowLifetime-appPasswordLinkTTL {
+		b.log.delegation.Info("the user's pending login flow continues", zap.String("subject", link.Subject))
+		redirectToNextcloud(w, r, f.loginURL)
+		return nil
+	} else if err != nil {
+		_ = b.refuseFlow(ctx, f, err)
+	}
 	flow, err := ap.nc.StartLoginFlow(ctx)
 	if err != nil {
 		b.noteThrottle(err)
@@ -570,25 +586,24 @@ func (b *Broker) appPasswordStart(w http.ResponseWriter, r *http.Request) error 
 			because(fmt.Errorf("app password: %w", err))
 		return e
 	}
-	unlock, err := ap.store.lock(ctx, link.Subject)
-	if err != nil {
-		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The login could not be started; try again.").
-			because(storageFailed("app password: locking", err))
-	}
-	pending := PendingLoginFlow{Subject: link.Subject, ClientID: link.ClientID, NextcloudUser: link.NextcloudUser, StartedAt: b.now().UTC()}
-	err = ap.store.putFlow(ctx, &pending, flow.PollToken)
-	unlock()
-	if err != nil {
+	pending := PendingLoginFlow{Subject: link.Subject, ClientID: link.ClientID, NextcloudUser: link.NextcloudUser, StartedAt: b.now().UTC(),
+		pollToken: flow.PollToken, loginURL: flow.LoginURL}
+	if err := ap.store.putFlow(ctx, &pending); err != nil {
 		return b.errOfflineAccessPage(http.StatusInternalServerError, "Error", "The login could not be started; try again.").
 			because(storageFailed("app password: storing login flow", err))
 	}
 	b.audit(auditAppPasswordFlowStarted, clientIP(r), zap.String("subject", link.Subject), zap.String("client_id", link.ClientID),
 		zap.String("nextcloud_user", link.NextcloudUser))
+	redirectToNextcloud(w, r, flow.LoginURL)
+	return nil
+}
+
+// redirectToNextcloud sends the browser to a flow's login URL, which nothing may keep.
+func redirectToNextcloud(w http.ResponseWriter, r *http.Request, loginURL string) {
 	h := w.Header()
 	h.Set("Cache-Control", "no-store")
 	h.Set("Referrer-Policy", "no-referrer")
-	http.Redirect(w, r, flow.LoginURL, http.StatusFound)
-	return nil
+	http.Redirect(w, r, loginURL, http.StatusFound)
 }
 
 // PollLoginFlows polls each pending Login Flow v2 of this site that is due, once, and
@@ -673,7 +688,7 @@ func (b *Broker) pollLoginFlow(ctx context.Context, key, subject string) error {
 		// Held back, cluster-wide: a user's tool calls in a row poll once per
 		// loginFlowPendingWait (SECURITY.md S1.27).
 		f.NextPollAt = now.Add(loginFlowPendingWait)
-		if perr := ap.store.putFlow(ctx, f, ""); perr != nil {
+		if perr := ap.store.putFlow(ctx, f); perr != nil {
 			b.log.delegation.Warn("holding a pending login flow back", zap.Error(perr))
 		}
 		return nil
@@ -683,7 +698,7 @@ func (b *Broker) pollLoginFlow(ctx context.Context, key, subject string) error {
 		if b.noteThrottle(err) && errors.As(err, &te) {
 			f.NextPollAt = te.Until
 		}
-		if perr := ap.store.putFlow(ctx, f, ""); perr != nil {
+		if perr := ap.store.putFlow(ctx, f); perr != nil {
 			b.log.delegation.Warn("holding a login flow back", zap.Error(perr))
 		}
 		return err

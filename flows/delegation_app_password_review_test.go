@@ -13,6 +13,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/nextcloud"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -339,4 +340,37 @@ func TestAppPasswordReloadKeepsTheConfirmationPace(t *testing.T) {
 	if user, _ := f.upstreamBasic(t); user != o.User.Subject {
 		t.Error("the app password was not used")
 	}
+}
+
+// TestAppPasswordLinksOpenedInARowStartOneFlow (S1.27): links of a user opened in a row
+// while the user's flow is pending send the browser to that flow's login URL: Nextcloud
+// starts one flow, not one per link, until the flow has less than a link's lifetime left.
+func TestAppPasswordLinksOpenedInARowStartOneFlow(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	f := startAppPassword(t, o, nc, nil)
+	token := f.token(t, o.User)
+	starts := func() int {
+		n := 0
+		for _, r := range nc.Requests() {
+			if r.Path == "/index.php/login/v2" {
+				n++
+			}
+		}
+		return n
+	}
+	first := f.open(t, f.elicit(t, token))
+	for range 3 {
+		if login := f.open(t, f.elicit(t, token)); login != first {
+			t.Fatal("a link opened while the flow is pending started another flow")
+		}
+	}
+	if n := starts(); n != 1 {
+		t.Errorf("%d flows started at Nextcloud, want 1", n)
+	}
+	f.clock.Advance(nextcloud.FlowLifetime - appPasswordLinkTTL)
+	if login := f.open(t, f.elicit(t, token)); login == first || starts() != 2 {
+		t.Error("a flow with less than a link's lifetime left was continued")
+	}
+	assertNoSecretInLogs(t, f.logs, pollSecrets(nc))
 }

@@ -2,6 +2,7 @@ package flows
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -120,29 +121,29 @@ func (st appPasswordStore) deleteGrant(ctx context.Context, g *AppPasswordGrant)
 // its key is not its subject's, or its poll token does not open with its identity.
 var errFlowIdentity = errors.New("login flow: the record's identity does not match its key or seal (altered in storage?)")
 
-// flowAAD is the associated data of a flow's poll token: its key and identity, so that a
-// record whose subject, client or Nextcloud user was changed in storage does not open.
-func flowAAD(key string, f *PendingLoginFlow) string {
-	return key + "\x00" + f.Subject + "\x00" + f.ClientID + "\x00" + f.NextcloudUser
+// flowAAD is the associated data of a flow's sealed field: its key, identity and the
+// field, so that a record whose subject, client or Nextcloud user was changed in storage
+// does not open. JSON keeps the parts apart whatever they hold.
+func flowAAD(key string, f *PendingLoginFlow, field string) string {
+	aad, _ := json.Marshal([]string{key, f.Subject, f.ClientID, f.NextcloudUser, field})
+	return string(aad)
 }
 
-// putFlow seals pollToken into f and stores it under subject's current key, replacing
-// any flow pending for subject; with pollToken empty, f's sealed one is kept (f was
-// read here, its identity unchanged). The caller holds the lock.
-func (st appPasswordStore) putFlow(ctx context.Context, f *PendingLoginFlow, pollToken string) error {
+// putFlow seals f's poll token and login URL into it and stores it under its subject's
+// current key, replacing any flow pending for subject. The caller holds the lock.
+func (st appPasswordStore) putFlow(ctx context.Context, f *PendingLoginFlow) error {
 	key, err := st.currentKey(kindLoginFlow, f.Subject)
 	if err != nil {
 		return err
 	}
-	if pollToken == "" && key != f.key {
-		// Moved to the current key: sealed again for it.
-		pollToken = f.pollToken
+	if f.PollToken, err = st.records.Seal(flowAAD(key, f, "poll_token"), []byte(f.pollToken)); err != nil {
+		return fmt.Errorf("sealing poll token: %w", err)
 	}
-	if pollToken != "" {
-		if f.PollToken, err = st.records.Seal(flowAAD(key, f), []byte(pollToken)); err != nil {
-			return fmt.Errorf("sealing poll token: %w", err)
+	f.LoginURL = ""
+	if f.loginURL != "" {
+		if f.LoginURL, err = st.records.Seal(flowAAD(key, f, "login_url"), []byte(f.loginURL)); err != nil {
+			return fmt.Errorf("sealing login URL: %w", err)
 		}
-		f.pollToken = pollToken
 	}
 	if err := st.records.Put(ctx, key, f, loginFlowTTL); err != nil {
 		return fmt.Errorf("storing login flow: %w", err)
@@ -181,11 +182,17 @@ func (st appPasswordStore) checkFlow(f *PendingLoginFlow, key string) (*PendingL
 	if !slices.Contains(st.keys(kindLoginFlow, f.Subject), key) {
 		return f, errFlowIdentity
 	}
-	plain, err := st.records.Open(flowAAD(key, f), f.PollToken)
+	plain, err := st.records.Open(flowAAD(key, f, "poll_token"), f.PollToken)
 	if err != nil {
 		return f, errFlowIdentity
 	}
 	f.pollToken = string(plain)
+	if f.LoginURL != "" {
+		if plain, err = st.records.Open(flowAAD(key, f, "login_url"), f.LoginURL); err != nil {
+			return f, errFlowIdentity
+		}
+		f.loginURL = string(plain)
+	}
 	return f, nil
 }
 
@@ -254,7 +261,10 @@ func (st appPasswordStore) deleteDeletion(ctx context.Context, d *AppPasswordDel
 }
 
 // currentLinkAAD is the associated data of a current link's token: its key and subject.
-func currentLinkAAD(key, subject string) string { return key + "\x00" + subject }
+func currentLinkAAD(key, subject string) string {
+	aad, _ := json.Marshal([]string{key, subject})
+	return string(aad)
+}
 
 // currentLink returns the token of subject's current link for nextcloudUser, or
 // storage.ErrNotFound.

@@ -284,16 +284,21 @@ type PendingLoginFlow struct {
 	// there.
 	key string
 
-	// pollToken is PollToken opened, when the flow was read: its identity (Subject,
-	// ClientID, NextcloudUser) checked against its key and the seal (SECURITY.md S1.30).
-	pollToken string
+	// pollToken and loginURL are PollToken and LoginURL opened, when the flow was read:
+	// its identity (Subject, ClientID, NextcloudUser) checked against its key and the
+	// seal (SECURITY.md S1.30).
+	pollToken, loginURL string
 
 	Subject       string `json:"subject"`
 	ClientID      string `json:"client_id,omitempty"`
 	NextcloudUser string `json:"nextcloud_user"`
 	// PollToken is sealed with the record's key and the flow's identity as associated
 	// data: a record whose identity was changed does not open.
-	PollToken string    `json:"poll_token_sealed"`
+	PollToken string `json:"poll_token_sealed"`
+	// LoginURL is where the flow's first link sent the browser, sealed as PollToken: the
+	// user's next links send the browser there too, while the flow has time left
+	// (SECURITY.md S1.27).
+	LoginURL  string    `json:"login_url_sealed,omitempty"`
 	StartedAt time.Time `json:"started_at"`
 	// NextPollAt holds polls back after Nextcloud throttled the broker or failed.
 	NextPollAt time.Time `json:"next_poll_at,omitzero"`
