@@ -13,7 +13,9 @@ type AuthorizationServerMetadata struct {
 	ResponseTypesSupported                     []string `json:"response_types_supported"`
 	GrantTypesSupported                        []string `json:"grant_types_supported"`
 	TokenEndpointAuthMethodsSupported          []string `json:"token_endpoint_auth_methods_supported"`
+	TokenEndpointAuthSigningAlgValuesSupported []string `json:"token_endpoint_auth_signing_alg_values_supported,omitempty"`
 	RevocationEndpointAuthMethodsSupported     []string `json:"revocation_endpoint_auth_methods_supported"`
+	RevocationEndpointAuthSigningAlgValues     []string `json:"revocation_endpoint_auth_signing_alg_values_supported,omitempty"`
 	CodeChallengeMethodsSupported              []string `json:"code_challenge_methods_supported"`
 	ClientIDMetadataDocumentSupported          bool     `json:"client_id_metadata_document_supported"`
 	AuthorizationResponseIssParameterSupported bool     `json:"authorization_response_iss_parameter_supported"`
@@ -24,16 +26,26 @@ type AuthorizationServerMetadata struct {
 // lists, which clients compare byte for byte.
 func (b *Broker) authorizationServerMetadata() AuthorizationServerMetadata {
 	authMethods := []string{"none", "client_secret_basic", "client_secret_post"}
+	var signingAlgs []string
+	if !b.cfg.DisableClientMetadataDocuments {
+		// Only metadata document clients authenticate with private_key_jwt.
+		authMethods = append(authMethods, AuthMethodPrivateKeyJWT)
+		for _, a := range clientAssertionAlgorithms {
+			signingAlgs = append(signingAlgs, string(a))
+		}
+	}
 	m := AuthorizationServerMetadata{
-		Issuer:                                     b.issuer,
-		AuthorizationEndpoint:                      b.issuer + pathAuthorize,
-		TokenEndpoint:                              b.issuer + pathToken,
-		RevocationEndpoint:                         b.issuer + pathRevoke,
-		ScopesSupported:                            b.offer().advertised,
-		ResponseTypesSupported:                     []string{"code"},
-		GrantTypesSupported:                        []string{"authorization_code", "refresh_token"},
-		TokenEndpointAuthMethodsSupported:          authMethods,
+		Issuer:                            b.issuer,
+		AuthorizationEndpoint:             b.issuer + pathAuthorize,
+		TokenEndpoint:                     b.issuer + pathToken,
+		RevocationEndpoint:                b.issuer + pathRevoke,
+		ScopesSupported:                   b.offer().advertised,
+		ResponseTypesSupported:            []string{"code"},
+		GrantTypesSupported:               []string{"authorization_code", "refresh_token"},
+		TokenEndpointAuthMethodsSupported: authMethods,
+		TokenEndpointAuthSigningAlgValuesSupported: signingAlgs,
 		RevocationEndpointAuthMethodsSupported:     authMethods,
+		RevocationEndpointAuthSigningAlgValues:     signingAlgs,
 		CodeChallengeMethodsSupported:              []string{"S256"},
 		ClientIDMetadataDocumentSupported:          !b.cfg.DisableClientMetadataDocuments,
 		AuthorizationResponseIssParameterSupported: true,

@@ -23,18 +23,20 @@ func TestAuthorizationServerMetadata(t *testing.T) {
 			_, front := startHybridFront(t, o, "", func(c *Config) { c.Registration = registration })
 			iss := front.URL
 			want := map[string]any{
-				"issuer":                                         iss,
-				"authorization_endpoint":                         iss + "/oauth/authorize",
-				"token_endpoint":                                 iss + "/oauth/token",
-				"revocation_endpoint":                            iss + "/oauth/revoke",
-				"scopes_supported":                               []any{"openid", "notes:read", "notes:write"},
-				"response_types_supported":                       []any{"code"},
-				"grant_types_supported":                          []any{"authorization_code", "refresh_token"},
-				"token_endpoint_auth_methods_supported":          []any{"none", "client_secret_basic", "client_secret_post"},
-				"revocation_endpoint_auth_methods_supported":     []any{"none", "client_secret_basic", "client_secret_post"},
-				"code_challenge_methods_supported":               []any{"S256"},
-				"client_id_metadata_document_supported":          true,
-				"authorization_response_iss_parameter_supported": true,
+				"issuer":                                                iss,
+				"authorization_endpoint":                                iss + "/oauth/authorize",
+				"token_endpoint":                                        iss + "/oauth/token",
+				"revocation_endpoint":                                   iss + "/oauth/revoke",
+				"scopes_supported":                                      []any{"openid", "notes:read", "notes:write"},
+				"response_types_supported":                              []any{"code"},
+				"grant_types_supported":                                 []any{"authorization_code", "refresh_token"},
+				"token_endpoint_auth_methods_supported":                 []any{"none", "client_secret_basic", "client_secret_post", "private_key_jwt"},
+				"token_endpoint_auth_signing_alg_values_supported":      []any{"RS256", "PS256", "ES256", "EdDSA"},
+				"revocation_endpoint_auth_methods_supported":            []any{"none", "client_secret_basic", "client_secret_post", "private_key_jwt"},
+				"revocation_endpoint_auth_signing_alg_values_supported": []any{"RS256", "PS256", "ES256", "EdDSA"},
+				"code_challenge_methods_supported":                      []any{"S256"},
+				"client_id_metadata_document_supported":                 true,
+				"authorization_response_iss_parameter_supported":        true,
 			}
 			if registration {
 				want["registration_endpoint"] = iss + "/oauth/register"

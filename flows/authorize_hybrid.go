@@ -103,7 +103,7 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 		}
 		redirectURI = client.RedirectURIs[0]
 	}
-	if err := CheckRedirectURI(redirectURI); err != nil {
+	if err := checkRedirectURIFor(client.ApplicationType, redirectURI); err != nil {
 		return errInvalidRequest(err.Error())
 	}
 	if !MatchRedirectURI(client.RedirectURIs, redirectURI) {
@@ -117,7 +117,9 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 	// error goes, with a link the user may follow. Configured clients' URIs are the
 	// operator's, and loopback ones stay on the user's computer: they are redirected to.
 	state := f.Get("state")
-	page := client.Source != ClientSourceConfig && !isLoopbackRedirectURI(redirectURI)
+	// A native app's private-use scheme (registered only for application_type native)
+	// opens an app on the user's computer, like a loopback URI.
+	page := client.Source != ClientSourceConfig && !isLoopbackRedirectURI(redirectURI) && !isPrivateUseRedirectURI(redirectURI)
 	if len(state) > maxStateLen {
 		return errInvalidRequest("state is too long").to(redirectURI, "", page)
 	}

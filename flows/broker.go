@@ -249,6 +249,7 @@ type Broker struct {
 	registrations      clientStore
 	cookies            cookieSealer
 	requestStates      requestStateTagger
+	assertionIDs       assertionIDStore
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.

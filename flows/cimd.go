@@ -16,6 +16,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/go-jose/go-jose/v4"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/caddy-mcp/oauth-broker/safehttp"
@@ -24,13 +25,15 @@ import (
 // Client ID Metadata Documents (MCP 2025-11-25, draft-ietf-oauth-client-id-metadata-document):
 // a client_id that is an https URL names a JSON document of client metadata, served by
 // the client's owner. The broker fetches it as an untrusted party would: https only, a
-// 5 s timeout, 64 KiB at most, no redirects, and no connection to a loopback, private,
-// link-local or otherwise non-public address unless Config.CIMDAllowPrivate (the client
-// of package safehttp, which checks the address actually dialled).
+// 5 s timeout, 5 KiB at most (the draft's recommended maximum, §"Maximum Response Size"),
+// no redirects, and no connection to a loopback, private, link-local or otherwise
+// non-public address unless Config.CIMDAllowPrivate (the client of package safehttp, which
+// checks the address actually dialled). The key set at a document's jwks_uri is fetched
+// the same way (client_assertion.go).
 
 const (
 	cimdTimeout        = 5 * time.Second
-	maxDocumentBytes   = 64 << 10
+	maxDocumentBytes   = 5 << 10
 	minDocumentCache   = time.Minute
 	maxDocumentCache   = 24 * time.Hour
 	maxCachedDocuments = 1000
@@ -51,6 +54,8 @@ var errDocumentFetchesBusy = errors.New("too many document fetches under way")
 type metadataDocuments struct {
 	mu      sync.Mutex
 	entries expiringMap[*Client]
+	// keySets are the key sets fetched from documents' jwks_uri, by URL.
+	keySets expiringMap[*jose.JSONWebKeySet]
 	// failures are the recently failed fetches, by URL.
 	failures expiringMap[error]
 	flight   singleflight.Group
@@ -112,6 +117,7 @@ func (m expiringMap[V]) put(id string, v V, expires, now time.Time) {
 func newMetadataDocuments(maxEntries int) *metadataDocuments {
 	return &metadataDocuments{
 		entries:  newExpiringMap[*Client](maxEntries),
+		keySets:  newExpiringMap[*jose.JSONWebKeySet](maxEntries),
 		failures: newExpiringMap[error](maxCachedFailures),
 		fetches:  make(chan struct{}, maxDocumentFetches),
 	}
@@ -128,6 +134,19 @@ func (d *metadataDocuments) put(id string, c *Client, expires, now time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.entries.put(id, c, expires, now)
+}
+
+func (d *metadataDocuments) keySet(uri string, now time.Time) *jose.JSONWebKeySet {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	set, _ := d.keySets.get(uri, now)
+	return set
+}
+
+func (d *metadataDocuments) putKeySet(uri string, set *jose.JSONWebKeySet, expires, now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.keySets.put(uri, set, expires, now)
 }
 
 // failed returns the error of a fetch of id that failed less than documentFailureTTL ago.
@@ -154,14 +173,17 @@ func (d *metadataDocuments) httpClient(allowPrivate bool) *http.Client {
 
 // clientIDDocument is the metadata the broker reads from a document.
 type clientIDDocument struct {
-	ClientID                string   `json:"client_id"`
-	ClientName              string   `json:"client_name"`
-	RedirectURIs            []string `json:"redirect_uris"`
-	GrantTypes              []string `json:"grant_types"`
-	ResponseTypes           []string `json:"response_types"`
-	TokenEndpointAuthMethod string   `json:"token_endpoint_auth_method"`
-	Scope                   string   `json:"scope"`
-	ClientSecret            string   `json:"client_secret"`
+	ClientID                string          `json:"client_id"`
+	ClientName              string          `json:"client_name"`
+	RedirectURIs            []string        `json:"redirect_uris"`
+	GrantTypes              []string        `json:"grant_types"`
+	ResponseTypes           []string        `json:"response_types"`
+	TokenEndpointAuthMethod string          `json:"token_endpoint_auth_method"`
+	Scope                   string          `json:"scope"`
+	ClientSecret            string          `json:"client_secret"`
+	ApplicationType         string          `json:"application_type"`
+	JWKS                    json.RawMessage `json:"jwks"`
+	JWKSURI                 string          `json:"jwks_uri"`
 }
 
 // metadataDocumentClient finds the client whose client_id is the URL id, from the cache
@@ -248,25 +270,9 @@ func (b *Broker) fetchMetadataDocument(ctx context.Context, id string) (*Client,
 	case <-ctx.Done():
 		return nil, 0, errDocumentFetchesBusy
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, id, nil)
+	body, header, err := b.fetchBounded(ctx, id, maxDocumentBytes)
 	if err != nil {
-		return nil, 0, fmt.Errorf("building request: %w", err)
-	}
-	req.Header.Set("Accept", "application/json")
-	resp, err := b.clients.documents.httpClient(b.cfg.CIMDAllowPrivate).Do(req)
-	if err != nil {
-		return nil, 0, fmt.Errorf("fetching: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, 0, fmt.Errorf("fetching: status %d", resp.StatusCode)
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxDocumentBytes+1))
-	if err != nil {
-		return nil, 0, fmt.Errorf("reading: %w", err)
-	}
-	if len(body) > maxDocumentBytes {
-		return nil, 0, errors.New("document is larger than 64 KiB")
+		return nil, 0, err
 	}
 	var doc clientIDDocument
 	if err := json.Unmarshal(body, &doc); err != nil {
@@ -276,7 +282,33 @@ func (b *Broker) fetchMetadataDocument(ctx context.Context, id string) (*Client,
 	if err != nil {
 		return nil, 0, err
 	}
-	return c, documentCacheTTL(resp.Header), nil
+	return c, documentCacheTTL(header), nil
+}
+
+// fetchBounded GETs the JSON at u with the documents' client (public addresses only, no
+// redirects), answering 200 with at most limit bytes. The caller holds a fetch slot.
+func (b *Broker) fetchBounded(ctx context.Context, u string, limit int) ([]byte, http.Header, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("building request: %w", err)
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := b.clients.documents.httpClient(b.cfg.CIMDAllowPrivate).Do(req)
+	if err != nil {
+		return nil, nil, fmt.Errorf("fetching: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, nil, fmt.Errorf("fetching: status %d", resp.StatusCode)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, int64(limit)+1))
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading: %w", err)
+	}
+	if len(body) > limit {
+		return nil, nil, fmt.Errorf("response is larger than %d bytes", limit)
+	}
+	return body, resp.Header, nil
 }
 
 // clientFromDocument checks a document fetched from id. The document is written for
@@ -288,9 +320,11 @@ func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, 
 		return nil, errors.New("document client_id differs from its URL")
 	case doc.ClientSecret != "":
 		return nil, errors.New("document carries a client_secret")
-	case doc.TokenEndpointAuthMethod != "" && doc.TokenEndpointAuthMethod != AuthMethodNone:
-		// No shared secret exists for a document client; private_key_jwt is not supported.
-		return nil, errors.New("document token_endpoint_auth_method is not none")
+	case doc.TokenEndpointAuthMethod != "" && doc.TokenEndpointAuthMethod != AuthMethodNone &&
+		doc.TokenEndpointAuthMethod != AuthMethodPrivateKeyJWT:
+		// No shared secret exists for a document client (the draft's §"Client
+		// Authentication"): public, or keys it publishes.
+		return nil, errors.New("document token_endpoint_auth_method is neither none nor private_key_jwt")
 	case len(doc.RedirectURIs) == 0:
 		return nil, errors.New("document has no redirect_uris")
 	case len(doc.RedirectURIs) > maxRedirectURIs:
@@ -300,13 +334,18 @@ func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, 
 	case CheckClientName(doc.ClientName) != nil:
 		return nil, fmt.Errorf("document: %w", errClientNameCharacters)
 	}
+	appType := knownApplicationType(doc.ApplicationType)
 	for _, u := range doc.RedirectURIs {
 		if len(u) > maxRedirectURILen {
 			return nil, errors.New("document redirect_uri is too long")
 		}
-		if err := CheckRedirectURI(u); err != nil {
+		if err := checkRedirectURIFor(appType, u); err != nil {
 			return nil, fmt.Errorf("document redirect_uris: %w", err)
 		}
+	}
+	method, keys, jwksURI, err := documentAuthentication(doc)
+	if err != nil {
+		return nil, err
 	}
 	if len(doc.ResponseTypes) > 0 && !slices.Contains(doc.ResponseTypes, "code") {
 		return nil, errors.New("document response_types lack code")
@@ -338,15 +377,45 @@ func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, 
 		name = id
 	}
 	return &Client{
-		ID:           id,
-		Name:         name,
-		RedirectURIs: doc.RedirectURIs,
-		Scopes:       scopes,
-		offered:      offered,
-		AuthMethod:   AuthMethodNone,
-		GrantTypes:   grants,
-		Source:       ClientSourceMetadataDocument,
+		ID:              id,
+		Name:            name,
+		RedirectURIs:    doc.RedirectURIs,
+		Scopes:          scopes,
+		offered:         offered,
+		AuthMethod:      method,
+		GrantTypes:      grants,
+		Source:          ClientSourceMetadataDocument,
+		ApplicationType: appType,
+		keys:            keys,
+		jwksURI:         jwksURI,
 	}, nil
+}
+
+// documentAuthentication reads how a document's client authenticates: none, or
+// private_key_jwt with its keys inline (jwks) or at an https jwks_uri, exactly one of the
+// two (RFC 7591 §2). Inline keys are parsed now; a jwks_uri is fetched when the client
+// first authenticates.
+func documentAuthentication(doc *clientIDDocument) (method string, keys *jose.JSONWebKeySet, jwksURI string, err error) {
+	hasKeys := len(doc.JWKS) > 0 && string(doc.JWKS) != "null"
+	if doc.TokenEndpointAuthMethod != AuthMethodPrivateKeyJWT {
+		return AuthMethodNone, nil, "", nil
+	}
+	switch {
+	case hasKeys && doc.JWKSURI != "":
+		return "", nil, "", errors.New("document has both jwks and jwks_uri")
+	case hasKeys:
+		keys, err := parseClientKeySet(doc.JWKS)
+		if err != nil {
+			return "", nil, "", fmt.Errorf("document jwks: %w", err)
+		}
+		return AuthMethodPrivateKeyJWT, keys, "", nil
+	case doc.JWKSURI != "":
+		if err := checkJWKSURI(doc.JWKSURI); err != nil {
+			return "", nil, "", err
+		}
+		return AuthMethodPrivateKeyJWT, nil, doc.JWKSURI, nil
+	}
+	return "", nil, "", errors.New("document uses private_key_jwt without jwks or jwks_uri")
 }
 
 // documentCacheTTL reads Cache-Control: no-store and no-cache mean not cached; max-age

@@ -130,8 +130,9 @@ func TestMetadataDocumentRefusals(t *testing.T) {
 			}
 			serveDocument(claudeCodeDocument, "")(s, w, r)
 		}, "/moved.json"},
-		{"a document over 64 KiB", func(s *documentServer, w http.ResponseWriter, r *http.Request) {
-			w.Write([]byte(`{"client_id":"` + s.URL + r.URL.Path + `","redirect_uris":["https://app.example.com/cb"]` + strings.Repeat(" ", 64<<10) + `}`))
+		{"a document over 5 KiB (the draft's recommended maximum)", func(s *documentServer, w http.ResponseWriter, r *http.Request) {
+			doc := `{"client_id":"` + s.URL + r.URL.Path + `","redirect_uris":["https://app.example.com/cb"]`
+			w.Write([]byte(doc + strings.Repeat(" ", 5<<10-len(doc)) + `}`))
 		}, "/client.json"},
 		{"not found", func(_ *documentServer, w http.ResponseWriter, _ *http.Request) { http.NotFound(w, nil) }, "/client.json"},
 		{"not JSON", func(_ *documentServer, w http.ResponseWriter, _ *http.Request) { w.Write([]byte("<html>")) }, "/client.json"},
@@ -139,7 +140,7 @@ func TestMetadataDocumentRefusals(t *testing.T) {
 		{"userinfo redirect URI (W1)", doc(map[string]any{"redirect_uris": []string{"http://localhost:@evil.com/cb"}}), "/client.json"},
 		{"http redirect URI on a public host", doc(map[string]any{"redirect_uris": []string{"http://evil.com/cb"}}), "/client.json"},
 		{"client_secret_basic auth method", doc(map[string]any{"token_endpoint_auth_method": "client_secret_basic"}), "/client.json"},
-		{"private_key_jwt auth method", doc(map[string]any{"token_endpoint_auth_method": "private_key_jwt"}), "/client.json"},
+		{"private_key_jwt auth method without keys", doc(map[string]any{"token_endpoint_auth_method": "private_key_jwt"}), "/client.json"},
 		{"a client_secret in the document", doc(map[string]any{"client_secret": "s3cret"}), "/client.json"},
 		{"grant types without authorization_code", doc(map[string]any{"grant_types": []string{"client_credentials"}}), "/client.json"},
 		{"response types without code", doc(map[string]any{"response_types": []string{"token"}}), "/client.json"},
@@ -300,6 +301,10 @@ func TestClientMetadataDocumentsOff(t *testing.T) {
 	if md["client_id_metadata_document_supported"] != false {
 		t.Errorf("client_id_metadata_document_supported = %v", md["client_id_metadata_document_supported"])
 	}
+	// Only document clients authenticate with private_key_jwt.
+	if methods := fmt.Sprint(md["token_endpoint_auth_methods_supported"]); strings.Contains(methods, "private_key_jwt") || md["token_endpoint_auth_signing_alg_values_supported"] != nil {
+		t.Errorf("private_key_jwt advertised with documents off: %s", methods)
+	}
 
 	q := hybridAuthorizeQuery(srv.URL+"/oauth/claude-code-client-metadata", "http://127.0.0.1:49152/callback", hybridVerifier, "s", nil)
 	resp = get(t, front.URL+pathAuthorize+"?"+q.Encode(), nil)
@@ -335,5 +340,24 @@ func TestMetadataDocumentEncodedDotSegments(t *testing.T) {
 	}
 	if n := srv.hits.Load(); n != 0 {
 		t.Errorf("%d fetches", n)
+	}
+}
+
+// A document of exactly 5 KiB is read; one byte more is refused (the draft's §"Maximum
+// Response Size" recommends 5 kilobytes).
+func TestMetadataDocumentSizeCap(t *testing.T) {
+	for _, tc := range []struct {
+		size int
+		ok   bool
+	}{{5 << 10, true}, {5<<10 + 1, false}} {
+		srv := startDocumentServer(t, func(s *documentServer, w http.ResponseWriter, r *http.Request) {
+			doc := `{"client_id":"` + s.URL + r.URL.Path + `","redirect_uris":["https://app.example.com/cb"]`
+			w.Write([]byte(doc + strings.Repeat(" ", tc.size-len(doc)-1) + `}`))
+		})
+		b := newDocumentBroker(t, srv, true)
+		_, err := b.findClient(t.Context(), srv.URL+"/client.json")
+		if (err == nil) != tc.ok {
+			t.Errorf("%d bytes: %v", tc.size, err)
+		}
 	}
 }

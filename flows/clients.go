@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
 	"go.uber.org/zap"
 
 	"github.com/caddy-mcp/oauth-broker/internal/ratelimit"
@@ -20,6 +21,9 @@ const (
 	AuthMethodNone  = "none"
 	AuthMethodBasic = "client_secret_basic"
 	AuthMethodPost  = "client_secret_post"
+	// AuthMethodPrivateKeyJWT: RFC 7523 client assertions signed with the client's keys;
+	// metadata document clients only (client_assertion.go).
+	AuthMethodPrivateKeyJWT = "private_key_jwt"
 )
 
 // Where a client comes from.
@@ -72,6 +76,16 @@ type Client struct {
 
 	// secretHash is storage.Hash of the client secret; empty for public clients.
 	secretHash string
+
+	// ApplicationType is the client's OpenID Connect application_type (web or native),
+	// "" when it named none or an unknown one; it widens the redirect URIs a native client
+	// may use (redirecturi.go) and decides nothing else.
+	ApplicationType string
+
+	// keys verify a private_key_jwt client's assertions when its document carries them
+	// (jwks); jwksURI names them otherwise.
+	keys    *jose.JSONWebKeySet
+	jwksURI string
 }
 
 // allowsGrantType tells whether the client registered grant type gt.
@@ -214,6 +228,8 @@ func clientFromRegistration(rec *RegisteredClient, defaultScopes []string) *Clie
 		Source:       ClientSourceRegistered,
 		renewedAt:    rec.RenewedAt,
 		secretHash:   rec.ClientSecretHash,
+
+		ApplicationType: rec.ApplicationType,
 	}
 	if c.Name == "" {
 		c.Name = c.ID
@@ -230,7 +246,8 @@ var errClientAuth = errors.New("client authentication failed")
 var errClientAuthMultiple = errors.New("client credentials sent by more than one method")
 
 // authenticateClient identifies the client of a token or revocation request by the
-// method it registered (none, client_secret_basic, client_secret_post). form is the
+// method it registered (none, client_secret_basic, client_secret_post, or for metadata
+// document clients private_key_jwt, client_assertion.go). form is the
 // parsed request body. It returns an error wrapping ErrUnknownClient, or wrapping
 // errClientAuth when authentication fails (also errClientAuthMultiple when the client
 // used two methods at once), or another error when storage failed.
@@ -249,9 +266,15 @@ func (b *Broker) authenticateClient(r *http.Request, form url.Values) (*Client, 
 		}
 	}
 	formID, formSecret := form.Get("client_id"), form.Get("client_secret")
+	assertionType, assertion := form.Get("client_assertion_type"), form.Get("client_assertion")
+	hasAssertion := assertionType != "" || assertion != ""
 
 	id := formID
 	switch {
+	case hasAssertion && (hasBasic || formSecret != ""):
+		return nil, fmt.Errorf("%w: %w", errClientAuth, errClientAuthMultiple)
+	case hasAssertion:
+		return b.assertedClient(r.Context(), formID, assertionType, assertion)
 	case hasBasic && formSecret != "":
 		return nil, fmt.Errorf("%w: %w", errClientAuth, errClientAuthMultiple)
 	case hasBasic && formID != "" && formID != basicUser:
@@ -283,6 +306,8 @@ func (b *Broker) authenticateClient(r *http.Request, form url.Values) (*Client, 
 			return nil, fmt.Errorf("client_secret_post client sent no client_secret: %w", errClientAuth)
 		}
 		return c.withSecret(formSecret, b.constantTimeCompare)
+	case AuthMethodPrivateKeyJWT:
+		return nil, assertionRefusal("this client must authenticate with a client_assertion (private_key_jwt)")
 	}
 	return nil, fmt.Errorf("client has unsupported auth method: %w", errClientAuth)
 }

@@ -248,7 +248,12 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) error {
 	}
 	redirect, err := url.Parse(req.RedirectURI)
 	var shownHost, shownURI string
-	if err == nil {
+	privateUse := isPrivateUseRedirectURI(req.RedirectURI)
+	switch {
+	case err == nil && privateUse:
+		// A native app's own scheme: the app registered for it gets the access.
+		shownHost, shownURI = redirect.Scheme+":", req.RedirectURI
+	case err == nil:
 		shownHost, shownURI, err = displayRedirect(redirect)
 	}
 	if err != nil {
@@ -271,7 +276,7 @@ func (b *Broker) showConsent(w http.ResponseWriter, r *http.Request) error {
 		ShowID:       name != client.ID,
 		RedirectHost: shownHost,
 		RedirectURI:  shownURI,
-		Loopback:     IsLoopbackHost(redirect.Hostname()),
+		Loopback:     privateUse || IsLoopbackHost(redirect.Hostname()),
 		Resource:     b.cfg.Resource,
 		Scopes:       scopes,
 		// The same list redirectToIdP sends: the page names everything the IdP is asked.
@@ -389,8 +394,12 @@ func consentHeaders(w http.ResponseWriter, formAction []string) {
 // a registered URI can add a directive.
 func cspSource(u *url.URL) string {
 	scheme := "https"
-	if u.Scheme == "http" {
+	switch {
+	case u.Scheme == "http":
 		scheme = "http"
+	case u.Scheme != "https" && u.Scheme != "" && isPrivateUseRedirectURI(u.String()):
+		// A native app's scheme: a scheme-source (CSP3 §2.3.1) allows the redirect to it.
+		return u.Scheme + ":"
 	}
 	for i := 0; i < len(u.Host); i++ {
 		switch c := u.Host[i]; {

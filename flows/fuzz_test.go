@@ -69,6 +69,9 @@ func FuzzRedirectURI(f *testing.F) {
 	} {
 		f.Add(s, "http://127.0.0.1/callback")
 	}
+	f.Add("com.example.app:/cb", "com.example.app:/cb")
+	f.Add("com.example.app:/cb?x=1", "com.example.app:/cb")
+	f.Add("javascript:/alert(1)", "javascript:/alert(1)")
 	f.Fuzz(func(t *testing.T, requested, registered string) {
 		err := CheckRedirectURI(requested)
 		if err == nil {
@@ -85,6 +88,9 @@ func FuzzRedirectURI(f *testing.F) {
 		}
 		if !MatchRedirectURI([]string{registered}, requested) {
 			return
+		}
+		if err != nil && requested == registered && isPrivateUseRedirectURI(requested) {
+			return // a native app's scheme: registered only by native clients, matched only exactly
 		}
 		if err != nil {
 			t.Fatalf("%q matched %q but is not an acceptable redirect URI: %v", requested, registered, err)
@@ -182,6 +188,8 @@ func FuzzTokenRequest(f *testing.F) {
 	} {
 		f.Add(s, "application/x-www-form-urlencoded", "")
 	}
+	f.Add("grant_type=refresh_token&refresh_token=x&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion=eyJhbGciOiJub25lIn0.eyJzdWIiOiJuYXRpdmUtY2xpZW50In0.", "application/x-www-form-urlencoded", "")
+	f.Add("grant_type=authorization_code&client_id=native-client&client_assertion_type=x&client_assertion=a.b.c", "application/x-www-form-urlencoded", "")
 	f.Add("grant_type=refresh_token&refresh_token=x", "application/json", "Basic bmF0aXZlLWNsaWVudDo=")
 	f.Add("grant_type=authorization_code", "application/x-www-form-urlencoded; charset=latin1", "Basic !!!")
 
@@ -212,6 +220,9 @@ func FuzzRegistration(f *testing.F) {
 	f.Add(registrationJSON(repeatURI(6, "https://app.example.com/cb0"), "x", ""))
 	f.Add(registrationJSON([]string{longURI(513, "a")}, strings.Repeat("名", 101), ""))
 	f.Add(registrationJSON([]string{"https://a.example/cb"}, "\u202eevil", `"token_endpoint_auth_method":"client_secret_basic","grant_types":["implicit"]`))
+	f.Add(registrationJSON([]string{"com.example.app:/cb"}, "x", `"application_type":"native"`))
+	f.Add(registrationJSON([]string{"javascript:/alert(1)"}, "x", `"application_type":"native"`))
+	f.Add(registrationJSON([]string{"com.example.app:/cb"}, "x", `"application_type":"web"`))
 	f.Add(`{"redirect_uris":"https://a.example/cb"}`)
 	f.Add(`{"redirect_uris":[1,2,3]}`)
 	f.Add(`[`)
@@ -231,8 +242,9 @@ func FuzzRegistration(f *testing.F) {
 			return
 		}
 		var info struct {
-			RedirectURIs []string `json:"redirect_uris"`
-			ClientName   string   `json:"client_name"`
+			RedirectURIs    []string `json:"redirect_uris"`
+			ClientName      string   `json:"client_name"`
+			ApplicationType string   `json:"application_type"`
 		}
 		if err := json.Unmarshal(rec.Body.Bytes(), &info); err != nil {
 			t.Fatalf("201 with a body that is not client information: %v", err)
@@ -241,9 +253,16 @@ func FuzzRegistration(f *testing.F) {
 			t.Fatalf("registered %d redirect URIs", len(info.RedirectURIs))
 		}
 		for _, u := range info.RedirectURIs {
-			if err := CheckRedirectURI(u); err != nil || len(u) > 512 {
-				t.Fatalf("registered redirect URI %q: %v", u, err)
+			err := CheckRedirectURI(u)
+			if err != nil && info.ApplicationType == ApplicationTypeNative && isPrivateUseRedirectURI(u) {
+				err = nil // a native app's private-use scheme
 			}
+			if err != nil || len(u) > 512 {
+				t.Fatalf("registered redirect URI %q (application_type %q): %v", u, info.ApplicationType, err)
+			}
+		}
+		if info.ApplicationType != "" && info.ApplicationType != ApplicationTypeWeb && info.ApplicationType != ApplicationTypeNative {
+			t.Fatalf("registered application_type %q", info.ApplicationType)
 		}
 		if n := len([]rune(info.ClientName)); n > 100 {
 			t.Fatalf("registered a client_name of %d characters", n)

@@ -41,6 +41,11 @@ type clientMetadata struct {
 	ResponseTypes           []string `json:"response_types"`
 	ClientName              string   `json:"client_name,omitempty"`
 	Scope                   string   `json:"scope,omitempty"`
+	// ApplicationType is OpenID Connect's application_type (web or native). It only
+	// widens a native client's redirect URIs to private-use schemes; an unknown value is
+	// dropped (RFC 7591 §2: the server may replace what it does not accept), so the
+	// response then names none.
+	ApplicationType string `json:"application_type,omitempty"`
 }
 
 // clientInformation is the RFC 7591 §3.2.1 response.
@@ -73,6 +78,11 @@ type clientInformation struct {
 //     register Config.RegistrationRate clients a minute, and all addresses together
 //     Config.RegistrationRateTotal; past that 429 with Retry-After.
 //   - Wrong Content-Type: 415; a body over 64 KiB: 413; both invalid_client_metadata.
+//   - application_type (OpenID Connect Registration §2, which MCP 2026-07-28 asks
+//     clients to send) is stored and echoed, and refuses nothing: native adds private-use
+//     URI schemes to the redirect URIs accepted; web and none keep https and loopback
+//     http, which today's clients register without a type (OIDC's web rules would refuse
+//     loopback); an unknown value is dropped.
 func (b *Broker) serveRegister(w http.ResponseWriter, r *http.Request) {
 	allowCORS(w, "POST, OPTIONS")
 	if r.Method == http.MethodOptions {
@@ -135,6 +145,7 @@ func (b *Broker) register(w http.ResponseWriter, r *http.Request) (clientInforma
 		GrantTypes:              req.GrantTypes,
 		ResponseTypes:           req.ResponseTypes,
 		TokenEndpointAuthMethod: req.TokenEndpointAuthMethod,
+		ApplicationType:         req.ApplicationType,
 		IssuedAt:                now,
 	}
 	resp := clientInformation{ClientID: rec.ClientID, ClientIDIssuedAt: now.Unix(), clientMetadata: req}
@@ -174,6 +185,7 @@ func errRedirectURIMetadata(description string) *requestError {
 // checkClientMetadata validates md and fills in the defaults. It refuses md with the RFC
 // 7591 §3.2.2 error and a fixed description.
 func (b *Broker) checkClientMetadata(md *clientMetadata) error {
+	md.ApplicationType = knownApplicationType(md.ApplicationType)
 	switch {
 	case len(md.RedirectURIs) == 0:
 		return errRedirectURIMetadata("redirect_uris is required")
@@ -184,7 +196,7 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) error {
 		if len(u) > maxRedirectURILen {
 			return errRedirectURIMetadata("redirect_uri is too long")
 		}
-		if err := CheckRedirectURI(u); err != nil {
+		if err := checkRedirectURIFor(md.ApplicationType, u); err != nil {
 			return errRedirectURIMetadata(err.Error()) // fixed texts, never the URI
 		}
 	}

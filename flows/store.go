@@ -45,6 +45,7 @@ func (b *Broker) openStores() {
 	b.registrations = clientStore{records: records, lifetime: b.registrationLifetime()}
 	b.cookies = cookieSealer{records: records}
 	b.requestStates = requestStateTagger{records: records}
+	b.assertionIDs = assertionIDStore{records: records, now: now}
 	if b.appPasswords != nil {
 		b.appPasswords.store = appPasswordStore{records: records, site: b.site}
 		b.appPasswords.links = oneTimeStore[AppPasswordLink]{records: records, kind: kindAppPasswordLink, ttl: appPasswordLinkTTL}

@@ -37,6 +37,7 @@ const (
 	kindAppPasswordDeletion      = "app_password_deletion" // AppPasswordDeletion, by site, then a random id
 	kindAppPasswordCurrentLink   = "app_password_current"  // CurrentAppPasswordLink, by site, then keyed hash of subject
 	kindAppPasswordSessions      = "app_password_sessions" // AppPasswordSessions, by site, then keyed hash of subject
+	kindAssertionID              = "assertion_ids"         // UsedAssertionID, by Hash(issuer), then Hash(jti)
 )
 
 // recordKey builds the storage key of a record of kind for a client-supplied or random id.
@@ -179,17 +180,26 @@ type TokenFamily struct {
 
 // RegisteredClient is an MCP client registered dynamically (RFC 7591).
 type RegisteredClient struct {
-	ClientID                string    `json:"client_id"`
-	ClientSecretHash        string    `json:"client_secret_hash,omitempty"` // SHA-256, base64url; empty for public clients
-	ClientName              string    `json:"client_name,omitempty"`
-	RedirectURIs            []string  `json:"redirect_uris"`
-	GrantTypes              []string  `json:"grant_types"`
-	ResponseTypes           []string  `json:"response_types"`
-	TokenEndpointAuthMethod string    `json:"token_endpoint_auth_method"`
-	IssuedAt                time.Time `json:"issued_at"`
+	ClientID                string   `json:"client_id"`
+	ClientSecretHash        string   `json:"client_secret_hash,omitempty"` // SHA-256, base64url; empty for public clients
+	ClientName              string   `json:"client_name,omitempty"`
+	RedirectURIs            []string `json:"redirect_uris"`
+	GrantTypes              []string `json:"grant_types"`
+	ResponseTypes           []string `json:"response_types"`
+	TokenEndpointAuthMethod string   `json:"token_endpoint_auth_method"`
+	// ApplicationType is web, native, or "" when the registration named none (or an
+	// unknown one).
+	ApplicationType string    `json:"application_type,omitempty"`
+	IssuedAt        time.Time `json:"issued_at"`
 	// RenewedAt is the last time a login or refresh extended its lifetime; zero while
 	// the registration has never been used (then it lives unusedRegistrationTTL).
 	RenewedAt time.Time `json:"renewed_at,omitzero"`
+}
+
+// UsedAssertionID marks the jti of an accepted assertion (client assertion or
+// authorization grant) as used until the assertion expires (store_assertion_id.go).
+type UsedAssertionID struct {
+	Expires time.Time `json:"expires"`
 }
 
 // TokenResponse is the RFC 6749 §5.1 success body.

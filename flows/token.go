@@ -139,7 +139,12 @@ func (b *Broker) tokenClient(r *http.Request, form url.Values) (*Client, error) 
 	case errors.Is(err, errClientAuthMultiple):
 		return nil, errInvalidRequest("client credentials must be sent by one method only")
 	case err == nil, errors.Is(err, ErrUnknownClient), errors.Is(err, errClientAuth):
-		e := newRequestError(http.StatusUnauthorized, "invalid_client", "client authentication failed").because(err)
+		description := "client authentication failed"
+		var refusal assertionRefusal
+		if errors.As(err, &refusal) {
+			description = "client authentication failed: " + string(refusal)
+		}
+		e := newRequestError(http.StatusUnauthorized, "invalid_client", description).because(err)
 		if _, _, basic := r.BasicAuth(); basic {
 			e.challenge = `Basic realm="` + b.issuer + `"`
 		}
