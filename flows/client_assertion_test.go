@@ -22,6 +22,8 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/oauth2"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
@@ -120,13 +122,16 @@ func privateKeyJWTDocument(keys map[string]any) map[string]any {
 }
 
 // assertionEnv is a hybrid broker in front of an upstream, trusting srv's certificate for
-// documents (on loopback), and the tokenEnv to talk to it.
+// documents (on loopback), and the tokenEnv to talk to it; what it remembers (e.remember)
+// must be in no log line.
 func assertionEnv(t *testing.T, srv *documentServer, change func(*Config)) (*tokenEnv, *Broker) {
 	t.Helper()
 	o := testenv.SharedOP(t)
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
+	core, logs := observer.New(zap.DebugLevel)
 	b, front := startHybridFrontWith(t, o, up.URL, func(c *Config) {
 		c.CIMDAllowPrivate = true
+		c.Logger = zap.New(core)
 		if change != nil {
 			change(c)
 		}
@@ -135,7 +140,10 @@ func assertionEnv(t *testing.T, srv *documentServer, change func(*Config)) (*tok
 		roots.AddCert(srv.Certificate())
 		b.clients.documents.rootCAs = roots
 	})
-	return lessonTokens(o, b, front), b
+	e := lessonTokens(o, b, front)
+	e.logs = logs
+	t.Cleanup(func() { e.assertNoSecretsLogged(t) })
+	return e, b
 }
 
 // A metadata document client that authenticates with private_key_jwt logs in end to end:
@@ -149,17 +157,31 @@ func TestPrivateKeyJWTClientLogsIn(t *testing.T) {
 			e, b := assertionEnv(t, srv, nil)
 			id := srv.URL + "/agent.json"
 
+			assertion := func(typ string) string {
+				a := key.sign(t, assertionClaims(id, b.issuer, time.Now()), typ)
+				e.remember(a)
+				return a
+			}
+
 			verifier := oauth2.GenerateVerifier()
 			code := newHybridBrowser(t).login(e.front, e.o, id, tokenTestRedirect, verifier, []string{"openid", "notes:read"})
-			tok := e.exchange(t, id, code, verifier, withAssertion(key.sign(t, assertionClaims(id, b.issuer, time.Now()), ""))).wantTokens(t)
+			e.remember(code, verifier)
+			tok := e.exchange(t, id, code, verifier, withAssertion(assertion(""))).wantTokens(t)
 			if e.mcpStatus(t, tok.AccessToken) != http.StatusOK {
 				t.Error("the access token does not reach the MCP server")
 			}
 			// RFC 7521 §4.2: client_id may be left out; the assertion's sub names the client.
-			next := e.refresh(t, "", tok.RefreshToken, withAssertion(key.sign(t, assertionClaims(id, b.issuer, time.Now()), "client-authentication+jwt"))).wantTokens(t)
+			next := e.refresh(t, "", tok.RefreshToken, withAssertion(assertion("client-authentication+jwt"))).wantTokens(t)
 			if next.AccessToken == "" || next.AccessToken == tok.AccessToken {
 				t.Error("refresh issued no new access token")
 			}
+			// Revocation authenticates the client the same way (RFC 7009 §2.1).
+			form := url.Values{"client_id": {id}, "token": {next.RefreshToken}}
+			withAssertion(assertion(""))(form)
+			if res := e.post(t, pathRevoke, form, nil); res.status != http.StatusOK {
+				t.Fatalf("revocation: %d %+v", res.status, res.err)
+			}
+			e.refresh(t, id, next.RefreshToken, withAssertion(assertion(""))).wantError(t, http.StatusBadRequest, "invalid_grant")
 		})
 	}
 }
@@ -239,6 +261,7 @@ func TestClientAssertionRefusals(t *testing.T) {
 			f.Set("client_id", srv.URL+"/public.json")
 		}},
 	} {
+		e.remember(tc.assertion)
 		t.Run(tc.name, func(t *testing.T) {
 			res := e.exchange(t, id, code, verifier, func(f url.Values) {
 				withAssertion(tc.assertion)(f)
