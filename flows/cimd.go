@@ -55,7 +55,7 @@ type metadataDocuments struct {
 	mu      sync.Mutex
 	entries expiringMap[*Client]
 	// keySets are the key sets fetched from documents' jwks_uri, by URL.
-	keySets expiringMap[*jose.JSONWebKeySet]
+	keySets expiringMap[fetchedKeySet]
 	// failures are the recently failed fetches, by URL.
 	failures expiringMap[error]
 	flight   singleflight.Group
@@ -117,7 +117,7 @@ func (m expiringMap[V]) put(id string, v V, expires, now time.Time) {
 func newMetadataDocuments(maxEntries int) *metadataDocuments {
 	return &metadataDocuments{
 		entries:  newExpiringMap[*Client](maxEntries),
-		keySets:  newExpiringMap[*jose.JSONWebKeySet](maxEntries),
+		keySets:  newExpiringMap[fetchedKeySet](maxEntries),
 		failures: newExpiringMap[error](maxCachedFailures),
 		fetches:  make(chan struct{}, maxDocumentFetches),
 	}
@@ -136,17 +136,32 @@ func (d *metadataDocuments) put(id string, c *Client, expires, now time.Time) {
 	d.entries.put(id, c, expires, now)
 }
 
-func (d *metadataDocuments) keySet(uri string, now time.Time) *jose.JSONWebKeySet {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	set, _ := d.keySets.get(uri, now)
-	return set
+// fetchedKeySet is a key set from a jwks_uri and when it was fetched.
+type fetchedKeySet struct {
+	set     *jose.JSONWebKeySet
+	fetched time.Time
 }
 
-func (d *metadataDocuments) putKeySet(uri string, set *jose.JSONWebKeySet, expires, now time.Time) {
+func (d *metadataDocuments) keySet(uri string, now time.Time) fetchedKeySet {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.keySets.put(uri, set, expires, now)
+	ks, _ := d.keySets.get(uri, now)
+	return ks
+}
+
+func (d *metadataDocuments) putKeySet(uri string, ks fetchedKeySet, expires time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.keySets.put(uri, ks, expires, ks.fetched)
+}
+
+// dropKeySet forgets the set of uri if it is still the one fetched at fetched.
+func (d *metadataDocuments) dropKeySet(uri string, fetched time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if e, ok := d.keySets.entries[uri]; ok && e.value.fetched.Equal(fetched) {
+		delete(d.keySets.entries, uri)
+	}
 }
 
 // failed returns the error of a fetch of id that failed less than documentFailureTTL ago.

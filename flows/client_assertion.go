@@ -43,6 +43,10 @@ const (
 	maxKeySetBytes = 16 << 10
 	// maxKeySetCache: keys rotate, so a fetched set is kept at most this long.
 	maxKeySetCache = time.Hour
+	// keySetRefetchAfter: an assertion no key of a fetched set verifies has the set fetched
+	// again (the client may have rotated its keys, the CIMD draft's §"Changes in Client
+	// Keys"), once this long after the last fetch at most.
+	keySetRefetchAfter = time.Minute
 )
 
 // clientAssertionAlgorithms are the signature algorithms a client assertion may use:
@@ -114,8 +118,17 @@ func (b *Broker) verifyClientAssertion(ctx context.Context, c *Client, tok *jwt.
 		return assertionRefusal("client_assertion has a typ other than JWT or client-authentication+jwt")
 	}
 	var claims jwt.Claims
-	if !verifiedWithAny(tok, keys, &claims) {
-		return assertionRefusal("client_assertion signature does not verify with the client's keys")
+	if !verifiedWithAny(tok, keys.set, &claims) {
+		if c.jwksURI == "" || b.now().Sub(keys.fetched) < keySetRefetchAfter {
+			return assertionRefusal("client_assertion signature does not verify with the client's keys")
+		}
+		b.clients.documents.dropKeySet(c.jwksURI, keys.fetched)
+		if keys, err = b.clientKeySet(ctx, c); err != nil {
+			return err
+		}
+		if !verifiedWithAny(tok, keys.set, &claims) {
+			return assertionRefusal("client_assertion signature does not verify with the client's keys")
+		}
 	}
 	now := b.now()
 	switch {
@@ -164,25 +177,25 @@ func verifiedWithAny(tok *jwt.JSONWebToken, set *jose.JSONWebKeySet, claims *jwt
 }
 
 // clientKeySet is the key set c's assertions are verified with: its document's jwks, or
-// what its jwks_uri serves (cached).
-func (b *Broker) clientKeySet(ctx context.Context, c *Client) (*jose.JSONWebKeySet, error) {
+// what its jwks_uri serves (cached), with when that was fetched.
+func (b *Broker) clientKeySet(ctx context.Context, c *Client) (fetchedKeySet, error) {
 	if c.keys != nil {
-		return c.keys, nil
+		return fetchedKeySet{set: c.keys}, nil
 	}
 	if c.jwksURI == "" {
-		return nil, assertionRefusal("this client has no keys")
+		return fetchedKeySet{}, assertionRefusal("this client has no keys")
 	}
 	docs := b.clients.documents
 	key := "jwks " + c.jwksURI // apart from documents in the shared failure cache
-	if set := docs.keySet(c.jwksURI, b.now()); set != nil {
-		return set, nil
+	if ks := docs.keySet(c.jwksURI, b.now()); ks.set != nil {
+		return ks, nil
 	}
 	if err := docs.failed(key, b.now()); err != nil {
-		return nil, keySetRefused(err)
+		return fetchedKeySet{}, keySetRefused(err)
 	}
 	v, err, _ := docs.flight.Do(key, func() (any, error) {
-		if set := docs.keySet(c.jwksURI, b.now()); set != nil {
-			return set, nil
+		if ks := docs.keySet(c.jwksURI, b.now()); ks.set != nil {
+			return ks, nil
 		}
 		set, ttl, err := b.fetchKeySet(ctx, c.jwksURI)
 		if err != nil {
@@ -191,16 +204,16 @@ func (b *Broker) clientKeySet(ctx context.Context, c *Client) (*jose.JSONWebKeyS
 			}
 			return nil, err
 		}
+		ks := fetchedKeySet{set: set, fetched: b.now()}
 		if ttl > 0 {
-			now := b.now()
-			docs.putKeySet(c.jwksURI, set, now.Add(ttl), now)
+			docs.putKeySet(c.jwksURI, ks, ks.fetched.Add(ttl))
 		}
-		return set, nil
+		return ks, nil
 	})
 	if err != nil {
-		return nil, keySetRefused(err)
+		return fetchedKeySet{}, keySetRefused(err)
 	}
-	return v.(*jose.JSONWebKeySet), nil
+	return v.(fetchedKeySet), nil
 }
 
 // keySetRefused: the client's keys cannot be had, so it cannot authenticate.

@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -317,15 +318,23 @@ func TestClientAssertionRefusals(t *testing.T) {
 }
 
 // A client whose document names its keys by jwks_uri: the set is fetched once (cached
-// like documents) with the documents' client, and verifies its assertions.
+// like documents) with the documents' client, and verifies its assertions. A key the
+// client rotated in has the set fetched again, at most once a minute.
 func TestClientAssertionKeysFromJWKSURI(t *testing.T) {
 	key := newClientKey(t, jose.ES256)
-	var jwksHits int
+	var (
+		mu       sync.Mutex
+		jwksHits int
+		served   = key
+	)
 	srv := startDocumentServer(t, func(s *documentServer, w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/jwks.json" {
+			mu.Lock()
 			jwksHits++
+			k := served
+			mu.Unlock()
 			w.Header().Set("Cache-Control", "max-age=600")
-			_ = json.NewEncoder(w).Encode(jwks(key))
+			_ = json.NewEncoder(w).Encode(jwks(k))
 			return
 		}
 		doc := privateKeyJWTDocument(nil)
@@ -346,6 +355,36 @@ func TestClientAssertionKeysFromJWKSURI(t *testing.T) {
 	if jwksHits != 1 {
 		t.Errorf("the key set was fetched %d times, want once", jwksHits)
 	}
+
+	t.Run("a rotated key", func(t *testing.T) {
+		clock := &testenv.Clock{Base: time.Now()}
+		b.now = clock.Now
+		hits := func() int { mu.Lock(); defer mu.Unlock(); return jwksHits }
+		rotate := func() clientKey {
+			k := newClientKey(t, jose.ES256)
+			mu.Lock()
+			served = k
+			mu.Unlock()
+			return k
+		}
+		auth := func(k clientKey) error {
+			form := url.Values{"client_id": {id}}
+			withAssertion(k.sign(t, assertionClaims(id, b.issuer, clock.Now()), ""))(form)
+			_, err := b.authenticateClient(req, form)
+			return err
+		}
+		rotated := rotate()
+		if err := auth(rotated); !errors.Is(err, errClientAuth) || hits() != 1 {
+			t.Fatalf("within a minute of the fetch: %v, %d fetches; want a refusal and no new fetch", err, hits())
+		}
+		clock.Advance(keySetRefetchAfter)
+		if err := auth(rotated); err != nil || hits() != 2 {
+			t.Fatalf("a minute after the fetch: %v, %d fetches; want the new key fetched once", err, hits())
+		}
+		if err := auth(rotate()); !errors.Is(err, errClientAuth) || hits() != 2 {
+			t.Fatalf("right after the refetch: %v, %d fetches; want a refusal and no new fetch", err, hits())
+		}
+	})
 }
 
 // A jwks_uri on a private address is not fetched: the documents' client refuses it at
