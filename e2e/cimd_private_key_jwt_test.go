@@ -25,7 +25,7 @@ import (
 // TestPrivateKeyJWTClientThroughCaddyBinary: a client identified by its metadata document,
 // whose keys are at its jwks_uri, logs in through the caddy binary and redeems its code
 // with an RFC 7523 client assertion addressed to the issuer the broker's metadata names;
-// the same assertion again is refused (SECURITY.md S1.27).
+// the same assertion again is refused (SECURITY.md S1.31).
 func TestPrivateKeyJWTClientThroughCaddyBinary(t *testing.T) {
 	o := testenv.StartOP(t)
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI, "nextcloud"))
