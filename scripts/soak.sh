@@ -26,10 +26,10 @@ SOAK_REDIS="127.0.0.1:$port" SOAK_REQUESTS="${REQUESTS:-200000}" SOAK_LOGINS="${
   MCP_OAUTH_CADDY="$caddy" \
   go test -tags long -run '^TestSoak$' -count=1 -timeout 3h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
 # The test's figures (its t.Log lines), then its failures, if any.
-grep -E '^\s+soak_test\.go:[0-9]+:' "$work/out.txt" | sed -E 's/^\s+soak_test\.go:[0-9]+: /  /' || true
+grep -E '^\s+long_soak_test\.go:[0-9]+:' "$work/out.txt" | sed -E 's/^\s+long_soak_test\.go:[0-9]+: /  /' || true
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$status" != 0 ]; then
-  grep -vE '^\s+soak_test\.go:[0-9]+:' "$work/out.txt" | tail -40
+  grep -vE '^\s+long_soak_test\.go:[0-9]+:' "$work/out.txt" | tail -40
   echo "FAIL: soak (go test exit $status)"
   exit "$status"
 fi
