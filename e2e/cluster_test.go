@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -40,21 +39,8 @@ func TestTwoCaddyProcessesShareOneStorage(t *testing.T) {
 func twoProcessesShareOneStorage(t *testing.T, storage caddyOption) {
 	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised())
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI))
-	upURL, _ := url.Parse(up.URL)
 	resourcePort := freePort(t)
-	site := fmt.Sprintf(`http://127.0.0.1:{port} {
-	mcp_oauth {
-		mode hybrid
-		issuer %s
-		client_id %s
-		client_secret %s
-		resource http://127.0.0.1:%d/mcp
-		scopes openid notes:read notes:write
-		encryption_key %s
-		tool_scope notes_write notes:write
-	}
-	reverse_proxy %s
-}`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, resourcePort, testKey, upURL.Host)
+	site := clusterSite(o, up.URL, resourcePort, testKey)
 	a := startCaddy(t, site, storage, withPort(resourcePort))
 	b := startCaddy(t, site, storage)
 

@@ -85,9 +85,37 @@ func startCluster(t *testing.T, s sharedStorage) *cluster {
 	t.Helper()
 	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised())
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI))
-	upURL, _ := url.Parse(up.URL)
 	portA := freePort(t)
-	site := fmt.Sprintf(`http://127.0.0.1:{port} {
+	site := clusterSite(o, up.URL, portA, testKey, `offline_access {
+			scopes notes:read
+		}
+		background_client worker worker-secret`, s.site)
+	c := &cluster{o: o, up: up}
+	c.nodes = append(c.nodes, startCaddy(t, site, s.global, withPort(portA)), startCaddy(t, site, s.global), startCaddy(t, site, s.global))
+	t.Cleanup(func() {
+		for _, n := range c.nodes {
+			n.assertLogsFree(append(c.secrets, "worker-secret", testenv.BrokerClientSecret, testKey)...)
+		}
+	})
+	return c
+}
+
+// clusterSite is the Caddyfile site of each node of a cluster: one hybrid mcp_oauth site
+// in front of the upstream at upstreamURL, logging in at o, whose resource, and so issuer, is the load balancer's
+// URL (the node listening on resourcePort plays it). keys is the encryption_key line's
+// value; lines go inside mcp_oauth, after the rest.
+func clusterSite(o *testenv.OP, upstreamURL string, resourcePort int, keys string, lines ...string) string {
+	upURL, err := url.Parse(upstreamURL)
+	if err != nil {
+		panic(err)
+	}
+	var more strings.Builder
+	for _, l := range lines {
+		if l != "" {
+			more.WriteString("\t\t" + strings.TrimLeft(l, "\t") + "\n")
+		}
+	}
+	return fmt.Sprintf(`http://127.0.0.1:{port} {
 	mcp_oauth {
 		mode hybrid
 		issuer %s
@@ -97,22 +125,9 @@ func startCluster(t *testing.T, s sharedStorage) *cluster {
 		scopes openid notes:read notes:write
 		encryption_key %s
 		tool_scope notes_write notes:write
-		offline_access {
-			scopes notes:read
-		}
-		background_client worker worker-secret
-%s
-	}
+%s	}
 	reverse_proxy %s
-}`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, portA, testKey, s.site, upURL.Host)
-	c := &cluster{o: o, up: up}
-	c.nodes = append(c.nodes, startCaddy(t, site, s.global, withPort(portA)), startCaddy(t, site, s.global), startCaddy(t, site, s.global))
-	t.Cleanup(func() {
-		for _, n := range c.nodes {
-			n.assertLogsFree(append(c.secrets, "worker-secret", testenv.BrokerClientSecret, testKey)...)
-		}
-	})
-	return c
+}`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, resourcePort, keys, more.String(), upURL.Host)
 }
 
 // on returns u with its host replaced by node's: the load balancer sending it there.

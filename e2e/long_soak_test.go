@@ -205,26 +205,9 @@ func (s *soak) startNodes(n int, storage string) {
 	t := s.t
 	o := testenv.StartOP(t, testenv.WithoutTokenExchangeAdvertised())
 	up := testenv.StartUpstream(t, testenv.AccessTokens(o.Issuer, o.JWKSURI), testenv.Unrecorded())
-	upURL, _ := url.Parse(up.URL)
 	portA := freePort(t)
-	site := fmt.Sprintf(`http://127.0.0.1:{port} {
-	mcp_oauth {
-		mode hybrid
-		issuer %s
-		client_id %s
-		client_secret %s
-		resource http://127.0.0.1:%d/mcp
-		scopes openid notes:read notes:write
-		encryption_key %s
-		tool_scope notes_write notes:write
-		session_ttl %s
-		access_token_ttl %s
-		refresh_token_ttl %s
-		code_ttl 10s
-		refresh_grace 10s
-	}
-	reverse_proxy %s
-}`, o.Issuer, testenv.BrokerClientID, testenv.BrokerClientSecret, portA, testKey, s.ttl, s.ttl, s.ttl, upURL.Host)
+	site := clusterSite(o, up.URL, portA, testKey, "session_ttl "+s.ttl.String(), "access_token_ttl "+s.ttl.String(),
+		"refresh_token_ttl "+s.ttl.String(), "code_ttl 10s", "refresh_grace 10s")
 	global := withGlobal(storage + "\n\tservers {\n\t\ttrusted_proxies static 127.0.0.1/32\n\t}")
 	s.c = &cluster{o: o, up: up}
 	for i := range n {
