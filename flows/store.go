@@ -3,6 +3,7 @@ package flows
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/caddy-mcp/oauth-broker/storage"
@@ -85,4 +86,34 @@ func getFirst[T any](ctx context.Context, r *storage.Records, keys []string) (*T
 		}
 	}
 	return nil, "", storage.ErrNotFound
+}
+
+// lockEach takes the storage lock of prefix+key for each of keys (a record's key under
+// every ring key), in sorted order, and returns the func that releases them all. Locking
+// under the current key alone would not do while a cluster rolls a key rotation: nodes
+// that seal with different keys would take different locks for one user. Any two rings
+// of the rotation's neighbouring steps share a key, so they share a lock; the order
+// keeps two nodes from each holding the lock the other waits for.
+func lockEach(ctx context.Context, r *storage.Records, prefix string, keys []string) (func(), error) {
+	names := make([]string, len(keys))
+	for i, k := range keys {
+		names[i] = prefix + k
+	}
+	slices.Sort(names)
+	names = slices.Compact(names)
+	unlocks := make([]func(), 0, len(names))
+	unlockAll := func() {
+		for _, u := range slices.Backward(unlocks) {
+			u()
+		}
+	}
+	for _, name := range names {
+		u, err := r.Lock(ctx, name)
+		if err != nil {
+			unlockAll()
+			return nil, err
+		}
+		unlocks = append(unlocks, u)
+	}
+	return unlockAll, nil
 }

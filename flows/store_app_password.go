@@ -58,13 +58,14 @@ func (st appPasswordStore) currentKey(kind, subject string) (string, error) {
 }
 
 // lock takes the cluster-wide lock serializing changes to subject's app password and
-// login flow on this site.
+// login flow on this site, under the record's key for each ring key (lockEach: nodes in
+// the middle of a key rotation share one).
 func (st appPasswordStore) lock(ctx context.Context, subject string) (func(), error) {
-	key, err := st.currentKey(kindAppPassword, subject)
-	if err != nil {
-		return nil, err
+	keys := st.keys(kindAppPassword, subject)
+	if len(keys) == 0 {
+		return nil, errors.New("app passwords: no encryption key configured")
 	}
-	return st.records.Lock(ctx, "app_password/"+key)
+	return lockEach(ctx, st.records, "app_password/", keys)
 }
 
 // loadGrant returns subject's app password record, or storage.ErrNotFound.

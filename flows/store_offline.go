@@ -56,14 +56,15 @@ func legacyOfflineAccessGrantKey(subject string) string {
 }
 
 // lock takes the cluster-wide lock serializing changes to subject's offline access grant on
-// this site (rotation, replacement, revocation). Its name has no plain hash of the
-// subject.
+// this site (rotation, replacement, revocation), under the grant's key for each ring key
+// (lockEach: nodes in the middle of a key rotation share one). Its names have no plain
+// hash of the subject.
 func (st offlineAccessGrantStore) lock(ctx context.Context, subject string) (func(), error) {
-	key, err := st.currentKey(subject)
-	if err != nil {
-		return nil, err
+	keys := st.keys(subject)
+	if len(keys) == 0 {
+		return nil, errors.New("offline access grants: no encryption key configured")
 	}
-	return st.records.Lock(ctx, "offline/"+key)
+	return lockEach(ctx, st.records, "offline/", keys)
 }
 
 // load returns subject's offline access grant wherever this site may find it, or
