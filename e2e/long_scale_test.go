@@ -327,3 +327,135 @@ func TestScaleHeap(t *testing.T) {
 		t.Logf("heap after %d distinct tokens: %s (%+.1f MiB, %.0f bytes per token seen)", n, mib(heap), grown/(1<<20), grown/float64(n))
 	}
 }
+
+// TestScaleSessions is BENCHMARKS.md's (c) at scale: one caddy process in hybrid mode on
+// Redis, SCALE_SESSIONS users (default 100000) logged in through the whole login path
+// (authorize, consent, the IdP, the callback, the token; SCALE_LOGIN_WORKERS loops, default
+// 4, from 1024 client addresses), and then one MCP request with each user's broker token
+// (SCALE_CONCURRENCY goroutines, default 8): the token verified from storage and its
+// verdict cached, the delegated token obtained by RFC 8693 exchange at the IdP and cached.
+// The heap after a forced GC is read after a warm-up (every address seen once, the MCP path
+// used), after the logins (sessions live in storage, not in the node), and at checkpoints
+// of the requests, as bytes per active session over the baseline. Verdicts live 30 s and
+// delegated tokens until shortly before they expire, each cache at most 10,000 entries, so
+// past 10,000 active sessions the heap must stop growing.
+func TestScaleSessions(t *testing.T) {
+	sessions := soakEnvInt(t, "SCALE_SESSIONS", 100000)
+	loginWorkers := soakEnvInt(t, "SCALE_LOGIN_WORKERS", 4)
+	concurrency := soakEnvInt(t, "SCALE_CONCURRENCY", 8)
+	const addresses = 1024 // 60 authorizations a minute each: enough for ~1000 logins/s
+	redisAddr := os.Getenv("SOAK_REDIS")
+	if redisAddr == "" {
+		redisAddr = testenv.Redis(t).Addr
+	}
+	o := testenv.StartOP(t)
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}`)
+	}))
+	t.Cleanup(upstream.Close)
+	port := freePort(t)
+	site := clusterSite(o, upstream.URL, port, testKey, "session_ttl 2h", "access_token_ttl 1h", "refresh_token_ttl 2h")
+	p := startCaddy(t, site, withPort(port), withAdmin(freePort(t)), withLogLevel("WARN"),
+		withGlobal(fmt.Sprintf("\tstorage mcp_oauth_redis {\n\t\taddresses %s\n\t}\n\tservers {\n\t\ttrusted_proxies static 127.0.0.1/32\n\t}", redisAddr)))
+	s := &soak{t: t, ttl: 2 * time.Hour, loginOnly: true, c: &cluster{o: o, nodes: []*caddyProc{p}}}
+	clients := make([]string, loginWorkers)
+	for i := range clients {
+		clients[i] = s.register(p, soakAddress(250, i))
+	}
+	address := func(n int) string { return soakAddress(2, n%addresses) }
+
+	// The users' logins, numbered from first; their access tokens in tokens.
+	tokens := make([]string, sessions)
+	logins := func(first, n int, keep bool) {
+		var wg sync.WaitGroup
+		var next atomic.Int64
+		for _, clientID := range clients {
+			wg.Go(func() {
+				for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
+					_, tok, err := s.login(t.Context(), clientID, address(first+i), first+i)
+					if err != nil {
+						s.fail("login %d: %v", first+i, err)
+						continue
+					}
+					if keep {
+						tokens[i] = tok.AccessToken
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if s.failed() {
+			t.Fatalf("%d errors: %v", s.errors.Load(), s.firstErrors())
+		}
+	}
+	mcp := func(i int, token string) {
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, p.Base+"/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "application/json, text/event-stream")
+		resp, err := (&http.Client{Transport: forwardedFor{address(i), soakTransport}}).Do(req)
+		if err != nil {
+			s.fail("MCP request %d: %v", i, err)
+			return
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			s.fail("MCP request %d: %s", i, resp.Status)
+		}
+	}
+
+	// Warm-up: every address through the login path once (the rate limiters' buckets, kept
+	// per address, are then part of the baseline), and the MCP path used by a few.
+	logins(sessions, addresses, false)
+	for i := range 8 {
+		_, tok, err := s.login(t.Context(), clients[0], address(i), sessions+addresses+i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mcp(i, tok.AccessToken)
+	}
+	closeIdle()
+	base := readNodeStats(t, p).heap
+	t.Logf("heap after the warm-up (%d logins, 8 MCP requests): %s", addresses+8, mib(base))
+
+	start := time.Now()
+	logins(0, sessions, true)
+	took := time.Since(start)
+	closeIdle()
+	heap := readNodeStats(t, p).heap
+	t.Logf("%d sessions logged in, in %s (%.0f logins/s): heap %s (%+.1f MiB over the warm-up's): sessions live in storage",
+		sessions, took.Round(time.Second), float64(sessions)/took.Seconds(), mib(heap), float64(int64(heap)-int64(base))/(1<<20))
+
+	checkpoints := []int{1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000}
+	start = time.Now()
+	done := 0
+	for _, c := range checkpoints {
+		c = min(c, sessions)
+		if c <= done {
+			continue
+		}
+		var wg sync.WaitGroup
+		var next atomic.Int64
+		next.Store(int64(done))
+		for range concurrency {
+			wg.Go(func() {
+				for i := int(next.Add(1)) - 1; i < c; i = int(next.Add(1)) - 1 {
+					mcp(i, tokens[i])
+				}
+			})
+		}
+		wg.Wait()
+		if s.failed() {
+			t.Fatalf("%d errors: %v", s.errors.Load(), s.firstErrors())
+		}
+		done = c
+		heap := readNodeStats(t, p).heap
+		grown := float64(int64(heap) - int64(base))
+		t.Logf("%6d sessions with one MCP request each (%s since the first, %.0f requests/s): heap %s, %+.1f MiB over the warm-up's, %.0f bytes per session",
+			c, time.Since(start).Round(time.Second), float64(c)/time.Since(start).Seconds(), mib(heap), grown/(1<<20), grown/float64(c))
+	}
+	t.Logf("SCALE sessions=%d addresses=%d login_workers=%d concurrency=%d", sessions, addresses, loginWorkers, concurrency)
+}

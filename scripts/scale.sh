@@ -10,6 +10,8 @@
 #       Redis; caddy's CPU per login, the broker's own part;
 #   (c) the heap of one caddy process after 5000, 10000 and 20000 distinct valid JWTs seen
 #       (progressive mode, delegation none): bytes per cached verdict, and the cache's bound;
+#       and in hybrid mode on Redis with SESSIONS users logged in (default 100000), then one
+#       MCP request each: bytes per active session, and the bound (TestScaleSessions);
 #   (d) how long a revocation on one node takes to reach the others
 #       (TestThreeInstancesOneUser's log, on a shared folder and on Redis).
 #
@@ -35,8 +37,9 @@ echo "scale: $(nproc) cores; $(date -u +'%Y-%m-%d %H:%M UTC'); load before: $(cu
 status=0
 SOAK_REDIS="127.0.0.1:$port" SCALE_ROUNDS="${ROUNDS:-7}" SCALE_WARMUP="${WARMUP:-2000}" \
   SCALE_REQUESTS="${REQUESTS:-20000}" SCALE_CONCURRENCY="${CONCURRENCY:-8}" SCALE_LOGINS="${LOGINS:-300}" \
+  SCALE_SESSIONS="${SESSIONS:-100000}" \
   SCALE_OAUTH2_PROXY="$oauth2_proxy" MCP_OAUTH_CADDY="$caddy" \
-  go test -tags long -run '^(TestScaleWarmPath|TestScaleLogins|TestScaleHeap)$' -count=1 -timeout 1h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
+  go test -tags long -run '^(TestScaleWarmPath|TestScaleLogins|TestScaleHeap|TestScaleSessions)$' -count=1 -timeout 3h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
 grep -E '^\s+long_scale_test\.go:[0-9]+:' "$work/out.txt" | sed -E 's/^\s+long_scale_test\.go:[0-9]+: /  /' || true
 echo "load after (a), (b), (c): $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$status" != 0 ]; then
