@@ -60,7 +60,7 @@ func newTestBroker(t testing.TB, o *testenv.OP, change func(*Config)) *Broker {
 
 // startFront serves b in front of upstream the way the Caddy module does: the broker
 // first, then a reverse proxy with the request the broker passes on.
-func startFront(t *testing.T, b *Broker, upstream string) *httptest.Server {
+func startFront(t testing.TB, b *Broker, upstream string) *httptest.Server {
 	t.Helper()
 	target, err := url.Parse(upstream)
 	if err != nil {

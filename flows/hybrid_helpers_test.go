@@ -24,14 +24,14 @@ import (
 // broker's issuer is the resource's origin, and the OP must redirect back to it. change
 // edits the configuration after the hybrid defaults. upstream may be "" when no request
 // passes on.
-func startHybridFront(t *testing.T, o *testenv.OP, upstream string, change func(*Config)) (*Broker, *httptest.Server) {
+func startHybridFront(t testing.TB, o *testenv.OP, upstream string, change func(*Config)) (*Broker, *httptest.Server) {
 	t.Helper()
 	return startHybridFrontWith(t, o, upstream, change, nil)
 }
 
 // startHybridFrontWith is startHybridFront with prepare run on the broker before the
 // front serves (to set fields such as b.now without a data race).
-func startHybridFrontWith(t *testing.T, o *testenv.OP, upstream string, change func(*Config), prepare func(*Broker)) (*Broker, *httptest.Server) {
+func startHybridFrontWith(t testing.TB, o *testenv.OP, upstream string, change func(*Config), prepare func(*Broker)) (*Broker, *httptest.Server) {
 	t.Helper()
 	var inner http.Handler
 	front := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -58,11 +58,11 @@ func startHybridFrontWith(t *testing.T, o *testenv.OP, upstream string, change f
 // hybridBrowser is a user's browser: it keeps cookies and reports redirects instead of
 // following them.
 type hybridBrowser struct {
-	t      *testing.T
+	t      testing.TB
 	client *http.Client
 }
 
-func newHybridBrowser(t *testing.T) *hybridBrowser {
+func newHybridBrowser(t testing.TB) *hybridBrowser {
 	t.Helper()
 	jar, err := cookiejar.New(nil)
 	if err != nil {
@@ -133,7 +133,7 @@ var (
 )
 
 // consentForm reads the ticket and CSRF token from a consent page.
-func consentForm(t *testing.T, page string) (ticket, csrf string) {
+func consentForm(t testing.TB, page string) (ticket, csrf string) {
 	t.Helper()
 	m1, m2 := hybridTicketField.FindStringSubmatch(page), hybridCSRFField.FindStringSubmatch(page)
 	if m1 == nil || m2 == nil {

@@ -68,9 +68,10 @@ func WithLogger(l *zap.Logger) Option {
 	}
 }
 
-// New returns Records over s. ring may be nil when nothing is sealed; Seal
-// and Open then return an error.
+// New returns Records over s, with its FastPath. ring may be nil when nothing
+// is sealed; Seal and Open then return an error.
 func New(s certmagic.Storage, ring *KeyRing, opts ...Option) *Records {
+	s = FastPath(s)
 	r := &Records{
 		store:  s,
 		ring:   ring,

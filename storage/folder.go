@@ -1,0 +1,67 @@
+package storage
+
+import (
+	"context"
+	"crypto/rand"
+	"os"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+)
+
+// FastPath returns s with the fast path this package knows for its type: for Caddy's
+// file_system folder (*certmagic.FileStorage), Native with a take by rename. Otherwise s
+// is returned as it is. New applies it; a caller wrapping the storage (to time its
+// operations) applies it first, so that the wrapper sees Native.
+func FastPath(s certmagic.Storage) certmagic.Storage {
+	if fs, ok := s.(*certmagic.FileStorage); ok {
+		return folder{fs}
+	}
+	return s
+}
+
+// folder is a file_system folder, local or shared by several nodes, with Native.
+// Its records keep their expiry in the envelope, as on any certmagic.Storage; StoreTTL is
+// Store, and the janitor sweeps them.
+//
+// LoadAndDelete renames the record's file to a name of its own before reading it: of
+// several renames of one file, on one node or on several sharing the folder, exactly one
+// succeeds (POSIX rename(2); NFS serves it from the server), so the record is taken once
+// without the storage lock. A FileStorage lock is a file written and synced, a goroutine
+// that keeps it fresh, and a second of polling for a waiter; a take had cost a read, the
+// lock, a second read, the delete and the unlock. A release before this one takes under
+// the lock, which a rename does not see: the nodes sharing a folder run one release.
+type folder struct {
+	*certmagic.FileStorage
+}
+
+// StoreTTL stores value at key; the expiry is the envelope's.
+func (f folder) StoreTTL(ctx context.Context, key string, value []byte, _ time.Duration) error {
+	return f.Store(ctx, key, value)
+}
+
+// LoadAndDelete takes the file of key: renamed, read, removed. A missing file is
+// fs.ErrNotExist. A file left behind by a crash after the rename keeps the record's
+// envelope under a name nobody looks up (the key + ".taken-" + random), and the janitor
+// sweeps it once expired.
+func (f folder) LoadAndDelete(_ context.Context, key string) ([]byte, error) {
+	name := f.Filename(key)
+	taken := name + ".taken-" + rand.Text()
+	if err := os.Rename(name, taken); err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(taken)
+	// Taken by the rename already: a file the remove leaves is swept as above, and one
+	// that could not be read is handed to nobody.
+	_ = os.Remove(taken)
+	if err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
+var (
+	_ certmagic.Storage   = folder{}
+	_ certmagic.TryLocker = folder{}
+	_ Native              = folder{}
+)
