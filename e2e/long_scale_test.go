@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -31,12 +32,15 @@ import (
 // range over the rounds, its throughput ratio to reverse_proxy alone, and the CPU it adds
 // per request. A ratio above 1 is noise larger than the difference: the test says so. With
 // SCALE_OAUTH2_PROXY, the path of an oauth2-proxy binary, oauth2-proxy validating the same
-// JWT as progressive mode joins the rounds.
+// JWT as progressive mode joins the rounds. With SCALE_PROFILE, a folder, each caddy's CPU
+// profile under the same load (10 s, from its admin API's /debug/pprof) is written there
+// after the rounds, for `go tool pprof`.
 func TestScaleWarmPath(t *testing.T) {
 	rounds := soakEnvInt(t, "SCALE_ROUNDS", 7)
 	warmup := soakEnvInt(t, "SCALE_WARMUP", 2000)
 	requests := soakEnvInt(t, "SCALE_REQUESTS", 20000)
 	concurrency := soakEnvInt(t, "SCALE_CONCURRENCY", 8)
+	profiles := os.Getenv("SCALE_PROFILE")
 
 	o := testenv.StartOP(t)
 	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -49,7 +53,18 @@ func TestScaleWarmPath(t *testing.T) {
 	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_read","arguments":{}}}`
 
 	caddyConfig := func(name string, p *caddyProc, token string) *config {
-		return &config{name: name, base: p.Base, cpu0: p.cpuTime, token: token}
+		c := &config{name: name, base: p.Base, cpu0: p.cpuTime, token: token}
+		if p.admin != "off" {
+			c.admin = p.admin
+		}
+		return c
+	}
+	caddyOptions := func(port int) []caddyOption {
+		opts := []caddyOption{withPort(port), withLogLevel("INFO")}
+		if profiles != "" {
+			opts = append(opts, withAdmin(freePort(t)))
+		}
+		return opts
 	}
 	broker := func(mode, resource string) string {
 		return fmt.Sprintf(`mcp_oauth {
@@ -70,12 +85,12 @@ func TestScaleWarmPath(t *testing.T) {
 	{
 		port := freePort(t)
 		configs = append(configs, caddyConfig("reverse_proxy alone",
-			startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\treverse_proxy %s\n}", port, up), withPort(port), withLogLevel("INFO")), "unused"))
+			startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\treverse_proxy %s\n}", port, up), caddyOptions(port)...), "unused"))
 	}
 	{
 		port := freePort(t)
 		resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
-		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("hybrid", resource), up), withPort(port), withLogLevel("INFO"))
+		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("hybrid", resource), up), caddyOptions(port)...)
 		c := &cluster{o: o, nodes: []*caddyProc{p}}
 		client := &clusterClient{id: dcrRegister(t, p.Base)}
 		code := c.login(t, client, p, p)
@@ -88,7 +103,7 @@ func TestScaleWarmPath(t *testing.T) {
 	{
 		port := freePort(t)
 		resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
-		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("progressive", resource), up), withPort(port), withLogLevel("INFO"))
+		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("progressive", resource), up), caddyOptions(port)...)
 		claims := o.AccessTokenClaims(o.User.Subject, resource)
 		claims["scope"] = "openid notes:read"
 		claims["exp"] = time.Now().Add(time.Hour).Unix()
@@ -151,13 +166,56 @@ func TestScaleWarmPath(t *testing.T) {
 		}
 	}
 	t.Logf("SCALE rounds=%d warmup=%d requests=%d concurrency=%d", rounds, warmup, requests, concurrency)
+	for i, c := range configs {
+		if profiles == "" || c.admin == "" {
+			continue
+		}
+		file := filepath.Join(profiles, fmt.Sprintf("warm-%d-%s.pprof", i, strings.ReplaceAll(c.name, " ", "_")))
+		done := make(chan error, 1)
+		go func() { done <- fetchCPUProfile(c.admin, 10, file) }()
+		for profiling := true; profiling; {
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("%s: %v", c.name, err)
+				}
+				profiling = false
+			default:
+				send(c, warmup)
+			}
+		}
+		t.Logf("%s: CPU profile in %s", c.name, file)
+	}
+}
+
+// fetchCPUProfile writes a CPU profile of seconds from the caddy whose admin API is at
+// admin into file.
+func fetchCPUProfile(admin string, seconds int, file string) error {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", admin, seconds))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("CPU profile: %s", resp.Status)
+	}
+	f, err := os.Create(file)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // TestScaleLogins is BENCHMARKS.md's login path: SCALE_LOGINS full hybrid logins (default
 // 300; authorize, consent, the IdP, the callback, the token) from SCALE_LOGIN_WORKERS loops
 // (default 4) through one caddy process on a shared folder and on Redis, in turn. The IdP
 // runs in the test's process, so the broker's own part is caddy's CPU per login; the
-// logins per second it implies on one core are 1 / that.
+// logins per second it implies on one core are 1 / that. With SCALE_PROFILE, a folder,
+// caddy's CPU profile over 10 s of more logins is written there for each storage.
 func TestScaleLogins(t *testing.T) {
 	logins := soakEnvInt(t, "SCALE_LOGINS", 300)
 	workers := soakEnvInt(t, "SCALE_LOGIN_WORKERS", 4)
@@ -191,6 +249,25 @@ func TestScaleLogins(t *testing.T) {
 		perLogin := float64(used.Microseconds()) / float64(logins)
 		t.Logf("%-13s %d logins in %s: %.1f logins/s end to end; caddy CPU %.2f ms per login: %.0f logins/s per core for the broker's part",
 			st.name, logins, wall.Round(100*time.Millisecond), float64(logins)/wall.Seconds(), perLogin/1000, 1e6/perLogin)
+		if dir := os.Getenv("SCALE_PROFILE"); dir != "" {
+			// caddy's CPU profile over 10 s of the same logins, after the measured ones.
+			file := filepath.Join(dir, "logins-"+strings.ReplaceAll(st.name, " ", "_")+".pprof")
+			done := make(chan error, 1)
+			go func() { done <- fetchCPUProfile(s.c.node(0).admin, 10, file) }()
+			for n := logins + 3*soakAddresses; ; n += 4 * workers {
+				select {
+				case err := <-done:
+					if err != nil {
+						t.Fatalf("%s: %v", st.name, err)
+					}
+					t.Logf("%s: CPU profile in %s", st.name, file)
+				default:
+					s.load(nil, clients, 0, 4*workers, n)
+					continue
+				}
+				break
+			}
+		}
 	}
 }
 
@@ -200,6 +277,7 @@ type config struct {
 	base  string               // http://127.0.0.1:PORT
 	cpu0  func() time.Duration // the proxy process's CPU time so far
 	token string
+	admin string    // the admin API's address of a caddy started with one, else ""
 	wall  []float64 // µs per request, one per round
 	cpu   []float64
 }
