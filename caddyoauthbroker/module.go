@@ -406,7 +406,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if metrics, err = newSiteMetrics(reg, h.Resource); err != nil {
 			return err
 		}
-		st = timeStorage(st, metrics.storage)
+		st = timeStorage(storage.FastPath(st), metrics.storage) // the fast path timed too
 	}
 	h.records = storage.New(st, ring, storage.WithLogger(h.logger.Named("storage")), storage.WithClock(h.now))
 
@@ -562,15 +562,33 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if who != nil {
 		repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-		repl.Set("http.auth.user.id", who.Subject)
-		repl.Set("http.auth.user.scopes", who.ScopeString())
-		repl.Set("http.auth.user.client_id", who.ClientID)
+		// One provider, read when asked (the access log asks for the id): three Sets
+		// would box three values and grow the replacer's map on every request. Static
+		// values come first, so any an earlier handler set go, as a Set would overwrite them.
+		for _, k := range userPlaceholders {
+			repl.Delete(k)
+		}
+		repl.Map(func(key string) (any, bool) {
+			switch key {
+			case userPlaceholders[0]:
+				return who.Subject, true
+			case userPlaceholders[1]:
+				return who.ScopeString(), true
+			case userPlaceholders[2]:
+				return who.ClientID, true
+			}
+			return nil, false
+		})
 	}
 	// The upstream's response must not set or clear the broker's cookies.
 	g := h.broker.GuardResponse(w, pass, who)
 	defer g.Release()
 	return next.ServeHTTP(g, pass)
 }
+
+// userPlaceholders are the placeholders ServeHTTP sets for a request it passes on: the
+// subject, the scopes, the client id.
+var userPlaceholders = [...]string{"http.auth.user.id", "http.auth.user.scopes", "http.auth.user.client_id"}
 
 // caddyClientIP is the client IP Caddy resolved for the request, honouring the server's
 // trusted proxies; read only on cold paths (a context lookup, no allocation).

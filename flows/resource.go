@@ -234,7 +234,7 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 // authenticate verifies the bearer token of a request to the MCP endpoint and returns
 // who presented it, and the token.
 func (b *Broker) authenticate(r *http.Request) (*idp.Principal, string, error) {
-	if r.URL.Query().Has("access_token") {
+	if r.URL.RawQuery != "" && r.URL.Query().Has("access_token") { // parsed only when there is a query
 		// RFC 6750 §3.1: a request using a method the resource does not accept is
 		// invalid_request, named in the challenge too.
 		e := errInvalidRequest("access tokens are accepted only in the Authorization header")

@@ -105,6 +105,8 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	if refused != nil {
 		return Message{}, refused
 	}
+	// net/http's transport knows this pair as a body in memory and sends it with the
+	// headers in one write; a reader of another type costs a flush of its own.
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	msg := Message{Batch: isBatch(body), Body: body}
