@@ -13,5 +13,6 @@
 // Single use (TakeOnce) and Lock rely on the storage's cluster-wide lock, with
 // an in-process lock in front so that contenders inside one process do not
 // poll the storage lock. A backend that implements Native gets native TTLs and
-// an atomic get-and-delete instead.
+// an atomic get-and-delete instead; Caddy's file_system folder gets a take by
+// rename (FastPath).
 package storage

@@ -253,7 +253,8 @@ func (r *Records) listRecords(ctx context.Context, prefix string) ([]string, err
 // sharing the storage, in this process or any other, exactly one gets the
 // value and the rest get ErrNotFound. An expired record is ErrNotFound.
 //
-// With a Native backend this is LoadAndDelete. Otherwise the storage lock is
+// With a Native backend this is LoadAndDelete (a file_system folder's is a
+// rename: FastPath). Otherwise the storage lock is
 // held around load+delete; an in-process lock per key sits in front of it so
 // that goroutines of one process queue in memory instead of polling the
 // storage lock (FileStorage polls once a second).
