@@ -19,6 +19,10 @@ type AuthorizationServerMetadata struct {
 	CodeChallengeMethodsSupported              []string `json:"code_challenge_methods_supported"`
 	ClientIDMetadataDocumentSupported          bool     `json:"client_id_metadata_document_supported"`
 	AuthorizationResponseIssParameterSupported bool     `json:"authorization_response_iss_parameter_supported"`
+	// AuthorizationGrantProfilesSupported names the ID-JAG profile when enterprise
+	// issuers are trusted (draft-ietf-oauth-identity-assertion-authz-grant); never which
+	// issuers.
+	AuthorizationGrantProfilesSupported []string `json:"authorization_grant_profiles_supported,omitempty"`
 }
 
 // authorizationServerMetadata describes the broker as the authorization server MCP
@@ -52,6 +56,10 @@ func (b *Broker) authorizationServerMetadata() AuthorizationServerMetadata {
 	}
 	if b.cfg.Registration {
 		m.RegistrationEndpoint = b.issuer + pathRegister
+	}
+	if len(b.enterprise) > 0 {
+		m.GrantTypesSupported = append(m.GrantTypesSupported, grantJWTBearer)
+		m.AuthorizationGrantProfilesSupported = []string{idJAGProfile}
 	}
 	return m
 }

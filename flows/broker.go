@@ -127,6 +127,12 @@ type Config struct {
 	// their IdP for earlier releases, or OfflineAccessCallback. Both are always served.
 	// Default: OfflineAccessCallbackLegacy.
 	OfflineAccessCallbackPath string
+	// EnterpriseIssuers are the enterprise identity providers whose Identity Assertion JWT
+	// Authorization Grants (ID-JAGs) the token endpoint redeems with the JWT bearer grant
+	// (Enterprise-Managed Authorization, token_jwt_bearer.go). Hybrid mode only. Default:
+	// none, and the grant is not offered.
+	EnterpriseIssuers []EnterpriseIssuer
+
 	// BackgroundClients may fetch background tokens for users who granted offline access.
 	BackgroundClients []BackgroundClient
 	// BackgroundTokenRate is how many background tokens one background client may ask
@@ -146,6 +152,25 @@ type ClientConfig struct {
 	Name         string
 	RedirectURIs []string
 	Scopes       []string
+}
+
+// EnterpriseIssuer is an enterprise identity provider trusted to issue ID-JAGs for this
+// broker (token_jwt_bearer.go).
+type EnterpriseIssuer struct {
+	// Issuer is its issuer identifier, compared exactly with an ID-JAG's `iss`.
+	Issuer string
+	// JWKSURI is where its signing keys are published.
+	JWKSURI string
+	// Algorithms are the signature algorithms accepted from it. Default:
+	// DefaultEnterpriseAlgorithms.
+	Algorithms []string
+	// Scopes are the most it may grant: an ID-JAG's scopes beyond them are dropped.
+	// Default: every scope the broker offers.
+	Scopes []string
+	// SubjectPrefix is put before the `sub` of its ID-JAGs to make the broker's subject,
+	// so that its users cannot be taken for the IdP's. Required unless Issuer is the IdP's
+	// own issuer, whose subjects are the broker's already. Default: none.
+	SubjectPrefix string
 }
 
 // BackgroundClient is a background worker's credentials.
@@ -250,6 +275,10 @@ type Broker struct {
 	cookies            cookieSealer
 	requestStates      requestStateTagger
 	assertionIDs       assertionIDStore
+
+	// enterprise are the trusted issuers of ID-JAGs by issuer (token_jwt_bearer.go);
+	// empty: the JWT bearer grant is not offered.
+	enterprise map[string]*enterpriseIssuer
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.
@@ -382,6 +411,9 @@ func New(cfg Config) (*Broker, error) {
 		if b.appPasswords, err = newAppPasswords(&cfg, func() time.Time { return b.now() }); err != nil {
 			return nil, err
 		}
+	}
+	if b.enterprise, err = newEnterpriseIssuers(&cfg, func() time.Time { return b.now() }); err != nil {
+		return nil, err
 	}
 	b.adminScanLimit = AdminScanLimit
 	b.openStores()

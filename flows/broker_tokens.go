@@ -162,6 +162,8 @@ type tokenGrant struct {
 	// NotAfter, when set, is the end of the session's absolute lifetime: no token of the
 	// pair outlives it.
 	NotAfter time.Time
+	// AccessOnly issues an access token alone, no refresh token (the JWT bearer grant).
+	AccessOnly bool
 }
 
 // revokeFamily marks a family revoked, which stops every token in it, and evicts its

@@ -310,6 +310,7 @@ const (
 	failMalformed                            // the IdP's answer is unusable: 502
 	failRefused                              // the IdP refused the broker itself: 502
 	failNoExchange                           // progressive mode, IdP without RFC 8693: 502
+	failNoIdPGrant                           // a session from an ID-JAG, a mode that needs an IdP grant: 500
 )
 
 // delegationError is a failure of delegation, of a kind. Its text never holds a token.
@@ -323,6 +324,12 @@ func (e *delegationError) Unwrap() error { return e.err }
 
 var errNoTokenExchange = &delegationError{failNoExchange,
 	errors.New("delegating: the identity provider advertises no token exchange and progressive mode holds no grant to refresh")}
+
+// errNoIdPGrant: the session was created from an enterprise ID-JAG and holds no IdP
+// grant, which this delegation mode needs. New refuses such configurations; this is the
+// guard behind that.
+var errNoIdPGrant = &delegationError{failNoIdPGrant,
+	errors.New("delegating: the session comes from an enterprise ID-JAG and holds no IdP grant to delegate with")}
 
 // unavailable marks err, met while doing something, as the IdP being unreachable.
 func unavailable(doing string, err error) error {
@@ -371,6 +378,10 @@ func (b *Broker) delegationFailed(who *idp.Principal, scopes []string, err error
 	case failRefused:
 		b.log.delegation.Error("identity provider refused the broker's request; check its client configuration", fields...)
 		return newRequestError(http.StatusBadGateway, "server_error", "the identity provider refused the broker's delegation request")
+	case failNoIdPGrant:
+		b.log.delegation.Error("a session from an enterprise ID-JAG holds no IdP grant; use delegation none or app_password with enterprise_managed", fields...)
+		return newRequestError(http.StatusInternalServerError, "server_error",
+			"this session comes from an enterprise assertion and the broker's delegation mode needs an identity provider grant it does not hold")
 	case failNoExchange:
 		if b.delegation.noExchangeLogged.CompareAndSwap(false, true) {
 			b.log.delegation.Error("the identity provider offers no token exchange (RFC 8693), which progressive mode needs; use mode hybrid or an IdP with token exchange")

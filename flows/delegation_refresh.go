@@ -100,6 +100,9 @@ func (b *Broker) loadSessionGrant(ctx context.Context, id string) (*Session, IdP
 	if err != nil {
 		return nil, IdPGrant{}, &delegationError{failStorage, fmt.Errorf("loading session: %w", err)}
 	}
+	if s.EnterpriseIssuer != "" {
+		return nil, IdPGrant{}, errNoIdPGrant
+	}
 	g, err := b.sessions.grant(s)
 	if err != nil {
 		// Sealed under a key no longer in the ring: the session cannot be used again.

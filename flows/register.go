@@ -205,12 +205,20 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) error {
 		md.GrantTypes = defaultGrantTypes
 	}
 	hasCode := false
+	jwtBearer := len(b.enterprise) > 0 // the JWT bearer grant is offered
 	for _, g := range md.GrantTypes {
 		switch g {
 		case grantAuthorizationCode:
 			hasCode = true
 		case grantRefreshToken:
+		case grantJWTBearer:
+			if !jwtBearer {
+				return errClientMetadata("grant_types may only be authorization_code and refresh_token")
+			}
 		default:
+			if jwtBearer {
+				return errClientMetadata("grant_types may only be authorization_code, refresh_token and " + grantJWTBearer)
+			}
 			return errClientMetadata("grant_types may only be authorization_code and refresh_token")
 		}
 	}
@@ -236,6 +244,9 @@ func (b *Broker) checkClientMetadata(md *clientMetadata) error {
 	case AuthMethodNone, AuthMethodBasic, AuthMethodPost:
 	default:
 		return errClientMetadata("token_endpoint_auth_method must be none, client_secret_basic or client_secret_post")
+	}
+	if md.TokenEndpointAuthMethod == AuthMethodNone && slices.Contains(md.GrantTypes, grantJWTBearer) {
+		return errClientMetadata(grantJWTBearer + " is for confidential clients: token_endpoint_auth_method must not be none")
 	}
 
 	if utf8.RuneCountInString(md.ClientName) > maxClientNameRunes {

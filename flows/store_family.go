@@ -41,7 +41,8 @@ func (st familyStore) familyTTL() time.Duration {
 	return max(st.accessTTL, st.refreshTTL) + st.grace
 }
 
-// issue mints and stores an access token and a refresh token for g.
+// issue mints and stores an access token and a refresh token for g (the access token
+// alone when g.AccessOnly).
 func (st familyStore) issue(ctx context.Context, g tokenGrant) (TokenResponse, error) {
 	now := st.now()
 	access, refresh := newBrokerToken(accessTokenPrefix), newBrokerToken(refreshTokenPrefix)
@@ -61,6 +62,14 @@ func (st familyStore) issue(ctx context.Context, g tokenGrant) (TokenResponse, e
 	}
 	if err := st.records.Put(ctx, recordKey(kindAccessToken, access), at, accessTTL); err != nil {
 		return TokenResponse{}, fmt.Errorf("storing access token: %w", err)
+	}
+	if g.AccessOnly {
+		return TokenResponse{
+			AccessToken: access,
+			TokenType:   "Bearer",
+			ExpiresIn:   int64(accessTTL / time.Second),
+			Scope:       strings.Join(g.Scopes, " "),
+		}, nil
 	}
 	rt := RefreshToken{
 		FamilyID:  g.FamilyID,

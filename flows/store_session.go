@@ -45,6 +45,25 @@ func (st sessionStore) create(ctx context.Context, subject, clientID string, sco
 	return s, nil
 }
 
+// createFromAssertion stores a new session for subject's ID-JAG from issuer, redeemed by
+// clientID: no IdP grant behind it, and it lives as long as the tokens issued for it.
+func (st sessionStore) createFromAssertion(ctx context.Context, subject, clientID, issuer string, scopes []string, lifetime time.Duration) (*Session, error) {
+	s := &Session{
+		ID:               randomToken(),
+		Subject:          subject,
+		ClientID:         clientID,
+		Scopes:           scopes,
+		Site:             st.site,
+		CreatedAt:        st.now(),
+		EnterpriseIssuer: issuer,
+	}
+	s.key = sessionKey(s.ID)
+	if err := st.records.Put(ctx, s.key, s, max(min(lifetime, st.lifetime(s, s.CreatedAt)), time.Second)); err != nil {
+		return nil, fmt.Errorf("storing session: %w", err)
+	}
+	return s, nil
+}
+
 // load returns the session with id, or storage.ErrNotFound.
 func (st sessionStore) load(ctx context.Context, id string) (*Session, error) {
 	var s Session

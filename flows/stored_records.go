@@ -116,6 +116,10 @@ type Session struct {
 	// ConfirmedAt is when a refresh at the IdP last showed the grant alive (zero: at
 	// CreatedAt, the login).
 	ConfirmedAt time.Time `json:"confirmed_at,omitzero"`
+	// EnterpriseIssuer is the issuer of the ID-JAG the session was created from
+	// (token_jwt_bearer.go); empty for a login. Such a session has no IdP grant behind it:
+	// Grant is empty, and delegation cannot use it.
+	EnterpriseIssuer string `json:"enterprise_issuer,omitempty"`
 }
 
 // AuthorizationCode is a broker-issued code, bound to everything it was issued for.

@@ -29,7 +29,8 @@ const (
 )
 
 // serveToken is the token endpoint (hybrid mode): the authorization_code grant
-// (token_code.go) and the refresh_token grant (token_refresh.go), for authenticated
+// (token_code.go), the refresh_token grant (token_refresh.go) and, with trusted
+// enterprise issuers, the JWT bearer grant for ID-JAGs (token_jwt_bearer.go), for authenticated
 // clients, readable by browser clients (CORS without credentials).
 func (b *Broker) serveToken(w http.ResponseWriter, r *http.Request) {
 	if answerTokenPreflight(w, r) {
@@ -52,6 +53,10 @@ func (b *Broker) token(w http.ResponseWriter, r *http.Request) (TokenResponse, e
 	gt := form.Get("grant_type")
 	switch gt {
 	case grantAuthorizationCode, grantRefreshToken:
+	case grantJWTBearer:
+		if len(b.enterprise) == 0 {
+			return TokenResponse{}, newRequestError(http.StatusBadRequest, "unsupported_grant_type", "the grant type is not supported")
+		}
 	case "":
 		return TokenResponse{}, errInvalidRequest("grant_type is required")
 	default:
@@ -60,8 +65,11 @@ func (b *Broker) token(w http.ResponseWriter, r *http.Request) (TokenResponse, e
 	if !client.allowsGrantType(gt) {
 		return TokenResponse{}, errUnauthorizedClient("the client did not register this grant type")
 	}
-	if gt == grantAuthorizationCode {
+	switch gt {
+	case grantAuthorizationCode:
 		return b.exchangeCode(r, form, client)
+	case grantJWTBearer:
+		return b.jwtBearerGrant(r, form, client)
 	}
 	return b.refreshGrant(r, form, client)
 }

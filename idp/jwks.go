@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/coreos/go-oidc/v3/oidc"
 	jose "github.com/go-jose/go-jose/v4"
 	"golang.org/x/sync/singleflight"
 )
@@ -188,3 +189,21 @@ var joseAlgs = func() []jose.SignatureAlgorithm {
 	}
 	return algs
 }()
+
+// NewKeySet is the signing keys published at url, for JWTs of another issuer the broker
+// trusts (enterprise issuers of ID-JAGs), with the bounds of the IdP's own: the JWKS is
+// read bounded, and fetched again for an unknown key ID at most once per
+// JWKSRefetchInterval, so that a stream of forged JWTs cannot make the broker call out.
+// It implements oidc.KeySet; a verification that could not fetch the keys records why in
+// the slot of KeyFetchSlot.
+func NewKeySet(url string, client *http.Client, now func() time.Time) oidc.KeySet {
+	return newIssuerKeys(url, client, now, func(context.Context) error { return nil })
+}
+
+// KeyFetchSlot returns ctx with a slot where a key set of this package records why it
+// could not fetch its keys, and the slot: go-oidc flattens that error into text, and an
+// issuer that is down must not read as a forged JWT.
+func KeyFetchSlot(ctx context.Context) (context.Context, *error) {
+	slot := new(error)
+	return context.WithValue(ctx, keyFetchErrorKey{}, slot), slot
+}
