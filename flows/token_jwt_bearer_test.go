@@ -196,7 +196,10 @@ func TestJWTBearerRefusesBadAssertions(t *testing.T) {
 		{"an algorithm the issuer is not configured with is refused", sign(t, e.ent.claims(now, e.client), jose.ES384, mustKey(t, elliptic.P384()), enterpriseKeyID, idJAGType), 400, "invalid_grant"},
 		{"typ JWT is refused", sign(t, e.ent.claims(now, e.client), jose.ES256, e.ent.key, enterpriseKeyID, "JWT"), 400, "invalid_grant"},
 		{"no typ is refused", sign(t, e.ent.claims(now, e.client), jose.ES256, e.ent.key, enterpriseKeyID, ""), 400, "invalid_grant"},
-		{"an expired assertion is refused", changed(func(c map[string]any) { c["iat"] = now.Add(-10 * time.Minute).Unix(); c["exp"] = now.Add(-time.Minute).Unix() }), 400, "invalid_grant"},
+		{"an expired assertion is refused", changed(func(c map[string]any) {
+			c["iat"] = now.Add(-10 * time.Minute).Unix()
+			c["exp"] = now.Add(-time.Minute).Unix()
+		}), 400, "invalid_grant"},
 		{"an assertion issued in the future is refused", changed(func(c map[string]any) { c["iat"] = now.Add(10 * time.Minute).Unix() }), 400, "invalid_grant"},
 		{"an assertion without iat is refused", changed(func(c map[string]any) { delete(c, "iat") }), 400, "invalid_grant"},
 		{"an assertion valid for days is refused", changed(func(c map[string]any) { c["exp"] = now.Add(72 * time.Hour).Unix() }), 400, "invalid_grant"},
