@@ -76,6 +76,14 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			tools         <tool name or glob...>
 //			callback_path <path>
 //		}
+//		enterprise_managed {
+//			issuer <url> {
+//				jwks_uri       <url>
+//				algorithms     <alg...>
+//				scopes         <scope...>
+//				subject_prefix <prefix>
+//			}
+//		}
 //		background_client <id> <secret>
 //		background_token_rate <per minute>
 //		max_body_bytes    <bytes>
@@ -194,6 +202,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					zap.String("file", d.File()), zap.Int("line", d.Line()))
 			}
 			h.OfflineAccess, err = unmarshalOfflineAccess(d)
+		case "enterprise_managed":
+			h.EnterpriseManaged, err = unmarshalEnterpriseManaged(d)
 		case "background_client":
 			c := new(BackgroundClient)
 			if !d.AllArgs(&c.ClientID, &c.ClientSecret) {
@@ -331,6 +341,63 @@ func unmarshalOfflineAccess(d *caddyfile.Dispenser) (*OfflineAccess, error) {
 		}
 	}
 	return p, nil
+}
+
+// unmarshalEnterpriseManaged reads the enterprise_managed block: one issuer block per
+// trusted enterprise identity provider.
+func unmarshalEnterpriseManaged(d *caddyfile.Dispenser) (*EnterpriseManaged, error) {
+	em := new(EnterpriseManaged)
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "issuer":
+			ei, err := unmarshalEnterpriseIssuer(d)
+			if err != nil {
+				return nil, err
+			}
+			em.Issuers = append(em.Issuers, ei)
+		default:
+			return nil, d.Errf("enterprise_managed: unrecognized subdirective %q", d.Val())
+		}
+	}
+	return em, nil
+}
+
+// unmarshalEnterpriseIssuer reads one issuer block of enterprise_managed.
+func unmarshalEnterpriseIssuer(d *caddyfile.Dispenser) (*EnterpriseIssuer, error) {
+	ei := new(EnterpriseIssuer)
+	if !d.AllArgs(&ei.Issuer) {
+		return nil, d.Err("enterprise_managed: issuer: want exactly one issuer URL")
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if err := once(d, seen); err != nil {
+			return nil, err
+		}
+		switch d.Val() {
+		case "jwks_uri":
+			if err := unmarshalString(d, &ei.JWKSURI); err != nil {
+				return nil, err
+			}
+		case "algorithms":
+			if err := unmarshalList(d, &ei.Algorithms); err != nil {
+				return nil, err
+			}
+		case "scopes":
+			if err := unmarshalList(d, &ei.Scopes); err != nil {
+				return nil, err
+			}
+		case "subject_prefix":
+			if err := unmarshalString(d, &ei.SubjectPrefix); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, d.Errf("enterprise_managed: issuer: unrecognized subdirective %q", d.Val())
+		}
+	}
+	return ei, nil
 }
 
 func unmarshalClient(d *caddyfile.Dispenser) (*Client, error) {

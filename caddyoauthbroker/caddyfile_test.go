@@ -200,6 +200,39 @@ func TestCaddyfileErrors(t *testing.T) {
 				forever yes
 			}
 		}`, `offline_access: unrecognized subdirective "forever"`},
+		{"an unknown enterprise_managed subdirective is refused", `mcp_oauth {
+			enterprise_managed {
+				trust https://idp.example
+			}
+		}`, `enterprise_managed: unrecognized subdirective "trust"`},
+		{"an unknown issuer subdirective is refused", `mcp_oauth {
+			enterprise_managed {
+				issuer https://idp.example {
+					keys https://idp.example/jwks
+				}
+			}
+		}`, `enterprise_managed: issuer: unrecognized subdirective "keys"`},
+		{"an issuer without its URL is refused", `mcp_oauth {
+			enterprise_managed {
+				issuer {
+					jwks_uri https://idp.example/jwks
+				}
+			}
+		}`, "issuer: want exactly one issuer URL"},
+		{"a repeated issuer subdirective is refused", `mcp_oauth {
+			enterprise_managed {
+				issuer https://idp.example {
+					jwks_uri https://idp.example/jwks
+					jwks_uri https://idp.example/other
+				}
+			}
+		}`, "jwks_uri: already specified"},
+		{"a second enterprise_managed block is refused", `mcp_oauth {
+			enterprise_managed {
+			}
+			enterprise_managed {
+			}
+		}`, "enterprise_managed: already specified"},
 		{"a second offline_access block is refused", `mcp_oauth {
 			offline_access {
 				tools a

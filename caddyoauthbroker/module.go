@@ -216,6 +216,13 @@ type Handler struct {
 	// warning at load) and moved to offline_access; giving both is an error. Default: none.
 	Provisioning *OfflineAccess `json:"provisioning,omitempty"`
 
+	// Enterprise-Managed Authorization (the MCP extension): the enterprise identity
+	// providers trusted to grant access to this MCP server with Identity Assertion JWT
+	// Authorization Grants (ID-JAGs), redeemed at the token endpoint with the JWT bearer
+	// grant by confidential clients. Hybrid mode, with delegation none or app_password
+	// only. Default: none, and the grant is not offered.
+	EnterpriseManaged *EnterpriseManaged `json:"enterprise_managed,omitempty"`
+
 	// Background workers allowed to fetch background tokens for users who granted
 	// offline access. Default: none.
 	BackgroundClients []*BackgroundClient `json:"background_clients,omitempty"`
@@ -338,6 +345,34 @@ type OfflineAccess struct {
 	CallbackPath string `json:"callback_path,omitempty"`
 }
 
+// EnterpriseManaged configures Enterprise-Managed Authorization.
+type EnterpriseManaged struct {
+	// The enterprise identity providers whose ID-JAGs are redeemed. Required, at least one.
+	Issuers []*EnterpriseIssuer `json:"issuers,omitempty"`
+}
+
+// EnterpriseIssuer is an enterprise identity provider trusted to issue ID-JAGs.
+type EnterpriseIssuer struct {
+	// Its issuer identifier, compared exactly with an ID-JAG's `iss`. Required.
+	Issuer string `json:"issuer,omitempty"`
+
+	// Where its signing keys (JWKS) are published. Required.
+	JWKSURI string `json:"jwks_uri,omitempty"`
+
+	// The signature algorithms accepted from it; asymmetric ones only (RS, PS, ES
+	// families, EdDSA). Default: RS256 ES256.
+	Algorithms []string `json:"algorithms,omitempty"`
+
+	// The most its ID-JAGs may grant: their scopes beyond these are dropped.
+	// Default: every scope the broker offers.
+	Scopes []string `json:"scopes,omitempty"`
+
+	// Put before the `sub` of its ID-JAGs to make the user's subject at the broker (and in
+	// the subject header), so that its users cannot be taken for the identity provider's.
+	// Required unless the issuer is the identity provider's own. Default: none.
+	SubjectPrefix string `json:"subject_prefix,omitempty"`
+}
+
 // BackgroundClient is a background worker's credentials.
 type BackgroundClient struct {
 	// The worker's id. Required.
@@ -457,6 +492,13 @@ func (h *Handler) applyDefaults() {
 	}
 	if h.Delegation.Narrow == "" {
 		h.Delegation.Narrow = flows.DelegationNarrowToolCalls
+	}
+	if em := h.EnterpriseManaged; em != nil {
+		for _, ei := range em.Issuers {
+			if ei != nil && len(ei.Algorithms) == 0 {
+				ei.Algorithms = slices.Clone(flows.DefaultEnterpriseAlgorithms)
+			}
+		}
 	}
 	if d := h.Delegation; d.Mode == flows.DelegationAppPassword {
 		if d.NextcloudPublicURL == "" {
@@ -836,6 +878,9 @@ func (h *Handler) Validate() error {
 			}
 		}
 	}
+	if err := h.validateEnterpriseManaged(); err != nil {
+		return err
+	}
 	seenWorkers := make(map[string]bool, len(h.BackgroundClients))
 	for i, c := range h.BackgroundClients {
 		if c == nil || c.ClientID == "" || c.ClientSecret == "" {
@@ -1041,6 +1086,15 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 			ClientID: c.ClientID, Name: c.Name, RedirectURIs: c.RedirectURIs, Scopes: c.Scopes,
 		})
 	}
+	if em := h.EnterpriseManaged; em != nil {
+		for _, ei := range em.Issuers {
+			if ei != nil {
+				cfg.EnterpriseIssuers = append(cfg.EnterpriseIssuers, flows.EnterpriseIssuer{
+					Issuer: ei.Issuer, JWKSURI: ei.JWKSURI, Algorithms: ei.Algorithms, Scopes: ei.Scopes, SubjectPrefix: ei.SubjectPrefix,
+				})
+			}
+		}
+	}
 	if d := h.Delegation; d != nil {
 		cfg.DelegationMode = d.Mode
 		cfg.DelegationAudience = d.Audience
@@ -1067,3 +1121,26 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
+
+// validateEnterpriseManaged checks what flows cannot know is missing: enterprise_managed
+// with no issuer, an issuer without its URL or keys. The rest (algorithms, subject
+// prefixes, the delegation modes that can serve such sessions) flows.New checks, in
+// Provision.
+func (h *Handler) validateEnterpriseManaged() error {
+	em := h.EnterpriseManaged
+	if em == nil {
+		return nil
+	}
+	if len(em.Issuers) == 0 {
+		return errors.New("enterprise_managed: want at least one issuer")
+	}
+	for i, ei := range em.Issuers {
+		if ei == nil || ei.Issuer == "" || ei.JWKSURI == "" {
+			return fmt.Errorf("enterprise_managed: issuers[%d]: want an issuer and its jwks_uri", i)
+		}
+		if err := checkScopes(ei.Scopes); err != nil {
+			return fmt.Errorf("enterprise_managed: issuer %s: %w", ei.Issuer, err)
+		}
+	}
+	return nil
+}

@@ -133,6 +133,25 @@ func TestProvisionRefusesWhatCannotWork(t *testing.T) {
 			`offline_access: callback_path: want /oauth/offline-access/callback or /oauth/callback-nextcloud, got "/elsewhere"`},
 		{"refresh delegation in progressive mode", func(c map[string]any) { c["delegation"] = map[string]any{"mode": "refresh"} },
 			"delegation refresh: needs mode hybrid"},
+		{"enterprise_managed without an issuer", func(c map[string]any) { c["enterprise_managed"] = map[string]any{} },
+			"enterprise_managed: want at least one issuer"},
+		{"an enterprise issuer without its keys", func(c map[string]any) {
+			c["mode"] = "hybrid"
+			c["delegation"] = map[string]any{"mode": "none"}
+			c["enterprise_managed"] = map[string]any{"issuers": []any{map[string]any{"issuer": "https://idp.acme.example", "subject_prefix": "acme:"}}}
+		}, `jwks_uri "": want an absolute http(s) URL`},
+		{"enterprise_managed with the default delegation, which needs an IdP grant", func(c map[string]any) {
+			c["mode"] = "hybrid"
+			delete(c, "delegation")
+			c["enterprise_managed"] = map[string]any{"issuers": []any{map[string]any{
+				"issuer": "https://idp.acme.example", "jwks_uri": "https://idp.acme.example/jwks", "subject_prefix": "acme:"}}}
+		}, "use delegation none or app_password"},
+		{"an enterprise issuer with HS256", func(c map[string]any) {
+			c["mode"] = "hybrid"
+			c["delegation"] = map[string]any{"mode": "none"}
+			c["enterprise_managed"] = map[string]any{"issuers": []any{map[string]any{
+				"issuer": "https://idp.acme.example", "jwks_uri": "https://idp.acme.example/jwks", "subject_prefix": "acme:", "algorithms": []string{"HS256"}}}}
+		}, `algorithm "HS256"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := progressiveConfig()

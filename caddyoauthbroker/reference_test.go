@@ -25,12 +25,14 @@ const referenceDoc = "../docs/configuration.md"
 // jsonSections maps each heading of the reference's JSON part to the type whose fields its
 // table lists.
 var jsonSections = map[string]reflect.Type{
-	"`http.handlers.mcp_oauth` object": reflect.TypeFor[Handler](),
-	"`clients[]` object":               reflect.TypeFor[Client](),
-	"`delegation` object":              reflect.TypeFor[Delegation](),
-	"`tool_scopes[]` object":           reflect.TypeFor[ToolScope](),
-	"`offline_access` object":          reflect.TypeFor[OfflineAccess](),
-	"`background_clients[]` object":    reflect.TypeFor[BackgroundClient](),
+	"`http.handlers.mcp_oauth` object":      reflect.TypeFor[Handler](),
+	"`clients[]` object":                    reflect.TypeFor[Client](),
+	"`delegation` object":                   reflect.TypeFor[Delegation](),
+	"`tool_scopes[]` object":                reflect.TypeFor[ToolScope](),
+	"`offline_access` object":               reflect.TypeFor[OfflineAccess](),
+	"`background_clients[]` object":         reflect.TypeFor[BackgroundClient](),
+	"`enterprise_managed` object":           reflect.TypeFor[EnterpriseManaged](),
+	"`enterprise_managed.issuers[]` object": reflect.TypeFor[EnterpriseIssuer](),
 }
 
 // caddyfileSections maps each heading of the reference's Caddyfile part to the function
@@ -39,10 +41,12 @@ var caddyfileSections = map[string]struct {
 	parser string
 	typ    reflect.Type
 }{
-	"`mcp_oauth` block":      {"UnmarshalCaddyfile", reflect.TypeFor[Handler]()},
-	"`client` block":         {"unmarshalClient", reflect.TypeFor[Client]()},
-	"`delegation` block":     {"unmarshalDelegation", reflect.TypeFor[Delegation]()},
-	"`offline_access` block": {"unmarshalOfflineAccess", reflect.TypeFor[OfflineAccess]()},
+	"`mcp_oauth` block":                   {"UnmarshalCaddyfile", reflect.TypeFor[Handler]()},
+	"`client` block":                      {"unmarshalClient", reflect.TypeFor[Client]()},
+	"`delegation` block":                  {"unmarshalDelegation", reflect.TypeFor[Delegation]()},
+	"`offline_access` block":              {"unmarshalOfflineAccess", reflect.TypeFor[OfflineAccess]()},
+	"`enterprise_managed` block":          {"unmarshalEnterpriseManaged", reflect.TypeFor[EnterpriseManaged]()},
+	"`enterprise_managed` `issuer` block": {"unmarshalEnterpriseIssuer", reflect.TypeFor[EnterpriseIssuer]()},
 }
 
 // TestConfigurationReference fails when docs/configuration.md lacks a JSON field of the
