@@ -6,7 +6,10 @@
 //   keycloak   like Keycloak: JWT access tokens whose aud is the RFC 8707 resource (or a
 //              default audience), and an RFC 8693 token-exchange grant whose `audience`
 //              may be a client id (nextcloud-mcp-server) and whose `scope` may name
-//              openid, profile and email besides the API scopes the subject holds.
+//              openid, profile and email besides the API scopes the subject holds; the
+//              same grant issues Identity Assertion JWT Authorization Grants (ID-JAGs,
+//              draft-ietf-oauth-identity-assertion-authz-grant, MCP's Enterprise-Managed
+//              Authorization) for an ID token, by the enterprise policy "idJag" (below).
 //
 // Usage: node idp.mjs --profile nextcloud|keycloak [--port N] [--config JSON]
 // JSON: {"clients": [oidc-provider client metadata...], "defaultAudience": "..."} and, for
@@ -16,6 +19,10 @@
 //        "tokenTypes":    {"<client_id>": "jwt"|"opaque"} (access token type; default opaque),
 //        "resourceUrls":  {"<client_id>": "<url>"} (the client's resource identifier),
 //        "expireTime": 900, "refreshExpireTime": 900 (the app's two lifetimes, seconds).
+//        For keycloak, the enterprise policy of ID-JAGs:
+//        "idJag": {"<client_id>": {"clientId": "<its id at the resource's AS>",
+//                                  "scope": "<the most it may get there>"}}
+//        (no entry: the client gets no ID-JAG); also settable by /test/client-settings.
 // On loopback only. Prints one JSON line {"issuer": ...} on stdout once it listens.
 // Logins go through oidc-provider's devInteractions: any login name is accepted as the
 // subject; the harness drives the forms with an HTTP client. Test hooks, not OAuth
@@ -44,10 +51,12 @@ import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
 
 import Provider, { errors } from 'oidc-provider';
-import { jwtVerify, createLocalJWKSet } from 'jose';
+import { jwtVerify, createLocalJWKSet, SignJWT } from 'jose';
 
 const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
 const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+const ID_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:id_token';
+const ID_JAG_TYPE = 'urn:ietf:params:oauth:token-type:id-jag';
 // API scopes in both spellings: the broker's examples (notes:read) and the Nextcloud MCP
 // server's per-app scopes (notes.read). The oidc app takes any scope a client is allowed.
 const API_SCOPES = ['notes:read', 'notes:write', 'notes.read', 'notes.write'];
@@ -70,6 +79,7 @@ const cfg = JSON.parse(args.config);
 cfg.allowedScopes ??= {};
 cfg.tokenTypes ??= {};
 cfg.resourceUrls ??= {};
+cfg.idJag ??= {};
 const expireTime = cfg.expireTime ?? 900;
 const refreshExpireTime = cfg.refreshExpireTime ?? 900;
 const tokenTypeOf = (clientId) => cfg.tokenTypes[clientId] ?? 'opaque';
@@ -264,6 +274,10 @@ if (keycloak) {
     const p = ctx.oidc.params;
     const { client } = ctx.oidc;
     if (!p.subject_token) throw new errors.InvalidRequest('missing subject_token');
+    if (p.requested_token_type === ID_JAG_TYPE) {
+      await issueIDJAG(ctx);
+      return;
+    }
     if (p.subject_token_type !== ACCESS_TOKEN_TYPE) throw new errors.InvalidRequest('unsupported subject_token_type');
     if (p.requested_token_type && p.requested_token_type !== ACCESS_TOKEN_TYPE) {
       throw new errors.InvalidRequest('unsupported requested_token_type');
@@ -306,6 +320,50 @@ if (keycloak) {
   }, ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'requested_token_type', 'audience', 'resource', 'scope'], ['audience', 'resource']);
 }
 
+// issueIDJAG answers a token exchange for an ID-JAG as the draft's IdP does: the subject
+// token is an ID token this IdP issued to the requesting client (its aud), the audience
+// is the resource's authorization server and resource the MCP server (both required);
+// the enterprise policy (cfg.idJag) names the client's id there and caps the scopes.
+async function issueIDJAG(ctx) {
+  const p = ctx.oidc.params;
+  const { client } = ctx.oidc;
+  if (p.subject_token_type !== ID_TOKEN_TYPE) throw new errors.InvalidRequest('unsupported subject_token_type');
+  if (!p.audience || !p.resource) throw new errors.InvalidRequest('audience and resource are required');
+  if ([].concat(p.audience).length !== 1 || [].concat(p.resource).length !== 1) throw new errors.InvalidTarget('one audience and one resource');
+  let subject;
+  try {
+    ({ payload: subject } = await jwtVerify(p.subject_token, localKeys, { issuer, audience: client.clientId }));
+  } catch {
+    throw new errors.InvalidGrant('subject_token is invalid');
+  }
+  const policy = cfg.idJag[client.clientId];
+  if (!policy) throw new errors.InvalidGrant('the enterprise policy grants this client no access to that audience');
+  const allowed = new Set(String(policy.scope ?? '').split(' ').filter(Boolean));
+  const asked = p.scope ? p.scope.split(' ').filter(Boolean) : [...allowed];
+  const scope = asked.filter((s) => allowed.has(s)).join(' ');
+  const now = Math.floor(Date.now() / 1000);
+  const jag = await new SignJWT({
+    client_id: policy.clientId,
+    resource: p.resource,
+    ...(scope ? { scope } : {}),
+  })
+    .setProtectedHeader({ alg: 'RS256', kid: signingJWK.kid, typ: 'oauth-id-jag+jwt' })
+    .setIssuer(issuer)
+    .setSubject(subject.sub)
+    .setAudience(p.audience)
+    .setJti(randomBytes(16).toString('hex'))
+    .setIssuedAt(now)
+    .setExpirationTime(now + 300)
+    .sign(privateKey);
+  ctx.body = {
+    issued_token_type: ID_JAG_TYPE,
+    access_token: jag,
+    token_type: 'N_A',
+    scope,
+    expires_in: 300,
+  };
+}
+
 // Events the harness may want to count, one JSON line each on stderr.
 for (const ev of ['grant.success', 'introspection.error', 'grant.error', 'server_error']) {
   provider.on(ev, (ctx, err) => {
@@ -330,7 +388,8 @@ for (const ev of ['access_token.saved', 'refresh_token.saved']) {
 // POST /test/clock?advance=SECONDS moves the IdP's clock forward, so that tests see
 // lifetimes end without waiting for them. Answers {"offset": SECONDS}.
 // POST /test/client-settings?client_id=ID with {"tokenType", "resourceUrl",
-// "allowedScopes"} (any of them) changes what an admin sets for a client in the oidc app,
+// "allowedScopes", "idJag"} (any of them) changes what an admin sets for a client in the oidc app
+// (idJag: the enterprise policy of ID-JAGs, keycloak),
 // for the logins that follow. Answers 204.
 const callback = provider.callback();
 server.on('request', async (req, res) => {
@@ -354,6 +413,7 @@ server.on('request', async (req, res) => {
     if (settings.tokenType !== undefined) cfg.tokenTypes[id] = settings.tokenType;
     if (settings.resourceUrl !== undefined) cfg.resourceUrls[id] = settings.resourceUrl;
     if (settings.allowedScopes !== undefined) cfg.allowedScopes[id] = settings.allowedScopes;
+    if (settings.idJag !== undefined) cfg.idJag[id] = settings.idJag;
     res.writeHead(204).end();
     return;
   }
