@@ -117,7 +117,9 @@ func (b *Broker) endSession(ctx context.Context, id string) {
 		b.log.token.Error("reading session to end it", zap.Error(err))
 		return
 	}
-	if g, err := b.sessions.grant(s); err != nil {
+	if s.EnterpriseIssuer != "" {
+		// From an ID-JAG: no IdP grant to revoke.
+	} else if g, err := b.sessions.grant(s); err != nil {
 		b.log.token.Error("ending session", zap.Error(err))
 	} else {
 		b.revokeAtIdP(ctx, g)

@@ -78,7 +78,12 @@ func newEnterpriseIssuers(cfg *Config, now func() time.Time) (map[string]*enterp
 		return nil, errors.New("enterprise_managed: needs mode hybrid, where the broker issues its own tokens")
 	}
 	switch cfg.DelegationMode {
-	case DelegationNone, DelegationAppPassword:
+	case DelegationNone:
+	case DelegationAppPassword:
+		if c := cfg.AppPassword.UserClaim; c != "" && c != "sub" {
+			// The claim is read from the login's ID token, which such a session lacks.
+			return nil, fmt.Errorf("enterprise_managed: sessions from ID-JAGs have no ID token to read user_claim %q from; use user_claim sub", c)
+		}
 	default:
 		return nil, errors.New("enterprise_managed: sessions from ID-JAGs hold no identity provider grant, which delegation " +
 			delegationName(cfg.DelegationMode) + " needs; use delegation none or app_password")

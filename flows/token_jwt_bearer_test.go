@@ -366,6 +366,14 @@ func TestEnterpriseIssuerConfiguration(t *testing.T) {
 		{"the default delegation is refused", func(c *Config) { c.DelegationMode = "" }, "delegation none or app_password"},
 		{"delegation refresh is refused", func(c *Config) { c.DelegationMode = DelegationRefresh }, "delegation none or app_password"},
 		{"progressive mode is refused", func(c *Config) { c.Mode = ModeProgressive }, "hybrid"},
+		{"delegation app_password with user_claim sub builds", func(c *Config) {
+			c.DelegationMode = DelegationAppPassword
+			c.AppPassword = AppPasswordConfig{NextcloudURL: "https://cloud.example.test"}
+		}, ""},
+		{"delegation app_password with another user_claim is refused", func(c *Config) {
+			c.DelegationMode = DelegationAppPassword
+			c.AppPassword = AppPasswordConfig{NextcloudURL: "https://cloud.example.test", UserClaim: "nextcloud_uid"}
+		}, "use user_claim sub"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Config{
@@ -397,6 +405,22 @@ func TestEnterpriseSessionRefusesGrantDelegation(t *testing.T) {
 	if _, _, err := e.b.loadSessionGrant(t.Context(), p.SessionID); err != errNoIdPGrant {
 		t.Fatalf("loadSessionGrant: %v, want errNoIdPGrant", err)
 	}
+	t.Run("revoking the session asks no IdP and logs no error", func(t *testing.T) {
+		form := url.Values{"token": {tok.AccessToken}}
+		h := http.Header{}
+		h.Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(e.client)+":"+url.QueryEscape(e.secret))))
+		if res := e.post(t, pathRevoke, form, h); res.status != http.StatusOK {
+			t.Fatalf("revoke: %d %+v", res.status, res.err)
+		}
+		if e.mcpStatus(t, tok.AccessToken) != http.StatusUnauthorized {
+			t.Error("the access token still works after revocation")
+		}
+		for _, entry := range e.logs.All() {
+			if entry.Message == "ending session" {
+				t.Errorf("revocation logged %q: %v", entry.Message, entry.ContextMap())
+			}
+		}
+	})
 	re := asRequestError(e.b.delegationFailed(p, nil, errNoIdPGrant))
 	if re == nil || re.status != http.StatusInternalServerError || !strings.Contains(re.description, "enterprise assertion") {
 		t.Fatalf("answer %+v", re)
