@@ -220,7 +220,7 @@ type Handler struct {
 	// providers trusted to grant access to this MCP server with Identity Assertion JWT
 	// Authorization Grants (ID-JAGs), redeemed at the token endpoint with the JWT bearer
 	// grant by confidential clients. Hybrid mode, with delegation none or app_password
-	// only. Default: none, and the grant is not offered.
+	// only. Default: none (the grant is not offered).
 	EnterpriseManaged *EnterpriseManaged `json:"enterprise_managed,omitempty"`
 
 	// Background workers allowed to fetch background tokens for users who granted
