@@ -369,7 +369,8 @@ type EnterpriseIssuer struct {
 
 	// Put before the `sub` of its ID-JAGs to make the user's subject at the broker (and in
 	// the subject header), so that its users cannot be taken for the identity provider's.
-	// Required unless the issuer is the identity provider's own. Default: none.
+	// Required unless the issuer is the identity provider's own; without a colon with
+	// delegation app_password, where the subject is a Nextcloud user name. Default: none.
 	SubjectPrefix string `json:"subject_prefix,omitempty"`
 }
 

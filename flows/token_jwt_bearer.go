@@ -128,6 +128,11 @@ func checkEnterpriseIssuer(cfg *Config, ic *EnterpriseIssuer) error {
 			return fmt.Errorf("enterprise_managed: issuer %s: algorithm %q: want one of %s", ic.Issuer, a, strings.Join(enterpriseAlgorithms, ", "))
 		}
 	}
+	if cfg.DelegationMode == DelegationAppPassword && strings.Contains(ic.SubjectPrefix, ":") {
+		// The subject is the user name of Basic credentials, which cannot hold a colon
+		// (RFC 7617 §2).
+		return fmt.Errorf("enterprise_managed: issuer %s: subject_prefix %q: no colon with delegation app_password, where the subject is a Nextcloud user name", ic.Issuer, ic.SubjectPrefix)
+	}
 	own := strings.TrimSuffix(ic.Issuer, "/") == strings.TrimSuffix(cfg.Issuer, "/")
 	if ic.SubjectPrefix == "" && !own {
 		return fmt.Errorf("enterprise_managed: issuer %s is not the identity provider's (%s): set subject_prefix, so that its users' subjects cannot be taken for the identity provider's", ic.Issuer, cfg.Issuer)

@@ -17,6 +17,8 @@ import (
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
@@ -367,10 +369,16 @@ func TestEnterpriseIssuerConfiguration(t *testing.T) {
 		{"delegation refresh is refused", func(c *Config) { c.DelegationMode = DelegationRefresh }, "delegation none or app_password"},
 		{"progressive mode is refused", func(c *Config) { c.Mode = ModeProgressive }, "hybrid"},
 		{"delegation app_password with user_claim sub builds", func(c *Config) {
+			c.EnterpriseIssuers[0].SubjectPrefix = "acme."
 			c.DelegationMode = DelegationAppPassword
 			c.AppPassword = AppPasswordConfig{NextcloudURL: "https://cloud.example.test"}
 		}, ""},
+		{"delegation app_password with a colon in a subject prefix is refused", func(c *Config) {
+			c.DelegationMode = DelegationAppPassword
+			c.AppPassword = AppPasswordConfig{NextcloudURL: "https://cloud.example.test"}
+		}, "subject_prefix"},
 		{"delegation app_password with another user_claim is refused", func(c *Config) {
+			c.EnterpriseIssuers[0].SubjectPrefix = "acme."
 			c.DelegationMode = DelegationAppPassword
 			c.AppPassword = AppPasswordConfig{NextcloudURL: "https://cloud.example.test", UserClaim: "nextcloud_uid"}
 		}, "use user_claim sub"},
@@ -424,5 +432,67 @@ func TestEnterpriseSessionRefusesGrantDelegation(t *testing.T) {
 	re := asRequestError(e.b.delegationFailed(p, nil, errNoIdPGrant))
 	if re == nil || re.status != http.StatusInternalServerError || !strings.Contains(re.description, "enterprise assertion") {
 		t.Fatalf("answer %+v", re)
+	}
+}
+
+// TestEnterpriseSessionWithAppPassword: a session from an ID-JAG works with delegation
+// app_password, as the README says: the tool call asks for the app password, the user
+// grants it as its subject, and the next call carries it.
+func TestEnterpriseSessionWithAppPassword(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	ent := startEnterpriseIdP(t)
+	var handler http.Handler
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
+	t.Cleanup(front.Close)
+	f := &appPasswordTest{o: o, nc: nc, front: front, resource: front.URL + "/mcp", clock: &testenv.Clock{},
+		up: testenv.StartUpstream(t, testenv.BasicPassThrough())}
+	core, logs := observer.New(zap.DebugLevel)
+	f.logs = logs
+	f.b = newTestBroker(t, o, func(c *Config) {
+		c.Logger = zap.New(core)
+		c.Mode = ModeHybrid
+		c.Registration = true
+		c.Resource = f.resource
+		c.DelegationMode = DelegationAppPassword
+		c.AppPassword = AppPasswordConfig{NextcloudURL: nc.URL, PublicURL: ncPublicURL}
+		c.ToolScopes = nil
+		c.EnterpriseIssuers = []EnterpriseIssuer{{Issuer: ent.issuer, JWKSURI: ent.issuer + "/jwks", Algorithms: []string{"ES256"}, SubjectPrefix: "acme."}}
+	})
+	handler = startFront(t, f.b, f.up.URL).Config.Handler
+
+	info := registerClient(t, f.b, `{"redirect_uris":["http://127.0.0.1/callback"],"grant_types":["authorization_code","`+grantJWTBearer+`"]}`)
+	claims := ent.claims(time.Now(), info.ClientID)
+	claims["aud"], claims["resource"] = front.URL, f.resource
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, front.URL+pathToken,
+		strings.NewReader(url.Values{"grant_type": {grantJWTBearer}, "assertion": {ent.mint(claims)}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.SetBasicAuth(info.ClientID, info.ClientSecret)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tok TokenResponse
+	decodeJSON(t, resp, &tok)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("jwt-bearer: %s", resp.Status)
+	}
+
+	login := f.open(t, f.elicit(t, tok.AccessToken))
+	if err := nc.Grant(login, "acme.alice"); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if t.Failed() {
+			for _, e := range logs.All() {
+				t.Logf("%s %s %v", e.LoggerName, e.Message, e.ContextMap())
+			}
+		}
+	}()
+	if who := f.whoami(t, tok.AccessToken); who != "acme.alice" {
+		t.Fatalf("the upstream's tool saw %q", who)
+	}
+	if user, _ := f.upstreamBasic(t); user != "acme.alice" {
+		t.Errorf("upstream Basic for %q", user)
 	}
 }
