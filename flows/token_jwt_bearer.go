@@ -300,8 +300,8 @@ func (b *Broker) checkAssertion(ctx context.Context, raw string, client *Client)
 	}
 	now := b.now()
 	switch {
-	case tok.Subject == "":
-		return nil, bad("the assertion has no sub", nil)
+	case !validAssertedSubject(tok.Subject):
+		return nil, bad("the assertion's sub is missing, too long or holds control characters", nil)
 	case len(tok.Audience) != 1 || tok.Audience[0] != b.issuer:
 		// A string, or an array of exactly one: this broker's issuer.
 		return nil, bad("the assertion's audience is not this authorization server", nil)
@@ -327,6 +327,23 @@ func (b *Broker) checkAssertion(ctx context.Context, raw string, client *Client)
 		a.scopes = strings.Fields(*c.Scope)
 	}
 	return a, nil
+}
+
+// maxSubjectLen bounds an asserted sub (OIDC Core §2 bounds sub to 255 ASCII characters).
+const maxSubjectLen = 255
+
+// validAssertedSubject tells whether sub can be the broker's subject: it travels in the
+// subject header and in Basic credentials, so no control characters.
+func validAssertedSubject(sub string) bool {
+	if sub == "" || len(sub) > maxSubjectLen {
+		return false
+	}
+	for _, r := range sub {
+		if r < 0x20 || r == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // signatureAlgorithms are every algorithm an enterprise issuer may be configured with,

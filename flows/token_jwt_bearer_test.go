@@ -215,6 +215,8 @@ func TestJWTBearerRefusesBadAssertions(t *testing.T) {
 		{"a jti longer than 256 bytes is refused", changed(func(c map[string]any) { c["jti"] = strings.Repeat("j", 257) }), 400, "invalid_grant"},
 		{"an assertion asking proof of possession is refused", changed(func(c map[string]any) { c["cnf"] = map[string]string{"jkt": "abc"} }), 400, "invalid_grant"},
 		{"an assertion without sub is refused", changed(func(c map[string]any) { delete(c, "sub") }), 400, "invalid_grant"},
+		{"a sub with a line break is refused", changed(func(c map[string]any) { c["sub"] = "alice\r\nX-Admin: 1" }), 400, "invalid_grant"},
+		{"a sub longer than 255 bytes is refused", changed(func(c map[string]any) { c["sub"] = strings.Repeat("a", 256) }), 400, "invalid_grant"},
 		{"garbage is refused", "not-a-jwt", 400, "invalid_grant"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
