@@ -377,6 +377,11 @@ func (b *Broker) clientFromDocument(id string, doc *clientIDDocument) (*Client, 
 			return nil, errors.New("document grant_types lack authorization_code")
 		}
 	}
+	if len(b.enterprise) > 0 && method == AuthMethodPrivateKeyJWT && slices.Contains(doc.GrantTypes, grantJWTBearer) {
+		// The JWT bearer grant for ID-JAGs, for a client that can authenticate
+		// (token_jwt_bearer.go).
+		grants = append(slices.Clone(grants), grantJWTBearer)
+	}
 	scopes, offered := b.clients.defaultScopes, doc.Scope == ""
 	if !offered {
 		scopes = nil

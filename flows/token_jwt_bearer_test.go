@@ -498,3 +498,46 @@ func TestEnterpriseSessionWithAppPassword(t *testing.T) {
 		t.Errorf("upstream Basic for %q", user)
 	}
 }
+
+// TestJWTBearerMetadataDocumentClient: a client identified by a metadata document that
+// authenticates with private_key_jwt and lists the grant redeems an ID-JAG; one that lists
+// it but is public cannot.
+func TestJWTBearerMetadataDocumentClient(t *testing.T) {
+	ent := startEnterpriseIdP(t)
+	key := newClientKey(t, jose.ES256)
+	doc := privateKeyJWTDocument(jwks(key))
+	doc["grant_types"] = []string{"authorization_code", grantJWTBearer}
+	public := map[string]any{"redirect_uris": []string{tokenTestRedirect}, "token_endpoint_auth_method": "none",
+		"grant_types": []string{"authorization_code", grantJWTBearer}}
+	srv := startDocumentServer(t, func(srv *documentServer, w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/public.json" {
+			serveDocument(public, "max-age=3600")(srv, w, r)
+			return
+		}
+		serveDocument(doc, "max-age=3600")(srv, w, r)
+	})
+	e, b := assertionEnv(t, srv, func(c *Config) {
+		c.EnterpriseIssuers = []EnterpriseIssuer{{Issuer: ent.issuer, JWKSURI: ent.issuer + "/jwks", Algorithms: []string{"ES256"}, SubjectPrefix: "acme:"}}
+	})
+	jag := func(clientID string) string {
+		c := ent.claims(time.Now(), clientID)
+		c["aud"], c["resource"] = b.issuer, b.cfg.Resource
+		a := ent.mint(c)
+		e.remember(a)
+		return a
+	}
+
+	id := srv.URL + "/agent.json"
+	form := url.Values{"grant_type": {grantJWTBearer}, "client_id": {id}, "assertion": {jag(id)}}
+	clientAssertion := key.sign(t, assertionClaims(id, b.issuer, time.Now()), "")
+	e.remember(clientAssertion)
+	withAssertion(clientAssertion)(form)
+	tok := e.post(t, pathToken, form, nil).wantTokens(t)
+	if tok.Scope != "notes:read" || e.mcpStatus(t, tok.AccessToken) != http.StatusOK {
+		t.Errorf("scope %q; the access token does not reach the MCP server", tok.Scope)
+	}
+
+	pub := srv.URL + "/public.json"
+	form = url.Values{"grant_type": {grantJWTBearer}, "client_id": {pub}, "assertion": {jag(pub)}}
+	e.post(t, pathToken, form, nil).wantError(t, http.StatusBadRequest, "unauthorized_client")
+}
