@@ -198,7 +198,7 @@ func (b *Broker) jwtBearerGrant(r *http.Request, form url.Values, client *Client
 		return TokenResponse{}, err
 	}
 	ctx := context.WithoutCancel(r.Context()) // a claimed jti's tokens must be written whole
-	switch err := b.assertionIDs.claim(ctx, a.issuer.cfg.Issuer, a.jti, a.expiry); {
+	switch err := b.assertionIDs.claim(ctx, a.issuer.cfg.Issuer, a.jti, a.expiry.Add(assertionLeeway)); {
 	case errors.Is(err, errAssertionReplayed):
 		b.count(TokenReuseDetected)
 		b.log.token.Warn("ID-JAG presented again", zap.String("client_id", client.ID),
