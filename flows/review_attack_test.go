@@ -44,3 +44,35 @@ func TestReviewIDJAGReplayedWithinLeewayAfterExp(t *testing.T) {
 	e.clock.Advance(5*time.Minute + 10*time.Second)
 	e.redeem(t, assertion, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 }
+
+// Two enterprise issuers whose subject prefixes are equal, or one a prefix of the other,
+// map different users to one broker subject: issuer A's "alice" and issuer B's "alice"
+// under the same prefix, or A ("acme") user "-eu:bob" and B ("acme-eu:") user "bob". The
+// subject is what the upstream's subject header, the app password (a Nextcloud account)
+// and the admin API know the user by, so one enterprise's user acts as another's. New
+// refuses an issuer without a prefix for this reason, but not prefixes that overlap.
+func TestReviewEnterpriseSubjectPrefixesMustNotOverlap(t *testing.T) {
+	o := testenv.SharedOP(t)
+	records := newTestBroker(t, o, nil).cfg.Records
+	for _, tc := range []struct {
+		name string
+		a, b string
+	}{
+		{"the same prefix", "ent:", "ent:"},
+		{"one prefix a prefix of the other", "acme", "acme-eu:"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := New(Config{
+				Mode: ModeHybrid, Issuer: o.Issuer, Resource: testResource, DelegationMode: DelegationNone,
+				EnterpriseIssuers: []EnterpriseIssuer{
+					{Issuer: "https://idp.a.example", JWKSURI: "https://idp.a.example/jwks", SubjectPrefix: tc.a},
+					{Issuer: "https://idp.b.example", JWKSURI: "https://idp.b.example/jwks", SubjectPrefix: tc.b},
+				},
+				Records: records,
+			})
+			if err == nil {
+				t.Fatalf("New accepted subject prefixes %q and %q: two issuers' users share subjects", tc.a, tc.b)
+			}
+		})
+	}
+}
