@@ -3,6 +3,9 @@ package flows
 import (
 	"bytes"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,5 +77,78 @@ func TestReviewEnterpriseSubjectPrefixesMustNotOverlap(t *testing.T) {
 				t.Fatalf("New accepted subject prefixes %q and %q: two issuers' users share subjects", tc.a, tc.b)
 			}
 		})
+	}
+}
+
+// S1.29 for enterprise sessions: the user's app password ends with the user's last
+// session, but sessions created from ID-JAGs are never recorded among the user's sessions
+// (noteAppPasswordSession is called on the IdP login only). So a client that revokes its
+// own token from one ID-JAG deletes the user's app password in Nextcloud while another
+// session of the same user (another ID-JAG, another client) lives: every other client of
+// the user breaks until the user logs in to Nextcloud again.
+func TestReviewEnterpriseSessionRevokedKeepsOthersAppPassword(t *testing.T) {
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	ent := startEnterpriseIdP(t)
+	var handler http.Handler
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
+	t.Cleanup(front.Close)
+	f := &appPasswordTest{o: o, nc: nc, front: front, resource: front.URL + "/mcp", clock: &testenv.Clock{},
+		up: testenv.StartUpstream(t, testenv.BasicPassThrough())}
+	f.b = newTestBroker(t, o, func(c *Config) {
+		c.Mode = ModeHybrid
+		c.Registration = true
+		c.Resource = f.resource
+		c.DelegationMode = DelegationAppPassword
+		c.AppPassword = AppPasswordConfig{NextcloudURL: nc.URL, PublicURL: ncPublicURL}
+		c.ToolScopes = nil
+		c.EnterpriseIssuers = []EnterpriseIssuer{{Issuer: ent.issuer, JWKSURI: ent.issuer + "/jwks", Algorithms: []string{"ES256"}, SubjectPrefix: "acme."}}
+	})
+	handler = startFront(t, f.b, f.up.URL).Config.Handler
+
+	info := registerClient(t, f.b, `{"redirect_uris":["http://127.0.0.1/callback"],"grant_types":["authorization_code","`+grantJWTBearer+`"]}`)
+	post := func(path string, form url.Values) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, front.URL+path, strings.NewReader(form.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.SetBasicAuth(info.ClientID, info.ClientSecret)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	redeem := func() string {
+		t.Helper()
+		claims := ent.claims(time.Now(), info.ClientID)
+		claims["aud"], claims["resource"] = front.URL, f.resource
+		resp := post(pathToken, url.Values{"grant_type": {grantJWTBearer}, "assertion": {ent.mint(claims)}})
+		var tok TokenResponse
+		decodeJSON(t, resp, &tok)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("jwt-bearer: %s", resp.Status)
+		}
+		return tok.AccessToken
+	}
+	first, second := redeem(), redeem()
+	if err := nc.Grant(f.open(t, f.elicit(t, first)), "acme.alice"); err != nil {
+		t.Fatal(err)
+	}
+	if who := f.whoami(t, first); who != "acme.alice" {
+		t.Fatalf("the tool saw %q", who)
+	}
+	resp := post(pathRevoke, url.Values{"token": {first}})
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("revocation: %s", resp.Status)
+	}
+	if pws := nc.AppPasswords(); len(pws) != 1 || pws[0].Deleted {
+		t.Fatalf("revoking one enterprise session deleted the user's app password in Nextcloud while another lives: %+v", pws)
+	}
+	if f.stored(t, "acme.alice") == nil {
+		t.Fatal("revoking one enterprise session deleted the user's app password here while another lives")
+	}
+	if who := f.whoami(t, second); who != "acme.alice" {
+		t.Errorf("the other session's tool saw %q", who)
 	}
 }
