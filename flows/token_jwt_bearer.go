@@ -217,6 +217,7 @@ func (b *Broker) jwtBearerGrant(r *http.Request, form url.Values, client *Client
 	if err != nil {
 		return TokenResponse{}, errStorage("creating session", err)
 	}
+	b.noteAppPasswordSession(ctx, subject, s.ID) // S1.29: the user's app password outlives this session's revocation while others live
 	family := randomToken()
 	if err := b.families.start(ctx, TokenFamily{ID: family, SessionID: s.ID, ClientID: client.ID}); err != nil {
 		return TokenResponse{}, errStorage("starting token family", err)
