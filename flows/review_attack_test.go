@@ -46,6 +46,15 @@ func TestReviewIDJAGReplayedWithinLeewayAfterExp(t *testing.T) {
 	// 5 min 10 s later: past exp, within the 30 s leeway the verifier allows.
 	e.clock.Advance(5*time.Minute + 10*time.Second)
 	e.redeem(t, assertion, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
+
+	// The longest-lived ID-JAG accepted (exp an hour ahead): its marker must not be cut
+	// short by the store's cap on a marker's life (maxAssertionIDTTL, one hour).
+	claims = e.ent.claims(e.clock.Now(), e.client)
+	claims["exp"] = e.clock.Now().Add(maxAssertionLifetime).Unix()
+	assertion = e.ent.mint(claims)
+	e.redeem(t, assertion, nil).wantTokens(t)
+	e.clock.Advance(maxAssertionLifetime + 10*time.Second)
+	e.redeem(t, assertion, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
 }
 
 // Two enterprise issuers whose subject prefixes are equal, or one a prefix of the other,
