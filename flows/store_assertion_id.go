@@ -16,9 +16,10 @@ const (
 	// minAssertionIDTTL: a marker outlives its assertion by at least this, so that a
 	// replay just past exp, within the verifier's clock leeway, is still recognised.
 	minAssertionIDTTL = time.Minute
-	// maxAssertionIDTTL caps what one claim keeps; the verifiers refuse assertions that
-	// live longer anyway (client_assertion.go).
-	maxAssertionIDTTL = time.Hour
+	// maxAssertionIDTTL caps what one claim keeps: the longest-lived assertion accepted
+	// (an ID-JAG an hour ahead, token_jwt_bearer.go) plus the leeway it is accepted in
+	// after its exp.
+	maxAssertionIDTTL = maxAssertionLifetime + assertionLeeway
 )
 
 // errAssertionReplayed means the (issuer, jti) pair was claimed before and has not expired.
