@@ -161,3 +161,29 @@ func TestReviewEnterpriseSessionRevokedKeepsOthersAppPassword(t *testing.T) {
 		t.Errorf("the other session's tool saw %q", who)
 	}
 }
+
+// A "private-use" scheme is whatever a native client names, and some name a browser:
+// x-safari-https://host/path opens https://host/path in Safari (iOS), googlechromes://
+// in Chrome. Authorization errors for private-use URIs are redirected to at once, as for
+// loopback ones, so anyone (a registration, or a metadata document, needs no approval)
+// makes the broker's /authorize an open redirector to a phishing page: the very thing the
+// error page for https URIs exists to prevent (RFC 9700 §4.11.2).
+func TestReviewPrivateUseSchemeErrorIsNoOpenRedirector(t *testing.T) {
+	e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) { c.Registration = true })
+	noFollow := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	for _, redirect := range []string{"x-safari-https://evil.example/phish", "googlechromes://evil.example/phish"} {
+		t.Run(redirect, func(t *testing.T) {
+			info := registerClient(t, e.b, `{"redirect_uris":["`+redirect+`"],"token_endpoint_auth_method":"none","application_type":"native","client_name":"Agent"}`)
+			q := hybridAuthorizeQuery(info.ClientID, redirect, "v", "s", []string{"openid"})
+			q.Set("code_challenge_method", "plain") // any error after the redirect URI is trusted
+			resp, err := noFollow.Get(e.front.URL + pathAuthorize + "?" + q.Encode())
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if loc := resp.Header.Get("Location"); strings.HasPrefix(loc, redirect) {
+				t.Errorf("%s: the broker redirected at once to %s", resp.Status, loc)
+			}
+		})
+	}
+}
