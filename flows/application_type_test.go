@@ -95,12 +95,17 @@ func TestNativeClientPrivateUseSchemeLogsIn(t *testing.T) {
 	code := br.login(e.front, e.o, info.ClientID, redirect, verifier, []string{"openid"})
 	e.exchange(t, info.ClientID, code, verifier, func(f url.Values) { f.Set("redirect_uri", redirect) }).wantTokens(t)
 
-	t.Run("an authorization error goes to the app", func(t *testing.T) {
+	t.Run("an authorization error is a page with a link to the app, not a redirect", func(t *testing.T) {
+		// Any app can claim a private-use scheme (RFC 8252 §8.6): an error is never
+		// redirected to one at once (SECURITY.md S1.32).
 		q := hybridAuthorizeQuery(info.ClientID, redirect, verifier, "s2", []string{"openid"})
 		q.Set("code_challenge_method", "plain")
-		loc := br.redirect(br.get(e.front.URL + pathAuthorize + "?" + q.Encode()))
-		if !strings.HasPrefix(loc.String(), redirect+"?") || loc.Query().Get("error") != "invalid_request" {
-			t.Errorf("went to %s", loc)
+		resp, page := br.get(e.front.URL + pathAuthorize + "?" + q.Encode())
+		if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Location") != "" {
+			t.Fatalf("%s, Location %q", resp.Status, resp.Header.Get("Location"))
+		}
+		if !strings.Contains(page, `href="`+redirect+"?") || !strings.Contains(page, "com.example.agent: (an application on this computer)") {
+			t.Errorf("the page does not link to the app: %.2000s", page)
 		}
 	})
 }

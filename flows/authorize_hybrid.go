@@ -117,9 +117,9 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 	// error goes, with a link the user may follow. Configured clients' URIs are the
 	// operator's, and loopback ones stay on the user's computer: they are redirected to.
 	state := f.Get("state")
-	// A native app's private-use scheme (registered only for application_type native)
-	// opens an app on the user's computer, like a loopback URI.
-	page := client.Source != ClientSourceConfig && !isLoopbackRedirectURI(redirectURI) && !isPrivateUseRedirectURI(redirectURI)
+	// A native app's private-use scheme (application_type native) gets the page too: any
+	// app, or a browser's own scheme that opens a web page, can claim one (RFC 8252 §8.6).
+	page := client.Source != ClientSourceConfig && !isLoopbackRedirectURI(redirectURI)
 	if len(state) > maxStateLen {
 		return errInvalidRequest("state is too long").to(redirectURI, "", page)
 	}
@@ -257,7 +257,11 @@ func isLoopbackRedirectURI(raw string) bool {
 func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI string, q url.Values, e *requestError) {
 	u, err := url.Parse(redirectURI)
 	var host string
-	if err == nil {
+	privateUse := err == nil && isPrivateUseRedirectURI(redirectURI)
+	switch {
+	case privateUse:
+		host = u.Scheme + ": (an application on this computer)"
+	case err == nil:
 		host, err = asciiHost(u.Hostname())
 	}
 	if err != nil {
@@ -272,9 +276,16 @@ func (b *Broker) showAuthorizeError(w http.ResponseWriter, redirectURI string, q
 	consentHeaders(w, []string{"'none'"})
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.WriteHeader(http.StatusBadRequest)
+	// html/template would replace a private-use scheme's link by "#ZgotmplZ"; this one is a
+	// registered URI that parsePrivateUseRedirectURI accepted (no javascript: or data:).
+	var link any = u.String()
+	if privateUse {
+		link = template.URL(u.String())
+	}
 	_ = authorizeErrorTemplate.Execute(w, struct {
-		Code, Description, Host, Link string
-	}{e.code, e.description, host, u.String()})
+		Code, Description, Host string
+		Link                    any
+	}{e.code, e.description, host, link})
 }
 
 var authorizeErrorTemplate = template.Must(template.New("authorize-error").Parse(`<!doctype html>

@@ -79,7 +79,16 @@ var notPrivateUseSchemes = map[string]bool{
 	"blob": true, "about": true, "filesystem": true, "ftp": true, "ws": true, "wss": true,
 	"mailto": true, "tel": true, "sms": true, "urn": true, "view-source": true, "chrome": true,
 	"intent": true,
+	// Browsers' own schemes, which open a web page in that browser: a "native" redirect URI
+	// of one sends the code, or an error redirect, to any web site.
+	"googlechrome": true, "googlechromes": true, "firefox": true, "opera-http": true, "opera-https": true,
+	"microsoft-edge": true, "microsoft-edge-http": true, "microsoft-edge-https": true, "brave": true,
+	"edge": true, "duckduckgo": true,
 }
+
+// browserSchemePrefixes are scheme prefixes of browsers' own schemes (Safari's x-safari-https,
+// Firefox's firefox-focus-…), refused like notPrivateUseSchemes.
+var browserSchemePrefixes = []string{"x-safari-", "firefox-", "opera-", "microsoft-edge-", "brave-", "googlechrome-"}
 
 // parsePrivateUseRedirectURI parses a native app's redirect URI of a private-use scheme
 // (RFC 8252 §7.1: com.example.app:/oauth2redirect, or an app's own scheme with a host):
@@ -96,7 +105,7 @@ func parsePrivateUseRedirectURI(raw string) (*url.URL, error) {
 	if err != nil || u.Scheme == "" || u.Opaque != "" || (u.Host == "" && u.Path == "") {
 		return nil, errRedirectUnparsable
 	}
-	if notPrivateUseSchemes[u.Scheme] {
+	if notPrivateUseSchemes[u.Scheme] || hasBrowserSchemePrefix(u.Scheme) {
 		return nil, errRedirectPrivateScheme
 	}
 	if u.User != nil || strings.Contains(u.Host, "@") {
@@ -190,6 +199,15 @@ func MatchRedirectURI(registered []string, requested string) bool {
 		}
 		if req.Scheme == reg.Scheme && strings.EqualFold(req.Hostname(), reg.Hostname()) &&
 			req.EscapedPath() == reg.EscapedPath() && req.RawQuery == reg.RawQuery {
+			return true
+		}
+	}
+	return false
+}
+
+func hasBrowserSchemePrefix(scheme string) bool {
+	for _, p := range browserSchemePrefixes {
+		if strings.HasPrefix(scheme, p) {
 			return true
 		}
 	}

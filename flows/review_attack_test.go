@@ -170,20 +170,23 @@ func TestReviewEnterpriseSessionRevokedKeepsOthersAppPassword(t *testing.T) {
 // error page for https URIs exists to prevent (RFC 9700 §4.11.2).
 func TestReviewPrivateUseSchemeErrorIsNoOpenRedirector(t *testing.T) {
 	e := newTokenEnv(t, testenv.SharedOP(t), func(c *Config) { c.Registration = true })
+	// Browsers' own schemes open a web page: never a native app's redirect URI.
+	for _, redirect := range []string{"x-safari-https://evil.example/phish", "googlechromes://evil.example/phish", "microsoft-edge-https://evil.example/phish"} {
+		rec := answerOwn(t, e.b, registerRequest(`{"redirect_uris":["`+redirect+`"],"token_endpoint_auth_method":"none","application_type":"native"}`, ""))
+		wantRegistrationError(t, rec, http.StatusBadRequest, "invalid_redirect_uri")
+	}
+	// Any app may claim a private-use scheme: an error is a page, never a redirect at once.
 	noFollow := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	for _, redirect := range []string{"x-safari-https://evil.example/phish", "googlechromes://evil.example/phish"} {
-		t.Run(redirect, func(t *testing.T) {
-			info := registerClient(t, e.b, `{"redirect_uris":["`+redirect+`"],"token_endpoint_auth_method":"none","application_type":"native","client_name":"Agent"}`)
-			q := hybridAuthorizeQuery(info.ClientID, redirect, "v", "s", []string{"openid"})
-			q.Set("code_challenge_method", "plain") // any error after the redirect URI is trusted
-			resp, err := noFollow.Get(e.front.URL + pathAuthorize + "?" + q.Encode())
-			if err != nil {
-				t.Fatal(err)
-			}
-			resp.Body.Close()
-			if loc := resp.Header.Get("Location"); strings.HasPrefix(loc, redirect) {
-				t.Errorf("%s: the broker redirected at once to %s", resp.Status, loc)
-			}
-		})
+	redirect := "com.evil.app:/phish"
+	info := registerClient(t, e.b, `{"redirect_uris":["`+redirect+`"],"token_endpoint_auth_method":"none","application_type":"native","client_name":"Agent"}`)
+	q := hybridAuthorizeQuery(info.ClientID, redirect, "v", "s", []string{"openid"})
+	q.Set("code_challenge_method", "plain") // any error after the redirect URI is trusted
+	resp, err := noFollow.Get(e.front.URL + pathAuthorize + "?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if loc := resp.Header.Get("Location"); resp.StatusCode != http.StatusBadRequest || loc != "" {
+		t.Errorf("%s: the broker redirected at once to %s", resp.Status, loc)
 	}
 }

@@ -96,6 +96,14 @@ func newEnterpriseIssuers(cfg *Config, now func() time.Time) (map[string]*enterp
 		if out[ic.Issuer] != nil {
 			return nil, fmt.Errorf("enterprise_managed: issuer %s is configured twice", ic.Issuer)
 		}
+		// One prefix that begins another would let one issuer's user "-eu:bob" under
+		// "acme" be another's "bob" under "acme-eu:": one subject for two people.
+		for _, other := range out {
+			p, q := ic.SubjectPrefix, other.cfg.SubjectPrefix
+			if p != "" && q != "" && (strings.HasPrefix(p, q) || strings.HasPrefix(q, p)) {
+				return nil, fmt.Errorf("enterprise_managed: the subject_prefix %q of issuer %s and %q of issuer %s overlap; give each issuer a prefix that begins no other", p, ic.Issuer, q, other.cfg.Issuer)
+			}
+		}
 		ei := &enterpriseIssuer{cfg: ic}
 		for _, a := range ic.Algorithms {
 			ei.algs = append(ei.algs, jose.SignatureAlgorithm(a))
