@@ -95,6 +95,13 @@ func TestNativeClientPrivateUseSchemeLogsIn(t *testing.T) {
 	code := br.login(e.front, e.o, info.ClientID, redirect, verifier, []string{"openid"})
 	e.exchange(t, info.ClientID, code, verifier, func(f url.Values) { f.Set("redirect_uri", redirect) }).wantTokens(t)
 
+	t.Run("consent is asked again, never remembered", func(t *testing.T) {
+		// Another app may claim the scheme and start the request (RFC 8252 §8.6).
+		u := br.authorize(e.front, hybridAuthorizeQuery(info.ClientID, redirect, oauth2.GenerateVerifier(), "s3", []string{"openid"}))
+		if u.Path != pathConsent {
+			t.Errorf("the second authorization in the same browser went to %s, not the consent page", u)
+		}
+	})
 	t.Run("an authorization error is a page with a link to the app, not a redirect", func(t *testing.T) {
 		// Any app can claim a private-use scheme (RFC 8252 §8.6): an error is never
 		// redirected to one at once (SECURITY.md S1.32).
