@@ -272,9 +272,10 @@ func checkClientIDURL(id string) error {
 	return nil
 }
 
-// fetchMetadataDocument fetches and checks the document at id. It returns the client
-// and how long it may be cached (0: not at all).
-func (b *Broker) fetchMetadataDocument(ctx context.Context, id string) (*Client, time.Duration, error) {
+// fetchClientURL fetches a URL a client names (its metadata document, its jwks_uri) with
+// the documents' client, within cimdTimeout and one of the bounded fetch slots, reading at
+// most limit bytes.
+func (b *Broker) fetchClientURL(ctx context.Context, uri string, limit int) ([]byte, http.Header, error) {
 	// Shared by every waiter of the flight: the first caller's cancellation must not
 	// fail the others, and the timeout bounds it anyway.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cimdTimeout)
@@ -283,9 +284,15 @@ func (b *Broker) fetchMetadataDocument(ctx context.Context, id string) (*Client,
 	case b.clients.documents.fetches <- struct{}{}:
 		defer func() { <-b.clients.documents.fetches }()
 	case <-ctx.Done():
-		return nil, 0, errDocumentFetchesBusy
+		return nil, nil, errDocumentFetchesBusy
 	}
-	body, header, err := b.fetchBounded(ctx, id, maxDocumentBytes)
+	return b.fetchBounded(ctx, uri, limit)
+}
+
+// fetchMetadataDocument fetches and checks the document at id. It returns the client
+// and how long it may be cached (0: not at all).
+func (b *Broker) fetchMetadataDocument(ctx context.Context, id string) (*Client, time.Duration, error) {
+	body, header, err := b.fetchClientURL(ctx, id, maxDocumentBytes)
 	if err != nil {
 		return nil, 0, err
 	}

@@ -223,15 +223,7 @@ func keySetRefused(err error) error {
 
 // fetchKeySet fetches and parses the key set at uri, with how long it may be cached.
 func (b *Broker) fetchKeySet(ctx context.Context, uri string) (*jose.JSONWebKeySet, time.Duration, error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cimdTimeout)
-	defer cancel()
-	select {
-	case b.clients.documents.fetches <- struct{}{}:
-		defer func() { <-b.clients.documents.fetches }()
-	case <-ctx.Done():
-		return nil, 0, errDocumentFetchesBusy
-	}
-	body, header, err := b.fetchBounded(ctx, uri, maxKeySetBytes)
+	body, header, err := b.fetchClientURL(ctx, uri, maxKeySetBytes)
 	if err != nil {
 		return nil, 0, err
 	}
