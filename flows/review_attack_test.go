@@ -3,7 +3,6 @@ package flows
 import (
 	"bytes"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
@@ -96,26 +95,8 @@ func TestReviewEnterpriseSubjectPrefixesMustNotOverlap(t *testing.T) {
 // session of the same user (another ID-JAG, another client) lives: every other client of
 // the user breaks until the user logs in to Nextcloud again.
 func TestReviewEnterpriseSessionRevokedKeepsOthersAppPassword(t *testing.T) {
-	o := testenv.SharedOP(t)
-	nc := testenv.StartNextcloudStandIn(t)
-	ent := startEnterpriseIdP(t)
-	var handler http.Handler
-	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
-	t.Cleanup(front.Close)
-	f := &appPasswordTest{o: o, nc: nc, front: front, resource: front.URL + "/mcp", clock: &testenv.Clock{},
-		up: testenv.StartUpstream(t, testenv.BasicPassThrough())}
-	f.b = newTestBroker(t, o, func(c *Config) {
-		c.Mode = ModeHybrid
-		c.Registration = true
-		c.Resource = f.resource
-		c.DelegationMode = DelegationAppPassword
-		c.AppPassword = AppPasswordConfig{NextcloudURL: nc.URL, PublicURL: ncPublicURL}
-		c.ToolScopes = nil
-		c.EnterpriseIssuers = []EnterpriseIssuer{{Issuer: ent.issuer, JWKSURI: ent.issuer + "/jwks", Algorithms: []string{"ES256"}, SubjectPrefix: "acme."}}
-	})
-	handler = startFront(t, f.b, f.up.URL).Config.Handler
-
-	info := registerClient(t, f.b, `{"redirect_uris":["http://127.0.0.1/callback"],"grant_types":["authorization_code","`+grantJWTBearer+`"]}`)
+	f, ent, info := startEnterpriseAppPassword(t)
+	front := f.front
 	post := func(path string, form url.Values) *http.Response {
 		t.Helper()
 		req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, front.URL+path, strings.NewReader(form.Encode()))
@@ -140,7 +121,7 @@ func TestReviewEnterpriseSessionRevokedKeepsOthersAppPassword(t *testing.T) {
 		return tok.AccessToken
 	}
 	first, second := redeem(), redeem()
-	if err := nc.Grant(f.open(t, f.elicit(t, first)), "acme.alice"); err != nil {
+	if err := f.nc.Grant(f.open(t, f.elicit(t, first)), "acme.alice"); err != nil {
 		t.Fatal(err)
 	}
 	if who := f.whoami(t, first); who != "acme.alice" {
@@ -151,7 +132,7 @@ func TestReviewEnterpriseSessionRevokedKeepsOthersAppPassword(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("revocation: %s", resp.Status)
 	}
-	if pws := nc.AppPasswords(); len(pws) != 1 || pws[0].Deleted {
+	if pws := f.nc.AppPasswords(); len(pws) != 1 || pws[0].Deleted {
 		t.Fatalf("revoking one enterprise session deleted the user's app password in Nextcloud while another lives: %+v", pws)
 	}
 	if f.stored(t, "acme.alice") == nil {

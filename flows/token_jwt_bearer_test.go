@@ -441,29 +441,8 @@ func TestEnterpriseSessionRefusesGrantDelegation(t *testing.T) {
 // app_password, as the README says: the tool call asks for the app password, the user
 // grants it as its subject, and the next call carries it.
 func TestEnterpriseSessionWithAppPassword(t *testing.T) {
-	o := testenv.SharedOP(t)
-	nc := testenv.StartNextcloudStandIn(t)
-	ent := startEnterpriseIdP(t)
-	var handler http.Handler
-	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
-	t.Cleanup(front.Close)
-	f := &appPasswordTest{o: o, nc: nc, front: front, resource: front.URL + "/mcp", clock: &testenv.Clock{},
-		up: testenv.StartUpstream(t, testenv.BasicPassThrough())}
-	core, logs := observer.New(zap.DebugLevel)
-	f.logs = logs
-	f.b = newTestBroker(t, o, func(c *Config) {
-		c.Logger = zap.New(core)
-		c.Mode = ModeHybrid
-		c.Registration = true
-		c.Resource = f.resource
-		c.DelegationMode = DelegationAppPassword
-		c.AppPassword = AppPasswordConfig{NextcloudURL: nc.URL, PublicURL: ncPublicURL}
-		c.ToolScopes = nil
-		c.EnterpriseIssuers = []EnterpriseIssuer{{Issuer: ent.issuer, JWKSURI: ent.issuer + "/jwks", Algorithms: []string{"ES256"}, SubjectPrefix: "acme."}}
-	})
-	handler = startFront(t, f.b, f.up.URL).Config.Handler
-
-	info := registerClient(t, f.b, `{"redirect_uris":["http://127.0.0.1/callback"],"grant_types":["authorization_code","`+grantJWTBearer+`"]}`)
+	f, ent, info := startEnterpriseAppPassword(t)
+	front, nc := f.front, f.nc
 	claims := ent.claims(time.Now(), info.ClientID)
 	claims["aud"], claims["resource"] = front.URL, f.resource
 	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, front.URL+pathToken,
@@ -486,7 +465,7 @@ func TestEnterpriseSessionWithAppPassword(t *testing.T) {
 	}
 	defer func() {
 		if t.Failed() {
-			for _, e := range logs.All() {
+			for _, e := range f.logs.All() {
 				t.Logf("%s %s %v", e.LoggerName, e.Message, e.ContextMap())
 			}
 		}
@@ -540,4 +519,35 @@ func TestJWTBearerMetadataDocumentClient(t *testing.T) {
 	pub := srv.URL + "/public.json"
 	form = url.Values{"grant_type": {grantJWTBearer}, "client_id": {pub}, "assertion": {jag(pub)}}
 	e.post(t, pathToken, form, nil).wantError(t, http.StatusBadRequest, "unauthorized_client")
+}
+
+// startEnterpriseAppPassword starts a hybrid broker with delegation app_password and one
+// enterprise issuer (prefix "acme."), its front, Nextcloud's stand-in and an upstream,
+// and registers a confidential client that may use the JWT bearer grant.
+func startEnterpriseAppPassword(t *testing.T) (*appPasswordTest, *enterpriseIdP, clientInformation) {
+	t.Helper()
+	o := testenv.SharedOP(t)
+	nc := testenv.StartNextcloudStandIn(t)
+	ent := startEnterpriseIdP(t)
+	var handler http.Handler
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
+	t.Cleanup(front.Close)
+	f := &appPasswordTest{o: o, nc: nc, front: front, resource: front.URL + "/mcp", clock: &testenv.Clock{},
+		up: testenv.StartUpstream(t, testenv.BasicPassThrough())}
+	core, logs := observer.New(zap.DebugLevel)
+	f.logs = logs
+	f.b = newTestBroker(t, o, func(c *Config) {
+		c.Logger = zap.New(core)
+		c.Mode = ModeHybrid
+		c.Registration = true
+		c.Resource = f.resource
+		c.DelegationMode = DelegationAppPassword
+		c.AppPassword = AppPasswordConfig{NextcloudURL: nc.URL, PublicURL: ncPublicURL}
+		c.ToolScopes = nil
+		c.EnterpriseIssuers = []EnterpriseIssuer{{Issuer: ent.issuer, JWKSURI: ent.issuer + "/jwks", Algorithms: []string{"ES256"}, SubjectPrefix: "acme."}}
+	})
+	handler = startFront(t, f.b, f.up.URL).Config.Handler
+
+	info := registerClient(t, f.b, `{"redirect_uris":["http://127.0.0.1/callback"],"grant_types":["authorization_code","`+grantJWTBearer+`"]}`)
+	return f, ent, info
 }
