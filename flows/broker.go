@@ -263,18 +263,19 @@ type Broker struct {
 	appPasswords *appPasswords
 
 	// The typed record stores (store.go): the only way to storage.Records.
-	sessions           sessionStore
-	families           familyStore
-	codes              codeStore
-	consents           oneTimeStore[ConsentTicket]
-	logins             oneTimeStore[PendingLogin]
-	offlineLogins      oneTimeStore[PendingOfflineAccess]
-	offlineAccessLinks oneTimeStore[OfflineAccessLink]
-	offline            offlineAccessGrantStore
-	registrations      clientStore
-	cookies            cookieSealer
-	requestStates      requestStateTagger
-	assertionIDs       assertionIDStore
+	sessions                  sessionStore
+	families                  familyStore
+	codes                     codeStore
+	consents                  oneTimeStore[ConsentTicket]
+	logins                    oneTimeStore[PendingLogin]
+	offlineLogins             oneTimeStore[PendingOfflineAccess]
+	offlineAccessLinks        linkStore[OfflineAccessLink]
+	offlineAccessCurrentLinks offlineAccessCurrentLinkStore
+	offline                   offlineAccessGrantStore
+	registrations             clientStore
+	cookies                   cookieSealer
+	requestStates             requestStateTagger
+	assertionIDs              assertionIDStore
 
 	// enterprise are the trusted issuers of ID-JAGs by issuer (token_jwt_bearer.go);
 	// empty: the JWT bearer grant is not offered.

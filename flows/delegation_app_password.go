@@ -116,7 +116,7 @@ type appPasswords struct {
 	nc    *nextcloud.Client
 	claim string
 	store appPasswordStore
-	links oneTimeStore[AppPasswordLink]
+	links linkStore[AppPasswordLink]
 	cache appPasswordCache
 	// flight makes one cold load per user and node at a time.
 	flight singleflight.Group
@@ -557,6 +557,10 @@ func (b *Broker) appPasswordStart(w http.ResponseWriter, r *http.Request) error 
 	ctx := r.Context()
 	link, err := ap.links.take(ctx, token)
 	switch {
+	case errors.Is(err, errLinkIdentity):
+		b.log.delegation.Error("an app password link's record does not match its tag; deleted, nothing started",
+			zap.String("subject", link.Subject), zap.String("nextcloud_user", link.NextcloudUser))
+		fallthrough
 	case errors.Is(err, storage.ErrNotFound):
 		return b.errOfflineAccessPage(http.StatusBadRequest, "Link expired", "This link is unknown, expired or already used. Call the tool again for a new one.")
 	case err != nil:

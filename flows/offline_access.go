@@ -30,6 +30,11 @@ import (
 const (
 	// offlineAccessLinkTTL bounds how long a one-time offline access link can be opened.
 	offlineAccessLinkTTL = 10 * time.Minute
+	// offlineAccessLinkReuse is how long a user's tool calls and starts through one client
+	// are answered with the same link: a link reused has at least offlineAccessLinkTTL -
+	// offlineAccessLinkReuse left, and a user has at most two live links per client
+	// (SECURITY.md S1.35).
+	offlineAccessLinkReuse = offlineAccessLinkTTL / 2
 	// offlineAccessStateTTL bounds how long the user may take at the IdP.
 	offlineAccessStateTTL = 10 * time.Minute
 	// offlineAccessGrantTTL is how long an offline access grant is kept without use. The IdP decides
@@ -41,7 +46,8 @@ const (
 )
 
 // OfflineAccessLinkResponse answers an authenticated start of offline access: the URL a browser
-// opens to continue, good once.
+// opens to continue, good once, and the seconds it stays usable (the user's current link,
+// reused, has less than offlineAccessLinkTTL left).
 type OfflineAccessLinkResponse struct {
 	AuthorizationURL string `json:"authorization_url"`
 	ExpiresIn        int64  `json:"expires_in"`
@@ -98,14 +104,14 @@ func (b *Broker) offlineAccessStart(w http.ResponseWriter, r *http.Request) erro
 		if err != nil {
 			return err
 		}
-		link, err := b.mintOfflineAccessLink(r.Context(), who)
+		link, expiresIn, err := b.offlineAccessLink(r.Context(), who)
 		if err != nil {
 			return errStorage("offline access: storing offline access link", err)
 		}
 		allowCORS(w, "GET, OPTIONS")
 		writeJSON(w, http.StatusOK, OfflineAccessLinkResponse{
 			AuthorizationURL:  link,
-			ExpiresIn:         int64(offlineAccessLinkTTL / time.Second),
+			ExpiresIn:         int64(expiresIn / time.Second),
 			BackgroundClients: b.backgroundClientIDs(),
 		})
 		return nil
@@ -120,6 +126,10 @@ func (b *Broker) offlineAccessStart(w http.ResponseWriter, r *http.Request) erro
 	}
 	link, err := b.offlineAccessLinks.take(r.Context(), token)
 	switch {
+	case errors.Is(err, errLinkIdentity):
+		b.log.offline.Error("an offline access link's record does not match its tag; deleted, nothing started",
+			zap.String("subject", link.Subject), zap.String("client_id", link.ClientID))
+		fallthrough
 	case errors.Is(err, storage.ErrNotFound):
 		return b.errOfflineAccessPage(http.StatusBadRequest, "Link expired", "This offline access link is unknown, expired or already used. Ask for a new one.")
 	case err != nil:
@@ -142,14 +152,32 @@ func (b *Broker) authenticateOfflineAccessUser(r *http.Request) (*idp.Principal,
 	return who, nil
 }
 
-// mintOfflineAccessLink stores a one-time link for who and returns its full URL.
-func (b *Broker) mintOfflineAccessLink(ctx context.Context, who *idp.Principal) (string, error) {
-	token := randomToken()
-	link := OfflineAccessLink{Subject: who.Subject, ClientID: who.ClientID, CreatedAt: b.now().UTC()}
-	if err := b.offlineAccessLinks.put(ctx, token, link); err != nil {
-		return "", err
+// offlineAccessLink is the full URL of who's current one-time link through who's client,
+// and how long it stays usable: the one an earlier call stored while it is unused and
+// younger than offlineAccessLinkReuse, else a new one. A user's tool calls and starts in a
+// row thus store one link, not one each (SECURITY.md S1.35).
+func (b *Broker) offlineAccessLink(ctx context.Context, who *idp.Principal) (string, time.Duration, error) {
+	now := b.now().UTC()
+	if token, err := b.offlineAccessCurrentLinks.get(ctx, who.Subject, who.ClientID); err == nil {
+		l, err := b.offlineAccessLinks.peek(ctx, token)
+		if age := now.Sub(l.CreatedAt); err == nil && age < offlineAccessLinkReuse && l.Subject == who.Subject && l.ClientID == who.ClientID {
+			return b.offlineAccessLinkURL(token), offlineAccessLinkTTL - max(age, 0), nil
+		}
 	}
-	return b.issuer + pathOfflineAccessStart + "?" + url.Values{"link": {token}}.Encode(), nil
+	token := randomToken()
+	link := OfflineAccessLink{Subject: who.Subject, ClientID: who.ClientID, CreatedAt: now}
+	if err := b.offlineAccessLinks.put(ctx, token, link); err != nil {
+		return "", 0, err
+	}
+	if err := b.offlineAccessCurrentLinks.put(ctx, who.Subject, who.ClientID, token, now, offlineAccessLinkReuse); err != nil {
+		return "", 0, err
+	}
+	return b.offlineAccessLinkURL(token), offlineAccessLinkTTL, nil
+}
+
+// offlineAccessLinkURL is the URL of the link token.
+func (b *Broker) offlineAccessLinkURL(token string) string {
+	return b.issuer + pathOfflineAccessStart + "?" + url.Values{"link": {token}}.Encode()
 }
 
 // offlineAccessScopes are asked of the IdP in offline access: openid for the ID token that proves

@@ -64,7 +64,7 @@ func (b *Broker) checkOfflineAccess(w http.ResponseWriter, r *http.Request, who 
 	if !errors.Is(err, storage.ErrNotFound) {
 		return false, errStorage("offline access: reading offline access grant of subject "+who.Subject, err)
 	}
-	link, err := b.mintOfflineAccessLink(ctx, who)
+	link, _, err := b.offlineAccessLink(ctx, who)
 	if err != nil {
 		return false, errStorage("offline access: storing offline access link", err)
 	}

@@ -41,7 +41,8 @@ func (b *Broker) openStores() {
 	b.consents = oneTimeStore[ConsentTicket]{records: records, kind: kindConsent, ttl: consentTicketTTL}
 	b.logins = oneTimeStore[PendingLogin]{records: records, kind: kindIdPState, ttl: idpStateTTL}
 	b.offlineLogins = oneTimeStore[PendingOfflineAccess]{records: records, kind: kindOfflineAccessState, ttl: offlineAccessStateTTL}
-	b.offlineAccessLinks = oneTimeStore[OfflineAccessLink]{records: records, kind: kindOfflineAccessLink, ttl: offlineAccessLinkTTL}
+	b.offlineAccessLinks = linkStore[OfflineAccessLink]{oneTimeStore[OfflineAccessLink]{records: records, kind: kindOfflineAccessLink, ttl: offlineAccessLinkTTL}}
+	b.offlineAccessCurrentLinks = offlineAccessCurrentLinkStore{records: records, site: b.site}
 	b.offline = offlineAccessGrantStore{records: records, site: b.site}
 	b.registrations = clientStore{records: records, lifetime: b.registrationLifetime()}
 	b.cookies = cookieSealer{records: records}
@@ -49,7 +50,7 @@ func (b *Broker) openStores() {
 	b.assertionIDs = assertionIDStore{records: records, now: now}
 	if b.appPasswords != nil {
 		b.appPasswords.store = appPasswordStore{records: records, site: b.site}
-		b.appPasswords.links = oneTimeStore[AppPasswordLink]{records: records, kind: kindAppPasswordLink, ttl: appPasswordLinkTTL}
+		b.appPasswords.links = linkStore[AppPasswordLink]{oneTimeStore[AppPasswordLink]{records: records, kind: kindAppPasswordLink, ttl: appPasswordLinkTTL}}
 	}
 	// Each broker instance probes a record of its own (health.go).
 	b.readiness.store = healthProbeStore{records: records, key: storage.Key(kindHealthProbe, b.site, randomToken())}

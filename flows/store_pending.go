@@ -9,8 +9,8 @@ import (
 )
 
 // oneTimeStore keeps records that are put once under a random value handed to a browser
-// or the IdP (a login state, a consent ticket, an offline access link) and taken once:
-// PendingLogin, PendingOfflineAccess, ConsentTicket, OfflineAccessLink. It can peek, for
+// or the IdP (a login state, a consent ticket, a one-time link) and taken once:
+// PendingLogin, PendingOfflineAccess, ConsentTicket, and the links of linkStore. It can peek, for
 // checks that must not spend the value (a wrong browser, a malformed form), but never
 // rewrite a record.
 type oneTimeStore[T any] struct {

@@ -17,27 +17,28 @@ import (
 
 // Storage key prefixes, one per record kind.
 const (
-	kindClient                   = "clients"               // RegisteredClient, by Hash(client_id)
-	kindConsent                  = "consent"               // ConsentTicket, by Hash(ticket)
-	kindIdPState                 = "idp_state"             // PendingLogin, by Hash(state sent to the IdP)
-	kindSession                  = "sessions"              // Session, by session id
-	kindCode                     = "codes"                 // AuthorizationCode, by Hash(code)
-	kindUsedCode                 = "used_codes"            // UsedCode, by Hash(code): replay detection
-	kindAccessToken              = "access"                // AccessToken, by Hash(token)
-	kindRefreshToken             = "refresh"               // RefreshToken, by Hash(token)
-	kindFamily                   = "families"              // TokenFamily, by family id
-	kindOfflineAccessGrant       = "offline"               // OfflineAccessGrant, by site, then keyed hash of subject
-	kindLegacyOfflineAccessGrant = "provisioning"          // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
-	kindOfflineAccessState       = "flow2_state"           // PendingOfflineAccess, by Hash(state)
-	kindOfflineAccessLink        = "flow2_link"            // OfflineAccessLink, by Hash(link token)
-	kindHealthProbe              = "health"                // HealthProbe, by site, then a random id of the broker instance
-	kindAppPassword              = "app_password"          // AppPasswordGrant, by site, then keyed hash of subject
-	kindLoginFlow                = "login_flow"            // PendingLoginFlow, by site, then keyed hash of subject
-	kindAppPasswordLink          = "app_password_link"     // AppPasswordLink, by Hash(link token)
-	kindAppPasswordDeletion      = "app_password_deletion" // AppPasswordDeletion, by site, then a random id
-	kindAppPasswordCurrentLink   = "app_password_current"  // CurrentAppPasswordLink, by site, then keyed hash of subject
-	kindAppPasswordSessions      = "app_password_sessions" // AppPasswordSessions, by site, then keyed hash of subject
-	kindAssertionID              = "assertion_ids"         // UsedAssertionID, by Hash(issuer), then Hash(jti)
+	kindClient                   = "clients"                // RegisteredClient, by Hash(client_id)
+	kindConsent                  = "consent"                // ConsentTicket, by Hash(ticket)
+	kindIdPState                 = "idp_state"              // PendingLogin, by Hash(state sent to the IdP)
+	kindSession                  = "sessions"               // Session, by session id
+	kindCode                     = "codes"                  // AuthorizationCode, by Hash(code)
+	kindUsedCode                 = "used_codes"             // UsedCode, by Hash(code): replay detection
+	kindAccessToken              = "access"                 // AccessToken, by Hash(token)
+	kindRefreshToken             = "refresh"                // RefreshToken, by Hash(token)
+	kindFamily                   = "families"               // TokenFamily, by family id
+	kindOfflineAccessGrant       = "offline"                // OfflineAccessGrant, by site, then keyed hash of subject
+	kindLegacyOfflineAccessGrant = "provisioning"           // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
+	kindOfflineAccessState       = "flow2_state"            // PendingOfflineAccess, by Hash(state)
+	kindOfflineAccessLink        = "flow2_link"             // OfflineAccessLink, by Hash(link token)
+	kindOfflineAccessCurrentLink = "offline_access_current" // CurrentOfflineAccessLink, by site, then keyed hash of subject and client
+	kindHealthProbe              = "health"                 // HealthProbe, by site, then a random id of the broker instance
+	kindAppPassword              = "app_password"           // AppPasswordGrant, by site, then keyed hash of subject
+	kindLoginFlow                = "login_flow"             // PendingLoginFlow, by site, then keyed hash of subject
+	kindAppPasswordLink          = "app_password_link"      // AppPasswordLink, by Hash(link token)
+	kindAppPasswordDeletion      = "app_password_deletion"  // AppPasswordDeletion, by site, then a random id
+	kindAppPasswordCurrentLink   = "app_password_current"   // CurrentAppPasswordLink, by site, then keyed hash of subject
+	kindAppPasswordSessions      = "app_password_sessions"  // AppPasswordSessions, by site, then keyed hash of subject
+	kindAssertionID              = "assertion_ids"          // UsedAssertionID, by Hash(issuer), then Hash(jti)
 )
 
 // recordKey builds the storage key of a record of kind for a client-supplied or random id.
@@ -228,6 +229,18 @@ type OfflineAccessLink struct {
 	Subject   string    `json:"subject"`
 	ClientID  string    `json:"client_id,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
+	// Binding is a seal of nothing with the record's key, Subject and ClientID as
+	// associated data: a record whose identity was changed does not open (SECURITY.md S1.36).
+	Binding string `json:"binding_sealed"`
+}
+
+// CurrentOfflineAccessLink is the one-time link a user's tool calls and starts of offline
+// access through one client are answered with, reused while it is unused and young, so
+// that calls in a row do not each store a link (SECURITY.md S1.35).
+type CurrentOfflineAccessLink struct {
+	// Link is the link's token, sealed with the record's key, subject and client.
+	Link      string    `json:"link_sealed"`
+	CreatedAt time.Time `json:"created_at"`
 }
 
 // PendingOfflineAccess is an offline access login on its way through the IdP, stored under the
@@ -288,6 +301,10 @@ type AppPasswordLink struct {
 	// user's user_claim when the link was minted.
 	NextcloudUser string    `json:"nextcloud_user"`
 	CreatedAt     time.Time `json:"created_at"`
+	// Binding is a seal of nothing with the record's key, Subject, ClientID and
+	// NextcloudUser as associated data: a record whose identity was changed does not open
+	// (SECURITY.md S1.36).
+	Binding string `json:"binding_sealed"`
 }
 
 // PendingLoginFlow is a Login Flow v2 the broker started for a user and polls until
