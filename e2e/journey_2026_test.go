@@ -173,8 +173,9 @@ type journeyRow struct {
 	sdkStepUp bool
 	version   string // the revision the connection must negotiate
 	via       string // how the offline access link reached the client (client.mjs's elicitations)
-	// comesBack: the user first comes back from the link without granting offline access
-	// and the client retries; the broker asks again with a new link.
+	// comesBack: the user first comes back from the link without opening it and the
+	// client retries; the broker asks again with the same link, unused (SECURITY.md S1.35),
+	// which the user then opens and grants offline access with.
 	comesBack bool
 	// listen keeps a subscriptions/listen stream open through the calls; the write tool
 	// makes the server publish a tool list change on it.
@@ -350,8 +351,8 @@ func runJourney(t *testing.T, row journeyRow) {
 			t.Errorf("elicitation %+v: want the broker's one-time offline access link, by %s, accepted", e, row.via)
 		}
 	}
-	if row.comesBack && links[0] == links[1] {
-		t.Errorf("the retry without a grant got the same one-time link again")
+	if row.comesBack && links[0] != links[1] {
+		t.Errorf("the retry without a grant got a new one-time link, not the user's unused one")
 	}
 
 	// The 2026-07-28 client sent the transport headers on every MCP request. For a

@@ -558,7 +558,7 @@ func (b *Broker) appPasswordStart(w http.ResponseWriter, r *http.Request) error 
 	link, err := ap.links.take(ctx, token)
 	switch {
 	case errors.Is(err, errLinkIdentity):
-		b.log.delegation.Error("an app password link's record does not match its tag; deleted, nothing started",
+		b.log.delegation.Error("an app password link's record does not match its binding; deleted, nothing started",
 			zap.String("subject", link.Subject), zap.String("nextcloud_user", link.NextcloudUser))
 		fallthrough
 	case errors.Is(err, storage.ErrNotFound):

@@ -127,7 +127,7 @@ func (b *Broker) offlineAccessStart(w http.ResponseWriter, r *http.Request) erro
 	link, err := b.offlineAccessLinks.take(r.Context(), token)
 	switch {
 	case errors.Is(err, errLinkIdentity):
-		b.log.offline.Error("an offline access link's record does not match its tag; deleted, nothing started",
+		b.log.offline.Error("an offline access link's record does not match its binding; deleted, nothing started",
 			zap.String("subject", link.Subject), zap.String("client_id", link.ClientID))
 		fallthrough
 	case errors.Is(err, storage.ErrNotFound):
