@@ -42,6 +42,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			name          <display name>
 //			redirect_uri  <uri...>
 //			scopes        <scope...>
+//			secret        <secret>
+//			token_endpoint_auth_method client_secret_basic|client_secret_post|none
 //		}
 //		registration      on|off
 //		delegation        token_exchange|refresh|none {
@@ -425,6 +427,15 @@ func unmarshalClient(d *caddyfile.Dispenser) (*Client, error) {
 			c.RedirectURIs = append(c.RedirectURIs, uris...)
 		case "scopes":
 			if c.Scopes = d.RemainingArgs(); len(c.Scopes) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "secret":
+			if !d.AllArgs(&c.Secret) {
+				// Not d.ArgErr(), which would quote the secret's token.
+				return nil, d.Err("client: secret: want exactly one secret")
+			}
+		case "token_endpoint_auth_method":
+			if !d.AllArgs(&c.TokenEndpointAuthMethod) {
 				return nil, d.ArgErr()
 			}
 		default:

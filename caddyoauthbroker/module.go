@@ -272,6 +272,22 @@ type Client struct {
 
 	// The scopes this client may ask for. Default: all of the handler's `scopes`.
 	Scopes []string `json:"scopes,omitempty"`
+
+	// The client's secret, which makes it a confidential client: it must then
+	// authenticate at the token and revocation endpoints, and may use the JWT bearer
+	// grant of `enterprise_managed`. At least 32 bytes; the broker keeps only its
+	// SHA-256. Supports `{env.*}` and `{file.*}` placeholders, which are better than a
+	// literal secret in the configuration. Default: none (a public client).
+	Secret string `json:"secret,omitempty"`
+
+	// How the client sends its secret: `client_secret_basic` (HTTP Basic) or
+	// `client_secret_post` (in the form), or `none` for a public client, which must not
+	// have a secret. Default: client_secret_basic with a secret, none without.
+	TokenEndpointAuthMethod string `json:"token_endpoint_auth_method,omitempty"`
+
+	// secretWritten: Secret was set before its placeholders were resolved, so an empty
+	// one is an unset variable or an empty file, not a public client.
+	secretWritten bool
 }
 
 // Delegation configures the token the upstream MCP server receives.
@@ -588,6 +604,12 @@ func (h *Handler) resolvePlaceholders() {
 			c.ClientSecret = repl.ReplaceKnown(c.ClientSecret, "")
 		}
 	}
+	for _, c := range h.Clients {
+		if c != nil && c.Secret != "" {
+			c.secretWritten = true
+			c.Secret = repl.ReplaceKnown(c.Secret, "")
+		}
+	}
 }
 
 // ServeHTTP answers the broker's own endpoints, authenticates every other request and
@@ -817,6 +839,13 @@ func (h *Handler) Validate() error {
 			if err := flows.CheckRedirectURI(u); err != nil {
 				return fmt.Errorf("clients %q: redirect_uris %q: %w", c.ClientID, u, err)
 			}
+		}
+		if c.secretWritten && c.Secret == "" {
+			// Else an unset variable would quietly make a confidential client public.
+			return fmt.Errorf("clients %q: secret: empty once its placeholders are resolved; set the environment variable or fill the file it names", c.ClientID)
+		}
+		if _, err := flows.CheckClientSecret(c.TokenEndpointAuthMethod, c.Secret); err != nil {
+			return fmt.Errorf("clients %q: %w", c.ClientID, err)
 		}
 	}
 	if h.ClientMetadataAllowPrivate && h.ClientMetadataDocuments != nil && !*h.ClientMetadataDocuments {
@@ -1085,6 +1114,7 @@ func (h *Handler) flowsConfig() (flows.Config, error) {
 		}
 		cfg.Clients = append(cfg.Clients, flows.ClientConfig{
 			ClientID: c.ClientID, Name: c.Name, RedirectURIs: c.RedirectURIs, Scopes: c.Scopes,
+			Secret: c.Secret, AuthMethod: c.TokenEndpointAuthMethod,
 		})
 	}
 	if em := h.EnterpriseManaged; em != nil {

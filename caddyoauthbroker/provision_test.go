@@ -295,3 +295,50 @@ func TestUpstreamMetadataReadAfterProvision(t *testing.T) {
 		t.Error("Cleanup returned before the learner stopped")
 	}
 }
+
+// TestProvisionClientSecret: a configured client's secret comes from a placeholder, and
+// one that resolves to nothing or too little is refused without being repeated; an unset
+// variable must not quietly leave a public client.
+func TestProvisionClientSecret(t *testing.T) {
+	ctx, _ := provisionContext(t)
+	withClient := func(secret, method string) map[string]any {
+		cfg := progressiveConfig()
+		c := map[string]any{"client_id": "agent", "redirect_uris": []string{"https://agent.example.com/cb"}, "secret": secret}
+		if method != "" {
+			c["token_endpoint_auth_method"] = method
+		}
+		cfg["clients"] = []any{c}
+		return cfg
+	}
+	good := strings.Repeat("0123456789abcdef", 4)
+	t.Setenv("MCP_TEST_AGENT_SECRET", good)
+	h, err := load(t, ctx, withClient("{env.MCP_TEST_AGENT_SECRET}", ""))
+	if err != nil {
+		t.Fatalf("a 64-byte secret from the environment: %v", err)
+	}
+	if h.Clients[0].Secret != good {
+		t.Errorf("the placeholder was not resolved")
+	}
+
+	t.Setenv("MCP_TEST_SHORT_SECRET", "hunter2hunter2")
+	for _, tc := range []struct {
+		name, secret, method, want string
+	}{
+		{"short, from the environment", "{env.MCP_TEST_SHORT_SECRET}", "", `clients "agent": secret: want at least 32 bytes, got 14`},
+		{"unset variable", "{env.MCP_TEST_UNSET_AGENT_SECRET}", "", `clients "agent": secret: empty once its placeholders are resolved`},
+		{"unset variable, public method", "{env.MCP_TEST_UNSET_AGENT_SECRET}", "none", `clients "agent": secret: empty once its placeholders are resolved`},
+		{"a secret on a public client", good, "none", `clients "agent": secret: set on a public client`},
+		{"basic without a secret", "", "client_secret_basic", `clients "agent": token_endpoint_auth_method: client_secret_basic needs a secret`},
+		{"an unknown method", good, "private_key_jwt", `clients "agent": token_endpoint_auth_method: want client_secret_basic or client_secret_post, got "private_key_jwt"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := load(t, ctx, withClient(tc.secret, tc.method))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), good) {
+				t.Errorf("the error repeats the secret: %v", err)
+			}
+		})
+	}
+}

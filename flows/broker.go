@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -152,6 +153,12 @@ type ClientConfig struct {
 	Name         string
 	RedirectURIs []string
 	Scopes       []string
+	// Secret makes the client confidential; New keeps only its hash. Default: none
+	// (public). See CheckClientSecret.
+	Secret string
+	// AuthMethod is AuthMethodBasic or AuthMethodPost with a Secret, AuthMethodNone
+	// without. Default: AuthMethodBasic with a Secret, AuthMethodNone without.
+	AuthMethod string
 }
 
 // EnterpriseIssuer is an enterprise identity provider trusted to issue ID-JAGs for this
@@ -407,7 +414,14 @@ func New(cfg Config) (*Broker, error) {
 	}
 	b.constantTimeCompare = subtle.ConstantTimeCompare
 	b.site = storage.Hash(b.issuer + "\n" + cfg.Resource)
-	b.clients = newClientRegistry(cfg.Clients, cfg.Scopes)
+	if b.clients, err = newClientRegistry(cfg.Clients, cfg.Scopes, len(cfg.EnterpriseIssuers) > 0); err != nil {
+		return nil, err
+	}
+	// Their secrets are kept only as hashes, in b.clients.
+	b.cfg.Clients = slices.Clone(cfg.Clients)
+	for i := range b.cfg.Clients {
+		b.cfg.Clients[i].Secret = ""
+	}
 	if cfg.DelegationMode == DelegationAppPassword {
 		if b.appPasswords, err = newAppPasswords(&cfg, func() time.Time { return b.now() }); err != nil {
 			return nil, err

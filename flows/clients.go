@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -111,7 +112,7 @@ type clientRegistry struct {
 	documents        *metadataDocuments
 }
 
-func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegistry {
+func newClientRegistry(cfg []ClientConfig, defaultScopes []string, jwtBearer bool) (*clientRegistry, error) {
 	reg := &clientRegistry{
 		static:           make(map[string]*Client, len(cfg)),
 		defaultScopes:    defaultScopes,
@@ -120,14 +121,26 @@ func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegist
 		documents:        newMetadataDocuments(maxCachedDocuments),
 	}
 	for _, c := range cfg {
+		method, err := CheckClientSecret(c.AuthMethod, c.Secret)
+		if err != nil {
+			return nil, fmt.Errorf("clients %q: %w", c.ClientID, err)
+		}
 		cl := &Client{
 			ID:           c.ClientID,
 			Name:         c.Name,
 			RedirectURIs: c.RedirectURIs,
 			Scopes:       c.Scopes,
-			AuthMethod:   AuthMethodNone, // config clients have no secret: public
+			AuthMethod:   method,
 			GrantTypes:   defaultGrantTypes,
 			Source:       ClientSourceConfig,
+		}
+		if c.Secret != "" {
+			cl.secretHash = hashSecret(c.Secret)
+			if jwtBearer {
+				// An admin who gave the client a secret pre-registered it as confidential,
+				// which is what the JWT bearer grant for ID-JAGs asks (token_jwt_bearer.go).
+				cl.GrantTypes = append(slices.Clone(defaultGrantTypes), grantJWTBearer)
+			}
 		}
 		if cl.Name == "" {
 			cl.Name = cl.ID
@@ -137,7 +150,42 @@ func newClientRegistry(cfg []ClientConfig, defaultScopes []string) *clientRegist
 		}
 		reg.static[c.ClientID] = cl
 	}
-	return reg
+	return reg, nil
+}
+
+// MinClientSecretBytes is the shortest secret a configured client may have: as long as
+// the 32 random bytes the broker issues to registered clients. The secret is kept as a
+// plain SHA-256 (hashSecret), which only a secret too long to guess may be (RFC 6749
+// §10.10).
+const MinClientSecretBytes = 32
+
+// CheckClientSecret checks a configured client's token endpoint authentication method
+// against its secret and returns the method in effect: client_secret_basic or
+// client_secret_post with a secret (basic when method is empty), none without. The
+// error never holds the secret.
+func CheckClientSecret(method, secret string) (string, error) {
+	if secret == "" {
+		switch method {
+		case "", AuthMethodNone:
+			return AuthMethodNone, nil
+		case AuthMethodBasic, AuthMethodPost:
+			return "", fmt.Errorf("token_endpoint_auth_method: %s needs a secret; set secret, or remove token_endpoint_auth_method for a public client", method)
+		}
+		return "", fmt.Errorf("token_endpoint_auth_method: want none, client_secret_basic or client_secret_post, got %q", method)
+	}
+	switch method {
+	case "":
+		method = AuthMethodBasic
+	case AuthMethodBasic, AuthMethodPost:
+	case AuthMethodNone:
+		return "", errors.New("secret: set on a public client (token_endpoint_auth_method none); remove one of them")
+	default:
+		return "", fmt.Errorf("token_endpoint_auth_method: want client_secret_basic or client_secret_post, got %q", method)
+	}
+	if len(secret) < MinClientSecretBytes {
+		return "", fmt.Errorf("secret: want at least %d bytes, got %d; generate one with `openssl rand -hex 32`", MinClientSecretBytes, len(secret))
+	}
+	return method, nil
 }
 
 // lookup returns the configured client with id, or nil. Progressive mode knows only
@@ -323,5 +371,6 @@ func (c *Client) withSecret(presented string, compare func(x, y []byte) int) (*C
 }
 
 // hashSecret is what the broker stores of a client secret: its SHA-256, base64url. The
-// secret is 256 random bits, so a plain hash is enough.
+// secret is 256 random bits (registered clients) or at least MinClientSecretBytes long
+// (configured ones), so a plain hash is enough.
 func hashSecret(secret string) string { return storage.Hash(secret) }
