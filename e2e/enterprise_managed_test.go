@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"slices"
@@ -20,8 +21,12 @@ import (
 const (
 	emaAgentID     = "mcp-agent"
 	emaAgentSecret = "mcp-agent-secret-0123456789abcdef"
-	idJAGTokenType = "urn:ietf:params:oauth:token-type:id-jag"
-	jwtBearerGrant = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+	// emaConfiguredAgentID is the agent as the broker's admin configured it, with a
+	// secret from the environment (emaConfiguredSecretVar), instead of registering.
+	emaConfiguredAgentID   = "configured-agent"
+	emaConfiguredSecretVar = "MCP_E2E_AGENT_SECRET"
+	idJAGTokenType         = "urn:ietf:params:oauth:token-type:id-jag"
+	jwtBearerGrant         = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 )
 
 // TestEnterpriseManagedAuthorization runs the extension's whole flow through the caddy
@@ -43,6 +48,8 @@ func TestEnterpriseManagedAuthorization(t *testing.T) {
 	})
 	up := testenv.StartUpstream(t, testenv.TrustedSubjectHeader())
 	upURL, _ := url.Parse(up.URL)
+	configuredSecret := strings.Repeat("5e", 32)
+	adminPort := freePort(t)
 	caddy := startCaddy(t, fmt.Sprintf(`http://127.0.0.1:{port} {
 	mcp_oauth {
 		mode hybrid
@@ -54,6 +61,11 @@ func TestEnterpriseManagedAuthorization(t *testing.T) {
 		encryption_key %[4]s
 		registration on
 		delegation none
+		client %[6]s {
+			name "Configured agent"
+			redirect_uri http://127.0.0.1/callback
+			secret {env.%[7]s}
+		}
 		enterprise_managed {
 			issuer %[1]s {
 				jwks_uri %[1]s/jwks
@@ -61,7 +73,8 @@ func TestEnterpriseManagedAuthorization(t *testing.T) {
 		}
 	}
 	reverse_proxy %[5]s
-}`, idp.Issuer, nodeBrokerClientID, nodeBrokerClientSecret, testKey, upURL.Host))
+}`, idp.Issuer, nodeBrokerClientID, nodeBrokerClientSecret, testKey, upURL.Host, emaConfiguredAgentID, emaConfiguredSecretVar),
+		withEnv(emaConfiguredSecretVar+"="+configuredSecret), withAdmin(adminPort))
 
 	t.Run("the broker advertises the grant and the profile", func(t *testing.T) {
 		resp, err := http.Get(caddy.Base + "/.well-known/oauth-authorization-server")
@@ -93,24 +106,31 @@ func TestEnterpriseManagedAuthorization(t *testing.T) {
 	if idToken == "" {
 		t.Fatal("the IdP issued no ID token")
 	}
-	status, out := agent.postForm(t, "token_endpoint", url.Values{
-		"grant_type":           {tokenExchangeGrant},
-		"requested_token_type": {idJAGTokenType},
-		"audience":             {caddy.Base},
-		"resource":             {caddy.Base + "/mcp"},
-		"scope":                {"notes:read notes:write"},
-		"subject_token":        {idToken},
-		"subject_token_type":   {"urn:ietf:params:oauth:token-type:id_token"},
-	})
-	if status != http.StatusOK || out["issued_token_type"] != idJAGTokenType || out["token_type"] != "N_A" || out["scope"] != "notes:read" {
-		t.Fatalf("ID-JAG exchange: %d %v", status, out)
+	// idJAG exchanges the ID token at the IdP for an ID-JAG naming the client the IdP
+	// maps the agent to.
+	idJAG := func(t *testing.T) string {
+		t.Helper()
+		status, out := agent.postForm(t, "token_endpoint", url.Values{
+			"grant_type":           {tokenExchangeGrant},
+			"requested_token_type": {idJAGTokenType},
+			"audience":             {caddy.Base},
+			"resource":             {caddy.Base + "/mcp"},
+			"scope":                {"notes:read notes:write"},
+			"subject_token":        {idToken},
+			"subject_token_type":   {"urn:ietf:params:oauth:token-type:id_token"},
+		})
+		if status != http.StatusOK || out["issued_token_type"] != idJAGTokenType || out["token_type"] != "N_A" || out["scope"] != "notes:read" {
+			t.Fatalf("ID-JAG exchange: %d %v", status, out)
+		}
+		jag := out["access_token"].(string)
+		if h := jwtHeader(t, jag); h["typ"] != "oauth-id-jag+jwt" {
+			t.Fatalf("ID-JAG header %v", h)
+		}
+		return jag
 	}
-	jag := out["access_token"].(string)
-	if h := jwtHeader(t, jag); h["typ"] != "oauth-id-jag+jwt" {
-		t.Fatalf("ID-JAG header %v", h)
-	}
+	jag := idJAG(t)
 
-	redeem := func(assertion, secret string) (int, map[string]any) {
+	redeemAs := func(clientID, assertion, secret string) (int, map[string]any) {
 		req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, caddy.Base+"/oauth/token",
 			strings.NewReader(url.Values{"grant_type": {jwtBearerGrant}, "assertion": {assertion}}.Encode()))
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
@@ -124,6 +144,7 @@ func TestEnterpriseManagedAuthorization(t *testing.T) {
 		_ = json.NewDecoder(resp.Body).Decode(&body)
 		return resp.StatusCode, body
 	}
+	redeem := func(assertion, secret string) (int, map[string]any) { return redeemAs(clientID, assertion, secret) }
 
 	t.Run("an unauthenticated client is refused", func(t *testing.T) {
 		if status, body := redeem(jag, "wrong-secret"); status != http.StatusUnauthorized || body["error"] != "invalid_client" {
@@ -166,7 +187,36 @@ func TestEnterpriseManagedAuthorization(t *testing.T) {
 		}
 	})
 
-	caddy.assertLogsFree(jag, access, secret, idToken)
+	// The enterprise's admin configured the agent in the Caddyfile, its secret in the
+	// environment, and maps it at the IdP instead of the registered one.
+	t.Run("an agent configured with a secret from the environment", func(t *testing.T) {
+		setIdPClientSettings(t, idp, emaAgentID, map[string]any{"idJag": map[string]any{"clientId": emaConfiguredAgentID, "scope": "notes:read"}})
+		jag := idJAG(t)
+		if status, body := redeemAs(emaConfiguredAgentID, jag, strings.Repeat("5e", 31)+"5f"); status != http.StatusUnauthorized || body["error"] != "invalid_client" {
+			t.Fatalf("wrong secret: %d %v", status, body)
+		}
+		if status, body := redeemAs(emaConfiguredAgentID, jag, ""); status != http.StatusUnauthorized || body["error"] != "invalid_client" {
+			t.Fatalf("no secret: %d %v", status, body)
+		}
+		status, tok := redeemAs(emaConfiguredAgentID, jag, configuredSecret)
+		if status != http.StatusOK || tok["scope"] != "notes:read" {
+			t.Fatalf("jwt-bearer as the configured agent: %d %v\n%s", status, tok, tail(caddy.logs.String()))
+		}
+		caddy.assertLogsFree(jag, tok["access_token"].(string))
+
+		// Caddy's admin API shows the configuration as written: the placeholder.
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/config/", adminPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(cfg), "{env."+emaConfiguredSecretVar+"}") || strings.Contains(string(cfg), configuredSecret) {
+			t.Errorf("the admin API's configuration lacks the placeholder or holds the secret")
+		}
+	})
+
+	caddy.assertLogsFree(jag, access, secret, idToken, configuredSecret)
 }
 
 // registerEMAClient registers a confidential client of the JWT bearer grant at the broker
