@@ -10,7 +10,7 @@ import (
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
 )
 
-// Configured clients with a secret (SECURITY.md S1.36): confidential at every endpoint
+// Configured clients with a secret (SECURITY.md S1.37): confidential at every endpoint
 // that authenticates clients, public ones as before.
 
 const (
