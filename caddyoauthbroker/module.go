@@ -847,6 +847,11 @@ func (h *Handler) Validate() error {
 		if _, err := flows.CheckClientSecret(c.TokenEndpointAuthMethod, c.Secret); err != nil {
 			return fmt.Errorf("clients %q: %w", c.ClientID, err)
 		}
+		if h.Mode == flows.ModeProgressive && (c.Secret != "" || c.TokenEndpointAuthMethod != "") {
+			// The client's token requests go to the IdP, which holds its secret: the
+			// broker would never check this one.
+			return fmt.Errorf("clients %q: secret and token_endpoint_auth_method: hybrid mode only; in progressive mode the client authenticates at the IdP", c.ClientID)
+		}
 	}
 	if h.ClientMetadataAllowPrivate && h.ClientMetadataDocuments != nil && !*h.ClientMetadataDocuments {
 		return errors.New("client_metadata_allow_private: set, but client_metadata_documents is off; remove one of them")

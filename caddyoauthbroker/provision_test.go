@@ -303,6 +303,7 @@ func TestProvisionClientSecret(t *testing.T) {
 	ctx, _ := provisionContext(t)
 	withClient := func(secret, method string) map[string]any {
 		cfg := progressiveConfig()
+		cfg["mode"] = "hybrid" // the broker authenticates clients in hybrid mode alone
 		c := map[string]any{"client_id": "agent", "redirect_uris": []string{"https://agent.example.com/cb"}, "secret": secret}
 		if method != "" {
 			c["token_endpoint_auth_method"] = method
@@ -318,6 +319,12 @@ func TestProvisionClientSecret(t *testing.T) {
 	}
 	if h.Clients[0].Secret != good {
 		t.Errorf("the placeholder was not resolved")
+	}
+
+	progressive := withClient(good, "")
+	progressive["mode"] = "progressive"
+	if _, err := load(t, ctx, progressive); err == nil || !strings.Contains(err.Error(), `clients "agent": secret and token_endpoint_auth_method: hybrid mode only`) {
+		t.Errorf("a secret in progressive mode: %v", err)
 	}
 
 	t.Setenv("MCP_TEST_SHORT_SECRET", "hunter2hunter2")
