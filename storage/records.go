@@ -135,7 +135,7 @@ func (r *Records) Put(ctx context.Context, key string, v any, ttl time.Duration)
 	if err != nil {
 		return fmt.Errorf("encoding record: %w", err)
 	}
-	data, err := json.Marshal(envelope{ExpiresAt: r.now().Add(ttl).UTC(), Value: value})
+	data, err := encodeEnvelope(r.now().Add(ttl).UTC(), value)
 	if err != nil {
 		return fmt.Errorf("encoding record: %w", err)
 	}
@@ -355,6 +355,22 @@ func (r *Records) load(ctx context.Context, key string) (*envelope, error) {
 		return nil, fmt.Errorf("loading record: %w", err)
 	}
 	return decodeEnvelope(data)
+}
+
+// encodeEnvelope is json.Marshal(envelope{expiresAt, value}) for a value json.Marshal
+// wrote (compact and valid already), byte for byte, without the second pass over value
+// that json.Marshal makes to check and compact a json.RawMessage.
+func encodeEnvelope(expiresAt time.Time, value []byte) ([]byte, error) {
+	data := make([]byte, 0, len(value)+len(time.RFC3339Nano)+len(`{"expires_at":"","value":}`))
+	data = append(data, `{"expires_at":`...)
+	t, err := expiresAt.MarshalJSON()
+	if err != nil {
+		return nil, err
+	}
+	data = append(data, t...)
+	data = append(data, `,"value":`...)
+	data = append(data, value...)
+	return append(data, '}'), nil
 }
 
 func decodeEnvelope(data []byte) (*envelope, error) {

@@ -1,7 +1,9 @@
 package storage
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -505,5 +507,34 @@ func TestTakeOnceOfAMissingOrExpiredRecordTakesNoLock(t *testing.T) {
 	}
 	if n := s.locks.Load(); n != 1 {
 		t.Errorf("TakeOnce of a live record took %d storage locks, want 1", n)
+	}
+}
+
+// TestEncodeEnvelopeIsJSONMarshal holds the hand-built envelope to json.Marshal's bytes,
+// which earlier releases wrote and every release reads.
+func TestEncodeEnvelopeIsJSONMarshal(t *testing.T) {
+	at := time.Date(2026, 12, 2, 12, 0, 0, 123456789, time.UTC)
+	for _, v := range []any{
+		map[string]any{"a": "<script>&amp;</script>", "b": []int{1, 2}, "c": "é\u2028"},
+		struct {
+			S string    `json:"s"`
+			T time.Time `json:"t"`
+		}{"x", at},
+		"plain", 42, nil,
+	} {
+		value, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, exp := range []time.Time{at, at.Truncate(time.Second), time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)} {
+			want, err := json.Marshal(envelope{ExpiresAt: exp, Value: value})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := encodeEnvelope(exp, value)
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("encodeEnvelope(%v, %s) = %s, %v; json.Marshal gives %s", exp, value, got, err, want)
+			}
+		}
 	}
 }
