@@ -2,6 +2,7 @@ package flows
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 )
 
 // Per-request delegation: the upstream never sees the client's token. It gets a token
@@ -131,9 +133,9 @@ func (b *Broker) delegationFlightTimeout() time.Duration { return 3 * b.cfg.IdPT
 
 // delegateInto gives the upstream request out what the configured delegation mode says
 // in place of the client's token, or returns the error to answer the client with.
-// raw is the client's token (the subject of a token exchange in progressive mode); need
+// tok is the client's token (the subject of a token exchange in progressive mode); need
 // is what this call needs by the tool_scope rules (empty: the default scopes).
-func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string, need []string) error {
+func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, tok presentedToken, need []string) error {
 	if b.cfg.DelegationMode == DelegationNone {
 		out.Header.Set(b.cfg.SubjectHeader, who.Subject)
 		return nil
@@ -198,7 +200,10 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 	if hybrid {
 		key = sessionDelegationKey(who.SessionID, scopes)
 	} else {
-		key = tokenDelegationKey(raw, scopes)
+		if tok.digest == ([sha256.Size]byte{}) {
+			tok.digest = tokencache.Key(tok.raw) // never one cache entry for every token
+		}
+		key = tokenDelegationKey(tok.digest, scopes)
 	}
 	if h, ok := d.cache.get(key, b.now().UnixNano()); ok {
 		b.count(DelegationCacheHit)
@@ -208,7 +213,7 @@ func (b *Broker) delegateInto(out *http.Request, who *idp.Principal, raw string,
 	}
 	b.count(DelegationCacheMiss)
 
-	h, err := b.delegateCold(ctx, mode, key, who, raw, scopes)
+	h, err := b.delegateCold(ctx, mode, key, who, tok.raw, scopes)
 	if err != nil {
 		return b.delegationFailed(who, scopes, err)
 	}

@@ -44,10 +44,11 @@ func BenchmarkDelegateWarm(b *testing.B) {
 			mustDelegate(b, br, who, raw, need)
 
 			out := httptest.NewRequest(http.MethodPost, testResource, nil)
+			tok := newPresentedToken(raw)
 			b.ReportAllocs()
 			b.ResetTimer()
 			for b.Loop() {
-				if err := br.delegateInto(out, who, raw, need); err != nil {
+				if err := br.delegateInto(out, who, tok, need); err != nil {
 					b.Fatal("delegation failed")
 				}
 			}

@@ -163,10 +163,11 @@ func sessionDelegationKey(session string, scopes []string) delegationKey {
 	return scopeKey(b, scopes)
 }
 
-// tokenDelegationKey is the cache key of the token exchanged for a client's token raw,
-// for scopes (sorted). Only raw's hash enters the key.
-func tokenDelegationKey(raw string, scopes []string) delegationKey {
-	h := tokencache.Key(raw)
+// tokenDelegationKey is the cache key of the token exchanged for a client's token whose
+// SHA-256 is digest (tokencache.Key), for scopes (sorted). Only the token's hash enters
+// the key.
+func tokenDelegationKey(digest [sha256.Size]byte, scopes []string) delegationKey {
+	h := digest
 	var buf [1024]byte
 	b := append(buf[:0], 'p')
 	b = append(b, h[:]...)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddy-mcp/oauth-broker/idp"
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 )
 
 func TestCacheUntil(t *testing.T) {
@@ -41,7 +42,7 @@ func TestDelegationKeys(t *testing.T) {
 		"session, read":       sessionDelegationKey("s1", []string{"notes:read"}),
 		"session, read+write": sessionDelegationKey("s1", []string{"notes:read", "notes:write"}),
 		"other session, read": sessionDelegationKey("s2", []string{"notes:read"}),
-		"token, read":         tokenDelegationKey("s1", []string{"notes:read"}),
+		"token, read":         tokenDelegationKey(tokencache.Key("s1"), []string{"notes:read"}),
 		"scope joined to id":  sessionDelegationKey("s1notes:read", nil),
 	} {
 		if other, dup := keys[k]; dup {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 )
 
 // tokenEndpointFault answers requests to the OP's token endpoint itself (a fault: an IdP
@@ -108,7 +109,7 @@ func TestDelegationIdPAnswers(t *testing.T) {
 		if tok := mustDelegate(t, b, who, raw, nil); tok != "delegated" {
 			t.Fatalf("token %q", tok)
 		}
-		key := tokenDelegationKey(raw, sortedSet(nil, who.Scopes)) // the whole grant: no tool_scope rule
+		key := tokenDelegationKey(tokencache.Key(raw), sortedSet(nil, who.Scopes)) // the whole grant: no tool_scope rule
 		// 120 s less the margin: a tenth of the lifetime, 12 s.
 		if _, ok := b.delegation.cache.get(key, now.Add(107*time.Second).UnixNano()); !ok {
 			t.Error("not served before the margin")

@@ -21,6 +21,7 @@ import (
 
 	"github.com/caddy-mcp/oauth-broker/idp"
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
+	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 	"github.com/caddy-mcp/oauth-broker/storage"
 )
 
@@ -85,12 +86,17 @@ func progressivePrincipal(tb testing.TB, b *Broker, o *testenv.OP, user testenv.
 	return who, raw
 }
 
+// newPresentedToken is the token raw as authenticate presents it in progressive mode.
+func newPresentedToken(raw string) presentedToken {
+	return presentedToken{raw: raw, digest: tokencache.Key(raw)}
+}
+
 // delegate runs delegateInto as protect does and returns the response (if it answered)
 // and the Authorization header the upstream would get.
 func delegate(ctx context.Context, b *Broker, who *idp.Principal, raw string, need []string) (*httptest.ResponseRecorder, string, bool) {
 	w := httptest.NewRecorder()
 	out := httptest.NewRequestWithContext(ctx, http.MethodPost, testResource, nil)
-	err := b.delegateInto(out, who, raw, need)
+	err := b.delegateInto(out, who, newPresentedToken(raw), need)
 	if err != nil {
 		b.writeError(w, out, err)
 	}

@@ -2,6 +2,7 @@ package flows
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/http"
@@ -181,7 +182,7 @@ func (b *Broker) protect(w http.ResponseWriter, r *http.Request) (*http.Request,
 // its tool calls need, and puts in place of the client's token what the upstream gets. It
 // returns nil and no error when it answered the request itself.
 func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, error) {
-	who, raw, err := b.authenticate(r)
+	who, tok, err := b.authenticate(r)
 	if err != nil {
 		return nil, err
 	}
@@ -213,13 +214,13 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	// identity headers the client sent. MCP uses none: none is forwarded.
 	r.Trailer = nil
 	if b.appPasswords != nil {
-		if answered, err := b.delegateAppPassword(w, r, who, raw, tools, &in); err != nil || answered {
+		if answered, err := b.delegateAppPassword(w, r, who, tok.raw, tools, &in); err != nil || answered {
 			if err == nil {
 				b.count(RequestAppPasswordNeeded) // answered with a URL elicitation (delegation_app_password.go)
 			}
 			return nil, err
 		}
-	} else if err := b.delegateInto(r, who, raw, need); err != nil {
+	} else if err := b.delegateInto(r, who, tok, need); err != nil {
 		return nil, err
 	}
 	stripOwnInput(r, &in)
@@ -231,46 +232,57 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 	return who, nil
 }
 
+// presentedToken is the access token a request presented and, in progressive mode, its
+// SHA-256 (tokencache.Key): the verifier's cache key, which keys the delegated token too,
+// so that the token is hashed once per request.
+type presentedToken struct {
+	raw    string
+	digest [sha256.Size]byte
+}
+
 // authenticate verifies the bearer token of a request to the MCP endpoint and returns
 // who presented it, and the token.
-func (b *Broker) authenticate(r *http.Request) (*idp.Principal, string, error) {
+func (b *Broker) authenticate(r *http.Request) (*idp.Principal, presentedToken, error) {
 	if r.URL.RawQuery != "" && r.URL.Query().Has("access_token") { // parsed only when there is a query
 		// RFC 6750 §3.1: a request using a method the resource does not accept is
 		// invalid_request, named in the challenge too.
 		e := errInvalidRequest("access tokens are accepted only in the Authorization header")
 		e.challenge, e.cors = "Bearer "+b.offer().challengeTail+`, error="invalid_request"`, mcpMethods
-		return nil, "", e
+		return nil, presentedToken{}, e
 	}
 	raw, ok := bearerToken(r)
 	if !ok {
-		return nil, "", b.errBearer("", "a bearer token is required")
+		return nil, presentedToken{}, b.errBearer("", "a bearer token is required")
 	}
-	who, err := b.verifyAccessToken(r.Context(), raw)
+	who, digest, err := b.verifyAccessToken(r.Context(), raw)
 	switch later := idp.AsRetryLater(err); {
 	case err == nil:
-		return who, raw, nil
+		return who, presentedToken{raw: raw, digest: digest}, nil
 	case later != nil:
 		// Turned away before reaching the IdP: no verdict on the token, so never 401.
 		e := newRequestError(later.Status, "temporarily_unavailable", "too many new tokens to verify; retry later")
 		e.retryAfter = later.RetryAfter
-		return nil, "", e
+		return nil, presentedToken{}, e
 	case errors.Is(err, ErrStorageUnavailable):
-		return nil, "", errUnavailable("verifying a broker access token", err)
+		return nil, presentedToken{}, errUnavailable("verifying a broker access token", err)
 	case errors.Is(err, idp.ErrUnavailable):
-		return nil, "", errIdPUnavailable(fmt.Errorf("verifying an access token: %w", err))
+		return nil, presentedToken{}, errIdPUnavailable(fmt.Errorf("verifying an access token: %w", err))
 	default:
-		return nil, "", b.errBearer("invalid_token", "the access token is invalid or expired").
+		return nil, presentedToken{}, b.errBearer("invalid_token", "the access token is invalid or expired").
 			because(fmt.Errorf("token %s refused: %w", Fingerprint(raw), err))
 	}
 }
 
 // verifyAccessToken checks a token presented to the MCP endpoint: one the broker issued
-// in hybrid mode, one the IdP issued in progressive mode.
-func (b *Broker) verifyAccessToken(ctx context.Context, raw string) (*idp.Principal, error) {
+// in hybrid mode, one the IdP issued in progressive mode. The digest is the token's
+// SHA-256 in progressive mode (delegation keys its cache with it), zero in hybrid mode
+// (delegation keys it with the session).
+func (b *Broker) verifyAccessToken(ctx context.Context, raw string) (*idp.Principal, [sha256.Size]byte, error) {
 	if b.cfg.Mode == ModeHybrid {
-		return b.verifyBrokerToken(ctx, raw)
+		p, err := b.verifyBrokerToken(ctx, raw)
+		return p, [sha256.Size]byte{}, err
 	}
-	return b.verifier.Verify(ctx, raw)
+	return b.verifier.VerifyDigest(ctx, raw)
 }
 
 // bearerToken reads the token of an `Authorization: Bearer` header, the only place an

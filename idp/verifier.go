@@ -183,14 +183,24 @@ func NewVerifier(cfg VerifierConfig) *Verifier {
 // The principal is shared by every caller presenting the same token: read it, never
 // modify it. Errors never contain the token.
 func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
+	p, _, err := v.VerifyDigest(ctx, raw)
+	return p, err
+}
+
+// VerifyDigest is Verify that also returns the token's SHA-256, which it computed as its
+// cache key, so that a caller keeping its own cache of what the token buys (a delegated
+// token) keys it without hashing the token a second time. The digest is zero when the
+// token was refused for its size, before it was hashed.
+func (v *Verifier) VerifyDigest(ctx context.Context, raw string) (*Principal, [sha256.Size]byte, error) {
 	if raw == "" || len(raw) > maxTokenLength {
-		return nil, errTokenSize
+		return nil, [sha256.Size]byte{}, errTokenSize
 	}
 	key := tokencache.Key(raw)
 	if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
-		return vd.principal, vd.err
+		return vd.principal, key, vd.err
 	}
-	return v.verifyCold(ctx, key, raw)
+	p, err := v.verifyCold(ctx, key, raw)
+	return p, key, err
 }
 
 var errTokenSize = fmt.Errorf("checking access token size: %w", ErrInvalidToken)

@@ -374,6 +374,24 @@ func TestTokenVerifierCache(t *testing.T) {
 		}
 	})
 
+	t.Run("VerifyDigest returns the token's SHA-256, cold and warm, and none for a refused size", func(t *testing.T) {
+		o := testenv.StartOP(t)
+		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
+		v := newVerifierFor(o, nil)
+		for _, round := range []string{"cold", "warm"} {
+			p, digest, err := v.VerifyDigest(t.Context(), raw)
+			if err != nil || p == nil {
+				t.Fatalf("%s: %v", round, err)
+			}
+			if digest != sha256.Sum256([]byte(raw)) {
+				t.Errorf("%s: the digest is not the token's SHA-256", round)
+			}
+		}
+		if _, digest, err := v.VerifyDigest(t.Context(), strings.Repeat("a", maxTokenLength+1)); err == nil || digest != ([sha256.Size]byte{}) {
+			t.Errorf("an oversized token: err %v, digest %x; want a refusal and no digest", err, digest)
+		}
+	})
+
 	t.Run("second Verify of a JWT does not call the IdP or verify again", func(t *testing.T) {
 		o := testenv.StartOP(t)
 		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
