@@ -1,6 +1,7 @@
 package mcprequest
 
 import (
+	"bytes"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -206,4 +207,32 @@ func TestInspectLegacyHeaderDecodesNothing(t *testing.T) {
 	if _, refused := Inspect(httptest.NewRecorder(), r, 4096); refused != nil {
 		t.Errorf("refused %v", refused)
 	}
+}
+
+// mayMirrorIndexAny is mayMirror as it was, with bytes.IndexAny: the reference.
+func mayMirrorIndexAny(body []byte) bool {
+	const key = "protocolversion"
+	for i := bytes.IndexAny(body, "pP"); i >= 0 && i+len(key) <= len(body); {
+		if bytes.EqualFold(body[i:i+len(key)], []byte(key)) {
+			return true
+		}
+		j := bytes.IndexAny(body[i+1:], "pP")
+		if j < 0 {
+			return false
+		}
+		i += 1 + j
+	}
+	return false
+}
+
+// FuzzMayMirror: mayMirror agrees with the IndexAny scan it replaced.
+func FuzzMayMirror(f *testing.F) {
+	for _, s := range []string{`{"_meta":{"protocolVersion":"x"}}`, `pPpProtocolVERSION`, `PROTOCOLVERSIO`, `p`, ``, `xxPxxprotocolversion`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		if got, want := mayMirror(body), mayMirrorIndexAny(body); got != want {
+			t.Fatalf("mayMirror(%q) = %v, want %v", body, got, want)
+		}
+	})
 }

@@ -2,6 +2,7 @@ package mcprequest
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"strings"
 	"unicode"
@@ -20,8 +21,14 @@ func mayCallTool(body []byte) bool {
 	return bytes.Contains(body, toolsCallMethod) || bytes.IndexByte(body, '\\') >= 0 || bytes.IndexByte(body, 0) >= 0 || !ascii(body)
 }
 
-// ascii tells whether b holds no byte >= 0x80.
+// ascii tells whether b holds no byte >= 0x80, eight bytes at a time.
 func ascii(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b)&0x8080808080808080 != 0 {
+			return false
+		}
+		b = b[8:]
+	}
 	for _, c := range b {
 		if c >= 0x80 {
 			return false
@@ -77,27 +84,33 @@ func callNames(msg []byte) (names []string, ok bool) {
 	if msg[0] != '{' {
 		return nil, false
 	}
+	// One walk finds the methods and keeps every params object (each duplicate counts),
+	// which are read only when the message is a call.
 	call := false
+	var kept [2][]byte
+	params := kept[:0]
 	jsonMembers(msg, func(key, value []byte) {
-		if keyIs(key, "method") && stringIs(value, "tools/call") {
-			call = true
+		switch {
+		case keyIs(key, "method"):
+			if stringIs(value, "tools/call") {
+				call = true
+			}
+		case value[0] == '{' && keyIs(key, "params"):
+			params = append(params, value)
 		}
 	})
 	if !call {
 		return nil, true
 	}
-	jsonMembers(msg, func(key, params []byte) {
-		if !keyIs(key, "params") || params[0] != '{' {
-			return
-		}
-		jsonMembers(params, func(key, value []byte) {
+	for _, p := range params {
+		jsonMembers(p, func(key, value []byte) {
 			if keyIs(key, "name") {
 				if name, ok := jsonString(value); ok {
 					names = append(names, name)
 				}
 			}
 		})
-	})
+	}
 	if len(names) == 0 {
 		// A call without a name is still a call: rules like "*" apply to it.
 		names = append(names, "")
@@ -180,17 +193,27 @@ func skipSpace(b []byte, i int) int {
 	return i
 }
 
-// skipString returns the index just past the JSON string starting at b[i].
+// skipString returns the index just past the JSON string starting at b[i] (len(b) when
+// it does not end). It jumps from quote to quote with bytes.IndexByte, fast on long
+// strings: in valid JSON a quote ends the string unless an odd number of backslashes
+// stands before it, the last of which escapes it.
 func skipString(b []byte, i int) int {
+	open := i
 	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++
-		case '"':
+		q := bytes.IndexByte(b[i:], '"')
+		if q < 0 {
+			return len(b)
+		}
+		i += q
+		n := 0
+		for j := i - 1; j > open && b[j] == '\\'; j-- {
+			n++
+		}
+		if n%2 == 0 {
 			return i + 1
 		}
 	}
-	return i
+	return len(b)
 }
 
 // skipValue returns the index just past the JSON value starting at b[i].

@@ -101,3 +101,48 @@ func TestEqualFold(t *testing.T) {
 		}
 	}
 }
+
+// skipStringByteWise is skipString as it was, one byte at a time: the reference the
+// IndexByte version must agree with.
+func skipStringByteWise(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return min(i, len(b))
+}
+
+// FuzzSkipString: skipString ends a string where a byte-wise scan ends it, escapes and
+// runs of backslashes included, on any bytes after the opening quote.
+func FuzzSkipString(f *testing.F) {
+	for _, s := range []string{`"a"`, `"\""`, `"\\"`, `"\\\""x"`, `"\\\\"`, `"x\`, `"`, `"` + strings.Repeat("x", 300) + `\\\"y"`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		b = append([]byte{'"'}, b...)
+		if got, want := skipString(b, 0), skipStringByteWise(b, 0); got != want {
+			t.Fatalf("skipString(%q) = %d, want %d", b, got, want)
+		}
+	})
+}
+
+// ascii finds a high byte at any position, in the words and in the tail.
+func TestASCII(t *testing.T) {
+	for n := range 20 {
+		b := []byte(strings.Repeat("a", 19))
+		if !ascii(b[:n]) {
+			t.Fatalf("ascii(%d ASCII bytes) = false", n)
+		}
+		for i := range n {
+			c := slices.Clone(b[:n])
+			c[i] = 0x80
+			if ascii(c) {
+				t.Errorf("ascii missed 0x80 at %d of %d", i, n)
+			}
+		}
+	}
+}
