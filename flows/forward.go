@@ -37,7 +37,8 @@ const identityHeaderPrefix = "x-auth-request-"
 // drop as hop-by-hop after the broker set them. It allocates only when it has something
 // to remove from Connection.
 func stripClientIdentity(h http.Header, subjectHeader string) {
-	h.Del("Authorization")
+	// One walk over the header map, Authorization in any spelling included: no
+	// canonicalisation of names.
 	for k := range h {
 		if brokerManagedHeader(k, subjectHeader) {
 			delete(h, k)
@@ -54,6 +55,12 @@ func stripClientIdentity(h http.Header, subjectHeader string) {
 // brokerManagedHeader tells whether a header of that name is set or stripped by the
 // broker: Authorization, the subject header, an identity header, in any spelling.
 func brokerManagedHeader(name, subjectHeader string) bool {
+	if name != "" && subjectHeader != "" {
+		// Most headers are told apart by their first byte, compared as SameHeaderName does.
+		if c := nameFold(name[0]); !managedFirstBytes[c] && c != nameFold(subjectHeader[0]) {
+			return false
+		}
+	}
 	if len(name) == len(subjectHeader) && mcprequest.SameHeaderName(name, subjectHeader) {
 		return true
 	}
@@ -69,6 +76,26 @@ func brokerManagedHeader(name, subjectHeader string) bool {
 		}
 	}
 	return false
+}
+
+// managedFirstBytes are the first bytes (nameFold) of Authorization, the identity
+// headers and identityHeaderPrefix, but for the subject header's.
+var managedFirstBytes = func() (t [256]bool) {
+	for _, n := range append([]string{"Authorization", identityHeaderPrefix}, identityHeaders...) {
+		t[nameFold(n[0])] = true
+	}
+	return t
+}()
+
+// nameFold is c as SameHeaderName compares it: ASCII letters in lower case, '_' as '-'.
+func nameFold(c byte) byte {
+	switch {
+	case c == '_':
+		return '-'
+	case 'A' <= c && c <= 'Z':
+		return c + 'a' - 'A'
+	}
+	return c
 }
 
 // cleanConnection returns the Connection values without the tokens naming a

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/cgi"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 
@@ -334,4 +335,31 @@ func TestSubjectHeaderUnderscoreSpoof(t *testing.T) {
 			}
 		}
 	})
+}
+
+// stripClientIdentity removes every broker-managed header in any spelling a CGI-style
+// upstream folds together (the first-byte filter of brokerManagedHeader included), and
+// keeps the others.
+func TestStripClientIdentitySpellings(t *testing.T) {
+	managed := []string{"Authorization", "authorization", "AUTHORIZATION", "My-Subject", "my_subject", "MY_SUBJECT",
+		"X-Auth-Request-Email", "x_auth_request_user", "X-AUTH-REQUEST-GROUPS"}
+	for _, id := range identityHeaders {
+		managed = append(managed, id, strings.ToLower(id), strings.ReplaceAll(strings.ToUpper(id), "-", "_"))
+	}
+	kept := []string{"Accept", "Content-Type", "Mcp-Session-Id", "X-Request-Id", "Remote-Addr", "Authorisation", "My-Subjects", "_x-user"}
+	h := http.Header{}
+	for _, n := range append(slices.Clone(managed), kept...) {
+		h[n] = []string{"v"}
+	}
+	stripClientIdentity(h, "My-Subject")
+	for _, n := range managed {
+		if _, ok := h[n]; ok {
+			t.Errorf("%s was forwarded", n)
+		}
+	}
+	for _, n := range kept {
+		if _, ok := h[n]; !ok {
+			t.Errorf("%s was removed", n)
+		}
+	}
 }
