@@ -288,7 +288,12 @@ func (b *Broker) verifyAccessToken(ctx context.Context, raw string) (*idp.Princi
 // bearerToken reads the token of an `Authorization: Bearer` header, the only place an
 // access token is accepted.
 func bearerToken(r *http.Request) (string, bool) {
-	h := r.Header.Get("Authorization")
+	// Header.Get without canonicalising a name that already is: the first value.
+	v := r.Header["Authorization"]
+	if len(v) == 0 {
+		return "", false
+	}
+	h := v[0]
 	if len(h) < 8 || !strings.EqualFold(h[:7], "Bearer ") {
 		return "", false
 	}

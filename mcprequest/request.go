@@ -179,7 +179,7 @@ func checkFraming(r *http.Request) *Refusal {
 // checkContentHeaders refuses a POST body the check would not read as its upstream may:
 // a content coding, or a media type other than one application/json in UTF-8.
 func checkContentHeaders(h http.Header) *Refusal {
-	if ce := h.Values("Content-Encoding"); len(ce) > 0 && !identityEncoding(ce) {
+	if ce := h["Content-Encoding"]; len(ce) > 0 && !identityEncoding(ce) {
 		// The rules are checked on the bytes as sent: a compressed body would pass
 		// unread to an upstream (or a middleware in front of it) that decompresses it.
 		return ErrEncoded
