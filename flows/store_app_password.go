@@ -261,9 +261,10 @@ func (st appPasswordStore) deleteDeletion(ctx context.Context, d *AppPasswordDel
 	return st.records.Delete(ctx, d.key)
 }
 
-// currentLinkAAD is the associated data of a current link's token: its key and subject.
-func currentLinkAAD(key, subject string) string {
-	aad, _ := json.Marshal([]string{key, subject})
+// currentLinkAAD is the associated data of the token sealed in a current link (an app
+// password's, an offline access one's): its key and whose it is.
+func currentLinkAAD(key string, identity ...string) string {
+	aad, _ := json.Marshal(append([]string{key}, identity...))
 	return string(aad)
 }
 

@@ -125,12 +125,6 @@ func (st offlineAccessCurrentLinkStore) keys(subject, clientID string) []string 
 	return keys
 }
 
-// aad is the associated data of the token sealed in the current link at key.
-func (st offlineAccessCurrentLinkStore) aad(key, subject, clientID string) string {
-	aad, _ := json.Marshal([]string{key, subject, clientID})
-	return string(aad)
-}
-
 // get returns the token of subject's current link through clientID, or
 // storage.ErrNotFound.
 func (st offlineAccessCurrentLinkStore) get(ctx context.Context, subject, clientID string) (string, error) {
@@ -138,7 +132,7 @@ func (st offlineAccessCurrentLinkStore) get(ctx context.Context, subject, client
 	if err != nil {
 		return "", err
 	}
-	token, err := st.records.Open(st.aad(key, subject, clientID), c.Link)
+	token, err := st.records.Open(currentLinkAAD(key, subject, clientID), c.Link)
 	if err != nil {
 		return "", storage.ErrNotFound
 	}
@@ -151,7 +145,7 @@ func (st offlineAccessCurrentLinkStore) put(ctx context.Context, subject, client
 	if len(keys) == 0 {
 		return errors.New("offline access links: no encryption key configured")
 	}
-	sealed, err := st.records.Seal(st.aad(keys[0], subject, clientID), []byte(token))
+	sealed, err := st.records.Seal(currentLinkAAD(keys[0], subject, clientID), []byte(token))
 	if err != nil {
 		return fmt.Errorf("sealing link: %w", err)
 	}
