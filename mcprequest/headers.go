@@ -267,8 +267,16 @@ func namedMethod(method string) (named, uri bool) {
 }
 
 // mayMirror tells whether a body without mirrored headers still needs reading for them:
-// it may name its protocol version in _meta (matched without letter case, as keys are).
+// it may name its protocol version in _meta. A key may be spelled with escapes
+// ("\u0070rotocolVersion") or with letters encoding/json folds to ASCII (ſ, the Kelvin
+// sign), which the byte scan cannot see, so such a body is read too.
 func mayMirror(body []byte) bool {
+	return bytes.IndexByte(body, '\\') >= 0 || !ascii(body) || namesProtocolVersion(body)
+}
+
+// namesProtocolVersion tells whether body holds "protocolversion" in ASCII letters of
+// any case, as a key the reader would match.
+func namesProtocolVersion(body []byte) bool {
 	const key = "protocolversion"
 	// The next 'p' and the next 'P' are each found with bytes.IndexByte, faster than
 	// bytes.IndexAny's byte-wise scan on long bodies.

@@ -231,8 +231,8 @@ func FuzzMayMirror(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
-		if got, want := mayMirror(body), mayMirrorIndexAny(body); got != want {
-			t.Fatalf("mayMirror(%q) = %v, want %v", body, got, want)
+		if got, want := namesProtocolVersion(body), mayMirrorIndexAny(body); got != want {
+			t.Fatalf("namesProtocolVersion(%q) = %v, want %v", body, got, want)
 		}
 	})
 }
