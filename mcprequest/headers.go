@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"net/http"
 	"strings"
+	"unicode/utf8"
 )
 
 // The request headers of the Streamable HTTP transport (MCP 2026-07-28, "Request
@@ -142,7 +143,8 @@ func visibleASCII(s string, space bool) bool {
 }
 
 // decodeHeaderValue returns the value a header carries: the decoded Base64 sentinel
-// form, or the value itself. ok is false for a sentinel whose Base64 is malformed.
+// form, or the value itself. ok is false for a sentinel whose Base64 is malformed or
+// whose bytes are not UTF-8, as the spec requires of what it encodes.
 func decodeHeaderValue(v string) (string, bool) {
 	if len(v) < len(base64Prefix)+len(base64Suffix) || v[:len(base64Prefix)] != base64Prefix || v[len(v)-len(base64Suffix):] != base64Suffix {
 		return v, true
@@ -152,7 +154,7 @@ func decodeHeaderValue(v string) (string, bool) {
 		return "", false // which the decoder would skip
 	}
 	b, err := base64.StdEncoding.Strict().DecodeString(enc)
-	if err != nil {
+	if err != nil || !utf8.Valid(b) {
 		return "", false
 	}
 	return string(b), true
@@ -211,7 +213,7 @@ func (v *rawValues) allAre(want string) bool {
 // rawStringIs tells whether the raw JSON value is the string want; only one with escapes
 // costs a decode.
 func rawStringIs(raw []byte, want string) bool {
-	if len(raw) >= 2 && raw[0] == '"' && bytes.IndexByte(raw, '\\') < 0 {
+	if len(raw) >= 2 && raw[0] == '"' && plainString(raw) {
 		return string(raw[1:len(raw)-1]) == want
 	}
 	s, ok := jsonString(raw)

@@ -175,6 +175,7 @@ func TestDecodeHeaderValue(t *testing.T) {
 		{"=?base64?SGk=\n?=", "", false},             // a newline inside
 		{"=?base64?S-k=?=", "", false},               // URL alphabet
 		{"=?base64?SGl=?=", "", false},               // non-zero padding bits
+		{"=?base64?YYs=?=", "", false},               // "a\x8b", not UTF-8: no JSON string decodes to it
 	} {
 		got, ok := decodeHeaderValue(tc.in)
 		if ok != tc.ok || got != tc.want {

@@ -174,16 +174,23 @@ func equalFold(b []byte, s string) bool {
 // stringIs tells whether the raw JSON value is the string want.
 func stringIs(raw []byte, want string) bool { return rawStringIs(raw, want) }
 
-// jsonString decodes a raw JSON string value; only one with escapes costs a decode.
+// jsonString decodes a raw JSON string value; only one with escapes or invalid UTF-8
+// costs a decode, which turns each invalid byte into U+FFFD as the upstream's reader does.
 func jsonString(raw []byte) (string, bool) {
 	if len(raw) < 2 || raw[0] != '"' {
 		return "", false
 	}
-	if bytes.IndexByte(raw, '\\') < 0 {
+	if plainString(raw) {
 		return string(raw[1 : len(raw)-1]), true
 	}
 	var s string
 	return s, json.Unmarshal(raw, &s) == nil
+}
+
+// plainString tells whether the raw JSON string reads as its own bytes: no escape and
+// valid UTF-8.
+func plainString(raw []byte) bool {
+	return bytes.IndexByte(raw, '\\') < 0 && utf8.Valid(raw)
 }
 
 func skipSpace(b []byte, i int) int {

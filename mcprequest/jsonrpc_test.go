@@ -31,6 +31,10 @@ func TestToolNames(t *testing.T) {
 		{"batch element not an object", `[{"method":"tools/call","params":{"name":"a"}},7]`, nil, false},
 		{"empty batch", `[]`, nil, true},
 		{"a scalar", `"tools/call"`, nil, false},
+		// encoding/json, and so the upstream's reader, replaces each invalid UTF-8 byte
+		// with U+FFFD; the raw byte is a name no rule or header names.
+		{"invalid UTF-8 in a name reads as U+FFFD", "{\"method\":\"tools/call\",\"params\":{\"name\":\"a\x8b\"}}", []string{"a\ufffd"}, true},
+		{"invalid UTF-8 in the method", "{\"method\":\"tools/call\xff\",\"params\":{\"name\":\"a\"}}", nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, ok := toolNames([]byte(tc.body))
