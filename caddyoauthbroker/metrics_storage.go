@@ -189,6 +189,8 @@ func (s *timedNative) StoreTTL(ctx context.Context, key string, value []byte, tt
 	return err
 }
 
+func (s *timedNative) ExpiresRecords() bool { return s.next.ExpiresRecords() }
+
 func (s *timedNative) LoadAndDelete(ctx context.Context, key string) ([]byte, error) {
 	start := time.Now()
 	v, err := s.next.LoadAndDelete(ctx, key)

@@ -38,6 +38,8 @@ func (s *countedStorage) StoreTTL(ctx context.Context, key string, value []byte,
 	return s.native.StoreTTL(ctx, key, value, ttl)
 }
 
+func (s *countedStorage) ExpiresRecords() bool { return s.native.ExpiresRecords() }
+
 func (s *countedStorage) LoadAndDelete(ctx context.Context, key string) ([]byte, error) {
 	s.takes.Add(1)
 	return s.native.LoadAndDelete(ctx, key)

@@ -115,3 +115,29 @@ func TestRecordsUseTheNativePath(t *testing.T) {
 		t.Errorf("TTL after Store = %s, want none", ttl)
 	}
 }
+
+// On Redis the janitor leaves expiry to the server: it sends nothing (no lock, no scan,
+// no read of every record), and a record still disappears once its TTL has passed.
+func TestJanitorLeavesExpiryToRedis(t *testing.T) {
+	srv := testenv.Redis(t)
+	st := newStorage(t, srv)
+	r := storage.New(st, nil)
+	ctx := context.Background()
+	key := storage.Key("codes", storage.Hash("short-lived"))
+	if err := r.Put(ctx, key, "v", 200*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	<-st.conn.checked
+	var log commandLog
+	st.conn.client.AddHook(&log)
+
+	j := r.StartJanitor(ctx, 10*time.Millisecond)
+	time.Sleep(400 * time.Millisecond) // rounds of a sweeping janitor would have run
+	j.Stop()
+	if sent := log.take(); len(sent) != 0 {
+		t.Errorf("the janitor sent %q to Redis, want nothing", sent)
+	}
+	if n, err := st.conn.client.Exists(ctx, st.valueKey(key)).Result(); err != nil || n != 0 {
+		t.Errorf("the record is still in Redis after its TTL (%d, %v)", n, err)
+	}
+}

@@ -120,6 +120,9 @@ func (s *Storage) Load(ctx context.Context, key string) ([]byte, error) {
 	return v, nil
 }
 
+// ExpiresRecords is true: StoreTTL sets the key's TTL in Redis.
+func (s *Storage) ExpiresRecords() bool { return true }
+
 // LoadAndDelete returns the value at key and deletes it, in one atomic round trip
 // (storage.Native); fs.ErrNotExist when there is none.
 func (s *Storage) LoadAndDelete(ctx context.Context, key string) ([]byte, error) {

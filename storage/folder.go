@@ -40,6 +40,9 @@ func (f folder) StoreTTL(ctx context.Context, key string, value []byte, _ time.D
 	return f.Store(ctx, key, value)
 }
 
+// ExpiresRecords is false: a file stays until it is deleted.
+func (folder) ExpiresRecords() bool { return false }
+
 // LoadAndDelete takes the file of key: renamed, read, removed. A missing file is
 // fs.ErrNotExist. A file left behind by a crash after the rename keeps the record's
 // envelope under a name nobody looks up (the key + ".taken-" + random), and the janitor

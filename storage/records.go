@@ -34,6 +34,9 @@ type Native interface {
 	// LoadAndDelete atomically returns and removes the value at key;
 	// fs.ErrNotExist when missing.
 	LoadAndDelete(ctx context.Context, key string) ([]byte, error)
+	// ExpiresRecords tells whether the backend drops a value once the ttl given to
+	// StoreTTL has passed (Redis); if not (a folder), the janitor sweeps expired records.
+	ExpiresRecords() bool
 }
 
 // Records stores typed, expiring records in a certmagic.Storage. It is safe

@@ -369,6 +369,9 @@ func (f *nativeFake) Load(_ context.Context, key string) ([]byte, error) {
 	return v, nil
 }
 
+// ExpiresRecords is true, as for Redis: the fake's StoreTTL records the ttl.
+func (f *nativeFake) ExpiresRecords() bool { return true }
+
 func (f *nativeFake) LoadAndDelete(_ context.Context, key string) ([]byte, error) {
 	f.count("LoadAndDelete")
 	f.mu.Lock()
