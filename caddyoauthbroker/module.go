@@ -267,7 +267,9 @@ type Client struct {
 	Name string `json:"name,omitempty"`
 
 	// The redirect URIs the client may use: https, or http on a loopback host
-	// (any port matches at run time, RFC 8252 §7.3). At least one is required.
+	// (any port matches at run time, RFC 8252 §7.3). At least one is required, unless
+	// the client has a secret: an agent that only redeems ID-JAGs (`enterprise_managed`)
+	// needs none, and the authorization endpoint refuses a client without one.
 	RedirectURIs []string `json:"redirect_uris,omitempty"`
 
 	// The scopes this client may ask for. Default: all of the handler's `scopes`.
@@ -826,8 +828,9 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("clients: %q defined twice; each client_id may appear once", c.ClientID)
 		}
 		seen[c.ClientID] = true
-		if len(c.RedirectURIs) == 0 {
-			return fmt.Errorf("clients %q: redirect_uris required", c.ClientID)
+		if len(c.RedirectURIs) == 0 && c.Secret == "" && !c.secretWritten {
+			// One with a secret may be an agent of the JWT bearer grant alone.
+			return fmt.Errorf("clients %q: redirect_uris required for a client without a secret", c.ClientID)
 		}
 		if err := flows.CheckClientName(c.Name); err != nil {
 			return fmt.Errorf("clients %q: name: %w", c.ClientID, err)

@@ -50,6 +50,13 @@ func TestValidateAcceptsAGoodConfig(t *testing.T) {
 	if err := h.Validate(); err != nil {
 		t.Fatalf("a header name of every token character, URL-shaped scopes: %v", err)
 	}
+	h = validHandler()
+	h.Mode = "hybrid"
+	h.Scopes = []string{"openid", "notes:write"}
+	h.Clients = append(h.Clients, &Client{ClientID: "agent", Secret: strings.Repeat("a1", 32)})
+	if err := h.Validate(); err != nil {
+		t.Fatalf("a client with a secret and no redirect URI (JWT bearer only): %v", err)
+	}
 }
 
 // TestValidateScopesLearnedLater: with upstream_metadata set, a tool_scope or base_scopes
@@ -99,7 +106,7 @@ func TestValidateErrors(t *testing.T) {
 			h.Clients = append(h.Clients, &Client{ClientID: "claude", RedirectURIs: []string{"https://x.example/cb"}})
 		},
 			`clients: "claude" defined twice`},
-		{"client without redirect", func(h *Handler) { h.Clients[0].RedirectURIs = nil }, `clients "claude": redirect_uris required`},
+		{"client without redirect", func(h *Handler) { h.Clients[0].RedirectURIs = nil }, `clients "claude": redirect_uris required for a client without a secret`},
 		{"client with http redirect off loopback", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"http://evil.example/cb"} },
 			`clients "claude": redirect_uris "http://evil.example/cb": redirect_uri must be https, or http on a loopback host`},
 		{"client redirect with userinfo", func(h *Handler) { h.Clients[0].RedirectURIs = []string{"http://localhost:@evil.com/cb"} },

@@ -196,3 +196,32 @@ func TestConfiguredClientWithoutEnterpriseIssuers(t *testing.T) {
 		t.Error("with enterprise issuers, the grant is the confidential configured client's alone")
 	}
 }
+
+// An agent the admin configures only for the JWT bearer grant needs no redirect URI: it
+// redeems ID-JAGs, and the authorization endpoint refuses it, since no URI can match.
+func TestJWTBearerConfiguredClientWithoutRedirectURI(t *testing.T) {
+	const id = "redirectless-agent"
+	secret := strings.Repeat("d9", 32)
+	e := newEMAEnv(t, func(c *Config) {
+		c.Clients = append(c.Clients, ClientConfig{ClientID: id, Secret: secret})
+	})
+	e.remember(secret)
+	agent := *e
+	agent.client, agent.secret = id, secret
+	agent.redeem(t, e.ent.mint(e.ent.claims(e.clock.Now(), id)), nil).wantTokens(t)
+
+	for name, redirect := range map[string]string{"without redirect_uri": "", "with one": tokenTestRedirect} {
+		t.Run("authorize "+name, func(t *testing.T) {
+			q := url.Values{"response_type": {"code"}, "client_id": {id}, "code_challenge": {"E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"},
+				"code_challenge_method": {"S256"}, "state": {"s"}}
+			if redirect != "" {
+				q.Set("redirect_uri", redirect)
+			}
+			resp := getWithoutRedirect(t, e.front.URL+pathAuthorize+"?"+q.Encode())
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Location") != "" {
+				t.Errorf("authorize = %d, Location %q; want 400 and no redirect", resp.StatusCode, resp.Header.Get("Location"))
+			}
+		})
+	}
+}
