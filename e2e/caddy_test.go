@@ -86,6 +86,7 @@ type caddyProc struct {
 	admin     string      // admin API address, "off" by default
 	logLevel  string
 	global    string // more global options (withGlobal)
+	bin       string // the caddy binary, caddyBin unless withBinary
 }
 
 // caddyOption changes how caddy runs.
@@ -133,7 +134,7 @@ func startCaddy(t testing.TB, site string, opts ...caddyOption) *caddyProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer), storage: filepath.Join(dir, "storage"), admin: "off", logLevel: "DEBUG"}
+	p := &caddyProc{t: t, Port: freePort(t), dir: dir, logs: new(syncBuffer), storage: filepath.Join(dir, "storage"), admin: "off", logLevel: "DEBUG", bin: caddyBin}
 	for _, o := range opts {
 		o(p)
 	}
@@ -162,7 +163,7 @@ func startCaddy(t testing.TB, site string, opts ...caddyOption) *caddyProc {
 
 func (p *caddyProc) start() {
 	p.t.Helper()
-	cmd := exec.Command(caddyBin, "run", "--config", p.caddyfile, "--adapter", "caddyfile")
+	cmd := exec.Command(p.bin, "run", "--config", p.caddyfile, "--adapter", "caddyfile")
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+filepath.Join(p.dir, "data"), "XDG_CONFIG_HOME="+filepath.Join(p.dir, "config"))
 	cmd.Env = append(cmd.Env, p.env...)
 	cmd.Stdout, cmd.Stderr = p.logs, p.logs
@@ -211,11 +212,12 @@ func (p *caddyProc) restart() {
 // cpuTime is the CPU time caddy has used so far (user + system), from /proc.
 func (p *caddyProc) cpuTime() time.Duration {
 	p.t.Helper()
-	return processCPU(p.t, p.cmd.Process.Pid)
+	return processCPUTicks(p.t, p.cmd.Process.Pid)
 }
 
-// processCPU is the CPU time process pid has used so far (user + system), from /proc.
-func processCPU(t testing.TB, pid int) time.Duration {
+// processCPUTicks is the CPU time process pid has used so far (user + system), from
+// /proc, in clock ticks of 10 ms.
+func processCPUTicks(t testing.TB, pid int) time.Duration {
 	t.Helper()
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {

@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -22,28 +23,54 @@ import (
 )
 
 // TestScaleWarmPath is BENCHMARKS.md's warm path, run by scripts/scale.sh (build tag long):
-// the same MCP request through three caddy processes started side by side — Caddy's
+// the same MCP request through caddy processes started side by side — Caddy's
 // reverse_proxy alone, mcp_oauth in hybrid mode (a broker token from a login, the delegated
 // token cached) and in progressive mode (the IdP's JWT, the exchanged token cached) — in
 // SCALE_ROUNDS rounds (default 7). In each round every configuration, in an order that
 // rotates, is warmed up (SCALE_WARMUP requests, default 2000) and then measured
 // (SCALE_REQUESTS, default 20000, from SCALE_CONCURRENCY goroutines, default 8): wall time
-// and caddy's CPU time (from /proc) per request. It reports each configuration's median and
-// range over the rounds, its throughput ratio to reverse_proxy alone, and the CPU it adds
-// per request. A ratio above 1 is noise larger than the difference: the test says so. With
-// SCALE_OAUTH2_PROXY, the path of an oauth2-proxy binary, oauth2-proxy validating the same
-// JWT as progressive mode joins the rounds. With SCALE_PROFILE, a folder, each caddy's CPU
-// profile under the same load (10 s, from its admin API's /debug/pprof) is written there
-// after the rounds, for `go tool pprof`.
+// and the proxy's CPU time per request (its threads' run times from /proc, to the
+// nanosecond), and the heap objects and bytes caddy allocated per request (its admin API's
+// /debug/vars). reverse_proxy alone is sent progressive mode's JWT: what a client sends to
+// an MCP server that checks the IdP's token itself. The test reports each configuration's
+// median and range over the rounds, its throughput ratio to reverse_proxy alone, and the
+// CPU it adds per request: the difference of the medians, and the median (and range) of
+// the differences to reverse_proxy alone within each round, which slow drifts of the
+// machine's load do not reach. A ratio above 1 is noise larger than the difference: the
+// test says so.
+//
+// With SCALE_BASE_CADDY, the path of another caddy binary (say, built from main), its
+// hybrid and progressive configurations join the same rounds as "base hybrid" and "base
+// progressive", and the test also reports each mode's CPU per request over the base's, as
+// the median of the differences within each round: a before and after in one run. With
+// SCALE_TOGETHER set, each round sends to every configuration at once (each from its own
+// SCALE_CONCURRENCY goroutines) instead of to one after the other: every process then
+// meets the same load from the rest of the machine, at the price of sharing the cores with
+// the others under test (the wall times are then the round's). With SCALE_OAUTH2_PROXY,
+// the path of an oauth2-proxy binary, oauth2-proxy validating the same JWT as progressive
+// mode joins the rounds.
+//
+// With SCALE_PROFILE, a folder, each caddy's CPU profile under the same load
+// (SCALE_PROFILE_SECONDS, default 10, from its admin API's /debug/pprof; with
+// SCALE_TOGETHER, all at once) is written there after the rounds, for `go tool pprof`, with
+// the number of requests it served meanwhile; and for each mcp_oauth configuration the
+// module's own share of caddy's CPU, read from its profile, in µs per request (moduleShare):
+// a figure from one process over one stretch of time, which the load on the machine
+// inflates as it does the whole but does not reach unevenly.
 func TestScaleWarmPath(t *testing.T) {
 	rounds := soakEnvInt(t, "SCALE_ROUNDS", 7)
 	warmup := soakEnvInt(t, "SCALE_WARMUP", 2000)
 	requests := soakEnvInt(t, "SCALE_REQUESTS", 20000)
 	concurrency := soakEnvInt(t, "SCALE_CONCURRENCY", 8)
 	profiles := os.Getenv("SCALE_PROFILE")
+	baseBin := os.Getenv("SCALE_BASE_CADDY")
+	together := os.Getenv("SCALE_TOGETHER") != ""
 
 	o := testenv.StartOP(t)
+	// What the upstream last received, to tell what each configuration forwards.
+	var upstreamAuthorization atomic.Int64
 	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		upstreamAuthorization.Store(int64(len(r.Header.Get("Authorization"))))
 		io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}`)
@@ -53,18 +80,11 @@ func TestScaleWarmPath(t *testing.T) {
 	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"notes_read","arguments":{}}}`
 
 	caddyConfig := func(name string, p *caddyProc, token string) *config {
-		c := &config{name: name, base: p.Base, cpu0: p.cpuTime, token: token}
-		if p.admin != "off" {
-			c.admin = p.admin
-		}
-		return c
+		return &config{name: name, base: p.Base, pid: p.cmd.Process.Pid, token: token, admin: p.admin, bin: p.bin}
 	}
-	caddyOptions := func(port int) []caddyOption {
-		opts := []caddyOption{withPort(port), withLogLevel("INFO")}
-		if profiles != "" {
-			opts = append(opts, withAdmin(freePort(t)))
-		}
-		return opts
+	// Every caddy has its admin API, for its allocation counts and profiles.
+	caddyOptions := func(port int, bin string) []caddyOption {
+		return []caddyOption{withPort(port), withLogLevel("INFO"), withAdmin(freePort(t)), withBinary(bin)}
 	}
 	broker := func(mode, resource string) string {
 		return fmt.Sprintf(`mcp_oauth {
@@ -84,36 +104,47 @@ func TestScaleWarmPath(t *testing.T) {
 	var configs []*config
 	{
 		port := freePort(t)
+		// Its token is progressive mode's JWT, set below: what a client sends to an MCP
+		// server that checks the IdP's token itself, and as long as the brokers' requests.
 		configs = append(configs, caddyConfig("reverse_proxy alone",
-			startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\treverse_proxy %s\n}", port, up), caddyOptions(port)...), "unused"))
+			startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\treverse_proxy %s\n}", port, up), caddyOptions(port, caddyBin)...), ""))
 	}
-	{
-		port := freePort(t)
-		resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
-		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("hybrid", resource), up), caddyOptions(port)...)
-		c := &cluster{o: o, nodes: []*caddyProc{p}}
-		client := &clusterClient{id: dcrRegister(t, p.Base)}
-		code := c.login(t, client, p, p)
-		status, tok := c.redeem(t, p, client, code)
-		if status != http.StatusOK {
-			t.Fatalf("hybrid login: %d %s", status, tok.Error)
+	brokers := func(prefix, bin string) {
+		{
+			port := freePort(t)
+			resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+			p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("hybrid", resource), up), caddyOptions(port, bin)...)
+			c := &cluster{o: o, nodes: []*caddyProc{p}}
+			client := &clusterClient{id: dcrRegister(t, p.Base)}
+			code := c.login(t, client, p, p)
+			status, tok := c.redeem(t, p, client, code)
+			if status != http.StatusOK {
+				t.Fatalf("%shybrid login: %d %s", prefix, status, tok.Error)
+			}
+			configs = append(configs, caddyConfig(prefix+"hybrid", p, tok.AccessToken))
 		}
-		configs = append(configs, caddyConfig("mcp_oauth hybrid", p, tok.AccessToken))
+		{
+			port := freePort(t)
+			resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
+			p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("progressive", resource), up), caddyOptions(port, bin)...)
+			claims := o.AccessTokenClaims(o.User.Subject, resource)
+			claims["scope"] = "openid notes:read"
+			claims["exp"] = time.Now().Add(time.Hour).Unix()
+			jwt := o.MintJWT(claims)
+			if configs[0].token == "" {
+				configs[0].token = jwt
+			}
+			configs = append(configs, caddyConfig(prefix+"progressive", p, jwt))
+			if bin := os.Getenv("SCALE_OAUTH2_PROXY"); bin != "" && prefix == "mcp_oauth " {
+				// oauth2-proxy validating the same JWT (its issuer's JWKS, audience the resource),
+				// in front of the same upstream, its logs off.
+				configs = append(configs, startOAuth2Proxy(t, bin, o, resource, upstream.URL, jwt))
+			}
+		}
 	}
-	{
-		port := freePort(t)
-		resource := fmt.Sprintf("http://127.0.0.1:%d/mcp", port)
-		p := startCaddy(t, fmt.Sprintf("http://127.0.0.1:%d {\n\t%s\n\treverse_proxy %s\n}", port, broker("progressive", resource), up), caddyOptions(port)...)
-		claims := o.AccessTokenClaims(o.User.Subject, resource)
-		claims["scope"] = "openid notes:read"
-		claims["exp"] = time.Now().Add(time.Hour).Unix()
-		jwt := o.MintJWT(claims)
-		configs = append(configs, caddyConfig("mcp_oauth progressive", p, jwt))
-		if bin := os.Getenv("SCALE_OAUTH2_PROXY"); bin != "" {
-			// oauth2-proxy validating the same JWT (its issuer's JWKS, audience the resource),
-			// in front of the same upstream, its logs off.
-			configs = append(configs, startOAuth2Proxy(t, bin, o, resource, upstream.URL, jwt))
-		}
+	brokers("mcp_oauth ", caddyBin)
+	if baseBin != "" {
+		brokers("base ", baseBin)
 	}
 
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
@@ -134,6 +165,7 @@ func TestScaleWarmPath(t *testing.T) {
 					}
 					io.Copy(io.Discard, resp.Body)
 					resp.Body.Close()
+					c.sent.Add(1)
 					if resp.StatusCode != http.StatusOK && failures.Add(1) == 1 {
 						t.Logf("%s: %s", c.name, resp.Status)
 					}
@@ -142,15 +174,60 @@ func TestScaleWarmPath(t *testing.T) {
 		}
 		wg.Wait()
 	}
+	for _, c := range configs {
+		send(c, 1)
+		t.Logf("%-22s request's Authorization %4d bytes, the upstream's %4d bytes", c.name, len("Bearer ")+len(c.token), upstreamAuthorization.Load())
+	}
+	// measure runs f (which sends n requests to each of cs) and records each one's figures.
+	measure := func(cs []*config, n int, f func()) {
+		m0, cpu0 := make([]*memStats, len(cs)), make([]processCPU, len(cs))
+		for i, c := range cs {
+			m0[i], cpu0[i] = c.memStats(t), readProcessCPU(t, c.pid)
+		}
+		start := time.Now()
+		f()
+		wall := time.Since(start)
+		for i, c := range cs {
+			used := readProcessCPU(t, c.pid).since(cpu0[i])
+			m1 := c.memStats(t)
+			c.wall = append(c.wall, float64(wall.Microseconds())/float64(n))
+			c.cpu = append(c.cpu, float64(used.Nanoseconds())/1000/float64(n))
+			if m0[i] != nil && m1 != nil {
+				c.allocs = append(c.allocs, float64(m1.Mallocs-m0[i].Mallocs)/float64(n))
+				c.bytes = append(c.bytes, float64(m1.TotalAlloc-m0[i].TotalAlloc)/float64(n))
+				c.gcs = append(c.gcs, float64(m1.NumGC-m0[i].NumGC)*1000/float64(n))
+			}
+		}
+	}
+	// sendAll sends n requests to every configuration at once.
+	sendAll := func(n int) {
+		var wg sync.WaitGroup
+		for _, c := range configs {
+			wg.Go(func() { send(c, n) })
+		}
+		wg.Wait()
+	}
+	// Idle, a process costs CPU the rounds would count as the requests': its timers.
+	{
+		idle := make([]processCPU, len(configs))
+		for i, c := range configs {
+			idle[i] = readProcessCPU(t, c.pid)
+		}
+		time.Sleep(5 * time.Second)
+		for i, c := range configs {
+			t.Logf("%-22s idle: %.2f ms of CPU per second", c.name, float64(readProcessCPU(t, c.pid).since(idle[i]).Microseconds())/5000)
+		}
+	}
 	for r := range rounds {
-		for i := range configs {
-			c := configs[(i+r)%len(configs)]
-			send(c, warmup)
-			cpu, start := c.cpu0(), time.Now()
-			send(c, requests)
-			wall := time.Since(start)
-			c.wall = append(c.wall, float64(wall.Microseconds())/float64(requests))
-			c.cpu = append(c.cpu, float64((c.cpu0()-cpu).Microseconds())/float64(requests))
+		if together {
+			sendAll(warmup)
+			measure(configs, requests, func() { sendAll(requests) })
+		} else {
+			for i := range configs {
+				c := configs[(i+r)%len(configs)]
+				send(c, warmup)
+				measure([]*config{c}, requests, func() { send(c, requests) })
+			}
 		}
 		if failures.Load() != 0 {
 			t.Fatalf("round %d: %d requests failed", r+1, failures.Load())
@@ -165,27 +242,209 @@ func TestScaleWarmPath(t *testing.T) {
 			t.Logf("%s: a ratio above 1 is noise larger than the broker's cost: compare the CPU figures", c.name)
 		}
 	}
-	t.Logf("SCALE rounds=%d warmup=%d requests=%d concurrency=%d", rounds, warmup, requests, concurrency)
-	for i, c := range configs {
-		if profiles == "" || c.admin == "" {
-			continue
+	for _, c := range configs {
+		line := fmt.Sprintf("%-22s", c.name)
+		if c != base {
+			d := differences(c.cpu, base.cpu)
+			line += fmt.Sprintf(" added CPU within each round %+6.1f µs/request (range %+.1f…%+.1f)", median(d), slices.Min(d), slices.Max(d))
 		}
-		file := filepath.Join(profiles, fmt.Sprintf("warm-%d-%s.pprof", i, strings.ReplaceAll(c.name, " ", "_")))
-		done := make(chan error, 1)
-		go func() { done <- fetchCPUProfile(c.admin, 10, file) }()
-		for profiling := true; profiling; {
+		if len(c.allocs) > 0 {
+			line += fmt.Sprintf(", %.1f allocations and %.0f bytes per request, %.2f GCs per 1000 requests", median(c.allocs), median(c.bytes), median(c.gcs))
+		}
+		t.Log(line)
+	}
+	for _, c := range configs {
+		if m := c.memStats(t); m != nil {
+			t.Logf("%-22s heap %.1f MiB, next GC at %.1f MiB, GC's share of CPU since start %.1f%%, pauses %.0f ms", c.name,
+				float64(m.HeapAlloc)/(1<<20), float64(m.NextGC)/(1<<20), m.GCCPUFraction*100, float64(m.PauseTotalNs)/1e6)
+		}
+	}
+	if baseBin != "" {
+		for _, mode := range []string{"hybrid", "progressive"} {
+			head, was := configByName(configs, "mcp_oauth "+mode), configByName(configs, "base "+mode)
+			d := differences(head.cpu, was.cpu)
+			t.Logf("%-11s this caddy over the base's: CPU %+.1f µs/request within each round (median; range %+.1f…%+.1f), allocations %+.1f per request",
+				mode, median(d), slices.Min(d), slices.Max(d), median(head.allocs)-median(was.allocs))
+		}
+		t.Logf("base caddy: %s", baseBin)
+	}
+	t.Logf("SCALE rounds=%d warmup=%d requests=%d concurrency=%d together=%t", rounds, warmup, requests, concurrency, together)
+	if profiles == "" {
+		return
+	}
+	if err := os.MkdirAll(profiles, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	seconds := soakEnvInt(t, "SCALE_PROFILE_SECONDS", 10)
+	// Each configuration's profile under its own load, or, with SCALE_TOGETHER, all at once
+	// under the load of all.
+	groups := [][]*config{configs}
+	if !together {
+		groups = nil
+		for _, c := range configs {
+			groups = append(groups, []*config{c})
+		}
+	}
+	for _, g := range groups {
+		done := make(chan error, len(g))
+		cpu, served := make([]processCPU, len(g)), make([]int64, len(g))
+		for i, c := range g {
+			if c.admin == "" {
+				done <- nil
+				continue
+			}
+			cpu[i], served[i] = readProcessCPU(t, c.pid), c.sent.Load()
+			c.profile = filepath.Join(profiles, fmt.Sprintf("warm-%d-%s.pprof", slices.Index(configs, c), strings.ReplaceAll(c.name, " ", "_")))
+			go func() { done <- fetchCPUProfile(c.admin, seconds, c.profile) }()
+		}
+		for running := len(g); running > 0; {
 			select {
 			case err := <-done:
 				if err != nil {
-					t.Fatalf("%s: %v", c.name, err)
+					t.Fatal(err)
 				}
-				profiling = false
+				running--
 			default:
-				send(c, warmup)
+				if together {
+					sendAll(warmup)
+				} else {
+					send(g[0], warmup)
+				}
 			}
 		}
-		t.Logf("%s: CPU profile in %s", c.name, file)
+		for i, c := range g {
+			if c.admin == "" {
+				continue
+			}
+			n := c.sent.Load() - served[i]
+			perRequest := float64(readProcessCPU(t, c.pid).since(cpu[i]).Nanoseconds()) / 1000 / float64(n)
+			t.Logf("%s: CPU profile in %s: %d requests meanwhile, %.1f µs of CPU each", c.name, c.profile, n, perRequest)
+			if c != configs[0] {
+				t.Logf("%s: %s", c.name, moduleShare(t, c, perRequest))
+			}
+		}
 	}
+}
+
+// moduleShare reads c's CPU profile (go tool pprof) for the module's own part of caddy's
+// CPU: mcp_oauth's ServeHTTP but for the reverse_proxy it calls, as a share of the
+// profile's samples and in µs per request at perRequest µs of CPU per request; and of it,
+// reading the body, which reverse_proxy alone does too, while it sends it. Left out: the
+// collection of the module's garbage, and the reading of a longer or shorter token.
+func moduleShare(t *testing.T, c *config, perRequest float64) string {
+	out, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=1000000", c.bin, c.profile).Output()
+	if err != nil {
+		t.Fatalf("go tool pprof: %v", err)
+	}
+	var total time.Duration
+	cum := map[string]time.Duration{}
+	for line := range strings.Lines(string(out)) {
+		f := strings.Fields(line)
+		if _, after, ok := strings.Cut(line, "Total samples = "); ok {
+			total, _ = time.ParseDuration(strings.Fields(after)[0])
+		}
+		if len(f) >= 6 {
+			if d, err := time.ParseDuration(f[3]); err == nil {
+				cum[f[5]] = d
+			}
+		}
+	}
+	if total == 0 {
+		t.Fatalf("%s: no samples in the profile", c.name)
+	}
+	share := func(fn string) float64 { return float64(cum[fn]) / float64(total) }
+	own := share("github.com/caddy-mcp/oauth-broker/caddyoauthbroker.(*Handler).ServeHTTP") -
+		share("github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy.(*Handler).ServeHTTP")
+	body := share("github.com/caddy-mcp/oauth-broker/mcprequest.readBody")
+	return fmt.Sprintf("the module's own CPU (its handler, less the reverse_proxy it calls) %.1f%% of caddy's samples, %.1f µs/request; of which reading the body %.1f µs (%.0f samples in all)",
+		own*100, own*perRequest, body*perRequest, total.Seconds()*100)
+}
+
+// withBinary runs the caddy binary at path instead of the one under test.
+func withBinary(path string) caddyOption {
+	return func(p *caddyProc) { p.bin = path }
+}
+
+// differences are xs[i] - ys[i]: of one round's figures, for the median of the differences.
+func differences(xs, ys []float64) []float64 {
+	d := make([]float64, len(xs))
+	for i := range xs {
+		d[i] = xs[i] - ys[i]
+	}
+	return d
+}
+
+func configByName(configs []*config, name string) *config {
+	for _, c := range configs {
+		if c.name == name {
+			return c
+		}
+	}
+	panic("no configuration " + name)
+}
+
+// processCPU is a process's CPU time so far: the sum of its threads' run times in
+// nanoseconds (/proc/PID/task/TID/schedstat), and, in clock ticks of 10 ms, its user +
+// system time (/proc/PID/stat), which counts the threads that have exited too.
+type processCPU struct {
+	threads map[string]time.Duration
+	ticks   time.Duration
+}
+
+func readProcessCPU(t *testing.T, pid int) processCPU {
+	c := processCPU{threads: map[string]time.Duration{}, ticks: processCPUTicks(t, pid)}
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatalf("reading a process's threads: %v", err)
+	}
+	for _, task := range tasks {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, task.Name()))
+		if err != nil {
+			continue // exited meanwhile: since falls back to ticks
+		}
+		ns, _, _ := strings.Cut(string(stat), " ")
+		n, err := strconv.ParseInt(ns, 10, 64)
+		if err != nil {
+			t.Fatalf("schedstat %q: %v", stat, err)
+		}
+		c.threads[task.Name()] = time.Duration(n)
+	}
+	return c
+}
+
+// since is the CPU time used between then and c: to the nanosecond when every thread of
+// then is still there, else (a thread's time since then was lost with it) in ticks.
+func (c processCPU) since(then processCPU) time.Duration {
+	var d time.Duration
+	for id, ran := range c.threads {
+		d += ran - then.threads[id]
+	}
+	for id := range then.threads {
+		if _, ok := c.threads[id]; !ok {
+			return c.ticks - then.ticks
+		}
+	}
+	return d
+}
+
+// memStats are the allocation counters of a caddy's Go runtime (its admin API's
+// /debug/vars), or nil for a proxy without one.
+type memStats struct {
+	Mallocs, TotalAlloc, NumGC, NextGC, HeapAlloc, PauseTotalNs uint64
+	GCCPUFraction                                               float64
+}
+
+func (c *config) memStats(t *testing.T) *memStats {
+	if c.admin == "" {
+		return nil
+	}
+	var vars struct {
+		MemStats memStats `json:"memstats"`
+	}
+	if err := json.Unmarshal(adminGet(t, "http://"+c.admin+"/debug/vars"), &vars); err != nil {
+		t.Fatalf("%s: /debug/vars: %v", c.name, err)
+	}
+	return &vars.MemStats
 }
 
 // fetchCPUProfile writes a CPU profile of seconds from the caddy whose admin API is at
@@ -274,12 +533,17 @@ func TestScaleLogins(t *testing.T) {
 // config is one proxy of the warm path's comparison and its figures.
 type config struct {
 	name  string
-	base  string               // http://127.0.0.1:PORT
-	cpu0  func() time.Duration // the proxy process's CPU time so far
+	base  string // http://127.0.0.1:PORT
+	pid   int    // the proxy's process
 	token string
-	admin string    // the admin API's address of a caddy started with one, else ""
+	admin string    // the admin API's address of a caddy, else ""
 	wall  []float64 // µs per request, one per round
 	cpu   []float64
+	// Heap objects and bytes allocated per request, GCs per 1000 requests, one per round;
+	// none for a proxy other than caddy.
+	allocs, bytes, gcs []float64
+	sent               atomic.Int64 // requests answered
+	bin, profile       string       // a caddy's binary, and its CPU profile's file
 }
 
 // startOAuth2Proxy runs oauth2-proxy (bin) on a free port in front of upstream, accepting
@@ -312,7 +576,7 @@ func startOAuth2Proxy(t *testing.T, bin string, o *testenv.OP, audience, upstrea
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return &config{name: "oauth2-proxy v7.15.6", base: base, cpu0: func() time.Duration { return processCPU(t, cmd.Process.Pid) }, token: token}
+	return &config{name: "oauth2-proxy v7.15.6", base: base, pid: cmd.Process.Pid, token: token}
 }
 
 func median(xs []float64) float64 {

@@ -5,7 +5,9 @@
 #       oauth2-proxy v7.15.6 when installed (OAUTH2_PROXY, default $GOPATH/bin), interleaved in
 #       ROUNDS rounds (default 7), each warmed up (WARMUP requests, default 2000) before it is
 #       measured (REQUESTS, default 20000, CONCURRENCY goroutines, default 8); medians,
-#       ranges, throughput ratios and caddy's added CPU per request;
+#       ranges, throughput ratios and caddy's added CPU per request; with BASE_CADDY, a
+#       second caddy binary's hybrid and progressive join the same rounds (before and after
+#       in one run); with TOGETHER=1, each round loads every configuration at once;
 #   (b) the login path: LOGINS full hybrid logins (default 300) on a shared folder and on
 #       Redis; caddy's CPU per login, the broker's own part;
 #   (c) the heap of one caddy process after 5000, 10000 and 20000 distinct valid JWTs seen
@@ -38,7 +40,8 @@ status=0
 SOAK_REDIS="127.0.0.1:$port" SCALE_ROUNDS="${ROUNDS:-7}" SCALE_WARMUP="${WARMUP:-2000}" \
   SCALE_REQUESTS="${REQUESTS:-20000}" SCALE_CONCURRENCY="${CONCURRENCY:-8}" SCALE_LOGINS="${LOGINS:-300}" \
   SCALE_SESSIONS="${SESSIONS:-100000}" \
-  SCALE_OAUTH2_PROXY="$oauth2_proxy" MCP_OAUTH_CADDY="$caddy" \
+  SCALE_OAUTH2_PROXY="$oauth2_proxy" MCP_OAUTH_CADDY="$caddy" SCALE_BASE_CADDY="${BASE_CADDY:-}" \
+  SCALE_TOGETHER="${TOGETHER:-}" \
   go test -tags long -run '^(TestScaleWarmPath|TestScaleLogins|TestScaleHeap|TestScaleSessions)$' -count=1 -timeout 3h -v ./e2e/ >"$work/out.txt" 2>&1 || status=$?
 grep -E '^\s+long_scale_test\.go:[0-9]+:' "$work/out.txt" | sed -E 's/^\s+long_scale_test\.go:[0-9]+: /  /' || true
 echo "load after (a), (b), (c): $(cut -d' ' -f1-3 /proc/loadavg)"
