@@ -198,6 +198,13 @@ func (s *timedNative) LoadAndDelete(ctx context.Context, key string) ([]byte, er
 	return v, err
 }
 
+func (s *timedNative) LoadAndMove(ctx context.Context, from, to string) ([]byte, error) {
+	start := time.Now()
+	v, err := s.next.LoadAndMove(ctx, from, to)
+	s.obs.observe(opTake, start, err)
+	return v, err
+}
+
 var (
 	_ certmagic.Storage   = (*timedStorage)(nil)
 	_ certmagic.TryLocker = (*timedTryLockStorage)(nil)

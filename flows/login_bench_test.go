@@ -45,6 +45,11 @@ func (s *countedStorage) LoadAndDelete(ctx context.Context, key string) ([]byte,
 	return s.native.LoadAndDelete(ctx, key)
 }
 
+func (s *countedStorage) LoadAndMove(ctx context.Context, from, to string) ([]byte, error) {
+	s.takes.Add(1)
+	return s.native.LoadAndMove(ctx, from, to)
+}
+
 func (s *countedStorage) Store(ctx context.Context, key string, value []byte) error {
 	s.stores.Add(1)
 	return s.Storage.Store(ctx, key, value)

@@ -46,6 +46,13 @@ local v = redis.call('HGET', KEYS[1], 'value')
 if v then redis.call('DEL', KEYS[1]) end
 return v`)
 
+// moveScript returns a value and renames its key, expiry kept, atomically: the hash
+// layout's take that leaves the value behind at a second key (KEYS[2]).
+var moveScript = redis.NewScript(`
+local v = redis.call('HGET', KEYS[1], 'value')
+if v then redis.call('RENAME', KEYS[1], KEYS[2]) end
+return v`)
+
 // cleanKey is key as file_system would resolve it under its root: "a//b/" is "a/b", and
 // "" the root.
 func cleanKey(key string) string {
@@ -133,6 +140,21 @@ func (s *Storage) LoadAndDelete(ctx context.Context, key string) ([]byte, error)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("taking %q: %w", key, err)
+	}
+	return []byte(v), nil
+}
+
+// LoadAndMove returns the value at from and moves it to to, replacing any value there and
+// keeping from's expiry, in one atomic round trip (storage.Native); fs.ErrNotExist when
+// there is none.
+func (s *Storage) LoadAndMove(ctx context.Context, from, to string) ([]byte, error) {
+	s.conn.used()
+	v, err := moveScript.Run(ctx, s.conn.client, []string{s.valueKey(from), s.valueKey(to)}).Text()
+	if errors.Is(err, redis.Nil) {
+		return nil, notExist("take", from)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("taking %q: %w", from, err)
 	}
 	return []byte(v), nil
 }

@@ -3,7 +3,10 @@ package storage
 import (
 	"context"
 	"crypto/rand"
+	"errors"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/caddyserver/certmagic"
@@ -57,6 +60,33 @@ func (f folder) LoadAndDelete(_ context.Context, key string) ([]byte, error) {
 	// Taken by the rename already: a file the remove leaves is swept as above, and one
 	// that could not be read is handed to nobody.
 	_ = os.Remove(taken)
+	if err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
+// LoadAndMove takes the file of from by renaming it to to's, then reads it: of several
+// renames of one file exactly one succeeds, and to's file exists from that instant, so a
+// loser that then reads to finds it. A missing file is fs.ErrNotExist. to's folder is
+// made when the rename finds it missing (the first move into it).
+func (f folder) LoadAndMove(_ context.Context, from, to string) ([]byte, error) {
+	src, dst := f.Filename(from), f.Filename(to)
+	err := os.Rename(src, dst)
+	if errors.Is(err, fs.ErrNotExist) {
+		// ENOENT is the source gone or the target's folder missing, and which one cannot
+		// be told by looking at the folder: another move may have made it since. So make
+		// it (one stat when it is there) and let a second rename decide.
+		if merr := os.MkdirAll(filepath.Dir(dst), 0o700); merr != nil {
+			return nil, merr
+		}
+		err = os.Rename(src, dst)
+	}
+	if err != nil {
+		return nil, err
+	}
+	// Moved: a read that fails hands the value to nobody, as in LoadAndDelete.
+	data, err := os.ReadFile(dst)
 	if err != nil {
 		return nil, err
 	}

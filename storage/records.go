@@ -37,6 +37,11 @@ type Native interface {
 	// ExpiresRecords tells whether the backend drops a value once the ttl given to
 	// StoreTTL has passed (Redis); if not (a folder), the janitor sweeps expired records.
 	ExpiresRecords() bool
+	// LoadAndMove atomically moves the value at from to to, replacing any value there
+	// and keeping from's expiry, and returns it; fs.ErrNotExist when from is missing.
+	// Of concurrent moves of one key exactly one succeeds, and to holds the value as
+	// soon as any of the others fails.
+	LoadAndMove(ctx context.Context, from, to string) ([]byte, error)
 }
 
 // Records stores typed, expiring records in a certmagic.Storage. It is safe
@@ -313,6 +318,89 @@ func (r *Records) TakeOnce(ctx context.Context, key string, v any) error {
 		return ErrNotFound
 	}
 	return decodeValue(env, v)
+}
+
+// TakeOnceLeaving is TakeOnce with the record left behind at trace, envelope and expiry
+// as stored, instead of deleted: one write per record, where a trace written beside it
+// would be two. Among concurrent callers exactly one gets the value; every other one
+// gets ErrNotFound, and finds the trace with Get once it has. A caller that must tell a
+// record taken from one never stored reads trace after ErrNotFound; one that wants the
+// value usable for less long than the trace keeps its own deadline in the value. A key
+// taken this way must be taken this way only (TakeOnce would leave no trace).
+//
+// With a Native backend this is LoadAndMove (a folder's rename, one Redis script).
+// Otherwise, under the storage lock of key, as TakeOnce: the trace is written before the
+// key is deleted, so that a caller finding key gone finds the trace.
+func (r *Records) TakeOnceLeaving(ctx context.Context, key, trace string, v any) error {
+	if !validKey(key, true) || !validKey(trace, true) || key == trace {
+		return errInvalidKey
+	}
+	var (
+		data []byte
+		env  *envelope
+		err  error
+	)
+	if r.native != nil {
+		data, err = r.native.LoadAndMove(ctx, key, trace)
+		if errors.Is(err, fs.ErrNotExist) {
+			return ErrNotFound
+		}
+		if err != nil {
+			return fmt.Errorf("taking record: %w", err)
+		}
+		if env, err = decodeEnvelope(data); err != nil {
+			return err
+		}
+	} else {
+		switch env, err = r.load(ctx, key); {
+		case err != nil:
+			return err
+		case r.expired(env):
+			return ErrNotFound
+		}
+		unlock, err := r.lock(ctx, "take", key)
+		if err != nil {
+			return fmt.Errorf("taking record: %w", err)
+		}
+		env, err = r.moveLocked(ctx, key, trace)
+		unlock()
+		if err != nil {
+			return err
+		}
+	}
+	if r.expired(env) {
+		return ErrNotFound
+	}
+	return decodeValue(env, v)
+}
+
+// moveLocked is TakeOnceLeaving's move on a backend without Native; the caller holds
+// the lock of key. The value is handed out only once the delete succeeded.
+func (r *Records) moveLocked(ctx context.Context, key, trace string) (*envelope, error) {
+	data, err := r.store.Load(ctx, key)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("taking record: %w", err)
+	}
+	env, err := decodeEnvelope(data)
+	if err != nil {
+		return nil, err
+	}
+	if r.expired(env) {
+		return nil, ErrNotFound // left for the janitor, as by Get
+	}
+	if err := r.store.Store(ctx, trace, data); err != nil {
+		return nil, fmt.Errorf("taking record: leaving its trace: %w", err)
+	}
+	switch err := r.store.Delete(ctx, key); {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, ErrNotFound
+	case err != nil:
+		return nil, fmt.Errorf("taking record: %w", err)
+	}
+	return env, nil
 }
 
 // Lock takes the cluster-wide storage lock for name and returns the func that

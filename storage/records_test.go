@@ -384,6 +384,19 @@ func (f *nativeFake) LoadAndDelete(_ context.Context, key string) ([]byte, error
 	return v, nil
 }
 
+func (f *nativeFake) LoadAndMove(_ context.Context, from, to string) ([]byte, error) {
+	f.count("LoadAndMove")
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	v, ok := f.data[from]
+	if !ok {
+		return nil, fs.ErrNotExist
+	}
+	delete(f.data, from)
+	f.data[to], f.ttls[to] = v, f.ttls[from]
+	return v, nil
+}
+
 func (f *nativeFake) Delete(_ context.Context, key string) error {
 	f.count("Delete")
 	f.mu.Lock()
@@ -459,6 +472,113 @@ func TestNativeFastPath(t *testing.T) {
 	}
 	if fake.Calls("Lock") != 0 || fake.Calls("Delete") != 0 {
 		t.Errorf("TakeOnce took %d locks and made %d deletes; want none on the native path", fake.Calls("Lock"), fake.Calls("Delete"))
+	}
+}
+
+// takeLeavingRace races n TakeOnceLeaving calls of one record over nodes and checks the
+// guarantee the code's replay detection rests on: one winner, and every loser, once it
+// has its ErrNotFound, reads the record at the trace.
+func takeLeavingRace(t *testing.T, nodes []*Records, n int) {
+	t.Helper()
+	ctx := context.Background()
+	key, trace := Key("codes", Hash("code-1")), Key("usedcodes", Hash("code-1"))
+	if err := nodes[0].Put(ctx, key, authCode{ClientID: "c1"}, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	var traceMissed atomic.Int32
+	if w := race(t, n, func(i int) error {
+		var got authCode
+		err := nodes[i%len(nodes)].TakeOnceLeaving(ctx, key, trace, &got)
+		if errors.Is(err, ErrNotFound) {
+			var seen authCode
+			if nodes[(i+1)%len(nodes)].Get(ctx, trace, &seen) != nil || seen.ClientID != "c1" {
+				traceMissed.Add(1)
+			}
+		} else if err == nil && got.ClientID != "c1" {
+			t.Errorf("the winner got %+v", got)
+		}
+		return err
+	}); w != 1 {
+		t.Fatalf("%d winners, want 1", w)
+	}
+	if m := traceMissed.Load(); m != 0 {
+		t.Errorf("%d losers found no trace after their ErrNotFound", m)
+	}
+	var v authCode
+	if err := nodes[0].Get(ctx, key, &v); err != ErrNotFound {
+		t.Errorf("Get of the taken key = %v, want ErrNotFound", err)
+	}
+}
+
+func TestTakeOnceLeavingOnAFolder(t *testing.T) {
+	dir, clock := t.TempDir(), newClock()
+	// Two FileStorage values on one folder are two nodes; a folder's is the rename.
+	takeLeavingRace(t, []*Records{newFileRecords(t, dir, clock), newFileRecords(t, dir, clock)}, 50)
+
+	// The trace keeps the record's expiry, then is gone as any record.
+	r := newFileRecords(t, dir, clock)
+	trace := Key("usedcodes", Hash("code-1"))
+	clock.Advance(time.Minute)
+	var v authCode
+	if err := r.Get(context.Background(), trace, &v); err != ErrNotFound {
+		t.Errorf("Get of the trace after the record's expiry = %v, want ErrNotFound", err)
+	}
+	// A key nobody stored: ErrNotFound, and no trace made for it.
+	missing, missingTrace := Key("codes", Hash("junk")), Key("usedcodes", Hash("junk"))
+	if err := r.TakeOnceLeaving(context.Background(), missing, missingTrace, &v); err != ErrNotFound {
+		t.Fatalf("TakeOnceLeaving of a missing record = %v, want ErrNotFound", err)
+	}
+	if err := r.Get(context.Background(), missingTrace, &v); err != ErrNotFound {
+		t.Errorf("Get of the trace of a missing record = %v, want ErrNotFound", err)
+	}
+}
+
+// The first moves into a trace folder make it: a move that finds it missing must not take
+// another's mkdir for its record gone (each record here is taken once, by one caller).
+func TestTakeOnceLeavingIntoANewFolderConcurrently(t *testing.T) {
+	ctx := context.Background()
+	for round := range 20 {
+		dir, clock := t.TempDir(), newClock()
+		r := newFileRecords(t, dir, clock)
+		const n = 16
+		for i := range n {
+			if err := r.Put(ctx, Key("codes", Hash(fmt.Sprint(i))), i, time.Minute); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if w := race(t, n, func(i int) error {
+			var v int
+			return r.TakeOnceLeaving(ctx, Key("codes", Hash(fmt.Sprint(i))), Key("usedcodes", Hash(fmt.Sprint(i))), &v)
+		}); w != n {
+			t.Fatalf("round %d: %d of %d records taken, want all", round, w, n)
+		}
+	}
+}
+
+func TestTakeOnceLeavingUnderTheLock(t *testing.T) {
+	// Without Native (slowLoads hides the folder's fast path), the storage lock: slow
+	// loads widen the window in which a loser could find neither key nor trace.
+	dir, clock := t.TempDir(), newClock()
+	nodes := []*Records{
+		New(slowLoads{&certmagic.FileStorage{Path: dir}}, nil, WithClock(clock.Now)),
+		New(slowLoads{&certmagic.FileStorage{Path: dir}}, nil, WithClock(clock.Now)),
+	}
+	takeLeavingRace(t, nodes, 10)
+}
+
+func TestTakeOnceLeavingOnNative(t *testing.T) {
+	fake := newNativeFake()
+	r := New(fake, nil, WithClock(newClock().Now))
+	takeLeavingRace(t, []*Records{r}, 50)
+	if got := fake.Calls("LoadAndMove"); got != 50 {
+		t.Errorf("LoadAndMove called %d times, want 50", got)
+	}
+	if fake.Calls("Lock") != 0 || fake.Calls("Delete") != 0 || fake.Calls("StoreTTL") != 1 {
+		t.Errorf("TakeOnceLeaving took %d locks, made %d deletes and %d stores; want the move only",
+			fake.Calls("Lock"), fake.Calls("Delete"), fake.Calls("StoreTTL")-1)
+	}
+	if ttl := fake.ttls[Key("usedcodes", Hash("code-1"))]; ttl != time.Minute {
+		t.Errorf("the trace's ttl = %s, want the record's (1m)", ttl)
 	}
 }
 

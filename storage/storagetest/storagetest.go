@@ -41,7 +41,8 @@ func (c *clock) Advance(d time.Duration) {
 
 // Records runs the records suite over backend: Put, Get and Delete; expiry by the
 // records' clock; List of live records only; the janitor's Sweep; TakeOnce once; and one
-// winner among concurrent TakeOnce calls spread over two instances.
+// winner among concurrent TakeOnce calls spread over two instances; TakeOnceLeaving's
+// one winner and its trace for the others.
 func Records(t *testing.T, backend Backend) {
 	setup := func(t *testing.T) (*clock, func() *storage.Records) {
 		instance := backend(t)
@@ -182,6 +183,40 @@ func Records(t *testing.T, backend Backend) {
 			return nodes[i%2].TakeOnce(ctx, key, &v)
 		}); w != 1 {
 			t.Fatalf("%d winners, want 1", w)
+		}
+	})
+
+	t.Run("take once leaving has one winner across instances, and a trace for the others", func(t *testing.T) {
+		c, open := setup(t)
+		nodes := []*storage.Records{open(), open()}
+		key, trace := storage.Key("codes", storage.Hash("code-1")), storage.Key("usedcodes", storage.Hash("code-1"))
+		if err := nodes[0].Put(ctx, key, "v", time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		var missed atomic.Int32
+		if w := race(t, 50, func(i int) error {
+			var v string
+			err := nodes[i%2].TakeOnceLeaving(ctx, key, trace, &v)
+			if errors.Is(err, storage.ErrNotFound) {
+				var seen string
+				if nodes[(i+1)%2].Get(ctx, trace, &seen) != nil || seen != "v" {
+					missed.Add(1)
+				}
+			}
+			return err
+		}); w != 1 {
+			t.Fatalf("%d winners, want 1", w)
+		}
+		if m := missed.Load(); m != 0 {
+			t.Errorf("%d losers found no trace after their ErrNotFound", m)
+		}
+		var v string
+		if err := nodes[0].Get(ctx, key, &v); err != storage.ErrNotFound {
+			t.Errorf("Get of the taken key = %v, want ErrNotFound", err)
+		}
+		c.Advance(time.Minute)
+		if err := nodes[0].Get(ctx, trace, &v); err != storage.ErrNotFound {
+			t.Errorf("Get of the trace past the record's expiry = %v, want ErrNotFound", err)
 		}
 	})
 }
