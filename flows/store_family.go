@@ -170,6 +170,22 @@ func (st familyStore) live(ctx context.Context, id string) (*TokenFamily, error)
 	return &f, nil
 }
 
+// startFresh stores the family f with a new, unguessable id that nobody holds yet: no
+// revocation can race the write, so it takes no lock (start's lock guards against a
+// replay revoking the family while it is started). before is how long tokens may be
+// issued into it from now (a code's life): the record outlives every token of it.
+func (st familyStore) startFresh(ctx context.Context, f TokenFamily, before time.Duration) error {
+	if err := st.records.Put(ctx, familyKey(f.ID), f, st.familyTTL()+before); err != nil {
+		return fmt.Errorf("starting token family: %w", err)
+	}
+	return nil
+}
+
+// forget deletes the family id that startFresh stored for a code that was not issued.
+func (st familyStore) forget(ctx context.Context, id string) error {
+	return st.records.Delete(ctx, familyKey(id))
+}
+
 // start stores the family of a redeemed code. A replay of the code may have revoked it
 // already: then errFamilyRevoked.
 func (st familyStore) start(ctx context.Context, f TokenFamily) error {

@@ -139,10 +139,19 @@ type AuthorizationCode struct {
 	RedirectURIOmitted bool `json:"redirect_uri_omitted,omitempty"`
 	// ExpiresAt is checked against the broker's clock; the storage TTL only cleans up.
 	ExpiresAt time.Time `json:"expires_at"`
+	// LeavesMarker: the record is its own replay marker, stored for the marker's life and
+	// moved to the marker's key when redeemed (codeStore). A code without it was issued
+	// by an earlier release beside a UsedCode of its own.
+	LeavesMarker bool `json:"leaves_marker,omitempty"`
+	// FamilyStarted: the token family was stored with the code (issueCode). A code
+	// without it was issued by an earlier release, and its family is started when it is
+	// redeemed.
+	FamilyStarted bool `json:"family_started,omitempty"`
 }
 
 // UsedCode outlives its code, so that a replay revokes what the code issued (RFC 6749
-// §10.5). It is written with the code (see issueCode).
+// §10.5). A redeemed code is moved to it (its JSON has both fields; see codeStore); an
+// earlier release wrote it beside the code.
 type UsedCode struct {
 	FamilyID  string `json:"family_id"`
 	SessionID string `json:"session_id,omitempty"`

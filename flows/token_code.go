@@ -33,8 +33,19 @@ func (b *Broker) issueCode(ctx context.Context, s *Session, req AuthorizationReq
 		Subject:             s.Subject,
 		RedirectURIOmitted:  req.RedirectURIOmitted,
 		ExpiresAt:           b.now().Add(b.cfg.CodeTTL),
+		FamilyStarted:       true,
+	}
+	// The family is stored before the code exists, while its id is known to nobody: no
+	// replay of the code can be revoking it, so the write needs no storage lock (at
+	// redemption it did). A code never redeemed leaves a family with no token in it.
+	family := TokenFamily{ID: rec.FamilyID, SessionID: rec.SessionID, ClientID: rec.ClientID}
+	if err := b.families.startFresh(ctx, family, b.cfg.CodeTTL); err != nil {
+		return "", err
 	}
 	if err := b.codes.issue(ctx, code, rec); err != nil {
+		if derr := b.families.forget(ctx, family.ID); derr != nil {
+			b.log.login.Warn("deleting the family of a code not issued", zap.Error(derr))
+		}
 		return "", err
 	}
 	return code, nil
@@ -92,7 +103,7 @@ func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) 
 		return TokenResponse{}, errInvalidTarget("resource does not match the authorization request")
 	}
 
-	switch err := b.families.start(ctx, TokenFamily{ID: rec.FamilyID, SessionID: rec.SessionID, ClientID: rec.ClientID}); {
+	switch err := b.startCodeFamily(ctx, rec); {
 	case errors.Is(err, errFamilyRevoked):
 		return TokenResponse{}, errInvalidGrant("the authorization code is invalid, expired or already used")
 	case err != nil:
@@ -115,6 +126,17 @@ func (b *Broker) exchangeCode(r *http.Request, form url.Values, client *Client) 
 		zap.String("client_id", client.ID), zap.String("family", Fingerprint(rec.FamilyID)))
 	b.renewRegistration(ctx, client)
 	return resp, nil
+}
+
+// startCodeFamily makes sure the family of the redeemed code rec is live: stored with
+// the code (issueCode), it is read, since a replay of the code may have revoked it
+// already; a code of an earlier release has its family started now.
+func (b *Broker) startCodeFamily(ctx context.Context, rec AuthorizationCode) error {
+	if rec.FamilyStarted {
+		_, err := b.families.live(ctx, rec.FamilyID)
+		return err
+	}
+	return b.families.start(ctx, TokenFamily{ID: rec.FamilyID, SessionID: rec.SessionID, ClientID: rec.ClientID})
 }
 
 // codeReplayed revokes what a code issued when the code is presented again after its
