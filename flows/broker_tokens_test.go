@@ -44,7 +44,7 @@ func TestVerifyBrokerToken(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Pull the records from under the cache: only a storage read could notice.
-		for _, key := range []string{recordKey(kindAccessToken, tok.AccessToken), familyKey(familyID)} {
+		for _, key := range []string{tokenRecordKey(kindAccessToken, tok.AccessToken), familyKey(familyID)} {
 			if err := e.b.cfg.Records.Delete(t.Context(), key); err != nil {
 				t.Fatal(err)
 			}

@@ -25,7 +25,7 @@ func TestSweepCaches(t *testing.T) {
 	if n := e.b.brokerTokens.Len(); n != 1 {
 		t.Errorf("%d verdicts left, want the live one", n)
 	}
-	if err := e.b.cfg.Records.Delete(t.Context(), recordKey(kindAccessToken, live.AccessToken)); err != nil {
+	if err := e.b.cfg.Records.Delete(t.Context(), tokenRecordKey(kindAccessToken, live.AccessToken)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := e.b.verifyBrokerToken(t.Context(), live.AccessToken); err != nil {

@@ -2,6 +2,9 @@ package flows
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,7 +18,7 @@ import (
 
 // familyStore keeps token families and the broker-issued access and refresh tokens in
 // them (broker_tokens.go says why they are opaque records). A pair is issued into a
-// family; a refresh token is read, locked and rotated once; a family is started once by
+// family as one record (TokenPair); a refresh token is read, locked and rotated once; a family is started once by
 // its code, extended by refreshes, and revoked.
 type familyStore struct {
 	records *storage.Records
@@ -41,59 +44,126 @@ func (st familyStore) familyTTL() time.Duration {
 	return max(st.accessTTL, st.refreshTTL) + st.grace
 }
 
-// issue mints and stores an access token and a refresh token for g (the access token
-// alone when g.AccessOnly).
+// issue mints an access token and a refresh token for g (the access token alone when
+// g.AccessOnly) and stores them as one TokenPair.
 func (st familyStore) issue(ctx context.Context, g tokenGrant) (TokenResponse, error) {
 	now := st.now()
-	access, refresh := newBrokerToken(accessTokenPrefix), newBrokerToken(refreshTokenPrefix)
+	pairID := newPairID()
+	access := newPairToken(accessTokenPrefix, pairID)
 	accessTTL, refreshTTL := st.accessTTL, st.refreshTTL
 	if !g.NotAfter.IsZero() {
 		left := max(g.NotAfter.Sub(now), time.Second)
 		accessTTL, refreshTTL = min(accessTTL, left), min(refreshTTL, left)
 	}
-	at := AccessToken{
-		FamilyID:  g.FamilyID,
-		SessionID: g.SessionID,
-		Subject:   g.Subject,
-		ClientID:  g.ClientID,
-		Scopes:    g.Scopes,
-		Resource:  g.Resource,
-		Expiry:    now.Add(accessTTL),
+	pair := TokenPair{
+		AccessHash: storage.Hash(access),
+		Access: AccessToken{
+			FamilyID:  g.FamilyID,
+			SessionID: g.SessionID,
+			Subject:   g.Subject,
+			ClientID:  g.ClientID,
+			Scopes:    g.Scopes,
+			Resource:  g.Resource,
+			Expiry:    now.Add(accessTTL),
+		},
 	}
-	if err := st.records.Put(ctx, recordKey(kindAccessToken, access), at, accessTTL); err != nil {
-		return TokenResponse{}, fmt.Errorf("storing access token: %w", err)
+	resp := TokenResponse{
+		AccessToken: access,
+		TokenType:   "Bearer",
+		ExpiresIn:   int64(accessTTL / time.Second),
+		Scope:       strings.Join(g.Scopes, " "),
 	}
-	if g.AccessOnly {
-		return TokenResponse{
-			AccessToken: access,
-			TokenType:   "Bearer",
-			ExpiresIn:   int64(accessTTL / time.Second),
-			Scope:       strings.Join(g.Scopes, " "),
-		}, nil
+	ttl := accessTTL
+	if !g.AccessOnly {
+		resp.RefreshToken = newPairToken(refreshTokenPrefix, pairID)
+		pair.RefreshHash = storage.Hash(resp.RefreshToken)
+		pair.Refresh = &RefreshToken{
+			FamilyID:  g.FamilyID,
+			SessionID: g.SessionID,
+			Subject:   g.Subject,
+			ClientID:  g.ClientID,
+			Scopes:    g.RefreshScopes,
+			Resource:  g.Resource,
+			Expiry:    now.Add(refreshTTL),
+		}
+		ttl = max(ttl, refreshTTL)
 	}
-	rt := RefreshToken{
-		FamilyID:  g.FamilyID,
-		SessionID: g.SessionID,
-		Subject:   g.Subject,
-		ClientID:  g.ClientID,
-		Scopes:    g.RefreshScopes,
-		Resource:  g.Resource,
-		Expiry:    now.Add(refreshTTL),
+	if err := st.records.Put(ctx, pairKey(pairID), pair, ttl); err != nil {
+		return TokenResponse{}, fmt.Errorf("storing token pair: %w", err)
 	}
-	if err := st.records.Put(ctx, recordKey(kindRefreshToken, refresh), rt, refreshTTL); err != nil {
-		return TokenResponse{}, fmt.Errorf("storing refresh token: %w", err)
+	return resp, nil
+}
+
+// pairIDLength is the length of a pair id: 15 random bytes in base64url.
+const pairIDLength = 20
+
+// newPairID mints the id of a token pair.
+func newPairID() string {
+	b := make([]byte, 15)
+	_, _ = rand.Read(b) // never fails (crypto/rand)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// newPairToken mints a token of the pair id: prefix, a dot, the id and 16 random bytes,
+// brokerTokenLength long as the tokens of earlier releases (prefix and 32 random bytes),
+// which never have the dot (base64url has none).
+func newPairToken(prefix, pairID string) string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b) // never fails (crypto/rand)
+	return prefix + "." + pairID + base64.RawURLEncoding.EncodeToString(b)
+}
+
+// pairTokenID returns the pair id a token names; ok is false for a token of an earlier
+// release. raw has the shape of a broker token (isBrokerToken).
+func pairTokenID(raw string) (id string, ok bool) {
+	if len(raw) != brokerTokenLength || raw[len(accessTokenPrefix)] != '.' {
+		return "", false
 	}
-	return TokenResponse{
-		AccessToken:  access,
-		TokenType:    "Bearer",
-		ExpiresIn:    int64(accessTTL / time.Second),
-		RefreshToken: refresh,
-		Scope:        strings.Join(g.Scopes, " "),
-	}, nil
+	start := len(accessTokenPrefix) + 1
+	return raw[start : start+pairIDLength], true
+}
+
+func pairKey(id string) string { return recordKey(kindTokenPair, id) }
+
+// tokenRecordKey is the key of the record that holds the token raw of kind
+// (kindAccessToken or kindRefreshToken): its pair's, or for a token of an earlier
+// release its own.
+func tokenRecordKey(kind, raw string) string {
+	if id, ok := pairTokenID(raw); ok {
+		return pairKey(id)
+	}
+	return recordKey(kind, raw)
+}
+
+// pair reads the pair the token raw names and checks that raw is its access token
+// (refresh false) or its refresh token; storage.ErrNotFound otherwise.
+func (st familyStore) pair(ctx context.Context, id, raw string, refresh bool) (TokenPair, error) {
+	var p TokenPair
+	if err := st.records.Get(ctx, pairKey(id), &p); err != nil {
+		return p, err
+	}
+	want := p.AccessHash
+	if refresh {
+		if p.Refresh == nil {
+			return p, storage.ErrNotFound
+		}
+		want = p.RefreshHash
+	}
+	if subtle.ConstantTimeCompare([]byte(storage.Hash(raw)), []byte(want)) != 1 {
+		return p, storage.ErrNotFound
+	}
+	if p.Refresh != nil {
+		p.Refresh.Successor = p.RefreshSuccessor
+	}
+	return p, nil
 }
 
 // accessToken returns the record of the access token raw, or storage.ErrNotFound.
 func (st familyStore) accessToken(ctx context.Context, raw string) (AccessToken, error) {
+	if id, ok := pairTokenID(raw); ok {
+		p, err := st.pair(ctx, id, raw, false)
+		return p.Access, err
+	}
 	var at AccessToken
 	err := st.records.Get(ctx, recordKey(kindAccessToken, raw), &at)
 	return at, err
@@ -101,6 +171,13 @@ func (st familyStore) accessToken(ctx context.Context, raw string) (AccessToken,
 
 // refreshToken returns the record of the refresh token raw, or storage.ErrNotFound.
 func (st familyStore) refreshToken(ctx context.Context, raw string) (RefreshToken, error) {
+	if id, ok := pairTokenID(raw); ok {
+		p, err := st.pair(ctx, id, raw, true)
+		if err != nil {
+			return RefreshToken{}, err
+		}
+		return *p.Refresh, nil
+	}
 	var rt RefreshToken
 	err := st.records.Get(ctx, recordKey(kindRefreshToken, raw), &rt)
 	return rt, err
@@ -116,7 +193,7 @@ func (st familyStore) lockRefresh(ctx context.Context, raw string) (func(), erro
 // The record stays as long as the token would have: a reuse is detected all that time.
 // The caller holds the refresh token's lock.
 func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, resp TokenResponse, now time.Time) error {
-	key := recordKey(kindRefreshToken, raw)
+	key := tokenRecordKey(kindRefreshToken, raw)
 	plain, err := json.Marshal(resp)
 	if err != nil {
 		return fmt.Errorf("encoding successor pair: %w", err)
@@ -126,7 +203,23 @@ func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, 
 	}
 	rec.RotatedAt = now
 	ttl := max(rec.Expiry.Sub(now), 2*st.grace)
-	if err := st.records.Put(ctx, key, rec, ttl); err != nil {
+	id, ok := pairTokenID(raw)
+	if !ok {
+		if err := st.records.Put(ctx, key, rec, ttl); err != nil {
+			return fmt.Errorf("storing rotated refresh token: %w", err)
+		}
+		return nil
+	}
+	// The pair's access token stays as it was, valid until its expiry as a rotated pair's
+	// always was; the record lives as long as either token.
+	p, err := st.pair(ctx, id, raw, true)
+	if err != nil {
+		return fmt.Errorf("reading token pair to rotate it: %w", err)
+	}
+	p.RefreshSuccessor, rec.Successor = rec.Successor, ""
+	p.Refresh = &rec
+	ttl = max(ttl, p.Access.Expiry.Sub(now))
+	if err := st.records.Put(ctx, key, p, ttl); err != nil {
 		return fmt.Errorf("storing rotated refresh token: %w", err)
 	}
 	return nil
@@ -135,7 +228,7 @@ func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, 
 // successor opens the pair the rotated refresh token raw yielded.
 func (st familyStore) successor(raw string, rec *RefreshToken) (TokenResponse, error) {
 	var resp TokenResponse
-	plain, err := st.records.Open(recordKey(kindRefreshToken, raw), rec.Successor)
+	plain, err := st.records.Open(tokenRecordKey(kindRefreshToken, raw), rec.Successor)
 	if err == nil {
 		err = json.Unmarshal(plain, &resp)
 	}

@@ -26,6 +26,7 @@ const (
 	kindAccessToken              = "access"                 // AccessToken, by Hash(token)
 	kindRefreshToken             = "refresh"                // RefreshToken, by Hash(token)
 	kindFamily                   = "families"               // TokenFamily, by family id
+	kindTokenPair                = "token_pairs"            // TokenPair, by Hash(pair id): the access and refresh token issued together
 	kindOfflineAccessGrant       = "offline"                // OfflineAccessGrant, by site, then keyed hash of subject
 	kindLegacyOfflineAccessGrant = "provisioning"           // OfflineAccessGrant of earlier releases, by Hash(subject): read, moved
 	kindOfflineAccessState       = "flow2_state"            // PendingOfflineAccess, by Hash(state)
@@ -180,6 +181,21 @@ type RefreshToken struct {
 	RotatedAt time.Time `json:"rotated_at,omitzero"`
 	Successor string    `json:"successor_sealed,omitempty"` // a sealed JSON TokenResponse
 	Expiry    time.Time `json:"expiry"`
+}
+
+// TokenPair is an access token and the refresh token issued with it (or the access
+// token alone), in one record: one write where a record per token made two. Both tokens
+// name the pair (pairTokenID) and are checked against their hash. Pairs of earlier
+// releases are two records, AccessToken and RefreshToken by the hash of each token.
+type TokenPair struct {
+	AccessHash string      `json:"access_hash"` // storage.Hash of the access token
+	Access     AccessToken `json:"access"`
+	// RefreshHash and Refresh are empty for an access token issued alone.
+	RefreshHash string        `json:"refresh_hash,omitempty"`
+	Refresh     *RefreshToken `json:"refresh,omitempty"`
+	// RefreshSuccessor is Refresh.Successor, kept at the top level where the key ring's
+	// usage count looks for sealed values (fields named *_sealed).
+	RefreshSuccessor string `json:"successor_sealed,omitempty"`
 }
 
 // TokenFamily is every token descended from one authorization code. Revoking it stops

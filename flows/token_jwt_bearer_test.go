@@ -223,7 +223,7 @@ func TestJWTBearerRefusesBadAssertions(t *testing.T) {
 			e.redeem(t, tc.assertion, nil).wantError(t, tc.status, tc.code)
 		})
 	}
-	if n := e.countRecords(t, kindAccessToken); n != 0 {
+	if n := e.countRecords(t, kindTokenPair); n != 0 {
 		t.Errorf("%d access tokens stored for refused assertions", n)
 	}
 }

@@ -43,7 +43,7 @@ func TestRefreshGrant(t *testing.T) {
 
 	t.Run("20 concurrent refreshes with one token rotate it once and all get the same valid pair", func(t *testing.T) {
 		first := e.login(t)
-		before := e.countRecords(t, kindRefreshToken)
+		before := e.countRecords(t, kindTokenPair)
 		results := make([]endpointReply, 20)
 		var wg sync.WaitGroup
 		for i := range results {
@@ -65,7 +65,7 @@ func TestRefreshGrant(t *testing.T) {
 				t.Errorf("caller %d got another pair", i)
 			}
 		}
-		if n := e.countRecords(t, kindRefreshToken) - before; n != 1 {
+		if n := e.countRecords(t, kindTokenPair) - before; n != 1 {
 			t.Errorf("%d refresh tokens stored by the refreshes, want 1 successor", n)
 		}
 		if st := e.mcpStatus(t, want.AccessToken); st != http.StatusOK {
@@ -277,13 +277,13 @@ func TestRefreshRateLimitPerGrant(t *testing.T) {
 		}
 		tok = next
 	}
-	before := e.countRecords(t, kindRefreshToken)
+	before := e.countRecords(t, kindTokenPair)
 	res := e.refresh(t, testenv.NativeClientID, tok.RefreshToken, nil)
 	res.wantError(t, http.StatusTooManyRequests, "temporarily_unavailable")
 	if ra, err := strconv.Atoi(res.header.Get("Retry-After")); err != nil || ra < 1 || ra > 60 {
 		t.Errorf("Retry-After %q", res.header.Get("Retry-After"))
 	}
-	if n := e.countRecords(t, kindRefreshToken) - before; n != 0 {
+	if n := e.countRecords(t, kindTokenPair) - before; n != 0 {
 		t.Errorf("the refused refresh stored %d refresh tokens", n)
 	}
 	// Another grant is not limited, and this one recovers.

@@ -567,8 +567,8 @@ func TestPKCE(t *testing.T) {
 // storedRefreshToken reads the record of a refresh token.
 func (e *tokenEnv) storedRefreshToken(t *testing.T, rt string) RefreshToken {
 	t.Helper()
-	var rec RefreshToken
-	if err := e.b.cfg.Records.Get(context.Background(), recordKey(kindRefreshToken, rt), &rec); err != nil {
+	rec, err := e.b.families.refreshToken(context.Background(), rt)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return rec
