@@ -34,6 +34,12 @@ import (
 // upgradeFixtureDir holds the fixture.
 const upgradeFixtureDir = "testdata/upgrade"
 
+// upgradeFixtureDirBeforePairs holds the fixture of a later release, written by
+// TestWriteUpgradeFixture at commit 2d7db80, before a code became its own replay marker,
+// its family was stored with it, and a pair of broker tokens became one record. It also
+// holds a code not redeemed (Fixture.PendingCode).
+const upgradeFixtureDirBeforePairs = "testdata/upgrade-2d7db80"
+
 // upgradeFixtureKey is the fixture's encryption key: 32 bytes of 7, as newTestBroker's.
 var upgradeFixtureKey = bytes.Repeat([]byte{7}, 32)
 
@@ -61,6 +67,7 @@ func TestWriteUpgradeFixture(t *testing.T) {
 	info := registerClient(t, e.b, `{"redirect_uris":["`+tokenTestRedirect+`"],"token_endpoint_auth_method":"none","client_name":"Upgrade fixture"}`)
 	code, verifier := e.code(t, info.ClientID)
 	pair := e.exchange(t, info.ClientID, code, verifier, nil).wantTokens(t)
+	pendingCode, pendingVerifier := e.code(t, info.ClientID)
 
 	grant := e.idpGrant(t)
 	d, err := e.b.idp.Discovery(t.Context())
@@ -85,6 +92,8 @@ func TestWriteUpgradeFixture(t *testing.T) {
 		OfflineScopes:       offlineScopes,
 		WorkerID:            testWorkerID,
 		WorkerSecret:        testWorkerSecret,
+		PendingCode:         pendingCode,
+		PendingCodeVerifier: pendingVerifier,
 	}
 	out, err := json.MarshalIndent(fx, "", "  ")
 	if err != nil {
@@ -211,6 +220,39 @@ func TestUpgradeKeepsStoredRecords(t *testing.T) {
 	}
 	if e.logs.FilterMessageSnippet("made before grants were bound to background clients").Len() == 0 {
 		t.Error("no warning that the grant predates the binding")
+	}
+}
+
+// TestUpgradeKeepsTokensAndCodesOfTheReleaseBeforePairs opens the storage of the release
+// before codes were their own replay markers and token pairs one record: its pair
+// verifies and refreshes (into a pair of this release), and its code in flight redeems,
+// its family started then, and a replay of it after the code's life still revokes it.
+func TestUpgradeKeepsTokensAndCodesOfTheReleaseBeforePairs(t *testing.T) {
+	fx, dir := upgradefixture.Load(t, upgradeFixtureDirBeforePairs)
+	o := testenv.StartOP(t)
+	e := newUpgradeEnv(t, o, fx, dir, nil)
+	e.clock.Advance(-50 * time.Second) // 10 s after the fixture was written: its code is live
+	e.remember(fx.PendingCode, fx.PendingCodeVerifier)
+
+	if st := e.mcpStatus(t, fx.AccessToken); st != http.StatusOK {
+		t.Fatalf("the stored access token at the MCP endpoint: %d", st)
+	}
+	next := e.refresh(t, fx.ClientID, fx.RefreshToken, nil).wantTokens(t)
+	if _, ok := pairTokenID(next.RefreshToken); !ok {
+		t.Error("the refresh of an earlier release's token did not yield a pair of this release")
+	}
+	if st := e.mcpStatus(t, next.AccessToken); st != http.StatusOK {
+		t.Fatalf("the refreshed access token at the MCP endpoint: %d", st)
+	}
+
+	tok := e.exchange(t, fx.ClientID, fx.PendingCode, fx.PendingCodeVerifier, nil).wantTokens(t)
+	if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusOK {
+		t.Fatalf("the access token of the stored code: %d", st)
+	}
+	e.clock.Advance(5 * time.Minute)
+	e.exchange(t, fx.ClientID, fx.PendingCode, fx.PendingCodeVerifier, nil).wantError(t, http.StatusBadRequest, "invalid_grant")
+	if st := e.mcpStatus(t, tok.AccessToken); st != http.StatusUnauthorized {
+		t.Errorf("the stored code's access token after its replay: %d, want 401", st)
 	}
 }
 

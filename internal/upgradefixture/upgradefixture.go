@@ -34,6 +34,11 @@ type Fixture struct {
 	// WorkerID and WorkerSecret are the background client configured when the grant was made.
 	WorkerID     string `json:"worker_id"`
 	WorkerSecret string `json:"worker_secret"`
+	// PendingCode is an authorization code issued to ClientID and not redeemed, with its
+	// PKCE verifier: redeemable until code_ttl (60s) after WrittenAt. Fixtures written
+	// before the code became its own replay marker have one; earlier ones none.
+	PendingCode         string `json:"pending_code,omitempty"`
+	PendingCodeVerifier string `json:"pending_code_verifier,omitempty"`
 }
 
 // Load reads dir/fixture.json and copies dir/storage into a fresh directory, which the
