@@ -138,19 +138,21 @@ func tokenRecordKey(kind, raw string) string {
 // pair reads the pair the token raw names and checks that raw is its access token
 // (refresh false) or its refresh token; storage.ErrNotFound otherwise.
 func (st familyStore) pair(ctx context.Context, id, raw string, refresh bool) (TokenPair, error) {
+	// On any failure the pair is not handed out: a caller that looked at the record
+	// before the error would be reading another token's (its family, client, subject).
 	var p TokenPair
 	if err := st.records.Get(ctx, pairKey(id), &p); err != nil {
-		return p, err
+		return TokenPair{}, err
 	}
 	want := p.AccessHash
 	if refresh {
 		if p.Refresh == nil {
-			return p, storage.ErrNotFound
+			return TokenPair{}, storage.ErrNotFound
 		}
 		want = p.RefreshHash
 	}
 	if subtle.ConstantTimeCompare([]byte(storage.Hash(raw)), []byte(want)) != 1 {
-		return p, storage.ErrNotFound
+		return TokenPair{}, storage.ErrNotFound
 	}
 	if p.Refresh != nil {
 		p.Refresh.Successor = p.RefreshSuccessor
