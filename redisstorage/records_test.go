@@ -141,3 +141,46 @@ func TestJanitorLeavesExpiryToRedis(t *testing.T) {
 		t.Errorf("the record is still in Redis after its TTL (%d, %v)", n, err)
 	}
 }
+
+// TakeOnceLeaving is one script (the move), no lock, and the trace keeps the record's
+// server-side TTL: the janitor sweeps nothing on Redis, so a trace without one would stay
+// for good (one key per redeemed code).
+func TestTakeOnceLeavingKeepsTheServerSideTTL(t *testing.T) {
+	srv := testenv.Redis(t)
+	st := newStorage(t, srv)
+	var log commandLog
+	st.conn.client.AddHook(&log)
+	r := storage.New(st, nil)
+	ctx := context.Background()
+	key, trace := storage.Key("codes", storage.Hash("code-1")), storage.Key("used_codes", storage.Hash("code-1"))
+	var v string
+	// Warm up: the handshake, the first-use check, the scripts' first EVAL.
+	if err := r.Put(ctx, key, "v", 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.TakeOnceLeaving(ctx, storage.Key("codes", storage.Hash("warm")), storage.Key("used_codes", storage.Hash("warm")), &v); err != storage.ErrNotFound {
+		t.Fatalf("TakeOnceLeaving of a missing record = %v, want ErrNotFound", err)
+	}
+	<-st.conn.checked
+	log.take()
+
+	if err := r.TakeOnceLeaving(ctx, key, trace, &v); err != nil || v != "v" {
+		t.Fatalf("TakeOnceLeaving = %q, %v", v, err)
+	}
+	if sent := log.take(); len(sent) != 1 || sent[0] != "evalsha" {
+		t.Errorf("TakeOnceLeaving sent %q, want one round trip (the move script), no lock", sent)
+	}
+	if n, err := st.conn.client.Exists(ctx, st.valueKey(key)).Result(); err != nil || n != 0 {
+		t.Errorf("the taken key exists (%d, %v)", n, err)
+	}
+	ttl, err := st.conn.client.PTTL(ctx, st.valueKey(trace)).Result()
+	if err != nil || ttl <= 80*time.Second || ttl > 90*time.Second {
+		t.Errorf("the trace's server-side TTL = %s, %v; want the record's, about 90s", ttl, err)
+	}
+	if err := r.TakeOnceLeaving(ctx, key, trace, &v); err != storage.ErrNotFound {
+		t.Errorf("second TakeOnceLeaving = %v, want ErrNotFound", err)
+	}
+	if err := r.Get(ctx, trace, &v); err != nil || v != "v" {
+		t.Errorf("Get of the trace = %q, %v", v, err)
+	}
+}
