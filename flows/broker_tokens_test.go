@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -229,4 +230,18 @@ func newBenchBroker(b *testing.B) *Broker {
 		b.Fatal(err)
 	}
 	return br
+}
+
+// pairTokenID reads a pair's id at one offset in an access and a refresh token alike:
+// the two prefixes must keep one length.
+func TestTokenPrefixesHaveOneLength(t *testing.T) {
+	if len(accessTokenPrefix) != len(refreshTokenPrefix) {
+		t.Fatalf("prefixes %q and %q differ in length; pairTokenID reads both at one offset", accessTokenPrefix, refreshTokenPrefix)
+	}
+	for _, p := range []string{accessTokenPrefix, refreshTokenPrefix} {
+		tok := p + "." + strings.Repeat("a", brokerTokenLength-len(p)-1)
+		if id, ok := pairTokenID(tok); !ok || id != strings.Repeat("a", pairIDLength) {
+			t.Errorf("pairTokenID(%q) = %q, %v", tok, id, ok)
+		}
+	}
 }
