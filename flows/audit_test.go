@@ -112,7 +112,8 @@ func TestAuditEventsAndNoSecretsInLogs(t *testing.T) {
 	secrets.add("unknown code", unknown)
 	e.exchange(t, client.ClientID, unknown, verifier, withSecret).wantError(t, http.StatusBadRequest, "invalid_grant")
 
-	// Consent is remembered now: the second login goes straight to the IdP.
+	// Consent is not remembered for a loopback redirect URI (SECURITY.md S1.40): the
+	// second login asks again.
 	verifier = oauth2.GenerateVerifier()
 	secrets.add("second PKCE verifier", verifier)
 	code = br.login(front, o, client.ClientID, tokenTestRedirect, verifier, []string{"openid", "notes:read", "notes:write"})
@@ -219,7 +220,7 @@ func TestAuditEventsAndNoSecretsInLogs(t *testing.T) {
 		}
 	}
 	for event, want := range map[string]int{
-		auditClientRegistered: 1, auditConsentGiven: 2, auditSessionCreated: 4, auditTokenRefreshed: 2,
+		auditClientRegistered: 1, auditConsentGiven: 4, auditSessionCreated: 4, auditTokenRefreshed: 2,
 		auditReuseDetected: 2, auditSessionRevoked: 3, auditOfflineAccessGranted: 1, auditOfflineAccessRevoked: 1,
 		auditBackgroundTokenIssued: 1,
 	} {

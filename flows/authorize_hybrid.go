@@ -127,9 +127,7 @@ func (b *Broker) authorizeHybrid(w http.ResponseWriter, r *http.Request) error {
 	if refused != nil {
 		return refused.to(redirectURI, state, page)
 	}
-	// Never for a private-use scheme: another app may claim it and start the request itself
-	// (RFC 8252 §8.6), so the user sees the page each time.
-	if !isPrivateUseRedirectURI(redirectURI) && b.consentRemembered(r, client.ID, redirectURI, req.Scopes) {
+	if consentMayBeRemembered(redirectURI) && b.consentRemembered(r, client.ID, redirectURI, req.Scopes) {
 		b.log.authorize.Info("consent remembered for this browser", zap.String("client_id", client.ID))
 		return b.redirectToIdP(w, r, req)
 	}

@@ -25,6 +25,9 @@ const (
 	// xssClient has markup in its name.
 	xssClient     = "xss-client"
 	xssClientName = `<script>alert("pwned")</script> & Co`
+	// webClient has https redirect URIs, for which approvals are remembered (S1.40).
+	webClient      = "web-client"
+	webRedirectURI = "https://web.example.com/cb"
 )
 
 // hybridClients adds the clients of the hybrid tests to newTestBroker's native client.
@@ -33,7 +36,17 @@ func hybridClients(c *Config) {
 		ClientConfig{ClientID: singleURIClient, Name: "Single URI", RedirectURIs: []string{singleURI}, Scopes: []string{"openid", "notes:read"}},
 		ClientConfig{ClientID: secondClient, Name: "Second Client", RedirectURIs: []string{"http://127.0.0.1/cb2"}},
 		ClientConfig{ClientID: xssClient, Name: xssClientName, RedirectURIs: []string{"https://xss.example.com/cb"}},
+		ClientConfig{ClientID: webClient, Name: "Web Client", RedirectURIs: []string{webRedirectURI}},
 	)
+}
+
+// webQuery is a good hybrid authorization request of the web client; change edits it.
+func webQuery(change func(url.Values)) url.Values {
+	q := hybridAuthorizeQuery(webClient, webRedirectURI, hybridVerifier, "client-state-123", []string{"openid", "notes:read"})
+	if change != nil {
+		change(q)
+	}
+	return q
 }
 
 // hybridQuery is a good hybrid authorization request of the native client; change edits it.

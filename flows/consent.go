@@ -32,8 +32,9 @@ import (
 // Remembered consent: an approval sets a consent cookie, sealed with the storage key
 // (AES-GCM: authenticated, so it cannot be forged or edited), listing the approvals as
 // (client id, redirect URI, scopes, expiry). A later authorization request from the same
-// browser for the same client id and the same redirect URI (compared as redirect matching
-// does: a loopback URI on any port), with no scope beyond those approved, skips the page.
+// browser for the same client id and the same redirect URI, with no scope beyond those
+// approved, skips the page; only https redirect URIs off loopback are remembered
+// (consentMayBeRemembered).
 // Anything else gets the page: consent is bound to what the page showed, never to "this
 // browser said yes once" (SECURITY.md: a client that registered a second, foreign
 // redirect URI must not inherit the approval given for its first).
@@ -156,10 +157,24 @@ func (b *Broker) consentRemembered(r *http.Request, clientID, redirectURI string
 	return false
 }
 
+// consentMayBeRemembered tells whether an approval for redirectURI may spare the page
+// later: only for an https URI off loopback, which the client's own host alone receives.
+// Any app on the user's computer can listen on a loopback port or claim a private-use
+// scheme, and start the request itself with a public client's id (a metadata document's
+// is public): with the approval remembered, it would get a code while the user saw no
+// page at all (RFC 8252 §8.6). So for those the page is shown each time (SECURITY.md S1.40).
+func consentMayBeRemembered(redirectURI string) bool {
+	u, err := parseRedirectURI(redirectURI)
+	return err == nil && u.Scheme == "https" && !IsLoopbackHost(u.Hostname())
+}
+
 // rememberConsent adds an approval of clientID with redirectURI for scopes to the
-// consent cookie. It keeps the newest approvals that fit; failing to seal only costs the
-// user the page next time.
+// consent cookie, where consentMayBeRemembered. It keeps the newest approvals that fit;
+// failing to seal only costs the user the page next time.
 func (b *Broker) rememberConsent(w http.ResponseWriter, r *http.Request, clientID, redirectURI string, scopes []string) {
+	if !consentMayBeRemembered(redirectURI) {
+		return
+	}
 	approved := approvedClient{ClientID: clientID, RedirectURI: redirectURI, Scopes: slices.Clone(scopes), Expires: b.now().Add(consentRememberFor).Unix()}
 	var kept []approvedClient
 	for _, a := range b.readConsentCookie(r) {

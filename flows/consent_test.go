@@ -109,7 +109,7 @@ func TestConsentPage(t *testing.T) {
 func TestConsentCookiesOnHTTPS(t *testing.T) {
 	b := newTestBroker(t, testenv.SharedOP(t), func(c *Config) { c.Mode = ModeHybrid; hybridClients(c) })
 	ticket := randomToken()
-	req := AuthorizationRequest{ClientID: testenv.NativeClientID, RedirectURI: hybridRedirectURI, State: "s",
+	req := AuthorizationRequest{ClientID: webClient, RedirectURI: webRedirectURI, State: "s",
 		CodeChallenge: oauth2.S256ChallengeFromVerifier(hybridVerifier), CodeChallengeMethod: "S256", Scopes: []string{"openid"}}
 	if err := b.cfg.Records.Put(t.Context(), recordKey(kindConsent, ticket), ConsentTicket{Request: req, CSRF: "csrf-value"}, time.Minute); err != nil {
 		t.Fatal(err)
@@ -308,16 +308,12 @@ func TestConsentApproveRedirectsToIdP(t *testing.T) {
 		t.Error("the stored verifier does not match the challenge, or is stored in the clear")
 	}
 
-	// The consent cookie is HttpOnly and SameSite=Lax; on http loopback it has a plain name.
+	// An approval for a loopback redirect URI is not remembered (SECURITY.md S1.40).
 	u, _ := url.Parse(front.URL + "/oauth/authorize")
-	var found bool
 	for _, c := range br.client.Jar.Cookies(u) {
 		if c.Name == "mcp_oauth_consent" {
-			found = true
+			t.Error("a consent cookie after approving a loopback redirect URI")
 		}
-	}
-	if !found {
-		t.Error("no consent cookie after approving")
 	}
 }
 
@@ -331,7 +327,7 @@ func TestConsentBoundToClientID(t *testing.T) {
 	isConsent := func(u *url.URL) bool { return strings.HasPrefix(u.String(), front.URL+pathConsent+"?") }
 
 	br := newHybridBrowser(t)
-	if next := br.toIdP(front, hybridQuery(nil)); !isIdP(next) {
+	if next := br.toIdP(front, webQuery(nil)); !isIdP(next) {
 		t.Fatalf("approve sent the browser to %s", next.Redacted())
 	}
 
@@ -341,14 +337,12 @@ func TestConsentBoundToClientID(t *testing.T) {
 		q       url.Values
 		want    func(*url.URL) bool
 	}{
-		{"same client, same browser: remembered", br, hybridQuery(nil), isIdP},
-		{"same client, another registered loopback port: remembered", br,
-			hybridQuery(func(q url.Values) { q.Set("redirect_uri", "http://127.0.0.1:50001/callback") }), isIdP},
-		{"same client, fewer scopes: remembered", br, hybridQuery(func(q url.Values) { q.Set("scope", "notes:read") }), isIdP},
-		{"same client, a scope not approved: asked again", br, hybridQuery(func(q url.Values) { q.Set("scope", "openid notes:write") }), isConsent},
+		{"same client, same browser: remembered", br, webQuery(nil), isIdP},
+		{"same client, fewer scopes: remembered", br, webQuery(func(q url.Values) { q.Set("scope", "notes:read") }), isIdP},
+		{"same client, a scope not approved: asked again", br, webQuery(func(q url.Values) { q.Set("scope", "openid notes:write") }), isConsent},
 		{"another client in the same browser: asked", br,
 			hybridAuthorizeQuery(secondClient, secondRedirectURI, hybridVerifier, "s", nil), isConsent},
-		{"same client in another browser: asked", newHybridBrowser(t), hybridQuery(nil), isConsent},
+		{"same client in another browser: asked", newHybridBrowser(t), webQuery(nil), isConsent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if next := tc.browser.authorize(front, tc.q); !tc.want(next) {
@@ -358,7 +352,7 @@ func TestConsentBoundToClientID(t *testing.T) {
 	}
 
 	t.Run("an unregistered redirect URI is refused even with consent", func(t *testing.T) {
-		resp, _ := br.get(front.URL + pathAuthorize + "?" + hybridQuery(func(q url.Values) { q.Set("redirect_uri", "https://evil.example/cb") }).Encode())
+		resp, _ := br.get(front.URL + pathAuthorize + "?" + webQuery(func(q url.Values) { q.Set("redirect_uri", "https://evil.example/cb") }).Encode())
 		if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Location") != "" {
 			t.Errorf("%s %q", resp.Status, resp.Header.Get("Location"))
 		}
@@ -377,27 +371,27 @@ func TestConsentBoundToClientID(t *testing.T) {
 		}
 		edited := newHybridBrowser(t)
 		edited.client.Jar.SetCookies(u, []*http.Cookie{{Name: "mcp_oauth_consent", Value: value[:len(value)-2] + "AA", Path: "/oauth"}})
-		if next := edited.authorize(front, hybridQuery(nil)); !isConsent(next) {
+		if next := edited.authorize(front, webQuery(nil)); !isConsent(next) {
 			t.Errorf("edited cookie: sent to %s", next.Redacted())
 		}
 		// Sealed for another purpose, the same bytes do not open as a consent cookie.
-		other, err := b.cfg.Records.Seal(storage.Key("cookies", "other"), []byte(`{"c":[{"i":"native","s":["openid","notes:read"],"x":9999999999}]}`))
+		other, err := b.cfg.Records.Seal(storage.Key("cookies", "other"), []byte(`{"c":[{"i":"web-client","r":"https://web.example.com/cb","s":["openid","notes:read"],"x":9999999999}]}`))
 		if err != nil {
 			t.Fatal(err)
 		}
 		forged := newHybridBrowser(t)
 		forged.client.Jar.SetCookies(u, []*http.Cookie{{Name: "mcp_oauth_consent", Value: other, Path: "/oauth"}})
-		if next := forged.authorize(front, hybridQuery(nil)); !isConsent(next) {
+		if next := forged.authorize(front, webQuery(nil)); !isConsent(next) {
 			t.Errorf("foreign sealed cookie: sent to %s", next.Redacted())
 		}
 	})
 
 	t.Run("approvals of both clients live side by side", func(t *testing.T) {
-		next := br.toIdP(front, hybridAuthorizeQuery(secondClient, secondRedirectURI, hybridVerifier, "s", nil))
+		next := br.toIdP(front, hybridAuthorizeQuery(singleURIClient, singleURI, hybridVerifier, "s", nil))
 		if !isIdP(next) {
 			t.Fatalf("approve of the second client: %s", next.Redacted())
 		}
-		for _, q := range []url.Values{hybridQuery(nil), hybridAuthorizeQuery(secondClient, secondRedirectURI, hybridVerifier, "s", nil)} {
+		for _, q := range []url.Values{webQuery(nil), hybridAuthorizeQuery(singleURIClient, singleURI, hybridVerifier, "s", nil)} {
 			if next := br.authorize(front, q); !isIdP(next) {
 				t.Errorf("%s not remembered: %s", q.Get("client_id"), next.Redacted())
 			}
@@ -406,7 +400,7 @@ func TestConsentBoundToClientID(t *testing.T) {
 
 	t.Run("an approval expires", func(t *testing.T) {
 		clock.Advance(consentRememberFor + time.Minute)
-		if next := br.authorize(front, hybridQuery(nil)); !isConsent(next) {
+		if next := br.authorize(front, webQuery(nil)); !isConsent(next) {
 			t.Errorf("after expiry: sent to %s", next.Redacted())
 		}
 	})
@@ -515,7 +509,8 @@ func TestConsentBoundToRedirectURI(t *testing.T) {
 	}{
 		{"the approved redirect URI: remembered", query("https://claude.example/cb"), isIdP},
 		{"another registered redirect URI: asked again", query("https://evil.example/cb"), isConsent},
-		{"the approved loopback URI on another port: remembered", query("http://127.0.0.1:50123/cli"), isIdP},
+		{"the approved loopback URI on another port: asked again (S1.40)", query("http://127.0.0.1:50123/cli"), isConsent},
+		{"the approved loopback URI itself: asked again", query("http://127.0.0.1:40001/cli"), isConsent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if next := br.authorize(front, tc.q); !tc.want(next) {
