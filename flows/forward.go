@@ -57,7 +57,7 @@ func stripClientIdentity(h http.Header, subjectHeader string) {
 func brokerManagedHeader(name, subjectHeader string) bool {
 	if name != "" && subjectHeader != "" {
 		// Most headers are told apart by their first byte, compared as SameHeaderName does.
-		if c := nameFold(name[0]); !managedFirstBytes[c] && c != nameFold(subjectHeader[0]) {
+		if c := mcprequest.HeaderNameFold(name[0]); !managedFirstBytes[c] && c != mcprequest.HeaderNameFold(subjectHeader[0]) {
 			return false
 		}
 	}
@@ -78,25 +78,14 @@ func brokerManagedHeader(name, subjectHeader string) bool {
 	return false
 }
 
-// managedFirstBytes are the first bytes (nameFold) of Authorization, the identity
-// headers and identityHeaderPrefix, but for the subject header's.
+// managedFirstBytes are the first bytes (mcprequest.HeaderNameFold) of Authorization, the
+// identity headers and identityHeaderPrefix, but for the subject header's.
 var managedFirstBytes = func() (t [256]bool) {
 	for _, n := range append([]string{"Authorization", identityHeaderPrefix}, identityHeaders...) {
-		t[nameFold(n[0])] = true
+		t[mcprequest.HeaderNameFold(n[0])] = true
 	}
 	return t
 }()
-
-// nameFold is c as SameHeaderName compares it: ASCII letters in lower case, '_' as '-'.
-func nameFold(c byte) byte {
-	switch {
-	case c == '_':
-		return '-'
-	case 'A' <= c && c <= 'Z':
-		return c + 'a' - 'A'
-	}
-	return c
-}
 
 // cleanConnection returns the Connection values without the tokens naming a
 // broker-managed header; values is returned as it is when there are none.

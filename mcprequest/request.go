@@ -271,14 +271,16 @@ func SameHeaderName(a, b string) bool {
 		return false
 	}
 	for i := 0; i < len(a); i++ {
-		if headerNameFold(a[i]) != headerNameFold(b[i]) {
+		if HeaderNameFold(a[i]) != HeaderNameFold(b[i]) {
 			return false
 		}
 	}
 	return true
 }
 
-func headerNameFold(c byte) byte {
+// HeaderNameFold is c as SameHeaderName compares it: ASCII letters in lower case, '_'
+// as '-'.
+func HeaderNameFold(c byte) byte {
 	switch {
 	case c == '_':
 		return '-'
