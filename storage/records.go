@@ -286,15 +286,9 @@ func (r *Records) TakeOnce(ctx context.Context, key string, v any) error {
 			return fmt.Errorf("taking record: %w", err)
 		}
 	} else {
-		switch env, err := r.load(ctx, key); {
-		case err != nil:
-			return err
-		case r.expired(env):
-			return ErrNotFound
-		}
-		unlock, err := r.lock(ctx, "take", key)
+		unlock, err := r.lockLive(ctx, key)
 		if err != nil {
-			return fmt.Errorf("taking record: %w", err)
+			return err
 		}
 		data, err = r.store.Load(ctx, key)
 		if err == nil {
@@ -352,15 +346,9 @@ func (r *Records) TakeOnceLeaving(ctx context.Context, key, trace string, v any)
 			return err
 		}
 	} else {
-		switch env, err = r.load(ctx, key); {
-		case err != nil:
-			return err
-		case r.expired(env):
-			return ErrNotFound
-		}
-		unlock, err := r.lock(ctx, "take", key)
+		unlock, err := r.lockLive(ctx, key)
 		if err != nil {
-			return fmt.Errorf("taking record: %w", err)
+			return err
 		}
 		env, err = r.moveLocked(ctx, key, trace)
 		unlock()
@@ -372,6 +360,21 @@ func (r *Records) TakeOnceLeaving(ctx context.Context, key, trace string, v any)
 		return ErrNotFound
 	}
 	return decodeValue(env, v)
+}
+
+// lockLive takes the storage lock of key for a take without Native, once a read has
+// found a live record there: a key a stranger makes up names none and takes no lock.
+func (r *Records) lockLive(ctx context.Context, key string) (unlock func(), err error) {
+	switch env, err := r.load(ctx, key); {
+	case err != nil:
+		return nil, err
+	case r.expired(env):
+		return nil, ErrNotFound
+	}
+	if unlock, err = r.lock(ctx, "take", key); err != nil {
+		return nil, fmt.Errorf("taking record: %w", err)
+	}
+	return unlock, nil
 }
 
 // moveLocked is TakeOnceLeaving's move on a backend without Native; the caller holds
