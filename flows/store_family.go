@@ -173,16 +173,23 @@ func (st familyStore) accessToken(ctx context.Context, raw string) (AccessToken,
 
 // refreshToken returns the record of the refresh token raw, or storage.ErrNotFound.
 func (st familyStore) refreshToken(ctx context.Context, raw string) (RefreshToken, error) {
+	rt, _, err := st.refreshRecord(ctx, raw)
+	return rt, err
+}
+
+// refreshRecord is refreshToken with the pair that holds the token, which rotate
+// rewrites; nil for a token of an earlier release, which has a record of its own.
+func (st familyStore) refreshRecord(ctx context.Context, raw string) (RefreshToken, *TokenPair, error) {
 	if id, ok := pairTokenID(raw); ok {
 		p, err := st.pair(ctx, id, raw, true)
 		if err != nil {
-			return RefreshToken{}, err
+			return RefreshToken{}, nil, err
 		}
-		return *p.Refresh, nil
+		return *p.Refresh, &p, nil
 	}
 	var rt RefreshToken
 	err := st.records.Get(ctx, recordKey(kindRefreshToken, raw), &rt)
-	return rt, err
+	return rt, nil, err
 }
 
 // lockRefresh takes the cluster-wide lock of the refresh token raw.
@@ -193,8 +200,9 @@ func (st familyStore) lockRefresh(ctx context.Context, raw string) (func(), erro
 // rotate records in the old refresh token's record that it was used and which pair it
 // yielded (sealed), for retries within the grace window and reuse detection after it.
 // The record stays as long as the token would have: a reuse is detected all that time.
-// The caller holds the refresh token's lock.
-func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, resp TokenResponse, now time.Time) error {
+// The caller holds the refresh token's lock, under which it read rec and pair
+// (refreshRecord).
+func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, pair *TokenPair, resp TokenResponse, now time.Time) error {
 	key := tokenRecordKey(kindRefreshToken, raw)
 	plain, err := json.Marshal(resp)
 	if err != nil {
@@ -205,8 +213,7 @@ func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, 
 	}
 	rec.RotatedAt = now
 	ttl := max(rec.Expiry.Sub(now), 2*st.grace)
-	id, ok := pairTokenID(raw)
-	if !ok {
+	if pair == nil {
 		if err := st.records.Put(ctx, key, rec, ttl); err != nil {
 			return fmt.Errorf("storing rotated refresh token: %w", err)
 		}
@@ -214,10 +221,7 @@ func (st familyStore) rotate(ctx context.Context, raw string, rec RefreshToken, 
 	}
 	// The pair's access token stays as it was, valid until its expiry as a rotated pair's
 	// always was; the record lives as long as either token.
-	p, err := st.pair(ctx, id, raw, true)
-	if err != nil {
-		return fmt.Errorf("reading token pair to rotate it: %w", err)
-	}
+	p := *pair
 	p.RefreshSuccessor, rec.Successor = rec.Successor, ""
 	p.Refresh = &rec
 	ttl = max(ttl, p.Access.Expiry.Sub(now))

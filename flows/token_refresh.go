@@ -33,10 +33,13 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 		return TokenResponse{}, errInvalidGrant("the refresh token is invalid, expired or revoked")
 	}
 
-	var rec RefreshToken
+	var (
+		rec  RefreshToken
+		pair *TokenPair // the record rotate rewrites, when the token is in one
+	)
 	read := func(ctx context.Context) error {
 		var err error
-		rec, err = b.families.refreshToken(ctx, raw)
+		rec, pair, err = b.families.refreshRecord(ctx, raw)
 		switch {
 		case errors.Is(err, storage.ErrNotFound):
 			return errInvalidGrant("the refresh token is invalid, expired or revoked")
@@ -132,7 +135,7 @@ func (b *Broker) refreshGrant(r *http.Request, form url.Values, client *Client) 
 		NotAfter:      sessionEnd,
 	})
 	if err == nil {
-		err = b.families.rotate(ctx, raw, rec, resp, now)
+		err = b.families.rotate(ctx, raw, rec, pair, resp, now)
 	}
 	if err != nil {
 		// The old token is still unrotated: the client may retry.
