@@ -47,7 +47,8 @@ func isBatch(body []byte) bool {
 // any upstream could read them: a member counts under every spelling some JSON decoder
 // matches (keys compared with Unicode case folding, as encoding/json compares them), and
 // every duplicate counts, whichever one a decoder keeps. ok is false for a body that is
-// not valid JSON, or a batch with an element that is not an object.
+// not valid JSON, a batch with an element that is not an object, or a call whose tool
+// name holds U+FFFD (callNames).
 //
 // The body is validated once by encoding/json, then walked by jsonMembers, which on valid
 // JSON only has to find where values end: no decoding, no allocation but the names.
@@ -79,7 +80,8 @@ func toolNamesOfValid(body []byte) (names []string, ok bool) {
 }
 
 // callNames returns the tool names of one JSON-RPC message (valid JSON) when any of its
-// method members is tools/call; ok is false when msg is not an object.
+// method members is tools/call; ok is false when msg is not an object, or a tool name
+// holds U+FFFD (as sent, or as what a decoder makes of bytes that are not Unicode text).
 func callNames(msg []byte) (names []string, ok bool) {
 	if msg[0] != '{' {
 		return nil, false
@@ -102,14 +104,22 @@ func callNames(msg []byte) (names []string, ok bool) {
 	if !call {
 		return nil, true
 	}
+	notText := false
 	for _, p := range params {
 		jsonMembers(p, func(key, value []byte) {
 			if keyIs(key, "name") {
 				if name, ok := jsonString(value); ok {
 					names = append(names, name)
+					notText = notText || strings.ContainsRune(name, utf8.RuneError)
 				}
 			}
 		})
+	}
+	if notText {
+		// A byte that is not UTF-8 or an escaped lone surrogate: readers differ on it
+		// (one U+FFFD per byte here, per ill-formed sequence in Node; JSON.parse keeps the
+		// surrogate), so no rule can be matched against the name the upstream runs.
+		return nil, false
 	}
 	if len(names) == 0 {
 		// A call without a name is still a call: rules like "*" apply to it.

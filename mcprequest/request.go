@@ -139,7 +139,8 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	}
 	tools, ok := toolNamesOfValid(body)
 	if !ok {
-		// A batch element that is not an object: fail closed as above.
+		// A batch element that is not an object, or a tool name that is not Unicode text
+		// as sent: fail closed as above.
 		return Message{}, ErrUnreadable
 	}
 	msg.Tools = tools
