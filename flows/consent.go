@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"html/template"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -162,10 +163,35 @@ func (b *Broker) consentRemembered(r *http.Request, clientID, redirectURI string
 // Any app on the user's computer can listen on a loopback port or claim a private-use
 // scheme, and start the request itself with a public client's id (a metadata document's
 // is public): with the approval remembered, it would get a code while the user saw no
-// page at all (RFC 8252 §8.6). So for those the page is shown each time (SECURITY.md S1.40).
+// page at all (RFC 8252 §8.6). So for those the page is shown each time (SECURITY.md S1.40),
+// and for every other host a browser may send to this computer (S1.42).
 func consentMayBeRemembered(redirectURI string) bool {
 	u, err := parseRedirectURI(redirectURI)
-	return err == nil && u.Scheme == "https" && !IsLoopbackHost(u.Hostname())
+	if err != nil || u.Scheme != "https" {
+		return false
+	}
+	host, err := asciiHost(u.Hostname())
+	return err == nil && !mayBeThisComputer(host)
+}
+
+// mayBeThisComputer tells whether a browser may send a request for host (ASCII, lower
+// case, as asciiHost gives it) to the user's own computer: a loopback or unspecified
+// address, localhost or a name under it (RFC 6761 §6.3), with or without a trailing dot,
+// or a host a browser reads as an IPv4 address, which its last label being a number makes
+// it (WHATWG URL: 127.1, 0x7f.0.0.1 and 2130706433 are 127.0.0.1), whatever it names.
+func mayBeThisComputer(host string) bool {
+	h := strings.TrimSuffix(host, ".")
+	if h == "localhost" || strings.HasSuffix(h, ".localhost") {
+		return true
+	}
+	if ip := net.ParseIP(h); ip != nil {
+		return ip.IsLoopback() || ip.IsUnspecified()
+	}
+	last := h[strings.LastIndexByte(h, '.')+1:]
+	if hex, ok := strings.CutPrefix(last, "0x"); ok {
+		return strings.Trim(hex, "0123456789abcdef") == ""
+	}
+	return last != "" && strings.Trim(last, "0123456789") == ""
 }
 
 // rememberConsent adds an approval of clientID with redirectURI for scopes to the

@@ -487,7 +487,7 @@ func TestConsentBoundToRedirectURI(t *testing.T) {
 	b, front := startHybridFront(t, o, "", func(c *Config) {
 		hybridClients(c)
 		c.Clients = append(c.Clients, ClientConfig{ClientID: twin, Name: "Claude",
-			RedirectURIs: []string{"https://claude.example/cb", "https://evil.example/cb", "http://127.0.0.1/cli"}})
+			RedirectURIs: []string{"https://claude.example/cb", "https://evil.example/cb", "http://127.0.0.1/cli", "https://127.1:8443/cb"}})
 	})
 	isIdP := func(u *url.URL) bool { return strings.HasPrefix(u.String(), o.AuthorizationEndpoint+"?") }
 	isConsent := func(u *url.URL) bool { return strings.HasPrefix(u.String(), front.URL+pathConsent+"?") }
@@ -502,6 +502,9 @@ func TestConsentBoundToRedirectURI(t *testing.T) {
 	if next := br.toIdP(front, query("http://127.0.0.1:40001/cli")); !isIdP(next) {
 		t.Fatalf("approve sent the browser to %s", next.Redacted())
 	}
+	if next := br.toIdP(front, query("https://127.1:8443/cb")); !isIdP(next) {
+		t.Fatalf("approve sent the browser to %s", next.Redacted())
+	}
 	for _, tc := range []struct {
 		name string
 		q    url.Values
@@ -511,6 +514,7 @@ func TestConsentBoundToRedirectURI(t *testing.T) {
 		{"another registered redirect URI: asked again", query("https://evil.example/cb"), isConsent},
 		{"the approved loopback URI on another port: asked again (S1.40)", query("http://127.0.0.1:50123/cli"), isConsent},
 		{"the approved loopback URI itself: asked again", query("http://127.0.0.1:40001/cli"), isConsent},
+		{"an approved https URI a browser sends to 127.0.0.1: asked again (S1.42)", query("https://127.1:8443/cb"), isConsent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if next := br.authorize(front, tc.q); !tc.want(next) {
