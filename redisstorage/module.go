@@ -209,7 +209,7 @@ func (s *Storage) newClient() (redis.UniversalClient, error) {
 	}
 	// One server, or its Sentinels when sentinel_master is set (Validate refuses several
 	// servers otherwise, so this is never a cluster client).
-	return redis.NewUniversalClient(&redis.UniversalOptions{
+	client := redis.NewUniversalClient(&redis.UniversalOptions{
 		Addrs:                 s.Addresses,
 		MasterName:            s.SentinelMaster,
 		SentinelUsername:      s.SentinelUsername,
@@ -224,7 +224,9 @@ func (s *Storage) newClient() (redis.UniversalClient, error) {
 		MaxRetries:            maxRetries,
 		DialerRetries:         dialerRetries,
 		TLSConfig:             tlsConfig,
-	}), nil
+	})
+	client.AddHook(operationBound(time.Duration(s.DialTimeout + s.WriteTimeout + s.ReadTimeout)))
+	return client, nil
 }
 
 // Retries on network errors: one retry of a command and of a dial, so that an operation
