@@ -164,4 +164,8 @@ func (p *caddyProc) setKeys(t *testing.T, keys string) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// The reload shut the old server down, closing its idle connections: a request sent on
+	// one the client still pools would read EOF, as a browser's would. Browsers retry; the
+	// test's clients start on fresh connections instead.
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
 }
