@@ -90,15 +90,42 @@ func (s *countedStorage) List(ctx context.Context, prefix string, recursive bool
 // IdP's login (zitadel's OP, in this process: profile the flows package's functions for
 // the broker's part), the callback with its code exchange and ID token check, and the
 // token endpoint. It reports the storage operations per login: Lock counts the storage
-// locks (Unlock is one per Lock), take the fast path's LoadAndDelete.
+// locks (Unlock is one per Lock), take the fast path's LoadAndDelete. The client is a
+// configured one (client=configured) or one registered by RFC 7591 (client=registered),
+// as MCP clients register themselves, whose registration is a record in storage.
 func BenchmarkHybridLogin(b *testing.B) {
+	b.Run("client=configured", func(b *testing.B) { benchmarkHybridLogin(b, false) })
+	b.Run("client=registered", func(b *testing.B) { benchmarkHybridLogin(b, true) })
+}
+
+func benchmarkHybridLogin(b *testing.B, registered bool) {
 	o := testenv.SharedOP(b)
 	ring, err := storage.NewKeyRing(bytes.Repeat([]byte{7}, 32))
 	if err != nil {
 		b.Fatal(err)
 	}
 	st := newCountedStorage(b.TempDir())
-	_, front := startHybridFront(b, o, "", func(c *Config) { c.Records = storage.New(st, ring) })
+	_, front := startHybridFront(b, o, "", func(c *Config) {
+		c.Records = storage.New(st, ring)
+		c.Registration = registered
+	})
+	clientID := testenv.NativeClientID
+	if registered {
+		resp, err := http.Post(front.URL+pathRegister, "application/json", strings.NewReader(
+			`{"redirect_uris":["`+tokenTestRedirect+`"],"token_endpoint_auth_method":"none","client_name":"Bench"}`))
+		if err != nil {
+			b.Fatal(err)
+		}
+		var info struct {
+			ClientID string `json:"client_id"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&info)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusCreated || info.ClientID == "" {
+			b.Fatalf("registration: %s, %v", resp.Status, err)
+		}
+		clientID = info.ClientID
+	}
 	// The broker limits authorizations per client address (60 a minute): the logins come
 	// from 64 loopback addresses in turn, each with its own connections, so that a run of
 	// any length measures logins, not 429s.
@@ -114,9 +141,9 @@ func BenchmarkHybridLogin(b *testing.B) {
 		br.client.Transport = transports[n%len(transports)]
 		n++
 		verifier := oauth2.GenerateVerifier()
-		code := br.login(front, o, testenv.NativeClientID, tokenTestRedirect, verifier, []string{"notes:read"})
+		code := br.login(front, o, clientID, tokenTestRedirect, verifier, []string{"notes:read"})
 		form := url.Values{
-			"grant_type": {"authorization_code"}, "client_id": {testenv.NativeClientID}, "code": {code},
+			"grant_type": {"authorization_code"}, "client_id": {clientID}, "code": {code},
 			"redirect_uri": {tokenTestRedirect}, "code_verifier": {verifier},
 		}
 		resp, err := br.client.Post(front.URL+pathToken, "application/x-www-form-urlencoded", strings.NewReader(form.Encode()))
@@ -129,7 +156,7 @@ func BenchmarkHybridLogin(b *testing.B) {
 			b.Fatalf("token endpoint: %s, %v", resp.Status, err)
 		}
 	}
-	login() // the IdP's discovery and keys fetched, the consent page's template parsed
+	login() // the IdP's discovery and keys fetched, the consent page's template parsed, a registration renewed
 	counters := []*atomic.Int64{&st.stores, &st.loads, &st.deletes, &st.locks, &st.takes, &st.others}
 	for _, c := range counters {
 		c.Store(0)
