@@ -162,17 +162,24 @@ func (r *Records) Put(ctx context.Context, key string, v any, ttl time.Duration)
 // ErrNotFound. Expired records are left for the janitor rather than deleted
 // here, so that a Get never races a concurrent Put of the same key.
 func (r *Records) Get(ctx context.Context, key string, v any) error {
+	_, err := r.GetExpiring(ctx, key, v)
+	return err
+}
+
+// GetExpiring is Get that also returns when the record expires, for a caller that keeps
+// the value in memory and must not keep it longer.
+func (r *Records) GetExpiring(ctx context.Context, key string, v any) (time.Time, error) {
 	if !validKey(key, true) {
-		return errInvalidKey
+		return time.Time{}, errInvalidKey
 	}
 	env, err := r.load(ctx, key)
 	if err != nil {
-		return err
+		return time.Time{}, err
 	}
 	if r.expired(env) {
-		return ErrNotFound
+		return time.Time{}, ErrNotFound
 	}
-	return decodeValue(env, v)
+	return env.ExpiresAt, decodeValue(env, v)
 }
 
 // Delete removes the record at key; a missing record is not an error.

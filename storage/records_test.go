@@ -110,6 +110,26 @@ func TestRecordsExpireWithTheInjectedClock(t *testing.T) {
 	}
 }
 
+// GetExpiring returns the expiry Put gave the record, for callers that keep it in memory.
+func TestGetExpiringReturnsTheRecordsExpiry(t *testing.T) {
+	ctx := context.Background()
+	clock := newClock()
+	r := newFileRecords(t, t.TempDir(), clock)
+	key := Key("clients", Hash("c1"))
+	if err := r.Put(ctx, key, "v", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	var v string
+	exp, err := r.GetExpiring(ctx, key, &v)
+	if err != nil || v != "v" || !exp.Equal(clock.Now().Add(time.Hour)) {
+		t.Fatalf("GetExpiring = %v, %q, %v; want %v", exp, v, err, clock.Now().Add(time.Hour))
+	}
+	clock.Advance(time.Hour)
+	if _, err := r.GetExpiring(ctx, key, &v); err != ErrNotFound {
+		t.Fatalf("GetExpiring at expiry = %v, want ErrNotFound", err)
+	}
+}
+
 func TestList(t *testing.T) {
 	ctx := context.Background()
 	clock := newClock()
