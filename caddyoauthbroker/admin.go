@@ -162,6 +162,18 @@ func (s *sites) remove(h *Handler) {
 	}
 }
 
+// forgetClient drops the registered client id from every handler's memory, the old
+// configuration's during a reload included.
+func (s *sites) forgetClient(id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, h := range s.handlers {
+		if h.broker != nil {
+			h.broker.ForgetClient(id)
+		}
+	}
+}
+
 // current is the newest handler of each site. During a config reload the new
 // configuration's handlers are provisioned before the old one's are cleaned up, so a
 // site may briefly have two; the new one is the one that will serve.

@@ -156,10 +156,13 @@ func (a *AdminAPI) serveClients(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	switch ok, err := h.broker.DeleteClient(r.Context(), id); {
-	case err != nil:
+	ok, err := h.broker.DeleteClient(r.Context(), id)
+	if err != nil {
 		return apiError(http.StatusInternalServerError, "%w", err)
-	case !ok:
+	}
+	// Sites of this process that share the storage keep the registration in memory too.
+	liveSites.forgetClient(id)
+	if !ok {
 		return apiError(http.StatusNotFound, "no registered client %q", id)
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -171,10 +171,13 @@ func (b *Broker) RegisteredClients(ctx context.Context) ([]AdminClient, bool, er
 
 // DeleteClient deletes the registration of the dynamically registered client id and
 // tells whether there was one. The client can no longer start a login or refresh its
-// tokens; tokens it holds stay valid until they expire or their sessions are ended.
+// tokens: on this node at once, on other nodes sharing the storage within 30 s (they keep
+// a registration they read that long, registrationCacheTTL); tokens it holds stay valid
+// until they expire or their sessions are ended.
 func (b *Broker) DeleteClient(ctx context.Context, id string) (bool, error) {
 	switch _, err := b.registrations.load(ctx, id); {
 	case errors.Is(err, storage.ErrNotFound):
+		b.ForgetClient(id) // deleted on another node, or expired: not served from here either
 		return false, nil
 	case err != nil:
 		return false, fmt.Errorf("reading registration: %w", err)
@@ -182,8 +185,16 @@ func (b *Broker) DeleteClient(ctx context.Context, id string) (bool, error) {
 	if err := b.registrations.delete(ctx, id); err != nil {
 		return false, fmt.Errorf("deleting registration: %w", err)
 	}
+	b.ForgetClient(id)
 	b.log.register.Info("registration deleted through the admin API", zap.String("client_id", id))
 	return true, nil
+}
+
+// ForgetClient drops what this broker keeps in memory of the registered client id, so that
+// a registration deleted through another broker of this process sharing its storage is
+// refused here at once too. Other nodes forget it within 30 s (registrationCacheTTL).
+func (b *Broker) ForgetClient(id string) {
+	b.clients.registered.forget(id)
 }
 
 // KeyUse is one key of the ring and how many sealed values in storage it still seals.

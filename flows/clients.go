@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -110,6 +111,8 @@ type clientRegistry struct {
 	// allRegistrations is one bucket for every address together.
 	allRegistrations *ratelimit.Limiter
 	documents        *metadataDocuments
+	// registered are the registered clients read from storage lately (registeredClient).
+	registered *registrationCache
 }
 
 func newClientRegistry(cfg []ClientConfig, defaultScopes []string, jwtBearer bool) (*clientRegistry, error) {
@@ -119,6 +122,7 @@ func newClientRegistry(cfg []ClientConfig, defaultScopes []string, jwtBearer boo
 		registrations:    ratelimit.New(ratelimit.MaxAddresses),
 		allRegistrations: ratelimit.New(1),
 		documents:        newMetadataDocuments(maxCachedDocuments),
+		registered:       newRegistrationCache(maxCachedRegistrations),
 	}
 	for _, c := range cfg {
 		method, err := CheckClientSecret(c.AuthMethod, c.Secret)
@@ -218,16 +222,95 @@ func (b *Broker) findClient(ctx context.Context, id string) (*Client, error) {
 	return b.registeredClient(ctx, id)
 }
 
-// registeredClient loads a dynamically registered client.
+// registeredClient finds a dynamically registered client: from memory when this node read
+// its registration less than registrationCacheTTL ago, else from storage. A login asks for
+// its client at three steps (authorize, the consent page, the token endpoint), each of
+// which would otherwise read and decode the registration again.
 func (b *Broker) registeredClient(ctx context.Context, id string) (*Client, error) {
-	rec, err := b.registrations.load(ctx, id)
+	cache := b.clients.registered
+	now := b.now()
+	if c := cache.get(id, now); c != nil {
+		return c, nil
+	}
+	gen := cache.generation()
+	rec, expires, err := b.registrations.loadExpiring(ctx, id)
 	if err != nil {
 		if errors.Is(err, storage.ErrNotFound) {
 			return nil, ErrUnknownClient
 		}
 		return nil, storageFailed("loading registered client", err)
 	}
-	return clientFromRegistration(rec, b.clients.defaultScopes), nil
+	c := clientFromRegistration(rec, b.clients.defaultScopes)
+	// Never beyond the record's own expiry: an expired registration is unknown at once.
+	if until := now.Add(registrationCacheTTL); until.Before(expires) {
+		expires = until
+	}
+	cache.put(id, c, expires, now, gen)
+	return c, nil
+}
+
+const (
+	// registrationCacheTTL is how long a node keeps a registered client it read from
+	// storage: the bound within which a registration deleted on another node sharing the
+	// storage stops being served here (the node that deletes it forgets it at once). The
+	// same 30 s as a broker token's revocation reaching the other nodes.
+	registrationCacheTTL = 30 * time.Second
+	// maxCachedRegistrations bounds that memory: anyone may register clients. A full
+	// cache drops the entry closest to expiry, which costs a storage read, nothing more.
+	maxCachedRegistrations = 1000
+)
+
+// registrationCache holds registered clients by id, each until registrationCacheTTL
+// after it was read or its record's expiry, whichever comes first (expiringMap, as
+// metadata documents are held).
+type registrationCache struct {
+	mu      sync.Mutex
+	entries expiringMap[*Client]
+	// gen counts the forgets: a client read from storage while one happened may be
+	// the one forgotten, and is not kept.
+	gen uint64
+}
+
+func newRegistrationCache(max int) *registrationCache {
+	return &registrationCache{entries: newExpiringMap[*Client](max)}
+}
+
+func (rc *registrationCache) get(id string, now time.Time) *Client {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	c, _ := rc.entries.get(id, now)
+	return c
+}
+
+// generation is the count of forgets so far, to pass to put.
+func (rc *registrationCache) generation() uint64 {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return rc.gen
+}
+
+// put keeps c until expires, unless a forget came after generation gen was read.
+func (rc *registrationCache) put(id string, c *Client, expires, now time.Time, gen uint64) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if rc.gen != gen {
+		return
+	}
+	rc.entries.put(id, c, expires, now)
+}
+
+// forget drops the client id, and any read of a registration under way.
+func (rc *registrationCache) forget(id string) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	rc.gen++
+	delete(rc.entries.entries, id)
+}
+
+func (rc *registrationCache) len() int {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return len(rc.entries.entries)
 }
 
 const (
@@ -251,6 +334,8 @@ func (b *Broker) renewRegistration(ctx context.Context, c *Client) {
 	if err := b.registrations.renew(ctx, c.ID, now); err != nil {
 		b.log.register.Warn("renewing client registration", zap.String("client_id", c.ID), zap.Error(err))
 	}
+	// The copy in memory still has the old renewal time; the next login reads the new one.
+	b.clients.registered.forget(c.ID)
 }
 
 // registrationLifetime is how long a registration lives after its last login or refresh:

@@ -24,11 +24,18 @@ func (st clientStore) register(ctx context.Context, rec *RegisteredClient) error
 
 // load returns the registration of id, or storage.ErrNotFound.
 func (st clientStore) load(ctx context.Context, id string) (*RegisteredClient, error) {
+	rec, _, err := st.loadExpiring(ctx, id)
+	return rec, err
+}
+
+// loadExpiring is load that also returns when the registration's record expires.
+func (st clientStore) loadExpiring(ctx context.Context, id string) (*RegisteredClient, time.Time, error) {
 	var rec RegisteredClient
-	if err := st.records.Get(ctx, recordKey(kindClient, id), &rec); err != nil {
-		return nil, err
+	expires, err := st.records.GetExpiring(ctx, recordKey(kindClient, id), &rec)
+	if err != nil {
+		return nil, time.Time{}, err
 	}
-	return &rec, nil
+	return &rec, expires, nil
 }
 
 // renew gives the registration of id a whole lifetime again from now.
