@@ -1,6 +1,7 @@
 package flows
 
 import (
+	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
 	"fmt"
@@ -290,7 +291,7 @@ type Broker struct {
 
 	// brokerTokens caches verified broker-issued access tokens (broker_tokens.go); the
 	// zero value is ready.
-	brokerTokens tokencache.Cache[brokerVerdict]
+	brokerTokens tokencache.Cache[[sha256.Size]byte, brokerVerdict]
 
 	// adminScanLimit bounds the admin API's and the gauges' scans (store_admin.go):
 	// AdminScanLimit, smaller in tests.

@@ -54,7 +54,7 @@ type delegatedEntry struct {
 // epoch keeps a revoked session's token out when a fetch finishes after the eviction. Safe
 // for concurrent use.
 type delegatedCache struct {
-	entries *tokencache.Cache[delegatedEntry]
+	entries *tokencache.Cache[delegationKey, delegatedEntry]
 	// flight shares one fetch per key among concurrent callers; flying counts the
 	// fetches under way.
 	flight singleflight.Group
@@ -62,7 +62,7 @@ type delegatedCache struct {
 }
 
 func newDelegatedCache(max int) *delegatedCache {
-	return &delegatedCache{entries: tokencache.New[delegatedEntry](max)}
+	return &delegatedCache{entries: tokencache.New[delegationKey, delegatedEntry](max)}
 }
 
 // get returns the Authorization header value cached under key, if still good at now.

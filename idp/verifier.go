@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"io"
 	"math"
 	"net/http"
@@ -108,14 +109,19 @@ var supportedSigningAlgs = []string{
 
 // Verifier checks the access tokens presented to the protected MCP endpoint: JWTs with
 // go-oidc against the IdP's JWKS, anything else by RFC 7662 introspection. Verdicts are
-// cached by the SHA-256 of the token, so a warm request costs a hash and a map read; a
-// cold one is verified once for all concurrent callers presenting the same token. It is
-// safe for concurrent use.
+// cached by a keyed hash of the token (tokencache.Index) and hold what tells the token
+// from any other (the token, or its SHA-256), so a warm request costs a cheap hash, a map
+// read and a comparison; a cold one is verified once for all concurrent callers
+// presenting the same token. It is safe for concurrent use.
 type Verifier struct {
 	cfg VerifierConfig
 
-	cache *tokencache.Cache[verdict]
-	// flight runs one cold verification per token (keyed by its cache key) at a time.
+	cache *tokencache.Cache[uint64, verdict]
+	seed  maphash.Seed
+	// collide, set only by a test (a fault), replaces tokencache.Index so that two
+	// tokens share an index.
+	collide func(raw string) uint64
+	// flight runs one cold verification per token (keyed by its SHA-256) at a time.
 	flight singleflight.Group
 
 	jwt atomic.Pointer[jwtVerifier]
@@ -123,10 +129,29 @@ type Verifier struct {
 	budget *coldBudget
 }
 
-// verdict is a cached result: a principal or a refusal.
+// verdict is a cached result: a principal or a refusal, and what tells the token it was
+// found for from another under the same index: the token itself for a valid one of at
+// most maxKeptToken bytes (a warm hit compares it), else only its SHA-256 (a hit hashes
+// the token presented to compare). A refusal never keeps the token: a stranger's flood of
+// made-up 16 KiB tokens costs the cache their digests, not their bytes.
 type verdict struct {
 	principal *Principal
 	err       error
+	digest    [sha256.Size]byte
+	token     string
+}
+
+// maxKeptToken bounds the tokens a verdict keeps, and so the cache's memory: a full cache
+// of the default 10,000 verdicts keeps at most 41 MB of tokens, the IdP's to issue, and
+// ~7.5 MB of typical 750-byte JWTs.
+const maxKeptToken = 4096
+
+// index is raw's index in the cache.
+func (v *Verifier) index(raw string) uint64 {
+	if v.collide != nil {
+		return v.collide(raw)
+	}
+	return tokencache.Index(v.seed, raw)
 }
 
 // jwtVerifier is go-oidc's verifier for one discovery document, with its key set.
@@ -171,7 +196,8 @@ func NewVerifier(cfg VerifierConfig) *Verifier {
 	cfg.Audiences = append([]string(nil), cfg.Audiences...)
 	return &Verifier{
 		cfg:    cfg,
-		cache:  tokencache.New[verdict](cfg.CacheEntries),
+		cache:  tokencache.New[uint64, verdict](cfg.CacheEntries),
+		seed:   maphash.MakeSeed(),
 		budget: newColdBudget(cfg.ColdVerifyRate, cfg.ColdVerifyRateGlobal, cfg.Logger),
 	}
 }
@@ -187,19 +213,21 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (*Principal, error) {
 	return p, err
 }
 
-// VerifyDigest is Verify that also returns the token's SHA-256, which it computed as its
-// cache key, so that a caller keeping its own cache of what the token buys (a delegated
-// token) keys it without hashing the token a second time. The digest is zero when the
-// token was refused for its size, before it was hashed.
+// VerifyDigest is Verify that also returns the token's SHA-256 (tokencache.Key), so that
+// a caller keeping its own cache of what the token buys (a delegated token) keys it
+// without hashing the token itself: a warm verdict holds the digest computed when the
+// token was first verified. The digest is zero when the token was refused for its size,
+// before it was hashed.
 func (v *Verifier) VerifyDigest(ctx context.Context, raw string) (*Principal, [sha256.Size]byte, error) {
 	if raw == "" || len(raw) > maxTokenLength {
 		return nil, [sha256.Size]byte{}, errTokenSize
 	}
-	key := tokencache.Key(raw)
-	if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
-		return vd.principal, key, vd.err
+	index := v.index(raw)
+	if vd, ok := v.lookup(index, raw, v.cfg.Now().UnixNano()); ok {
+		return vd.principal, vd.digest, vd.err
 	}
-	p, err := v.verifyCold(ctx, key, raw)
+	key := tokencache.Key(raw)
+	p, err := v.verifyCold(ctx, index, key, raw)
 	return p, key, err
 }
 
@@ -212,9 +240,19 @@ func (v *Verifier) DeleteExpired(now time.Time) int {
 	return v.cache.DeleteExpired(now.UnixNano())
 }
 
-// lookup returns the cached verdict for key, if one is still good at now.
-func (v *Verifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
-	return v.cache.Get(key, now)
+// lookup returns the cached verdict for raw, whose index is index, if one is still good
+// at now. The index only finds the entry: the entry is raw's only if it holds raw, or
+// raw's SHA-256. Comparing raw in variable time tells nothing a stranger can use: to reach
+// the comparison at all a made-up token must share another's 64-bit keyed index.
+func (v *Verifier) lookup(index uint64, raw string, now int64) (verdict, bool) {
+	vd, ok := v.cache.Get(index, now)
+	switch {
+	case !ok:
+		return verdict{}, false
+	case vd.token != "":
+		return vd, vd.token == raw
+	}
+	return vd, vd.digest == tokencache.Key(raw)
 }
 
 // verifyCold verifies a token not in the cache, once for all concurrent callers. The
@@ -223,7 +261,7 @@ func (v *Verifier) lookup(key [sha256.Size]byte, now int64) (verdict, bool) {
 // nothing of the caller's context but the client address its budget draws on, read here
 // on the caller's goroutine: the request's context is not the verification's to read once
 // its caller has returned.
-func (v *Verifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw string) (*Principal, error) {
+func (v *Verifier) verifyCold(ctx context.Context, index uint64, key [sha256.Size]byte, raw string) (*Principal, error) {
 	detached := context.WithValue(context.Background(), coldClientIPKey{}, v.cfg.ClientIP(ctx))
 	for {
 		if err := ctx.Err(); err != nil {
@@ -232,7 +270,7 @@ func (v *Verifier) verifyCold(ctx context.Context, key [sha256.Size]byte, raw st
 		led := false
 		ch := v.flight.DoChan(string(key[:]), func() (any, error) {
 			led = true
-			return v.lead(detached, key, raw)
+			return v.lead(detached, index, key, raw)
 		})
 		select {
 		case <-ctx.Done():
@@ -254,7 +292,7 @@ type coldClientIPKey struct{}
 
 // lead runs one cold verification and caches its verdict. It returns the verdict as its
 // value, never an error, so that the flight's callers read one result.
-func (v *Verifier) lead(ctx context.Context, key [sha256.Size]byte, raw string) (vd verdict, _ error) {
+func (v *Verifier) lead(ctx context.Context, index uint64, key [sha256.Size]byte, raw string) (vd verdict, _ error) {
 	defer func() {
 		// go-oidc and go-jose parse what a stranger sent: a panic in them must fail this
 		// verification, not the process (a flight runs on its own goroutine).
@@ -264,7 +302,7 @@ func (v *Verifier) lead(ctx context.Context, key [sha256.Size]byte, raw string) 
 		}
 	}()
 	// A flight that ended between the caller's cache miss and this one cached its verdict.
-	if vd, ok := v.lookup(key, v.cfg.Now().UnixNano()); ok {
+	if vd, ok := v.lookup(index, raw, v.cfg.Now().UnixNano()); ok {
 		return vd, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, v.cfg.Timeout)
@@ -279,13 +317,17 @@ func (v *Verifier) lead(ctx context.Context, key [sha256.Size]byte, raw string) 
 			until = minTime(until, now.Add(v.cfg.IntrospectionCacheTTL))
 		}
 		if until.After(now) {
-			v.cache.Put(key, verdict{principal: p}, until.UnixNano(), false, now.UnixNano())
+			valid := verdict{principal: p, digest: key}
+			if len(raw) <= maxKeptToken {
+				valid.token = strings.Clone(raw) // not the request's header, whatever else shares its memory
+			}
+			v.cache.Put(index, valid, until.UnixNano(), false, now.UnixNano())
 		}
 	case errors.Is(err, ErrInvalidToken) && !errors.Is(err, ErrUnavailable):
 		// A refusal is disposable: a full cache evicts refusals before valid entries.
-		v.cache.Put(key, verdict{err: err}, now.Add(v.cfg.InactiveTTL).UnixNano(), true, now.UnixNano())
+		v.cache.Put(index, verdict{err: err, digest: key}, now.Add(v.cfg.InactiveTTL).UnixNano(), true, now.UnixNano())
 	}
-	return verdict{principal: p, err: err}, nil
+	return verdict{principal: p, err: err, digest: key}, nil
 }
 
 // verify checks raw against the IdP, without the cache.

@@ -19,7 +19,6 @@ import (
 	jose "github.com/go-jose/go-jose/v4"
 
 	"github.com/caddy-mcp/oauth-broker/internal/testenv"
-	"github.com/caddy-mcp/oauth-broker/internal/tokencache"
 )
 
 // verifierResource is the protected resource the tokens of these tests are meant for.
@@ -423,7 +422,7 @@ func TestTokenVerifierCache(t *testing.T) {
 		if _, err := v.Verify(t.Context(), raw); err != nil {
 			t.Fatal(err)
 		}
-		key := tokencache.Key(raw)
+		key := v.index(raw)
 		if _, ok := v.cache.Get(key, exp.UnixNano()-1); !ok {
 			t.Fatalf("valid token not cached until the token's exp %v", exp)
 		}
@@ -567,17 +566,73 @@ func TestTokenVerifierCache(t *testing.T) {
 		}
 	})
 
-	t.Run("cache is keyed by the token's hash", func(t *testing.T) {
+	t.Run("a warm verdict gives the token's SHA-256; a refusal keeps only that", func(t *testing.T) {
 		o := testenv.SharedOP(t)
 		v := newVerifierFor(o, nil)
 		raw := o.MintJWT(o.AccessTokenClaims(o.User.Subject, verifierResource))
-		if _, err := v.Verify(t.Context(), raw); err != nil {
-			t.Fatal(err)
+		for range 2 { // cold, then warm
+			if _, digest, err := v.VerifyDigest(t.Context(), raw); err != nil || digest != sha256.Sum256([]byte(raw)) {
+				t.Fatalf("VerifyDigest = %x, %v; want the token's SHA-256", digest, err)
+			}
 		}
-		if _, ok := v.cache.Get(sha256.Sum256([]byte(raw)), time.Now().UnixNano()); !ok {
-			t.Error("no entry under the token's SHA-256")
+		bad := raw[:len(raw)-4] + "AAAA"
+		for range 2 {
+			if _, digest, err := v.VerifyDigest(t.Context(), bad); !errors.Is(err, ErrInvalidToken) || digest != sha256.Sum256([]byte(bad)) {
+				t.Fatalf("VerifyDigest of a forged token = %x, %v", digest, err)
+			}
+		}
+		vd, ok := v.cache.Get(v.index(bad), time.Now().UnixNano())
+		if !ok || vd.err == nil || vd.token != "" || vd.digest != sha256.Sum256([]byte(bad)) {
+			t.Errorf("the refusal's entry: %v, token kept %v, digest %x", ok, vd.token != "", vd.digest)
 		}
 	})
+}
+
+// TestTokenVerifierTokensSharingAnIndex: the cache's index is a 64-bit keyed hash, which
+// two tokens share by chance (here always, by a fault that makes every index 1): a
+// token is never given the verdict of another, valid or refused, short or long.
+func TestTokenVerifierTokensSharingAnIndex(t *testing.T) {
+	o := testenv.SharedOP(t)
+	long := func(sub string) string {
+		c := o.AccessTokenClaims(sub, verifierResource)
+		c["padding"] = strings.Repeat("p", maxKeptToken) // kept as a digest only
+		return o.MintJWT(c)
+	}
+	short := func(sub string) string { return o.MintJWT(o.AccessTokenClaims(sub, verifierResource)) }
+	for _, tc := range []struct {
+		name string
+		mint func(sub string) string
+		kept bool
+	}{{"short tokens, compared", short, true}, {"long tokens, their digests compared", long, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newVerifierFor(o, nil)
+			v.collide = func(string) uint64 { return 1 }
+			alice, bob := tc.mint("alice"), tc.mint("bob")
+			forged := alice[:len(alice)-4] + "AAAA"
+			if kept := len(alice) <= maxKeptToken; kept != tc.kept {
+				t.Fatalf("a token of %d bytes", len(alice))
+			}
+			for _, step := range []struct {
+				raw, want string // want "" for a refusal
+			}{
+				{alice, "alice"}, {alice, "alice"}, // cold, then warm
+				{bob, "bob"}, {bob, "bob"},
+				{alice, "alice"},
+				{forged, ""}, {forged, ""}, // a refusal now holds index 1
+				{alice, "alice"}, {forged, ""},
+			} {
+				p, digest, err := v.VerifyDigest(t.Context(), step.raw)
+				switch {
+				case digest != sha256.Sum256([]byte(step.raw)):
+					t.Fatalf("digest %x is not the token's SHA-256", digest)
+				case step.want == "" && !errors.Is(err, ErrInvalidToken):
+					t.Fatalf("forged token: %v, %v; want refused", p, err)
+				case step.want != "" && (err != nil || p.Subject != step.want):
+					t.Fatalf("%s's token: %v, %v", step.want, p, err)
+				}
+			}
+		})
+	}
 }
 
 func TestTokenVerifierIdPUnavailable(t *testing.T) {
@@ -794,7 +849,7 @@ func TestColdVerificationReadsTheClientAddressOnTheCallersGoroutine(t *testing.T
 	// The flight goes on without its caller and caches its verdict.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, ok := v.lookup(tokencache.Key(raw), time.Now().UnixNano()); ok {
+		if _, ok := v.lookup(v.index(raw), raw, time.Now().UnixNano()); ok {
 			break
 		}
 		if time.Now().After(deadline) {

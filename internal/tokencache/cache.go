@@ -1,7 +1,8 @@
 // Package tokencache is the bounded, expiring map that remembers what checking a token
 // found: the IdP verifier's verdicts, the broker's own access tokens, delegated tokens.
-// A [Cache] is keyed by the token's SHA-256 ([Key]), never the token; each entry is good
-// until its own expiry; a full cache evicts refusals before valid entries; and a warm
+// A [Cache] is keyed by the token's SHA-256 ([Key]) or, where the value holds what tells
+// one token from another, by a keyed hash of it ([Index]); never by the token itself. Each
+// entry is good until its own expiry; a full cache evicts refusals before valid entries; and a warm
 // [Cache.Get] is a read lock and a map read, without allocation. [Cache.DeleteFunc]
 // (a revocation) bumps an epoch that [Cache.PutSince] checks, so a value computed before
 // a removal is never cached after it.
@@ -9,6 +10,7 @@ package tokencache
 
 import (
 	"crypto/sha256"
+	"hash/maphash"
 	"math"
 	"sync"
 )
@@ -19,17 +21,17 @@ const DefaultEntries = 10000
 // evictionSample is how many entries a full cache looks at to choose a victim.
 const evictionSample = 8
 
-// Cache remembers what checking a token found, keyed by the token's SHA-256 (never the
-// token), each entry good until its own expiry. It is bounded: a full cache evicts one
+// Cache remembers what checking a token found, keyed by K: the token's SHA-256 (never the
+// token), or an Index whose every hit the caller checks against the token, each entry good until its own expiry. It is bounded: a full cache evicts one
 // entry among a few taken from the map's randomized iteration order — the first that has
 // expired or is disposable (a refusal), else the one expiring soonest — so a flood of bad
 // tokens evicts its own refusals before any valid entry. The zero value is an empty cache
 // of DefaultEntries entries. It is safe for concurrent use.
-type Cache[V any] struct {
+type Cache[K comparable, V any] struct {
 	max int // entries; <= 0 means DefaultEntries
 
 	mu      sync.RWMutex
-	entries map[[sha256.Size]byte]entry[V]
+	entries map[K]entry[V]
 	// removals counts DeleteFunc and Clear calls: a value computed before one may be
 	// stale (a revocation raced the check), and PutSince drops it.
 	removals uint64
@@ -43,8 +45,8 @@ type entry[V any] struct {
 }
 
 // New returns an empty cache of at most max entries (DefaultEntries when max <= 0).
-func New[V any](max int) *Cache[V] {
-	return &Cache[V]{max: max, entries: make(map[[sha256.Size]byte]entry[V])}
+func New[K comparable, V any](max int) *Cache[K, V] {
+	return &Cache[K, V]{max: max, entries: make(map[K]entry[V])}
 }
 
 // Key is the cache key of a token: its SHA-256, never the token itself. A token that fits
@@ -57,8 +59,15 @@ func Key(raw string) [sha256.Size]byte {
 	return sha256.Sum256([]byte(raw))
 }
 
+// Index is a token's index in a cache: a 64-bit hash keyed with seed, a secret of the
+// process (maphash.MakeSeed), about 20 times cheaper than Key on a 750-byte JWT. It tells
+// tokens apart only by chance, and a stranger cannot aim at another token's index
+// without the seed: a cache keyed by it must keep in each value what tells the tokens
+// apart (the token, or its Key) and check it on every hit.
+func Index(seed maphash.Seed, raw string) uint64 { return maphash.String(seed, raw) }
+
 // Get returns the value cached for key, if it is still good at now (Unix ns).
-func (c *Cache[V]) Get(key [sha256.Size]byte, now int64) (V, bool) {
+func (c *Cache[K, V]) Get(key K, now int64) (V, bool) {
 	c.mu.RLock()
 	e, ok := c.entries[key]
 	c.mu.RUnlock()
@@ -71,14 +80,14 @@ func (c *Cache[V]) Get(key [sha256.Size]byte, now int64) (V, bool) {
 
 // Put caches v under key until expires, evicting an entry when the cache is full.
 // Disposable entries (refusals) are the first to go.
-func (c *Cache[V]) Put(key [sha256.Size]byte, v V, expires int64, disposable bool, now int64) {
+func (c *Cache[K, V]) Put(key K, v V, expires int64, disposable bool, now int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.putLocked(key, v, expires, disposable, now)
 }
 
 // Epoch names the cache's state of removals, for PutSince.
-func (c *Cache[V]) Epoch() uint64 {
+func (c *Cache[K, V]) Epoch() uint64 {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return c.removals
@@ -87,7 +96,7 @@ func (c *Cache[V]) Epoch() uint64 {
 // PutSince is Put, unless DeleteFunc or Clear ran since epoch was read: then v may have
 // been computed from a state a removal has since declared void, and it is dropped. It
 // tells whether v was cached.
-func (c *Cache[V]) PutSince(epoch uint64, key [sha256.Size]byte, v V, expires int64, disposable bool, now int64) bool {
+func (c *Cache[K, V]) PutSince(epoch uint64, key K, v V, expires int64, disposable bool, now int64) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.removals != epoch {
@@ -97,9 +106,9 @@ func (c *Cache[V]) PutSince(epoch uint64, key [sha256.Size]byte, v V, expires in
 	return true
 }
 
-func (c *Cache[V]) putLocked(key [sha256.Size]byte, v V, expires int64, disposable bool, now int64) {
+func (c *Cache[K, V]) putLocked(key K, v V, expires int64, disposable bool, now int64) {
 	if c.entries == nil {
-		c.entries = make(map[[sha256.Size]byte]entry[V])
+		c.entries = make(map[K]entry[V])
 	}
 	limit := c.max
 	if limit <= 0 {
@@ -113,8 +122,8 @@ func (c *Cache[V]) putLocked(key [sha256.Size]byte, v V, expires int64, disposab
 
 // evictLocked removes one entry among evictionSample taken from the map's randomized
 // iteration order: the first expired or disposable one, else the one expiring soonest.
-func (c *Cache[V]) evictLocked(now int64) {
-	var victim [sha256.Size]byte
+func (c *Cache[K, V]) evictLocked(now int64) {
+	var victim K
 	soonest, n := int64(math.MaxInt64), 0
 	for k, e := range c.entries {
 		if now >= e.expires || e.disposable {
@@ -133,7 +142,7 @@ func (c *Cache[V]) evictLocked(now int64) {
 
 // DeleteFunc removes every entry whose value drop says so, and returns how many. It
 // walks the whole cache: meant for rare events such as a revocation.
-func (c *Cache[V]) DeleteFunc(drop func(V) bool) int {
+func (c *Cache[K, V]) DeleteFunc(drop func(V) bool) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.removals++
@@ -151,7 +160,7 @@ func (c *Cache[V]) DeleteFunc(drop func(V) bool) int {
 // cache evicts expired entries on its own; this gives their memory back when it is not
 // full, for a periodic sweep. It walks the whole cache under the write lock, so it is
 // meant to run rarely; it voids nothing computed before it (no PutSince is refused).
-func (c *Cache[V]) DeleteExpired(now int64) int {
+func (c *Cache[K, V]) DeleteExpired(now int64) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
@@ -165,14 +174,14 @@ func (c *Cache[V]) DeleteExpired(now int64) int {
 }
 
 // Len is the number of entries, expired ones included.
-func (c *Cache[V]) Len() int {
+func (c *Cache[K, V]) Len() int {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return len(c.entries)
 }
 
 // Clear empties the cache; like DeleteFunc, it voids values computed before it.
-func (c *Cache[V]) Clear() {
+func (c *Cache[K, V]) Clear() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.removals++
@@ -181,7 +190,7 @@ func (c *Cache[V]) Clear() {
 
 // Count is the number of entries, expired ones included, whose value match says so. It
 // walks the whole cache.
-func (c *Cache[V]) Count(match func(V) bool) int {
+func (c *Cache[K, V]) Count(match func(V) bool) int {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	n := 0

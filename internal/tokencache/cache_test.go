@@ -5,7 +5,7 @@ import "testing"
 func TestCache(t *testing.T) {
 	key := func(i byte) (k [32]byte) { k[0] = i; return k }
 	t.Run("stays within its bound", func(t *testing.T) {
-		c := New[string](3)
+		c := New[[32]byte, string](3)
 		for i := range byte(10) {
 			c.Put(key(i), "v", int64(100+int(i)), false, 0)
 			if c.Len() > 3 {
@@ -14,7 +14,7 @@ func TestCache(t *testing.T) {
 		}
 	})
 	t.Run("the zero value is a bounded cache", func(t *testing.T) {
-		var c Cache[string]
+		var c Cache[[32]byte, string]
 		c.Put(key(1), "v", 10, false, 0)
 		if v, ok := c.Get(key(1), 5); !ok || v != "v" {
 			t.Errorf("Get = %q %v", v, ok)
@@ -24,7 +24,7 @@ func TestCache(t *testing.T) {
 		}
 	})
 	t.Run("DeleteFunc removes the matching entries only", func(t *testing.T) {
-		c := New[string](10)
+		c := New[[32]byte, string](10)
 		c.Put(key(1), "family-a", 10, false, 0)
 		c.Put(key(2), "family-b", 10, false, 0)
 		c.Put(key(3), "family-a", 10, false, 0)
@@ -36,7 +36,7 @@ func TestCache(t *testing.T) {
 		}
 	})
 	t.Run("DeleteExpired gives back expired entries only, and voids nothing", func(t *testing.T) {
-		c := New[string](10)
+		c := New[[32]byte, string](10)
 		c.Put(key(1), "old", 10, false, 0)
 		c.Put(key(2), "refusal", 12, true, 0)
 		c.Put(key(3), "live", 20, false, 0)
