@@ -226,12 +226,19 @@ func mayMirrorIndexAny(body []byte) bool {
 	return false
 }
 
-// FuzzMayMirror: mayMirror agrees with the IndexAny scan it replaced.
+// FuzzMayMirror: mayMirror agrees with the IndexAny scan it replaced, and
+// mayCallToolOrMirror with mayCallTool and mayMirror.
 func FuzzMayMirror(f *testing.F) {
 	for _, s := range []string{`{"_meta":{"protocolVersion":"x"}}`, `pPpProtocolVERSION`, `PROTOCOLVERSIO`, `p`, ``, `xxPxxprotocolversion`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
+		for _, mirror := range []bool{false, true} {
+			call, mirrored := mayCallToolOrMirror(body, mirror)
+			if call != mayCallTool(body) || mirrored != (mirror || mayMirror(body)) {
+				t.Fatalf("mayCallToolOrMirror(%q, %v) = %v, %v", body, mirror, call, mirrored)
+			}
+		}
 		if got, want := namesProtocolVersion(body), mayMirrorIndexAny(body); got != want {
 			t.Fatalf("namesProtocolVersion(%q) = %v, want %v", body, got, want)
 		}

@@ -146,10 +146,39 @@ func jsonMembers(obj []byte, fn func(key, value []byte)) {
 // simple case folding); only a key with escapes costs a decode.
 func keyIs(raw []byte, name string) bool {
 	if len(raw) >= 2 && raw[0] == '"' && bytes.IndexByte(raw, '\\') < 0 {
-		return equalFold(raw[1:len(raw)-1], name)
+		return foldedKeyIs(raw[1:len(raw)-1], name)
 	}
 	s, ok := jsonString(raw)
 	return ok && strings.EqualFold(s, name)
+}
+
+// foldedKeyIs is equalFold(key, name), byte by byte while both are ASCII, where Unicode
+// folding is ASCII's: most keys are ASCII, and most differ from name in their length or
+// first letters. From the first byte of either that is not ASCII on, equalFold decides:
+// a non-ASCII letter may fold to an ASCII one (the Kelvin sign to k, ſ to s) in other
+// bytes, so a key of another length matches only if it holds one.
+func foldedKeyIs(key []byte, name string) bool {
+	if len(key) != len(name) && ascii(key) && ascii([]byte(name)) {
+		return false
+	}
+	for i := 0; i < len(key) && i < len(name); i++ {
+		c, d := key[i], name[i]
+		if c >= utf8.RuneSelf || d >= utf8.RuneSelf {
+			return equalFold(key[i:], name[i:])
+		}
+		if c != d && lowerASCII(c) != lowerASCII(d) {
+			return false
+		}
+	}
+	return len(key) == len(name)
+}
+
+// lowerASCII is the ASCII letter c in lower case; any other byte as it is.
+func lowerASCII(c byte) byte {
+	if 'A' <= c && c <= 'Z' {
+		return c + 'a' - 'A'
+	}
+	return c
 }
 
 // equalFold is strings.EqualFold of b and s, without converting b.

@@ -182,3 +182,31 @@ func TestASCII(t *testing.T) {
 		}
 	}
 }
+
+// FuzzKeyIs: keyIs, with its ASCII fast path, agrees with decoding the key and comparing
+// it with strings.EqualFold, as encoding/json matches field names, for every name the
+// package reads and for names that fold to them across lengths.
+func FuzzKeyIs(f *testing.F) {
+	names := []string{"method", "params", "name", "id", "uri", "requestState", "inputResponses", "_meta",
+		"elicitation", "url", metaProtocolVersion, metaClientCapabilities, "", "ſ", "k", "\u212a", "é"}
+	for _, s := range []string{`"method"`, `"METHOD"`, `"Name"`, "\"\u212aey\"", `"\u006dethod"`, "\"na\xffme\"",
+		"\"reque\u017ftState\"", `"_META"`, `""`, `"s"`, `"K"`, `"É"`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		var key string
+		// A key as the scanner hands it over: one JSON string, quote to quote.
+		decoded := len(raw) > 0 && raw[0] == '"' && skipString(raw, 0) == len(raw) && json.Unmarshal(raw, &key) == nil
+		for _, name := range names {
+			got := keyIs(raw, name)
+			if !decoded {
+				// Not a JSON string: keyIs reads only what the scanner passes it, valid
+				// JSON; it must not panic on the rest.
+				continue
+			}
+			if want := strings.EqualFold(key, name); got != want {
+				t.Fatalf("keyIs(%q, %q) = %v; encoding/json reads %q: %v", raw, name, got, key, want)
+			}
+		}
+	})
+}

@@ -114,7 +114,7 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	if !ok {
 		return msg, ErrHeaderInvalid
 	}
-	call, mirrored := mayCallTool(body), headers.mirror() || mayMirror(body)
+	call, mirrored := mayCallToolOrMirror(body, headers.mirror())
 	if !call && !mirrored {
 		return msg, nil
 	}
@@ -145,6 +145,15 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	}
 	msg.Tools = tools
 	return msg, nil
+}
+
+// mayCallToolOrMirror is mayCallTool(body) and mirror || mayMirror(body), with the scans
+// they share done once: an escape or a byte outside ASCII makes either read the body.
+func mayCallToolOrMirror(body []byte, mirror bool) (call, mirrored bool) {
+	unusual := bytes.IndexByte(body, '\\') >= 0 || !ascii(body)
+	call = unusual || bytes.Contains(body, toolsCallMethod) || bytes.IndexByte(body, 0) >= 0
+	mirrored = mirror || unusual || namesProtocolVersion(body)
+	return call, mirrored
 }
 
 // checkFraming refuses a request whose method a framework might read as another: a
