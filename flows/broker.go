@@ -517,7 +517,7 @@ const (
 func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, *idp.Principal) {
 	p := r.URL.Path
 	switch {
-	case p == wellKnownProtectedResource || p == wellKnownProtectedResource+b.resourcePath:
+	case isProtectedResourceMetadata(p, b.resourcePath):
 		b.serveProtectedResourceMetadata(w, r)
 		return nil, nil
 	case p == pathAuthorize && b.cfg.Mode == ModeProgressive:
@@ -553,6 +553,14 @@ func (b *Broker) Handle(w http.ResponseWriter, r *http.Request) (*http.Request, 
 		}
 	}
 	return b.protect(w, r)
+}
+
+// isProtectedResourceMetadata tells whether path is the RFC 9728 document's, at the root
+// or suffixed with the resource's path: the comparison of path with the joined string,
+// without building it on every request.
+func isProtectedResourceMetadata(path, resourcePath string) bool {
+	rest, ok := strings.CutPrefix(path, wellKnownProtectedResource)
+	return ok && (rest == "" || rest == resourcePath)
 }
 
 // NeedsClientIP tells whether requests to path use the client's IP, so that the server in

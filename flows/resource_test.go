@@ -413,3 +413,23 @@ func TestToolScopes(t *testing.T) {
 		}
 	})
 }
+
+func TestIsProtectedResourceMetadata(t *testing.T) {
+	for _, tc := range []struct {
+		path, resource string
+		want           bool
+	}{
+		{wellKnownProtectedResource, "/mcp", true},
+		{wellKnownProtectedResource + "/mcp", "/mcp", true},
+		{wellKnownProtectedResource, "", true},
+		{wellKnownProtectedResource + "/mc", "/mcp", false},
+		{wellKnownProtectedResource + "/mcp/", "/mcp", false},
+		{wellKnownProtectedResource + "/other", "/mcp", false},
+		{wellKnownProtectedResource + "/mcp", "", false},
+		{"/mcp", "/mcp", false},
+	} {
+		if got := isProtectedResourceMetadata(tc.path, tc.resource); got != tc.want {
+			t.Errorf("isProtectedResourceMetadata(%q, %q) = %v", tc.path, tc.resource, got)
+		}
+	}
+}
