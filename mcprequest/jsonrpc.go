@@ -50,10 +50,10 @@ func isBatch(body []byte) bool {
 // not valid JSON, a batch with an element that is not an object, or a call whose tool
 // name holds U+FFFD (callNames).
 //
-// The body is validated once by encoding/json, then walked by jsonMembers, which on valid
+// The body is validated once (validJSON, which is json.Valid), then walked by jsonMembers, which on valid
 // JSON only has to find where values end: no decoding, no allocation but the names.
 func toolNames(body []byte) (names []string, ok bool) {
-	if !json.Valid(body) {
+	if !validJSON(body) {
 		return nil, false
 	}
 	return toolNamesOfValid(body)

@@ -14,7 +14,6 @@ package mcprequest
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -118,7 +117,7 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	if !call && !mirrored {
 		return msg, nil
 	}
-	if !json.Valid(body) {
+	if !validJSON(body) {
 		// Fail closed: a body this decoder cannot read may still be read by a more lenient
 		// upstream (Python's json takes NaN), and then run a tool nobody checked.
 		return Message{}, ErrUnreadable
