@@ -50,8 +50,9 @@ func isBatch(body []byte) bool {
 // not valid JSON, a batch with an element that is not an object, or a call whose tool
 // name holds U+FFFD (callNames).
 //
-// The body is validated once (validJSON, which is json.Valid), then walked by jsonMembers, which on valid
-// JSON only has to find where values end: no decoding, no allocation but the names.
+// The body is validated once (validJSON: json.Valid, faster), then walked by jsonMembers,
+// which on valid JSON only has to find where values end: no decoding, no allocation but
+// the names.
 func toolNames(body []byte) (names []string, ok bool) {
 	if !validJSON(body) {
 		return nil, false
