@@ -1,9 +1,9 @@
 // Package tokencache is the bounded, expiring map that remembers what checking a token
 // found: the IdP verifier's verdicts, the broker's own access tokens, delegated tokens.
 // A [Cache] is keyed by the token's SHA-256 ([Key]) or, where the value holds what tells
-// one token from another, by a keyed hash of it ([Index]); never by the token itself. Each
-// entry is good until its own expiry; a full cache evicts refusals before valid entries; and a warm
-// [Cache.Get] is a read lock and a map read, without allocation. [Cache.DeleteFunc]
+// one token from another, by a keyed hash of it ([Index]); never by the token itself.
+// Each entry is good until its own expiry; a full cache evicts refusals before valid
+// entries; and a warm [Cache.Get] is a read lock and a map read, without allocation. [Cache.DeleteFunc]
 // (a revocation) bumps an epoch that [Cache.PutSince] checks, so a value computed before
 // a removal is never cached after it.
 package tokencache
