@@ -27,7 +27,8 @@ import (
 //     margin.
 //
 // Steady state: a request whose (session or client token, scope set) is cached costs
-// two SHA-256 sums and a map read; no IdP call, no storage read.
+// one SHA-256 sum of the session id or the client token's SHA-256 (which the token's
+// cached verdict holds) and the scopes, and a map read; no IdP call, no storage read.
 
 const (
 	delegationCacheEntries = 10000

@@ -233,8 +233,9 @@ func (b *Broker) admit(w http.ResponseWriter, r *http.Request) (*idp.Principal, 
 }
 
 // presentedToken is the access token a request presented and, in progressive mode, its
-// SHA-256 (tokencache.Key): the verifier's cache key, which keys the delegated token too,
-// so that the token is hashed once per request.
+// SHA-256 (tokencache.Key), which keys the delegated token: the verifier computes it on
+// the token's first request and its cached verdict hands it on, so that a warm request
+// does not hash the token with SHA-256.
 type presentedToken struct {
 	raw    string
 	digest [sha256.Size]byte
