@@ -273,7 +273,13 @@ func namedMethod(method string) (named, uri bool) {
 // ("\u0070rotocolVersion") or with letters encoding/json folds to ASCII (ſ, the Kelvin
 // sign), which the byte scan cannot see, so such a body is read too.
 func mayMirror(body []byte) bool {
-	return bytes.IndexByte(body, '\\') >= 0 || !ascii(body) || namesProtocolVersion(body)
+	return escapedOrNotASCII(body) || namesProtocolVersion(body)
+}
+
+// escapedOrNotASCII tells whether body holds a JSON escape or a byte outside ASCII: either
+// may spell a key or a value the byte scans cannot see.
+func escapedOrNotASCII(body []byte) bool {
+	return bytes.IndexByte(body, '\\') >= 0 || !ascii(body)
 }
 
 // namesProtocolVersion tells whether body holds "protocolversion" in ASCII letters of

@@ -226,6 +226,12 @@ func mayMirrorIndexAny(body []byte) bool {
 	return false
 }
 
+// mayCallTool is the call half of mayCallToolOrMirror as it was written before the two
+// scans were joined: FuzzMayMirror's reference.
+func mayCallTool(body []byte) bool {
+	return bytes.Contains(body, toolsCallMethod) || bytes.IndexByte(body, '\\') >= 0 || bytes.IndexByte(body, 0) >= 0 || !ascii(body)
+}
+
 // FuzzMayMirror: mayMirror agrees with the IndexAny scan it replaced, and
 // mayCallToolOrMirror with mayCallTool and mayMirror.
 func FuzzMayMirror(f *testing.F) {

@@ -11,16 +11,6 @@ import (
 
 var toolsCallMethod = []byte(`"tools/call"`)
 
-// mayCallTool tells whether body needs decoding to know it calls no tool. Most MCP
-// traffic is not a tool call: it skips the decoding. Only a JSON escape could spell the
-// method otherwise (tools\/call), or another encoding of JSON than UTF-8: UTF-16 or
-// UTF-32, which Python's json.loads detects on bytes, spell every ASCII character with a
-// NUL, which valid UTF-8 JSON never holds raw. A byte >= 0x80 is decoded too, so that one
-// outside a string (a lenient decoder's whitespace or letter) fails validation.
-func mayCallTool(body []byte) bool {
-	return bytes.Contains(body, toolsCallMethod) || bytes.IndexByte(body, '\\') >= 0 || bytes.IndexByte(body, 0) >= 0 || !ascii(body)
-}
-
 // ascii tells whether b holds no byte >= 0x80, eight bytes at a time.
 func ascii(b []byte) bool {
 	for len(b) >= 8 {

@@ -146,10 +146,17 @@ func Inspect(w http.ResponseWriter, r *http.Request, limit int64) (Message, *Ref
 	return msg, nil
 }
 
-// mayCallToolOrMirror is mayCallTool(body) and mirror || mayMirror(body), with the scans
-// they share done once: an escape or a byte outside ASCII makes either read the body.
+// mayCallToolOrMirror tells whether body needs decoding to know it calls no tool (call),
+// and whether it needs reading for mirrored headers (mirrored: mirror || mayMirror(body)),
+// with the scan the two share (escapedOrNotASCII) done once.
+//
+// Most MCP traffic is not a tool call: it skips the decoding. Only a JSON escape could
+// spell the method otherwise (tools\/call), or another encoding of JSON than UTF-8: UTF-16
+// or UTF-32, which Python's json.loads detects on bytes, spell every ASCII character with
+// a NUL, which valid UTF-8 JSON never holds raw. A byte >= 0x80 is decoded too, so that
+// one outside a string (a lenient decoder's whitespace or letter) fails validation.
 func mayCallToolOrMirror(body []byte, mirror bool) (call, mirrored bool) {
-	unusual := bytes.IndexByte(body, '\\') >= 0 || !ascii(body)
+	unusual := escapedOrNotASCII(body)
 	call = unusual || bytes.Contains(body, toolsCallMethod) || bytes.IndexByte(body, 0) >= 0
 	mirrored = mirror || unusual || namesProtocolVersion(body)
 	return call, mirrored
