@@ -67,7 +67,7 @@ type metadataDocuments struct {
 	rootCAs *x509.CertPool
 }
 
-// expiringMap holds values by URL, each until its own expiry, at most max of them: full,
+// expiringMap holds values by id (a URL, a client id), each until its own expiry, at most max of them: full,
 // it drops what has expired, else the entry closest to expiry. Its owner locks it.
 type expiringMap[V any] struct {
 	max     int
@@ -113,6 +113,12 @@ func (m expiringMap[V]) put(id string, v V, expires, now time.Time) {
 	}
 	m.entries[id] = expiring[V]{value: v, expires: expires}
 }
+
+// forget drops the value of id.
+func (m expiringMap[V]) forget(id string) { delete(m.entries, id) }
+
+// len is how many values it holds, expired ones not yet dropped included.
+func (m expiringMap[V]) len() int { return len(m.entries) }
 
 func newMetadataDocuments(maxEntries int) *metadataDocuments {
 	return &metadataDocuments{

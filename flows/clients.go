@@ -304,13 +304,13 @@ func (rc *registrationCache) forget(id string) {
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
 	rc.gen++
-	delete(rc.entries.entries, id)
+	rc.entries.forget(id)
 }
 
 func (rc *registrationCache) len() int {
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
-	return len(rc.entries.entries)
+	return rc.entries.len()
 }
 
 const (

@@ -3,9 +3,9 @@
 // A [Cache] is keyed by the token's SHA-256 ([Key]) or, where the value holds what tells
 // one token from another, by a keyed hash of it ([Index]); never by the token itself.
 // Each entry is good until its own expiry; a full cache evicts refusals before valid
-// entries; and a warm [Cache.Get] is a read lock and a map read, without allocation. [Cache.DeleteFunc]
-// (a revocation) bumps an epoch that [Cache.PutSince] checks, so a value computed before
-// a removal is never cached after it.
+// entries; and a warm [Cache.Get] is a read lock and a map read, without allocation.
+// [Cache.DeleteFunc] (a revocation) bumps an epoch that [Cache.PutSince] checks, so a
+// value computed before a removal is never cached after it.
 package tokencache
 
 import (
@@ -22,10 +22,11 @@ const DefaultEntries = 10000
 const evictionSample = 8
 
 // Cache remembers what checking a token found, keyed by K: the token's SHA-256 (never the
-// token), or an Index whose every hit the caller checks against the token, each entry good until its own expiry. It is bounded: a full cache evicts one
-// entry among a few taken from the map's randomized iteration order — the first that has
-// expired or is disposable (a refusal), else the one expiring soonest — so a flood of bad
-// tokens evicts its own refusals before any valid entry. The zero value is an empty cache
+// token), or an Index whose every hit the caller checks against the token; each entry is
+// good until its own expiry. It is bounded: a full cache evicts one entry among a few
+// taken from the map's randomized iteration order — the first that has expired or is
+// disposable (a refusal), else the one expiring soonest — so a flood of bad tokens evicts
+// its own refusals before any valid entry. The zero value is an empty cache
 // of DefaultEntries entries. It is safe for concurrent use.
 type Cache[K comparable, V any] struct {
 	max int // entries; <= 0 means DefaultEntries
