@@ -229,10 +229,10 @@ func (b *Broker) findClient(ctx context.Context, id string) (*Client, error) {
 func (b *Broker) registeredClient(ctx context.Context, id string) (*Client, error) {
 	cache := b.clients.registered
 	now := b.now()
-	if c := cache.get(id, now); c != nil {
+	c, gen := cache.get(id, now)
+	if c != nil {
 		return c, nil
 	}
-	gen := cache.generation()
 	rec, expires, err := b.registrations.loadExpiring(ctx, id)
 	if err != nil {
 		if errors.Is(err, storage.ErrNotFound) {
@@ -240,7 +240,7 @@ func (b *Broker) registeredClient(ctx context.Context, id string) (*Client, erro
 		}
 		return nil, storageFailed("loading registered client", err)
 	}
-	c := clientFromRegistration(rec, b.clients.defaultScopes)
+	c = clientFromRegistration(rec, b.clients.defaultScopes)
 	// Never beyond the record's own expiry: an expired registration is unknown at once.
 	if until := now.Add(registrationCacheTTL); until.Before(expires) {
 		expires = until
@@ -275,18 +275,13 @@ func newRegistrationCache(max int) *registrationCache {
 	return &registrationCache{entries: newExpiringMap[*Client](max)}
 }
 
-func (rc *registrationCache) get(id string, now time.Time) *Client {
+// get returns the client id if held and still good at now, and the count of forgets so
+// far, to pass to put after a miss.
+func (rc *registrationCache) get(id string, now time.Time) (*Client, uint64) {
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
 	c, _ := rc.entries.get(id, now)
-	return c
-}
-
-// generation is the count of forgets so far, to pass to put.
-func (rc *registrationCache) generation() uint64 {
-	rc.mu.Lock()
-	defer rc.mu.Unlock()
-	return rc.gen
+	return c, rc.gen
 }
 
 // put keeps c until expires, unless a forget came after generation gen was read.
